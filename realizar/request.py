@@ -1,0 +1,95 @@
+"""Requests and their outputs: pure data shared by the engine and the server (no torch)."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # client disconnect or cancel
+    TIMEOUT = "timeout"  # --request-timeout expired
+    ERROR = "error"  # an exception while processing this request
+
+
+class Strategy(str, enum.Enum):
+    GREEDY = "greedy"
+    TOP_K = "top_k"
+    TOP_P = "top_p"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings. ``strategy`` decides which filters apply;
+    temperature <= 0 with a sampling strategy is rejected at the edge."""
+
+    strategy: Strategy = Strategy.GREEDY
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # how many top alternatives to report, None for none
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        if self.min_tokens < 0:
+            raise ValueError("min_tokens must be >= 0")
+        if self.strategy is not Strategy.GREEDY and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 for sampling")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.strategy is Strategy.GREEDY
+
+
+_ids = itertools.count(1)
+
+
+def next_request_id() -> str:
+    return f"req-{next(_ids)}"
+
+
+@dataclass
+class Request:
+    """One generation request as the engine sees it."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=next_request_id)
+    arrival_time: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # monotonic time after which the request times out
+    fail_for_test: bool = False  # test-only fault injection: the engine raises on this request
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """One engine event for a request: a new token, or the end of the request.
+
+    ``token_id`` is None only on a final event that carries no token (abort, error,
+    zero max_tokens). ``finish_reason`` is set on the last event.
+    """
+
+    request_id: str
+    token_id: int | None
+    finish_reason: FinishReason | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    num_prompt_tokens: int = 0
+    num_generated: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
