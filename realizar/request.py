@@ -16,42 +16,41 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # an exception while processing this request
 
 
-class Strategy(str, enum.Enum):
-    GREEDY = "greedy"
-    TOP_K = "top_k"
-    TOP_P = "top_p"
-
-
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling settings. ``strategy`` decides which filters apply;
-    temperature <= 0 with a sampling strategy is rejected at the edge."""
+    """Per-request sampling settings.
 
-    strategy: Strategy = Strategy.GREEDY
+    ``temperature == 0`` means greedy. ``top_k == 0`` and ``top_p == 1`` switch those
+    filters off. The native API's ``strategy`` field maps onto these at the edge.
+    """
+
     temperature: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
+    top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
     max_tokens: int = 16
     min_tokens: int = 0
     ignore_eos: bool = False
-    logprobs: int | None = None  # how many top alternatives to report, None for none
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # how many top alternatives to report; None: no logprobs
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
         if self.min_tokens < 0:
             raise ValueError("min_tokens must be >= 0")
-        if self.strategy is not Strategy.GREEDY and self.temperature <= 0:
-            raise ValueError("temperature must be > 0 for sampling")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError("logprobs must be >= 0")
 
     @property
     def greedy(self) -> bool:
-        return self.strategy is Strategy.GREEDY
+        return self.temperature == 0
 
 
 _ids = itertools.count(1)
@@ -89,6 +88,8 @@ class TokenOutput:
     num_prompt_tokens: int = 0
     num_generated: int = 0
     error: str | None = None
+    time: float = 0.0  # monotonic time the engine produced this event
+    queue_time: float | None = None  # on the final event: seconds from arrival to first schedule
 
     @property
     def finished(self) -> bool:

@@ -1,26 +1,439 @@
-"""AsyncEngine: the asyncio face of the engine thread.
+"""The engine: ``step() = schedule -> execute -> update``, and its asyncio face.
 
-INTERFACE CONTRACT (implementation in progress):
-
-    engine = AsyncEngine.from_path(path, EngineConfig(...))   # loads model + tokenizer (blocking)
-    await engine.start()          # starts the engine thread, binds to the running event loop
-    engine.tokenizer              # realizar.tokenizer.Tokenizer
-    engine.model_config           # realizar.config.ModelConfig
-    engine.model_id: str          # e.g. "SmolLM2-135M-Instruct.Q4_1"
-    engine.compute_mode: str      # "cpu" | "cuda"
-    engine.max_model_len: int     # context limit (prompt + generated)
-    engine.load_seconds: float
-
-    stream = engine.submit(request)   # Request -> AsyncIterator[TokenOutput]
-        raises EngineOverloaded (-> 503 + Retry-After) when the queue bounds are exceeded,
-        raises EngineDead (-> 503) after a fatal engine error or after begin_shutdown(),
-        raises ValueError when prompt + max_tokens exceeds max_model_len (-> 400).
-        The last TokenOutput has finish_reason set. Tokens are pushed from the engine thread
-        through loop.call_soon_threadsafe, so iterating never blocks the loop.
-    engine.abort(request_id)          # idempotent; blocks freed on the next step
-    engine.stats() -> EngineStats     # snapshot for /metrics and /health
-    engine.healthy: bool              # False after a fatal engine error
-    engine.begin_shutdown()           # stop admitting
-    await engine.drain(timeout)       # wait for in-flight requests to finish
-    await engine.stop()               # stop the thread
+``Engine`` is synchronous and owned by one thread. ``AsyncEngine`` runs that thread,
+takes requests from the event loop through a lock-free inbox, and hands each token
+back to its request's queue with ``loop.call_soon_threadsafe``, so the event loop
+never waits on the model.
 """
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from realizar.config import EngineConfig, ModelConfig
+from realizar.engine.errors import EngineDead, EngineOverloaded, RequestTooLong
+from realizar.engine.runner import ModelRunner
+from realizar.engine.scheduler import Scheduler, Sequence
+from realizar.engine.stats import EngineStats, LatencyObservations, StatsRecorder
+from realizar.kv_cache import BlockAllocator, KVCache
+from realizar.model.llama import LlamaModel
+from realizar.request import FinishReason, Request, TokenOutput
+from realizar.sampling import SamplingRow, make_generator
+from realizar.tokenizer import Tokenizer
+
+log = logging.getLogger("realizar.engine")
+
+KV_CACHE_BYTES_CPU = 2 << 30  # default KV budget on the CPU
+MAX_DEFAULT_MODEL_LEN = 8192
+FATAL_AFTER_CONSECUTIVE_FAILURES = 3
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device, hidden_size: int = 1024) -> torch.dtype:
+    """Map ``--dtype`` to a torch dtype; ``auto`` is chosen by measurement.
+
+    On CUDA, ``auto`` is bfloat16 (float16 where bf16 is missing). On the CPU it times
+    a decode-shaped matmul in float32 and bfloat16 and takes bfloat16 only when it is
+    clearly faster: CPUs without native bf16 math (AVX2, plain AVX-512) emulate it and
+    run many times slower than float32. Greedy agreement of bfloat16 with float32 on
+    the golden prompts is checked by the test suite.
+    """
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return torch.float32  # AVX2 and older have no bf16 arithmetic at all
+    timings = {dtype: _time_linear(dtype, hidden_size) for dtype in (torch.float32, torch.bfloat16)}
+    return torch.bfloat16 if timings[torch.bfloat16] * 1.25 < timings[torch.float32] else torch.float32
+
+
+def _time_linear(dtype: torch.dtype, hidden: int, repeats: int = 5) -> float:
+    """Best-of-N time of a decode-shaped (batch 1) and a batched (16) projection."""
+    total = 0.0
+    w = torch.randn(4 * hidden, hidden, dtype=dtype)
+    for rows in (1, 16):
+        x = torch.randn(rows, hidden, dtype=dtype)
+        torch.nn.functional.linear(x, w)  # warm up the kernel choice
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            best = min(best, time.perf_counter() - start)
+        total += best
+    return total
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    """What the engine serves: the model, its tokenizer and where it came from."""
+
+    model: LlamaModel
+    tokenizer: Tokenizer
+    config: ModelConfig
+    model_id: str
+    path: Path
+    format: str
+    load_seconds: float
+
+
+def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
+    from realizar.loading import load_model  # heavy imports stay out of module import time
+
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    loaded = load_model(path, dtype=dtype)
+    if loaded.format == "gguf":
+        tokenizer = Tokenizer.from_gguf_metadata(loaded.metadata)
+    else:
+        tokenizer = Tokenizer.from_pretrained_dir(loaded.path)
+    model = LlamaModel(loaded.config, loaded.tensors, device, dtype)
+    del loaded.tensors
+    return EngineModel(model, tokenizer, loaded.config, loaded.config.name, loaded.path, loaded.format,
+                       time.perf_counter() - start)
+
+
+@dataclass
+class _Live:
+    """Engine-thread bookkeeping for one request."""
+
+    seq: Sequence
+    row: SamplingRow
+    stop_ids: frozenset[int]
+
+
+class Engine:
+    """Synchronous continuous-batching engine; one thread owns it."""
+
+    def __init__(self, served: EngineModel, config: EngineConfig) -> None:
+        self.served = served
+        self.config = config
+        mc = served.config
+        model = served.model
+        self.max_model_len = min(config.max_model_len or min(mc.max_position_embeddings, MAX_DEFAULT_MODEL_LEN),
+                                 mc.max_position_embeddings)
+        per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim,
+                                            model.dtype)
+        blocks_per_seq = -(-self.max_model_len // config.block_size)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            budget = self._kv_budget(model.device)
+            num_blocks = min(budget // per_block, blocks_per_seq * config.max_num_seqs)
+            num_blocks = max(num_blocks, blocks_per_seq)
+        if num_blocks < blocks_per_seq:
+            # a full-length sequence must fit in the cache, or it could never finish
+            self.max_model_len = num_blocks * config.block_size
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        cache = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
+                        model.device, model.dtype)
+        self.runner = ModelRunner(model, cache)
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        self.stats = StatsRecorder()
+        self.live: dict[str, _Live] = {}
+        self.eos_ids = frozenset(served.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
+
+    @staticmethod
+    def _kv_budget(device: torch.device) -> int:
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            return int(free * 0.5)
+        return KV_CACHE_BYTES_CPU
+
+    # -- admission -------------------------------------------------------------------------
+
+    def check_length(self, request: Request) -> None:
+        total = len(request.prompt_ids) + request.params.max_tokens
+        if total > self.max_model_len:
+            raise RequestTooLong(
+                f"This model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"{len(request.prompt_ids)} prompt tokens plus max_tokens {request.params.max_tokens}")
+
+    def add(self, request: Request) -> list[TokenOutput]:
+        """Queue a request; returns its final output at once when there is nothing to generate."""
+        if request.params.max_tokens == 0:
+            return [TokenOutput(request.request_id, None, FinishReason.LENGTH,
+                                num_prompt_tokens=len(request.prompt_ids), time=time.monotonic())]
+        seq = Sequence(request, list(request.prompt_ids), len(request.prompt_ids))
+        params = request.params
+        generator = None if params.greedy else make_generator(params.seed)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        self.live[request.request_id] = _Live(seq, SamplingRow(params, generator), stop_ids)
+        self.scheduler.add(seq)
+        return []
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
+              error: str | None = None) -> list[TokenOutput]:
+        live = self.live.get(request_id)
+        if live is None:
+            return []
+        return [self._finish(live, reason, None, error=error)]
+
+    def expire(self, now: float) -> list[TokenOutput]:
+        """Finish every request whose deadline has passed."""
+        expired = [rid for rid, live in self.live.items()
+                   if live.seq.request.deadline is not None and live.seq.request.deadline <= now]
+        return [out for rid in expired for out in self.abort(rid, FinishReason.TIMEOUT)]
+
+    # -- the step --------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[TokenOutput]:
+        output = self.scheduler.schedule()
+        if output.empty:
+            return []
+        now = time.monotonic()
+        for item in (*output.decodes, *output.prefills):
+            if item.seq.first_scheduled_time is None:
+                item.seq.first_scheduled_time = now
+        self.stats.num_preemptions_total = self.scheduler.num_preemptions
+        rows = {item.seq.request_id: self.live[item.seq.request_id].row
+                for item in (*output.decodes, *output.prefills) if item.samples}
+        result = self.runner.execute(output, rows)
+        self.scheduler.commit(output)
+        self.stats.num_steps_total += 1
+        self.stats.prompt_tokens_total += sum(
+            min(i.num_tokens, max(0, i.seq.num_prompt_tokens - (i.seq.num_computed - i.num_tokens)))
+            for i in output.prefills)
+        outputs: list[TokenOutput] = []
+        now = time.monotonic()
+        for seq, token in result.sampled:
+            live = self.live[seq.request_id]
+            try:
+                outputs.append(self._accept(live, token.token_id, token.logprob, token.top_logprobs, now))
+            except Exception as exc:  # a fault in one request fails that request alone
+                log.exception("request %s failed", seq.request_id)
+                outputs.append(self._finish(live, FinishReason.ERROR, None, error=str(exc) or type(exc).__name__))
+        return outputs
+
+    def _accept(self, live: _Live, token_id: int, logprob: float | None,
+                top: tuple[tuple[int, float], ...], now: float) -> TokenOutput:
+        seq = live.seq
+        if seq.request.fail_for_test:
+            raise RuntimeError("fault injected by the test hook")
+        seq.token_ids.append(token_id)
+        self.stats.generation_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.stats.observe_first_token(now - seq.request.arrival_time,
+                                           (seq.first_scheduled_time or now) - seq.request.arrival_time)
+        elif seq.last_token_time is not None:
+            self.stats.observe_tokens([now - seq.last_token_time])
+        seq.last_token_time = now
+        params = seq.request.params
+        reason = None
+        if token_id in live.stop_ids and seq.num_generated > params.min_tokens - 1:
+            reason = FinishReason.STOP
+        elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            return self._finish(live, reason, token_id, logprob, top)
+        # EOS and stop ids stay banned until min_tokens are out
+        live.row.banned_token_ids = tuple(live.stop_ids) if seq.num_generated < params.min_tokens else ()
+        return TokenOutput(seq.request_id, token_id, None, logprob, top, seq.num_prompt_tokens,
+                           seq.num_generated, time=now)
+
+    def _finish(self, live: _Live, reason: FinishReason, token_id: int | None, logprob: float | None = None,
+                top: tuple[tuple[int, float], ...] = (), error: str | None = None) -> TokenOutput:
+        seq = live.seq
+        self.scheduler.finish(seq)
+        del self.live[seq.request_id]
+        now = time.monotonic()
+        self.stats.observe_finished(now - seq.request.arrival_time, reason.value)
+        return TokenOutput(seq.request_id, token_id, reason, logprob, top, seq.num_prompt_tokens,
+                           seq.num_generated, error=error, time=now,
+                           queue_time=None if seq.first_scheduled_time is None
+                           else seq.first_scheduled_time - seq.request.arrival_time)
+
+    def fail_all(self, error: str) -> list[TokenOutput]:
+        return [out for rid in list(self.live) for out in self.abort(rid, FinishReason.ERROR, error)]
+
+    def snapshot(self, healthy: bool, inbox: int) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + inbox,
+            kv_cache_usage=self.allocator.usage,
+            num_preemptions_total=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.stats.prompt_tokens_total,
+            generation_tokens_total=self.stats.generation_tokens_total,
+            num_steps_total=self.stats.num_steps_total,
+            healthy=healthy,
+        )
+
+
+class AsyncEngine:
+    """The asyncio face of the engine thread (see the module docstring)."""
+
+    def __init__(self, served: EngineModel, config: EngineConfig) -> None:
+        self.engine = Engine(served, config)
+        self.config = config
+        self.tokenizer = served.tokenizer
+        self.model_config = served.config
+        self.model_id = served.model_id
+        self.model_path = served.path
+        self.model_format = served.format
+        self.compute_mode = served.model.device.type
+        self.dtype = str(served.model.dtype).removeprefix("torch.")
+        self.load_seconds = served.load_seconds
+        self.max_model_len = self.engine.max_model_len
+        self.healthy = True
+        self.fatal_error: str | None = None
+        self._inbox: collections.deque[Request] = collections.deque()
+        self._aborts: collections.deque[str] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._shutting_down = False
+        self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
+        self._queued_tokens = 0
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_path(cls, path: str | Path, config: EngineConfig) -> AsyncEngine:
+        return cls(load_engine_model(path, config), config)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="realizar-engine", daemon=True)
+        self._thread.start()
+
+    def begin_shutdown(self) -> None:
+        self._shutting_down = True
+
+    @property
+    def accepting(self) -> bool:
+        return self.healthy and not self._shutting_down
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every admitted request has finished; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queues and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._queues
+
+    async def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> AsyncIterator[TokenOutput]:
+        """Admit a request and return the stream of its outputs (see errors.py for refusals)."""
+        if not self.healthy:
+            raise EngineDead(f"the engine has stopped after a fatal error: {self.fatal_error}")
+        if self._shutting_down:
+            raise EngineDead("the server is shutting down")
+        self.engine.check_length(request)
+        free_seats = max(0, self.config.max_num_seqs - len(self.engine.scheduler.running))
+        queued = len(self._inbox) + len(self.engine.scheduler.waiting)
+        if queued >= free_seats + self.config.max_queued_requests:
+            raise EngineOverloaded(f"server overloaded: {queued} requests are already queued", retry_after=1.0)
+        tokens = len(request.prompt_ids)
+        with self._lock:
+            if self._queued_tokens + tokens > self.config.max_queued_tokens and queued > 0:
+                raise EngineOverloaded("server overloaded: too many prompt tokens are queued", retry_after=1.0)
+            self._queued_tokens += tokens
+        queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        self._inbox.append(request)
+        self._wake.set()
+        return self._stream(request.request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue[TokenOutput]) -> AsyncIterator[TokenOutput]:
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed on the next engine step. Idempotent."""
+        self._aborts.append(request_id)
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return self.engine.snapshot(self.healthy, len(self._inbox))
+
+    def drain_observations(self) -> LatencyObservations:
+        return self.engine.stats.drain()
+
+    # -- the engine thread -----------------------------------------------------------------
+
+    def _deliver(self, outputs: list[TokenOutput]) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _publish(self, outputs: list[TokenOutput]) -> None:
+        if outputs and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _admit(self) -> list[TokenOutput]:
+        outputs: list[TokenOutput] = []
+        while self._inbox:
+            request = self._inbox.popleft()
+            with self._lock:
+                self._queued_tokens -= len(request.prompt_ids)
+            outputs.extend(self.engine.add(request))
+        while self._aborts:
+            outputs.extend(self.engine.abort(self._aborts.popleft()))
+        return outputs
+
+    def _run(self) -> None:
+        failures = 0
+        engine = self.engine
+        while not self._stop:
+            self._wake.clear()
+            outputs = self._admit()
+            outputs.extend(engine.expire(time.monotonic()))
+            if engine.has_work():
+                try:
+                    outputs.extend(engine.step())
+                    failures = 0
+                except Exception as exc:  # the whole batch failed: fail its requests, keep serving
+                    failures += 1
+                    log.exception("engine step failed (%d in a row)", failures)
+                    outputs.extend(engine.fail_all(f"engine step failed: {type(exc).__name__}"))
+                    if failures >= FATAL_AFTER_CONSECUTIVE_FAILURES:
+                        self.fatal_error = f"{type(exc).__name__}: {exc}"
+                        self.healthy = False
+            self._publish(outputs)
+            if not self.healthy:
+                self._publish(self._admit() + engine.fail_all("engine is dead"))
+                self._wake.wait(0.1)
+            elif not engine.has_work() and not self._inbox and not self._aborts:
+                self._wake.wait(0.5)

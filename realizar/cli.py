@@ -1,0 +1,251 @@
+"""The ``realizar`` command: serve, generate, info and loadtest."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from realizar import __version__
+from realizar.config import EngineConfig, ServerConfig
+
+ENDPOINTS = ("GET  /health", "GET  /models", "POST /tokenize", "POST /generate", "POST /batch/tokenize",
+             "POST /batch/generate", "POST /stream/generate", "GET  /metrics", "GET  /v1/models",
+             "POST /v1/completions", "POST /v1/chat/completions")
+
+
+class CLIError(Exception):
+    """A user mistake reported as one sentence, with exit status 1."""
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--demo", action="store_true",
+                        help="the default model that ships with the install (SmolLM2-135M-Instruct, Q4_1)")
+    source.add_argument("--model", metavar="PATH", help="a .gguf file or a Hugging Face model directory")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="auto: measured at start-up (float32 on CPUs without native bf16)")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="sequences in the running batch (default %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="tokens computed per engine step, prefill chunks included (default %(default)s)")
+    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="requests allowed to wait beyond the running batch before 503 (default %(default)s)")
+    p.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
+                   help="prompt tokens allowed to wait before 503 (default %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length, prompt plus output (default: the model's, at most 8192)")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV-cache blocks of 16 tokens (default: sized from memory)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="realizar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"realizar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve a model over HTTP (native and OpenAI APIs)")
+    _model_args(s)
+    sd = ServerConfig()
+    s.add_argument("-H", "--host", default=sd.host, help="address to bind (default %(default)s)")
+    s.add_argument("-p", "--port", type=int, default=sd.port, help="port (default %(default)s)")
+    s.add_argument("--api-key", default=os.environ.get("REALIZAR_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $REALIZAR_API_KEY)")
+    _engine_args(s)
+    s.add_argument("--request-timeout", type=float, default=sd.request_timeout,
+                   help="seconds a request may spend queued and generating before 504 (default %(default)s)")
+    s.add_argument("--shutdown-timeout", type=float, default=sd.shutdown_timeout,
+                   help="seconds SIGTERM waits for in-flight requests (default %(default)s)")
+    s.add_argument("--max-body-bytes", type=int, default=sd.max_body_bytes,
+                   help="largest request body before 413 (default %(default)s)")
+    s.add_argument("--max-batch-size", type=int, default=sd.max_batch_size,
+                   help="most prompts or texts in one batch request (default %(default)s)")
+    s.add_argument("--max-tokens-limit", type=int, default=sd.max_tokens_limit,
+                   help="largest max_tokens a request may ask for (default %(default)s)")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow cross-origin requests from ORIGIN (repeatable; CORS is off by default)")
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+
+    g = sub.add_parser("generate", help="generate text once, without a server")
+    _model_args(g)
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+
+    sub.add_parser("info", help="versions, devices and the default model")
+
+    from realizar.loadtest.cli import add_parser as add_loadtest_parser
+
+    add_loadtest_parser(sub)
+    return parser
+
+
+def resolve_model_path(args: argparse.Namespace) -> Path:
+    from realizar.loading import ModelNotFoundError, default_model_path
+
+    if args.demo:
+        try:
+            return default_model_path()
+        except ModelNotFoundError as exc:
+            raise CLIError(str(exc)) from None
+    path = Path(args.model).expanduser()
+    if not path.exists():
+        raise CLIError(f"The model path {path} does not exist; pass a .gguf file or a Hugging Face "
+                       "model directory to --model, or use --demo.")
+    return path
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    fields = dict(device=args.device, dtype=args.dtype)
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests", "max_queued_tokens",
+                 "max_model_len", "num_kv_blocks"):
+        if hasattr(args, name):
+            fields[name] = getattr(args, name)
+    try:
+        return EngineConfig(**fields)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise CLIError(f"Invalid engine setting: {exc}.") from None
+
+
+def _banner(url: str, model_id: str, load_seconds: float, extra: str) -> str:
+    lines = [f"realizar {__version__} serving {model_id} at {url} (loaded in {load_seconds:.1f} s{extra})",
+             "Endpoints:"]
+    lines += [f"  {e}" for e in ENDPOINTS]
+    lines.append("Try:")
+    lines.append(f"  curl -s {url}/generate -H 'Content-Type: application/json' "
+                 "-d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'")
+    return "\n".join(lines)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from realizar.engine.engine import AsyncEngine
+    from realizar.server.runner import serve
+
+    path = resolve_model_path(args)
+    econfig = engine_config(args)
+    try:
+        sconfig = ServerConfig(
+            host=args.host, port=args.port, api_key=args.api_key or None,
+            max_tokens_limit=args.max_tokens_limit, max_batch_size=args.max_batch_size,
+            max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+            shutdown_timeout=args.shutdown_timeout, cors_origins=tuple(args.cors_origin),
+            access_log=not args.no_access_log)
+    except ValueError as exc:
+        raise CLIError(f"Invalid server setting: {exc}.") from None
+    holder: dict[str, AsyncEngine] = {}
+
+    def factory() -> AsyncEngine:
+        engine = AsyncEngine.from_path(path, econfig)
+        holder["engine"] = engine
+        return engine
+
+    def ready(url: str) -> None:
+        engine = holder["engine"]
+        extra = f", {engine.compute_mode}, {engine.dtype}"
+        print(_banner(url, engine.model_id, engine.load_seconds, extra), flush=True)
+
+    print(f"realizar: loading {path} ...", flush=True)
+    return serve(factory, sconfig, log_level=args.log_level, on_ready=ready)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from realizar.engine.engine import AsyncEngine
+    from realizar.request import Request, SamplingParams
+
+    path = resolve_model_path(args)
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                seed=args.seed, max_tokens=args.max_tokens)
+    except ValueError as exc:
+        raise CLIError(f"Invalid sampling setting: {exc}.") from None
+    from realizar.loading import ModelLoadError
+
+    try:
+        engine = AsyncEngine.from_path(path, engine_config(args))
+    except (ModelLoadError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    print(f"[loaded {engine.model_id} in {engine.load_seconds:.1f} s on {engine.compute_mode}, "
+          f"{engine.dtype}]", file=sys.stderr)
+    text = args.prompt
+    if args.chat:
+        text = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    prompt_ids = engine.tokenizer.encode(text)
+    if not prompt_ids:
+        raise CLIError("The prompt is empty; pass some text to generate from.")
+
+    async def run() -> None:
+        await engine.start()
+        try:
+            detok = engine.tokenizer.detokenizer(prompt_ids)
+            pieces: list[str] = []
+            async for out in engine.submit(Request(prompt_ids, params)):
+                if out.token_id is not None and not (out.finished and out.token_id in engine.tokenizer.eos_token_ids):
+                    piece = detok.step(out.token_id)
+                    pieces.append(piece)
+                    if args.stream:
+                        print(piece, end="", flush=True)
+                if out.finished and out.error:
+                    raise CLIError(f"Generation failed: {out.error}.")
+            tail = detok.flush()
+            print(tail if args.stream else "".join(pieces) + tail)
+        finally:
+            await engine.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_info() -> int:
+    import platform
+
+    import torch
+
+    from realizar.loading import ModelNotFoundError, default_model_path
+
+    print(f"realizar {__version__}")
+    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if torch.cuda.is_available():
+        print(f"cuda: {torch.cuda.get_device_name(0)}")
+    else:
+        print("cuda: not available")
+    try:
+        path = default_model_path()
+        print(f"default model: {path} ({path.stat().st_size / 1e6:.0f} MB)")
+    except ModelNotFoundError as exc:
+        print(f"default model: missing. {exc}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "info":
+            return cmd_info()
+        from realizar.loadtest.cli import run as run_loadtest
+
+        return run_loadtest(args)
+    except CLIError as exc:
+        print(f"realizar: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

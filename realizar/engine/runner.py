@@ -1,0 +1,104 @@
+"""The model runner: turns a SchedulerOutput into tensors, runs one forward pass, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from realizar.engine.scheduler import ScheduledSequence, SchedulerOutput, Sequence
+from realizar.kv_cache import KVCache
+from realizar.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
+from realizar.sampling import SampledToken, SamplingRow, sample
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The token sampled for each sequence whose chunk reached its last known token."""
+
+    sampled: list[tuple[Sequence, SampledToken]]
+
+
+class ModelRunner:
+    """Owns the model and the KV tensors; used by the engine thread only."""
+
+    def __init__(self, model: LlamaModel, cache: KVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+        self.block_size = cache.block_size
+        self._offsets = torch.arange(cache.block_size, device=self.device)
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs = self.block_size
+        table = seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _context_slots(self, seq: Sequence, length: int) -> torch.Tensor:
+        blocks = torch.tensor(seq.block_table[: -(-length // self.block_size)], device=self.device)
+        slots = blocks[:, None] * self.block_size + self._offsets[None, :]  # [nblocks, bs]
+        return slots.flatten()[:length]
+
+    def _decode_tables(self, decodes: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables [B, max_blocks] and the mask [B, 1, 1, max_blocks * bs] of the live slots."""
+        if not decodes:
+            empty = torch.zeros(0, 1, dtype=torch.long, device=self.device)
+            return empty, torch.zeros(0, 1, 1, self.block_size, dtype=torch.bool, device=self.device)
+        max_blocks = max(len(i.seq.block_table) for i in decodes)
+        tables = [i.seq.block_table + [0] * (max_blocks - len(i.seq.block_table)) for i in decodes]
+        block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+        lens = torch.tensor([i.seq.num_computed + 1 for i in decodes], dtype=torch.long, device=self.device)
+        span = torch.arange(max_blocks * self.block_size, device=self.device)
+        return block_tables, (span[None, :] < lens[:, None]).view(len(decodes), 1, 1, -1)
+
+    def execute(self, output: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepResult:
+        """Run one step. ``rows`` maps request ids to sampling inputs for sampling sequences."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        sampling: list[ScheduledSequence] = []
+
+        for item in output.decodes:
+            seq = item.seq
+            pos = seq.num_computed
+            input_ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.extend(self._slots(seq, pos, pos + 1))
+            if item.samples:
+                logits_indices.append(len(input_ids) - 1)
+                sampling.append(item)
+
+        num_decodes = len(output.decodes)
+        block_tables, decode_mask = self._decode_tables(output.decodes)
+
+        prefills: list[PrefillChunk] = []
+        for item in output.prefills:
+            seq = item.seq
+            start, end = seq.num_computed, seq.num_computed + item.num_tokens
+            prefills.append(PrefillChunk(len(input_ids), item.num_tokens,
+                                         self._context_slots(seq, end), start))
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slots(seq, start, end))
+            if item.samples:
+                logits_indices.append(len(input_ids) - 1)
+                sampling.append(item)
+
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            num_decodes=num_decodes,
+            decode_block_tables=block_tables,
+            decode_mask=decode_mask,
+            prefills=prefills,
+        )
+        logits = self.model.forward(
+            torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            meta, self.cache,
+            torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+        )
+        if not sampling:
+            return StepResult([])
+        tokens = sample(logits, [rows[item.seq.request_id] for item in sampling])
+        return StepResult([(item.seq, token) for item, token in zip(sampling, tokens, strict=True)])

@@ -1,0 +1,111 @@
+"""The paged KV cache: a pure-Python block allocator and the tensors it indexes.
+
+The allocator hands out block ids and never touches tensors, so the scheduler can be
+tested without a model. ``KVCache`` holds one K and one V tensor per layer, laid out as
+``[num_blocks * block_size, KV, hd]``: slot ``block * block_size + offset`` holds the
+token at ``offset`` within that block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class OutOfBlocks(Exception):
+    """The allocator has no free block left."""
+
+
+class BlockAllocator:
+    """Reference-counted fixed-size blocks; ids are 0..num_blocks-1."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be > 0")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives low ids first
+        self._refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, count: int) -> bool:
+        return count <= len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise OutOfBlocks("no free KV-cache block")
+        block = self._free.pop()
+        self._refs[block] = 1
+        return block
+
+    def share(self, block: int) -> int:
+        """Take another reference to a block in use (e.g. a shared prompt prefix)."""
+        assert self._refs[block] > 0, f"block {block} is not allocated"
+        self._refs[block] += 1
+        return block
+
+    def free(self, block: int) -> None:
+        assert self._refs[block] > 0, f"double free of block {block}"
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            self._free.append(block)
+
+    def free_all(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):
+            self.free(block)
+        blocks.clear()
+
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]
+
+
+class KVCache:
+    """Per-layer K and V tensors addressed by slot (block * block_size + offset)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        element = torch.tensor([], dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values [T, KV, hd] at ``slots`` [T]."""
+        self.keys[layer].index_copy_(0, slots, k)
+        self.values[layer].index_copy_(0, slots, v)
+
+    def gather_blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, KV, max_blocks * block_size, hd] for block tables [B, max_blocks]."""
+        b, nblocks = block_tables.shape
+        out = []
+        for cache in (self.keys[layer], self.values[layer]):
+            paged = cache.view(self.num_blocks, self.block_size, *cache.shape[1:])  # [N, bs, KV, hd]
+            gathered = paged[block_tables]  # [B, max_blocks, bs, KV, hd]
+            gathered = gathered.view(b, nblocks * self.block_size, *cache.shape[1:])  # [B, L, KV, hd]
+            out.append(gathered.transpose(1, 2))  # [B, KV, L, hd]
+        return out[0], out[1]
+
+    def gather_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [KV, L, hd] of the tokens at ``slots`` [L]."""
+        return (self.keys[layer][slots].transpose(0, 1),
+                self.values[layer][slots].transpose(0, 1))

@@ -1,0 +1,235 @@
+"""Dequantization of GGML tensor types into torch tensors.
+
+Each ``_dequant_*`` function below ports the matching ``dequantize_blocks`` of ``gguf.quants``
+(llama.cpp's own Python reference) to torch, keeping its float32 operation order so the results are
+bit-identical to the reference (tests compare block for block). Torch is used rather than the numpy
+reference because it is several times faster on the large tensors of a real model.
+Types without a port here fall back to ``gguf.quants.dequantize`` when the library knows them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from realizar.loading.errors import ModelLoadError
+
+QK_K = 256
+
+# Elements dequantized per chunk: bounds the float32 temporaries of one tensor (about 16 MiB each)
+# so a large embedding never needs several full-size float32 copies at once.
+CHUNK_ELEMENTS = 1 << 22
+
+BlockFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The float16 stored at byte ``start`` of each block, as float32 of shape (n, 1)."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _shifts(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """Low nibbles then high nibbles of each row: (n, k) uint8 -> (n, 2k) uint8."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+def _bits32(qh: torch.Tensor) -> torch.Tensor:
+    """The 32 bits of a little-endian uint32 stored as 4 bytes: (n, 4) -> (n, 32), bit i at column i."""
+    n = qh.shape[0]
+    return ((qh.view(n, 4, 1) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8)) & 1).reshape(n, 32)
+
+
+def _dequant_q4_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b, 0)
+    q = _nibbles(b[:, 2:18]).to(torch.float32).sub_(8)
+    return q.mul_(d)
+
+
+def _dequant_q4_1(b: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(b, 0), _f16(b, 2)
+    q = _nibbles(b[:, 4:20]).to(torch.float32)
+    return q.mul_(d).add_(m)
+
+
+def _dequant_q5_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b, 0)
+    q = (_nibbles(b[:, 6:22]) | (_bits32(b[:, 2:6]) << 4)).to(torch.float32).sub_(16)
+    return q.mul_(d)
+
+
+def _dequant_q5_1(b: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(b, 0), _f16(b, 2)
+    q = (_nibbles(b[:, 8:24]) | (_bits32(b[:, 4:8]) << 4)).to(torch.float32)
+    return q.mul_(d).add_(m)
+
+
+def _dequant_q8_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b, 0)
+    x = b[:, 2:34].contiguous().view(torch.int8).to(torch.float32)
+    return x.mul_(d)
+
+
+def _dequant_q2_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales, qs = b[:, 0:16], b[:, 16:80]
+    d, dmin = _f16(b, 80), _f16(b, 82)
+    dl = (d * (scales & 0x0F).to(torch.float32)).view(n, 16, 1)
+    ml = (dmin * (scales >> 4).to(torch.float32)).view(n, 16, 1)
+    q = (qs.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 3
+    q = q.reshape(n, 16, 16).to(torch.float32)
+    return q.mul_(dl).sub_(ml).reshape(n, QK_K)
+
+
+def _dequant_q3_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    hmask, qs, scales = b[:, 0:32], b[:, 32:96], b[:, 96:108]
+    d = _f16(b, 108)
+    # 16 6-bit scales: low 4 bits from bytes 0..7 (two per byte), high 2 bits from bytes 8..11.
+    lscales = (scales[:, :8].reshape(n, 1, 8) >> _shifts(0, 4).view(1, 2, 1)).reshape(n, 16)
+    hscales = (scales[:, 8:].reshape(n, 1, 4) >> _shifts(0, 2, 4, 6).view(1, 4, 1)).reshape(n, 16)
+    sc = ((lscales & 0x0F) | ((hscales & 0x03) << 4)).to(torch.int16) - 32
+    dl = (d * sc.to(torch.float32)).view(n, 16, 1)
+    ql = ((qs.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 3).reshape(n, 16, 16)
+    qh = ((hmask.reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1)
+    # The high bit subtracts 4 when it is *clear* (llama.cpp's convention).
+    qh = qh.reshape(n, 16, 16) ^ 1
+    q = (ql.to(torch.int16) - (qh.to(torch.int16) << 2)).to(torch.float32)
+    return q.mul_(dl).reshape(n, QK_K)
+
+
+def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack the eight 6-bit scales and mins of a Q4_K/Q5_K block from 12 bytes."""
+    n = scales.shape[0]
+    s = scales.reshape(n, 3, 4)
+    d, m, m_d = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc, mn
+
+
+def _dequant_q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    dd = (d * sc.to(torch.float32)).view(n, 8, 1)
+    dm = (dmin * mn.to(torch.float32)).view(n, 8, 1)
+    q = ((b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F)
+    q = q.reshape(n, 8, 32).to(torch.float32)
+    return q.mul_(dd).sub_(dm).reshape(n, QK_K)
+
+
+def _dequant_q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    dd = (d * sc.to(torch.float32)).view(n, 8, 1)
+    dm = (dmin * mn.to(torch.float32)).view(n, 8, 1)
+    ql = ((b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
+    qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
+    qh = (qh & 1).reshape(n, 8, 32)
+    q = (ql | (qh << 4)).to(torch.float32)
+    return q.mul_(dd).sub_(dm).reshape(n, QK_K)
+
+
+def _dequant_q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql, qh = b[:, 0:128], b[:, 128:192]
+    scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    d = _f16(b, 208)
+    dd = (d * scales).view(n, 16, 1)
+    lo = ((ql.reshape(n, 2, 1, 64) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
+    hi = ((qh.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 0x03).reshape(n, 8, 32)
+    q = ((lo | (hi << 4)).to(torch.int16) - 32).reshape(n, 16, 16).to(torch.float32)
+    return q.mul_(dd).reshape(n, QK_K)
+
+
+BLOCK_DEQUANTIZERS: dict[QT, BlockFn] = {
+    QT.Q4_0: _dequant_q4_0,
+    QT.Q4_1: _dequant_q4_1,
+    QT.Q5_0: _dequant_q5_0,
+    QT.Q5_1: _dequant_q5_1,
+    QT.Q8_0: _dequant_q8_0,
+    QT.Q2_K: _dequant_q2_k,
+    QT.Q3_K: _dequant_q3_k,
+    QT.Q4_K: _dequant_q4_k,
+    QT.Q5_K: _dequant_q5_k,
+    QT.Q6_K: _dequant_q6_k,
+}
+
+# Plain float types: a reinterpretation of the bytes, then a cast.
+FLOAT_TYPES: dict[QT, torch.dtype] = {
+    QT.F32: torch.float32,
+    QT.F16: torch.float16,
+    QT.BF16: torch.bfloat16,
+    QT.F64: torch.float64,
+}
+
+
+def is_supported(qtype: QT) -> bool:
+    """Whether tensors of this GGML type can be dequantized (natively or by gguf's reference)."""
+    return qtype in FLOAT_TYPES or qtype in BLOCK_DEQUANTIZERS or _has_reference(qtype)
+
+
+def _has_reference(qtype: QT) -> bool:
+    return qtype in gguf.quants._type_traits
+
+
+def _as_tensor(raw: np.ndarray) -> torch.Tensor:
+    """A uint8 torch view of an array's bytes, without a copy."""
+    flat = raw.reshape(-1).view(np.uint8)
+    if flat.flags.writeable:
+        return torch.from_numpy(flat)
+    # A read-only memory map: torch warns that writes would be undefined; nothing here writes to it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(flat)
+
+
+def dequantize(raw: np.ndarray, qtype: QT, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantize the raw data of one GGML tensor into a new torch tensor.
+
+    ``raw`` holds the tensor's bytes (any numpy dtype; a memory map is fine and is never written).
+    ``shape`` is the logical shape, outermost first (the reverse of GGUF's ``ne`` order).
+    The result is a fresh, contiguous tensor of ``dtype`` that does not alias ``raw``.
+    """
+    shape = tuple(int(s) for s in shape)
+    n_elements = int(np.prod(shape)) if shape else 1
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if raw.nbytes != n_elements // block_size * type_size or n_elements % block_size:
+        raise ModelLoadError(
+            f"{qtype.name} tensor of shape {list(shape)} needs {n_elements // block_size * type_size} bytes "
+            f"in blocks of {block_size} elements, got {raw.nbytes} bytes"
+        )
+    data = _as_tensor(np.ascontiguousarray(raw))
+
+    if qtype in FLOAT_TYPES:
+        return data.view(FLOAT_TYPES[qtype]).to(dtype, copy=True).reshape(shape)
+
+    fn = BLOCK_DEQUANTIZERS.get(qtype)
+    if fn is None:
+        if not _has_reference(qtype):
+            raise ModelLoadError(f"unsupported tensor type {qtype.name}")
+        # No torch port: use gguf's numpy reference (slower, but exact by definition).
+        row_bytes = (shape[-1] if shape else 1) // block_size * type_size
+        ref = gguf.quants.dequantize(data.numpy().reshape(-1, row_bytes), qtype)
+        return torch.from_numpy(np.ascontiguousarray(ref)).to(dtype, copy=True).reshape(shape)
+
+    n_blocks = n_elements // block_size
+    blocks = data.view(n_blocks, type_size)
+    step = max(1, CHUNK_ELEMENTS // block_size)
+    if n_blocks <= step and dtype == torch.float32:
+        return fn(blocks).reshape(shape)  # one chunk: the block function's output is the result
+    out = torch.empty((n_blocks, block_size), dtype=dtype)
+    for start in range(0, n_blocks, step):
+        stop = min(start + step, n_blocks)
+        out[start:stop] = fn(blocks[start:stop])
+    return out.reshape(shape)

@@ -1,0 +1,249 @@
+"""LLM serving benchmarks against any OpenAI-compatible server
+(``/v1/completions`` or ``/v1/chat/completions``, streaming).
+
+Numbers follow vLLM's ``bench serve``: TTFT from the send to the first chunk
+with text; TPOT = (E2EL - TTFT) / (output tokens - 1) per request; ITL = the
+gaps between chunks, pooled; E2EL end to end; goodput = the rate of requests
+meeting every SLO. Output tokens come from the server's ``usage`` (we ask for
+it with ``stream_options.include_usage``), else from the number of chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from realizar.loadtest.config import LoadTestConfig
+from realizar.loadtest.runner import RunOptions, ScenarioResult, run_scenario
+from realizar.loadtest.scenarios import Phase, Scenario
+from realizar.loadtest.stats import LatencySummary, Slo
+from realizar.loadtest.workload import RequestSpec, ResponseKind, json_request
+
+Endpoint = Literal["completions", "chat"]
+
+# Short, frequent English words: one token each in the common BPE vocabularies,
+# so N words make a prompt of about N tokens. The server's usage reports the
+# exact count, and that is what the report shows.
+_WORDS = (
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "are", "with", "as", "at", "be", "by",
+    "this", "had", "not", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her",
+    "all", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more",
+    "no", "if", "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only",
+    "other", "new", "some", "time", "could", "these", "two", "may", "then", "do", "first", "any", "my",
+    "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did",
+    "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down",
+    "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good",
+    "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between",
+    "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might",
+    "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take",
+    "three",
+)
+
+
+class DatasetError(ValueError):
+    """A prompts file that cannot be used (usage error)."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int | None = None
+
+
+def synthetic_prompts(n: int, input_len: int, *, seed: int = 0) -> list[Prompt]:
+    """``n`` distinct prompts of ``input_len`` words (about as many tokens); distinct
+    so prefix caching cannot turn the benchmark into a cache test."""
+    rng = random.Random(seed)
+    return [Prompt(text=" ".join(rng.choice(_WORDS) for _ in range(max(1, input_len)))) for _ in range(n)]
+
+
+def load_jsonl(path: str | Path) -> list[Prompt]:
+    """Prompts from JSONL: ``{"prompt": str}`` or ``{"messages": [...]}``, with an
+    optional ``max_tokens`` (or ``output_len``) per line."""
+    prompts = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{lineno}: not JSON ({exc})") from None
+        if not isinstance(obj, dict) or not ("prompt" in obj or "messages" in obj):
+            raise DatasetError(f"{path}:{lineno}: needs a 'prompt' or 'messages' field")
+        out = obj.get("max_tokens", obj.get("output_len"))
+        if out is not None and not isinstance(out, int):
+            raise DatasetError(f"{path}:{lineno}: max_tokens must be an integer")
+        prompts.append(Prompt(text=obj.get("prompt"), messages=obj.get("messages"), max_tokens=out))
+    if not prompts:
+        raise DatasetError(f"{path} holds no prompts")
+    return prompts
+
+
+@dataclass(frozen=True)
+class LlmWorkload:
+    endpoint: Endpoint
+    model: str
+    prompts: tuple[Prompt, ...]
+    output_len: int
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    api_key: str | None = None
+
+    def request(self, i: int) -> RequestSpec:
+        prompt = self.prompts[i % len(self.prompts)]
+        max_tokens = prompt.max_tokens or self.output_len
+        body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "stream": True,
+                                "stream_options": {"include_usage": True}, "temperature": self.temperature}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+            body["min_tokens"] = max_tokens
+        if self.endpoint == "chat":
+            body["messages"] = prompt.messages or [{"role": "user", "content": prompt.text or ""}]
+            path = "/v1/chat/completions"
+        else:
+            body["prompt"] = prompt.text if prompt.text is not None else str(prompt.messages)
+            path = "/v1/completions"
+        headers = (("Authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+        return json_request("POST", path, body, None, ResponseKind.SSE_OPENAI, headers)
+
+
+def llm_scenario(workload: LlmWorkload, config: LoadTestConfig, slo: Slo, name: str = "llm") -> Scenario:
+    mode = (f"{config.arrival} arrivals at {config.rate:g} req/s" if config.open_loop and config.rate
+            else f"{config.concurrency} concurrent streams")
+    title = f"LLM serving: {workload.endpoint}, {mode}"
+    return Scenario(name, title, f"model {workload.model}, {len(workload.prompts)} prompts",
+                    (Phase("main", title, config),), workload.request, slo)
+
+
+def _ms_keys(prefix: str, summary: LatencySummary | None) -> dict[str, float | None]:
+    if summary is None or summary.count == 0:
+        return {f"{k}_{prefix}_ms": None for k in ("mean", "median", "std", "p50", "p90", "p95", "p99")}
+    return {
+        f"mean_{prefix}_ms": summary.mean_ms, f"median_{prefix}_ms": summary.p50_ms,
+        f"std_{prefix}_ms": summary.std_ms, f"p50_{prefix}_ms": summary.p50_ms,
+        f"p90_{prefix}_ms": summary.p90_ms, f"p95_{prefix}_ms": summary.p95_ms,
+        f"p99_{prefix}_ms": summary.p99_ms,
+    }
+
+
+def vllm_metrics(result: ScenarioResult, workload: LlmWorkload, config: LoadTestConfig, slo: Slo) -> dict[str, Any]:
+    """The run in ``vllm bench serve``'s JSON key names."""
+    s = result.overall
+    duration = s.duration_s
+    out: dict[str, Any] = {
+        "backend": "openai-chat" if workload.endpoint == "chat" else "openai",
+        "model_id": workload.model,
+        "request_rate": config.rate if config.open_loop else math.inf,
+        "burstiness": config.burstiness,
+        "max_concurrency": config.concurrency,
+        "duration": duration,
+        "completed": s.successes,
+        "failed": s.failures,
+        "num_prompts": s.total_requests,
+        "total_input_tokens": s.input_tokens,
+        "total_output_tokens": s.output_tokens,
+        "request_throughput": s.successes / duration if duration else 0.0,
+        "request_goodput": s.goodput_rps if (slo.ttft_ms or slo.tpot_ms or slo.e2el_ms) else None,
+        "output_throughput": s.output_tokens / duration if duration else 0.0,
+        "total_token_throughput": (s.input_tokens + s.output_tokens) / duration if duration else 0.0,
+        "slo_attainment": s.good_requests / s.total_requests if s.total_requests else 0.0,
+    }
+    for prefix, part in (("ttft", s.ttft), ("tpot", s.tpot), ("itl", s.itl), ("e2el", s.e2el)):
+        out.update(_ms_keys(prefix, part))
+    if out["request_rate"] == math.inf:
+        out["request_rate"] = "inf"
+    return out
+
+
+def meets_slo(metrics: dict[str, Any], result: ScenarioResult, attainment: float) -> bool:
+    return result.valid and metrics["completed"] > 0 and metrics["slo_attainment"] >= attainment
+
+
+@dataclass(frozen=True)
+class SweepStep:
+    rate: float
+    result: ScenarioResult
+    metrics: dict[str, Any]
+    ok: bool
+
+
+async def sweep(workload: LlmWorkload, base: LoadTestConfig, slo: Slo, options: RunOptions, *,
+                start_rate: float, max_rate: float, refine_steps: int, attainment: float) -> list[SweepStep]:
+    """The highest arrival rate whose SLO attainment stays >= ``attainment``:
+    double the rate from ``start_rate`` until it fails (or passes ``max_rate``),
+    then bisect ``refine_steps`` times between the last pass and the first failure."""
+    steps: list[SweepStep] = []
+
+    async def trial(rate: float) -> SweepStep:
+        cfg = replace(base, rate=rate, arrival=base.arrival if base.open_loop else "poisson")
+        result = await run_scenario(llm_scenario(workload, cfg, slo, name=f"rate_{rate:g}"), options)
+        metrics = vllm_metrics(result, workload, cfg, slo)
+        step = SweepStep(rate, result, metrics, meets_slo(metrics, result, attainment))
+        steps.append(step)
+        return step
+
+    good: float | None = None
+    bad: float | None = None
+    rate = start_rate
+    while rate <= max_rate:
+        if (await trial(rate)).ok:
+            good = rate
+            rate *= 2.0
+        else:
+            bad = rate
+            break
+    if good is not None and bad is not None:
+        lo, hi = good, bad
+        for _ in range(refine_steps):
+            mid = (lo + hi) / 2.0
+            if (await trial(mid)).ok:
+                lo = mid
+            else:
+                hi = mid
+    return steps
+
+
+def format_llm(metrics: dict[str, Any], title: str) -> str:
+    """A text block shaped like ``vllm bench serve``'s."""
+    def fmt(v: Any, digits: int = 2) -> str:
+        return "n/a" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+    lines = [f"{'=' * 12} {title} {'=' * 12}",
+             f"{'Successful requests:':<40}{metrics['completed']}",
+             f"{'Failed requests:':<40}{metrics['failed']}",
+             f"{'Benchmark duration (s):':<40}{fmt(metrics['duration'])}",
+             f"{'Total input tokens:':<40}{metrics['total_input_tokens']}",
+             f"{'Total generated tokens:':<40}{metrics['total_output_tokens']}",
+             f"{'Request throughput (req/s):':<40}{fmt(metrics['request_throughput'])}",
+             f"{'Request goodput (req/s):':<40}{fmt(metrics['request_goodput'])}",
+             f"{'Output token throughput (tok/s):':<40}{fmt(metrics['output_throughput'])}",
+             f"{'Total token throughput (tok/s):':<40}{fmt(metrics['total_token_throughput'])}"]
+    for key, label in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
+                       ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+        lines.append(f"{'-' * 10}{label}{'-' * 10}")
+        for stat in ("mean", "median", "p99"):
+            lines.append(f"{f'{stat.capitalize()} {key.upper()} (ms):':<40}{fmt(metrics[f'{stat}_{key}_ms'])}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_goodput(items: list[str]) -> Slo:
+    """``["ttft:500", "tpot:50", "e2el:10000"]`` (ms), vLLM's --goodput syntax."""
+    values: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition(":")
+        if not sep or key not in ("ttft", "tpot", "e2el"):
+            raise ValueError(f"--goodput takes ttft:MS tpot:MS e2el:MS, got {item!r}")
+        try:
+            values[f"{key}_ms"] = float(value)
+        except ValueError:
+            raise ValueError(f"--goodput {key} needs a number of milliseconds, got {value!r}") from None
+    return Slo(**values)

@@ -1,0 +1,177 @@
+"""Prometheus series for ``GET /metrics``, in a registry of their own.
+
+The engine keeps plain numbers (``EngineStats``) and per-request timings
+(``LatencyObservations``); this module maps them onto Prometheus series. The engine never
+imports it. Every method runs on the event loop thread, so nothing here takes a lock.
+
+Two groups of series:
+
+* the ten series of the original realizar server, fed by every generation route
+  (``realizar_requests_total`` ... ``realizar_uptime_seconds``); their names are kept as
+  they were, so the counts that lack a ``_total`` suffix are exposed as gauges;
+* serving series named after vLLM's: latency histograms, engine gauges and token counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from realizar.engine.stats import EngineStats, LatencyObservations
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Bucket edges as vLLM chose them, so dashboards built for vLLM read realizar the same way.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                 120.0, 300.0, 600.0)
+HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class StatsSource(Protocol):
+    def stats(self) -> EngineStats: ...
+
+    def drain_observations(self) -> LatencyObservations: ...
+
+
+class Metrics:
+    """The server's metrics; ``render()`` gives the Prometheus text exposition."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._source: StatsSource | None = None
+        self._started = time.monotonic()
+        # The original ten, counted per generation HTTP request.
+        self.requests_total = 0
+        self.requests_successful = 0
+        self.requests_failed = 0
+        self.tokens_generated = 0
+        self.inference_seconds = 0.0  # summed over successful requests
+        # Unregistered children of our one collector, which drops their *_created samples.
+        self.ttft = Histogram("realizar_time_to_first_token_seconds",
+                              "Time from arrival to the first generated token", buckets=TTFT_BUCKETS,
+                              registry=None)
+        self.itl = Histogram("realizar_inter_token_latency_seconds",
+                             "Time between consecutive generated tokens of one request",
+                             buckets=ITL_BUCKETS, registry=None)
+        self.e2e = Histogram("realizar_e2e_request_latency_seconds",
+                             "Time from arrival to the last token of a request", buckets=E2E_BUCKETS,
+                             registry=None)
+        self.queue = Histogram("realizar_request_queue_time_seconds",
+                               "Time a request waited before its first scheduling", buckets=QUEUE_BUCKETS,
+                               registry=None)
+        self.http = Histogram("realizar_http_request_duration_seconds",
+                              "HTTP request duration by route template, method and status",
+                              ["route", "method", "status"], buckets=HTTP_BUCKETS, registry=None)
+        self.finished = Counter("realizar_request_success",
+                                "Finished engine requests by finish reason", ["finished_reason"],
+                                registry=None)
+        self._http_children: dict[tuple[str, str, int], Histogram] = {}
+        self.registry.register(_Collector(self))
+
+    def attach(self, source: StatsSource) -> None:
+        self._source = source
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._started
+
+    def record_request(self, ok: bool, tokens: int, seconds: float) -> None:
+        """One generation HTTP request ended (the original realizar series)."""
+        self.requests_total += 1
+        self.tokens_generated += tokens
+        if ok:
+            self.requests_successful += 1
+            self.inference_seconds += seconds
+        else:
+            self.requests_failed += 1
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        child = self._http_children.get(key)
+        if child is None:
+            child = self._http_children[key] = self.http.labels(route, method, str(status))
+        child.observe(seconds)
+
+    def absorb(self) -> None:
+        """Move the engine's per-request timings gathered since the last call into histograms."""
+        if self._source is None:
+            return
+        obs = self._source.drain_observations()
+        for hist, values in ((self.ttft, obs.ttft), (self.itl, obs.itl), (self.e2e, obs.e2e),
+                             (self.queue, obs.queue)):
+            for v in values:
+                hist.observe(v)
+        for reason in obs.finished:
+            self.finished.labels(reason).inc()
+
+    def render(self) -> bytes:
+        self.absorb()
+        return generate_latest(self.registry)
+
+    def engine_stats(self) -> EngineStats | None:
+        return self._source.stats() if self._source is not None else None
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._original_series()
+        yield from self._engine_series()
+        for child in (self.m.ttft, self.m.itl, self.m.e2e, self.m.queue, self.m.http, self.m.finished):
+            for family in child.collect():
+                family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+                yield family
+
+    def _original_series(self) -> Iterator[Metric]:
+        m = self.m
+        uptime = m.uptime()
+        yield CounterMetricFamily("realizar_requests", "Total number of generation requests",
+                                  value=m.requests_total)
+        yield GaugeMetricFamily("realizar_requests_successful", "Successful generation requests",
+                                value=m.requests_successful)
+        yield GaugeMetricFamily("realizar_requests_failed", "Failed generation requests",
+                                value=m.requests_failed)
+        yield GaugeMetricFamily("realizar_tokens_generated", "Total tokens generated",
+                                value=m.tokens_generated)
+        yield GaugeMetricFamily("realizar_inference_time_seconds",
+                                "Total time spent serving successful generation requests",
+                                value=m.inference_seconds)
+        yield GaugeMetricFamily("realizar_requests_per_second", "Generation requests per second of uptime",
+                                value=m.requests_total / uptime if uptime > 0 else 0.0)
+        yield GaugeMetricFamily("realizar_tokens_per_second", "Generated tokens per second of uptime",
+                                value=m.tokens_generated / uptime if uptime > 0 else 0.0)
+        avg_ms = m.inference_seconds * 1000.0 / m.requests_successful if m.requests_successful else 0.0
+        yield GaugeMetricFamily("realizar_avg_latency_ms",
+                                "Average latency of successful generation requests in milliseconds",
+                                value=avg_ms)
+        yield GaugeMetricFamily("realizar_error_rate", "Failed over total generation requests (0.0-1.0)",
+                                value=m.requests_failed / m.requests_total if m.requests_total else 0.0)
+        yield GaugeMetricFamily("realizar_uptime_seconds", "Seconds since the server started", value=uptime)
+
+    def _engine_series(self) -> Iterator[Metric]:
+        s = self.m.engine_stats()
+        yield GaugeMetricFamily("realizar_num_requests_running", "Requests in the running batch",
+                                value=s.num_running if s else 0)
+        yield GaugeMetricFamily("realizar_num_requests_waiting", "Requests waiting to be scheduled",
+                                value=s.num_waiting if s else 0)
+        yield GaugeMetricFamily("realizar_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1)",
+                                value=s.kv_cache_usage if s else 0.0)
+        yield CounterMetricFamily("realizar_prompt_tokens", "Prompt tokens processed",
+                                  value=s.prompt_tokens_total if s else 0)
+        yield CounterMetricFamily("realizar_generation_tokens", "Tokens generated by the engine",
+                                  value=s.generation_tokens_total if s else 0)
+        yield CounterMetricFamily("realizar_num_preemptions", "Sequences preempted for lack of KV blocks",
+                                  value=s.num_preemptions_total if s else 0)

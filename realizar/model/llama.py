@@ -1,0 +1,200 @@
+"""The Llama-family forward pass (llama, SmolLM2, mistral, qwen2) over packed tokens.
+
+One call runs every sequence of an engine step: decode tokens and prefill chunks are
+packed into one ``[T, D]`` activation, so the linear layers see the whole batch.
+Attention is split by kind: all decode queries in one padded SDPA call, then one
+causal SDPA call per prefill chunk. Keys and values live in a paged cache
+(``realizar.kv_cache.KVCache``) and are gathered through block tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from realizar.config import ModelConfig, RopeScaling
+from realizar.kv_cache import KVCache
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's slice of new prompt tokens in the packed batch."""
+
+    token_start: int  # offset in the packed tokens
+    num_tokens: int
+    context_slots: torch.Tensor  # [context_len] cache slots of every token up to this chunk's end
+    start_position: int  # position of the chunk's first token (tokens already in the cache)
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each packed token's K/V goes, and what each query attends to.
+
+    Packed token order: the ``num_decodes`` decode tokens first, then prefill chunks.
+    """
+
+    slot_mapping: torch.Tensor  # [T] cache slot written by each token
+    num_decodes: int
+    decode_block_tables: torch.Tensor  # [B_dec, max_blocks] block ids (padded with 0)
+    decode_mask: torch.Tensor  # [B_dec, 1, 1, max_blocks * block_size] True where attended
+    prefills: list[PrefillChunk]
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], with linear or llama3 scaling applied."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling.kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.kind == "llama3":
+        # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between smoothed
+        old_ctx = scaling.original_max_position_embeddings
+        low_wavelen = old_ctx / scaling.low_freq_factor
+        high_wavelen = old_ctx / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        between = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        inv_freq = torch.where(between, blended, scaled)
+    return inv_freq.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, as the reference implementation does."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [D]
+    qkv: torch.Tensor  # [(H + 2 * KV) * hd, D]  q, k and v projections fused
+    qkv_bias: torch.Tensor | None  # [(H + 2 * KV) * hd] (qwen2)
+    o: torch.Tensor  # [D, H * hd]
+    mlp_norm: torch.Tensor  # [D]
+    gate_up: torch.Tensor  # [2 * I, D]  gate and up projections fused
+    down: torch.Tensor  # [D, I]
+
+
+class LlamaModel:
+    """Weights plus the forward pass; holds no per-request state."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor],
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+
+        def take(name: str) -> torch.Tensor:
+            return tensors[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")  # [V, D]
+        self.lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
+        self.final_norm = take("model.norm.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            qkv = torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+            bias = None
+            if config.attention_bias:
+                bias = torch.cat([tensors[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+                bias = bias.to(device=device, dtype=dtype)
+            gate_up = torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]])
+            self.layers.append(LayerWeights(
+                attn_norm=take(p + "input_layernorm.weight"),
+                qkv=qkv.to(device=device, dtype=dtype).contiguous(),
+                qkv_bias=bias,
+                o=take(p + "self_attn.o_proj.weight"),
+                mlp_norm=take(p + "post_attention_layernorm.weight"),
+                gate_up=gate_up.to(device=device, dtype=dtype).contiguous(),
+                down=take(p + "mlp.down_proj.weight"),
+            ))
+        inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        angles = torch.outer(positions, inv_freq)  # [P, hd/2]
+        angles = torch.cat((angles, angles), dim=-1)  # [P, hd]
+        self.cos = angles.cos().to(device=device, dtype=dtype)
+        self.sin = angles.sin().to(device=device, dtype=dtype)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
+        """Logits [len(logits_indices), V] in float32 for the selected packed tokens."""
+        x = F.embedding(input_ids, self.embed)  # [T, D]
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
+        sin = self.sin[positions].unsqueeze(1)
+        for index, layer in enumerate(self.layers):
+            x = x + self.attention(layer, index, rms_norm(x, layer.attn_norm, self.config.rms_norm_eps),
+                                   cos, sin, meta, cache)
+            x = x + self.mlp(layer, rms_norm(x, layer.mlp_norm, self.config.rms_norm_eps))
+        h = rms_norm(x[logits_indices], self.final_norm, self.config.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+    def mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)  # [T, I] each
+        return F.linear(F.silu(gate) * up, layer.down)
+
+    def attention(self, layer: LayerWeights, index: int, x: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        c = self.config
+        t = x.shape[0]
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, (H + 2KV) * hd]
+        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
+                             c.num_kv_heads * c.head_dim], dim=-1)
+        q = q.view(t, c.num_heads, c.head_dim)  # [T, H, hd]
+        k = k.view(t, c.num_kv_heads, c.head_dim)  # [T, KV, hd]
+        v = v.view(t, c.num_kv_heads, c.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache.write(index, meta.slot_mapping, k, v)
+
+        out = torch.empty_like(q)  # [T, H, hd]
+        if meta.num_decodes:
+            out[: meta.num_decodes] = self.decode_attention(q[: meta.num_decodes], index, meta, cache)
+        for chunk in meta.prefills:
+            span = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+            out[span] = self.prefill_attention(q[span], index, chunk, cache)
+        return F.linear(out.view(t, c.num_heads * c.head_dim), layer.o)
+
+    def decode_attention(self, q: torch.Tensor, index: int, meta: AttentionMetadata,
+                         cache: KVCache) -> torch.Tensor:
+        """One query per sequence against its gathered blocks; the query heads that share a
+        KV head are laid along SDPA's query-length axis, so no K/V repeat is needed."""
+        c = self.config
+        b = q.shape[0]
+        group = c.num_heads // c.num_kv_heads
+        keys, values = cache.gather_blocks(index, meta.decode_block_tables)  # [B, KV, L, hd] each
+        q = q.view(b, c.num_kv_heads, group, c.head_dim)  # [B, KV, G, hd]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask, scale=self.scale)
+        return out.reshape(b, c.num_heads, c.head_dim)  # [B, H, hd]
+
+    def prefill_attention(self, q: torch.Tensor, index: int, chunk: PrefillChunk,
+                          cache: KVCache) -> torch.Tensor:
+        """Causal attention of a prompt chunk over everything cached before it and itself."""
+        c = self.config
+        n = q.shape[0]
+        group = c.num_heads // c.num_kv_heads
+        keys, values = cache.gather_slots(index, chunk.context_slots)  # [KV, L, hd] each
+        length = keys.shape[1]
+        keys = keys.repeat_interleave(group, dim=0)  # [H, L, hd]
+        values = values.repeat_interleave(group, dim=0)
+        q = q.transpose(0, 1)  # [H, n, hd]
+        if chunk.start_position == 0:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale)
+        else:
+            q_pos = torch.arange(chunk.start_position, chunk.start_position + n, device=q.device)
+            k_pos = torch.arange(length, device=q.device)
+            mask = k_pos[None, :] <= q_pos[:, None]  # [n, L]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        return out.transpose(0, 1)  # [n, H, hd]

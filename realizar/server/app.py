@@ -1,0 +1,244 @@
+"""The ASGI application: routes, the serving middleware, and the shutdown hooks.
+
+``build_app(engine, config)`` gives a Starlette app serving the native and the OpenAI API.
+Pass ``engine=None`` to start serving before the model is loaded (``/health`` answers 503
+``{"status": "loading"}``) and call ``attach_engine(app, engine)`` once it is.
+
+Shutdown, as ``realizar.server.runner.serve`` drives it on SIGTERM/SIGINT::
+
+    begin_shutdown(app)                  # new requests get 503; /health says "draining"
+    await drain(app, timeout)            # in-flight requests finish (engine + HTTP responses)
+    ...then stop uvicorn, then ``await engine.stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from realizar.config import ServerConfig
+from realizar.metrics import CONTENT_TYPE
+from realizar.server.errors import APIError, error_body, error_response
+from realizar.server.http import SCOPE_KEY, RequestContext
+from realizar.server.native import NativeAPI
+from realizar.server.openai import OpenAIAPI
+from realizar.server.state import Phase, ServerState
+
+if TYPE_CHECKING:
+    from realizar.engine.engine import AsyncEngine
+
+log = logging.getLogger("realizar.server")
+access_log = logging.getLogger("realizar.access")
+
+TEST_HOOKS_ENV = "REALIZAR_TEST_HOOKS"
+OPEN_ROUTES = frozenset({"/health"})  # no API key needed
+ALWAYS_SERVED = frozenset({"/health", "/metrics"})  # answered while loading and draining too
+GENERATION_ROUTES = frozenset({"/generate", "/batch/generate", "/stream/generate",
+                               "/v1/completions", "/v1/chat/completions"})
+OBSERVATIONS_PERIOD_S = 1.0  # how often engine timings move into the histograms
+
+
+def build_app(engine: AsyncEngine | None, config: ServerConfig) -> Starlette:
+    """The realizar ASGI app. ``engine`` must be started already, or None while it loads."""
+    state = ServerState(config, engine, test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1")
+    native, openai = NativeAPI(state), OpenAIAPI(state)
+
+    async def health(request: Request) -> Response:
+        return state.health()
+
+    async def metrics(request: Request) -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        *native.routes(),
+        *openai.routes(),
+    ]
+    known = frozenset(r.path for r in routes)
+    middleware = [Middleware(ServingMiddleware, state=state, known_routes=known)]
+    if config.cors_origins:
+        # Outside the serving middleware, so preflight requests need no API key.
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                                        allow_methods=["GET", "POST", "OPTIONS"],
+                                        allow_headers=["Authorization", "Content-Type"]))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(_absorb_observations(state))
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={APIError: _api_error, HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.realizar = state
+    return app
+
+
+def server_state(app: Starlette) -> ServerState:
+    state: ServerState = app.state.realizar
+    return state
+
+
+def attach_engine(app: Starlette, engine: AsyncEngine) -> None:
+    """The model is loaded and ``engine`` started: start serving it."""
+    server_state(app).attach(engine)
+
+
+def fail_loading(app: Starlette, reason: str) -> None:
+    server_state(app).fail(reason)
+
+
+def begin_shutdown(app: Starlette) -> None:
+    """Stop admitting: new requests get 503 at once, in-flight ones carry on."""
+    server_state(app).begin_shutdown()
+
+
+async def drain(app: Starlette, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for in-flight requests (engine work, then HTTP responses).
+
+    Returns False when something was still running at the deadline.
+    """
+    state = server_state(app)
+    drained = True
+    if state.engine is not None:
+        drained = bool(await state.engine.drain(timeout))
+    if not drained:
+        state.abort_all(APIError(503, "The server shut down before the request finished", code="unavailable"))
+    # Let the last bytes of each response go out (the aborted ones end within a step).
+    deadline = time.monotonic() + 2.0
+    while state.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return drained and not state.inflight
+
+
+async def _absorb_observations(state: ServerState) -> None:
+    # Keeps the engine's timing lists short even when nothing scrapes /metrics.
+    while True:
+        await asyncio.sleep(OBSERVATIONS_PERIOD_S)
+        state.metrics.absorb()
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    if exc.status >= 500:
+        request.scope[SCOPE_KEY].failed = True
+    return error_response(request.url.path, exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    message = {404: f"Not found: {path}", 405: f"Method {request.method} not allowed on {path}"}.get(
+        exc.status_code, exc.detail)
+    headers = dict(exc.headers or {})
+    return error_response(path, APIError(exc.status_code, message, headers=headers))
+
+
+class ServingMiddleware:
+    """Request ids, API key, admission while loading/draining, fault barrier, access log, metrics.
+
+    One plain ASGI class, so the hot routes pay for one wrapper, not a stack of them.
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState, known_routes: frozenset[str]) -> None:
+        self.app = app
+        self.state = state
+        self.known_routes = known_routes
+        key = state.config.api_key
+        self.expected_auth = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        started = time.monotonic()
+        path: str = scope["path"]
+        route = path if path in self.known_routes else "unmatched"
+        ctx = RequestContext(state.next_request_id(), started)
+        scope[SCOPE_KEY] = ctx
+        status = 0
+        completed = False
+        rid_header = (b"x-request-id", ctx.request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, completed
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), rid_header]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
+            await send(message)
+
+        state.inflight += 1
+        try:
+            refusal = self._refusal(scope, path, ctx)
+            if refusal is not None:
+                await refusal(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            status = status or 499
+        except Exception:
+            log.exception("request %s (%s %s) failed", ctx.request_id, scope["method"], path)
+            ctx.failed = True
+            if status == 0:
+                body = error_body(path, 500, f"Internal server error (request id {ctx.request_id})",
+                                  code="internal_error")
+                await Response(body, status_code=500, media_type="application/json")(scope, receive, send_with_id)
+            elif not completed:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            state.inflight -= 1
+            elapsed = time.monotonic() - started
+            method: str = scope["method"]
+            state.metrics.observe_http(route, method, status, elapsed)
+            if route in GENERATION_ROUTES:
+                state.metrics.record_request(status < 400 and not ctx.failed, ctx.tokens, elapsed)
+            if state.config.access_log:
+                access_log.info(
+                    "rid=%s method=%s route=%s status=%d latency_ms=%.2f tokens=%d",
+                    ctx.request_id, method, route, status, elapsed * 1000.0, ctx.tokens,
+                    extra={"request_id": ctx.request_id, "method": method, "route": route, "status": status,
+                           "latency_ms": round(elapsed * 1000.0, 3), "tokens": ctx.tokens},
+                )
+
+    def _refusal(self, scope: Scope, path: str, ctx: RequestContext) -> ASGIApp | None:
+        """A response that refuses the request before routing, or None to route it."""
+        state = self.state
+        if self.expected_auth is not None and path not in OPEN_ROUTES:
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected_auth):
+                return error_response(path, APIError(401, "Missing or invalid API key", code="invalid_api_key",
+                                                     headers={"WWW-Authenticate": "Bearer"}))
+        if state.phase is not Phase.READY and path not in ALWAYS_SERVED:
+            headers = {"Retry-After": "1"}
+            if state.phase is Phase.DRAINING:
+                headers["Connection"] = "close"
+            return error_response(path, APIError(503, state.unavailable_reason(), code="unavailable",
+                                                 headers=headers))
+        if state.test_hooks:
+            ctx.fail_for_test = any(k == b"x-realizar-fail" and v == b"1" for k, v in scope["headers"])
+        return None

@@ -1,0 +1,361 @@
+"""One HTTP request's generations on the engine, and the text they turn into.
+
+:class:`Generation` owns the engine requests of one HTTP request. It submits them (mapping
+admission errors to HTTP statuses), aborts them when the request times out or the client
+goes away, and releases them when the route is done. :class:`ChoiceText` turns a token
+stream into text: incremental detokenization, server-side stop strings, held-back text for
+streaming, and OpenAI-style logprobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from realizar.engine.errors import EngineDead, EngineOverloaded
+from realizar.request import FinishReason, Request, SamplingParams, TokenOutput
+from realizar.server.errors import APIError
+from realizar.server.http import RequestContext
+
+if TYPE_CHECKING:
+    from realizar.engine.engine import AsyncEngine
+    from realizar.server.state import ServerState
+    from realizar.tokenizer import Tokenizer
+
+log = logging.getLogger("realizar.server")
+
+OFFLOAD_CHARS = 32_768  # texts longer than this are tokenized off the event loop
+
+
+async def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    if len(text) > OFFLOAD_CHARS:
+        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
+    return tokenizer.encode(text, add_special_tokens)
+
+
+async def encode_many(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    if sum(map(len, texts)) > OFFLOAD_CHARS:
+        return await asyncio.to_thread(tokenizer.encode_batch, list(texts))
+    return [tokenizer.encode(t) for t in texts]
+
+
+def check_prompt(ids: list[int], param: str = "prompt") -> list[int]:
+    if not ids:
+        raise APIError(400, "Prompt cannot be empty", param=param)
+    return ids
+
+
+def check_model(engine: AsyncEngine, model: str | None) -> None:
+    if model is not None and model != engine.model_id:
+        raise APIError(404, f"Model '{model}' not found", param="model", code="model_not_found")
+
+
+def fit_params(params: SamplingParams, engine: AsyncEngine) -> SamplingParams:
+    """A top_k at or over the vocabulary filters nothing: say so the engine's way (0)."""
+    if params.top_k >= engine.model_config.vocab_size:
+        return dataclasses.replace(params, top_k=0)
+    return params
+
+
+class Stream:
+    """The outputs of one engine request, with the bookkeeping its :class:`Generation` needs."""
+
+    def __init__(self, generation: Generation, request_id: str, source: AsyncIterator[TokenOutput]) -> None:
+        self.generation = generation
+        self.request_id = request_id
+        self.source = source
+        self.finished = False
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> TokenOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.source.__anext__()
+        gen = self.generation
+        if out.token_id is not None:
+            gen.ctx.tokens += 1
+        if out.finish_reason is not None:
+            self.finished = True
+            gen.live.discard(self.request_id)
+            if out.finish_reason is FinishReason.TIMEOUT and gen.cancelled is None:
+                gen.cancelled = gen.timeout_error()
+            elif out.finish_reason is FinishReason.ERROR:
+                gen.errors.append(out.error or "unknown engine error")
+                log.error("request %s failed in the engine: %s", self.request_id, out.error)
+        return out
+
+    async def close(self) -> None:
+        """Release the engine request (the engine aborts it if it has not finished)."""
+        aclose = getattr(self.source, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class Generation:
+    """The engine requests of one HTTP request, under one deadline and one connection.
+
+    ``cancel(error)`` aborts every unfinished engine request and records why; the first
+    reason wins (a timeout, the client going away, the server shutting down).
+    """
+
+    def __init__(self, state: ServerState, engine: AsyncEngine, ctx: RequestContext) -> None:
+        self.state = state
+        self.engine = engine
+        self.ctx = ctx
+        self.timeout = state.config.request_timeout
+        self.deadline = ctx.started + self.timeout
+        self.streams: list[Stream] = []
+        self.live: set[str] = set()
+        self.errors: list[str] = []
+        self.cancelled: APIError | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
+        request_id = f"{self.ctx.request_id}.{len(self.streams)}"
+        request = Request(prompt_ids, params, request_id=request_id, arrival_time=self.ctx.started,
+                          deadline=self.deadline, fail_for_test=self.ctx.fail_for_test)
+        try:
+            source = self.engine.submit(request)
+        except EngineOverloaded as exc:
+            retry = str(max(1, math.ceil(exc.retry_after)))
+            raise APIError(503, f"Server overloaded; retry in {retry} s", code="overloaded",
+                           headers={"Retry-After": retry}) from None
+        except EngineDead:
+            message = ("The server is shutting down" if self.engine.healthy
+                       else "The engine stopped after a fatal error")
+            raise APIError(503, message, code="unavailable", headers={"Retry-After": "1"}) from None
+        except ValueError as exc:  # RequestTooLong: prompt plus max_tokens over the context
+            raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
+        stream = Stream(self, request_id, source)
+        self.streams.append(stream)
+        self.live.add(request_id)
+        if self._timer is None:
+            self.state.generations.add(self)
+            delay = max(0.0, self.deadline - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self.cancel, self.timeout_error())
+        return stream
+
+    def timeout_error(self) -> APIError:
+        return APIError(504, f"Request timed out after {self.timeout:g} s", code="timeout")
+
+    def abort(self, request_id: str) -> None:
+        """Abort one engine request (a stop string ended it); the others carry on."""
+        if request_id in self.live:
+            self.engine.abort(request_id)
+
+    def cancel(self, error: APIError) -> None:
+        if self.cancelled is None:
+            self.cancelled = error
+        for request_id in list(self.live):
+            self.engine.abort(request_id)
+
+    def watch(self, receive: Receive) -> None:
+        """Abort everything when the client disconnects (the body must already be read)."""
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.cancel(APIError(499, "Client closed the request"))
+                return
+
+    async def close(self) -> None:
+        """Stop the timer and the watcher; abort and release whatever has not finished."""
+        self.state.generations.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
+        for stream in self.streams:
+            await stream.close()
+        self.live.clear()
+
+    def problem(self) -> APIError | None:
+        """Why the generation did not complete normally, as the error the client should get."""
+        if self.cancelled is not None:
+            return self.cancelled
+        if self.errors:
+            return APIError(500, f"Internal error while generating (request id {self.ctx.request_id})",
+                            code="internal_error")
+        return None
+
+    def raise_for_problem(self) -> None:
+        error = self.problem()
+        if error is not None:
+            self.ctx.failed = True
+            raise error
+
+
+async def merge(streams: Sequence[Stream]) -> AsyncGenerator[tuple[int, TokenOutput], None]:
+    """Interleave several streams' outputs as they come, tagged with each stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, TokenOutput | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: Stream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((index, out))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class EventStream(Response):
+    """A Server-Sent Events response that owns its :class:`Generation`.
+
+    Each chunk is sent as soon as the body iterator yields it. A client disconnect aborts the
+    engine requests at once, even while they still wait in the queue.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[bytes, None], generation: Generation) -> None:
+        self.events = events
+        self.generation = generation
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            self.generation.watch(receive)
+            async for chunk in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await self.events.aclose()
+            await self.generation.close()
+
+
+class ChoiceText:
+    """The text of one generated sequence: detokenized, cut at stop strings, held back for streaming.
+
+    With stop strings, the last ``len(longest stop) - 1`` characters are held back from a
+    stream until they can no longer begin a stop string, so a stop string never reaches the
+    client. ``prefix`` (the echoed prompt) is part of the text but never searched.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stops: Sequence[str],
+                 prefix: str = "") -> None:
+        self.detok = tokenizer.detokenizer(prompt_ids)
+        self.stops = tuple(stops)
+        self.hold = max(map(len, self.stops), default=1) - 1
+        self.text = prefix
+        self.search_from = len(prefix)
+        self.sent = 0
+        self.stopped = False  # a stop string ended the text
+
+    def add(self, token_id: int, last: bool) -> int:
+        """Append one token's text; returns the text offset where that token begins."""
+        offset = len(self.text)
+        delta = self.detok.step(token_id)
+        if last:
+            delta += self.detok.flush()
+        if delta:
+            start = max(self.search_from, offset - self.hold)
+            self.text += delta
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+        return offset
+
+    def take(self, final: bool) -> str:
+        """The text not yet streamed that is safe to send now."""
+        end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self.hold)
+        out = self.text[self.sent:end]
+        self.sent = end
+        return out
+
+
+class TokenText:
+    """Token ids to the strings logprobs show; cached, since the same ids recur."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+class CompletionLogprobs:
+    """``choices[i].logprobs`` of a text completion (the legacy OpenAI format)."""
+
+    def __init__(self, token_text: TokenText) -> None:
+        self.token_text = token_text
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+
+    def add_prompt(self, prompt_ids: Sequence[int]) -> None:
+        """Echoed prompt tokens: their text and offsets (the engine gives no prompt logprobs)."""
+        offset = 0
+        for token_id in prompt_ids:
+            text = self.token_text(token_id)
+            self.add(text, None, None, offset)
+            offset += len(text)
+
+    def add_output(self, out: TokenOutput, offset: int) -> None:
+        assert out.token_id is not None
+        top = {self.token_text(t): lp for t, lp in out.top_logprobs}
+        self.add(self.token_text(out.token_id), out.logprob, top, offset)
+
+    def add(self, token: str, logprob: float | None, top: dict[str, float] | None, offset: int) -> None:
+        self.tokens.append(token)
+        self.token_logprobs.append(logprob)
+        self.top_logprobs.append(top)
+        self.text_offset.append(offset)
+
+    def since(self, start: int) -> dict[str, Any]:
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
+
+
+def chat_logprob(token_text: TokenText, out: TokenOutput) -> dict[str, Any]:
+    """One entry of ``choices[i].logprobs.content`` (the chat format)."""
+    assert out.token_id is not None
+    token = token_text(out.token_id)
+    return {
+        "token": token, "logprob": out.logprob, "bytes": list(token.encode()),
+        "top_logprobs": [{"token": (t := token_text(i)), "logprob": lp, "bytes": list(t.encode())}
+                         for i, lp in out.top_logprobs],
+    }

@@ -1,0 +1,64 @@
+"""Small HTTP helpers shared by the routes: per-request context, JSON in and out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from realizar.server.errors import APIError
+
+SCOPE_KEY = "realizar"
+
+
+@dataclass
+class RequestContext:
+    """What the middleware and a route share about one HTTP request."""
+
+    request_id: str
+    started: float  # time.monotonic() at arrival
+    fail_for_test: bool = False  # X-Realizar-Fail: 1, honoured only with REALIZAR_TEST_HOOKS=1
+    tokens: int = 0  # generated tokens, for the access log and the original metrics
+    failed: bool = False  # a generation failed after its response had started (a stream)
+
+
+def context(request: Request) -> RequestContext:
+    ctx = request.scope.get(SCOPE_KEY)
+    if ctx is None:  # outside the serving middleware (an app built without it)
+        ctx = request.scope[SCOPE_KEY] = RequestContext("unset", time.monotonic())
+    return ctx  # type: ignore[no-any-return]
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The parsed JSON body; 413 past ``limit`` bytes (declared or streamed), 400 if not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    if not data.strip():
+        raise APIError(400, "Request body is empty; expected a JSON object")
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise APIError(400, f"Request body is not valid JSON: {exc}") from None
+
+
+def _too_large(limit: int) -> APIError:
+    # The rest of the body may still be on the wire: close the connection rather than read it.
+    return APIError(413, f"Request body is larger than the limit of {limit} bytes",
+                    headers={"Connection": "close"})

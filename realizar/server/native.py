@@ -1,0 +1,149 @@
+"""The native realizar API: /models, /tokenize, /generate, /batch/*, /stream/generate.
+
+Field names, defaults and response shapes follow the original realizar v0.2 server
+(``API.md``): ``token_ids`` holds the prompt ids followed by the generated ids, ``text``
+is the decoded text of all of them, ``num_generated`` counts the generated ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from realizar.server import protocol
+from realizar.server.generation import (
+    EventStream,
+    Generation,
+    Stream,
+    check_model,
+    check_prompt,
+    encode,
+    encode_many,
+    fit_params,
+)
+from realizar.server.http import context, json_response, read_json
+from realizar.server.state import ServerState
+
+if TYPE_CHECKING:
+    from realizar.tokenizer import Tokenizer
+
+
+class NativeAPI:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.config = state.config
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/models", self.models, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/generate", self.generate, methods=["POST"]),
+            Route("/batch/tokenize", self.batch_tokenize, methods=["POST"]),
+            Route("/batch/generate", self.batch_generate, methods=["POST"]),
+            Route("/stream/generate", self.stream_generate, methods=["POST"]),
+        ]
+
+    async def models(self, request: Request) -> Response:
+        engine = self.state.require_engine()
+        mc = engine.model_config
+        return json_response({"models": [{
+            "id": engine.model_id,
+            "name": mc.name,
+            "description": (f"{mc.architecture} model, {mc.num_layers} layers, hidden size {mc.hidden_size}, "
+                            f"context {engine.max_model_len} tokens, on {engine.compute_mode}"),
+            "format": engine.model_format,
+            "loaded": True,
+        }]})
+
+    async def tokenize(self, request: Request) -> Response:
+        engine = self.state.require_engine()
+        req = protocol.parse_tokenize(await read_json(request, self.config.max_body_bytes))
+        check_model(engine, req.model_id)
+        ids = await encode(engine.tokenizer, req.text)
+        return json_response({"token_ids": ids, "num_tokens": len(ids)})
+
+    async def batch_tokenize(self, request: Request) -> Response:
+        engine = self.state.require_engine()
+        req = protocol.parse_batch_tokenize(await read_json(request, self.config.max_body_bytes), self.config)
+        check_model(engine, req.model_id)
+        batch = await encode_many(engine.tokenizer, req.texts)
+        return json_response({"results": [{"token_ids": ids, "num_tokens": len(ids)} for ids in batch]})
+
+    async def generate(self, request: Request) -> Response:
+        engine = self.state.require_engine()
+        req = protocol.parse_generate(await read_json(request, self.config.max_body_bytes), self.config)
+        check_model(engine, req.model_id)
+        prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt))
+        gen = Generation(self.state, engine, context(request))
+        try:
+            stream = gen.submit(prompt_ids, fit_params(req.params, engine))
+            gen.watch(request.receive)
+            generated = await _collect(stream)
+        finally:
+            await gen.close()
+        gen.raise_for_problem()
+        return json_response(_result(engine.tokenizer, prompt_ids, generated))
+
+    async def batch_generate(self, request: Request) -> Response:
+        engine = self.state.require_engine()
+        req = protocol.parse_batch_generate(await read_json(request, self.config.max_body_bytes), self.config)
+        check_model(engine, req.model_id)
+        batch = await encode_many(engine.tokenizer, req.prompts)
+        for i, ids in enumerate(batch):
+            check_prompt(ids, f"prompts[{i}]")
+        params = fit_params(req.params, engine)
+        gen = Generation(self.state, engine, context(request))
+        try:
+            streams = [gen.submit(ids, params) for ids in batch]  # all admitted, or none
+            gen.watch(request.receive)
+            outputs = await asyncio.gather(*map(_collect, streams))
+        finally:
+            await gen.close()
+        gen.raise_for_problem()
+        return json_response({"results": [_result(engine.tokenizer, p, g) for p, g in zip(batch, outputs, strict=True)]})
+
+    async def stream_generate(self, request: Request) -> Response:
+        engine = self.state.require_engine()
+        req = protocol.parse_generate(await read_json(request, self.config.max_body_bytes), self.config)
+        check_model(engine, req.model_id)
+        prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt))
+        gen = Generation(self.state, engine, context(request))
+        try:
+            stream = gen.submit(prompt_ids, fit_params(req.params, engine))
+        except BaseException:
+            await gen.close()
+            raise
+        return EventStream(self._events(gen, stream, prompt_ids), gen)
+
+    async def _events(self, gen: Generation, stream: Stream, prompt_ids: list[int]) -> AsyncGenerator[bytes, None]:
+        detok = gen.engine.tokenizer.detokenizer(prompt_ids)
+        num_generated = 0
+        async for out in stream:
+            if out.token_id is None:
+                continue
+            num_generated += 1
+            text = detok.step(out.token_id) + (detok.flush() if out.finished else "")
+            yield b"event: token\ndata: " + orjson.dumps({"token_id": out.token_id, "text": text}) + b"\n\n"
+        problem = gen.problem()
+        if problem is not None:
+            gen.ctx.failed = True
+            yield b"event: error\ndata: " + orjson.dumps({"error": problem.message}) + b"\n\n"
+            return
+        yield b"event: done\ndata: " + orjson.dumps({"num_generated": num_generated}) + b"\n\n"
+
+
+
+def _result(tokenizer: Tokenizer, prompt_ids: list[int], generated: list[int]) -> dict[str, object]:
+    ids = prompt_ids + generated
+    return {"token_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True),
+            "num_generated": len(generated)}
+
+
+async def _collect(stream: Stream) -> list[int]:
+    return [out.token_id async for out in stream if out.token_id is not None]

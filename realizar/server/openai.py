@@ -1,0 +1,312 @@
+"""The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions.
+
+Each prompt times ``n`` is one engine request (a "choice"); choices run concurrently and a
+stream interleaves their chunks as tokens come. Stop strings are matched here, on the
+detokenized text: the text is cut at the stop string and the engine request is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from realizar.request import FinishReason, SamplingParams, TokenOutput
+from realizar.server import protocol
+from realizar.server.errors import APIError, error_body
+from realizar.server.generation import (
+    ChoiceText,
+    CompletionLogprobs,
+    EventStream,
+    Generation,
+    Stream,
+    TokenText,
+    chat_logprob,
+    check_model,
+    check_prompt,
+    encode,
+    fit_params,
+    merge,
+)
+from realizar.server.http import context, json_response, read_json
+from realizar.server.state import ServerState
+
+if TYPE_CHECKING:
+    from realizar.engine.engine import AsyncEngine
+
+DONE = b"data: [DONE]\n\n"
+
+
+class Choice:
+    """One generated sequence of a response, fed TokenOutputs in order."""
+
+    def __init__(self, index: int, gen: Generation, stream: Stream, text: ChoiceText,
+                 token_text: TokenText, completion_logprobs: CompletionLogprobs | None,
+                 chat_logprobs: list[dict[str, Any]] | None) -> None:
+        self.index = index
+        self.gen = gen
+        self.stream = stream
+        self.text = text
+        self.token_text = token_text
+        self.completion_logprobs = completion_logprobs
+        self.chat_logprobs = chat_logprobs
+        self.logprobs_sent = 0
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
+        self.done = False
+
+    def feed(self, out: TokenOutput) -> None:
+        if self.done:
+            return  # the rest of a sequence already cut at a stop string
+        if out.token_id is not None:
+            self.num_tokens += 1
+            offset = self.text.add(out.token_id, out.finished)
+            if self.completion_logprobs is not None:
+                self.completion_logprobs.add_output(out, offset)
+            if self.chat_logprobs is not None:
+                self.chat_logprobs.append(chat_logprob(self.token_text, out))
+            if self.text.stopped:
+                self.done = True
+                self.finish_reason = "stop"
+                self.gen.abort(self.stream.request_id)
+                return
+        if out.finished:
+            self.done = True
+            self.finish_reason = _finish_reason(out)
+
+    async def run(self) -> None:
+        async for out in self.stream:
+            self.feed(out)
+
+    def new_logprobs(self) -> Any:
+        """The logprobs not yet streamed, in this choice's format (None when not asked for)."""
+        if self.completion_logprobs is not None:
+            start, self.logprobs_sent = self.logprobs_sent, len(self.completion_logprobs.tokens)
+            return self.completion_logprobs.since(start)
+        if self.chat_logprobs is not None:
+            start, self.logprobs_sent = self.logprobs_sent, len(self.chat_logprobs)
+            return {"content": self.chat_logprobs[start:]}
+        return None
+
+
+def _finish_reason(out: TokenOutput) -> str:
+    """OpenAI's finish_reason: "length" at max_tokens or the context limit, else "stop"."""
+    return "length" if out.finish_reason is FinishReason.LENGTH else "stop"
+
+
+class OpenAIAPI:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.config = state.config
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+        ]
+
+    async def models(self, request: Request) -> Response:
+        engine = self.state.require_engine()
+        return json_response({"object": "list", "data": [{
+            "id": engine.model_id, "object": "model", "created": int(self.state.started_at),
+            "owned_by": "realizar", "root": engine.model_id, "parent": None,
+            "max_model_len": engine.max_model_len,
+        }]})
+
+    # -- /v1/completions -----------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        engine = self.state.require_engine()
+        req = protocol.parse_completion(await read_json(request, self.config.max_body_bytes), self.config)
+        check_model(engine, req.options.model)
+        tokenizer = engine.tokenizer
+        prompts = [await self._prompt_ids(engine, p, i) for i, p in enumerate(req.prompts)]
+        token_text = TokenText(tokenizer)
+        want_logprobs = req.params.logprobs is not None
+
+        def make_text(ids: list[int], prompt: protocol.Prompt) -> tuple[ChoiceText, CompletionLogprobs | None]:
+            prefix = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if req.echo else ""
+            logprobs = CompletionLogprobs(token_text) if want_logprobs else None
+            if logprobs is not None and req.echo:
+                logprobs.add_prompt(ids)
+            return ChoiceText(tokenizer, ids, req.options.stop, prefix), logprobs
+
+        gen = Generation(self.state, engine, context(request))
+        choices: list[Choice] = []
+        try:
+            for ids, prompt in zip(prompts, req.prompts, strict=True):
+                for j in range(req.options.n):
+                    stream = gen.submit(ids, _params_for_choice(fit_params(req.params, engine), j))
+                    text, logprobs = make_text(ids, prompt)
+                    choices.append(Choice(len(choices), gen, stream, text, token_text, logprobs, None))
+        except BaseException:
+            await gen.close()
+            raise
+        response_id = f"cmpl-{gen.ctx.request_id}"
+        created = int(time.time())
+        usage = _Usage(sum(map(len, prompts)), choices)
+        if req.options.stream:
+            events = self._completion_events(gen, choices, response_id, created, engine.model_id,
+                                             req.options.include_usage, usage)
+            return EventStream(events, gen)
+        await _run_all(gen, choices, request)
+        return json_response({
+            "id": response_id, "object": "text_completion", "created": created, "model": engine.model_id,
+            "choices": [{"index": c.index, "text": c.text.text, "logprobs": c.new_logprobs(),
+                         "finish_reason": c.finish_reason} for c in choices],
+            "usage": usage.body(),
+        })
+
+    async def _completion_events(self, gen: Generation, choices: list[Choice], response_id: str,
+                                 created: int, model: str, include_usage: bool,
+                                 usage: _Usage) -> AsyncGenerator[bytes, None]:
+        head = {"id": response_id, "object": "text_completion", "created": created, "model": model}
+        async with aclosing(merge([c.stream for c in choices])) as outputs:
+            async for index, out in outputs:
+                choice = choices[index]
+                if choice.done:
+                    continue
+                choice.feed(out)
+                text = choice.text.take(final=choice.done)
+                logprobs = choice.new_logprobs()
+                if text or choice.done or (logprobs and logprobs["tokens"]):
+                    item = {"index": index, "text": text, "logprobs": logprobs,
+                            "finish_reason": choice.finish_reason if choice.done else None}
+                    yield _sse({**head, "choices": [item], **({"usage": None} if include_usage else {})})
+        async for chunk in _stream_tail(gen, head, include_usage, usage):
+            yield chunk
+
+    # -- /v1/chat/completions ------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        engine = self.state.require_engine()
+        req = protocol.parse_chat(await read_json(request, self.config.max_body_bytes), self.config)
+        check_model(engine, req.options.model)
+        tokenizer = engine.tokenizer
+        try:
+            rendered = tokenizer.apply_chat_template(list(req.messages))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        # The template writes its own BOS.
+        prompt_ids = check_prompt(await encode(tokenizer, rendered, add_special_tokens=False), "messages")
+        params = fit_params(req.params, engine)
+        if req.auto_max_tokens:
+            room = engine.max_model_len - len(prompt_ids)
+            if room <= 0:
+                raise APIError(400, f"The conversation has {len(prompt_ids)} tokens; this model's context "
+                                    f"is {engine.max_model_len}", param="messages", code="context_length_exceeded")
+            params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room),
+                                         min_tokens=min(params.min_tokens, room))
+        token_text = TokenText(tokenizer)
+        gen = Generation(self.state, engine, context(request))
+        choices: list[Choice] = []
+        try:
+            for j in range(req.options.n):
+                stream = gen.submit(prompt_ids, _params_for_choice(params, j))
+                choices.append(Choice(j, gen, stream, ChoiceText(tokenizer, prompt_ids, req.options.stop),
+                                      token_text, None, [] if req.logprobs else None))
+        except BaseException:
+            await gen.close()
+            raise
+        response_id = f"chatcmpl-{gen.ctx.request_id}"
+        created = int(time.time())
+        usage = _Usage(len(prompt_ids), choices)
+        if req.options.stream:
+            events = self._chat_events(gen, choices, response_id, created, engine.model_id,
+                                       req.options.include_usage, usage)
+            return EventStream(events, gen)
+        await _run_all(gen, choices, request)
+        return json_response({
+            "id": response_id, "object": "chat.completion", "created": created, "model": engine.model_id,
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text.text},
+                         "logprobs": c.new_logprobs(), "finish_reason": c.finish_reason} for c in choices],
+            "usage": usage.body(),
+        })
+
+    async def _chat_events(self, gen: Generation, choices: list[Choice], response_id: str, created: int,
+                           model: str, include_usage: bool, usage: _Usage) -> AsyncGenerator[bytes, None]:
+        head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        extra = {"usage": None} if include_usage else {}
+        for choice in choices:
+            first = {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}
+            yield _sse({**head, "choices": [first], **extra})
+        async with aclosing(merge([c.stream for c in choices])) as outputs:
+            async for index, out in outputs:
+                choice = choices[index]
+                if choice.done:
+                    continue
+                choice.feed(out)
+                text = choice.text.take(final=choice.done)
+                logprobs = choice.new_logprobs()
+                if text or choice.done or (logprobs and logprobs["content"]):
+                    item = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                            "finish_reason": choice.finish_reason if choice.done else None}
+                    yield _sse({**head, "choices": [item], **extra})
+        async for chunk in _stream_tail(gen, head, include_usage, usage):
+            yield chunk
+
+    # -- shared ----------------------------------------------------------------------------------
+
+    async def _prompt_ids(self, engine: AsyncEngine, prompt: protocol.Prompt, index: int) -> list[int]:
+        param = "prompt" if index == 0 else f"prompt[{index}]"
+        if isinstance(prompt, str):
+            return check_prompt(await encode(engine.tokenizer, prompt), param)
+        vocab = engine.model_config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"Token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
+        return check_prompt(list(prompt), param)
+
+
+@dataclasses.dataclass
+class _Usage:
+    prompt_tokens: int
+    choices: Sequence[Choice]
+
+    def body(self) -> dict[str, int]:
+        completion = sum(c.num_tokens for c in self.choices)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+
+def _params_for_choice(params: SamplingParams, index: int) -> SamplingParams:
+    """With a seed and n > 1, each choice gets its own seed, so the choices differ yet repeat."""
+    if index == 0 or params.seed is None:
+        return params
+    seed = params.seed + index if params.seed + index <= protocol.SEED_MAX else params.seed - index
+    return dataclasses.replace(params, seed=seed)
+
+
+async def _run_all(gen: Generation, choices: list[Choice], request: Request) -> None:
+    try:
+        gen.watch(request.receive)
+        await asyncio.gather(*(c.run() for c in choices))
+    finally:
+        await gen.close()
+    gen.raise_for_problem()
+
+
+def _sse(body: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def _stream_tail(gen: Generation, head: dict[str, Any], include_usage: bool,
+                       usage: _Usage) -> AsyncGenerator[bytes, None]:
+    """After the last token: an error event if the generation failed, the usage chunk, [DONE]."""
+    problem = gen.problem()
+    if problem is not None:
+        gen.ctx.failed = True
+        yield b"data: " + error_body("/v1/", problem.status, problem.message, code=problem.code) + b"\n\n"
+    elif include_usage:
+        yield _sse({**head, "choices": [], "usage": usage.body()})
+    yield DONE

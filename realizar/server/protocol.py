@@ -1,0 +1,383 @@
+"""Request validation at the edge: JSON bodies in, frozen request dataclasses out.
+
+Every check raises :class:`APIError` naming the field: a missing field or a wrong type is a
+422, a value out of range is a 400 (``/v1`` routes turn both into 400, as OpenAI does).
+Nothing here touches the engine or the tokenizer, so it is unit-tested on plain dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from realizar.config import ServerConfig
+from realizar.request import SamplingParams
+from realizar.server.errors import APIError
+from realizar.tokenizer import CHAT_ROLES
+
+STRATEGIES = ("greedy", "top_k", "top_p")
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # the range torch.Generator.manual_seed takes
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+
+_MISSING = object()
+
+
+class Fields:
+    """Typed, field-naming access to one JSON object."""
+
+    def __init__(self, body: Any, where: str = "") -> None:
+        if not isinstance(body, dict):
+            raise APIError(422, f"{where or 'Request body'} must be a JSON object", param=where or None)
+        self.body: dict[str, Any] = body
+        self.where = where
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def raw(self, key: str, *, required: bool = False) -> Any:
+        value = self.body.get(key, _MISSING)
+        if value is _MISSING or value is None:
+            if required:
+                raise APIError(422, f"Missing required field '{self.name(key)}'", param=self.name(key))
+            return None
+        return value
+
+    def type_error(self, key: str, what: str) -> APIError:
+        return APIError(422, f"'{self.name(key)}' must be {what}", param=self.name(key))
+
+    def range_error(self, key: str, what: str) -> APIError:
+        return APIError(400, f"'{self.name(key)}' must be {what}", param=self.name(key))
+
+    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
+        value = self.raw(key, required=required)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.type_error(key, "a string")
+        return value
+
+    def required_string(self, key: str) -> str:
+        value = self.string(key, required=True)
+        assert value is not None  # required=True raises instead of returning None
+        return value
+
+    def integer(self, key: str, default: int, *, minimum: int | None = None,
+                maximum: int | None = None) -> int:
+        value = self.optional_integer(key, minimum=minimum, maximum=maximum)
+        return default if value is None else value
+
+    def optional_integer(self, key: str, *, minimum: int | None = None,
+                         maximum: int | None = None) -> int | None:
+        value = self.raw(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.type_error(key, "an integer")
+        if minimum is not None and value < minimum:
+            raise self.range_error(key, f">= {minimum}")
+        if maximum is not None and value > maximum:
+            raise self.range_error(key, f"<= {maximum}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float | None = None,
+               maximum: float | None = None, exclusive_minimum: bool = False) -> float:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.type_error(key, "a number")
+        if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+            raise self.range_error(key, f"{'>' if exclusive_minimum else '>='} {minimum:g}")
+        if maximum is not None and value > maximum:
+            raise self.range_error(key, f"<= {maximum:g}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.type_error(key, "a boolean")
+        return value
+
+    def string_list(self, key: str, *, max_len: int) -> tuple[str, ...]:
+        value = self.raw(key, required=True)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.type_error(key, "a list of strings")
+        check_batch_length(self.name(key), len(value), max_len)
+        return tuple(value)
+
+    def seed(self) -> int | None:
+        return self.optional_integer("seed", minimum=SEED_MIN, maximum=SEED_MAX)
+
+
+def check_batch_length(name: str, length: int, max_len: int) -> None:
+    if length == 0:
+        raise APIError(400, f"'{name}' must not be empty", param=name)
+    if length > max_len:
+        raise APIError(400, f"'{name}' has {length} entries; the limit is {max_len}", param=name)
+
+
+def check_max_tokens(f: Fields, default: int, limit: int, key: str = "max_tokens") -> int:
+    """max_tokens over the server's limit is a 400, never a silent clamp."""
+    value = f.integer(key, default, minimum=0)
+    if value > limit:
+        raise APIError(400, f"'{key}' is {value}; this server's limit is {limit}", param=key)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Native API
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    text: str
+    model_id: str | None
+
+
+@dataclass(frozen=True)
+class BatchTokenizeRequest:
+    texts: tuple[str, ...]
+    model_id: str | None
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """``/generate`` and ``/stream/generate``."""
+
+    prompt: str
+    params: SamplingParams
+    model_id: str | None
+
+
+@dataclass(frozen=True)
+class BatchGenerateRequest:
+    prompts: tuple[str, ...]
+    params: SamplingParams
+    model_id: str | None
+
+
+def parse_tokenize(body: Any) -> TokenizeRequest:
+    f = Fields(body)
+    return TokenizeRequest(text=f.required_string("text"), model_id=f.string("model_id"))
+
+
+def parse_batch_tokenize(body: Any, config: ServerConfig) -> BatchTokenizeRequest:
+    f = Fields(body)
+    return BatchTokenizeRequest(texts=f.string_list("texts", max_len=config.max_batch_size),
+                                model_id=f.string("model_id"))
+
+
+def native_sampling(f: Fields, config: ServerConfig) -> SamplingParams:
+    """Map the native ``strategy`` fields onto :class:`SamplingParams`.
+
+    greedy -> temperature 0; top_k -> temperature + top_k; top_p -> temperature + top_p.
+    Every given value is range-checked, whichever strategy uses it.
+    """
+    max_tokens = check_max_tokens(f, 50, config.max_tokens_limit)
+    strategy = f.raw("strategy")
+    if strategy is None:
+        strategy = "greedy"
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        shown = strategy if isinstance(strategy, str) else _json_repr(strategy)
+        raise APIError(400, f"Invalid strategy: {shown}", param="strategy")
+    temperature = f.number("temperature", 1.0, minimum=0.0)
+    top_k = f.integer("top_k", 50, minimum=1)
+    top_p = f.number("top_p", 0.9, minimum=0.0, exclusive_minimum=True, maximum=1.0)
+    seed = f.seed()
+    if strategy == "greedy":
+        return SamplingParams(temperature=0.0, seed=seed, max_tokens=max_tokens)
+    if temperature <= 0:
+        raise APIError(400, f"'temperature' must be > 0 for the {strategy} strategy", param="temperature")
+    if strategy == "top_k":
+        return SamplingParams(temperature=temperature, top_k=top_k, seed=seed, max_tokens=max_tokens)
+    return SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens)
+
+
+def parse_generate(body: Any, config: ServerConfig) -> GenerateRequest:
+    f = Fields(body)
+    prompt = f.required_string("prompt")
+    return GenerateRequest(prompt=prompt, params=native_sampling(f, config), model_id=f.string("model_id"))
+
+
+def parse_batch_generate(body: Any, config: ServerConfig) -> BatchGenerateRequest:
+    f = Fields(body)
+    prompts = f.string_list("prompts", max_len=config.max_batch_size)
+    return BatchGenerateRequest(prompts=prompts, params=native_sampling(f, config),
+                                model_id=f.string("model_id"))
+
+
+def _json_repr(value: Any) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI API
+# ---------------------------------------------------------------------------------------------
+
+Prompt = str | tuple[int, ...]  # text, or token ids
+
+
+@dataclass(frozen=True)
+class OpenAIOptions:
+    """What the completions and chat routes share beyond :class:`SamplingParams`."""
+
+    model: str | None
+    n: int
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompts: tuple[Prompt, ...]
+    params: SamplingParams
+    options: OpenAIOptions
+    echo: bool
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[dict[str, Any], ...]
+    params: SamplingParams
+    options: OpenAIOptions
+    auto_max_tokens: bool  # no max_tokens given: fill the context, up to the server's limit
+    logprobs: bool
+
+
+def _openai_options(f: Fields, config: ServerConfig, num_prompts: int) -> OpenAIOptions:
+    n = f.integer("n", 1, minimum=1)
+    if n * num_prompts > config.max_batch_size:
+        raise APIError(400, f"'n' times the number of prompts is {n * num_prompts}; "
+                            f"the limit is {config.max_batch_size}", param="n")
+    stream = f.boolean("stream", False)
+    include_usage = False
+    options = f.raw("stream_options")
+    if options is not None:
+        include_usage = Fields(options, "stream_options").boolean("include_usage", False)
+    return OpenAIOptions(model=f.string("model"), n=n, stop=_stop_strings(f), stream=stream,
+                         include_usage=include_usage)
+
+
+def _stop_strings(f: Fields) -> tuple[str, ...]:
+    value = f.raw("stop")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise f.type_error("stop", "a string or a list of strings")
+    if len(value) > MAX_STOP_STRINGS:
+        raise f.range_error("stop", f"at most {MAX_STOP_STRINGS} strings")
+    return tuple(s for s in value if s)  # an empty stop string would match everywhere
+
+
+def _token_id_list(f: Fields, key: str) -> tuple[int, ...]:
+    value = f.raw(key)
+    assert isinstance(value, list)
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in value):
+        raise f.type_error(key, "a list of integers")
+    return tuple(value)
+
+
+def _openai_sampling(f: Fields, config: ServerConfig, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    temperature = f.number("temperature", 1.0, minimum=0.0)
+    top_p = f.number("top_p", 1.0, minimum=0.0, exclusive_minimum=True, maximum=1.0)
+    top_k = f.integer("top_k", 0, minimum=-1)  # vLLM spells "no filter" -1, we spell it 0
+    min_tokens = f.integer("min_tokens", 0, minimum=0)
+    if min_tokens > max_tokens:
+        raise f.range_error("min_tokens", f"<= max_tokens ({max_tokens})")
+    stop_ids = f.raw("stop_token_ids")
+    stop_token_ids: tuple[int, ...] = ()
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list):
+            raise f.type_error("stop_token_ids", "a list of integers")
+        stop_token_ids = _token_id_list(f, "stop_token_ids")
+    return SamplingParams(
+        temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=f.seed(),
+        max_tokens=max_tokens, min_tokens=min_tokens, ignore_eos=f.boolean("ignore_eos", False),
+        stop_token_ids=stop_token_ids, logprobs=logprobs,
+    )
+
+
+def _prompts(f: Fields, config: ServerConfig) -> tuple[Prompt, ...]:
+    value = f.raw("prompt", required=True)
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list):
+        raise f.type_error("prompt", "a string, a list of strings, or token ids")
+    check_batch_length("prompt", len(value), config.max_batch_size)
+    if all(isinstance(p, str) for p in value):
+        return tuple(value)
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return (tuple(value),)
+    if all(isinstance(p, list) for p in value):
+        for p in value:
+            if not p or any(isinstance(t, bool) or not isinstance(t, int) for t in p):
+                raise f.type_error("prompt", "a list of non-empty token id lists")
+        return tuple(tuple(p) for p in value)
+    raise f.type_error("prompt", "a string, a list of strings, or token ids")
+
+
+def parse_completion(body: Any, config: ServerConfig) -> CompletionRequest:
+    f = Fields(body)
+    prompts = _prompts(f, config)
+    max_tokens = check_max_tokens(f, 16, config.max_tokens_limit)
+    logprobs = f.optional_integer("logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    return CompletionRequest(
+        prompts=prompts,
+        params=_openai_sampling(f, config, max_tokens, logprobs),
+        options=_openai_options(f, config, len(prompts)),
+        echo=f.boolean("echo", False),
+    )
+
+
+def _message(value: Any, index: int) -> dict[str, Any]:
+    """Check one chat message's shape; the tokenizer's chat template gets it as given."""
+    m = Fields(value, f"messages[{index}]")
+    role = m.required_string("role")
+    if role not in CHAT_ROLES:
+        raise m.range_error("role", f"one of {', '.join(CHAT_ROLES)}")
+    content = m.raw("content")
+    if isinstance(content, list):
+        for i, part in enumerate(content):
+            p = Fields(part, m.name(f"content[{i}]"))
+            if p.required_string("type") != "text":
+                raise p.range_error("type", "'text' (only text content is supported)")
+            p.required_string("text")
+    elif content is not None and not isinstance(content, str):
+        raise m.type_error("content", "a string or a list of content parts")
+    return m.body
+
+
+def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
+    f = Fields(body)
+    messages = f.raw("messages", required=True)
+    if not isinstance(messages, list):
+        raise f.type_error("messages", "a list of messages")
+    check_batch_length("messages", len(messages), 1 << 16)
+    parsed = tuple(_message(m, i) for i, m in enumerate(messages))
+    # max_completion_tokens is the newer spelling of max_tokens; it wins when both are given.
+    key = "max_completion_tokens" if f.raw("max_completion_tokens") is not None else "max_tokens"
+    auto = f.raw(key) is None
+    max_tokens = check_max_tokens(f, config.max_tokens_limit, config.max_tokens_limit, key)
+    want_logprobs = f.boolean("logprobs", False)
+    top = f.optional_integer("top_logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    if top is not None and not want_logprobs:
+        raise f.range_error("top_logprobs", "used only with 'logprobs': true")
+    return ChatRequest(
+        messages=parsed,
+        params=_openai_sampling(f, config, max_tokens, (top or 0) if want_logprobs else None),
+        options=_openai_options(f, config, 1),
+        auto_max_tokens=auto,
+        logprobs=want_logprobs,
+    )

@@ -1,0 +1,106 @@
+"""The server's lifecycle state: loading, ready, draining; the engine it serves; its metrics."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+from starlette.responses import Response
+
+from realizar import __version__
+from realizar.config import ServerConfig
+from realizar.metrics import Metrics
+from realizar.server.errors import APIError
+
+if TYPE_CHECKING:  # the engine module imports torch; the server needs only its interface
+    from realizar.engine.engine import AsyncEngine
+    from realizar.server.generation import Generation
+
+
+class Phase(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"  # the model did not load
+
+
+def _json(status: int, body: object) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+class ServerState:
+    """One server's mutable state. Only the event loop thread touches it."""
+
+    def __init__(self, config: ServerConfig, engine: AsyncEngine | None = None,
+                 *, test_hooks: bool = False) -> None:
+        self.config = config
+        self.test_hooks = test_hooks  # REALIZAR_TEST_HOOKS=1: honour X-Realizar-Fail
+        self.started_at = time.time()
+        self.metrics = Metrics()
+        self.engine: AsyncEngine | None = None
+        self.phase = Phase.LOADING
+        self.failure: str | None = None
+        self.inflight = 0  # HTTP requests being handled, for the shutdown drain
+        self.generations: set[Generation] = set()  # those with engine requests, to abort at shutdown
+        self._rid_prefix = os.urandom(3).hex()
+        self._rid_counter = itertools.count(1)
+        self._healthy_body = b""
+        if engine is not None:
+            self.attach(engine)
+
+    def next_request_id(self) -> str:
+        return f"{self._rid_prefix}-{next(self._rid_counter)}"
+
+    def attach(self, engine: AsyncEngine) -> None:
+        """The model is loaded and the engine started: begin serving."""
+        self.engine = engine
+        self.metrics.attach(engine)
+        self._healthy_body = orjson.dumps({
+            "status": "healthy", "version": __version__, "model": engine.model_id,
+            "compute_mode": engine.compute_mode,
+        })
+        if self.phase is Phase.LOADING:
+            self.phase = Phase.READY
+
+    def fail(self, reason: str) -> None:
+        self.phase = Phase.FAILED
+        self.failure = reason
+
+    def require_engine(self) -> AsyncEngine:
+        if self.engine is None or self.phase is not Phase.READY:
+            raise APIError(503, self.unavailable_reason(), headers={"Retry-After": "1"})
+        return self.engine
+
+    def unavailable_reason(self) -> str:
+        if self.phase is Phase.LOADING:
+            return "The model is still loading"
+        if self.phase is Phase.DRAINING:
+            return "The server is shutting down"
+        if self.phase is Phase.FAILED:
+            return "The model failed to load"
+        return "The engine is not available"
+
+    def health(self) -> Response:
+        engine = self.engine
+        if self.phase is Phase.READY and engine is not None:
+            if engine.healthy:
+                return Response(self._healthy_body, media_type="application/json")
+            return _json(503, {"status": "unhealthy", "model": engine.model_id,
+                               "error": "the engine stopped after a fatal error"})
+        return _json(503, {"status": self.phase.value})
+
+    def abort_all(self, error: APIError) -> None:
+        """End every generation in flight with ``error`` (the shutdown deadline passed)."""
+        for generation in list(self.generations):
+            generation.cancel(error)
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting: new requests get 503, in-flight ones carry on."""
+        if self.phase in (Phase.READY, Phase.LOADING):
+            self.phase = Phase.DRAINING
+        if self.engine is not None:
+            self.engine.begin_shutdown()
