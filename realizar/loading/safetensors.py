@@ -23,6 +23,14 @@ _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 def config_from_hf(path: Path, cfg: dict[str, Any]) -> ModelConfig:
     """The ModelConfig described by a Hugging Face ``config.json`` dict (``path`` is for messages)."""
+    try:
+        return _config_from_hf(path, cfg)
+    except (ValueError, TypeError, AttributeError, ZeroDivisionError, OverflowError) as exc:
+        # Values of the wrong type or range (a string hidden_size, zero heads, a list for a dict...).
+        raise ModelLoadError(f"{path}: inconsistent config.json: {exc}") from None
+
+
+def _config_from_hf(path: Path, cfg: dict[str, Any]) -> ModelConfig:
     arch = cfg.get("model_type")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
@@ -44,28 +52,25 @@ def config_from_hf(path: Path, cfg: dict[str, Any]) -> ModelConfig:
     rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
     eos = cfg.get("eos_token_id")
     eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
-    try:
-        return ModelConfig(
-            architecture=arch,
-            vocab_size=int(req("vocab_size")),
-            hidden_size=hidden,
-            intermediate_size=int(req("intermediate_size")),
-            num_layers=int(req("num_hidden_layers")),
-            num_heads=num_heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            rope_scaling=_rope_scaling(path, cfg.get("rope_scaling") or rope_params),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=arch == "qwen2",
-            bos_token_id=None if cfg.get("bos_token_id") is None else int(cfg["bos_token_id"]),
-            eos_token_ids=eos_ids,
-            name=path.name,
-        )
-    except (ValueError, TypeError) as exc:
-        raise ModelLoadError(f"{path}: inconsistent config.json: {exc}") from None
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(req("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(req("intermediate_size")),
+        num_layers=int(req("num_hidden_layers")),
+        num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta),
+        rope_scaling=_rope_scaling(path, cfg.get("rope_scaling") or rope_params),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=arch == "qwen2",
+        bos_token_id=None if cfg.get("bos_token_id") is None else int(cfg["bos_token_id"]),
+        eos_token_ids=eos_ids,
+        name=path.name,
+    )
 
 
 def _rope_scaling(path: Path, rope: dict[str, Any]) -> RopeScaling:
@@ -85,7 +90,7 @@ def _rope_scaling(path: Path, rope: dict[str, Any]) -> RopeScaling:
                 rope.get("original_max_position_embeddings", defaults.original_max_position_embeddings)),
         )
     except ValueError as exc:
-        raise ModelLoadError(f"{path}: bad rope_scaling: {exc}") from None
+        raise ModelLoadError(f"{path}: bad rope_scaling in config.json: {exc}") from None
 
 
 def _weight_files(directory: Path) -> list[Path]:

@@ -242,17 +242,21 @@ def test_every_truncation_and_corruption_is_a_model_load_error(tmp_path: Path, t
     header_end = GGUFFile(tiny_gguf).data_offset
     path = tmp_path / "fuzz.gguf"
     rng = np.random.default_rng(0)
-    cases = [data[:cut] for cut in range(0, header_end, 23)]
-    for pos in rng.integers(4, header_end, size=60):
+    for cut in range(0, header_end, 23):  # a file cut inside its header can never load
+        path.write_bytes(data[:cut])
+        with pytest.raises(ModelLoadError, match="fuzz.gguf"):
+            load_model(path)
+    failures = 0
+    for pos in rng.integers(4, header_end, size=80):
         corrupt = bytearray(data)
         corrupt[pos] ^= 0xFF if pos % 2 else 0x80
-        cases.append(bytes(corrupt))
-    for case in cases:
-        path.write_bytes(case)
-        try:
+        path.write_bytes(bytes(corrupt))
+        try:  # a flipped byte may still load (e.g. inside a float value), or must fail cleanly
             load_model(path)
         except ModelLoadError as exc:
-            assert str(path) in str(exc)
+            assert "fuzz.gguf" in str(exc)
+            failures += 1
+    assert failures > 0
 
 
 def test_unknown_architecture(tmp_path: Path) -> None:

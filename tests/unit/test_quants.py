@@ -16,7 +16,7 @@ from realizar.loading.tiny import TinySpec, hf_to_gguf_name, random_blocks, tiny
 BLOCK_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 ALL_TYPES = [QT.F32, QT.F16, QT.BF16, *BLOCK_TYPES]
 # Types gguf.quants.quantize can produce; the others are built from random blocks with valid scales.
-QUANTIZABLE = {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0}
+QUANTIZABLE = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0]
 
 
 def spec_for(qtype: QT) -> TinySpec:
@@ -142,7 +142,7 @@ def test_tiny_gguf_of_each_type_loads_end_to_end(tmp_path: Path, qtype: QT) -> N
         assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(expected))), name
 
 
-@pytest.mark.parametrize("qtype", sorted(QUANTIZABLE - {QT.F32}, key=lambda q: q.value), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", QUANTIZABLE[1:], ids=lambda q: q.name)
 def test_quantized_weights_approximate_the_originals(tmp_path: Path, qtype: QT) -> None:
     spec = spec_for(qtype)
     write_tiny_gguf(tmp_path / "m.gguf", spec, qtype)

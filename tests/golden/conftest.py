@@ -1,0 +1,67 @@
+"""Fixtures for the golden tests: our engine and the transformers reference, loaded once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from realizar.config import EngineConfig
+from realizar.engine.engine import Engine, EngineModel, load_engine_model
+from realizar.kv_cache import KVCache
+from realizar.loading import default_model_path
+from realizar.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
+from realizar.request import Request, SamplingParams
+
+GOLDEN_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "<|im_start|>user\nWhat is 17 times 23?<|im_end|>\n<|im_start|>assistant\n",
+    "Les feux de forêt sont",
+]
+
+
+@pytest.fixture(scope="session")
+def ours_f32() -> EngineModel:
+    return load_engine_model(default_model_path(), EngineConfig(device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def reference() -> Any:
+    transformers = pytest.importorskip("transformers")
+    path = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32)
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+def prompt_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    """Our logits [len(ids), V] for one prompt, through the paged attention path."""
+    block = 16
+    blocks = -(-len(ids) // block)
+    cache = KVCache(model.config.num_layers, blocks, block, model.config.num_kv_heads, model.config.head_dim,
+                    model.device, model.dtype)
+    slots = torch.arange(len(ids))
+    meta = AttentionMetadata(slot_mapping=slots, num_decodes=0,
+                             decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
+                             decode_mask=torch.zeros(0, 1, 1, block, dtype=torch.bool),
+                             prefills=[PrefillChunk(0, len(ids), slots, 0)])
+    return model.forward(torch.tensor(ids), torch.arange(len(ids)), meta, cache, torch.arange(len(ids)))
+
+
+def greedy(engine: Engine, prompts: list[list[int]], max_tokens: int, ignore_eos: bool = True) -> list[list[int]]:
+    """Run prompts together through the synchronous engine; the generated ids of each."""
+    requests = [Request(p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos))
+                for p in prompts]
+    generated: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    for r in requests:
+        engine.add(r)
+    while engine.has_work():
+        for out in engine.step():
+            if out.token_id is not None:
+                generated[out.request_id].append(out.token_id)
+    return [generated[r.request_id] for r in requests]

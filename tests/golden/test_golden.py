@@ -1,0 +1,55 @@
+"""Golden tests: the default GGUF through our engine against transformers loading the same file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from realizar.config import EngineConfig
+from realizar.engine.engine import Engine, EngineModel, load_engine_model
+from realizar.loading import default_model_path
+from tests.golden.conftest import GOLDEN_PROMPTS, greedy, prompt_logits
+
+
+def test_logits_match_transformers_in_float32(ours_f32: EngineModel, reference: Any) -> None:
+    hf_model, hf_tok = reference
+    for text in GOLDEN_PROMPTS:
+        ids = ours_f32.tokenizer.encode(text)
+        assert ids == hf_tok(text)["input_ids"]
+        with torch.no_grad():
+            expected = hf_model(torch.tensor([ids])).logits[0]
+        ours = prompt_logits(ours_f32.model, ids)
+        rel = ((ours - expected).abs().max() / expected.abs().max()).item()
+        assert rel <= 1e-3, f"{text!r}: relative error {rel:.2e}"
+
+
+def test_greedy_32_tokens_match_transformers(ours_f32: EngineModel, reference: Any) -> None:
+    hf_model, _ = reference
+    engine = Engine(ours_f32, EngineConfig(device="cpu", dtype="float32"))
+    prompts = [ours_f32.tokenizer.encode(t) for t in GOLDEN_PROMPTS]
+    ours = greedy(engine, prompts, 32, ignore_eos=False)  # both stop at EOS, which both emit
+    for ids, got in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
+        assert got == out[0, len(ids):].tolist()
+
+
+def test_batch_invariance_alone_and_in_a_batch_of_16(ours_f32: EngineModel) -> None:
+    engine = Engine(ours_f32, EngineConfig(device="cpu", dtype="float32", max_num_batched_tokens=256))
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly brew potions".split()
+    prompts = [ours_f32.tokenizer.encode(" ".join(words[: 2 + (i * 5) % len(words)]) + f" {i}")
+               for i in range(16)]
+    alone = [greedy(engine, [p], 12)[0] for p in prompts[:4]]
+    together = greedy(engine, prompts, 12)
+    assert together[:4] == alone
+    assert engine.allocator.num_used == 0
+
+
+def test_auto_dtype_agrees_with_float32_for_8_tokens(ours_f32: EngineModel) -> None:
+    """``--dtype auto`` may trade precision for speed only while greedy output still agrees."""
+    auto = load_engine_model(default_model_path(), EngineConfig(device="cpu", dtype="auto"))
+    prompts = [ours_f32.tokenizer.encode(t) for t in GOLDEN_PROMPTS]
+    f32 = greedy(Engine(ours_f32, EngineConfig(device="cpu", dtype="float32")), prompts, 8)
+    low = greedy(Engine(auto, EngineConfig(device="cpu", dtype="auto")), prompts, 8)
+    assert low == f32, f"auto chose {auto.model.dtype}"

@@ -1,0 +1,69 @@
+"""Batched sampling: greedy, filters, seeds, per-row independence, logprobs."""
+
+from __future__ import annotations
+
+import torch
+
+from realizar.request import SamplingParams
+from realizar.sampling import SamplingRow, apply_filters, make_generator, sample
+
+
+def row(seed: int | None = None, **kw: float) -> SamplingRow:
+    params = SamplingParams(seed=seed, **kw)  # type: ignore[arg-type]
+    return SamplingRow(params, None if params.greedy else make_generator(seed))
+
+
+def test_greedy_takes_argmax() -> None:
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 1.0]])
+    assert [t.token_id for t in sample(logits, [row(temperature=0), row(temperature=0)])] == [1, 0]
+
+
+def test_top_k_one_is_greedy_and_top_p_tiny_keeps_first() -> None:
+    logits = torch.randn(4, 50)
+    best = logits.argmax(-1).tolist()
+    out = sample(logits, [row(seed=i, temperature=1.0, top_k=1) for i in range(2)]
+                 + [row(seed=i, temperature=1.0, top_p=1e-6) for i in range(2)])
+    assert [t.token_id for t in out] == best
+
+
+def test_filters_zero_out_tokens_beyond_top_k_and_top_p() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs, order = apply_filters(logits, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0.8]))
+    assert order[0].tolist() == [0, 1, 2, 3]
+    assert probs[0, 2:].sum() == 0 and torch.allclose(probs[0, :2], torch.tensor([0.625, 0.375]))
+    probs, _ = apply_filters(logits, torch.tensor([1.0]), torch.tensor([3]), torch.tensor([1.0]))
+    assert probs[0, 3] == 0 and torch.isclose(probs.sum(), torch.tensor(1.0))
+
+
+def test_same_seed_same_tokens_whatever_the_batch() -> None:
+    logits = torch.randn(1, 1000)
+    alone = [sample(logits, [row(seed=42, temperature=1.0)])[0].token_id for _ in range(3)]
+    assert len(set(alone)) == 1
+    mixed = sample(torch.cat([torch.randn(3, 1000), logits]),
+                   [row(temperature=0), row(seed=1, temperature=0.7), row(seed=2, temperature=1.0, top_p=0.9),
+                    row(seed=42, temperature=1.0)])
+    assert mixed[3].token_id == alone[0]
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    r = row(seed=0, temperature=1.0)
+    counts = [0, 0, 0]
+    for _ in range(2000):
+        counts[sample(logits, [r])[0].token_id] += 1
+    assert abs(counts[0] / 2000 - 0.7) < 0.05 and abs(counts[2] / 2000 - 0.1) < 0.03
+
+
+def test_banned_tokens_are_never_chosen() -> None:
+    logits = torch.tensor([[10.0, 0.0, 0.0]])
+    r = row(temperature=0)
+    r.banned_token_ids = (0,)
+    assert sample(logits, [r])[0].token_id != 0
+
+
+def test_logprobs_and_top_alternatives() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    out = sample(logits, [row(temperature=0, logprobs=2)])[0]
+    expected = torch.log_softmax(logits, -1)[0]
+    assert abs(out.logprob - expected[0].item()) < 1e-6  # type: ignore[operator]
+    assert [t for t, _ in out.top_logprobs] == [0, 1]
