@@ -87,11 +87,11 @@ async def calibrate(url: str, *, duration: float, concurrency: int, stream_concu
 
 def format_calibration(results: list[CalibrationResult]) -> str:
     lines = ["=== Client calibration (built-in no-op server) ===",
-             f"{'client':<10}{'measure':<22}{'rate':>14}{'conc':>6}{'p50':>11}{'p99':>11}{'failed':>8}"]
+             f"{'client':<10}{'measure':<20}{'rate':>18}{'conc':>6}{'p50':>11}{'p99':>11}{'failed':>8}"]
     for r in results:
         unit = "req/s" if r.what == "requests" else "events/s"
         label = "GET /health" if r.what == "requests" else "SSE events (ITL)"
-        lines.append(f"{r.client:<10}{label:<22}{f'{r.per_second:,.0f} {unit}':>14}{r.concurrency:>6}"
+        lines.append(f"{r.client:<10}{label:<20}{f'{r.per_second:,.0f} {unit}':>18}{r.concurrency:>6}"
                      f"{r.p50_ms:>9.3f}ms{r.p99_ms:>9.3f}ms{r.failures:>8}")
     lines.append("A server measured close to these rates is limited by this client, not by itself.")
     return "\n".join(lines) + "\n"

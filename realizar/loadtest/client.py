@@ -419,8 +419,8 @@ class AiohttpClient:
         except aiohttp.ClientPayloadError as exc:
             rec.failure, rec.error = FailureClass.TRUNCATED_STREAM, str(exc)
         except (aiohttp.ClientConnectionError, OSError) as exc:
-            trunc = got_headers or isinstance(exc, aiohttp.ClientPayloadError)
-            rec.failure = FailureClass.TRUNCATED_STREAM if trunc else FailureClass.CONNECTION_ERROR
+            # after the status line a dropped connection cuts the response short
+            rec.failure = FailureClass.TRUNCATED_STREAM if got_headers else FailureClass.CONNECTION_ERROR
             rec.error = str(exc) or type(exc).__name__
         except aiohttp.ClientResponseError as exc:
             rec.failure, rec.error = FailureClass.OTHER, str(exc)

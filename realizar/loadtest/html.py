@@ -32,7 +32,7 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _throughput_bins(t_req: list[float], lat_req: list[float | None]
+def _throughput_bins(t_req: list[float], lat_req: list[float | None], stride: int
                      ) -> tuple[list[float], list[float], list[float]] | None:
     """Completions per second in 20 bins over a short run (under 20 s), where
     one-second buckets would show one or two points."""
@@ -40,13 +40,14 @@ def _throughput_bins(t_req: list[float], lat_req: list[float | None]
     if span >= 20.0 or span <= 0:
         return None
     width = span / 20.0
+    weight = stride / width  # each kept point stands for ``stride`` requests
     done = [0.0] * 20
     failed = [0.0] * 20
     for t, lat in zip(t_req, lat_req, strict=True):
         k = min(19, int(t / width))
-        done[k] += 1.0 / width
+        done[k] += weight
         if lat is None:
-            failed[k] += 1.0 / width
+            failed[k] += weight
     return [(k + 0.5) * width for k in range(20)], done, failed
 
 
@@ -69,7 +70,7 @@ def scenario_figure(sc: dict[str, Any]) -> str:
     ok = [(t, v) for t, v in zip(t_req, lat_req, strict=True) if v is not None]
     if ok:
         ax_lat.scatter([t for t, _ in ok], [v for _, v in ok], s=4, alpha=0.5, label="request")
-    if len(series) >= 3:
+    if series and series[-1]["t"] >= 2.0:  # a per-second line needs a few seconds
         t = [row["t"] + 0.5 for row in series]
         ax_lat.plot(t, [row["p50_ms"] for row in series], label="p50 per second")
         ax_lat.plot(t, [row["p99_ms"] for row in series], label="p99 per second")
@@ -83,14 +84,15 @@ def scenario_figure(sc: dict[str, Any]) -> str:
     if counts:
         widths = [b - a for a, b in pairwise(edges)]
         ax_hist.bar(edges[:-1], counts, width=widths, align="edge")
-        ax_hist.set_xscale("log")
-        ax_hist.xaxis.set_major_formatter(ScalarFormatter())
-        ax_hist.xaxis.set_minor_formatter(NullFormatter())
+        if edges[-1] > 20 * edges[0]:  # log-spaced bins read best on a log axis when wide
+            ax_hist.set_xscale("log")
+            ax_hist.xaxis.set_major_formatter(ScalarFormatter())
+            ax_hist.xaxis.set_minor_formatter(NullFormatter())
     ax_hist.set_title("Latency histogram (successful requests)")
     ax_hist.set_xlabel("ms")
     ax_hist.set_ylabel("requests")
 
-    bins = _throughput_bins(t_req, lat_req) if t_req else None
+    bins = _throughput_bins(t_req, lat_req, int(timeline.get("stride", 1))) if t_req else None
     if bins is not None:
         centers, done, failed = bins
         ax_tp.plot(centers, done, marker=".", label="completed/s")

@@ -190,41 +190,51 @@ class ServerMetrics:
 
 
 class MetricsScraper:
-    """Scrapes ``GET /metrics`` once a second on its own connection."""
+    """Scrapes ``GET /metrics`` once a second on its own connection, and once more
+    at the end, so even a sub-second scenario gets a sample."""
 
     def __init__(self, url: str, interval: float = 1.0) -> None:
         self.result = ServerMetrics(url=url)
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._t0 = 0.0
+        self._gone = False  # the server has no /metrics: stop asking
 
     def start(self, t0: float) -> None:
         self._t0 = t0
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(self.interval, 2.0)),
+                                              connector=aiohttp.TCPConnector(limit=1))
         self._task = asyncio.get_running_loop().create_task(self._run())
 
+    async def _scrape(self) -> None:
+        assert self._session is not None
+        t = time.perf_counter() - self._t0
+        try:
+            async with self._session.get(self.result.url) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise OSError(f"HTTP {resp.status}")
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            if not self.result.samples:
+                self.result.error = str(exc) or type(exc).__name__
+                self._gone = True
+            return
+        self.result.available = True
+        self.result.samples.append({"t": round(t, 3), **parse_prometheus(text)})
+
     async def _run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=max(self.interval, 2.0))
-        connector = aiohttp.TCPConnector(limit=1)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            while True:
-                t = time.perf_counter() - self._t0
-                try:
-                    async with session.get(self.result.url) as resp:
-                        text = await resp.text()
-                        if resp.status != 200:
-                            raise OSError(f"HTTP {resp.status}")
-                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-                    if not self.result.samples:  # no /metrics here: stop asking
-                        self.result.error = str(exc) or type(exc).__name__
-                        return
-                else:
-                    self.result.available = True
-                    self.result.samples.append({"t": round(t, 3), **parse_prometheus(text)})
-                await asyncio.sleep(self.interval)
+        while not self._gone:
+            await self._scrape()
+            await asyncio.sleep(self.interval)
 
     async def stop(self) -> ServerMetrics:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._session is not None:
+            if not self._gone:
+                await self._scrape()
+            await self._session.close()
         return self.result

@@ -196,13 +196,14 @@ def _series(result: ScenarioResult) -> list[dict[str, float]]:
     return rows
 
 
-def _timeline(result: ScenarioResult, limit: int = 5000) -> dict[str, list[float | None]]:
+def _timeline(result: ScenarioResult, limit: int = 5000) -> dict[str, Any]:
     """Per-request (completion time, latency ms; None if failed) on the scenario's
-    clock, thinned evenly to at most ``limit`` points; empty past the exact limit."""
+    clock, keeping every ``stride``-th request so at most ``limit`` points remain;
+    empty past the exact limit."""
     points = [(end + p.start_s, lat) for p in result.phases for end, lat in p.collector.timeline()]
     step = max(1, -(-len(points) // limit))
     points = points[::step]
-    return {"t_s": [round(t, 6) for t, _ in points],
+    return {"stride": step, "t_s": [round(t, 6) for t, _ in points],
             "latency_ms": [None if math.isnan(lat) else round(lat * 1e3, 4) for _, lat in points]}
 
 
