@@ -26,7 +26,7 @@ from realizar.engine.scheduler import Scheduler, Sequence
 from realizar.engine.stats import EngineStats, LatencyObservations, StatsRecorder
 from realizar.kv_cache import BlockAllocator, KVCache
 from realizar.model.llama import LlamaModel
-from realizar.request import FinishReason, Request, TokenOutput
+from realizar.request import FinishReason, Request, SamplingParams, TokenOutput
 from realizar.sampling import SamplingRow, make_generator
 from realizar.tokenizer import Tokenizer
 
@@ -157,6 +157,14 @@ class Engine:
             return int(free * 0.5)
         return KV_CACHE_BYTES_CPU
 
+    def warm_up(self) -> None:
+        """Run one short request so kernel selection and allocation happen before the first user."""
+        prompt = list(range(1, 9))
+        self.add(Request(prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)))
+        while self.has_work():
+            self.step()
+        self.stats = StatsRecorder()
+
     # -- admission -------------------------------------------------------------------------
 
     def check_length(self, request: Request) -> None:
@@ -285,6 +293,7 @@ class AsyncEngine:
 
     def __init__(self, served: EngineModel, config: EngineConfig) -> None:
         self.engine = Engine(served, config)
+        self.engine.warm_up()
         self.config = config
         self.tokenizer = served.tokenizer
         self.model_config = served.config
