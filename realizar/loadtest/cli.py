@@ -29,8 +29,8 @@ from realizar.loadtest.runner import (
     run_scenario,
     run_sync,
 )
-from realizar.loadtest.scenarios import SCENARIO_NAMES, Scenario, seed_scenarios
-from realizar.loadtest.targets import Targets, TargetsError, evaluate
+from realizar.loadtest.scenarios import EXTRA_SCENARIO_NAMES, SCENARIO_NAMES, Scenario, seed_scenarios
+from realizar.loadtest.targets import Targets, TargetsError
 
 EXIT_OK, EXIT_TARGET_FAILED, EXIT_REGRESSION, EXIT_INVALID, EXIT_USAGE = 0, 1, 2, 3, 4
 SUBCOMMANDS = ("compare", "llm", "calibrate")
@@ -87,12 +87,13 @@ def build_parser(prog: str = "realizar loadtest") -> _Parser:
               "  compare BASE.json NEW.json   per-metric deltas with confidence intervals\n"
               "  llm --url URL ...            LLM serving benchmark (OpenAI API, streaming)\n"
               "  calibrate                    this client's own ceiling (req/s, SSE events/s)\n"
-              f"scenarios: {', '.join(SCENARIO_NAMES)}\n"
+              f"scenarios: {', '.join(SCENARIO_NAMES)} (default: all seven); opt-in: "
+              f"{', '.join(EXTRA_SCENARIO_NAMES)}\n"
               "exit codes: 0 pass, 1 target failed, 2 regression, 3 invalid run, 4 usage error")
     p = _Parser(prog=prog, description="Run the seven load-test scenarios against a server.",
                 epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=_default_url(), help="server base URL (default $REALIZAR_URL or %(default)s)")
-    p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES, metavar="NAME",
+    p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES + EXTRA_SCENARIO_NAMES, metavar="NAME",
                    help="run only this scenario (repeatable)")
     p.add_argument("--targets", metavar="FILE", help="JSON targets overriding the seed's defaults")
     p.add_argument("--scale", type=_positive_float, default=1.0, metavar="X",
@@ -228,7 +229,7 @@ def _exit_code(results: list[ScenarioResult], targets_passed: bool) -> int:
 
 def _select(args: argparse.Namespace) -> list[Scenario]:
     try:
-        every = seed_scenarios(args.url, args.scale)
+        every = seed_scenarios(args.url, args.scale, extra=True)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     names = list(dict.fromkeys(args.scenario or SCENARIO_NAMES))
@@ -289,10 +290,7 @@ def run_suite(args: argparse.Namespace) -> int:
         doc = build_report([], [], kind="suite", base_url=args.url, config=config, client=args.client,
                            exit_code=EXIT_INVALID, invalid_reasons=[unreachable])
         return _finish(doc, args, None, EXIT_INVALID)
-    target_results = []
-    for r in results:
-        phases = {p.phase.name: p.summary for p in r.phases}
-        target_results.extend(evaluate(r.scenario.name, r.overall, phases, targets.for_scenario(r.scenario.name)))
+    target_results = [verdict for r in results for verdict in targets.check(r)]
     out = sys.stdout
     for r in results:
         out.write("\n" + format_scenario(r))

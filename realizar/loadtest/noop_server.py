@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
 import httptools
 import orjson
+
+from realizar.loadtest.runner import run_sync
 
 _CHUNK_EVENTS = 64  # events per transport write; each is its own HTTP chunk on the wire
 
@@ -189,16 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
 
-    async def run() -> None:
-        await NoopServer().serve(args.host, args.port)
-
-    try:
-        import uvloop
-        uvloop.run(run())
-    except ImportError:  # pragma: no cover
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        run_sync(lambda: NoopServer().serve(args.host, args.port))
     return 0
 
 

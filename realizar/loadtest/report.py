@@ -321,7 +321,8 @@ class ConsoleProgress:
 
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("failed: {task.fields[failed]}"), TimeElapsedColumn(),
-                                  console=Console(stderr=True), transient=False)
+                                  console=Console(stderr=True), transient=False,
+                                  redirect_stdout=False, redirect_stderr=False)
         self._task: Any = None
 
     def begin(self, label: str, total: int | None) -> None:

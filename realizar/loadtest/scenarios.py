@@ -13,6 +13,7 @@ from realizar.loadtest.config import DEFAULT_URL, LoadTestConfig
 from realizar.loadtest.stats import Slo
 from realizar.loadtest.workload import (
     RequestSpec,
+    ResponseKind,
     check_health,
     check_tokenize,
     json_request,
@@ -22,6 +23,8 @@ from realizar.loadtest.workload import (
 )
 
 SCENARIO_NAMES = ("health", "tokenize", "generate", "batch_tokenize", "batch_generate", "sustained", "spike")
+# beyond the seed, run only when named: /stream/generate, with TTFT and ITL
+EXTRA_SCENARIO_NAMES = ("stream_generate",)
 _POOL_LIMIT = 10_000  # distinct pre-encoded bodies; unbounded runs cycle through them
 
 
@@ -104,6 +107,11 @@ def generate_request(i: int) -> RequestSpec:
                         _GENERATE_CHECK)
 
 
+def stream_generate_request(i: int) -> RequestSpec:
+    return json_request("POST", "/stream/generate", {"prompt": f"Hello {i}", "max_tokens": 5, "strategy": "greedy"},
+                        None, ResponseKind.SSE_NATIVE)
+
+
 def batch_tokenize_request(i: int) -> RequestSpec:
     texts = [f"Text 1 batch {i}", f"Text 2 batch {i}", f"Text 3 batch {i}"]
     return json_request("POST", "/batch/tokenize", {"texts": texts}, _BATCH_TOKENIZE_CHECK)
@@ -122,8 +130,9 @@ def _single(name: str, title: str, description: str, request: Callable[[int], Re
     return Scenario(name, title, description, (Phase("main", title, config),), request, Slo(e2el_ms=500.0))
 
 
-def seed_scenarios(base_url: str = DEFAULT_URL, scale: float = 1.0) -> dict[str, Scenario]:
-    """The seven scenarios of the load-testing guide, keyed by name, in order."""
+def seed_scenarios(base_url: str = DEFAULT_URL, scale: float = 1.0, *, extra: bool = False) -> dict[str, Scenario]:
+    """The seven scenarios of the load-testing guide, keyed by name, in order
+    (with ``extra``, followed by the opt-in ones of EXTRA_SCENARIO_NAMES)."""
     cfg = LoadTestConfig(base_url=base_url)
     scenarios = [
         _single("health", "Health Endpoint Load Test", "System responsiveness under concurrent health checks",
@@ -145,4 +154,8 @@ def seed_scenarios(base_url: str = DEFAULT_URL, scale: float = 1.0) -> dict[str,
              Phase("recovery", "Recovery Load", replace(cfg, concurrency=2, total_requests=10))),
             health_request, Slo(e2el_ms=500.0)),
     ]
+    if extra:
+        scenarios.append(_single("stream_generate", "Stream Generate Load Test",
+                                 "Streaming generation: TTFT and inter-token latency (SSE)",
+                                 stream_generate_request, replace(cfg, concurrency=5, total_requests=25, timeout=60.0)))
     return {s.name: s.scaled(scale) for s in scenarios}

@@ -12,7 +12,7 @@ import math
 import random
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from itertools import pairwise
@@ -147,10 +147,6 @@ class LatencyRecorder:
     def method(self) -> str:
         return EXACT_METHOD if self._exact is not None else HDR_METHOD
 
-    @property
-    def is_exact(self) -> bool:
-        return self._exact is not None
-
     def record(self, seconds: float) -> None:
         self.count += 1
         self.total += seconds
@@ -224,10 +220,6 @@ class LatencyRecorder:
             return math.sqrt(sum((x - mean) ** 2 for x in self._exact) / (self.count - 1))
         assert self._hdr is not None
         return float(self._hdr.get_stddev()) / 1e6
-
-    def values(self) -> list[float]:
-        """The exact samples in recording order (empty once folded into HDR)."""
-        return list(self._exact) if self._exact is not None else []
 
     def histogram(self, bins: int = 40) -> dict[str, list[float]]:
         """Log-spaced bucket edges (ms) and counts, for the report's histogram chart."""
@@ -588,11 +580,3 @@ def _block_row(sorted_ok: list[float], n: int, failed: int, span: float) -> dict
         "error_rate_pct": 100.0 * failed / n if n else 0.0,
         "throughput_rps": n / span,
     }
-
-
-def summarize_values(values: Iterable[float]) -> dict[str, float]:
-    """max / p99 / mean of a small series (used for client-health numbers)."""
-    data = sorted(values)
-    if not data:
-        return {"max": 0.0, "p99": 0.0, "mean": 0.0}
-    return {"max": data[-1], "p99": nearest_rank(data, 99), "mean": sum(data) / len(data)}

@@ -24,9 +24,12 @@ import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from realizar.loadtest.stats import Summary
+
+if TYPE_CHECKING:
+    from realizar.loadtest.runner import ScenarioResult
 
 LOWER_BOUND_METRICS = ("throughput_rps", "tokens_per_s", "goodput_rps", "successful_rps")
 UPPER_BOUND_METRICS = (
@@ -46,6 +49,7 @@ DEFAULT_TARGETS: dict[str, Any] = {
         "health": {"throughput_rps": 10.0},
         "generate": dict(NOT_SIMPLE),
         "batch_generate": dict(NOT_SIMPLE),
+        "stream_generate": dict(NOT_SIMPLE),
         "sustained": {"throughput_rps": 5.0},
         "spike": {"error_rate_pct": None, "baseline.error_rate_pct": 5.0, "spike.error_rate_pct": 15.0,
                   "recovery.error_rate_pct": 5.0},
@@ -150,6 +154,12 @@ class Targets:
 
     def to_dict(self) -> dict[str, Any]:
         return {"defaults": dict(self.defaults), "scenarios": {k: dict(v) for k, v in self.scenarios.items()}}
+
+    def check(self, result: ScenarioResult) -> list[TargetResult]:
+        """This scenario's targets against its run (overall and per phase)."""
+        name = result.scenario.name
+        phases = {p.phase.name: p.summary for p in result.phases}
+        return evaluate(name, result.overall, phases, self.for_scenario(name))
 
 
 def evaluate(scenario: str, overall: Summary, phases: dict[str, Summary], targets: list[Target]) -> list[TargetResult]:

@@ -1,0 +1,147 @@
+"""Arrival schedules, request bodies, response checks and the SSE parser."""
+
+from __future__ import annotations
+
+import statistics
+
+import orjson
+import pytest
+
+from realizar.loadtest.config import LoadTestConfig
+from realizar.loadtest.scenarios import SCENARIO_NAMES, seed_scenarios
+from realizar.loadtest.workload import (
+    ContentError,
+    ResponseKind,
+    StreamState,
+    arrival_offsets,
+    check_health,
+    check_tokenize,
+    make_batch_generate_check,
+)
+
+
+def test_poisson_schedule_rate_within_tolerance() -> None:
+    offsets = arrival_offsets(20_000, 200.0, "poisson", seed=7)
+    assert offsets[0] == 0.0 and offsets == sorted(offsets)
+    rate = (len(offsets) - 1) / offsets[-1]
+    assert rate == pytest.approx(200.0, rel=0.03)
+    gaps = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+    # exponential gaps: coefficient of variation 1
+    assert statistics.pstdev(gaps) / statistics.fmean(gaps) == pytest.approx(1.0, abs=0.05)
+
+
+def test_schedules_are_seeded() -> None:
+    assert arrival_offsets(100, 10.0, "poisson", seed=3) == arrival_offsets(100, 10.0, "poisson", seed=3)
+    assert arrival_offsets(100, 10.0, "poisson", seed=3) != arrival_offsets(100, 10.0, "poisson", seed=4)
+
+
+def test_gamma_burstiness_changes_the_spread_not_the_rate() -> None:
+    bursty = arrival_offsets(20_000, 100.0, "gamma", seed=1, burstiness=0.25)
+    smooth = arrival_offsets(20_000, 100.0, "gamma", seed=1, burstiness=4.0)
+    for offsets in (bursty, smooth):
+        assert (len(offsets) - 1) / offsets[-1] == pytest.approx(100.0, rel=0.05)
+
+    def cv(o: list[float]) -> float:
+        gaps = [b - a for a, b in zip(o, o[1:], strict=False)]
+        return statistics.pstdev(gaps) / statistics.fmean(gaps)
+
+    assert cv(bursty) == pytest.approx(2.0, rel=0.1)  # 1 / sqrt(0.25)
+    assert cv(smooth) == pytest.approx(0.5, rel=0.1)  # 1 / sqrt(4)
+
+
+def test_constant_schedule() -> None:
+    assert arrival_offsets(5, 10.0, "constant") == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+
+
+def test_seed_scenarios_match_the_guide() -> None:
+    sc = seed_scenarios()
+    assert tuple(sc) == SCENARIO_NAMES
+    expected = {"health": (10, 100, 30.0), "tokenize": (5, 50, 30.0), "generate": (5, 25, 60.0),
+                "batch_tokenize": (5, 25, 30.0), "batch_generate": (3, 15, 60.0), "sustained": (10, 200, 30.0)}
+    for name, (conc, total, timeout) in expected.items():
+        cfg = sc[name].config
+        assert (cfg.concurrency, cfg.total_requests, cfg.timeout) == (conc, total, timeout), name
+    assert sc["sustained"].config.duration == 30.0
+    assert sc["sustained"].config.send_rate == pytest.approx(200 / 30)
+    phases = [(p.name, p.config.concurrency, p.config.total_requests) for p in sc["spike"].phases]
+    assert phases == [("baseline", 2, 10), ("spike", 20, 100), ("recovery", 2, 10)]
+
+
+def test_stream_generate_is_opt_in() -> None:
+    assert "stream_generate" not in seed_scenarios()
+    extra = seed_scenarios(extra=True)
+    assert list(extra)[-1] == "stream_generate"
+    spec = extra["stream_generate"].request(0)
+    assert spec.path == "/stream/generate" and spec.kind is ResponseKind.SSE_NATIVE
+
+
+def test_seed_payloads() -> None:
+    sc = seed_scenarios()
+    assert orjson.loads(sc["tokenize"].request(3).body or b"") == {"text": "Hello world test message 3"}
+    assert orjson.loads(sc["generate"].request(2).body or b"") == {"prompt": "Hello 2", "max_tokens": 5,
+                                                                  "strategy": "greedy"}
+    assert orjson.loads(sc["batch_tokenize"].request(1).body or b"")["texts"] == [
+        "Text 1 batch 1", "Text 2 batch 1", "Text 3 batch 1"]
+    body = orjson.loads(sc["batch_generate"].request(4).body or b"")
+    assert body["prompts"] == ["Prompt 1 batch 4", "Prompt 2 batch 4"] and body["max_tokens"] == 5
+    assert sc["health"].request(0).method == "GET" and sc["health"].request(0).path == "/health"
+
+
+def test_scale_shrinks_counts_and_durations() -> None:
+    sc = seed_scenarios(scale=0.1)
+    assert sc["health"].config.total_requests == 10
+    assert sc["sustained"].config.total_requests == 20 and sc["sustained"].config.duration == pytest.approx(3.0)
+    assert [p.config.total_requests for p in sc["spike"].phases] == [1, 10, 1]
+    assert sc["health"].config.concurrency == 10
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        LoadTestConfig(concurrency=0)
+    with pytest.raises(ValueError):
+        LoadTestConfig(arrival="poisson")  # open loop needs a rate
+    with pytest.raises(ValueError):
+        LoadTestConfig(base_url="127.0.0.1:8080")
+    with pytest.raises(ValueError):
+        LoadTestConfig(total_requests=0)  # unbounded needs a duration
+    assert LoadTestConfig(rate=10.0, duration=2.0, arrival="poisson").request_count == 20
+
+
+def test_checks() -> None:
+    assert check_health(b"") == 0 and check_health(b'{"status": "healthy"}') == 0
+    with pytest.raises(ContentError):
+        check_health(b"<html>")
+    assert check_tokenize(b'{"token_ids": [1, 2], "num_tokens": 2}') == 0
+    with pytest.raises(ContentError):
+        check_tokenize(b'{"token_ids": [1, 2], "num_tokens": 3}')
+    check = make_batch_generate_check(2, 5)
+    ok = {"results": [{"token_ids": [1], "text": "a", "num_generated": 5},
+                      {"token_ids": [1], "text": "b", "num_generated": 3}]}
+    assert check(orjson.dumps(ok)) == 8
+    with pytest.raises(ContentError):
+        check(orjson.dumps({"results": ok["results"][:1]}))
+
+
+def test_sse_parser_handles_split_events_and_crlf() -> None:
+    state = StreamState(ResponseKind.SSE_NATIVE)
+    raw = (b'event: token\r\ndata: {"token_id": 1, "text": "a"}\r\n\r\n'
+           b'event: token\ndata: {"token_id": 2, "text": "b"}\n\n'
+           b'event: done\ndata: {"num_generated": 2}\n\n')
+    for i, byte in enumerate(raw):  # one byte at a time
+        state.feed(bytes([byte]), float(i))
+    assert state.tokens == 2 and state.done and state.content_error() == ""
+    assert len(state.chunk_times) == 2
+
+
+def test_openai_parser_counts_text_chunks_and_usage() -> None:
+    state = StreamState(ResponseKind.SSE_OPENAI)
+    state.feed(b'data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}\n\n', 0.0)
+    state.feed(b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n', 1.0)
+    state.feed(b'data: {"choices": [{"delta": {"content": " there"}}]}\n\n', 2.0)
+    assert state.tokens == 2 and state.chunk_times == [1.0, 2.0]  # the role-only chunk is no token
+    state.feed(b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3}}\n\n'
+               b"data: [DONE]\n\n", 3.0)
+    assert state.done and state.output_tokens == 3 and state.usage_input == 9
+    err = StreamState(ResponseKind.SSE_OPENAI)
+    err.feed(b'data: {"error": {"message": "boom"}}\n\n', 0.0)
+    assert err.content_error() == "boom"
