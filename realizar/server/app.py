@@ -50,6 +50,7 @@ OPEN_ROUTES = frozenset({"/health"})  # no API key needed
 ALWAYS_SERVED = frozenset({"/health", "/metrics"})  # answered while loading and draining too
 GENERATION_ROUTES = frozenset({"/generate", "/batch/generate", "/stream/generate",
                                "/v1/completions", "/v1/chat/completions"})
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "other"
 OBSERVATIONS_PERIOD_S = 1.0  # how often engine timings move into the histograms
 
 
@@ -106,8 +107,9 @@ def attach_engine(app: Starlette, engine: AsyncEngine) -> None:
     server_state(app).attach(engine)
 
 
-def fail_loading(app: Starlette, reason: str) -> None:
-    server_state(app).fail(reason)
+def fail_loading(app: Starlette) -> None:
+    """The model did not load: /health answers 503 {"status": "failed"}."""
+    server_state(app).fail()
 
 
 def begin_shutdown(app: Starlette) -> None:
@@ -213,7 +215,7 @@ class ServingMiddleware:
         finally:
             state.inflight -= 1
             elapsed = time.monotonic() - started
-            method: str = scope["method"]
+            method: str = scope["method"] if scope["method"] in METHODS else "other"
             state.metrics.observe_http(route, method, status, elapsed)
             if route in GENERATION_ROUTES:
                 state.metrics.record_request(status < 400 and not ctx.failed, ctx.tokens, elapsed)

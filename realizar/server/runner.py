@@ -163,7 +163,7 @@ class _Server(uvicorn.Server):
         except Exception as exc:
             log.error("the model failed to load: %s", exc)
             log.debug("model load failure", exc_info=True)
-            fail_loading(self.app, str(exc))
+            fail_loading(self.app)
             self.exit_code = 1
             self.should_exit = True
             return

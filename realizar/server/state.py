@@ -15,6 +15,7 @@ from realizar import __version__
 from realizar.config import ServerConfig
 from realizar.metrics import Metrics
 from realizar.server.errors import APIError
+from realizar.server.http import json_response
 
 if TYPE_CHECKING:  # the engine module imports torch; the server needs only its interface
     from realizar.engine.engine import AsyncEngine
@@ -28,10 +29,6 @@ class Phase(str, enum.Enum):
     FAILED = "failed"  # the model did not load
 
 
-def _json(status: int, body: object) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
 class ServerState:
     """One server's mutable state. Only the event loop thread touches it."""
 
@@ -43,7 +40,6 @@ class ServerState:
         self.metrics = Metrics()
         self.engine: AsyncEngine | None = None
         self.phase = Phase.LOADING
-        self.failure: str | None = None
         self.inflight = 0  # HTTP requests being handled, for the shutdown drain
         self.generations: set[Generation] = set()  # those with engine requests, to abort at shutdown
         self._rid_prefix = os.urandom(3).hex()
@@ -66,9 +62,9 @@ class ServerState:
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
 
-    def fail(self, reason: str) -> None:
+    def fail(self) -> None:
+        """The model did not load."""
         self.phase = Phase.FAILED
-        self.failure = reason
 
     def require_engine(self) -> AsyncEngine:
         if self.engine is None or self.phase is not Phase.READY:
@@ -89,9 +85,9 @@ class ServerState:
         if self.phase is Phase.READY and engine is not None:
             if engine.healthy:
                 return Response(self._healthy_body, media_type="application/json")
-            return _json(503, {"status": "unhealthy", "model": engine.model_id,
-                               "error": "the engine stopped after a fatal error"})
-        return _json(503, {"status": self.phase.value})
+            return json_response({"status": "unhealthy", "model": engine.model_id,
+                                  "error": "the engine stopped after a fatal error"}, 503)
+        return json_response({"status": self.phase.value}, 503)
 
     def abort_all(self, error: APIError) -> None:
         """End every generation in flight with ``error`` (the shutdown deadline passed)."""

@@ -1,0 +1,188 @@
+"""The OpenAI-compatible API, driven by the stock `openai` client against a real server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def client(server_url: str) -> Iterator[OpenAI]:
+    with OpenAI(base_url=server_url + "/v1", api_key="unused", max_retries=0, timeout=180) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(client: OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def test_models_list(client: OpenAI, server_url: str) -> None:
+    models = client.models.list().data
+    assert len(models) == 1
+    assert models[0].id == httpx.get(server_url + "/health").json()["model"]
+    assert models[0].object == "model"
+
+
+# -- completions ----------------------------------------------------------------------------------
+
+
+def test_completion(client: OpenAI, model: str) -> None:
+    c = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0)
+    assert c.object == "text_completion" and c.model == model
+    [choice] = c.choices
+    assert isinstance(choice.text, str) and choice.text
+    assert choice.finish_reason in ("stop", "length")
+    assert c.usage is not None
+    assert 1 <= c.usage.completion_tokens <= 3 and c.usage.prompt_tokens > 0
+    assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    again = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0)
+    assert again.choices[0].text == choice.text
+
+
+def test_completion_prompt_list_token_ids_and_n(client: OpenAI, model: str, server_url: str) -> None:
+    c = client.completions.create(model=model, prompt=["Hello", "Goodbye"], n=2, max_tokens=2, temperature=0)
+    assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
+    # greedy: the two choices of one prompt agree
+    assert c.choices[0].text == c.choices[1].text and c.choices[2].text == c.choices[3].text
+    assert c.usage is not None and c.usage.completion_tokens >= 4
+    ids = httpx.post(server_url + "/tokenize", json={"text": "Hello"}).json()["token_ids"]
+    by_ids = client.completions.create(model=model, prompt=ids, max_tokens=2, temperature=0)
+    assert by_ids.choices[0].text == c.choices[0].text
+
+
+def test_completion_stop_string_cuts_the_text(client: OpenAI, model: str) -> None:
+    full = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    assert len(full) >= 4
+    stop = full[2:4]
+    expected = full[:full.index(stop)]
+    c = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, stop=[stop, "@@@"],
+                                  extra_body={"ignore_eos": True})
+    assert c.choices[0].text == expected
+    assert c.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, stop=stop,
+                                         stream=True, extra_body={"ignore_eos": True})
+    chunks = list(streamed)
+    assert "".join(ch.choices[0].text for ch in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_completion_logprobs(client: OpenAI, model: str) -> None:
+    c = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2)
+    choice = c.choices[0]
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset
+    assert c.usage is not None and len(lp.tokens) == c.usage.completion_tokens
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for logprob, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert logprob is not None and logprob <= 0
+        assert 1 <= len(top) <= 2
+        # greedy: the chosen token is the most likely one
+        assert max(top.values()) == pytest.approx(logprob, abs=1e-4)
+
+
+def test_completion_echo(client: OpenAI, model: str) -> None:
+    c = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0, echo=True)
+    plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0)
+    assert c.choices[0].text == PROMPT + plain.choices[0].text
+
+
+def test_completion_stream_with_usage(client: OpenAI, model: str) -> None:
+    plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0)
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    text_chunks, usage_chunk = chunks[:-1], chunks[-1]
+    assert "".join(ch.choices[0].text for ch in text_chunks) == plain.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in text_chunks][-1] == plain.choices[0].finish_reason
+    assert all(ch.usage is None for ch in text_chunks)
+    assert usage_chunk.choices == [] and usage_chunk.usage == plain.usage
+
+
+def test_ignore_eos_and_min_tokens_fix_the_length(client: OpenAI, model: str) -> None:
+    c = client.completions.create(model=model, prompt="Hi", max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True, "min_tokens": 5})
+    assert c.usage is not None and c.usage.completion_tokens == 5
+    assert c.choices[0].finish_reason == "length"
+
+
+# -- chat -----------------------------------------------------------------------------------------
+
+
+def test_chat(client: OpenAI, model: str) -> None:
+    c = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    assert c.object == "chat.completion"
+    [choice] = c.choices
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert c.usage is not None and 1 <= c.usage.completion_tokens <= 4
+
+
+def test_chat_stream_matches_non_streaming(client: OpenAI, model: str) -> None:
+    plain = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    stream = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0,  # type: ignore[arg-type]
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert content == plain.choices[0].message.content
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == [plain.choices[0].finish_reason]
+    assert chunks[-1].usage == plain.usage
+
+
+def test_chat_n_with_seed_and_logprobs(client: OpenAI, model: str) -> None:
+    kwargs = dict(model=model, messages=CHAT, max_tokens=3, temperature=1.0, seed=11, n=2, logprobs=True,
+                  top_logprobs=2)
+    c = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    assert [ch.index for ch in c.choices] == [0, 1]
+    for choice in c.choices:
+        assert choice.logprobs is not None and choice.logprobs.content
+        for entry in choice.logprobs.content:
+            assert entry.logprob <= 0 and 1 <= len(entry.top_logprobs) <= 2
+    again = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in c.choices]
+
+
+def test_chat_stop_string(client: OpenAI, model: str) -> None:
+    full = client.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+                                          extra_body={"ignore_eos": True}).choices[0].message.content
+    assert full and len(full) >= 3
+    stop = full[1:3]
+    c = client.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=0, stop=stop,  # type: ignore[arg-type]
+                                       extra_body={"ignore_eos": True})
+    assert c.choices[0].message.content == full[:full.index(stop)]
+    assert c.choices[0].finish_reason == "stop"
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_errors_reach_the_client_as_openai_errors(client: OpenAI, model: str, server_url: str) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt="x", max_tokens=10**7)
+    assert "max_tokens" in str(info.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=[{"role": "wizard", "content": "x"}],  # type: ignore[arg-type,misc]
+                                       max_tokens=1)
+    r = httpx.post(server_url + "/v1/completions", json={"model": model, "prompt": "x", "n": 0})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == "n" and error["type"] == "invalid_request_error"
+    r = httpx.post(server_url + "/v1/chat/completions", content=b"{oops")
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = httpx.get(server_url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"

@@ -1,0 +1,255 @@
+"""Request validation (realizar.server.protocol) and stop-string text handling, on plain data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from realizar.config import ServerConfig
+from realizar.server import protocol
+from realizar.server.errors import APIError, error_body, error_response
+from realizar.server.generation import ChoiceText
+
+CONFIG = ServerConfig(max_tokens_limit=100, max_batch_size=4)
+
+
+def rejects(parse: Any, body: Any, status: int, field: str | None, text: str | None = None) -> APIError:
+    with pytest.raises(APIError) as info:
+        parse(body, CONFIG)
+    err = info.value
+    assert err.status == status, err.message
+    if field is not None:
+        assert err.param == field
+        assert field in err.message
+    if text is not None:
+        assert err.message == text
+    return err
+
+
+# -- native ---------------------------------------------------------------------------------------
+
+
+def test_generate_defaults_are_the_original_servers() -> None:
+    req = protocol.parse_generate({"prompt": "hi"}, CONFIG)
+    assert req.prompt == "hi" and req.model_id is None
+    assert req.params.max_tokens == 50
+    assert req.params.greedy and req.params.seed is None
+
+
+@pytest.mark.parametrize(("body", "temperature", "top_k", "top_p"), [
+    ({"strategy": "greedy", "temperature": 0.7, "top_k": 5}, 0.0, 0, 1.0),
+    ({"strategy": "top_k", "temperature": 0.7, "top_k": 5}, 0.7, 5, 1.0),
+    ({"strategy": "top_k"}, 1.0, 50, 1.0),
+    ({"strategy": "top_p", "temperature": 0.5, "top_p": 0.8}, 0.5, 0, 0.8),
+    ({"strategy": "top_p"}, 1.0, 0, 0.9),
+])
+def test_strategy_maps_onto_sampling_params(body: dict[str, Any], temperature: float, top_k: int,
+                                            top_p: float) -> None:
+    params = protocol.parse_generate({"prompt": "x", "seed": 3, **body}, CONFIG).params
+    assert (params.temperature, params.top_k, params.top_p, params.seed) == (temperature, top_k, top_p, 3)
+
+
+@pytest.mark.parametrize(("body", "status", "field", "text"), [
+    ({}, 422, "prompt", None),
+    ({"prompt": None}, 422, "prompt", None),
+    ({"prompt": 5}, 422, "prompt", None),
+    ({"prompt": "x", "strategy": "beam"}, 400, "strategy", "Invalid strategy: beam"),
+    ({"prompt": "x", "strategy": 7}, 400, "strategy", "Invalid strategy: 7"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", None),
+    ({"prompt": "x", "max_tokens": 101}, 400, "max_tokens", None),
+    ({"prompt": "x", "max_tokens": 2.5}, 422, "max_tokens", None),
+    ({"prompt": "x", "max_tokens": True}, 422, "max_tokens", None),
+    ({"prompt": "x", "temperature": -0.1}, 400, "temperature", None),
+    ({"prompt": "x", "temperature": "hot"}, 422, "temperature", None),
+    ({"prompt": "x", "strategy": "top_k", "temperature": 0}, 400, "temperature", None),
+    ({"prompt": "x", "top_k": 0}, 400, "top_k", None),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", None),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p", None),
+    ({"prompt": "x", "seed": 1 << 64}, 400, "seed", None),
+    ({"prompt": "x", "model_id": 3}, 422, "model_id", None),
+])
+def test_generate_rejects_naming_the_field(body: dict[str, Any], status: int, field: str, text: str | None) -> None:
+    rejects(protocol.parse_generate, body, status, field, text)
+
+
+@pytest.mark.parametrize("body", [[], "prompt", 3, None])
+def test_body_must_be_an_object(body: Any) -> None:
+    err = rejects(protocol.parse_generate, body, 422, None)
+    assert "JSON object" in err.message
+
+
+def test_batch_limits() -> None:
+    assert protocol.parse_batch_generate({"prompts": ["a", "b"]}, CONFIG).prompts == ("a", "b")
+    rejects(protocol.parse_batch_generate, {"prompts": []}, 400, "prompts")
+    rejects(protocol.parse_batch_generate, {"prompts": ["a"] * 5}, 400, "prompts")
+    rejects(protocol.parse_batch_generate, {"prompts": ["a", 1]}, 422, "prompts")
+    rejects(protocol.parse_batch_tokenize, {"texts": ["a"] * 5}, 400, "texts")
+    assert protocol.parse_batch_tokenize({"texts": ["a"]}, CONFIG).texts == ("a",)
+
+
+def test_tokenize_accepts_empty_text() -> None:
+    assert protocol.parse_tokenize({"text": ""}).text == ""
+    with pytest.raises(APIError) as info:
+        protocol.parse_tokenize({"text": ["a"]})
+    assert info.value.status == 422 and info.value.param == "text"
+
+
+# -- OpenAI ---------------------------------------------------------------------------------------
+
+
+def test_completion_defaults() -> None:
+    req = protocol.parse_completion({"model": "m", "prompt": "hi"}, CONFIG)
+    assert req.prompts == ("hi",)
+    assert req.params.max_tokens == 16 and req.params.temperature == 1.0 and req.params.logprobs is None
+    assert req.options == protocol.OpenAIOptions(model="m", n=1, stop=(), stream=False, include_usage=False)
+    assert not req.echo
+
+
+@pytest.mark.parametrize(("prompt", "expected"), [
+    ("a", ("a",)),
+    (["a", "b"], ("a", "b")),
+    ([1, 2, 3], ((1, 2, 3),)),
+    ([[1, 2], [3]], ((1, 2), (3,))),
+])
+def test_completion_prompt_forms(prompt: Any, expected: tuple[Any, ...]) -> None:
+    assert protocol.parse_completion({"prompt": prompt}, CONFIG).prompts == expected
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [[1], []]}, "prompt"),
+    ({"prompt": ["a", 1]}, "prompt"),
+    ({"prompt": {"a": 1}}, "prompt"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": ["a", "b", "c"], "n": 2}, "n"),  # 6 sequences over the batch limit of 4
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "stop": 3}, "stop"),
+    ({"prompt": "x", "stop": ["a"] * 17}, "stop"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+    ({"prompt": "x", "min_tokens": 20}, "min_tokens"),  # over max_tokens (16)
+    ({"prompt": "x", "top_k": -2}, "top_k"),
+    ({"prompt": "x", "max_tokens": 1000}, "max_tokens"),
+])
+def test_completion_rejects_naming_the_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(APIError) as info:
+        protocol.parse_completion(body, CONFIG)
+    assert info.value.param == field and info.value.status in (400, 422)
+
+
+def test_completion_extensions() -> None:
+    req = protocol.parse_completion({"prompt": "x", "stop": "END", "top_k": -1, "ignore_eos": True,
+                                     "min_tokens": 4, "max_tokens": 8, "logprobs": 0, "echo": True,
+                                     "stream": True, "stream_options": {"include_usage": True},
+                                     "stop_token_ids": [7]}, CONFIG)
+    assert req.options.stop == ("END",) and req.options.include_usage and req.echo
+    p = req.params
+    assert (p.top_k, p.ignore_eos, p.min_tokens, p.max_tokens, p.logprobs, p.stop_token_ids) == (0, True, 4, 8, 0, (7,))
+
+
+def test_empty_stop_strings_are_dropped() -> None:
+    assert protocol.parse_completion({"prompt": "x", "stop": ["", "b"]}, CONFIG).options.stop == ("b",)
+
+
+def test_chat_parses_messages_and_defaults_to_filling_the_context() -> None:
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    req = protocol.parse_chat({"messages": messages}, CONFIG)
+    assert req.messages == tuple(messages)
+    assert req.auto_max_tokens and req.params.max_tokens == CONFIG.max_tokens_limit
+    assert not req.logprobs and req.params.logprobs is None
+    explicit = protocol.parse_chat({"messages": messages, "max_completion_tokens": 5, "max_tokens": 9}, CONFIG)
+    assert not explicit.auto_max_tokens and explicit.params.max_tokens == 5
+    lp = protocol.parse_chat({"messages": messages, "logprobs": True, "top_logprobs": 3}, CONFIG)
+    assert lp.logprobs and lp.params.logprobs == 3
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+])
+def test_chat_rejects_naming_the_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(APIError) as info:
+        protocol.parse_chat(body, CONFIG)
+    assert info.value.param == field
+
+
+# -- error bodies ---------------------------------------------------------------------------------
+
+
+def test_error_shapes_per_api_family() -> None:
+    assert error_body("/generate", 400, "bad") == b'{"error":"bad"}'
+    assert error_body("/v1/completions", 400, "bad", param="n") == (
+        b'{"error":{"message":"bad","type":"invalid_request_error","param":"n","code":null}}')
+    # OpenAI clients get 400 where native clients get 422 for a wrong type.
+    assert error_response("/v1/chat/completions", APIError(422, "x")).status_code == 400
+    assert error_response("/generate", APIError(422, "x")).status_code == 422
+
+
+# -- stop strings ---------------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    """Token id n is the character chr(n); enough to drive ChoiceText."""
+
+    class Detok:
+        def step(self, token_id: int) -> str:
+            return chr(token_id)
+
+        def flush(self) -> str:
+            return ""
+
+    def detokenizer(self, prompt_ids: Sequence[int]) -> CharTokenizer.Detok:
+        return CharTokenizer.Detok()
+
+
+def feed(text: ChoiceText, chars: str) -> list[str]:
+    streamed = []
+    for c in chars:
+        text.add(ord(c), last=False)
+        streamed.append(text.take(final=False))
+        if text.stopped:
+            break
+    return streamed
+
+
+def test_stop_string_cuts_the_text_and_never_streams_it() -> None:
+    text = ChoiceText(CharTokenizer(), [], ["STOP", "xy"])  # type: ignore[arg-type]
+    streamed = feed(text, "abcSTOPdef")
+    assert text.stopped and text.text == "abc"
+    assert "".join(streamed) + text.take(final=True) == "abc"
+
+
+def test_earliest_stop_string_wins_across_token_boundaries() -> None:
+    text = ChoiceText(CharTokenizer(), [], ["cd", "bcde"])  # type: ignore[arg-type]
+    feed(text, "abcdef")
+    assert text.text == "ab"
+
+
+def test_partial_stop_prefix_is_released_when_it_does_not_complete() -> None:
+    text = ChoiceText(CharTokenizer(), [], ["STOP"])  # type: ignore[arg-type]
+    streamed = feed(text, "aSTOxyz")
+    assert not text.stopped
+    assert "".join(streamed) == "aSTO"  # the last 3 characters are held back
+    assert text.take(final=True) == "xyz"
+
+
+def test_echoed_prefix_is_not_searched_for_stop_strings() -> None:
+    text = ChoiceText(CharTokenizer(), [], ["lo"], prefix="hello")  # type: ignore[arg-type]
+    feed(text, "ab")
+    assert not text.stopped and text.text == "helloab"
+
+
+def test_without_stop_strings_nothing_is_held_back() -> None:
+    text = ChoiceText(CharTokenizer(), [], [])  # type: ignore[arg-type]
+    assert feed(text, "abc") == ["a", "b", "c"]
