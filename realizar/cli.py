@@ -45,6 +45,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="context length, prompt plus output (default: the model's, at most 8192)")
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV-cache blocks of 16 tokens (default: sized from memory)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default: one fewer than the cores, at least 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text once, without a server")
     _model_args(g)
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     g.add_argument("prompt")
     g.add_argument("--max-tokens", type=int, default=50)
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -113,7 +116,7 @@ def resolve_model_path(args: argparse.Namespace) -> Path:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     fields = dict(device=args.device, dtype=args.dtype)
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests", "max_queued_tokens",
-                 "max_model_len", "num_kv_blocks"):
+                 "max_model_len", "num_kv_blocks", "threads"):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
     try:

@@ -82,8 +82,11 @@ class EngineConfig:
     max_queued_requests: int = 256
     max_queued_tokens: int = 262144
     seed: int = 0
+    threads: int | None = None  # torch intra-op threads on the CPU; None: one fewer than the cores
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError("threads must be > 0")
         if self.block_size <= 0:
             raise ValueError("block_size must be > 0")
         if self.max_num_seqs <= 0:

@@ -97,10 +97,11 @@ class KVCache:
     def gather_blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, KV, max_blocks * block_size, hd] for block tables [B, max_blocks]."""
         b, nblocks = block_tables.shape
+        flat = block_tables.reshape(-1)
         out = []
         for cache in (self.keys[layer], self.values[layer]):
             paged = cache.view(self.num_blocks, self.block_size, *cache.shape[1:])  # [N, bs, KV, hd]
-            gathered = paged[block_tables]  # [B, max_blocks, bs, KV, hd]
+            gathered = paged.index_select(0, flat)  # [B * max_blocks, bs, KV, hd]
             gathered = gathered.view(b, nblocks * self.block_size, *cache.shape[1:])  # [B, L, KV, hd]
             out.append(gathered.transpose(1, 2))  # [B, KV, L, hd]
         return out[0], out[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -93,11 +94,27 @@ class EngineModel:
     load_seconds: float
 
 
+def resolve_threads(threads: int | None) -> int:
+    """Torch intra-op threads for the CPU engine.
+
+    The default leaves one core to the event loop (HTTP, tokenization, streaming): with
+    every core in torch's pool, a parallel op waits at its barrier whenever any pool
+    thread is descheduled, and on a 2-core machine under load a decode step measured
+    7x slower with 2 threads than with 1 (BENCHMARKS.md).
+    """
+    if threads is not None:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
     from realizar.loading import load_model  # heavy imports stay out of module import time
 
     start = time.perf_counter()
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        torch.set_num_threads(resolve_threads(config.threads))
     dtype = resolve_dtype(config.dtype, device)
     loaded = load_model(path, dtype=dtype)
     if loaded.format == "gguf":
