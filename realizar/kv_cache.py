@@ -8,6 +8,7 @@ token at ``offset`` within that block.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -80,8 +81,17 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.keys = [self._zeros(shape, device, dtype) for _ in range(num_layers)]
+        self.values = [self._zeros(shape, device, dtype) for _ in range(num_layers)]
+
+    @staticmethod
+    def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Zeroed storage. On the CPU it comes from calloc (numpy), whose fresh pages cost no
+        memory until a block is first written, so RSS follows the cache's real use."""
+        if device.type != "cpu" or dtype not in (torch.float32, torch.float16):
+            return torch.zeros(shape, device=device, dtype=dtype)
+        np_dtype = np.float32 if dtype == torch.float32 else np.float16
+        return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

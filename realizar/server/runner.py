@@ -20,6 +20,7 @@ import asyncio
 import errno
 import importlib.util
 import logging
+import os
 import signal
 import socket
 import sys
@@ -73,8 +74,22 @@ def serve(engine_factory: Callable[[], AsyncEngine], config: ServerConfig, *, lo
     try:
         server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits this way when the app's startup fails
-        return exc.code if isinstance(exc.code, int) else 1
-    return server.exit_code
+        return _exit_past_loader(exc.code if isinstance(exc.code, int) else 1)
+    return _exit_past_loader(server.exit_code)
+
+
+def _exit_past_loader(code: int) -> int:
+    """Return ``code``, or end the process at once if the model is still loading.
+
+    A signal during loading leaves the loader thread inside torch; letting the
+    interpreter tear down around it aborts in C++ ("terminate called without an
+    active exception"), so the process exits without the teardown instead.
+    """
+    if any(t.name == "realizar-load" and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def bind(host: str, port: int) -> socket.socket:

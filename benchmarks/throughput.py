@@ -1,0 +1,226 @@
+"""Aggregate output tokens/s against concurrency, for realizar and its peers.
+
+Usage (from the repository root)::
+
+    # realizar alone, concurrency 1, 4, 16 and 64, 128 output tokens (EOS ignored)
+    .venv/bin/python benchmarks/throughput.py
+
+    # the same for llama.cpp and vLLM in the same run, with realizar/peer ratios
+    .venv/bin/python benchmarks/throughput.py --peers llama.cpp,vllm --json /tmp/throughput.json
+
+    # llama-cpp-python's server too (it runs one request at a time)
+    .venv/bin/python benchmarks/throughput.py --peers llama.cpp,llama-cpp-python,vllm
+
+    # a quick smoke run: one wave per level, short prompts
+    .venv/bin/python benchmarks/throughput.py --concurrency 1,4 --waves 1 --min-requests 2 --prompt-len 32
+
+Each server is started on a free port (one at a time, so they never share the
+CPU), warmed up, then driven by a closed loop of streaming ``/v1/completions``
+requests at each concurrency level: ``max(min_requests, waves * concurrency)``
+requests of ``--prompt-len`` words (about as many tokens) and exactly
+``--output-len`` output tokens (``ignore_eos``/``min_tokens``, or the peer's
+equivalent; the table flags any level whose output lengths differ). Output
+tok/s = output tokens / wall time of the level. Prints markdown tables: tok/s,
+the ratio of each level to concurrency 1 (how well batching scales), and with
+``--peers`` the ratio realizar/peer at each level, then latency details.
+
+Every server computes with ``--threads`` threads (default 2, one per core
+here). On a 2-core machine that also runs this load client, or other work,
+spinning OpenMP/ggml threads can stall each other badly; ``--threads 1`` is
+then the stable setting (BENCHMARKS.md, "Findings so far", item 1).
+
+Peers are installed outside the repository (see ``benchmarks/common.py`` and
+BENCHMARKS.md). A peer that cannot start is reported with the reason and
+skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import (
+    SERVER_NAMES,
+    ManagedServer,
+    ServerSpec,
+    ServerStartError,
+    check_lengths,
+    fmt,
+    install_signal_handlers,
+    llamacpp_spec,
+    load_line,
+    machine_line,
+    realizar_spec,
+    run,
+    run_closed_loop,
+    vllm_spec,
+    warm_up,
+    workload_for,
+)
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers expected, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("concurrency levels must be >= 1")
+    return levels
+
+
+def _peers(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    for name in names:
+        if name not in SERVER_NAMES[1:]:
+            raise argparse.ArgumentTypeError(f"unknown peer {name!r}; choose from {', '.join(SERVER_NAMES[1:])}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--peers", type=_peers, default=[],
+                   help="comma-separated: llama.cpp (llama-server), llama-cpp-python, vllm")
+    p.add_argument("--concurrency", type=_levels, default=[1, 4, 16, 64], help="levels (default 1,4,16,64)")
+    p.add_argument("--waves", type=int, default=2, help="requests per level = waves * concurrency (default 2)")
+    p.add_argument("--min-requests", type=int, default=4, help="at least this many requests per level")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt words, about tokens (default 128)")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128)")
+    p.add_argument("--realizar-threads", type=int, default=None, metavar="N",
+                   help="OMP_NUM_THREADS for realizar alone (default: --threads)")
+    p.add_argument("--dtype", default="auto", help="realizar --dtype (default auto)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="compute threads of every server (default 2): realizar's and vLLM's OMP_NUM_THREADS, "
+                        "llama.cpp's -t/-tb")
+    p.add_argument("--vllm-dtype", default="float32", help="vLLM --dtype (default float32, like realizar's auto "
+                   "on a CPU without native bf16)")
+    p.add_argument("--realizar-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for realizar serve (repeatable, e.g. --realizar-arg=--max-num-seqs=64)")
+    p.add_argument("--log-dir", type=Path, default=None, help="keep server logs here (default: the temp dir)")
+    p.add_argument("--json", type=Path, help="write every measurement here as JSON")
+    return p
+
+
+def spec_for(name: str, args: argparse.Namespace) -> ServerSpec:
+    if name == "realizar":
+        return realizar_spec(dtype=args.dtype, threads=args.realizar_threads or args.threads, extra_args=args.realizar_arg,
+                             output_len=args.output_len)
+    if name in ("llama.cpp", "llama-cpp-python"):
+        return llamacpp_spec(threads=args.threads, parallel=max(args.concurrency),
+                             ctx_per_slot=args.prompt_len * 2 + args.output_len + 64, output_len=args.output_len,
+                             native=None if name == "llama.cpp" else False)
+    if name == "vllm":
+        return vllm_spec(max_num_seqs=max(args.concurrency), output_len=args.output_len, dtype=args.vllm_dtype,
+                         threads=args.threads)
+    raise ValueError(name)
+
+
+def measure_server(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Start one server, run every level, stop it. Never raises for a peer that cannot run."""
+    out: dict[str, Any] = {"server": name, "levels": {}}
+    try:
+        spec = spec_for(name, args)
+    except FileNotFoundError as exc:
+        out["error"] = str(exc)
+        return out
+    out["note"] = spec.note
+    try:
+        with ManagedServer(spec, args.log_dir) as server:
+            out["ready_s"] = server.ready_s
+            out["model"] = server.model
+            workload = workload_for(server, prompt_len=args.prompt_len, output_len=args.output_len)
+            warm_up(server, workload)
+            first = 0
+            for c in args.concurrency:
+                n = max(args.min_requests, args.waves * c)
+                print(f"[{name}] concurrency {c}: {n} requests ...", file=sys.stderr, flush=True)
+                result = run(run_closed_loop(server.url, workload, c, n, first_index=first))
+                first += n
+                summary = result.summary()
+                summary["length_warning"] = check_lengths(summary, args.output_len)
+                summary["rss_mib"] = server.rss_mib()
+                out["levels"][c] = summary
+                print(f"[{name}] concurrency {c}: {summary['output_tok_s']:.1f} output tok/s, "
+                      f"TTFT p50 {fmt(summary['ttft_p50_ms'], 0)} ms, ITL p50 {fmt(summary['itl_p50_ms'], 1)} ms, "
+                      f"{summary['failed']} failed {summary['length_warning']}", file=sys.stderr, flush=True)
+    except (ServerStartError, RuntimeError, OSError) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _tok_s(result: dict[str, Any], c: int) -> float | None:
+    level = result["levels"].get(c)
+    return level["output_tok_s"] if level and level["failed"] < level["requests"] else None
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or not b else f"{a / b:.2f}x"
+
+
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    names = [r["server"] for r in results]
+    lines = [f"Machine: {machine_line()}; {load_line()}",
+             f"Workload: {args.prompt_len}-word prompts, {args.output_len} output tokens (EOS ignored), "
+             f"streaming /v1/completions, closed loop, requests per level = max({args.min_requests}, "
+             f"{args.waves} x concurrency)", ""]
+    for r in results:
+        if "error" in r:
+            lines.append(f"- **{r['server']}** could not be measured: {r['error'].splitlines()[0]}")
+        else:
+            lines.append(f"- **{r['server']}**: {r.get('note', '')}, ready in {fmt(r.get('ready_s'))} s")
+    lines.append("")
+    head = ["concurrency"]
+    for name in names:
+        head += [f"{name} tok/s", f"{name} vs c={args.concurrency[0]}"]
+    for name in names[1:]:
+        head.append(f"realizar/{name}")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = {r["server"]: _tok_s(r, args.concurrency[0]) for r in results}
+    for c in args.concurrency:
+        row = [str(c)]
+        for r in results:
+            v = _tok_s(r, c)
+            warn = " (!)" if r["levels"].get(c, {}).get("length_warning") else ""
+            row += [fmt(v) + warn, _ratio(v, base[r["server"]])]
+        mine = _tok_s(results[0], c)
+        for r in results[1:]:
+            row.append(_ratio(mine, _tok_s(r, c)))
+        lines.append("| " + " | ".join(row) + " |")
+    if any(s.get("length_warning") for r in results for s in r["levels"].values()):
+        lines += ["", "(!) output lengths were not all exactly the requested length; see the details."]
+    lines += ["", "| server | c | requests | failed | out len min..max | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+              "| E2E p50 ms | RSS MiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for c in args.concurrency:
+            s = r["levels"].get(c)
+            if not s:
+                continue
+            lines.append(
+                f"| {r['server']} | {c} | {s['requests']} | {s['failed']} | {s['output_len_min']}..{s['output_len_max']}"
+                f" ({s['tokens_from']}) | {fmt(s['ttft_p50_ms'], 0)} / {fmt(s['ttft_p99_ms'], 0)} "
+                f"| {fmt(s['itl_p50_ms'])} / {fmt(s['itl_p99_ms'])} | {fmt(s['e2e_p50_ms'], 0)} | {fmt(s['rss_mib'], 0)} |")
+    errors = [(r["server"], c, s["errors"]) for r in results for c, s in r["levels"].items() if s["errors"]]
+    for name, c, errs in errors:
+        lines.append(f"\n{name} at concurrency {c}: errors {errs}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    install_signal_handlers()
+    machine_line()  # the load average at the start
+    results = [measure_server(name, args) for name in ["realizar", *args.peers]]
+    print(markdown(results, args))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine_line(), "args": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "results": results},
+            indent=2, default=str))
+    return 1 if "error" in results[0] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
