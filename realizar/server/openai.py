@@ -170,18 +170,11 @@ class OpenAIAPI:
                                  created: int, model: str, include_usage: bool,
                                  usage: _Usage) -> AsyncGenerator[bytes, None]:
         head = {"id": response_id, "object": "text_completion", "created": created, "model": model}
-        async with aclosing(merge([c.stream for c in choices])) as outputs:
-            async for index, out in outputs:
-                choice = choices[index]
-                if choice.done:
-                    continue
-                choice.feed(out)
-                text = choice.text.take(final=choice.done)
-                logprobs = choice.new_logprobs()
-                if text or choice.done or (logprobs and logprobs["tokens"]):
-                    item = {"index": index, "text": text, "logprobs": logprobs,
-                            "finish_reason": choice.finish_reason if choice.done else None}
-                    yield _sse({**head, "choices": [item], **({"usage": None} if include_usage else {})})
+        async with aclosing(_choice_updates(choices, "tokens")) as updates:
+            async for index, choice, text, logprobs in updates:
+                item = {"index": index, "text": text, "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason if choice.done else None}
+                yield _sse({**head, "choices": [item], **({"usage": None} if include_usage else {})})
         async for chunk in _stream_tail(gen, head, include_usage, usage):
             yield chunk
 
@@ -240,18 +233,11 @@ class OpenAIAPI:
             first = {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
             yield _sse({**head, "choices": [first], **extra})
-        async with aclosing(merge([c.stream for c in choices])) as outputs:
-            async for index, out in outputs:
-                choice = choices[index]
-                if choice.done:
-                    continue
-                choice.feed(out)
-                text = choice.text.take(final=choice.done)
-                logprobs = choice.new_logprobs()
-                if text or choice.done or (logprobs and logprobs["content"]):
-                    item = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                            "finish_reason": choice.finish_reason if choice.done else None}
-                    yield _sse({**head, "choices": [item], **extra})
+        async with aclosing(_choice_updates(choices, "content")) as updates:
+            async for index, choice, text, logprobs in updates:
+                item = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason if choice.done else None}
+                yield _sse({**head, "choices": [item], **extra})
         async for chunk in _stream_tail(gen, head, include_usage, usage):
             yield chunk
 
@@ -294,6 +280,22 @@ async def _run_all(gen: Generation, choices: list[Choice], request: Request) -> 
     finally:
         await gen.close()
     gen.raise_for_problem()
+
+
+async def _choice_updates(choices: list[Choice], logprobs_key: str
+                          ) -> AsyncGenerator[tuple[int, Choice, str, Any], None]:
+    """(index, choice, new text, new logprobs) for each engine output with something to send;
+    ``logprobs_key`` is where the new logprob entries sit (completions and chat differ)."""
+    async with aclosing(merge([c.stream for c in choices])) as outputs:
+        async for index, out in outputs:
+            choice = choices[index]
+            if choice.done:
+                continue
+            choice.feed(out)
+            text = choice.text.take(final=choice.done)
+            logprobs = choice.new_logprobs()
+            if text or choice.done or (logprobs and logprobs[logprobs_key]):
+                yield index, choice, text, logprobs
 
 
 def _sse(body: dict[str, Any]) -> bytes:
