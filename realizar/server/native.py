@@ -31,6 +31,7 @@ from realizar.server.http import context, json_response, read_json
 from realizar.server.state import ServerState
 
 if TYPE_CHECKING:
+    from realizar.engine.engine import AsyncEngine
     from realizar.tokenizer import Tokenizer
 
 
@@ -75,12 +76,16 @@ class NativeAPI:
         batch = await encode_many(engine.tokenizer, req.texts)
         return json_response({"results": [{"token_ids": ids, "num_tokens": len(ids)} for ids in batch]})
 
-    async def generate(self, request: Request) -> Response:
+    async def _single(self, request: Request) -> tuple[AsyncEngine, protocol.GenerateRequest, list[int], Generation]:
+        """Parse and tokenize a one-prompt generation request (/generate, /stream/generate)."""
         engine = self.state.require_engine()
         req = protocol.parse_generate(await read_json(request, self.config.max_body_bytes), self.config)
         check_model(engine, req.model_id)
         prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt))
-        gen = Generation(self.state, engine, context(request))
+        return engine, req, prompt_ids, Generation(self.state, engine, context(request))
+
+    async def generate(self, request: Request) -> Response:
+        engine, req, prompt_ids, gen = await self._single(request)
         try:
             stream = gen.submit(prompt_ids, fit_params(req.params, engine))
             gen.watch(request.receive)
@@ -109,11 +114,7 @@ class NativeAPI:
         return json_response({"results": [_result(engine.tokenizer, p, g) for p, g in zip(batch, outputs, strict=True)]})
 
     async def stream_generate(self, request: Request) -> Response:
-        engine = self.state.require_engine()
-        req = protocol.parse_generate(await read_json(request, self.config.max_body_bytes), self.config)
-        check_model(engine, req.model_id)
-        prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt))
-        gen = Generation(self.state, engine, context(request))
+        engine, req, prompt_ids, gen = await self._single(request)
         try:
             stream = gen.submit(prompt_ids, fit_params(req.params, engine))
         except BaseException:
