@@ -88,10 +88,11 @@ class KVCache:
     def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Zeroed storage. On the CPU it comes from calloc (numpy), whose fresh pages cost no
         memory until a block is first written, so RSS follows the cache's real use."""
-        if device.type != "cpu" or dtype not in (torch.float32, torch.float16):
+        if device.type != "cpu":
             return torch.zeros(shape, device=device, dtype=dtype)
-        np_dtype = np.float32 if dtype == torch.float32 else np.float16
-        return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
+        # all-zero bits are 0.0 in every float format, so an integer array of the same width serves
+        words = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[torch.empty(0, dtype=dtype).element_size()]
+        return torch.from_numpy(np.zeros(shape, dtype=words)).view(dtype)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
