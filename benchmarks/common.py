@@ -183,18 +183,16 @@ def realizar_spec(*, port: int | None = None, dtype: str = "auto", model: str | 
                   extra_args: Sequence[str] = (), output_len: int = 128, threads: int | None = None) -> ServerSpec:
     """``realizar serve`` from the running venv (``python -m realizar``).
 
-    ``threads`` sets OMP_NUM_THREADS (torch's intra-op threads); ``None`` leaves
-    torch's default (one per core). On a machine whose cores are also busy with
-    other work, two spinning OpenMP threads on two cores wait on each other at
-    every op, so fewer threads can be much faster there."""
+    ``threads`` is passed as ``--threads`` (the matmul threads; torch's own ops get one
+    fewer); ``None`` keeps realizar's default, one per core."""
     port = port or free_port()
-    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
     source = ["--model", model] if model else ["--demo"]
+    threads_args = ["--threads", str(threads)] if threads else []
     argv = (sys.executable, "-m", "realizar", "serve", *source, "--host", "127.0.0.1", "--port", str(port),
             "--dtype", dtype, "--no-access-log", "--log-level", "warning", "--shutdown-timeout", "5",
-            *extra_args)
-    note = f"dtype {dtype}" + (f", OMP_NUM_THREADS={threads}" if threads else "")
-    return ServerSpec("realizar", argv, port, "/health", None, env, _ignore_eos_fields(output_len), note=note)
+            *threads_args, *extra_args)
+    note = f"dtype {dtype}" + (f", --threads {threads}" if threads else ", default threads")
+    return ServerSpec("realizar", argv, port, "/health", None, {}, _ignore_eos_fields(output_len), note=note)
 
 
 def llamacpp_spec(*, port: int | None = None, gguf: Path | None = None, threads: int = 2,

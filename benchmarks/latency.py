@@ -171,7 +171,7 @@ def _row(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
-                   help="OMP_NUM_THREADS for realizar and transformers alike (default: torch's own, one per core)")
+                   help="realizar's --threads and transformers' OMP_NUM_THREADS (default: each one's own)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
     p.add_argument("--requests", type=int, default=5, help="requests per setting (default 5)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt words, about tokens (default 128)")

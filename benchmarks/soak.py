@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-drift-pct", type=float, default=10.0)
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (default 300 s)")
     p.add_argument("--realizar-threads", type=int, default=None, metavar="N",
-                   help="OMP_NUM_THREADS for realizar (default: realizar's own, one fewer than the cores)")
+                   help="realizar's --threads (default: realizar's own, one per core)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

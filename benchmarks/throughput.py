@@ -25,9 +25,8 @@ the ratio of each level to concurrency 1 (how well batching scales), and with
 ``--peers`` the ratio realizar/peer at each level, then latency details.
 
 Every server computes with ``--threads`` threads (default 2, one per core
-here). On a 2-core machine that also runs this load client, or other work,
-spinning OpenMP/ggml threads can stall each other badly; ``--threads 1`` is
-then the stable setting (BENCHMARKS.md, "Findings so far", item 1).
+here): realizar's ``--threads`` (its matmul threads), vLLM's OMP_NUM_THREADS and
+llama.cpp's ``-t``/``-tb``.
 
 Peers are installed outside the repository (see ``benchmarks/common.py`` and
 BENCHMARKS.md). A peer that cannot start is reported with the reason and
@@ -90,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128, help="prompt words, about tokens (default 128)")
     p.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128)")
     p.add_argument("--realizar-threads", type=int, default=None, metavar="N",
-                   help="OMP_NUM_THREADS for realizar alone (default: --threads)")
+                   help="realizar's --threads alone (default: --threads)")
     p.add_argument("--dtype", default="auto", help="realizar --dtype (default auto)")
     p.add_argument("--threads", type=int, default=2,
-                   help="compute threads of every server (default 2): realizar's and vLLM's OMP_NUM_THREADS, "
-                        "llama.cpp's -t/-tb")
+                   help="compute threads of every server (default 2): realizar's --threads, vLLM's "
+                        "OMP_NUM_THREADS, llama.cpp's -t/-tb")
     p.add_argument("--vllm-dtype", default="float32", help="vLLM --dtype (default float32, like realizar's auto "
                    "on a CPU without native bf16)")
     p.add_argument("--realizar-arg", action="append", default=[], metavar="ARG",

@@ -46,7 +46,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV-cache blocks of 16 tokens (default: sized from memory)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the model (default: one fewer than the cores, at least 1)")
+                   help="CPU threads for the model's matrix multiplies (default: one per core); "
+                        "torch's other ops get one fewer, at least 1")
 
 
 def build_parser() -> argparse.ArgumentParser:

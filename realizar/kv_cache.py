@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from realizar import kernels
+
 
 class OutOfBlocks(Exception):
     """The allocator has no free block left."""
@@ -81,6 +83,7 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.kernels = kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
         self.keys = [self._zeros(shape, device, dtype) for _ in range(num_layers)]
         self.values = [self._zeros(shape, device, dtype) for _ in range(num_layers)]
 
@@ -102,6 +105,9 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values [T, KV, hd] at ``slots`` [T]."""
+        if self.kernels is not None:
+            self.kernels.write_kv(self.keys[layer], self.values[layer], slots, k, v)
+            return
         self.keys[layer].index_copy_(0, slots, k)
         self.values[layer].index_copy_(0, slots, v)
 

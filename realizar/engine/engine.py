@@ -26,6 +26,7 @@ from realizar.engine.runner import ModelRunner
 from realizar.engine.scheduler import Scheduler, Sequence
 from realizar.engine.stats import EngineStats, LatencyObservations, StatsRecorder
 from realizar.kv_cache import BlockAllocator, KVCache
+from realizar.model.linear import blas_threads
 from realizar.model.llama import LlamaModel
 from realizar.request import FinishReason, Request, SamplingParams, TokenOutput
 from realizar.sampling import SamplingRow, make_generator
@@ -94,18 +95,20 @@ class EngineModel:
     load_seconds: float
 
 
-def resolve_threads(threads: int | None) -> int:
-    """Torch intra-op threads for the CPU engine.
+def resolve_threads(threads: int | None) -> tuple[int, int]:
+    """(matmul threads, torch intra-op threads) for the CPU engine.
 
-    The default leaves one core to the event loop (HTTP, tokenization, streaming): with
-    every core in torch's pool, a parallel op waits at its barrier whenever any pool
-    thread is descheduled, and on a 2-core machine under load a decode step measured
-    7x slower with 2 threads than with 1 (BENCHMARKS.md).
+    Nearly all of a step's time is in the linear layers, which run on numpy's OpenBLAS
+    (``realizar.model.linear``) with ``threads`` threads, by default one per core: batched
+    decode is compute-bound, and two threads on two cores measured 1.2-1.5x the step rate
+    of one (BENCHMARKS.md). Torch's own ops (norms, RoPE, prefill attention) are short and
+    many; torch gets one thread fewer, because its OpenMP pool waits at a barrier after every
+    op, and with every core in it a step measured 7x slower whenever the event loop or a
+    load client took a core for a moment.
     """
-    if threads is not None:
-        return threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    matmul = threads if threads is not None else cores
+    return matmul, max(1, matmul - 1)
 
 
 def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
@@ -114,7 +117,9 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
     start = time.perf_counter()
     device = resolve_device(config.device)
     if device.type == "cpu":
-        torch.set_num_threads(resolve_threads(config.threads))
+        matmul_threads, torch_threads = resolve_threads(config.threads)
+        blas_threads(matmul_threads)
+        torch.set_num_threads(torch_threads)
     dtype = resolve_dtype(config.dtype, device)
     loaded = load_model(path, dtype=dtype)
     if loaded.format == "gguf":

@@ -1,10 +1,12 @@
 """The Llama-family forward pass (llama, SmolLM2, mistral, qwen2) over packed tokens.
 
 One call runs every sequence of an engine step: decode tokens and prefill chunks are
-packed into one ``[T, D]`` activation, so the linear layers see the whole batch.
-Attention is split by kind: all decode queries in one padded SDPA call, then one
-causal SDPA call per prefill chunk. Keys and values live in a paged cache
-(``realizar.kv_cache.KVCache``) and are gathered through block tables.
+packed into one ``[T, D]`` activation, so the linear layers (``realizar.model.linear``)
+see the whole batch. Attention is split by kind: all decode queries in one call, then
+one causal SDPA call per prefill chunk. Keys and values live in a paged cache
+(``realizar.kv_cache.KVCache``) addressed through block tables. Decode attention reads
+the pages directly with a compiled kernel (``realizar.kernels``) in float32 on the CPU;
+elsewhere it gathers the blocks and runs one padded SDPA call.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from realizar import kernels
 from realizar.config import ModelConfig, RopeScaling
 from realizar.kv_cache import KVCache
+from realizar.model.linear import Linear
 
 
 @dataclass
@@ -40,6 +44,7 @@ class AttentionMetadata:
     num_decodes: int
     decode_block_tables: torch.Tensor  # [B_dec, max_blocks] block ids (padded with 0)
     decode_mask: torch.Tensor  # [B_dec, 1, 1, max_blocks * block_size] True where attended
+    decode_context_lens: torch.Tensor  # [B_dec] tokens each decode query attends to, itself included
     prefills: list[PrefillChunk]
 
 
@@ -78,12 +83,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [D]
-    qkv: torch.Tensor  # [(H + 2 * KV) * hd, D]  q, k and v projections fused
-    qkv_bias: torch.Tensor | None  # [(H + 2 * KV) * hd] (qwen2)
-    o: torch.Tensor  # [D, H * hd]
+    qkv: Linear  # [(H + 2 * KV) * hd, D]  q, k and v projections fused (bias on qwen2)
+    o: Linear  # [D, H * hd]
     mlp_norm: torch.Tensor  # [D]
-    gate_up: torch.Tensor  # [2 * I, D]  gate and up projections fused
-    down: torch.Tensor  # [D, I]
+    gate_up: Linear  # [2 * I, D]  gate and up projections fused
+    down: Linear  # [D, I]
 
 
 class LlamaModel:
@@ -98,8 +102,10 @@ class LlamaModel:
         def take(name: str) -> torch.Tensor:
             return tensors[name].to(device=device, dtype=dtype).contiguous()
 
-        self.embed = take("model.embed_tokens.weight")  # [V, D]
-        self.lm_head = self.embed if config.tie_word_embeddings else take("lm_head.weight")
+        self.lm_head = Linear(take("lm_head.weight" if not config.tie_word_embeddings
+                                   else "model.embed_tokens.weight"))  # [V, D]
+        # a tied embedding is read out of the head's weight rather than kept twice
+        self.embed = None if config.tie_word_embeddings else take("model.embed_tokens.weight")
         self.final_norm = take("model.norm.weight")
         self.layers: list[LayerWeights] = []
         for i in range(config.num_layers):
@@ -112,12 +118,11 @@ class LlamaModel:
             gate_up = torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]])
             self.layers.append(LayerWeights(
                 attn_norm=take(p + "input_layernorm.weight"),
-                qkv=qkv.to(device=device, dtype=dtype).contiguous(),
-                qkv_bias=bias,
-                o=take(p + "self_attn.o_proj.weight"),
+                qkv=Linear(qkv.to(device=device, dtype=dtype), bias),
+                o=Linear(take(p + "self_attn.o_proj.weight")),
                 mlp_norm=take(p + "post_attention_layernorm.weight"),
-                gate_up=gate_up.to(device=device, dtype=dtype).contiguous(),
-                down=take(p + "mlp.down_proj.weight"),
+                gate_up=Linear(gate_up.to(device=device, dtype=dtype)),
+                down=Linear(take(p + "mlp.down_proj.weight")),
             ))
         inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
@@ -126,12 +131,14 @@ class LlamaModel:
         self.cos = angles.cos().to(device=device, dtype=dtype)
         self.sin = angles.sin().to(device=device, dtype=dtype)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        # compiled paged attention where it applies (float32 on the CPU); torch's SDPA otherwise
+        self.kernels = kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
         """Logits [len(logits_indices), V] in float32 for the selected packed tokens."""
-        x = F.embedding(input_ids, self.embed)  # [T, D]
+        x = self.lm_head.rows(input_ids) if self.embed is None else F.embedding(input_ids, self.embed)  # [T, D]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
         sin = self.sin[positions].unsqueeze(1)
         for index, layer in enumerate(self.layers):
@@ -139,17 +146,17 @@ class LlamaModel:
                                    cos, sin, meta, cache)
             x = x + self.mlp(layer, rms_norm(x, layer.mlp_norm, self.config.rms_norm_eps))
         h = rms_norm(x[logits_indices], self.final_norm, self.config.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
     def mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)  # [T, I] each
-        return F.linear(F.silu(gate) * up, layer.down)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [T, I] each
+        return layer.down(F.silu(gate) * up)
 
     def attention(self, layer: LayerWeights, index: int, x: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         c = self.config
         t = x.shape[0]
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, (H + 2KV) * hd]
+        qkv = layer.qkv(x)  # [T, (H + 2KV) * hd]
         q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
                              c.num_kv_heads * c.head_dim], dim=-1)
         q = q.view(t, c.num_heads, c.head_dim)  # [T, H, hd]
@@ -165,13 +172,17 @@ class LlamaModel:
         for chunk in meta.prefills:
             span = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
             out[span] = self.prefill_attention(q[span], index, chunk, cache)
-        return F.linear(out.view(t, c.num_heads * c.head_dim), layer.o)
+        return layer.o(out.view(t, c.num_heads * c.head_dim))
 
     def decode_attention(self, q: torch.Tensor, index: int, meta: AttentionMetadata,
                          cache: KVCache) -> torch.Tensor:
         """One query per sequence against its gathered blocks; the query heads that share a
         KV head are laid along SDPA's query-length axis, so no K/V repeat is needed."""
         c = self.config
+        if self.kernels is not None:
+            return self.kernels.decode_attention(q, cache.keys[index], cache.values[index],
+                                                 meta.decode_block_tables, meta.decode_context_lens,
+                                                 cache.block_size, self.scale)
         b = q.shape[0]
         group = c.num_heads // c.num_kv_heads
         keys, values = cache.gather_blocks(index, meta.decode_block_tables)  # [B, KV, L, hd] each

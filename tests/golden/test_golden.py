@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from realizar.config import EngineConfig
@@ -53,3 +54,21 @@ def test_auto_dtype_agrees_with_float32_for_8_tokens(ours_f32: EngineModel) -> N
     f32 = greedy(Engine(ours_f32, EngineConfig(device="cpu", dtype="float32")), prompts, 8)
     low = greedy(Engine(auto, EngineConfig(device="cpu", dtype="auto")), prompts, 8)
     assert low == f32, f"auto chose {auto.model.dtype}"
+
+
+def test_compiled_kernels_and_the_pure_torch_path_agree(ours_f32: EngineModel) -> None:
+    """The C decode attention and KV write give the greedy output of torch's SDPA path."""
+    model = ours_f32.model
+    if model.kernels is None:
+        pytest.skip("the compiled kernels are not in use on this machine")
+    prompts = [ours_f32.tokenizer.encode(t) for t in GOLDEN_PROMPTS]
+    compiled = greedy(Engine(ours_f32, EngineConfig(device="cpu", dtype="float32")), prompts, 24)
+    saved = model.kernels
+    try:
+        model.kernels = None
+        engine = Engine(ours_f32, EngineConfig(device="cpu", dtype="float32"))
+        engine.runner.cache.kernels = None
+        pure_torch = greedy(engine, prompts, 24)
+    finally:
+        model.kernels = saved
+    assert compiled == pure_torch
