@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=120.0,
                    help="most seconds to wait for the batch to be full and decoding before probing (default 120)")
     p.add_argument("--realizar-threads", type=int, default=None, metavar="N",
-                   help="OMP_NUM_THREADS for realizar (default: realizar's own, one fewer than the cores)")
+                   help="realizar's --threads (default: realizar's own, one per core)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
