@@ -40,6 +40,7 @@ Load client
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import atexit
 import contextlib
@@ -193,6 +194,24 @@ def realizar_spec(*, port: int | None = None, dtype: str = "auto", model: str | 
             *threads_args, *extra_args)
     note = f"dtype {dtype}" + (f", --threads {threads}" if threads else ", default threads")
     return ServerSpec("realizar", argv, port, "/health", None, {}, _ignore_eos_fields(output_len), note=note)
+
+
+def add_server_options(p: argparse.ArgumentParser, verb: str) -> None:
+    """The options of a script that measures one realizar server: start ``--demo`` or attach
+    to ``--url``; ``verb`` says what the script does to it ("soak", "measure")."""
+    p.add_argument("--url", help=f"{verb} this running server instead of starting realizar --demo")
+    p.add_argument("--pid", type=int, help="with --url: the server's pid, for its RSS")
+    p.add_argument("--realizar-threads", type=int, default=None, metavar="N",
+                   help="realizar's --threads (default: realizar's own, one per core)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--json", type=Path)
+
+
+def server_from_options(args: argparse.Namespace, output_len: int = 128) -> ManagedServer:
+    """The server ``add_server_options`` describes: attached to ``--url``, or started."""
+    if args.url:
+        return ManagedServer.attach(args.url, args.pid, output_len=output_len)
+    return ManagedServer(realizar_spec(dtype=args.dtype, output_len=output_len, threads=args.realizar_threads))
 
 
 def llamacpp_spec(*, port: int | None = None, gguf: Path | None = None, threads: int = 2,

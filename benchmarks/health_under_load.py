@@ -32,19 +32,19 @@ import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from common import (
     ManagedServer,
+    add_server_options,
     fmt,
     install_signal_handlers,
     load_line,
     machine_line,
     percentile,
-    realizar_spec,
     run,
     run_closed_loop,
+    server_from_options,
     warm_up,
     workload_for,
 )
@@ -129,8 +129,7 @@ async def _loaded_probes(server: ManagedServer, args: argparse.Namespace,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", help="measure this running server instead of starting realizar --demo")
-    p.add_argument("--pid", type=int, help="with --url: the server's pid, for its RSS")
+    add_server_options(p, "measure")
     p.add_argument("--probes", type=int, default=500, help="sequential probes per phase (default 500)")
     p.add_argument("--interval-ms", type=float, default=10.0, help="pause between probes (default 10)")
     p.add_argument("--concurrency", type=int, default=64, help="generation streams in flight (default 64)")
@@ -138,17 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--settle", type=float, default=120.0,
                    help="most seconds to wait for the batch to be full and decoding before probing (default 120)")
-    p.add_argument("--realizar-threads", type=int, default=None, metavar="N",
-                   help="realizar's --threads (default: realizar's own, one per core)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     install_signal_handlers()
     machine_line()  # the load average at the start
 
-    server = (ManagedServer.attach(args.url, args.pid, output_len=args.output_len) if args.url
-              else ManagedServer(realizar_spec(dtype=args.dtype, output_len=args.output_len,
-                                                 threads=args.realizar_threads)))
+    server = server_from_options(args, output_len=args.output_len)
     with server, ProcessPoolExecutor(max_workers=1) as pool:
         warm_up(server, workload_for(server, prompt_len=args.prompt_len, output_len=8))
         print(f"idle: {args.probes} probes ...", file=sys.stderr, flush=True)

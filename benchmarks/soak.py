@@ -27,20 +27,20 @@ import random
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 from common import (
     ManagedServer,
+    add_server_options,
     fmt,
     install_signal_handlers,
     load_line,
     machine_line,
     percentile,
     prompts,
-    realizar_spec,
     run,
+    server_from_options,
 )
 
 OPS = ("health", "tokenize", "generate", "stream", "chat")
@@ -140,8 +140,7 @@ def drift(samples: list[tuple[float, float]], warmup_s: float) -> tuple[float | 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0, help="duration (default 10)")
-    p.add_argument("--url", help="soak this running server instead of starting realizar --demo")
-    p.add_argument("--pid", type=int, help="with --url: the server's pid (needed for RSS)")
+    add_server_options(p, "soak")
     p.add_argument("--concurrency", type=int, default=8, help="workers (default 8)")
     p.add_argument("--mix", type=_mix, default=_mix("health:30,tokenize:20,generate:20,stream:15,chat:15"),
                    help="op:weight list (default health:30,tokenize:20,generate:20,stream:15,chat:15)")
@@ -151,16 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="drift is measured from the first sample at or after this time (default 60 s)")
     p.add_argument("--max-drift-pct", type=float, default=10.0)
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (default 300 s)")
-    p.add_argument("--realizar-threads", type=int, default=None, metavar="N",
-                   help="realizar's --threads (default: realizar's own, one per core)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     install_signal_handlers()
     machine_line()  # the load average at the start
 
-    server = (ManagedServer.attach(args.url, args.pid) if args.url
-              else ManagedServer(realizar_spec(dtype=args.dtype, threads=args.realizar_threads)))
+    server = server_from_options(args)
     with server:
         soak = Soak(server.url, args)
         samples = run(soak.run(server))

@@ -45,6 +45,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="context length, prompt plus output (default: the model's, at most 8192)")
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV-cache blocks of 16 tokens (default: sized from memory)")
+    _threads_arg(p)
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model's matrix multiplies (default: one per core); "
                         "torch's other ops get one fewer, at least 1")
@@ -81,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text once, without a server")
     _model_args(g)
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
+    _threads_arg(g)
     g.add_argument("prompt")
     g.add_argument("--max-tokens", type=int, default=50)
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")

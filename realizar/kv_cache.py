@@ -83,7 +83,7 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.kernels = kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
+        self.kernels = kernels.for_tensors(device, dtype)
         self.keys = [self._zeros(shape, device, dtype) for _ in range(num_layers)]
         self.values = [self._zeros(shape, device, dtype) for _ in range(num_layers)]
 

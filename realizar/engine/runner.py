@@ -39,19 +39,16 @@ class ModelRunner:
         slots = blocks[:, None] * self.block_size + self._offsets[None, :]  # [nblocks, bs]
         return slots.flatten()[:length]
 
-    def _decode_tables(self, decodes: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block tables [B, max_blocks], context lengths [B], and the mask [B, 1, 1, max_blocks * bs]
-        of the live slots."""
+    def _decode_tables(self, decodes: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables [B, max_blocks] (padded with block 0) and context lengths [B]."""
         if not decodes:
-            empty = torch.zeros(0, 1, dtype=torch.long, device=self.device)
-            return (empty, torch.zeros(0, dtype=torch.long, device=self.device),
-                    torch.zeros(0, 1, 1, self.block_size, dtype=torch.bool, device=self.device))
+            return (torch.zeros(0, 1, dtype=torch.long, device=self.device),
+                    torch.zeros(0, dtype=torch.long, device=self.device))
         max_blocks = max(len(i.seq.block_table) for i in decodes)
         tables = [i.seq.block_table + [0] * (max_blocks - len(i.seq.block_table)) for i in decodes]
         block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
         lens = torch.tensor([i.seq.num_computed + 1 for i in decodes], dtype=torch.long, device=self.device)
-        span = torch.arange(max_blocks * self.block_size, device=self.device)
-        return block_tables, lens, (span[None, :] < lens[:, None]).view(len(decodes), 1, 1, -1)
+        return block_tables, lens
 
     def execute(self, output: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepResult:
         """Run one step. ``rows`` maps request ids to sampling inputs for sampling sequences."""
@@ -72,7 +69,7 @@ class ModelRunner:
                 sampling.append(item)
 
         num_decodes = len(output.decodes)
-        block_tables, context_lens, decode_mask = self._decode_tables(output.decodes)
+        block_tables, context_lens = self._decode_tables(output.decodes)
 
         prefills: list[PrefillChunk] = []
         for item in output.prefills:
@@ -91,7 +88,6 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decodes=num_decodes,
             decode_block_tables=block_tables,
-            decode_mask=decode_mask,
             decode_context_lens=context_lens,
             prefills=prefills,
         )

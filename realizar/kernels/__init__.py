@@ -13,6 +13,7 @@ returns None and the model keeps its pure-torch path, which gives the same resul
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -20,7 +21,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
@@ -29,9 +29,6 @@ log = logging.getLogger("realizar.kernels")
 
 SOURCE = Path(__file__).with_name("paged_attention.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC"]
-
-_lock = threading.Lock()
-_loaded: dict[str, CpuKernels | None] = {}
 
 
 def _cache_dir() -> Path:
@@ -130,17 +127,21 @@ def enabled() -> bool:
     return os.environ.get("REALIZAR_KERNELS", "1").lower() not in ("0", "false", "no", "off")
 
 
+@functools.cache
+def _built() -> CpuKernels | None:
+    try:
+        path = _build()
+        return CpuKernels(path) if path is not None else None
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("the CPU kernels could not be loaded (%s); using the pure-torch path", exc)
+        return None
+
+
 def load() -> CpuKernels | None:
     """The compiled kernels, or None where they cannot be built or are switched off."""
-    if not enabled():
-        return None
-    with _lock:
-        key = str(SOURCE)
-        if key not in _loaded:
-            try:
-                path = _build()
-                _loaded[key] = CpuKernels(path) if path is not None else None
-            except (OSError, subprocess.SubprocessError) as exc:
-                log.warning("the CPU kernels could not be loaded (%s); using the pure-torch path", exc)
-                _loaded[key] = None
-        return _loaded[key]
+    return _built() if enabled() else None
+
+
+def for_tensors(device: torch.device, dtype: torch.dtype) -> CpuKernels | None:
+    """The kernels where they apply, float32 on the CPU; None elsewhere (torch's path)."""
+    return load() if device.type == "cpu" and dtype == torch.float32 else None

@@ -36,47 +36,48 @@ static inline float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
-typedef struct {
-    const float *q, *key_cache, *value_cache;
-    const int64_t *block_tables, *context_lens;
-    float *out;
-    int64_t seq_begin, seq_end, max_blocks, block_size, num_heads, num_kv_heads, head_dim;
-    float scale;
-    int status;
-} Work;
-
 typedef float v8 __attribute__((vector_size(32)));  /* 8 floats: one AVX register, two SSE/NEON */
 
 static inline v8 load8(const float *p) { v8 x; memcpy(&x, p, sizeof x); return x; }
 static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
 static inline float sum8(v8 x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
 
-/* Sequences [seq_begin, seq_end). For each: the scores of every query head against every
- * key row (one pass over the keys), a softmax per head, then the weighted sum of the value
- * rows. Scores take four keys at a time and the value sum eight 8-wide column groups at a
- * time, so independent multiply-adds run side by side instead of waiting on each other. */
-static void attend(Work *w) {
-    const int64_t heads = w->num_heads, group = w->num_heads / w->num_kv_heads;
-    const int64_t hd = w->head_dim, bs = w->block_size;
-    const int64_t row = w->num_kv_heads * hd; /* floats per cache slot */
+/* Returns 0, or -1 when a buffer could not be allocated. For each sequence: the scores of
+ * every query head against every key row (one pass over the keys), a softmax per head, then
+ * the weighted sum of the value rows. Scores take four keys at a time and the value sum eight
+ * 8-wide column groups at a time, so independent multiply-adds run side by side instead of
+ * waiting on each other. */
+int realizar_decode_attention(
+    const float *q_all,          /* [B, H, hd] */
+    const float *key_cache,      /* [slots, KV, hd] */
+    const float *value_cache,    /* [slots, KV, hd] */
+    const int64_t *block_tables, /* [B, max_blocks] */
+    const int64_t *context_lens, /* [B] tokens each query attends to, itself included */
+    float *out_all,              /* [B, H, hd] */
+    int64_t num_seqs, int64_t max_blocks, int64_t block_size,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale)
+{
+    const int64_t heads = num_heads, group = num_heads / num_kv_heads;
+    const int64_t hd = head_dim, bs = block_size;
+    const int64_t row = num_kv_heads * hd; /* floats per cache slot */
     const int vector = hd % 8 == 0;
     int64_t longest = 1;
-    for (int64_t b = w->seq_begin; b < w->seq_end; b++)
-        if (w->context_lens[b] > longest) longest = w->context_lens[b];
+    for (int64_t b = 0; b < num_seqs; b++)
+        if (context_lens[b] > longest) longest = context_lens[b];
     float *scores = malloc(sizeof(float) * (size_t)(heads * longest)); /* [h, t] */
     int64_t *offsets = malloc(sizeof(int64_t) * (size_t)longest);      /* [t] cache offset of token t */
-    if (!scores || !offsets) { free(scores); free(offsets); w->status = -1; return; }
+    if (!scores || !offsets) { free(scores); free(offsets); return -1; }
 
-    for (int64_t b = w->seq_begin; b < w->seq_end; b++) {
-        const int64_t len = w->context_lens[b];
-        const int64_t *table = w->block_tables + b * w->max_blocks;
-        const float *q = w->q + b * heads * hd;
-        float *out = w->out + b * heads * hd;
+    for (int64_t b = 0; b < num_seqs; b++) {
+        const int64_t len = context_lens[b];
+        const int64_t *table = block_tables + b * max_blocks;
+        const float *q = q_all + b * heads * hd;
+        float *out = out_all + b * heads * hd;
         for (int64_t t = 0; t < len; t++) offsets[t] = (table[t / bs] * bs + t % bs) * row;
 
         /* scores[h, t] = scale * q_h . k_t[h / group]; four keys at a time when vectorized */
         for (int64_t h = 0; h < heads; h++) {
-            const float *qh = q + h * hd, *kh = w->key_cache + (h / group) * hd;
+            const float *qh = q + h * hd, *kh = key_cache + (h / group) * hd;
             float *s = scores + h * len;
             int64_t t = 0;
             if (vector) {
@@ -91,17 +92,17 @@ static void attend(Work *w) {
                         a2 += x * load8(k2 + i);
                         a3 += x * load8(k3 + i);
                     }
-                    s[t] = w->scale * sum8(a0);
-                    s[t + 1] = w->scale * sum8(a1);
-                    s[t + 2] = w->scale * sum8(a2);
-                    s[t + 3] = w->scale * sum8(a3);
+                    s[t] = scale * sum8(a0);
+                    s[t + 1] = scale * sum8(a1);
+                    s[t + 2] = scale * sum8(a2);
+                    s[t + 3] = scale * sum8(a3);
                 }
             }
             for (; t < len; t++) {
                 const float *k = kh + offsets[t];
                 float dot = 0.0f;
                 for (int64_t i = 0; i < hd; i++) dot += qh[i] * k[i];
-                s[t] = w->scale * dot;
+                s[t] = scale * dot;
             }
         }
         /* softmax over t, per query head */
@@ -120,7 +121,7 @@ static void attend(Work *w) {
         }
         /* out_h = sum_t p[h, t] v_t[h / group], 64 columns at a time in eight accumulators */
         for (int64_t h = 0; h < heads; h++) {
-            const float *p = scores + h * len, *vh = w->value_cache + (h / group) * hd;
+            const float *p = scores + h * len, *vh = value_cache + (h / group) * hd;
             float *y = out + h * hd;
             int64_t c = 0;
             if (vector) {
@@ -143,24 +144,7 @@ static void attend(Work *w) {
     }
     free(scores);
     free(offsets);
-    w->status = 0;
-}
-
-/* Returns 0, or -1 when a buffer could not be allocated. */
-int realizar_decode_attention(
-    const float *q,              /* [B, H, hd] */
-    const float *key_cache,      /* [slots, KV, hd] */
-    const float *value_cache,    /* [slots, KV, hd] */
-    const int64_t *block_tables, /* [B, max_blocks] */
-    const int64_t *context_lens, /* [B] tokens each query attends to, itself included */
-    float *out,                  /* [B, H, hd] */
-    int64_t num_seqs, int64_t max_blocks, int64_t block_size,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale)
-{
-    Work work = {q, key_cache, value_cache, block_tables, context_lens, out, 0, num_seqs,
-                 max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale, 0};
-    attend(&work);
-    return work.status;
+    return 0;
 }
 
 void realizar_write_kv(

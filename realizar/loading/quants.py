@@ -116,12 +116,18 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _dequant_q4_k(b: torch.Tensor) -> torch.Tensor:
+def _sub_block_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sub-block scale and min [n, 8, 1] of Q4_K/Q5_K blocks: super-block d and dmin times
+    the 6-bit sub-block scales and mins."""
     n = b.shape[0]
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
-    dd = (d * sc.to(torch.float32)).view(n, 8, 1)
-    dm = (dmin * mn.to(torch.float32)).view(n, 8, 1)
+    return (d * sc.to(torch.float32)).view(n, 8, 1), (dmin * mn.to(torch.float32)).view(n, 8, 1)
+
+
+def _dequant_q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    dd, dm = _sub_block_scale_min_k4(b)
     q = ((b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F)
     q = q.reshape(n, 8, 32).to(torch.float32)
     return q.mul_(dd).sub_(dm).reshape(n, QK_K)
@@ -129,10 +135,7 @@ def _dequant_q4_k(b: torch.Tensor) -> torch.Tensor:
 
 def _dequant_q5_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    dd = (d * sc.to(torch.float32)).view(n, 8, 1)
-    dm = (dmin * mn.to(torch.float32)).view(n, 8, 1)
+    dd, dm = _sub_block_scale_min_k4(b)
     ql = ((b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
     qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
     qh = (qh & 1).reshape(n, 8, 32)

@@ -12,7 +12,7 @@ elsewhere it gathers the blocks and runs one padded SDPA call.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,18 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot written by each token
     num_decodes: int
     decode_block_tables: torch.Tensor  # [B_dec, max_blocks] block ids (padded with 0)
-    decode_mask: torch.Tensor  # [B_dec, 1, 1, max_blocks * block_size] True where attended
     decode_context_lens: torch.Tensor  # [B_dec] tokens each decode query attends to, itself included
     prefills: list[PrefillChunk]
+    _decode_mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def decode_mask(self, block_size: int) -> torch.Tensor:
+        """[B_dec, 1, 1, max_blocks * block_size], True at the live slots; built once per step,
+        and only by the padded SDPA path that needs it."""
+        if self._decode_mask is None:
+            b, max_blocks = self.decode_block_tables.shape
+            span = torch.arange(max_blocks * block_size, device=self.decode_block_tables.device)
+            self._decode_mask = (span[None, :] < self.decode_context_lens[:, None]).view(b, 1, 1, -1)
+        return self._decode_mask
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -132,7 +141,7 @@ class LlamaModel:
         self.sin = angles.sin().to(device=device, dtype=dtype)
         self.scale = 1.0 / math.sqrt(config.head_dim)
         # compiled paged attention where it applies (float32 on the CPU); torch's SDPA otherwise
-        self.kernels = kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
+        self.kernels = kernels.for_tensors(device, dtype)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -187,7 +196,8 @@ class LlamaModel:
         group = c.num_heads // c.num_kv_heads
         keys, values = cache.gather_blocks(index, meta.decode_block_tables)  # [B, KV, L, hd] each
         q = q.view(b, c.num_kv_heads, group, c.head_dim)  # [B, KV, G, hd]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask, scale=self.scale)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask(cache.block_size),
+                                             scale=self.scale)
         return out.reshape(b, c.num_heads, c.head_dim)  # [B, H, hd]
 
     def prefill_attention(self, q: torch.Tensor, index: int, chunk: PrefillChunk,

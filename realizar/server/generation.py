@@ -10,6 +10,7 @@ streaming, and OpenAI-style logprobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -171,6 +172,15 @@ class Generation:
             if message["type"] == "http.disconnect":
                 self.cancel(APIError(499, "Client closed the request"))
                 return
+
+    @contextlib.asynccontextmanager
+    async def closed_on_error(self) -> AsyncIterator[None]:
+        """Close this generation if the block raises, e.g. when a later submit is refused."""
+        try:
+            yield
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         """Stop the timer and the watcher; abort and release whatever has not finished."""

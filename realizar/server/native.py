@@ -115,11 +115,8 @@ class NativeAPI:
 
     async def stream_generate(self, request: Request) -> Response:
         engine, req, prompt_ids, gen = await self._single(request)
-        try:
+        async with gen.closed_on_error():
             stream = gen.submit(prompt_ids, fit_params(req.params, engine))
-        except BaseException:
-            await gen.close()
-            raise
         return EventStream(self._events(gen, stream, prompt_ids), gen)
 
     async def _events(self, gen: Generation, stream: Stream, prompt_ids: list[int]) -> AsyncGenerator[bytes, None]:

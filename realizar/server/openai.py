@@ -142,15 +142,13 @@ class OpenAIAPI:
 
         gen = Generation(self.state, engine, context(request))
         choices: list[Choice] = []
-        try:
+        params = fit_params(req.params, engine)
+        async with gen.closed_on_error():
             for ids, prompt in zip(prompts, req.prompts, strict=True):
                 for j in range(req.options.n):
-                    stream = gen.submit(ids, _params_for_choice(fit_params(req.params, engine), j))
+                    stream = gen.submit(ids, _params_for_choice(params, j))
                     text, logprobs = make_text(ids, prompt)
                     choices.append(Choice(len(choices), gen, stream, text, token_text, logprobs, None))
-        except BaseException:
-            await gen.close()
-            raise
         response_id = f"cmpl-{gen.ctx.request_id}"
         created = int(time.time())
         usage = _Usage(sum(map(len, prompts)), choices)
@@ -202,14 +200,11 @@ class OpenAIAPI:
         token_text = TokenText(tokenizer)
         gen = Generation(self.state, engine, context(request))
         choices: list[Choice] = []
-        try:
+        async with gen.closed_on_error():
             for j in range(req.options.n):
                 stream = gen.submit(prompt_ids, _params_for_choice(params, j))
                 choices.append(Choice(j, gen, stream, ChoiceText(tokenizer, prompt_ids, req.options.stop),
                                       token_text, None, [] if req.logprobs else None))
-        except BaseException:
-            await gen.close()
-            raise
         response_id = f"chatcmpl-{gen.ctx.request_id}"
         created = int(time.time())
         usage = _Usage(len(prompt_ids), choices)

@@ -48,7 +48,6 @@ def prompt_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     slots = torch.arange(len(ids))
     meta = AttentionMetadata(slot_mapping=slots, num_decodes=0,
                              decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
-                             decode_mask=torch.zeros(0, 1, 1, block, dtype=torch.bool),
                              decode_context_lens=torch.zeros(0, dtype=torch.long),
                              prefills=[PrefillChunk(0, len(ids), slots, 0)])
     return model.forward(torch.tensor(ids), torch.arange(len(ids)), meta, cache, torch.arange(len(ids)))
