@@ -1,9 +1,14 @@
 """Batched sampling that honours each row's own parameters and seed.
 
-Greedy rows take the argmax. Sampling rows apply temperature, then top-k and top-p
-on one descending sort, then draw by inverse CDF with a uniform number from the
-row's own generator, so a seeded request gives the same tokens whatever else shares
-its batch.
+Greedy rows take the argmax. Sampling rows apply temperature, then top-k and top-p,
+then draw by inverse CDF with a uniform number from the row's own generator, so a seeded
+request gives the same tokens whatever else shares its batch.
+
+Rows without top-k or top-p draw straight from the softmax, in vocabulary order. Filtered
+rows look only at their most likely candidates (``CANDIDATES``, or top-k if larger), which
+hold the whole top-p nucleus unless the distribution is very flat; then they look at
+eight times as many, and only if that is still too few do they sort the whole vocabulary. A full sort of a 49k vocabulary costs about 6 ms a row
+on one core, which at 16 rows was longer than the forward pass itself.
 """
 
 from __future__ import annotations
@@ -41,23 +46,52 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+CANDIDATES = 512  # tokens a filtered row considers before it falls back to a full sort
+
+
 def apply_filters(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor,
                   top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Filtered probabilities in descending order [B, V] and the token ids of that order.
+    """Filtered probabilities in descending order [B, C] and the token ids of that order,
+    C <= V: every token the filters keep is among them.
 
     ``top_k`` of 0 and ``top_p`` of 1 disable those filters for a row.
     """
     scaled = logits / temperatures[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
     vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
     k = torch.where(top_k > 0, top_k, vocab)
-    sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
+    # rows with top-k renormalize over their k tokens, the others over the whole vocabulary
+    log_total = scaled.logsumexp(dim=-1)
+    for width in (CANDIDATES, 8 * CANDIDATES, vocab):
+        width = min(vocab, max(width, int(top_k.max().item())))
+        if width < vocab:
+            values, order = scaled.topk(width, dim=-1)  # [B, C], descending
+        else:  # numpy's argsort is twice as fast as torch's sort here
+            order = torch.from_numpy(scaled.cpu().numpy().argsort(axis=-1, kind="stable")[:, ::-1].copy())
+            order = order.to(scaled.device)
+            values = scaled.gather(1, order)
+        ranks = torch.arange(width, device=logits.device)[None, :]
+        values = values.masked_fill(ranks >= k[:, None], float("-inf"))
+        probs = (values - torch.where(top_k > 0, values.logsumexp(dim=-1), log_total)[:, None]).exp()
+        if width == vocab or not bool(((top_k == 0) & (probs.sum(dim=-1) < top_p)).any()):
+            break  # every row's nucleus is among the candidates
     # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
     before = probs.cumsum(dim=-1) - probs
     probs = probs.masked_fill(before >= top_p[:, None], 0.0)
     return probs / probs.sum(dim=-1, keepdim=True), order
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Index of the largest value of each row; numpy's is ~15x faster than torch's on the CPU."""
+    if logits.device.type == "cpu":
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """One column of each row of ``probs`` [B, C], by inverse CDF with the row's own generator."""
+    draws = torch.cat([torch.rand(1, generator=row.generator) for row in rows]).to(probs.device)
+    cdf = probs.cumsum(dim=-1)
+    return torch.searchsorted(cdf, draws[:, None]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
@@ -68,21 +102,26 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         for i, row in enumerate(rows):
             if row.banned_token_ids:
                 logits[i, list(row.banned_token_ids)] = float("-inf")
-    chosen = logits.argmax(dim=-1)
-    sampled_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
-    if sampled_rows:
-        index = torch.tensor(sampled_rows, device=logits.device)
-        params = [rows[i].params for i in sampled_rows]
+    chosen = argmax(logits)
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    plain = [i for i in sampled if rows[i].params.top_k == 0 and rows[i].params.top_p >= 1.0]
+    filtered = [i for i in sampled if i not in set(plain)]
+    if plain:
+        index = torch.tensor(plain, device=logits.device)
+        temperatures = torch.tensor([rows[i].params.temperature for i in plain], device=logits.device)
+        probs = (logits[index] / temperatures[:, None]).softmax(dim=-1)
+        chosen[index] = draw(probs, [rows[i] for i in plain])
+    if filtered:
+        index = torch.tensor(filtered, device=logits.device)
+        params = [rows[i].params for i in filtered]
         probs, order = apply_filters(
             logits[index],
             torch.tensor([p.temperature for p in params], device=logits.device),
             torch.tensor([p.top_k for p in params], device=logits.device),
             torch.tensor([p.top_p for p in params], device=logits.device),
         )
-        draws = torch.cat([torch.rand(1, generator=rows[i].generator) for i in sampled_rows])
-        cdf = probs.cumsum(dim=-1)
-        picks = torch.searchsorted(cdf, draws.to(cdf.device)[:, None]).clamp_(max=probs.shape[-1] - 1)
-        chosen[index] = order.gather(1, picks).squeeze(1)
+        picks = draw(probs, [rows[i] for i in filtered])
+        chosen[index] = order.gather(1, picks[:, None]).squeeze(1)
     token_ids = chosen.tolist()
 
     want = [row.params.logprobs for row in rows]

@@ -27,7 +27,7 @@ from realizar.engine.runner import ModelRunner
 from realizar.engine.scheduler import Scheduler, Sequence
 from realizar.engine.stats import EngineStats, LatencyObservations, StatsRecorder
 from realizar.kv_cache import BlockAllocator, KVCache
-from realizar.model.linear import blas_threads
+from realizar.model.linear import matmul_threads
 from realizar.model.llama import LlamaModel
 from realizar.request import FinishReason, Request, SamplingParams, TokenOutput
 from realizar.sampling import SamplingRow, make_generator
@@ -118,8 +118,8 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
     start = time.perf_counter()
     device = resolve_device(config.device)
     if device.type == "cpu":
-        matmul_threads, torch_threads = resolve_threads(config.threads)
-        blas_threads(matmul_threads)
+        matmul, torch_threads = resolve_threads(config.threads)
+        matmul_threads(matmul)
         torch.set_num_threads(torch_threads)
     dtype = resolve_dtype(config.dtype, device)
     loaded = load_model(path, dtype=dtype)

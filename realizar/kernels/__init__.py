@@ -1,8 +1,14 @@
 """Small C kernels for the CPU engine, compiled on first use and loaded with ctypes.
 
-``paged_attention.c`` holds decode attention straight over the paged KV cache and the
-KV-cache write. They replace a gather of every sequence's blocks plus a padded, masked
-SDPA call, which cost more than the attention arithmetic itself (BENCHMARKS.md).
+- ``paged_attention.c``: decode attention straight over the paged KV cache, and the
+  KV-cache write. They replace a gather of every sequence's blocks plus a padded, masked
+  SDPA call, which cost more than the attention arithmetic itself (BENCHMARKS.md).
+- ``packed_gemm.c``: the linear layers' matrix products, over weights packed once at load
+  time. A BLAS sgemm repacks the weight on every call, which at a decode step's few rows
+  costs as much as the arithmetic.
+- ``pointwise.c``: RMSNorm, SiLU-and-multiply and RoPE, one pass
+  each instead of several torch ops with a temporary apiece.
+- ``thread_pool.c``: the threads they all share (``set_threads``), apart from torch's.
 
 The library is built once per source version and CPU with the system C compiler
 (``$CC``, ``cc``, ``gcc`` or ``clang``) into ``~/.cache/realizar/kernels`` (or
@@ -22,13 +28,17 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger("realizar.kernels")
 
-SOURCE = Path(__file__).with_name("paged_attention.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC"]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "pointwise.c")]
+HEADER = Path(__file__).with_name("cpu_kernels.h")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+PANEL = 16  # output columns per packed weight panel (NR in packed_gemm.c)
 
 
 def _cache_dir() -> Path:
@@ -60,14 +70,15 @@ def _build() -> Path | None:
     if compiler is None:
         log.info("no C compiler found; the CPU engine uses its pure-torch attention path")
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode())
-    target = _cache_dir() / f"paged_attention-{digest.hexdigest()[:16]}.so"
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in [HEADER, *SOURCES])
+                            + " ".join(FLAGS).encode() + _cpu_signature().encode())
+    target = _cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             log.warning("building the CPU kernels failed; using the pure-torch path:\n%s", result.stderr[-2000:])
@@ -77,34 +88,70 @@ def _build() -> Path | None:
 
 
 class CpuKernels:
-    """ctypes bindings of ``paged_attention.c``; the calls release the GIL."""
+    """ctypes bindings of the compiled kernels; the calls release the GIL."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        self._attention = lib.realizar_decode_attention
-        self._attention.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float]
-        self._attention.restype = ctypes.c_int
-        self._write = lib.realizar_write_kv
-        self._write.argtypes = [p, p, p, p, i64, i64, p, i64, i64]
-        self._write.restype = None
+        p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+
+        def bind(name: str, restype: Any, *argtypes: Any) -> Any:
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = list(argtypes), restype
+            return fn
+
+        self._set_threads = bind("realizar_set_threads", i32, i32, i64)
+        self.threads = bind("realizar_threads", i32)  # the pool's size, the caller included
+        self._gemm = bind("realizar_gemm", i32, p, i64, p, p, i64, i64, i64)
+        self._attention = bind("realizar_paged_attention", i32, p, i64, p, p, p, p, p, p,
+                               i64, i64, i64, i64, i64, i64, f32)
+        self._write = bind("realizar_write_kv", None, p, p, p, p, i64, i64, p, i64, i64)
+        self._rms_norm = bind("realizar_rms_norm", None, p, i64, p, p, i64, i64, f32)
+        self._silu_mul = bind("realizar_silu_mul", None, p, i64, p, i64, i64)
+        self._rope = bind("realizar_rope", None, p, i64, p, p, p, i64, i64, i64)
         self.path = path
 
-    def decode_attention(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                         block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                         scale: float) -> torch.Tensor:
-        """q [B, H, hd]; caches [slots, KV, hd]; block tables [B, max_blocks]; lens [B] -> [B, H, hd]."""
-        q = q.contiguous()
-        b, heads, head_dim = q.shape
-        kv_heads = key_cache.shape[1]
-        out = torch.empty_like(q)
-        tables = block_tables.contiguous()
-        lens = context_lens.contiguous()
-        status = self._attention(q.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
-                                 tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
-                                 b, tables.shape[1], block_size, heads, kv_heads, head_dim, scale)
+    def set_threads(self, threads: int, spin_us: int = -1) -> int:
+        """Threads for every kernel (the caller and ``threads - 1`` workers); the number in use.
+        Idle workers spin ``spin_us`` microseconds before they sleep (default: unchanged)."""
+        return int(self._set_threads(threads, spin_us))
+
+    @staticmethod
+    def pack(weight: torch.Tensor) -> torch.Tensor:
+        """``weight [N, K]`` as ``gemm`` reads it: panels of 16 rows, each stored k-major,
+        ``packed[p, k, j] = weight[16 p + j, k]``, zero-padded to whole panels."""
+        n, k = weight.shape
+        padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=torch.float32)
+        padded[:n] = weight
+        return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+    def gemm(self, x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+        """``x [M, K] @ W.T -> [M, n]`` for ``packed = pack(W)``, W ``[n, K]``."""
+        x = _unit_stride(x)
+        m, k = x.shape
+        y = torch.empty(m, n, dtype=torch.float32)
+        if m and self._gemm(x.data_ptr(), x.stride(0), packed.data_ptr(), y.data_ptr(), m, n, k) != 0:
+            raise MemoryError("the matrix product could not allocate its buffer for x")
+        return y
+
+    def paged_attention(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                        scale: float, row_tables: torch.Tensor | None = None) -> torch.Tensor:
+        """Query rows ``q [R, H, hd]`` over the paged caches ``[slots, KV, hd]`` -> ``[R, H, hd]``.
+
+        Row r attends to the first ``context_lens[r]`` tokens of block table
+        ``block_tables[row_tables[r]]`` (``block_tables[r]`` without ``row_tables``)."""
+        if q.stride(-1) != 1 or q.stride(-2) != q.shape[-1]:
+            q = q.contiguous()
+        rows, heads, head_dim = q.shape
+        out = torch.empty(rows, heads, head_dim, dtype=torch.float32)
+        tables, lens = block_tables.contiguous(), context_lens.contiguous()
+        row_ptr = None if row_tables is None else row_tables.contiguous()
+        status = self._attention(q.data_ptr(), q.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
+                                 tables.data_ptr(), None if row_ptr is None else row_ptr.data_ptr(),
+                                 lens.data_ptr(), out.data_ptr(), rows, tables.shape[1], block_size,
+                                 heads, key_cache.shape[1], head_dim, scale)
         if status != 0:
-            raise MemoryError("decode attention could not allocate its score buffer")
+            raise MemoryError("paged attention could not allocate its score buffer")
         return out
 
     def write_kv(self, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor,
@@ -114,6 +161,36 @@ class CpuKernels:
         k, v = _rows(k, row), _rows(v, row)
         self._write(key_cache.data_ptr(), value_cache.data_ptr(), k.data_ptr(), v.data_ptr(),
                     k.stride(0), v.stride(0), slots.data_ptr(), slots.shape[0], row)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``rms_norm(x) * weight`` of ``x [T, D]``."""
+        x = _unit_stride(x)
+        t, d = x.shape
+        y = torch.empty(t, d, dtype=torch.float32)
+        self._rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), t, d, eps)
+        return y
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for ``gate_up = [gate | up]`` ``[T, 2I]`` -> ``[T, I]``."""
+        gate_up = _unit_stride(gate_up)
+        t, width = gate_up.shape
+        y = torch.empty(t, width // 2, dtype=torch.float32)
+        self._silu_mul(gate_up.data_ptr(), gate_up.stride(0), y.data_ptr(), t, width // 2)
+        return y
+
+    def rope(self, x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor,
+             cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotates the first ``heads`` heads of each row of ``x [T, >= heads * head_dim]`` in
+        place by its position; ``cos``, ``sin`` are ``[max_position, head_dim]`` tables."""
+        assert x.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+        positions = positions.contiguous()
+        self._rope(x.data_ptr(), x.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                   x.shape[0], heads, head_dim)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [rows, n] with contiguous rows (any row stride)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _rows(x: torch.Tensor, row: int) -> torch.Tensor:

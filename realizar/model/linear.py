@@ -1,16 +1,20 @@
 """Linear layers ``y = x W^T (+ b)``, with the fastest matrix multiply each device offers.
 
-On CUDA, and for half-precision weights on the CPU, this is ``torch.nn.functional.linear``.
-For float32 on the CPU the weight is stored transposed, ``[in, out]`` row-major, and the
-product goes to the OpenBLAS that ships inside numpy. On the AMD EPYC (AVX2) machine this
-project is benchmarked on, that sgemm measured faster than torch's own ``F.linear`` (MKL)
-at every batch size an engine step produces, with one thread and with two
-(``benchmarks/matmul.py``). Both compute the same float32 sums up to rounding order, which
-the golden tests bound against transformers.
+- **CPU, float32, with the compiled kernels** (``realizar.kernels``): the weight is packed
+  once into 16-column panels and multiplied by ``packed_gemm.c``. A BLAS sgemm repacks the
+  weight on every call; at the 1-64 rows of a decode step that costs as much as the
+  arithmetic, and the packed product measured 1.3-3.5x numpy's OpenBLAS there
+  (``benchmarks/matmul.py``). Each output is one multiply-add chain in a fixed order, so a
+  row's result does not depend on the other rows of the batch.
+- **CPU, float32, without a compiler** (or ``REALIZAR_KERNELS=0``): the weight is stored
+  transposed, ``[in, out]``, and the product goes to the OpenBLAS inside numpy, which
+  measured faster than torch's ``F.linear`` (MKL) on the AMD EPYC (AVX2) benchmark machine.
+- **CUDA, and half-precision weights:** ``torch.nn.functional.linear``.
 
-numpy's OpenBLAS keeps its own thread pool, sized by ``blas_threads``. Its threads spin
-briefly between calls and then sleep, and they are not torch's OpenMP pool, so the
-matmuls can use every core while torch's many small ops stay on one thread.
+All compute the same float32 sums up to rounding order, which the golden tests bound
+against transformers. The CPU paths keep their own thread pools, sized by
+``matmul_threads``, apart from torch's OpenMP pool: the matmuls use every core while
+torch's many small ops stay on one thread.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from realizar import kernels
+
 log = logging.getLogger("realizar.model")
 
 
@@ -33,26 +39,36 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.out_features, self.in_features = weight.shape
         self.bias = bias
-        self._use_blas = weight.device.type == "cpu" and weight.dtype == torch.float32
-        if self._use_blas:
-            self._weight_t = weight.t().contiguous().numpy()  # [in, out], what sgemm wants
-            self.weight: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None
+        self._packed: torch.Tensor | None = None  # [panels, in, 16], for the kernels
+        self._weight_t: np.ndarray | None = None  # [in, out], for numpy's sgemm
+        self._kernels = kernels.for_tensors(weight.device, weight.dtype)
+        if self._kernels is not None:
+            self._packed = self._kernels.pack(weight)
+        elif weight.device.type == "cpu" and weight.dtype == torch.float32:
+            self._weight_t = weight.t().contiguous().numpy()
         else:
             self.weight = weight.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._use_blas:
+        if self._kernels is not None:
+            assert self._packed is not None
+            y = self._kernels.gemm(x, self._packed, self.out_features)
+        elif self._weight_t is not None:
+            y = torch.from_numpy(np.matmul(x.contiguous().numpy(), self._weight_t))
+        else:
             assert self.weight is not None
             return F.linear(x, self.weight, self.bias)
-        y = torch.from_numpy(np.matmul(x.contiguous().numpy(), self._weight_t))
         return y if self.bias is None else y + self.bias
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ``W`` ``[len(ids), in]``: the embedding lookup when embeddings are tied."""
-        if not self._use_blas:
-            assert self.weight is not None
-            return F.embedding(ids, self.weight)
-        return torch.from_numpy(np.ascontiguousarray(self._weight_t[:, ids.numpy()].T))
+        if self._packed is not None:
+            return self._packed[ids // kernels.PANEL, :, ids % kernels.PANEL]
+        if self._weight_t is not None:
+            return torch.from_numpy(np.ascontiguousarray(self._weight_t[:, ids.numpy()].T))
+        assert self.weight is not None
+        return F.embedding(ids, self.weight)
 
 
 def _openblas_setters() -> list[Any]:
@@ -76,11 +92,13 @@ def _openblas_setters() -> list[Any]:
     return setters
 
 
-def blas_threads(threads: int) -> bool:
-    """Size numpy's OpenBLAS thread pool; False when no OpenBLAS was found to size."""
+def matmul_threads(threads: int) -> None:
+    """Size the CPU matmuls' thread pools: the compiled kernels' and numpy's OpenBLAS."""
+    compiled = kernels.load()
+    if compiled is not None:
+        compiled.set_threads(threads)
     setters = _openblas_setters()
     for setter in setters:
         setter(threads)
     if not setters:
         log.debug("numpy's OpenBLAS not found; its thread count is left as it is")
-    return bool(setters)

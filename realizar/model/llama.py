@@ -2,11 +2,15 @@
 
 One call runs every sequence of an engine step: decode tokens and prefill chunks are
 packed into one ``[T, D]`` activation, so the linear layers (``realizar.model.linear``)
-see the whole batch. Attention is split by kind: all decode queries in one call, then
-one causal SDPA call per prefill chunk. Keys and values live in a paged cache
-(``realizar.kv_cache.KVCache``) addressed through block tables. Decode attention reads
-the pages directly with a compiled kernel (``realizar.kernels``) in float32 on the CPU;
-elsewhere it gathers the blocks and runs one padded SDPA call.
+see the whole batch. Keys and values live in a paged cache (``realizar.kv_cache.KVCache``)
+addressed through block tables.
+
+In float32 on the CPU, compiled kernels (``realizar.kernels``) do the per-token work
+(RMSNorm, RoPE, SiLU-and-multiply) and all of a step's attention in one call that reads
+the pages directly: each query row, decode or prompt token, attends to its own prefix of
+its sequence's cache. Elsewhere the torch code below is the whole path: decode queries
+gather their blocks for one padded SDPA call, and each prefill chunk gets one causal SDPA
+call. Both paths compute the same math and give the same greedy tokens (tests/golden).
 """
 
 from __future__ import annotations
@@ -46,6 +50,30 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor  # [B_dec] tokens each decode query attends to, itself included
     prefills: list[PrefillChunk]
     _decode_mask: torch.Tensor | None = field(default=None, repr=False)
+    _query_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def query_rows(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What every packed query attends to, for the paged attention kernel, built once per
+        step: (block tables [S, max_blocks], the table of each query [T], its context length [T]).
+        Decode queries use their own tables; the tokens of a prefill chunk share their
+        sequence's table and see the prefix up to themselves."""
+        if self._query_rows is None:
+            tables = [self.decode_block_tables]
+            lens = [self.decode_context_lens]
+            rows = [torch.arange(self.num_decodes)]
+            for chunk in self.prefills:
+                blocks = chunk.context_slots[::block_size] // block_size
+                rows.append(torch.full((chunk.num_tokens,), sum(t.shape[0] for t in tables)))
+                tables.append(blocks[None, :])
+                lens.append(torch.arange(chunk.start_position + 1, chunk.start_position + chunk.num_tokens + 1))
+            width = max(t.shape[1] for t in tables)
+            padded = torch.zeros(sum(t.shape[0] for t in tables), max(width, 1), dtype=torch.int64)
+            start = 0
+            for t in tables:
+                padded[start:start + t.shape[0], :t.shape[1]] = t
+                start += t.shape[0]
+            self._query_rows = (padded, torch.cat(rows).long(), torch.cat(lens).long())
+        return self._query_rows
 
     def decode_mask(self, block_size: int) -> torch.Tensor:
         """[B_dec, 1, 1, max_blocks * block_size], True at the live slots; built once per step,
@@ -82,8 +110,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             compiled: kernels.CpuKernels | None = None) -> torch.Tensor:
     """RMSNorm computed in float32, as the reference implementation does."""
+    if compiled is not None:
+        return compiled.rms_norm(x, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -140,7 +171,7 @@ class LlamaModel:
         self.cos = angles.cos().to(device=device, dtype=dtype)
         self.sin = angles.sin().to(device=device, dtype=dtype)
         self.scale = 1.0 / math.sqrt(config.head_dim)
-        # compiled paged attention where it applies (float32 on the CPU); torch's SDPA otherwise
+        # the compiled kernels where they apply (float32 on the CPU); torch otherwise
         self.kernels = kernels.for_tensors(device, dtype)
 
     @torch.inference_mode()
@@ -148,33 +179,45 @@ class LlamaModel:
                 cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
         """Logits [len(logits_indices), V] in float32 for the selected packed tokens."""
         x = self.lm_head.rows(input_ids) if self.embed is None else F.embedding(input_ids, self.embed)  # [T, D]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
-        sin = self.sin[positions].unsqueeze(1)
+        eps = self.config.rms_norm_eps
         for index, layer in enumerate(self.layers):
-            x = x + self.attention(layer, index, rms_norm(x, layer.attn_norm, self.config.rms_norm_eps),
-                                   cos, sin, meta, cache)
-            x = x + self.mlp(layer, rms_norm(x, layer.mlp_norm, self.config.rms_norm_eps))
-        h = rms_norm(x[logits_indices], self.final_norm, self.config.rms_norm_eps)
+            x = x + self.attention(layer, index, rms_norm(x, layer.attn_norm, eps, self.kernels),
+                                   positions, meta, cache)
+            x = x + self.mlp(layer, rms_norm(x, layer.mlp_norm, eps, self.kernels))
+        h = rms_norm(x[logits_indices], self.final_norm, eps, self.kernels)
         return self.lm_head(h).float()
 
     def mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [T, I] each
+        gate_up = layer.gate_up(x)  # [T, 2I]
+        if self.kernels is not None:
+            return layer.down(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
         return layer.down(F.silu(gate) * up)
 
-    def attention(self, layer: LayerWeights, index: int, x: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+    def attention(self, layer: LayerWeights, index: int, x: torch.Tensor, positions: torch.Tensor,
+                  meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
         c = self.config
         t = x.shape[0]
         qkv = layer.qkv(x)  # [T, (H + 2KV) * hd]
+        if self.kernels is not None:  # rotates q and k where they lie
+            self.kernels.rope(qkv, c.num_heads + c.num_kv_heads, c.head_dim, positions, self.cos, self.sin)
         q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
                              c.num_kv_heads * c.head_dim], dim=-1)
         q = q.view(t, c.num_heads, c.head_dim)  # [T, H, hd]
         k = k.view(t, c.num_kv_heads, c.head_dim)  # [T, KV, hd]
         v = v.view(t, c.num_kv_heads, c.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if self.kernels is None:
+            cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
+            sin = self.sin[positions].unsqueeze(1)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         cache.write(index, meta.slot_mapping, k, v)
 
+        if self.kernels is not None:
+            tables, rows, lens = meta.query_rows(cache.block_size)
+            out = self.kernels.paged_attention(q, cache.keys[index], cache.values[index], tables, lens,
+                                               cache.block_size, self.scale, rows)
+            return layer.o(out.view(t, c.num_heads * c.head_dim))
         out = torch.empty_like(q)  # [T, H, hd]
         if meta.num_decodes:
             out[: meta.num_decodes] = self.decode_attention(q[: meta.num_decodes], index, meta, cache)
@@ -188,10 +231,6 @@ class LlamaModel:
         """One query per sequence against its gathered blocks; the query heads that share a
         KV head are laid along SDPA's query-length axis, so no K/V repeat is needed."""
         c = self.config
-        if self.kernels is not None:
-            return self.kernels.decode_attention(q, cache.keys[index], cache.values[index],
-                                                 meta.decode_block_tables, meta.decode_context_lens,
-                                                 cache.block_size, self.scale)
         b = q.shape[0]
         group = c.num_heads // c.num_kv_heads
         keys, values = cache.gather_blocks(index, meta.decode_block_tables)  # [B, KV, L, hd] each

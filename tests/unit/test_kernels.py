@@ -1,9 +1,13 @@
-"""The compiled CPU kernels against torch: paged decode attention and the KV-cache write."""
+"""The compiled CPU kernels against torch: the packed matrix product, paged attention (decode
+rows and prompt rows), the KV-cache write, RMSNorm, SiLU-and-multiply, RoPE, and the thread
+pool they share."""
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,7 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 2, 128), (6, 2, 40), (2, 1, 12)])
-def test_decode_attention_matches_sdpa(cpu_kernels: kernels.CpuKernels, heads: int, kv_heads: int,
+def test_paged_attention_decode_rows_match_sdpa(cpu_kernels: kernels.CpuKernels, heads: int, kv_heads: int,
                                        head_dim: int) -> None:
     gen = torch.Generator().manual_seed(heads * 1000 + head_dim)
     block_size, num_blocks = 16, 64
@@ -47,24 +51,59 @@ def test_decode_attention_matches_sdpa(cpu_kernels: kernels.CpuKernels, heads: i
     tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in lens])
     q = torch.randn(len(lens), heads, head_dim, generator=gen) * 3  # peaked softmax too
     scale = head_dim ** -0.5
-    got = cpu_kernels.decode_attention(q, keys, values, tables, lens, block_size, scale)
+    got = cpu_kernels.paged_attention(q, keys, values, tables, lens, block_size, scale)
     want = reference_attention(q, keys, values, tables, lens, block_size, scale)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_attention_ignores_padding_and_unwritten_slots(cpu_kernels: kernels.CpuKernels) -> None:
+def test_paged_attention_ignores_padding_and_unwritten_slots(cpu_kernels: kernels.CpuKernels) -> None:
     """Slots past a sequence's length, and the padded block-table entries, are never read."""
     keys = torch.randn(4 * 16, 1, 8)
     values = torch.randn(4 * 16, 1, 8)
     tables = torch.tensor([[2, 0], [1, 3]])
     lens = torch.tensor([5, 20])
     q = torch.randn(2, 2, 8)
-    before = cpu_kernels.decode_attention(q, keys, values, tables, lens, 16, 0.35)
+    before = cpu_kernels.paged_attention(q, keys, values, tables, lens, 16, 0.35)
     keys[2 * 16 + 5:3 * 16] = float("nan")  # after sequence 0's fifth token
     values[0:16] = float("nan")  # block 0 is only padding for sequence 0
     keys[3 * 16 + 4:] = float("inf")  # after sequence 1's twentieth token
-    after = cpu_kernels.decode_attention(q, keys, values, tables, lens, 16, 0.35)
+    after = cpu_kernels.paged_attention(q, keys, values, tables, lens, 16, 0.35)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_paged_attention_prompt_rows_are_causal_over_the_cached_prefix(cpu_kernels: kernels.CpuKernels) -> None:
+    """Two decode rows plus the 5-token chunk of a prompt whose first 13 tokens are cached:
+    every chunk token sees the prefix and itself, as causal SDPA over the whole context does."""
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, head_dim, block_size = 6, 2, 16, 4
+    keys = torch.randn(20 * block_size, kv_heads, head_dim, generator=gen)
+    values = torch.randn(20 * block_size, kv_heads, head_dim, generator=gen)
+    tables = torch.tensor([[3, 9, 0, 0, 0], [11, 0, 0, 0, 0], [5, 1, 17, 2, 8]])  # two decodes, one prompt
+    start, n = 13, 5
+    rows = torch.tensor([0, 1] + [2] * n)
+    lens = torch.tensor([6, 2] + list(range(start + 1, start + n + 1)))
+    q = torch.randn(len(rows), heads, head_dim, generator=gen)
+    scale = 0.3
+    got = cpu_kernels.paged_attention(q, keys, values, tables, lens, block_size, scale, rows)
+    want_decode = reference_attention(q[:2], keys, values, tables[:2], lens[:2], block_size, scale)
+    positions = torch.arange(start + n)
+    slots = tables[2, positions // block_size] * block_size + positions % block_size
+    group = heads // kv_heads
+    k = keys[slots].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, hd]
+    v = values[slots].transpose(0, 1).repeat_interleave(group, dim=0)
+    mask = positions[None, :] <= torch.arange(start, start + n)[:, None]
+    want_prompt = F.scaled_dot_product_attention(q[2:].transpose(0, 1), k, v, attn_mask=mask, scale=scale)
+    torch.testing.assert_close(got, torch.cat([want_decode, want_prompt.transpose(0, 1)]), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_reads_strided_query_rows(cpu_kernels: kernels.CpuKernels) -> None:
+    """q as the model passes it: a view into the fused q|k|v rows."""
+    qkv = torch.randn(3, 4 * 8 + 2 * 2 * 8)
+    q = qkv[:, :32].view(3, 4, 8)
+    keys, values = torch.randn(32, 2, 8), torch.randn(32, 2, 8)
+    tables, lens = torch.tensor([[0, 1], [1, 0], [0, 0]]), torch.tensor([3, 20, 16])
+    got = cpu_kernels.paged_attention(q, keys, values, tables, lens, 16, 0.5)
+    assert torch.equal(got, cpu_kernels.paged_attention(q.contiguous(), keys, values, tables, lens, 16, 0.5))
 
 
 def test_write_kv_matches_index_copy(cpu_kernels: kernels.CpuKernels) -> None:
@@ -84,3 +123,103 @@ def test_write_kv_matches_index_copy(cpu_kernels: kernels.CpuKernels) -> None:
 def test_kernels_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REALIZAR_KERNELS", "0")
     assert kernels.load() is None
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n,k", [(16, 1), (17, 5), (40, 64), (100, 576), (1000, 37), (48, 800), (33, 1600)])
+def test_gemm_matches_matmul(cpu_kernels: kernels.CpuKernels, threads: int, n: int, k: int) -> None:
+    """Every tile shape (1, 2-8 and 9+ rows), partial panels, sums split in passes (k > 768)."""
+    cpu_kernels.set_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(n * k)
+        weight = torch.randn(n, k, generator=gen)
+        packed = cpu_kernels.pack(weight)
+        for m in (1, 2, 3, 7, 8, 9, 16, 17, 100, 200):
+            x = torch.randn(m, k, generator=gen)
+            torch.testing.assert_close(cpu_kernels.gemm(x, packed, n), x @ weight.T, rtol=1e-4, atol=1e-4)
+    finally:
+        cpu_kernels.set_threads(2)
+
+
+def test_gemm_rows_do_not_depend_on_the_batch(cpu_kernels: kernels.CpuKernels) -> None:
+    """A row's product is bit for bit the same alone, in any batch size and any thread count:
+    each output is one chain of multiply-adds in a fixed order."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(300, 1000, generator=gen)
+    packed = cpu_kernels.pack(weight)
+    x = torch.randn(130, 1000, generator=gen)
+    alone = cpu_kernels.gemm(x[5:6], packed, 300)[0]
+    for threads in (1, 2):
+        cpu_kernels.set_threads(threads)
+        for m in (6, 8, 16, 130):
+            assert torch.equal(cpu_kernels.gemm(x[:m], packed, 300)[5], alone)
+    cpu_kernels.set_threads(2)
+
+
+def test_gemm_reads_strided_rows_and_packs_rows_back(cpu_kernels: kernels.CpuKernels) -> None:
+    weight = torch.randn(20, 12)
+    packed = cpu_kernels.pack(weight)
+    wide = torch.randn(4, 30)
+    x = wide[:, 3:15]  # rows 30 floats apart
+    torch.testing.assert_close(cpu_kernels.gemm(x, packed, 20), x @ weight.T)
+    ids = torch.tensor([19, 0, 16, 5])
+    assert torch.equal(packed[ids // kernels.PANEL, :, ids % kernels.PANEL], weight[ids])
+
+
+def test_rms_norm_matches_torch(cpu_kernels: kernels.CpuKernels) -> None:
+    x = torch.randn(70, 576) * 3
+    weight = torch.randn(576)
+    want = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, weight, 1e-5), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x[:, :100], weight[:100], 1e-5),
+                               weight[:100] * (x[:, :100] * torch.rsqrt(x[:, :100].pow(2).mean(-1, keepdim=True) + 1e-5)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_silu_mul_matches_torch(cpu_kernels: kernels.CpuKernels) -> None:
+    gate_up = torch.randn(40, 2 * 1539) * 5  # not a multiple of 8: the scalar tail too
+    gate_up[0, :8] = torch.tensor([0.0, -0.0, 100.0, -100.0, -88.0, 88.0, 1e-30, -1e-30])
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
+
+
+def test_rope_matches_rotate_half(cpu_kernels: kernels.CpuKernels) -> None:
+    heads, kv_heads, head_dim = 3, 1, 8
+    angles = torch.outer(torch.arange(50.0), 1.0 / (10000 ** (torch.arange(0, head_dim, 2) / head_dim)))
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    qkv = torch.randn(6, (heads + 2 * kv_heads) * head_dim)
+    positions = torch.tensor([0, 1, 2, 49, 7, 7])
+    rotated = qkv.clone()
+    cpu_kernels.rope(rotated, heads + kv_heads, head_dim, positions, cos, sin)
+    x = qkv[:, :(heads + kv_heads) * head_dim].view(6, heads + kv_heads, head_dim)
+    half = head_dim // 2
+    rotate_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    want = x * cos[positions][:, None] + rotate_half * sin[positions][:, None]
+    torch.testing.assert_close(rotated[:, :(heads + kv_heads) * head_dim].view_as(want), want)
+    assert torch.equal(rotated[:, (heads + kv_heads) * head_dim:], qkv[:, (heads + kv_heads) * head_dim:])  # v untouched
+
+
+def _gemm_in_child(queue: multiprocessing.Queue, x: torch.Tensor, packed: torch.Tensor,  # type: ignore[type-arg]
+                   want: np.ndarray) -> None:
+    loaded = kernels.load()
+    assert loaded is not None
+    # numpy compares: torch's own OpenMP ops are not fork-safe, which is torch's matter
+    queue.put(bool(np.allclose(loaded.gemm(x, packed, 64).numpy(), want, atol=1e-4)))
+
+
+def test_a_forked_child_runs_the_kernels_on_its_own(cpu_kernels: kernels.CpuKernels) -> None:
+    """A fork keeps none of the parent's pool threads; the child must not wait for them."""
+    cpu_kernels.set_threads(2)
+    weight, x = torch.randn(64, 32), torch.randn(20, 32)
+    packed = cpu_kernels.pack(weight)
+    cpu_kernels.gemm(x, packed, 64)  # the parent's workers are up and have run
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_gemm_in_child, args=(queue, x, packed, (x @ weight.T).numpy()))
+    child.start()
+    child.join(timeout=60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0 and queue.get(timeout=5) is True

@@ -1,4 +1,4 @@
-"""Linear layers: the OpenBLAS float32 path against torch's F.linear."""
+"""Linear layers: the packed-kernel and OpenBLAS float32 paths against torch's F.linear."""
 
 from __future__ import annotations
 
@@ -6,7 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from realizar.model.linear import Linear, blas_threads
+from realizar import kernels
+from realizar.model.linear import Linear, _openblas_setters, matmul_threads
+
+
+@pytest.fixture(autouse=True, params=["kernels", "openblas"])
+def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test runs on both float32 CPU paths: the compiled kernels, and numpy's OpenBLAS."""
+    if request.param == "openblas":
+        monkeypatch.setenv("REALIZAR_KERNELS", "0")
+    elif kernels.load() is None:
+        pytest.skip("no C compiler: only the OpenBLAS path exists here")
+    return str(request.param)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 70])
@@ -36,8 +47,13 @@ def test_half_precision_falls_back_to_torch() -> None:
     assert torch.equal(layer.rows(torch.tensor([1, 7])), weight[[1, 7]])
 
 
-def test_blas_threads_finds_numpys_openblas() -> None:
+def test_matmul_threads_sizes_both_pools(cpu_path: str) -> None:
     np_config = pytest.importorskip("numpy").show_config(mode="dicts")
-    if "openblas" not in str(np_config.get("Build Dependencies", {}).get("blas", {})).lower():
-        pytest.skip("this numpy is not built on OpenBLAS")
-    assert blas_threads(1) is True
+    if "openblas" in str(np_config.get("Build Dependencies", {}).get("blas", {})).lower():
+        assert _openblas_setters(), "numpy's OpenBLAS was not found to size"
+    compiled = kernels.load()
+    for threads in (1, 2):
+        matmul_threads(threads)
+        if compiled is not None:
+            assert compiled.threads() == threads
+    assert (cpu_path == "openblas") == (compiled is None)

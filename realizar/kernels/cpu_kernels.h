@@ -1,0 +1,63 @@
+/* What the CPU kernels share: 8-wide float vectors, an exp that vectorizes, and the pool of
+ * threads that runs their work in parallel (thread_pool.c). */
+#ifndef REALIZAR_CPU_KERNELS_H
+#define REALIZAR_CPU_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));  /* 8 floats: one AVX register, two SSE/NEON */
+
+static inline v8 load8(const float *p) { v8 x; memcpy(&x, p, sizeof x); return x; }
+static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+static inline float sum8(v8 x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
+
+/* exp(x) for x <= 0 to about 1 ulp, in plain arithmetic so loops over it vectorize:
+ * x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor-like polynomial
+ * (Cephes' expf coefficients), scaled by 2^n through the exponent bits. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;  /* below this exp underflows float anyway */
+    const float shift = 12582912.0f; /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
+    const float n = (x * 1.44269504088896341f + shift) - shift;
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { float f; int32_t i; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+typedef int32_t vi8 __attribute__((vector_size(32)));
+
+/* exp_nonpositive of 8 values at once, in vector arithmetic the compiler cannot fail to
+ * vectorize (the scalar version above vectorizes only inside some loops). */
+static inline v8 exp8_nonpositive(v8 x) {
+    const vi8 low = x < -87.0f;
+    x = (v8)(((vi8)x & ~low) | ((vi8)((v8){0} - 87.0f) & low));
+    const float shift = 12582912.0f;
+    const v8 n = (x * 1.44269504088896341f + shift) - shift;
+    const v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    v8 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (v8)((__builtin_convertvector(n, vi8) + 127) << 23);
+}
+
+/* Runs task(arg, u) for every u in [0, units) on the calling thread and the pool's workers,
+ * and returns when all are done. Units are handed out one at a time, so a thread that the OS
+ * deschedules for a while simply takes fewer. Calls from several threads take turns. */
+typedef void (*realizar_task)(const void *arg, int64_t unit);
+void realizar_parallel(realizar_task task, const void *arg, int64_t units);
+
+/* Threads taking part in realizar_parallel, the caller included. */
+int realizar_threads(void);
+
+#endif

@@ -1,0 +1,118 @@
+/* The per-token operations of a Llama layer, float32, each in one pass over its rows:
+ *
+ *   rms_norm:  y = w * x / sqrt(mean(x^2) + eps)
+ *   silu_mul:  y = silu(gate) * up,  [gate | up] = gate_up    silu(g) = g / (1 + exp(-g))
+ *   rope:      each q and k head, halves (a, b) at position p:
+ *              (a cos - b sin, b cos + a sin) with cos, sin of p * inv_freq
+ *
+ * In torch each of them is several ops with a temporary per op. Long batches (prefill) are
+ * split into blocks of rows that run on the thread pool.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "cpu_kernels.h"
+
+#define BLOCK_ELEMS 32768  /* about this many elements per unit of parallel work */
+
+static int64_t rows_per_unit(int64_t width) {
+    const int64_t rows = BLOCK_ELEMS / (width > 0 ? width : 1);
+    return rows > 0 ? rows : 1;
+}
+
+struct rms_norm {
+    const float *x, *w;
+    float *y;
+    int64_t ldx, T, D, rows;
+    float eps;
+};
+
+static void rms_norm_rows(const void *arg, int64_t unit) {
+    const struct rms_norm *a = arg;
+    const int64_t end = (unit + 1) * a->rows < a->T ? (unit + 1) * a->rows : a->T;
+    for (int64_t t = unit * a->rows; t < end; t++) {
+        const float *x = a->x + t * a->ldx;
+        float *y = a->y + t * a->D;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < a->D; i++) sum += x[i] * x[i];
+        const float inv = 1.0f / sqrtf(sum / (float)a->D + a->eps);
+#pragma omp simd
+        for (int64_t i = 0; i < a->D; i++) y[i] = a->w[i] * (x[i] * inv);
+    }
+}
+
+/* y [T, D] = rms_norm(x) * w, x rows ldx floats apart. */
+void realizar_rms_norm(const float *x, int64_t ldx, const float *w, float *y, int64_t T, int64_t D, float eps) {
+    const struct rms_norm a = {.x = x, .w = w, .y = y, .ldx = ldx, .T = T, .D = D,
+                               .rows = rows_per_unit(D), .eps = eps};
+    realizar_parallel(rms_norm_rows, &a, (T + a.rows - 1) / a.rows);
+}
+
+struct silu_mul {
+    const float *gate_up;
+    float *y;
+    int64_t ld, I, T, rows;
+};
+
+static void silu_mul_rows(const void *arg, int64_t unit) {
+    const struct silu_mul *a = arg;
+    const int64_t end = (unit + 1) * a->rows < a->T ? (unit + 1) * a->rows : a->T;
+    for (int64_t t = unit * a->rows; t < end; t++) {
+        const int64_t I = a->I;
+        const float *g = a->gate_up + t * a->ld, *u = g + I;
+        float *y = a->y + t * I;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {  /* sigmoid from exp(-|g|), which never overflows */
+            const v8 x = load8(g + i);
+            const vi8 negative = x < 0.0f;
+            const v8 e = exp8_nonpositive((v8)(((vi8)x & negative) | ((vi8)-x & ~negative)));  /* of -|x| */
+            const v8 numerator = (v8)(((vi8)e & negative) | ((vi8)((v8){0} + 1.0f) & ~negative));
+            store8(y + i, x * (numerator / (1.0f + e)) * load8(u + i));
+        }
+        for (; i < I; i++) {
+            const float e = exp_nonpositive(-fabsf(g[i]));
+            y[i] = g[i] * ((g[i] < 0.0f ? e : 1.0f) / (1.0f + e)) * u[i];
+        }
+    }
+}
+
+/* y [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:], gate_up rows ld floats apart. */
+void realizar_silu_mul(const float *gate_up, int64_t ld, float *y, int64_t T, int64_t I) {
+    const struct silu_mul a = {.gate_up = gate_up, .y = y, .ld = ld, .I = I, .T = T, .rows = rows_per_unit(2 * I)};
+    realizar_parallel(silu_mul_rows, &a, (T + a.rows - 1) / a.rows);
+}
+
+struct rope {
+    float *x;
+    const int64_t *positions;
+    const float *cos, *sin;
+    int64_t ld, heads, hd, T, rows;
+};
+
+static void rope_rows(const void *arg, int64_t unit) {
+    const struct rope *a = arg;
+    const int64_t half = a->hd / 2;
+    const int64_t end = (unit + 1) * a->rows < a->T ? (unit + 1) * a->rows : a->T;
+    for (int64_t t = unit * a->rows; t < end; t++) {
+        const float *c = a->cos + a->positions[t] * a->hd, *s = a->sin + a->positions[t] * a->hd;
+        for (int64_t h = 0; h < a->heads; h++) {
+            float *x1 = a->x + t * a->ld + h * a->hd, *x2 = x1 + half;
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                const float lo = x1[i], hi = x2[i];
+                x1[i] = lo * c[i] - hi * s[i];
+                x2[i] = hi * c[i + half] + lo * s[i + half];
+            }
+        }
+    }
+}
+
+/* Rotates, in place, the first `heads` heads (hd floats each) of every row of x [T, ld] by
+ * its position; cos and sin are [max_position, hd] tables. */
+void realizar_rope(float *x, int64_t ld, const int64_t *positions, const float *cos, const float *sin,
+                   int64_t T, int64_t heads, int64_t hd) {
+    const struct rope a = {.x = x, .positions = positions, .cos = cos, .sin = sin, .ld = ld,
+                           .heads = heads, .hd = hd, .T = T, .rows = rows_per_unit(heads * hd)};
+    realizar_parallel(rope_rows, &a, (T + a.rows - 1) / a.rows);
+}

@@ -1,0 +1,158 @@
+/* The pool of threads behind realizar_parallel (cpu_kernels.h).
+ *
+ * Workers wait for a new generation number, take units of the current task until none is
+ * left, and count down. A forward pass calls the pool back to back, so an idle worker spins
+ * for a while (spin_us) before it sleeps on a futex; the caller wakes sleepers only when
+ * there are some, so a busy pool costs no system calls.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "cpu_kernels.h"
+
+#define MAX_THREADS 64
+
+static struct {
+    pthread_mutex_t lock;         /* one caller at a time; resizing */
+    pthread_t threads[MAX_THREADS];
+    int size;                     /* threads taking part, the caller included */
+    _Atomic uint32_t generation;  /* bumped for every task */
+    _Atomic int pending;          /* workers still inside the current task */
+    _Atomic int sleepers;         /* workers inside futex_wait */
+    _Atomic int stop;
+    _Atomic int64_t next_unit;    /* the next unit of the current task to hand out */
+    realizar_task task;
+    const void *arg;
+    int64_t units;
+    int64_t spin_ns;              /* how long an idle worker spins before it sleeps */
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .size = 1, .spin_ns = 2000000};
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void wait_for_change(_Atomic uint32_t *word, uint32_t seen) {
+    const int64_t until = now_ns() + pool.spin_ns;
+    do {
+        for (int i = 0; i < 64; i++) {
+            if (atomic_load_explicit(word, memory_order_acquire) != seen) return;
+            cpu_relax();
+        }
+    } while (now_ns() < until);
+    atomic_fetch_add(&pool.sleepers, 1);
+    while (atomic_load(word) == seen) {
+#ifdef __linux__
+        syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+#else
+        sched_yield();
+#endif
+    }
+    atomic_fetch_sub(&pool.sleepers, 1);
+}
+
+static void wake_all(_Atomic uint32_t *word) {
+#ifdef __linux__
+    if (atomic_load(&pool.sleepers) == 0) return;
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
+
+static void take_units(void) {
+    for (int64_t u; (u = atomic_fetch_add_explicit(&pool.next_unit, 1, memory_order_relaxed)) < pool.units;)
+        pool.task(pool.arg, u);
+}
+
+/* `start` is the generation when the worker was made: a task published before the new
+ * thread first runs must still count as new to it. */
+static void *worker(void *start) {
+    uint32_t seen = (uint32_t)(uintptr_t)start;
+    for (;;) {
+        wait_for_change(&pool.generation, seen);
+        seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
+        if (atomic_load(&pool.stop)) return NULL;
+        take_units();
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+}
+
+void realizar_parallel(realizar_task task, const void *arg, int64_t units) {
+    if (units <= 0) return;
+    pthread_mutex_lock(&pool.lock);
+    pool.task = task;
+    pool.arg = arg;
+    pool.units = units;
+    atomic_store_explicit(&pool.next_unit, 0, memory_order_relaxed);
+    if (pool.size > 1 && units > 1) {
+        atomic_store_explicit(&pool.pending, pool.size - 1, memory_order_relaxed);
+        atomic_fetch_add(&pool.generation, 1);  /* publishes the task to the workers */
+        wake_all(&pool.generation);
+        take_units();
+        while (atomic_load_explicit(&pool.pending, memory_order_acquire) != 0) cpu_relax();
+    } else {
+        take_units();
+    }
+    pthread_mutex_unlock(&pool.lock);
+}
+
+int realizar_threads(void) { return pool.size; }
+
+static void stop_workers(void) {
+    atomic_store(&pool.stop, 1);
+    atomic_fetch_add(&pool.generation, 1);
+    wake_all(&pool.generation);
+    for (int i = 1; i < pool.size; i++) pthread_join(pool.threads[i], NULL);
+    atomic_store(&pool.stop, 0);
+    pool.size = 1;
+}
+
+/* A forked child has none of the parent's workers: it starts single-threaded. */
+static void after_fork_in_child(void) {
+    pthread_mutex_t unlocked = PTHREAD_MUTEX_INITIALIZER;
+    pool.lock = unlocked;
+    pool.size = 1;
+    atomic_store(&pool.sleepers, 0);
+}
+
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, after_fork_in_child); }
+
+/* Use `threads` threads (the caller and threads - 1 workers), idle workers spinning for
+ * `spin_us` microseconds before they sleep (negative: unchanged). Returns the number in use. */
+int realizar_set_threads(int threads, int64_t spin_us) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    pthread_mutex_lock(&pool.lock);
+    if (spin_us >= 0) pool.spin_ns = spin_us * 1000;
+    if (threads != pool.size) {
+        stop_workers();
+        const uintptr_t start = atomic_load(&pool.generation);
+        for (int i = 1; i < threads; i++) {
+            if (pthread_create(&pool.threads[i], NULL, worker, (void *)start) != 0) break;
+            pool.size = i + 1;
+        }
+    }
+    const int size = pool.size;
+    pthread_mutex_unlock(&pool.lock);
+    return size;
+}
