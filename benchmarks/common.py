@@ -546,10 +546,12 @@ class CompletionWorkload:
         return body
 
 
-def workload_for(server: ManagedServer, *, prompt_len: int, output_len: int, seed: int = 0) -> CompletionWorkload:
+def workload_for(server: ManagedServer, *, prompt_len: int, output_len: int, seed: int = 0,
+                 temperature: float = 0.0) -> CompletionWorkload:
     """Request ``i`` of the workload sends ``prompt_text(i, prompt_len, seed)``."""
     assert server.model is not None
-    return CompletionWorkload(server.model, prompt_len, output_len, server.spec.fixed_length_fields, seed=seed)
+    return CompletionWorkload(server.model, prompt_len, output_len, server.spec.fixed_length_fields,
+                              temperature=temperature, seed=seed)
 
 
 async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict[str, Any],

@@ -1,17 +1,20 @@
-"""The linear layers of the default model: torch's ``F.linear`` against realizar's ``Linear``.
+"""The linear layers of the default model: torch's ``F.linear`` and numpy's OpenBLAS against
+realizar's packed-weight kernel.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/matmul.py                  # rows 1, 4, 16, 64; 1 and 2 threads
+    .venv/bin/python benchmarks/matmul.py                  # rows 1, 4, 16, 64, 512; 1 and 2 threads
     .venv/bin/python benchmarks/matmul.py --rows 1,16 --threads 2
 
 For each row count (the tokens of an engine step) it times every projection of one
 forward pass, each layer with its own weights so that nothing is served from cache that
 would not be in a real step: q/k/v (fused), o, gate/up (fused), down for every layer, and
-the LM head. ``F.linear`` is torch's float32 path (MKL on x86); realizar's ``Linear`` is
-numpy's OpenBLAS over the transposed weight. Prints ms per forward pass, GFLOP/s and the
-ratio F.linear / Linear (above 1: realizar is faster). Random weights of the model's shapes;
-the best of ``--repeats`` runs.
+the LM head. ``F.linear`` is torch's float32 path (MKL on x86); OpenBLAS is numpy's sgemm
+over the transposed weight (realizar's path without a C compiler); ``packed`` is realizar's
+``Linear`` with the compiled kernels (``realizar/kernels/packed_gemm.c``). Each runs with
+``--threads`` threads while the other pools have one, so that no idle pool spins against
+it. Prints ms per forward pass, GFLOP/s and each peer's time over packed's (above 1:
+realizar is faster). Random weights of the model's shapes; the best of ``--repeats`` runs.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from realizar import kernels
 from realizar.loading import default_model_path, load_model
-from realizar.model.linear import Linear, blas_threads
+from realizar.model.linear import Linear, _openblas_setters
 
 
 def shapes() -> list[tuple[int, int, int]]:
@@ -45,20 +50,31 @@ def best_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return best * 1e3
 
 
+def set_pools(torch_threads: int, blas: int, packed: int) -> None:
+    torch.set_num_threads(torch_threads)
+    for setter in _openblas_setters():
+        setter(blas)
+    compiled = kernels.load()
+    if compiled is not None:
+        compiled.set_threads(packed)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", default="1,4,16,64", help="comma-separated row counts (default 1,4,16,64)")
+    p.add_argument("--rows", default="1,4,16,64,512", help="comma-separated row counts (default 1,4,16,64,512)")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    if kernels.load() is None:
+        raise SystemExit("the compiled kernels are not available (no C compiler, or REALIZAR_KERNELS=0)")
     layout = shapes()
     weights = [[torch.randn(o, i) for _ in range(n)] for o, i, n in layout]
+    transposed = [[w.t().contiguous().numpy() for w in ws] for ws in weights]
     linears = [[Linear(w) for w in ws] for ws in weights]
-    print("| threads | rows | F.linear ms | Linear ms | F.linear GFLOP/s | Linear GFLOP/s | F.linear / Linear |")
-    print("|---|---|---|---|---|---|---|")
+    print("| threads | rows | F.linear ms | OpenBLAS ms | packed ms | packed GFLOP/s | F.linear / packed "
+          "| OpenBLAS / packed |")
+    print("|---|---|---|---|---|---|---|---|")
     for threads in (int(t) for t in args.threads.split(",")):
-        torch.set_num_threads(threads)
-        blas_threads(threads)
         for rows in (int(r) for r in args.rows.split(",")):
             xs = [torch.randn(rows, i) for _o, i, _n in layout]
             flops = sum(2 * rows * o * i * n for o, i, n in layout)
@@ -68,14 +84,24 @@ def main() -> None:
                     for w in ws:
                         F.linear(x, w)
 
-            def realizar_pass(xs=xs) -> None:  # type: ignore[no-untyped-def]
+            def blas_pass(xs=xs) -> None:  # type: ignore[no-untyped-def]
+                for x, ws in zip(xs, transposed, strict=True):
+                    for w in ws:
+                        np.matmul(x.numpy(), w)
+
+            def packed_pass(xs=xs) -> None:  # type: ignore[no-untyped-def]
                 for x, ls in zip(xs, linears, strict=True):
                     for layer in ls:
                         layer(x)
 
-            t_torch, t_ours = best_ms(torch_pass, args.repeats), best_ms(realizar_pass, args.repeats)
-            print(f"| {threads} | {rows} | {t_torch:.1f} | {t_ours:.1f} | {flops / t_torch / 1e6:.0f} "
-                  f"| {flops / t_ours / 1e6:.0f} | {t_torch / t_ours:.2f}x |")
+            set_pools(threads, 1, 1)
+            t_torch = best_ms(torch_pass, args.repeats)
+            set_pools(1, threads, 1)
+            t_blas = best_ms(blas_pass, args.repeats)
+            set_pools(1, 1, threads)
+            t_packed = best_ms(packed_pass, args.repeats)
+            print(f"| {threads} | {rows} | {t_torch:.1f} | {t_blas:.1f} | {t_packed:.1f} "
+                  f"| {flops / t_packed / 1e6:.0f} | {t_torch / t_packed:.2f}x | {t_blas / t_packed:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-requests", type=int, default=4, help="at least this many requests per level")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt words, about tokens (default 128)")
     p.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature of every request (default 0: greedy)")
     p.add_argument("--realizar-threads", type=int, default=None, metavar="N",
                    help="realizar's --threads alone (default: --threads)")
     p.add_argument("--dtype", default="auto", help="realizar --dtype (default auto)")
@@ -130,7 +132,8 @@ def measure_server(name: str, args: argparse.Namespace) -> dict[str, Any]:
         with ManagedServer(spec, args.log_dir) as server:
             out["ready_s"] = server.ready_s
             out["model"] = server.model
-            workload = workload_for(server, prompt_len=args.prompt_len, output_len=args.output_len)
+            workload = workload_for(server, prompt_len=args.prompt_len, output_len=args.output_len,
+                                    temperature=args.temperature)
             warm_up(server, workload)
             first = 0
             for c in args.concurrency:
@@ -163,6 +166,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     names = [r["server"] for r in results]
     lines = [f"Machine: {machine_line()}; {load_line()}",
              f"Workload: {args.prompt_len}-word prompts, {args.output_len} output tokens (EOS ignored), "
+             f"temperature {args.temperature:g}, "
              f"streaming /v1/completions, closed loop, requests per level = max({args.min_requests}, "
              f"{args.waves} x concurrency)", ""]
     for r in results:

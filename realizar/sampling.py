@@ -4,7 +4,8 @@ Greedy rows take the argmax. Sampling rows apply temperature, then top-k and top
 then draw by inverse CDF with a uniform number from the row's own generator, so a seeded
 request gives the same tokens whatever else shares its batch.
 
-Rows without top-k or top-p draw straight from the softmax, in vocabulary order. Filtered
+Rows without top-k or top-p draw straight from the softmax, in vocabulary order (on the
+CPU in float32, in one compiled pass per row, ``realizar.kernels``). Filtered
 rows look only at their most likely candidates (``CANDIDATES``, or top-k if larger), which
 hold the whole top-p nucleus unless the distribution is very flat; then they look at
 eight times as many, and only if that is still too few do they sort the whole vocabulary. A full sort of a 49k vocabulary costs about 6 ms a row
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from realizar import kernels
 from realizar.request import SamplingParams
 
 
@@ -60,9 +62,11 @@ def apply_filters(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch
     vocab = logits.shape[-1]
     k = torch.where(top_k > 0, top_k, vocab)
     # rows with top-k renormalize over their k tokens, the others over the whole vocabulary
-    log_total = scaled.logsumexp(dim=-1)
+    every_row_top_k = bool((top_k > 0).all())
+    log_total = scaled.logsumexp(dim=-1) if not every_row_top_k else None
     for width in (CANDIDATES, 8 * CANDIDATES, vocab):
-        width = min(vocab, max(width, int(top_k.max().item())))
+        # rows that all have top-k need only their k best; top-p alone needs candidates
+        width = min(vocab, int(top_k.max().item()) if every_row_top_k else max(width, int(top_k.max().item())))
         if width < vocab:
             values, order = scaled.topk(width, dim=-1)  # [B, C], descending
         else:  # numpy's argsort is twice as fast as torch's sort here
@@ -71,7 +75,8 @@ def apply_filters(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch
             values = scaled.gather(1, order)
         ranks = torch.arange(width, device=logits.device)[None, :]
         values = values.masked_fill(ranks >= k[:, None], float("-inf"))
-        probs = (values - torch.where(top_k > 0, values.logsumexp(dim=-1), log_total)[:, None]).exp()
+        local = values.logsumexp(dim=-1)
+        probs = (values - (local if log_total is None else torch.where(top_k > 0, local, log_total))[:, None]).exp()
         if width == vocab or not bool(((top_k == 0) & (probs.sum(dim=-1) < top_p)).any()):
             break  # every row's nucleus is among the candidates
     # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
@@ -87,9 +92,14 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def uniforms(rows: list[SamplingRow]) -> torch.Tensor:
+    """One uniform number in [0, 1) per row, from the row's own generator."""
+    return torch.cat([torch.rand(1, generator=row.generator) for row in rows])
+
+
 def draw(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """One column of each row of ``probs`` [B, C], by inverse CDF with the row's own generator."""
-    draws = torch.cat([torch.rand(1, generator=row.generator) for row in rows]).to(probs.device)
+    draws = uniforms(rows).to(probs.device)
     cdf = probs.cumsum(dim=-1)
     return torch.searchsorted(cdf, draws[:, None]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
@@ -109,8 +119,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
     if plain:
         index = torch.tensor(plain, device=logits.device)
         temperatures = torch.tensor([rows[i].params.temperature for i in plain], device=logits.device)
-        probs = (logits[index] / temperatures[:, None]).softmax(dim=-1)
-        chosen[index] = draw(probs, [rows[i] for i in plain])
+        compiled = kernels.for_tensors(logits.device, logits.dtype)
+        if compiled is not None:  # one pass per row: no probability tensor, no cumulative sum
+            chosen[index] = compiled.sample(logits, index, temperatures, uniforms([rows[i] for i in plain]))
+        else:
+            probs = (logits[index] / temperatures[:, None]).softmax(dim=-1)
+            chosen[index] = draw(probs, [rows[i] for i in plain])
     if filtered:
         index = torch.tensor(filtered, device=logits.device)
         params = [rows[i].params for i in filtered]

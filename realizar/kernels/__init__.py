@@ -8,6 +8,8 @@
   costs as much as the arithmetic.
 - ``pointwise.c``: RMSNorm, SiLU-and-multiply and RoPE, one pass
   each instead of several torch ops with a temporary apiece.
+- ``sampling.c``: draws from softmax(logits / temperature) in one pass per row, without
+  a sort or a probability tensor.
 - ``thread_pool.c``: the threads they all share (``set_threads``), apart from torch's.
 
 The library is built once per source version and CPU with the system C compiler
@@ -35,7 +37,7 @@ import torch
 log = logging.getLogger("realizar.kernels")
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "pointwise.c")]
+           for name in ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "pointwise.c", "sampling.c")]
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 PANEL = 16  # output columns per packed weight panel (NR in packed_gemm.c)
@@ -108,6 +110,7 @@ class CpuKernels:
         self._rms_norm = bind("realizar_rms_norm", None, p, i64, p, p, i64, i64, f32)
         self._silu_mul = bind("realizar_silu_mul", None, p, i64, p, i64, i64)
         self._rope = bind("realizar_rope", None, p, i64, p, p, p, i64, i64, i64)
+        self._sample = bind("realizar_sample", None, p, i64, i64, p, p, p, p, i64)
         self.path = path
 
     def set_threads(self, threads: int, spin_us: int = -1) -> int:
@@ -186,6 +189,17 @@ class CpuKernels:
         positions = positions.contiguous()
         self._rope(x.data_ptr(), x.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                    x.shape[0], heads, head_dim)
+
+    def sample(self, logits: torch.Tensor, rows: torch.Tensor, temperatures: torch.Tensor,
+               uniforms: torch.Tensor) -> torch.Tensor:
+        """For each ``r``, a token drawn from ``softmax(logits[rows[r]] / temperatures[r])`` by
+        inverse CDF at ``uniforms[r]``; tokens at -inf are never drawn. ``logits [B, V]``."""
+        logits = _unit_stride(logits)
+        rows, temperatures, uniforms = rows.contiguous(), temperatures.float().contiguous(), uniforms.float().contiguous()
+        out = torch.empty(rows.shape[0], dtype=torch.int64)
+        self._sample(logits.data_ptr(), logits.stride(0), logits.shape[1], rows.data_ptr(), temperatures.data_ptr(),
+                     uniforms.data_ptr(), out.data_ptr(), rows.shape[0])
+        return out
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:

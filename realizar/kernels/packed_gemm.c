@@ -25,7 +25,9 @@
 
 #define NR 16          /* output columns per panel */
 #define MR 6           /* rows of x per micro-tile */
+#ifndef MC
 #define MC 96          /* rows of x per block: the block stays in L2 */
+#endif
 #ifndef KC_MAX
 #define KC_MAX 768     /* longer sums are split into equal passes of at most this many terms */
 #endif
@@ -42,6 +44,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int G,
                                                        const float *prefetch, int64_t prefetch_lines) {
     v8 acc[12];
     for (int i = 0; i < R * G * 2; i++) acc[i] = (v8){0};
+#pragma GCC unroll 4
     for (int64_t k = 0; k < K; k++) {
         v8 b[12];
         if (k < prefetch_lines) __builtin_prefetch(prefetch + k * NR);

@@ -31,8 +31,34 @@ def test_filters_zero_out_tokens_beyond_top_k_and_top_p() -> None:
     probs, order = apply_filters(logits, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0.8]))
     assert order[0].tolist() == [0, 1, 2, 3]
     assert probs[0, 2:].sum() == 0 and torch.allclose(probs[0, :2], torch.tensor([0.625, 0.375]))
-    probs, _ = apply_filters(logits, torch.tensor([1.0]), torch.tensor([3]), torch.tensor([1.0]))
-    assert probs[0, 3] == 0 and torch.isclose(probs.sum(), torch.tensor(1.0))
+    probs, order = apply_filters(logits, torch.tensor([1.0]), torch.tensor([3]), torch.tensor([1.0]))
+    kept = {int(t) for t, p in zip(order[0], probs[0], strict=True) if p > 0}
+    assert kept == {0, 1, 2} and torch.isclose(probs.sum(), torch.tensor(1.0))
+
+
+def test_a_flat_distribution_keeps_its_whole_nucleus() -> None:
+    """When the top-p nucleus is wider than the candidates, the filter widens to find it all."""
+    logits = torch.zeros(2, 6000)
+    logits[1, :10] = 20.0  # a peaked row beside the flat one
+    probs, order = apply_filters(logits, torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), torch.tensor([0.9, 0.9]))
+    assert int((probs[0] > 0).sum()) == 5400  # 90 % of a uniform 6000-token vocabulary
+    assert {int(t) for t in order[1][probs[1] > 0]} == set(range(10))
+    assert torch.allclose(probs.sum(dim=-1), torch.ones(2))
+
+
+def test_the_compiled_draw_follows_the_distribution_and_skips_banned_tokens() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.3, 0.2] + [0.0] * 13]))  # -inf: banned or impossible
+    r = row(seed=3, temperature=1.0)
+    counts = [0] * 17
+    for _ in range(3000):
+        counts[sample(logits, [r])[0].token_id] += 1
+    assert counts[1] == 0 and sum(counts[4:]) == 0
+    assert abs(counts[0] / 3000 - 0.5) < 0.04 and abs(counts[3] / 3000 - 0.2) < 0.03
+    cold = row(seed=4, temperature=0.5)  # p^2 renormalized: 0.25, 0.09, 0.04 of 0.38
+    counts = [0] * 17
+    for _ in range(3000):
+        counts[sample(logits, [cold])[0].token_id] += 1
+    assert abs(counts[0] / 3000 - 0.25 / 0.38) < 0.04 and abs(counts[3] / 3000 - 0.04 / 0.38) < 0.03
 
 
 def test_same_seed_same_tokens_whatever_the_batch() -> None:
