@@ -32,14 +32,118 @@ struct attention {
     _Atomic int failed;
 };
 
-/* One query row: the scores of every query head against every key (one pass over the keys),
- * a softmax per head, then the weighted sum of the value rows. Scores take four keys at a
- * time and the value sum eight 8-wide column groups at a time, so independent multiply-adds
- * run side by side instead of waiting on each other. */
+#define HEADS_AT_ONCE 3  /* query heads of one KV group handled together */
+
+/* out[u] = scale * (the sum of the 8 lanes of a[u]), u < 4, by a transposing add tree
+ * instead of four separate horizontal sums. */
+static inline void sum4x8(const v8 a[4], float scale, float *out) {
+#if defined(__clang__) || __GNUC__ >= 12
+#define EVENS(x, y) __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14)
+#define ODDS(x, y) __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15)
+    const v8 h01 = EVENS(a[0], a[1]) + ODDS(a[0], a[1]);  /* pairs of a0, a1 in each 4-lane half */
+    const v8 h23 = EVENS(a[2], a[3]) + ODDS(a[2], a[3]);
+    const v8 h = EVENS(h01, h23) + ODDS(h01, h23);        /* a0..a3 per half */
+#undef EVENS
+#undef ODDS
+    for (int u = 0; u < 4; u++) out[u] = scale * (h[u] + h[u + 4]);
+#else
+    for (int u = 0; u < 4; u++) out[u] = scale * sum8(a[u]);
+#endif
+}
+
+/* scores[j, t] = scale * q_j . k_t for the NH query heads j that share one KV head (q_j at
+ * q + j * hd, scores at s + j * len), four keys at a time: each key row is loaded once for
+ * all NH heads, and the 4 x NH sums are independent multiply-add chains. hd % 8 == 0. */
+static inline __attribute__((always_inline)) void group_scores(const int NH, const float *q, const float *kh,
+                                                               const int64_t *offsets, int64_t len, int64_t hd,
+                                                               float scale, float *s) {
+    int64_t t = 0;
+    for (; t + 4 <= len; t += 4) {
+        const float *k0 = kh + offsets[t], *k1 = kh + offsets[t + 1];
+        const float *k2 = kh + offsets[t + 2], *k3 = kh + offsets[t + 3];
+        v8 acc[HEADS_AT_ONCE][4] = {{{0}}};
+        for (int64_t i = 0; i < hd; i += 8) {
+            const v8 x0 = load8(k0 + i), x1 = load8(k1 + i), x2 = load8(k2 + i), x3 = load8(k3 + i);
+            for (int j = 0; j < NH; j++) {
+                const v8 qj = load8(q + j * hd + i);
+                acc[j][0] += qj * x0;
+                acc[j][1] += qj * x1;
+                acc[j][2] += qj * x2;
+                acc[j][3] += qj * x3;
+            }
+        }
+        for (int j = 0; j < NH; j++) sum4x8(acc[j], scale, s + j * len + t);
+    }
+    for (; t < len; t++) {
+        const float *k = kh + offsets[t];
+        for (int j = 0; j < NH; j++) {
+            v8 acc = {0};
+            for (int64_t i = 0; i < hd; i += 8) acc += load8(q + j * hd + i) * load8(k + i);
+            s[j * len + t] = scale * sum8(acc);
+        }
+    }
+}
+
+/* y_j = sum_t p[j, t] v_t for the NH query heads of one KV group (p_j at p + j * len, y_j at
+ * y + j * hd): each value row is loaded once for all NH heads, 32 columns at a time in
+ * 4 x NH accumulators, then 8 at a time. hd % 8 == 0. */
+static inline __attribute__((always_inline)) void group_values(const int NH, const float *p, const float *vh,
+                                                               const int64_t *offsets, int64_t len, int64_t hd,
+                                                               float *y) {
+    int64_t c = 0;
+    for (; c + 32 <= hd; c += 32) {
+        v8 acc[HEADS_AT_ONCE][4] = {{{0}}};
+        for (int64_t t = 0; t < len; t++) {
+            const float *v = vh + offsets[t] + c;
+            const v8 x0 = load8(v), x1 = load8(v + 8), x2 = load8(v + 16), x3 = load8(v + 24);
+            for (int j = 0; j < NH; j++) {
+                const float w = p[j * len + t];
+                acc[j][0] += w * x0;
+                acc[j][1] += w * x1;
+                acc[j][2] += w * x2;
+                acc[j][3] += w * x3;
+            }
+        }
+        for (int j = 0; j < NH; j++)
+            for (int u = 0; u < 4; u++) store8(y + j * hd + c + 8 * u, acc[j][u]);
+    }
+    for (; c < hd; c += 8) {
+        v8 acc[HEADS_AT_ONCE] = {{0}};
+        for (int64_t t = 0; t < len; t++) {
+            const v8 x = load8(vh + offsets[t] + c);
+            for (int j = 0; j < NH; j++) acc[j] += p[j * len + t] * x;
+        }
+        for (int j = 0; j < NH; j++) store8(y + j * hd + c, acc[j]);
+    }
+}
+
+/* The same two products for any head size, one head at a time, in plain loops. */
+static void head_scores_scalar(const float *q, const float *kh, const int64_t *offsets, int64_t len,
+                               int64_t hd, float scale, float *s) {
+    for (int64_t t = 0; t < len; t++) {
+        const float *k = kh + offsets[t];
+        float dot = 0.0f;
+        for (int64_t i = 0; i < hd; i++) dot += q[i] * k[i];
+        s[t] = scale * dot;
+    }
+}
+
+static void head_values_scalar(const float *p, const float *vh, const int64_t *offsets, int64_t len,
+                               int64_t hd, float *y) {
+    for (int64_t c = 0; c < hd; c++) {
+        float acc = 0.0f;
+        for (int64_t t = 0; t < len; t++) acc += p[t] * vh[offsets[t] + c];
+        y[c] = acc;
+    }
+}
+
+/* One query row: the scores of every query head against every key, a softmax per head, then
+ * the weighted sums of the value rows. The query heads that share a KV head go through its
+ * keys and values together, up to HEADS_AT_ONCE at a time, so each row of the cache is read
+ * once per pass rather than once per query head. */
 static void attend_row(const void *arg, int64_t b) {
     const struct attention *A = arg;
     const int64_t heads = A->heads, group = A->group, hd = A->hd, bs = A->bs, row = A->row;
-    const float *key_cache = A->key_cache, *value_cache = A->value_cache;
     const float scale = A->scale;
     const int vector = hd % 8 == 0;
     const int64_t len = A->context_lens[b];
@@ -60,44 +164,33 @@ static void attend_row(const void *arg, int64_t b) {
             return;
         }
     }
+    float *const buffer = scores;  /* plain locals from here: no thread-local lookups in the loops */
+    int64_t *const slots = offsets;
     const int64_t *table = A->block_tables + (A->row_tables ? A->row_tables[b] : b) * A->max_blocks;
     const float *q = A->q_all + b * A->q_stride;
     float *out = A->out_all + b * heads * hd;
-    for (int64_t t = 0; t < len; t++) offsets[t] = (table[t / bs] * bs + t % bs) * row;
+    for (int64_t t0 = 0, blk = 0; t0 < len; t0 += bs, blk++)  /* block by block: no divisions */
+        for (int64_t t = t0, slot = table[blk] * bs; t < len && t < t0 + bs; t++, slot++) slots[t] = slot * row;
 
-    /* scores[h, t] = scale * q_h . k_t[h / group]; four keys at a time when vectorized */
-    for (int64_t h = 0; h < heads; h++) {
-        const float *qh = q + h * hd, *kh = key_cache + (h / group) * hd;
-        float *s = scores + h * len;
-        int64_t t = 0;
-        if (vector) {
-            for (; t + 4 <= len; t += 4) {
-                const float *k0 = kh + offsets[t], *k1 = kh + offsets[t + 1];
-                const float *k2 = kh + offsets[t + 2], *k3 = kh + offsets[t + 3];
-                v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-                for (int64_t i = 0; i < hd; i += 8) {
-                    const v8 x = load8(qh + i);
-                    a0 += x * load8(k0 + i);
-                    a1 += x * load8(k1 + i);
-                    a2 += x * load8(k2 + i);
-                    a3 += x * load8(k3 + i);
-                }
-                s[t] = scale * sum8(a0);
-                s[t + 1] = scale * sum8(a1);
-                s[t + 2] = scale * sum8(a2);
-                s[t + 3] = scale * sum8(a3);
-            }
+    /* scores[h, t] = scale * q_h . k_t[h / group] */
+    for (int64_t h0 = 0; h0 < heads; h0 += HEADS_AT_ONCE) {
+        const int64_t g = h0 / group, n = group - h0 % group < HEADS_AT_ONCE ? group - h0 % group : HEADS_AT_ONCE;
+        const float *kh = A->key_cache + g * hd;
+        if (!vector) {
+            for (int64_t j = 0; j < n; j++)
+                head_scores_scalar(q + (h0 + j) * hd, kh, slots, len, hd, scale, buffer + (h0 + j) * len);
+        } else if (n == 3) {
+            group_scores(3, q + h0 * hd, kh, slots, len, hd, scale, buffer + h0 * len);
+        } else if (n == 2) {
+            group_scores(2, q + h0 * hd, kh, slots, len, hd, scale, buffer + h0 * len);
+        } else {
+            group_scores(1, q + h0 * hd, kh, slots, len, hd, scale, buffer + h0 * len);
         }
-        for (; t < len; t++) {
-            const float *k = kh + offsets[t];
-            float dot = 0.0f;
-            for (int64_t i = 0; i < hd; i++) dot += qh[i] * k[i];
-            s[t] = scale * dot;
-        }
+        h0 -= HEADS_AT_ONCE - n;  /* the next chunk starts right after this one */
     }
     /* softmax over t, per query head */
     for (int64_t h = 0; h < heads; h++) {
-        float *s = scores + h * len;
+        float *s = buffer + h * len;
         float m = -INFINITY, sum = 0.0f;
         for (int64_t t = 0; t < len; t++) m = s[t] > m ? s[t] : m;
 #pragma omp simd reduction(+ : sum)
@@ -109,29 +202,23 @@ static void attend_row(const void *arg, int64_t b) {
 #pragma omp simd
         for (int64_t t = 0; t < len; t++) s[t] *= inv;
     }
-    /* out_h = sum_t p[h, t] v_t[h / group], 64 columns at a time in eight accumulators */
-    for (int64_t h = 0; h < heads; h++) {
-        const float *p = scores + h * len, *vh = value_cache + (h / group) * hd;
-        float *y = out + h * hd;
-        int64_t c = 0;
-        if (vector) {
-            for (; c + 64 <= hd; c += 64) {
-                v8 a[8] = {{0}};
-                for (int64_t t = 0; t < len; t++) {
-                    const float *v = vh + offsets[t] + c;
-                    const float pt = p[t];
-                    for (int j = 0; j < 8; j++) a[j] += pt * load8(v + 8 * j);
-                }
-                for (int j = 0; j < 8; j++) store8(y + c + 8 * j, a[j]);
-            }
+    /* out_h = sum_t p[h, t] v_t[h / group] */
+    for (int64_t h0 = 0; h0 < heads; h0 += HEADS_AT_ONCE) {
+        const int64_t g = h0 / group, n = group - h0 % group < HEADS_AT_ONCE ? group - h0 % group : HEADS_AT_ONCE;
+        const float *vh = A->value_cache + g * hd;
+        if (!vector) {
+            for (int64_t j = 0; j < n; j++)
+                head_values_scalar(buffer + (h0 + j) * len, vh, slots, len, hd, out + (h0 + j) * hd);
+        } else if (n == 3) {
+            group_values(3, buffer + h0 * len, vh, slots, len, hd, out + h0 * hd);
+        } else if (n == 2) {
+            group_values(2, buffer + h0 * len, vh, slots, len, hd, out + h0 * hd);
+        } else {
+            group_values(1, buffer + h0 * len, vh, slots, len, hd, out + h0 * hd);
         }
-        for (; c < hd; c++) {
-            float acc = 0.0f;
-            for (int64_t t = 0; t < len; t++) acc += p[t] * vh[offsets[t] + c];
-            y[c] = acc;
-        }
+        h0 -= HEADS_AT_ONCE - n;
     }
-    }
+}
 
 /* Returns 0, or -1 when a buffer could not be allocated. row_tables[r] is the row of
  * block_tables that query row r reads (NULL: row r). */
