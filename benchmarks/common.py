@@ -184,7 +184,7 @@ def realizar_spec(*, port: int | None = None, dtype: str = "auto", model: str | 
                   extra_args: Sequence[str] = (), output_len: int = 128, threads: int | None = None) -> ServerSpec:
     """``realizar serve`` from the running venv (``python -m realizar``).
 
-    ``threads`` is passed as ``--threads`` (the matmul threads; torch's own ops get one
+    ``threads`` is passed as ``--threads`` (the kernel threads; torch's own ops get one
     fewer); ``None`` keeps realizar's default, one per core."""
     port = port or free_port()
     source = ["--model", model] if model else ["--demo"]

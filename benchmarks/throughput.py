@@ -25,7 +25,7 @@ the ratio of each level to concurrency 1 (how well batching scales), and with
 ``--peers`` the ratio realizar/peer at each level, then latency details.
 
 Every server computes with ``--threads`` threads (default 2, one per core
-here): realizar's ``--threads`` (its matmul threads), vLLM's OMP_NUM_THREADS and
+here): realizar's ``--threads`` (its kernel threads), vLLM's OMP_NUM_THREADS and
 llama.cpp's ``-t``/``-tb``.
 
 Peers are installed outside the repository (see ``benchmarks/common.py`` and

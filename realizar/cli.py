@@ -50,7 +50,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the model's matrix multiplies (default: one per core); "
+                   help="CPU threads for the model's compiled kernels (default: one per core); "
                         "torch's other ops get one fewer, at least 1")
 
 

@@ -82,7 +82,7 @@ class EngineConfig:
     max_queued_requests: int = 256
     max_queued_tokens: int = 262144
     seed: int = 0
-    threads: int | None = None  # CPU matmul threads (torch gets one fewer); None: one per core
+    threads: int | None = None  # CPU kernel threads (torch gets one fewer); None: one per core
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads <= 0:

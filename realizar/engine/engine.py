@@ -97,15 +97,14 @@ class EngineModel:
 
 
 def resolve_threads(threads: int | None) -> tuple[int, int]:
-    """(matmul threads, torch intra-op threads) for the CPU engine.
+    """(kernel threads, torch intra-op threads) for the CPU engine.
 
-    Nearly all of a step's time is in the linear layers, which run on numpy's OpenBLAS
-    (``realizar.model.linear``) with ``threads`` threads, by default one per core: batched
-    decode is compute-bound, and two threads on two cores measured 1.2-1.5x the step rate
-    of one (BENCHMARKS.md). Torch's own ops (norms, RoPE, prefill attention) are short and
-    many; torch gets one thread fewer, because its OpenMP pool waits at a barrier after every
-    op, and with every core in it a step measured 7x slower whenever the event loop or a
-    load client took a core for a moment.
+    Nearly all of a step's time is in the compiled kernels (``realizar.kernels``; numpy's
+    OpenBLAS for the linear layers where they cannot be built), which run on ``threads``
+    threads, by default one per core: batched decode is compute-bound. Torch's own ops are
+    few and short; torch gets one thread fewer, because its OpenMP pool waits at a barrier
+    after every op, and with every core in it a step measured 7x slower whenever the event
+    loop or a load client took a core for a moment.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     matmul = threads if threads is not None else cores

@@ -3,7 +3,7 @@
 - **CPU, float32, with the compiled kernels** (``realizar.kernels``): the weight is packed
   once into 16-column panels and multiplied by ``packed_gemm.c``. A BLAS sgemm repacks the
   weight on every call; at the 1-64 rows of a decode step that costs as much as the
-  arithmetic, and the packed product measured 1.3-3.5x numpy's OpenBLAS there
+  arithmetic, and the packed product measured 1.2-2.1x numpy's OpenBLAS there
   (``benchmarks/matmul.py``). Each output is one multiply-add chain in a fixed order, so a
   row's result does not depend on the other rows of the batch.
 - **CPU, float32, without a compiler** (or ``REALIZAR_KERNELS=0``): the weight is stored
