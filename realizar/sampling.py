@@ -115,7 +115,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
     chosen = argmax(logits)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     plain = [i for i in sampled if rows[i].params.top_k == 0 and rows[i].params.top_p >= 1.0]
-    filtered = [i for i in sampled if i not in set(plain)]
+    filtered = sorted(set(sampled) - set(plain))
     if plain:
         index = torch.tensor(plain, device=logits.device)
         temperatures = torch.tensor([rows[i].params.temperature for i in plain], device=logits.device)

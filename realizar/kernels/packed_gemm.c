@@ -25,12 +25,8 @@
 
 #define NR 16          /* output columns per panel */
 #define MR 6           /* rows of x per micro-tile */
-#ifndef MC
 #define MC 96          /* rows of x per block: the block stays in L2 */
-#endif
-#ifndef KC_MAX
 #define KC_MAX 768     /* longer sums are split into equal passes of at most this many terms */
-#endif
 
 /* y[r, 16g : 16g + 16] (+)= sum_k a[k * MR + r] * panel_g[k, 0:16], for r < R rows and
  * g < G panels (both constants after inlining, R * G <= 6: twelve 8-wide accumulators).
