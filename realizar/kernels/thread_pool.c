@@ -1,9 +1,15 @@
 /* The pool of threads behind realizar_parallel (cpu_kernels.h).
  *
- * Workers wait for a new generation number, take units of the current task until none is
- * left, and count down. A forward pass calls the pool back to back, so an idle worker spins
- * for a while (spin_us) before it sleeps on a futex; the caller wakes sleepers only when
- * there are some, so a busy pool costs no system calls.
+ * A task is published under a new generation number. Every thread, the caller included,
+ * claims units with a compare-and-swap on one word that holds (generation, next unit), so
+ * a worker that wakes late, after its task is over, can claim nothing of a later one by
+ * mistake. The caller returns once all units are done; it never waits for a worker that
+ * took none. That matters when the cores are shared (a load generator on the same machine,
+ * more threads than cores): a descheduled worker then costs nothing but its own share.
+ *
+ * A forward pass calls the pool back to back, so an idle worker spins for a while
+ * (spin_us) before it sleeps on a futex; the caller wakes sleepers only when there are
+ * some, so a busy pool costs no system calls.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -25,14 +31,14 @@ static struct {
     pthread_mutex_t lock;         /* one caller at a time; resizing */
     pthread_t threads[MAX_THREADS];
     int size;                     /* threads taking part, the caller included */
-    _Atomic uint32_t generation;  /* bumped for every task */
-    _Atomic int pending;          /* workers still inside the current task */
+    _Atomic uint32_t generation;  /* bumped for every task; the futex word */
+    _Atomic uint64_t claim;       /* generation << 32 | the next unit to hand out */
+    _Atomic int64_t units;        /* units of the current task */
+    _Atomic int64_t done;         /* units of the current task finished */
     _Atomic int sleepers;         /* workers inside futex_wait */
     _Atomic int stop;
-    _Atomic int64_t next_unit;    /* the next unit of the current task to hand out */
     realizar_task task;
     const void *arg;
-    int64_t units;
     int64_t spin_ns;              /* how long an idle worker spins before it sleeps */
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .size = 1, .spin_ns = 2000000};
 
@@ -78,40 +84,45 @@ static void wake_all(_Atomic uint32_t *word) {
 #endif
 }
 
-static void take_units(void) {
-    for (int64_t u; (u = atomic_fetch_add_explicit(&pool.next_unit, 1, memory_order_relaxed)) < pool.units;)
-        pool.task(pool.arg, u);
+/* Claims and runs units of the task of generation `generation` until none is left, or
+ * until a later task has replaced it. */
+static void take_units(uint32_t generation) {
+    for (;;) {
+        uint64_t claim = atomic_load_explicit(&pool.claim, memory_order_acquire);
+        const int64_t units = atomic_load_explicit(&pool.units, memory_order_relaxed);
+        if ((uint32_t)(claim >> 32) != generation || (int64_t)(uint32_t)claim >= units) return;
+        /* succeeds only if no unit was taken and no task published since `claim` was read */
+        if (!atomic_compare_exchange_weak_explicit(&pool.claim, &claim, claim + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue;
+        pool.task(pool.arg, (int64_t)(uint32_t)claim);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
 }
 
-/* `start` is the generation when the worker was made: a task published before the new
- * thread first runs must still count as new to it. */
 static void *worker(void *start) {
     uint32_t seen = (uint32_t)(uintptr_t)start;
     for (;;) {
         wait_for_change(&pool.generation, seen);
         seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
         if (atomic_load(&pool.stop)) return NULL;
-        take_units();
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        take_units(seen);
     }
 }
 
 void realizar_parallel(realizar_task task, const void *arg, int64_t units) {
     if (units <= 0) return;
     pthread_mutex_lock(&pool.lock);
+    const uint32_t generation = atomic_load(&pool.generation) + 1;
     pool.task = task;
     pool.arg = arg;
-    pool.units = units;
-    atomic_store_explicit(&pool.next_unit, 0, memory_order_relaxed);
-    if (pool.size > 1 && units > 1) {
-        atomic_store_explicit(&pool.pending, pool.size - 1, memory_order_relaxed);
-        atomic_fetch_add(&pool.generation, 1);  /* publishes the task to the workers */
-        wake_all(&pool.generation);
-        take_units();
-        while (atomic_load_explicit(&pool.pending, memory_order_acquire) != 0) cpu_relax();
-    } else {
-        take_units();
-    }
+    atomic_store_explicit(&pool.units, units, memory_order_relaxed);
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool.claim, (uint64_t)generation << 32, memory_order_release);
+    atomic_store(&pool.generation, generation);  /* spinning workers see the task */
+    if (pool.size > 1 && units > 1) wake_all(&pool.generation);  /* and sleeping ones wake */
+    take_units(generation);
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < units) cpu_relax();
     pthread_mutex_unlock(&pool.lock);
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -198,6 +199,30 @@ def test_rope_matches_rotate_half(cpu_kernels: kernels.CpuKernels) -> None:
     want = x * cos[positions][:, None] + rotate_half * sin[positions][:, None]
     torch.testing.assert_close(rotated[:, :(heads + kv_heads) * head_dim].view_as(want), want)
     assert torch.equal(rotated[:, (heads + kv_heads) * head_dim:], qkv[:, (heads + kv_heads) * head_dim:])  # v untouched
+
+
+def test_more_threads_than_cores_still_finish_every_call(cpu_kernels: kernels.CpuKernels) -> None:
+    """Eight threads on this machine's cores: workers are often descheduled, and a call must
+    neither wait for the ones that took no unit nor let a late one take a unit of the next."""
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(200, 64, generator=gen)
+    packed = cpu_kernels.pack(weight)
+    xs = [torch.randn(m, 64, generator=gen) for m in (1, 5, 16, 40)]
+    ok: list[bool] = []
+
+    def calls() -> None:
+        ok.extend(torch.allclose(cpu_kernels.gemm(x, packed, 200), x @ weight.T, atol=1e-4)
+                  for _ in range(100) for x in xs)
+
+    cpu_kernels.set_threads(8)
+    try:
+        worker = threading.Thread(target=calls, daemon=True)
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "a call never returned"
+        assert len(ok) == 400 and all(ok)
+    finally:
+        cpu_kernels.set_threads(2)
 
 
 def _gemm_in_child(queue: multiprocessing.Queue, x: torch.Tensor, packed: torch.Tensor,  # type: ignore[type-arg]
