@@ -64,9 +64,10 @@ def apply_filters(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch
     # rows with top-k renormalize over their k tokens, the others over the whole vocabulary
     every_row_top_k = bool((top_k > 0).all())
     log_total = scaled.logsumexp(dim=-1) if not every_row_top_k else None
-    for width in (CANDIDATES, 8 * CANDIDATES, vocab):
-        # rows that all have top-k need only their k best; top-p alone needs candidates
-        width = min(vocab, int(top_k.max().item()) if every_row_top_k else max(width, int(top_k.max().item())))
+    largest_k = int(top_k.max().item())
+    # rows that all have top-k need only their k best; top-p alone needs candidates
+    widths = [largest_k] if every_row_top_k else [max(CANDIDATES, largest_k), max(8 * CANDIDATES, largest_k), vocab]
+    for width in (min(w, vocab) for w in widths):
         if width < vocab:
             values, order = scaled.topk(width, dim=-1)  # [B, C], descending
         else:  # numpy's argsort is twice as fast as torch's sort here

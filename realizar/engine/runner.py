@@ -27,17 +27,15 @@ class ModelRunner:
         self.cache = cache
         self.device = model.device
         self.block_size = cache.block_size
-        self._offsets = torch.arange(cache.block_size, device=self.device)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs = self.block_size
         table = seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _context_slots(self, seq: Sequence, length: int) -> torch.Tensor:
-        blocks = torch.tensor(seq.block_table[: -(-length // self.block_size)], device=self.device)
-        slots = blocks[:, None] * self.block_size + self._offsets[None, :]  # [nblocks, bs]
-        return slots.flatten()[:length]
+    def _blocks(self, seq: Sequence, length: int) -> torch.Tensor:
+        """The blocks holding the sequence's first ``length`` tokens."""
+        return torch.tensor(seq.block_table[: -(-length // self.block_size)], dtype=torch.long, device=self.device)
 
     def _decode_tables(self, decodes: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables [B, max_blocks] (padded with block 0) and context lengths [B]."""
@@ -76,7 +74,7 @@ class ModelRunner:
             seq = item.seq
             start, end = seq.num_computed, seq.num_computed + item.num_tokens
             prefills.append(PrefillChunk(len(input_ids), item.num_tokens,
-                                         self._context_slots(seq, end), start))
+                                         self._blocks(seq, end), start))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(self._slots(seq, start, end))

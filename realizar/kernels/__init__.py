@@ -70,7 +70,7 @@ def _compiler() -> str | None:
 def _build() -> Path | None:
     compiler = _compiler()
     if compiler is None:
-        log.info("no C compiler found; the CPU engine uses its pure-torch attention path")
+        log.info("no C compiler found; the CPU engine uses its pure-torch path")
         return None
     digest = hashlib.sha256(b"".join(source.read_bytes() for source in [HEADER, *SOURCES])
                             + " ".join(FLAGS).encode() + _cpu_signature().encode())
@@ -101,7 +101,7 @@ class CpuKernels:
             fn.argtypes, fn.restype = list(argtypes), restype
             return fn
 
-        self._set_threads = bind("realizar_set_threads", i32, i32, i64)
+        self._set_threads = bind("realizar_set_threads", i32, i32)
         self.threads = bind("realizar_threads", i32)  # the pool's size, the caller included
         self._gemm = bind("realizar_gemm", i32, p, i64, p, p, i64, i64, i64)
         self._attention = bind("realizar_paged_attention", i32, p, i64, p, p, p, p, p, p,
@@ -113,10 +113,9 @@ class CpuKernels:
         self._sample = bind("realizar_sample", None, p, i64, i64, p, p, p, p, i64)
         self.path = path
 
-    def set_threads(self, threads: int, spin_us: int = -1) -> int:
-        """Threads for every kernel (the caller and ``threads - 1`` workers); the number in use.
-        Idle workers spin ``spin_us`` microseconds before they sleep (default: unchanged)."""
-        return int(self._set_threads(threads, spin_us))
+    def set_threads(self, threads: int) -> int:
+        """Threads for every kernel (the caller and ``threads - 1`` workers); the number in use."""
+        return int(self._set_threads(threads))
 
     @staticmethod
     def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -143,8 +142,7 @@ class CpuKernels:
 
         Row r attends to the first ``context_lens[r]`` tokens of block table
         ``block_tables[row_tables[r]]`` (``block_tables[r]`` without ``row_tables``)."""
-        if q.stride(-1) != 1 or q.stride(-2) != q.shape[-1]:
-            q = q.contiguous()
+        q = _rows(q)
         rows, heads, head_dim = q.shape
         out = torch.empty(rows, heads, head_dim, dtype=torch.float32)
         tables, lens = block_tables.contiguous(), context_lens.contiguous()
@@ -161,7 +159,7 @@ class CpuKernels:
                  k: torch.Tensor, v: torch.Tensor) -> None:
         """key_cache[slots] = k; value_cache[slots] = v, for k, v [T, KV, hd] with contiguous rows."""
         row = key_cache.shape[1] * key_cache.shape[2]
-        k, v = _rows(k, row), _rows(v, row)
+        k, v = _rows(k), _rows(v)
         self._write(key_cache.data_ptr(), value_cache.data_ptr(), k.data_ptr(), v.data_ptr(),
                     k.stride(0), v.stride(0), slots.data_ptr(), slots.shape[0], row)
 
@@ -207,8 +205,8 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _rows(x: torch.Tensor, row: int) -> torch.Tensor:
-    """``x`` [T, KV, hd] whose every row is one contiguous run of ``row`` floats."""
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [T, heads, hd] whose every row is one contiguous run of heads * hd floats."""
     if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
         return x
     return x.contiguous()

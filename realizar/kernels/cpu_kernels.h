@@ -15,19 +15,26 @@ static inline float sum8(v8 x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2]
 
 /* exp(x) for x <= 0 to about 1 ulp, in plain arithmetic so loops over it vectorize:
  * x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor-like polynomial
- * (Cephes' expf coefficients), scaled by 2^n through the exponent bits. */
+ * (Cephes' expf coefficients), scaled by 2^n through the exponent bits. The steps are
+ * written once, for x (already clamped to [-87, 0]) of type float or v8 alike; below -87
+ * exp underflows float anyway. */
+#define EXP_STEPS(x, n, p)                                                             \
+    do {                                                                               \
+        const float shift_ = 12582912.0f; /* 1.5 * 2^23: + and - it round to an integer */ \
+        n = ((x) * 1.44269504088896341f + shift_) - shift_;                            \
+        const __typeof__(n) r_ = ((x) - n * 0.693359375f) + n * 2.12194440e-4f;       \
+        p = r_ * 1.9875691500e-4f + 1.3981999507e-3f;                                  \
+        p = p * r_ + 8.3334519073e-3f;                                                 \
+        p = p * r_ + 4.1665795894e-2f;                                                 \
+        p = p * r_ + 1.6666665459e-1f;                                                 \
+        p = p * r_ + 5.0000001201e-1f;                                                 \
+        p = p * r_ * r_ + r_ + 1.0f;                                                   \
+    } while (0)
+
 static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;  /* below this exp underflows float anyway */
-    const float shift = 12582912.0f; /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
-    const float n = (x * 1.44269504088896341f + shift) - shift;
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    x = x < -87.0f ? -87.0f : x;
+    float n, p;
+    EXP_STEPS(x, n, p);
     union { float f; int32_t i; } scale = {.i = ((int32_t)n + 127) << 23};
     return p * scale.f;
 }
@@ -39,15 +46,8 @@ typedef int32_t vi8 __attribute__((vector_size(32)));
 static inline v8 exp8_nonpositive(v8 x) {
     const vi8 low = x < -87.0f;
     x = (v8)(((vi8)x & ~low) | ((vi8)((v8){0} - 87.0f) & low));
-    const float shift = 12582912.0f;
-    const v8 n = (x * 1.44269504088896341f + shift) - shift;
-    const v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    v8 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    v8 n, p;
+    EXP_STEPS(x, n, p);
     return p * (v8)((__builtin_convertvector(n, vi8) + 127) << 23);
 }
 

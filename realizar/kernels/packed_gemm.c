@@ -75,12 +75,12 @@ static inline __attribute__((always_inline)) void tile(const int R, const int G,
     }
 }
 
-/* Where the tiles of one panel group prefetch the next group's weights (NULL: nowhere):
- * `lines` cache lines from `next`, spread evenly over the group's tiles, so that the next
- * group arrives from memory while this one is multiplied, at a pace the core can fetch. */
+/* Where the tiles of one panel group prefetch the next group's weights: `lines` cache lines
+ * from `next`, `per_row` of them for each row of x a tile covers, so that the next group
+ * arrives from memory while this one is multiplied, at a pace the core can fetch. */
 struct prefetch {
     const float *next;
-    int64_t lines, per_tile, done;
+    int64_t lines, per_row, done;
 };
 
 /* Rows [0, rows) of one packed tile of x (rows <= MR) against G panels: the widest tiles
@@ -89,10 +89,9 @@ static void strip(int64_t rows, int G, int64_t K, const float *a, const float *p
                   float *y, int64_t ldy, int64_t cols, int acc, struct prefetch *pf) {
 #define T(R, G_)                                                                                \
     do {                                                                                        \
-        const int64_t n = pf->lines - pf->done < pf->per_tile ? pf->lines - pf->done : pf->per_tile; \
-        tile(R, G_, K, a + r, panel, pstride, y + r * ldy, ldy, cols, acc,                      \
-             pf->next + pf->done * NR, n > 0 ? n : 0);                                          \
-        pf->done += n > 0 ? n : 0;                                                              \
+        const int64_t n = pf->lines - pf->done < (R) * pf->per_row ? pf->lines - pf->done : (R) * pf->per_row; \
+        tile(R, G_, K, a + r, panel, pstride, y + r * ldy, ldy, cols, acc, pf->next + pf->done * NR, n); \
+        pf->done += n;                                                                          \
     } while (0)
     int64_t r = 0;
     switch (G) {
@@ -115,16 +114,6 @@ static void strip(int64_t rows, int G, int64_t K, const float *a, const float *p
             }
     }
 #undef T
-}
-
-/* How many tiles `strip` makes of `rows` rows (any number) against G panels. */
-static int64_t tiles_of(int64_t rows, int G) {
-    const int64_t full = rows / MR, rest = rows % MR;
-    switch (G) {
-        case 6: return rows;
-        case 3: return full * 3 + (rest + 1) / 2;
-        default: return full + (rest > 0);
-    }
 }
 
 struct job {
@@ -153,8 +142,7 @@ static void run_unit(const void *arg, int64_t unit) {
             const float *panel = j->packed + p * K * NR + k0 * NR;
             /* the next group's panels, contiguous when the sums are not split */
             struct prefetch pf = {.next = panel + G * K * NR, .lines = p + G < p1 ? G * kc : 0};
-            const int64_t tiles = tiles_of(m1 - m0, G);
-            pf.per_tile = (pf.lines + tiles - 1) / tiles;
+            pf.per_row = (pf.lines + (m1 - m0) - 1) / (m1 - m0);
             for (int64_t t = m0; t < m1; t += MR)
                 strip(m1 - t < MR ? m1 - t : MR, G, kc, j->a + (t / MR) * K * MR + k0 * MR, panel, K * NR,
                       j->y + t * j->N + p * NR, j->N, cols, k0 > 0, &pf);

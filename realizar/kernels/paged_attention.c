@@ -5,11 +5,11 @@
  *
  * paged_attention: query rows, each attending over the first context_lens[r] tokens of a
  * sequence's cache (one row per sequence when decoding; one row per prompt token, with
- * growing lengths, for a short prompt chunk)
+ * growing lengths, for a prompt chunk)
  *   out[r, h, :] = sum_t softmax_t(scale * q[r, h] . K[slot(r, t), h / group]) V[slot(r, t), h / group]
- * A row's keys and values are read once, row by row in block order, for all its query
- * heads, and nothing but the live slots is touched: no gather, no padding, no mask. Rows
- * run in parallel on the thread pool.
+ * A row's keys and values are read in block order, once for each chunk of query heads that
+ * share them, and nothing but the live slots is touched: no gather, no padding, no mask.
+ * Rows run in parallel on the thread pool.
  * It is float32 softmax attention in two passes (scores, then values); its exp is within a
  * few ulp of libm's, and the results match torch's SDPA to rounding (tests/unit/test_kernels.py).
  *
@@ -117,6 +117,12 @@ static inline __attribute__((always_inline)) void group_values(const int NH, con
     }
 }
 
+/* Query heads h0, h0 + 1, ... that attend together: up to HEADS_AT_ONCE of h0's KV group. */
+static inline int64_t heads_from(int64_t h0, int64_t group) {
+    const int64_t left = group - h0 % group;
+    return left < HEADS_AT_ONCE ? left : HEADS_AT_ONCE;
+}
+
 /* The same two products for any head size, one head at a time, in plain loops. */
 static void head_scores_scalar(const float *q, const float *kh, const int64_t *offsets, int64_t len,
                                int64_t hd, float scale, float *s) {
@@ -173,20 +179,19 @@ static void attend_row(const void *arg, int64_t b) {
         for (int64_t t = t0, slot = table[blk] * bs; t < len && t < t0 + bs; t++, slot++) slots[t] = slot * row;
 
     /* scores[h, t] = scale * q_h . k_t[h / group] */
-    for (int64_t h0 = 0; h0 < heads; h0 += HEADS_AT_ONCE) {
-        const int64_t g = h0 / group, n = group - h0 % group < HEADS_AT_ONCE ? group - h0 % group : HEADS_AT_ONCE;
-        const float *kh = A->key_cache + g * hd;
+    for (int64_t h0 = 0, n; h0 < heads; h0 += n) {
+        n = heads_from(h0, group);
+        const float *qh = q + h0 * hd, *kh = A->key_cache + h0 / group * hd;
+        float *s = buffer + h0 * len;
         if (!vector) {
-            for (int64_t j = 0; j < n; j++)
-                head_scores_scalar(q + (h0 + j) * hd, kh, slots, len, hd, scale, buffer + (h0 + j) * len);
+            for (int64_t j = 0; j < n; j++) head_scores_scalar(qh + j * hd, kh, slots, len, hd, scale, s + j * len);
         } else if (n == 3) {
-            group_scores(3, q + h0 * hd, kh, slots, len, hd, scale, buffer + h0 * len);
+            group_scores(3, qh, kh, slots, len, hd, scale, s);
         } else if (n == 2) {
-            group_scores(2, q + h0 * hd, kh, slots, len, hd, scale, buffer + h0 * len);
+            group_scores(2, qh, kh, slots, len, hd, scale, s);
         } else {
-            group_scores(1, q + h0 * hd, kh, slots, len, hd, scale, buffer + h0 * len);
+            group_scores(1, qh, kh, slots, len, hd, scale, s);
         }
-        h0 -= HEADS_AT_ONCE - n;  /* the next chunk starts right after this one */
     }
     /* softmax over t, per query head */
     for (int64_t h = 0; h < heads; h++) {
@@ -203,20 +208,19 @@ static void attend_row(const void *arg, int64_t b) {
         for (int64_t t = 0; t < len; t++) s[t] *= inv;
     }
     /* out_h = sum_t p[h, t] v_t[h / group] */
-    for (int64_t h0 = 0; h0 < heads; h0 += HEADS_AT_ONCE) {
-        const int64_t g = h0 / group, n = group - h0 % group < HEADS_AT_ONCE ? group - h0 % group : HEADS_AT_ONCE;
-        const float *vh = A->value_cache + g * hd;
+    for (int64_t h0 = 0, n; h0 < heads; h0 += n) {
+        n = heads_from(h0, group);
+        const float *p = buffer + h0 * len, *vh = A->value_cache + h0 / group * hd;
+        float *y = out + h0 * hd;
         if (!vector) {
-            for (int64_t j = 0; j < n; j++)
-                head_values_scalar(buffer + (h0 + j) * len, vh, slots, len, hd, out + (h0 + j) * hd);
+            for (int64_t j = 0; j < n; j++) head_values_scalar(p + j * len, vh, slots, len, hd, y + j * hd);
         } else if (n == 3) {
-            group_values(3, buffer + h0 * len, vh, slots, len, hd, out + h0 * hd);
+            group_values(3, p, vh, slots, len, hd, y);
         } else if (n == 2) {
-            group_values(2, buffer + h0 * len, vh, slots, len, hd, out + h0 * hd);
+            group_values(2, p, vh, slots, len, hd, y);
         } else {
-            group_values(1, buffer + h0 * len, vh, slots, len, hd, out + h0 * hd);
+            group_values(1, p, vh, slots, len, hd, y);
         }
-        h0 -= HEADS_AT_ONCE - n;
     }
 }
 
@@ -243,7 +247,6 @@ int realizar_paged_attention(
     realizar_parallel(attend_row, &A, num_rows);
     return atomic_load(&A.failed) ? -1 : 0;
 }
-
 
 void realizar_write_kv(
     float *key_cache, float *value_cache,  /* [slots, KV, hd] */

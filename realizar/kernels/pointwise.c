@@ -20,6 +20,11 @@ static int64_t rows_per_unit(int64_t width) {
     return rows > 0 ? rows : 1;
 }
 
+/* The end of unit `unit`'s rows, which start at unit * rows, of T rows in all. */
+static inline int64_t unit_end(int64_t unit, int64_t rows, int64_t T) {
+    return (unit + 1) * rows < T ? (unit + 1) * rows : T;
+}
+
 struct rms_norm {
     const float *x, *w;
     float *y;
@@ -29,7 +34,7 @@ struct rms_norm {
 
 static void rms_norm_rows(const void *arg, int64_t unit) {
     const struct rms_norm *a = arg;
-    const int64_t end = (unit + 1) * a->rows < a->T ? (unit + 1) * a->rows : a->T;
+    const int64_t end = unit_end(unit, a->rows, a->T);
     for (int64_t t = unit * a->rows; t < end; t++) {
         const float *x = a->x + t * a->ldx;
         float *y = a->y + t * a->D;
@@ -57,7 +62,7 @@ struct silu_mul {
 
 static void silu_mul_rows(const void *arg, int64_t unit) {
     const struct silu_mul *a = arg;
-    const int64_t end = (unit + 1) * a->rows < a->T ? (unit + 1) * a->rows : a->T;
+    const int64_t end = unit_end(unit, a->rows, a->T);
     for (int64_t t = unit * a->rows; t < end; t++) {
         const int64_t I = a->I;
         const float *g = a->gate_up + t * a->ld, *u = g + I;
@@ -93,7 +98,7 @@ struct rope {
 static void rope_rows(const void *arg, int64_t unit) {
     const struct rope *a = arg;
     const int64_t half = a->hd / 2;
-    const int64_t end = (unit + 1) * a->rows < a->T ? (unit + 1) * a->rows : a->T;
+    const int64_t end = unit_end(unit, a->rows, a->T);
     for (int64_t t = unit * a->rows; t < end; t++) {
         const float *c = a->cos + a->positions[t] * a->hd, *s = a->sin + a->positions[t] * a->hd;
         for (int64_t h = 0; h < a->heads; h++) {

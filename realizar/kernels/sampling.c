@@ -46,28 +46,31 @@ static void draw_row(const void *arg, int64_t r) {
 
     const float target = d->uniforms[r] * total;
     float mass = 0.0f;
-    int64_t chosen = -1, last_live = 0;
-    for (i = 0; i + 8 <= V && chosen < 0; i += 8) {
+    for (i = 0; i + 8 <= V; i += 8) {
         const v8 w = weights8(x + i, top, inv_t);
         const float block = sum8(w);
         if (mass + block <= target) {  /* the draw lies further on */
             mass += block;
-            for (int j = 0; j < 8; j++) last_live = w[j] > 0.0f ? i + j : last_live;
             continue;
         }
-        for (int j = 0; j < 8 && chosen < 0; j++) {
+        for (int j = 0; j < 8; j++) {
             mass += w[j];
-            if (w[j] > 0.0f) last_live = i + j;
-            if (mass > target) chosen = i + j;
+            if (mass > target) {
+                d->out[r] = i + j;
+                return;
+            }
         }
     }
-    for (; i < V && chosen < 0; i++) {
-        const float w = weight1(x[i], top, inv_t);
-        mass += w;
-        if (w > 0.0f) last_live = i;
-        if (mass > target) chosen = i;
+    for (; i < V; i++) {
+        mass += weight1(x[i], top, inv_t);
+        if (mass > target) {
+            d->out[r] = i;
+            return;
+        }
     }
-    d->out[r] = chosen >= 0 ? chosen : last_live;  /* rounding can leave the mass a hair short */
+    /* rounding left the mass a hair short of the draw: the last token that can be drawn */
+    for (i = V - 1; i > 0 && !(x[i] > -INFINITY); i--) continue;
+    d->out[r] = i;
 }
 
 /* out[r] = a token drawn from softmax(logits[rows[r]] / temperatures[r]) with the uniform

@@ -8,7 +8,7 @@
  * more threads than cores): a descheduled worker then costs nothing but its own share.
  *
  * A forward pass calls the pool back to back, so an idle worker spins for a while
- * (spin_us) before it sleeps on a futex; the caller wakes sleepers only when there are
+ * (SPIN_NS) before it sleeps on a futex; the caller wakes sleepers only when there are
  * some, so a busy pool costs no system calls.
  */
 #define _GNU_SOURCE
@@ -26,6 +26,7 @@
 #include "cpu_kernels.h"
 
 #define MAX_THREADS 64
+#define SPIN_NS 2000000  /* how long an idle worker spins before it sleeps: 2 ms */
 
 static struct {
     pthread_mutex_t lock;         /* one caller at a time; resizing */
@@ -39,8 +40,7 @@ static struct {
     _Atomic int stop;
     realizar_task task;
     const void *arg;
-    int64_t spin_ns;              /* how long an idle worker spins before it sleeps */
-} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .size = 1, .spin_ns = 2000000};
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .size = 1};
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -57,7 +57,7 @@ static inline void cpu_relax(void) {
 }
 
 static void wait_for_change(_Atomic uint32_t *word, uint32_t seen) {
-    const int64_t until = now_ns() + pool.spin_ns;
+    const int64_t until = now_ns() + SPIN_NS;
     do {
         for (int i = 0; i < 64; i++) {
             if (atomic_load_explicit(word, memory_order_acquire) != seen) return;
@@ -147,14 +147,12 @@ static void after_fork_in_child(void) {
 
 static void register_fork_handler(void) { pthread_atfork(NULL, NULL, after_fork_in_child); }
 
-/* Use `threads` threads (the caller and threads - 1 workers), idle workers spinning for
- * `spin_us` microseconds before they sleep (negative: unchanged). Returns the number in use. */
-int realizar_set_threads(int threads, int64_t spin_us) {
+/* Use `threads` threads (the caller and threads - 1 workers); returns the number in use. */
+int realizar_set_threads(int threads) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, register_fork_handler);
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     pthread_mutex_lock(&pool.lock);
-    if (spin_us >= 0) pool.spin_ns = spin_us * 1000;
     if (threads != pool.size) {
         stop_workers();
         const uintptr_t start = atomic_load(&pool.generation);

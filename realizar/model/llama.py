@@ -33,8 +33,14 @@ class PrefillChunk:
 
     token_start: int  # offset in the packed tokens
     num_tokens: int
-    context_slots: torch.Tensor  # [context_len] cache slots of every token up to this chunk's end
+    block_table: torch.Tensor  # [blocks] the cache blocks of every token up to this chunk's end
     start_position: int  # position of the chunk's first token (tokens already in the cache)
+
+    def context_slots(self, block_size: int) -> torch.Tensor:
+        """[context_len] cache slots of every token up to this chunk's end."""
+        offsets = torch.arange(block_size, device=self.block_table.device)
+        slots = self.block_table[:, None] * block_size + offsets[None, :]  # [blocks, bs]
+        return slots.flatten()[: self.start_position + self.num_tokens]
 
 
 @dataclass
@@ -58,16 +64,14 @@ class AttentionMetadata:
         Decode queries use their own tables; the tokens of a prefill chunk share their
         sequence's table and see the prefix up to themselves."""
         if self._query_rows is None:
-            tables = [self.decode_block_tables]
-            lens = [self.decode_context_lens]
+            tables = [self.decode_block_tables] + [chunk.block_table[None, :] for chunk in self.prefills]
             rows = [torch.arange(self.num_decodes)]
-            for chunk in self.prefills:
-                blocks = chunk.context_slots[::block_size] // block_size
-                rows.append(torch.full((chunk.num_tokens,), sum(t.shape[0] for t in tables)))
-                tables.append(blocks[None, :])
+            lens = [self.decode_context_lens]
+            for table, chunk in enumerate(self.prefills, start=self.num_decodes):
+                rows.append(torch.full((chunk.num_tokens,), table))
                 lens.append(torch.arange(chunk.start_position + 1, chunk.start_position + chunk.num_tokens + 1))
-            width = max(t.shape[1] for t in tables)
-            padded = torch.zeros(sum(t.shape[0] for t in tables), max(width, 1), dtype=torch.int64)
+            padded = torch.zeros(self.num_decodes + len(self.prefills), max(t.shape[1] for t in tables),
+                                 dtype=torch.int64)
             start = 0
             for t in tables:
                 padded[start:start + t.shape[0], :t.shape[1]] = t
@@ -245,7 +249,7 @@ class LlamaModel:
         c = self.config
         n = q.shape[0]
         group = c.num_heads // c.num_kv_heads
-        keys, values = cache.gather_slots(index, chunk.context_slots)  # [KV, L, hd] each
+        keys, values = cache.gather_slots(index, chunk.context_slots(cache.block_size))  # [KV, L, hd] each
         length = keys.shape[1]
         keys = keys.repeat_interleave(group, dim=0)  # [H, L, hd]
         values = values.repeat_interleave(group, dim=0)

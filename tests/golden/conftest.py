@@ -49,7 +49,7 @@ def prompt_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     meta = AttentionMetadata(slot_mapping=slots, num_decodes=0,
                              decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
                              decode_context_lens=torch.zeros(0, dtype=torch.long),
-                             prefills=[PrefillChunk(0, len(ids), slots, 0)])
+                             prefills=[PrefillChunk(0, len(ids), torch.arange(blocks), 0)])
     return model.forward(torch.tensor(ids), torch.arange(len(ids)), meta, cache, torch.arange(len(ids)))
 
 
