@@ -84,28 +84,36 @@ static inline __attribute__((always_inline)) void group_scores(const int NH, con
     }
 }
 
+/* acc[j] += p[j, t] v[0:16] for the NH query heads j of one KV group. */
+static inline __attribute__((always_inline)) void add_value(const int NH, const float *p, int64_t len, int64_t t,
+                                                            const float *v, v8 acc[][2]) {
+    const v8 x0 = load8(v), x1 = load8(v + 8);
+    for (int j = 0; j < NH; j++) {
+        const float w = p[j * len + t];
+        acc[j][0] += w * x0;
+        acc[j][1] += w * x1;
+    }
+}
+
 /* y_j = sum_t p[j, t] v_t for the NH query heads of one KV group (p_j at p + j * len, y_j at
- * y + j * hd): each value row is loaded once for all NH heads, 32 columns at a time in
- * 4 x NH accumulators, then 8 at a time. hd % 8 == 0. */
+ * y + j * hd): each value row is loaded once for all NH heads, 16 columns at a time, then 8
+ * at a time. The even and odd t go to separate sums, so that twelve independent chains of
+ * multiply-adds are in flight and the sums, weights and values fit in the 16 AVX registers.
+ * hd % 8 == 0. */
 static inline __attribute__((always_inline)) void group_values(const int NH, const float *p, const float *vh,
                                                                const int64_t *offsets, int64_t len, int64_t hd,
                                                                float *y) {
     int64_t c = 0;
-    for (; c + 32 <= hd; c += 32) {
-        v8 acc[HEADS_AT_ONCE][4] = {{{0}}};
-        for (int64_t t = 0; t < len; t++) {
-            const float *v = vh + offsets[t] + c;
-            const v8 x0 = load8(v), x1 = load8(v + 8), x2 = load8(v + 16), x3 = load8(v + 24);
-            for (int j = 0; j < NH; j++) {
-                const float w = p[j * len + t];
-                acc[j][0] += w * x0;
-                acc[j][1] += w * x1;
-                acc[j][2] += w * x2;
-                acc[j][3] += w * x3;
-            }
+    for (; c + 16 <= hd; c += 16) {
+        v8 even[HEADS_AT_ONCE][2] = {{{0}}}, odd[HEADS_AT_ONCE][2] = {{{0}}};
+        int64_t t = 0;
+        for (; t + 2 <= len; t += 2) {
+            add_value(NH, p, len, t, vh + offsets[t] + c, even);
+            add_value(NH, p, len, t + 1, vh + offsets[t + 1] + c, odd);
         }
+        if (t < len) add_value(NH, p, len, t, vh + offsets[t] + c, even);
         for (int j = 0; j < NH; j++)
-            for (int u = 0; u < 4; u++) store8(y + j * hd + c + 8 * u, acc[j][u]);
+            for (int u = 0; u < 2; u++) store8(y + j * hd + c + 8 * u, even[j][u] + odd[j][u]);
     }
     for (; c < hd; c += 8) {
         v8 acc[HEADS_AT_ONCE] = {{0}};
@@ -141,6 +149,32 @@ static void head_values_scalar(const float *p, const float *vh, const int64_t *o
         for (int64_t t = 0; t < len; t++) acc += p[t] * vh[offsets[t] + c];
         y[c] = acc;
     }
+}
+
+/* s[0:len] = softmax(s[0:len]), 8 lanes at a time (the compiler keeps a plain max or exp
+ * loop scalar: a float max is not associative for it, and the exp is too long to inline). */
+static void softmax(float *s, int64_t len) {
+    v8 top = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int64_t t = 0;
+    for (; t + 8 <= len; t += 8) {
+        const v8 x = load8(s + t);
+        const vi8 above = x > top;
+        top = (v8)(((vi8)x & above) | ((vi8)top & ~above));
+    }
+    float m = -INFINITY;
+    for (int u = 0; u < 8; u++) m = top[u] > m ? top[u] : m;
+    for (; t < len; t++) m = s[t] > m ? s[t] : m;
+    v8 total = {0};
+    for (t = 0; t + 8 <= len; t += 8) {
+        const v8 e = exp8_nonpositive(load8(s + t) - m);
+        store8(s + t, e);
+        total += e;
+    }
+    float sum = sum8(total);
+    for (; t < len; t++) sum += s[t] = exp_nonpositive(s[t] - m);
+    const float inv = 1.0f / sum;
+    for (t = 0; t + 8 <= len; t += 8) store8(s + t, load8(s + t) * inv);
+    for (; t < len; t++) s[t] *= inv;
 }
 
 /* One query row: the scores of every query head against every key, a softmax per head, then
@@ -194,19 +228,7 @@ static void attend_row(const void *arg, int64_t b) {
         }
     }
     /* softmax over t, per query head */
-    for (int64_t h = 0; h < heads; h++) {
-        float *s = buffer + h * len;
-        float m = -INFINITY, sum = 0.0f;
-        for (int64_t t = 0; t < len; t++) m = s[t] > m ? s[t] : m;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; t++) {
-            s[t] = exp_nonpositive(s[t] - m);
-            sum += s[t];
-        }
-        const float inv = 1.0f / sum;
-#pragma omp simd
-        for (int64_t t = 0; t < len; t++) s[t] *= inv;
-    }
+    for (int64_t h = 0; h < heads; h++) softmax(buffer + h * len, len);
     /* out_h = sum_t p[h, t] v_t[h / group] */
     for (int64_t h0 = 0, n; h0 < heads; h0 += n) {
         n = heads_from(h0, group);
