@@ -2,8 +2,9 @@
 
 The allocator hands out block ids and never touches tensors, so the scheduler can be
 tested without a model. ``KVCache`` holds one K and one V tensor per layer, laid out as
-``[num_blocks * block_size, KV, hd]``: slot ``block * block_size + offset`` holds the
-token at ``offset`` within that block.
+``[num_blocks, KV, block_size, hd]``: slot ``block * block_size + offset`` names the token at
+``offset`` within that block, and one KV head's tokens of a block are one contiguous run, which
+the attention kernel streams.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class KVCache:
                  head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (num_blocks, num_kv_heads, block_size, head_dim)
         self.kernels = kernels.for_tensors(device, dtype)
         if device.type == "cpu":
             storage = _host_zeros(2 * num_layers, shape, dtype)
@@ -103,25 +104,24 @@ class KVCache:
         if self.kernels is not None:
             self.kernels.write_kv(self.keys[layer], self.values[layer], slots, k, v)
             return
-        self.keys[layer].index_copy_(0, slots, k)
-        self.values[layer].index_copy_(0, slots, v)
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        self.keys[layer][blocks, :, offsets] = k
+        self.values[layer][blocks, :, offsets] = v
 
     def gather_blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, KV, max_blocks * block_size, hd] for block tables [B, max_blocks]."""
         b, nblocks = block_tables.shape
-        flat = block_tables.reshape(-1)
         out = []
         for cache in (self.keys[layer], self.values[layer]):
-            paged = cache.view(self.num_blocks, self.block_size, *cache.shape[1:])  # [N, bs, KV, hd]
-            gathered = paged.index_select(0, flat)  # [B * max_blocks, bs, KV, hd]
-            gathered = gathered.view(b, nblocks * self.block_size, *cache.shape[1:])  # [B, L, KV, hd]
-            out.append(gathered.transpose(1, 2))  # [B, KV, L, hd]
+            gathered = cache[block_tables]  # [B, max_blocks, KV, bs, hd]
+            out.append(gathered.transpose(1, 2).reshape(b, cache.shape[1], nblocks * self.block_size, -1))
         return out[0], out[1]
 
     def gather_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [KV, L, hd] of the tokens at ``slots`` [L]."""
-        return (self.keys[layer][slots].transpose(0, 1),
-                self.values[layer][slots].transpose(0, 1))
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        return (self.keys[layer][blocks, :, offsets].transpose(0, 1),
+                self.values[layer][blocks, :, offsets].transpose(0, 1))
 
 
 HUGE_PAGE = 2 << 20

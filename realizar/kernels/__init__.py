@@ -106,7 +106,7 @@ class CpuKernels:
         self._gemm = bind("realizar_gemm", i32, p, i64, p, p, i64, i64, i64)
         self._attention = bind("realizar_paged_attention", i32, p, i64, p, p, p, p, p, p,
                                i64, i64, i64, i64, i64, i64, f32)
-        self._write = bind("realizar_write_kv", None, p, p, p, p, i64, i64, p, i64, i64)
+        self._write = bind("realizar_write_kv", None, p, p, p, p, i64, i64, p, i64, i64, i64, i64)
         self._rms_norm = bind("realizar_rms_norm", None, p, i64, p, p, i64, i64, f32)
         self._silu_mul = bind("realizar_silu_mul", None, p, i64, p, i64, i64)
         self._rope = bind("realizar_rope", None, p, i64, p, p, p, i64, i64, i64)
@@ -138,7 +138,7 @@ class CpuKernels:
     def paged_attention(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                         scale: float, row_tables: torch.Tensor | None = None) -> torch.Tensor:
-        """Query rows ``q [R, H, hd]`` over the paged caches ``[slots, KV, hd]`` -> ``[R, H, hd]``.
+        """Query rows ``q [R, H, hd]`` over the paged caches ``[blocks, KV, bs, hd]`` -> ``[R, H, hd]``.
 
         Row r attends to the first ``context_lens[r]`` tokens of block table
         ``block_tables[row_tables[r]]`` (``block_tables[r]`` without ``row_tables``)."""
@@ -157,11 +157,12 @@ class CpuKernels:
 
     def write_kv(self, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor) -> None:
-        """key_cache[slots] = k; value_cache[slots] = v, for k, v [T, KV, hd] with contiguous rows."""
-        row = key_cache.shape[1] * key_cache.shape[2]
+        """Keys and values ``[T, KV, hd]`` (contiguous rows) into the caches ``[blocks, KV, bs, hd]``
+        at ``slots`` (block * bs + offset)."""
+        _blocks, kv_heads, block_size, head_dim = key_cache.shape
         k, v = _rows(k), _rows(v)
         self._write(key_cache.data_ptr(), value_cache.data_ptr(), k.data_ptr(), v.data_ptr(),
-                    k.stride(0), v.stride(0), slots.data_ptr(), slots.shape[0], row)
+                    k.stride(0), v.stride(0), slots.data_ptr(), slots.shape[0], kv_heads, block_size, head_dim)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """``rms_norm(x) * weight`` of ``x [T, D]``."""

@@ -1,7 +1,8 @@
 /* Paged-KV kernels for the CPU engine, float32.
  *
- * The KV cache of one layer is a [num_slots, num_kv_heads, head_dim] array; slot
- * s = block * block_size + offset. A sequence's tokens live in the blocks of its block table.
+ * The KV cache of one layer is a [num_blocks, num_kv_heads, block_size, head_dim] array: one
+ * KV head's tokens of a block are one contiguous run. A sequence's tokens live in the blocks of
+ * its block table; slot s = block * block_size + offset names a token.
  *
  * paged_attention: query rows, each attending over the first context_lens[r] tokens of a
  * sequence's cache (one row per sequence when decoding; one row per prompt token, with
@@ -13,7 +14,7 @@
  * It is float32 softmax attention in two passes (scores, then values); its exp is within a
  * few ulp of libm's, and the results match torch's SDPA to rounding (tests/unit/test_kernels.py).
  *
- * write_kv: K[slots[t]] = k[t], V[slots[t]] = v[t].
+ * write_kv: the keys and values of new tokens into their slots.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -33,6 +34,10 @@ struct attention {
 };
 
 #define HEADS_AT_ONCE 3  /* query heads of one KV group handled together */
+/* Keys and values are prefetched this many tokens ahead: one block of 16 at the default block
+ * size, so the next block's run arrives while this one is used (a row's blocks are scattered,
+ * which the hardware prefetchers cannot follow: 16 rows x 96 tokens, 2 threads: -27 %). */
+#define AHEAD 16
 
 /* out[u] = scale * (the sum of the 8 lanes of a[u]), u < 4, by a transposing add tree
  * instead of four separate horizontal sums. */
@@ -61,6 +66,9 @@ static inline __attribute__((always_inline)) void group_scores(const int NH, con
     for (; t + 4 <= len; t += 4) {
         const float *k0 = kh + offsets[t], *k1 = kh + offsets[t + 1];
         const float *k2 = kh + offsets[t + 2], *k3 = kh + offsets[t + 3];
+        if (t + AHEAD + 4 <= len)
+            for (int u = 0; u < 4; u++)
+                for (int64_t i = 0; i < hd; i += 16) __builtin_prefetch(kh + offsets[t + AHEAD + u] + i);
         v8 acc[HEADS_AT_ONCE][4] = {{{0}}};
         for (int64_t i = 0; i < hd; i += 8) {
             const v8 x0 = load8(k0 + i), x1 = load8(k1 + i), x2 = load8(k2 + i), x3 = load8(k3 + i);
@@ -108,6 +116,10 @@ static inline __attribute__((always_inline)) void group_values(const int NH, con
         v8 even[HEADS_AT_ONCE][2] = {{{0}}}, odd[HEADS_AT_ONCE][2] = {{{0}}};
         int64_t t = 0;
         for (; t + 2 <= len; t += 2) {
+            if (t + AHEAD + 2 <= len) {
+                __builtin_prefetch(vh + offsets[t + AHEAD] + c);
+                __builtin_prefetch(vh + offsets[t + AHEAD + 1] + c);
+            }
             add_value(NH, p, len, t, vh + offsets[t] + c, even);
             add_value(NH, p, len, t + 1, vh + offsets[t + 1] + c, odd);
         }
@@ -210,12 +222,12 @@ static void attend_row(const void *arg, int64_t b) {
     const float *q = A->q_all + b * A->q_stride;
     float *out = A->out_all + b * heads * hd;
     for (int64_t t0 = 0, blk = 0; t0 < len; t0 += bs, blk++)  /* block by block: no divisions */
-        for (int64_t t = t0, slot = table[blk] * bs; t < len && t < t0 + bs; t++, slot++) slots[t] = slot * row;
+        for (int64_t t = t0, at = table[blk] * bs * row; t < len && t < t0 + bs; t++, at += hd) slots[t] = at;
 
     /* scores[h, t] = scale * q_h . k_t[h / group] */
     for (int64_t h0 = 0, n; h0 < heads; h0 += n) {
         n = heads_from(h0, group);
-        const float *qh = q + h0 * hd, *kh = A->key_cache + h0 / group * hd;
+        const float *qh = q + h0 * hd, *kh = A->key_cache + h0 / group * bs * hd;
         float *s = buffer + h0 * len;
         if (!vector) {
             for (int64_t j = 0; j < n; j++) head_scores_scalar(qh + j * hd, kh, slots, len, hd, scale, s + j * len);
@@ -232,7 +244,7 @@ static void attend_row(const void *arg, int64_t b) {
     /* out_h = sum_t p[h, t] v_t[h / group] */
     for (int64_t h0 = 0, n; h0 < heads; h0 += n) {
         n = heads_from(h0, group);
-        const float *p = buffer + h0 * len, *vh = A->value_cache + h0 / group * hd;
+        const float *p = buffer + h0 * len, *vh = A->value_cache + h0 / group * bs * hd;
         float *y = out + h0 * hd;
         if (!vector) {
             for (int64_t j = 0; j < n; j++) head_values_scalar(p + j * len, vh, slots, len, hd, y + j * hd);
@@ -251,8 +263,8 @@ static void attend_row(const void *arg, int64_t b) {
 int realizar_paged_attention(
     const float *q_all,          /* [R, H, hd], rows q_stride floats apart */
     int64_t q_stride,
-    const float *key_cache,      /* [slots, KV, hd] */
-    const float *value_cache,    /* [slots, KV, hd] */
+    const float *key_cache,      /* [blocks, KV, bs, hd] */
+    const float *value_cache,    /* [blocks, KV, bs, hd] */
     const int64_t *block_tables, /* [S, max_blocks] */
     const int64_t *row_tables,   /* [R] or NULL */
     const int64_t *context_lens, /* [R] tokens each query attends to, itself included */
@@ -271,13 +283,18 @@ int realizar_paged_attention(
 }
 
 void realizar_write_kv(
-    float *key_cache, float *value_cache,  /* [slots, KV, hd] */
+    float *key_cache, float *value_cache,  /* [blocks, KV, bs, hd] */
     const float *k, const float *v,        /* [T, KV, hd] (rows may be strided) */
     int64_t k_row_stride, int64_t v_row_stride,
-    const int64_t *slots, int64_t num_tokens, int64_t row_elems)
+    const int64_t *slots, int64_t num_tokens, int64_t kv_heads, int64_t block_size, int64_t head_dim)
 {
+    const size_t bytes = sizeof(float) * (size_t)head_dim;
     for (int64_t t = 0; t < num_tokens; t++) {
-        memcpy(key_cache + slots[t] * row_elems, k + t * k_row_stride, sizeof(float) * (size_t)row_elems);
-        memcpy(value_cache + slots[t] * row_elems, v + t * v_row_stride, sizeof(float) * (size_t)row_elems);
+        const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+        for (int64_t g = 0; g < kv_heads; g++) {
+            const int64_t at = ((block * kv_heads + g) * block_size + offset) * head_dim;
+            memcpy(key_cache + at, k + t * k_row_stride + g * head_dim, bytes);
+            memcpy(value_cache + at, v + t * v_row_stride + g * head_dim, bytes);
+        }
     }
 }

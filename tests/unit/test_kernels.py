@@ -26,6 +26,12 @@ def cpu_kernels() -> kernels.CpuKernels:
     return loaded
 
 
+def at_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The [L, KV, hd] rows of a cache [blocks, KV, bs, hd] at slots (block * bs + offset)."""
+    block_size = cache.shape[2]
+    return cache[slots // block_size, :, slots % block_size]
+
+
 def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
                         lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """Gather each sequence's live slots and run torch's SDPA with K/V repeated per group."""
@@ -34,8 +40,8 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     for b in range(q.shape[0]):
         positions = torch.arange(int(lens[b]))
         slots = tables[b, positions // block_size] * block_size + positions % block_size
-        k = keys[slots].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, hd]
-        v = values[slots].transpose(0, 1).repeat_interleave(group, dim=0)
+        k = at_slots(keys, slots).transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, hd]
+        v = at_slots(values, slots).transpose(0, 1).repeat_interleave(group, dim=0)
         out.append(F.scaled_dot_product_attention(q[b][:, None], k, v, scale=scale)[:, 0])
     return torch.stack(out)
 
@@ -45,8 +51,8 @@ def test_paged_attention_decode_rows_match_sdpa(cpu_kernels: kernels.CpuKernels,
                                        head_dim: int) -> None:
     gen = torch.Generator().manual_seed(heads * 1000 + head_dim)
     block_size, num_blocks = 16, 64
-    keys = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen)
-    values = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen)
+    keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
+    values = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
     lens = torch.tensor([1, 3, 16, 17, 50, 129])  # single token, partial blocks, several blocks
     max_blocks = -(-int(lens.max()) // block_size)
     tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in lens])
@@ -59,15 +65,15 @@ def test_paged_attention_decode_rows_match_sdpa(cpu_kernels: kernels.CpuKernels,
 
 def test_paged_attention_ignores_padding_and_unwritten_slots(cpu_kernels: kernels.CpuKernels) -> None:
     """Slots past a sequence's length, and the padded block-table entries, are never read."""
-    keys = torch.randn(4 * 16, 1, 8)
-    values = torch.randn(4 * 16, 1, 8)
+    keys = torch.randn(4, 1, 16, 8)
+    values = torch.randn(4, 1, 16, 8)
     tables = torch.tensor([[2, 0], [1, 3]])
     lens = torch.tensor([5, 20])
     q = torch.randn(2, 2, 8)
     before = cpu_kernels.paged_attention(q, keys, values, tables, lens, 16, 0.35)
-    keys[2 * 16 + 5:3 * 16] = float("nan")  # after sequence 0's fifth token
-    values[0:16] = float("nan")  # block 0 is only padding for sequence 0
-    keys[3 * 16 + 4:] = float("inf")  # after sequence 1's twentieth token
+    keys[2, :, 5:] = float("nan")  # after sequence 0's fifth token
+    values[0] = float("nan")  # block 0 is only padding for sequence 0
+    keys[3, :, 4:] = float("inf")  # after sequence 1's twentieth token
     after = cpu_kernels.paged_attention(q, keys, values, tables, lens, 16, 0.35)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
@@ -77,8 +83,8 @@ def test_paged_attention_prompt_rows_are_causal_over_the_cached_prefix(cpu_kerne
     every chunk token sees the prefix and itself, as causal SDPA over the whole context does."""
     gen = torch.Generator().manual_seed(7)
     heads, kv_heads, head_dim, block_size = 6, 2, 16, 4
-    keys = torch.randn(20 * block_size, kv_heads, head_dim, generator=gen)
-    values = torch.randn(20 * block_size, kv_heads, head_dim, generator=gen)
+    keys = torch.randn(20, kv_heads, block_size, head_dim, generator=gen)
+    values = torch.randn(20, kv_heads, block_size, head_dim, generator=gen)
     tables = torch.tensor([[3, 9, 0, 0, 0], [11, 0, 0, 0, 0], [5, 1, 17, 2, 8]])  # two decodes, one prompt
     start, n = 13, 5
     rows = torch.tensor([0, 1] + [2] * n)
@@ -90,8 +96,8 @@ def test_paged_attention_prompt_rows_are_causal_over_the_cached_prefix(cpu_kerne
     positions = torch.arange(start + n)
     slots = tables[2, positions // block_size] * block_size + positions % block_size
     group = heads // kv_heads
-    k = keys[slots].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, hd]
-    v = values[slots].transpose(0, 1).repeat_interleave(group, dim=0)
+    k = at_slots(keys, slots).transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, hd]
+    v = at_slots(values, slots).transpose(0, 1).repeat_interleave(group, dim=0)
     mask = positions[None, :] <= torch.arange(start, start + n)[:, None]
     want_prompt = F.scaled_dot_product_attention(q[2:].transpose(0, 1), k, v, attn_mask=mask, scale=scale)
     torch.testing.assert_close(got, torch.cat([want_decode, want_prompt.transpose(0, 1)]), rtol=1e-5, atol=1e-5)
@@ -101,24 +107,25 @@ def test_paged_attention_reads_strided_query_rows(cpu_kernels: kernels.CpuKernel
     """q as the model passes it: a view into the fused q|k|v rows."""
     qkv = torch.randn(3, 4 * 8 + 2 * 2 * 8)
     q = qkv[:, :32].view(3, 4, 8)
-    keys, values = torch.randn(32, 2, 8), torch.randn(32, 2, 8)
+    keys, values = torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
     tables, lens = torch.tensor([[0, 1], [1, 0], [0, 0]]), torch.tensor([3, 20, 16])
     got = cpu_kernels.paged_attention(q, keys, values, tables, lens, 16, 0.5)
     assert torch.equal(got, cpu_kernels.paged_attention(q.contiguous(), keys, values, tables, lens, 16, 0.5))
 
 
-def test_write_kv_matches_index_copy(cpu_kernels: kernels.CpuKernels) -> None:
-    keys = torch.zeros(64, 3, 8)
-    values = torch.zeros(64, 3, 8)
+def test_write_kv_puts_rows_in_their_slots(cpu_kernels: kernels.CpuKernels) -> None:
+    keys = torch.zeros(4, 3, 16, 8)
+    values = torch.zeros(4, 3, 16, 8)
     packed = torch.randn(5, 3 * 8 * 3)  # q|k|v packed rows: k and v are strided views, as in the model
     k = packed[:, :24].view(5, 3, 8)
     v = packed[:, 48:].view(5, 3, 8)
     slots = torch.tensor([7, 0, 63, 16, 17])
     cpu_kernels.write_kv(keys, values, slots, k, v)
-    want_k, want_v = torch.zeros(64, 3, 8), torch.zeros(64, 3, 8)
-    want_k.index_copy_(0, slots, k)
-    want_v.index_copy_(0, slots, v)
+    want_k, want_v = torch.zeros(4, 3, 16, 8), torch.zeros(4, 3, 16, 8)
+    want_k[slots // 16, :, slots % 16] = k
+    want_v[slots // 16, :, slots % 16] = v
     assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    assert torch.equal(at_slots(keys, slots), k) and torch.equal(at_slots(values, slots), v)
 
 
 def test_kernels_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
