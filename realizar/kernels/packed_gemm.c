@@ -155,9 +155,19 @@ static void run_unit(const void *arg, int64_t unit) {
             const int G = p + j->group <= (p1 < full ? p1 : full) ? j->group : 1;
             const int64_t cols = p < full ? NR : j->N - p * NR;
             const float *panel = j->packed + p * K * NR + k0 * NR;
-            /* the next group's panels, contiguous when the sums are not split */
-            struct prefetch pf = {.next = panel + G * K * NR, .lines = p + G < p1 ? G * kc : 0,
-                                  .spread = G == 1 && m1 - m0 <= 16};
+            /* the next group's panels (contiguous when the sums are not split); after the
+             * chunk's last group, the first panel of the next pass over the sums, or after the
+             * last pass, the first panel of the chunk this thread most likely takes next: units
+             * are claimed in order, so about `threads` units on (16 rows: 3-13 % faster) */
+            struct prefetch pf = {.next = panel + G * K * NR, .lines = G * kc, .spread = G == 1 && m1 - m0 <= 16};
+            if (p + G >= p1 && k0 + kc < K) {
+                pf.next = j->packed + p0 * K * NR + (k0 + kc) * NR;
+                pf.lines = K - k0 - kc < kc_max ? K - k0 - kc : kc_max;
+            } else if (p + G >= p1) {
+                const int64_t ahead = unit % chunks + realizar_threads();
+                pf.next = j->packed + ahead * j->chunk * K * NR;
+                pf.lines = ahead < chunks ? kc_max : 0;
+            }
             pf.per_row = (pf.lines + (m1 - m0) - 1) / (m1 - m0);
             for (int64_t t = m0; t < m1; t += MR)
                 strip(m1 - t < MR ? m1 - t : MR, G, kc, j->a + (t / MR) * K * MR + k0 * MR, panel, K * NR,
