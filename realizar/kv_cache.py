@@ -9,6 +9,7 @@ the attention kernel streams.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 
 import numpy as np
@@ -140,10 +141,8 @@ def _host_zeros(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> list[
     stride = -(-size // HUGE_PAGE) * HUGE_PAGE
     area = mmap.mmap(-1, stride * count + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages
             area.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel without transparent huge pages
-            pass
     whole = np.frombuffer(area, dtype=np.uint8)
     start = -whole.ctypes.data % HUGE_PAGE
     return [torch.from_numpy(whole[start + i * stride: start + i * stride + size]).view(dtype).view(shape)

@@ -33,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # how many top alternatives to report; None: no logprobs
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); None: none
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -47,6 +48,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError("logprobs must be >= 0")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError("prompt_logprobs must be >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -72,12 +75,18 @@ class Request:
     fail_for_test: bool = False  # test-only fault injection: the engine raises on this request
 
 
+# a token's log-probability and its top alternatives (token id, log-probability)
+Logprob = tuple[float, tuple[tuple[int, float], ...]]
+
+
 @dataclass(frozen=True)
 class TokenOutput:
     """One engine event for a request: a new token, or the end of the request.
 
     ``token_id`` is None only on a final event that carries no token (abort, error,
-    zero max_tokens). ``finish_reason`` is set on the last event.
+    zero max_tokens). ``finish_reason`` is set on the last event. With
+    ``SamplingParams.prompt_logprobs``, the first token's event carries ``prompt_logprobs``:
+    one entry for each prompt token after the first, which has nothing to be predicted from.
     """
 
     request_id: str
@@ -90,6 +99,7 @@ class TokenOutput:
     error: str | None = None
     time: float = 0.0  # monotonic time the engine produced this event
     queue_time: float | None = None  # on the final event: seconds from arrival to first schedule
+    prompt_logprobs: tuple[Logprob, ...] | None = None
 
     @property
     def finished(self) -> bool:

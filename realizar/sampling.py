@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from realizar import kernels
-from realizar.request import SamplingParams
+from realizar.request import Logprob, SamplingParams
 
 
 @dataclass
@@ -139,20 +139,27 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         chosen[index] = order.gather(1, picks[:, None]).squeeze(1)
     token_ids = chosen.tolist()
 
-    want = [row.params.logprobs for row in rows]
-    if all(n is None for n in want):
-        return [SampledToken(t) for t in token_ids]
-    logprobs = logits.log_softmax(dim=-1)
-    top_n = max(n or 0 for n in want)
+    scored = logprobs_of(logits, token_ids, [row.params.logprobs for row in rows])
+    return [SampledToken(t) if lp is None else SampledToken(t, lp[0], lp[1])
+            for t, lp in zip(token_ids, scored, strict=True)]
+
+
+def logprobs_of(logits: torch.Tensor, token_ids: list[int], top_counts: list[int | None]) -> list[Logprob | None]:
+    """For each row of ``logits`` [R, V]: the log-probability of ``token_ids[r]`` and the
+    ``top_counts[r]`` most likely tokens with theirs; None where ``top_counts[r]`` is None."""
+    if all(n is None for n in top_counts):
+        return [None] * len(token_ids)
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None])[:, 0].tolist()
+    top_n = max(n or 0 for n in top_counts)
     top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (None, None)
-    out = []
-    for i, token in enumerate(token_ids):
-        n = want[i]
+    out: list[Logprob | None] = []
+    for i, n in enumerate(top_counts):
         if n is None:
-            out.append(SampledToken(token))
+            out.append(None)
             continue
         top: tuple[tuple[int, float], ...] = ()
         if n and top_ids is not None and top_values is not None:
             top = tuple(zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist(), strict=True))
-        out.append(SampledToken(token, float(logprobs[i, token]), top))
+        out.append((chosen[i], top))
     return out

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from realizar.engine.stats import EngineStats, LatencyObservations, StatsRecorde
 from realizar.kv_cache import BlockAllocator, KVCache
 from realizar.model.linear import matmul_threads
 from realizar.model.llama import LlamaModel
-from realizar.request import FinishReason, Request, SamplingParams, TokenOutput
+from realizar.request import FinishReason, Logprob, Request, SamplingParams, TokenOutput
 from realizar.sampling import SamplingRow, make_generator
 from realizar.tokenizer import Tokenizer
 
@@ -139,6 +139,7 @@ class _Live:
     seq: Sequence
     row: SamplingRow
     stop_ids: frozenset[int]
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # with SamplingParams.prompt_logprobs
 
 
 class Engine:
@@ -239,6 +240,9 @@ class Engine:
         rows = {item.seq.request_id: self.live[item.seq.request_id].row
                 for item in (*output.decodes, *output.prefills) if item.samples}
         result = self.runner.execute(output, rows)
+        for seq, scored in result.prompt_logprobs:
+            self.live[seq.request_id].prompt_logprobs.extend(scored)
+            seq.num_prompt_scored += len(scored)
         self.scheduler.commit(output)
         self.stats.num_steps_total += 1
         self.stats.prompt_tokens_total += sum(
@@ -280,7 +284,14 @@ class Engine:
         # EOS and stop ids stay banned until min_tokens are out
         live.row.banned_token_ids = tuple(live.stop_ids) if seq.num_generated < params.min_tokens else ()
         return TokenOutput(seq.request_id, token_id, None, logprob, top, seq.num_prompt_tokens,
-                           seq.num_generated, time=now)
+                           seq.num_generated, time=now, prompt_logprobs=self._prompt_logprobs(live))
+
+    @staticmethod
+    def _prompt_logprobs(live: _Live) -> tuple[Logprob, ...] | None:
+        """The prompt's logprobs, on the first token's event of a request that asked for them."""
+        if live.seq.request.params.prompt_logprobs is None or live.seq.num_generated != 1:
+            return None
+        return tuple(live.prompt_logprobs)
 
     def _finish(self, live: _Live, reason: FinishReason, token_id: int | None, logprob: float | None = None,
                 top: tuple[tuple[int, float], ...] = (), error: str | None = None) -> TokenOutput:
@@ -292,7 +303,8 @@ class Engine:
         return TokenOutput(seq.request_id, token_id, reason, logprob, top, seq.num_prompt_tokens,
                            seq.num_generated, error=error, time=now,
                            queue_time=None if seq.first_scheduled_time is None
-                           else seq.first_scheduled_time - seq.request.arrival_time)
+                           else seq.first_scheduled_time - seq.request.arrival_time,
+                           prompt_logprobs=None if token_id is None else self._prompt_logprobs(live))
 
     def fail_all(self, error: str) -> list[TokenOutput]:
         return [out for rid in list(self.live) for out in self.abort(rid, FinishReason.ERROR, error)]

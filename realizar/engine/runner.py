@@ -9,14 +9,17 @@ import torch
 from realizar.engine.scheduler import ScheduledSequence, SchedulerOutput, Sequence
 from realizar.kv_cache import KVCache
 from realizar.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
-from realizar.sampling import SampledToken, SamplingRow, sample
+from realizar.request import Logprob
+from realizar.sampling import SampledToken, SamplingRow, logprobs_of, sample
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """The token sampled for each sequence whose chunk reached its last known token."""
+    """The token sampled for each sequence whose chunk reached its last known token, and the
+    logprobs of the prompt tokens scored this step, for sequences that asked for them."""
 
     sampled: list[tuple[Sequence, SampledToken]]
+    prompt_logprobs: list[tuple[Sequence, list[Logprob]]]
 
 
 class ModelRunner:
@@ -55,6 +58,8 @@ class ModelRunner:
         slots: list[int] = []
         logits_indices: list[int] = []
         sampling: list[ScheduledSequence] = []
+        scoring: list[tuple[Sequence, int, int]] = []  # sequence, first position, count
+        score_indices: list[int] = []
 
         for item in output.decodes:
             seq = item.seq
@@ -75,6 +80,12 @@ class ModelRunner:
             start, end = seq.num_computed, seq.num_computed + item.num_tokens
             prefills.append(PrefillChunk(len(input_ids), item.num_tokens,
                                          self._blocks(seq, end), start))
+            # a prompt token's logprob comes from the logits at the position before it
+            first = max(start, seq.num_prompt_scored)
+            last = min(end, seq.num_prompt_tokens - 1)
+            if seq.request.params.prompt_logprobs is not None and first < last:
+                scoring.append((seq, first, last - first))
+                score_indices.extend(range(len(input_ids) + first - start, len(input_ids) + last - start))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(self._slots(seq, start, end))
@@ -93,9 +104,22 @@ class ModelRunner:
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
             meta, self.cache,
-            torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+            torch.tensor(logits_indices + score_indices, dtype=torch.long, device=self.device),
         )
-        if not sampling:
-            return StepResult([])
-        tokens = sample(logits, [rows[item.seq.request_id] for item in sampling])
-        return StepResult([(item.seq, token) for item, token in zip(sampling, tokens, strict=True)])
+        tokens = sample(logits[: len(sampling)], [rows[item.seq.request_id] for item in sampling]) if sampling else []
+        return StepResult([(item.seq, token) for item, token in zip(sampling, tokens, strict=True)],
+                          self._score(logits[len(sampling):], scoring))
+
+    @staticmethod
+    def _score(logits: torch.Tensor, scoring: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, list[Logprob]]]:
+        """The logprobs of the prompt tokens after the scored positions, from their logits rows."""
+        if not scoring:
+            return []
+        targets = [seq.token_ids[p + 1] for seq, first, count in scoring for p in range(first, first + count)]
+        counts = [seq.request.params.prompt_logprobs for seq, _first, count in scoring for _ in range(count)]
+        scored = logprobs_of(logits, targets, counts)
+        out, at = [], 0
+        for seq, _first, count in scoring:
+            out.append((seq, [lp for lp in scored[at: at + count] if lp is not None]))
+            at += count
+        return out

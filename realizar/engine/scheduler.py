@@ -40,6 +40,7 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
+    num_prompt_scored: int = 0  # prompt positions whose next token's logprob has been computed
 
     @property
     def request_id(self) -> str:

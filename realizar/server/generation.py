@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from realizar.engine.errors import EngineDead, EngineOverloaded
-from realizar.request import FinishReason, Request, SamplingParams, TokenOutput
+from realizar.request import FinishReason, Logprob, Request, SamplingParams, TokenOutput
 from realizar.server.errors import APIError
 from realizar.server.http import RequestContext
 
@@ -337,12 +337,19 @@ class CompletionLogprobs:
         self.text_offset: list[int] = []
 
     def add_prompt(self, prompt_ids: Sequence[int]) -> None:
-        """Echoed prompt tokens: their text and offsets (the engine gives no prompt logprobs)."""
+        """Echoed prompt tokens: their text and offsets. Their logprobs come with the first
+        generated token (``set_prompt_logprobs``); the first prompt token's stays null."""
         offset = 0
         for token_id in prompt_ids:
             text = self.token_text(token_id)
             self.add(text, None, None, offset)
             offset += len(text)
+
+    def set_prompt_logprobs(self, scored: Sequence[Logprob]) -> None:
+        """The logprobs of echoed prompt tokens 1, 2, ... (added by ``add_prompt``)."""
+        for i, (logprob, top) in enumerate(scored, start=1):
+            self.token_logprobs[i] = logprob
+            self.top_logprobs[i] = {self.token_text(t): lp for t, lp in top}
 
     def add_output(self, out: TokenOutput, offset: int) -> None:
         assert out.token_id is not None

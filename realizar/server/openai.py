@@ -66,6 +66,8 @@ class Choice:
     def feed(self, out: TokenOutput) -> None:
         if self.done:
             return  # the rest of a sequence already cut at a stop string
+        if out.prompt_logprobs is not None and self.completion_logprobs is not None:
+            self.completion_logprobs.set_prompt_logprobs(out.prompt_logprobs)
         if out.token_id is not None:
             self.num_tokens += 1
             offset = self.text.add(out.token_id, out.finished)
@@ -143,6 +145,8 @@ class OpenAIAPI:
         gen = Generation(self.state, engine, context(request))
         choices: list[Choice] = []
         params = fit_params(req.params, engine)
+        if req.echo and want_logprobs:  # the echoed prompt's tokens get logprobs too, as in OpenAI's API
+            params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
         async with gen.closed_on_error():
             for ids, prompt in zip(prompts, req.prompts, strict=True):
                 for j in range(req.options.n):

@@ -96,6 +96,52 @@ def test_completion_echo(client: OpenAI, model: str) -> None:
     assert c.choices[0].text == PROMPT + plain.choices[0].text
 
 
+def test_completion_echo_logprobs_score_the_prompt(client: OpenAI, model: str, server_url: str) -> None:
+    """With echo and logprobs, each prompt token after the first gets the logprob the model gives
+    it after the tokens before it: for a greedy continuation fed back as prompt, the same values
+    its generation reported."""
+    prompt_ids = httpx.post(server_url + "/tokenize", json={"text": PROMPT}).json()["token_ids"]
+    full_ids = httpx.post(server_url + "/generate", json={"prompt": PROMPT, "max_tokens": 5,
+                                                          "strategy": "greedy"}).json()["token_ids"]
+    generated = client.completions.create(model=model, prompt=prompt_ids, max_tokens=len(full_ids) - len(prompt_ids),
+                                          temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+    gen_lp = generated.choices[0].logprobs
+    assert gen_lp is not None and gen_lp.token_logprobs is not None
+
+    echoed = client.completions.create(model=model, prompt=full_ids, max_tokens=1, temperature=0, logprobs=2,
+                                       echo=True)
+    lp = echoed.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(full_ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    for logprob, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
+        assert logprob is not None and logprob <= 0
+        assert top is not None and len(top) == 2 and max(top.values()) >= logprob - 1e-5
+    continuation = lp.token_logprobs[len(prompt_ids):len(full_ids)]
+    assert continuation == pytest.approx(gen_lp.token_logprobs, abs=2e-3)
+
+    streamed = client.completions.create(model=model, prompt=full_ids, max_tokens=1, temperature=0, logprobs=2,
+                                         echo=True, stream=True)
+    streamed_logprobs = [x for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+                         for x in chunk.choices[0].logprobs.token_logprobs or []]
+    assert streamed_logprobs == lp.token_logprobs
+
+
+def test_echo_logprobs_of_a_prompt_longer_than_one_step(client: OpenAI, model: str) -> None:
+    """A prompt prefilled in several chunks is scored in every chunk, once."""
+    prompt = "one two three four five six seven eight nine ten " * 70  # about 700 tokens: two chunks
+    c = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0, logprobs=0, echo=True)
+    assert c.usage is not None and c.usage.prompt_tokens > 600
+    lp = c.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None
+    assert len(lp.token_logprobs) == c.usage.prompt_tokens + 1
+    scored = [x for x in lp.token_logprobs[1:-1] if x is not None and x <= 0]
+    assert lp.token_logprobs[0] is None and len(scored) == c.usage.prompt_tokens - 1
+    # the repeated text becomes predictable: the last repetition is far likelier than the first
+    period = len(scored) // 70
+    assert sum(scored[-period:]) > sum(scored[:period]) + 10
+
+
 def test_completion_stream_with_usage(client: OpenAI, model: str) -> None:
     plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0)
     stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, stream=True,
