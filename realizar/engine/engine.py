@@ -140,6 +140,7 @@ class _Live:
     row: SamplingRow
     stop_ids: frozenset[int]
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # with SamplingParams.prompt_logprobs
+    prompt_logprobs_sent: bool = False
 
 
 class Engine:
@@ -199,7 +200,7 @@ class Engine:
 
     def add(self, request: Request) -> list[TokenOutput]:
         """Queue a request; returns its final output at once when there is nothing to generate."""
-        if request.params.max_tokens == 0:
+        if request.params.max_tokens == 0 and request.params.prompt_logprobs is None:
             return [TokenOutput(request.request_id, None, FinishReason.LENGTH,
                                 num_prompt_tokens=len(request.prompt_ids), time=time.monotonic())]
         seq = Sequence(request, list(request.prompt_ids), len(request.prompt_ids))
@@ -252,6 +253,9 @@ class Engine:
         now = time.monotonic()
         for seq, token in result.sampled:
             live = self.live[seq.request_id]
+            if seq.request.params.max_tokens == 0:  # the prompt was only there to be scored
+                outputs.append(self._finish(live, FinishReason.LENGTH, None))
+                continue
             try:
                 outputs.append(self._accept(live, token.token_id, token.logprob, token.top_logprobs, now))
             except Exception as exc:  # a fault in one request fails that request alone
@@ -288,9 +292,13 @@ class Engine:
 
     @staticmethod
     def _prompt_logprobs(live: _Live) -> tuple[Logprob, ...] | None:
-        """The prompt's logprobs, on the first token's event of a request that asked for them."""
-        if live.seq.request.params.prompt_logprobs is None or live.seq.num_generated != 1:
+        """The prompt's logprobs, once the whole prompt is scored, on the next event of a request
+        that asked for them: its first token's, or its last when max_tokens is 0."""
+        seq = live.seq
+        if (seq.request.params.prompt_logprobs is None or live.prompt_logprobs_sent
+                or seq.num_prompt_scored < seq.num_prompt_tokens - 1):
             return None
+        live.prompt_logprobs_sent = True
         return tuple(live.prompt_logprobs)
 
     def _finish(self, live: _Live, reason: FinishReason, token_id: int | None, logprob: float | None = None,
@@ -304,7 +312,7 @@ class Engine:
                            seq.num_generated, error=error, time=now,
                            queue_time=None if seq.first_scheduled_time is None
                            else seq.first_scheduled_time - seq.request.arrival_time,
-                           prompt_logprobs=None if token_id is None else self._prompt_logprobs(live))
+                           prompt_logprobs=self._prompt_logprobs(live))
 
     def fail_all(self, error: str) -> list[TokenOutput]:
         return [out for rid in list(self.live) for out in self.abort(rid, FinishReason.ERROR, error)]

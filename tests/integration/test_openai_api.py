@@ -127,6 +127,19 @@ def test_completion_echo_logprobs_score_the_prompt(client: OpenAI, model: str, s
     assert streamed_logprobs == lp.token_logprobs
 
 
+def test_echo_logprobs_with_zero_max_tokens_score_the_prompt_alone(client: OpenAI, model: str) -> None:
+    scored = client.completions.create(model=model, prompt=PROMPT, max_tokens=0, logprobs=1, echo=True)
+    [choice] = scored.choices
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    with_token = client.completions.create(model=model, prompt=PROMPT, max_tokens=1, temperature=0, logprobs=1,
+                                           echo=True)
+    assert choice.logprobs is not None and with_token.choices[0].logprobs is not None
+    want = with_token.choices[0].logprobs.token_logprobs
+    assert want is not None and choice.logprobs.token_logprobs == want[:-1]
+    assert choice.logprobs.token_logprobs[0] is None and None not in choice.logprobs.token_logprobs[1:]
+
+
 def test_echo_logprobs_of_a_prompt_longer_than_one_step(client: OpenAI, model: str) -> None:
     """A prompt prefilled in several chunks is scored in every chunk, once."""
     prompt = "one two three four five six seven eight nine ten " * 70  # about 700 tokens: two chunks
