@@ -165,8 +165,11 @@ static void run_unit(const void *arg, int64_t unit) {
                 pf.lines = K - k0 - kc < kc_max ? K - k0 - kc : kc_max;
             } else if (p + G >= p1) {
                 const int64_t ahead = unit % chunks + realizar_threads();
-                pf.next = j->packed + ahead * j->chunk * K * NR;
-                pf.lines = ahead < chunks ? kc_max : 0;
+                pf.lines = 0;
+                if (ahead < chunks) {
+                    pf.next = j->packed + ahead * j->chunk * K * NR;
+                    pf.lines = kc_max;
+                }
             }
             pf.per_row = (pf.lines + (m1 - m0) - 1) / (m1 - m0);
             for (int64_t t = m0; t < m1; t += MR)
