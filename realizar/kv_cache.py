@@ -85,7 +85,6 @@ class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
         self.block_size = block_size
-        self.num_blocks = num_blocks
         shape = (num_blocks, num_kv_heads, block_size, head_dim)
         self.kernels = kernels.for_tensors(device, dtype)
         if device.type == "cpu":
@@ -105,9 +104,9 @@ class KVCache:
         if self.kernels is not None:
             self.kernels.write_kv(self.keys[layer], self.values[layer], slots, k, v)
             return
-        blocks, offsets = slots // self.block_size, slots % self.block_size
-        self.keys[layer][blocks, :, offsets] = k
-        self.values[layer][blocks, :, offsets] = v
+        place = self._places(slots)
+        self.keys[layer][place] = k
+        self.values[layer][place] = v
 
     def gather_blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, KV, max_blocks * block_size, hd] for block tables [B, max_blocks]."""
@@ -120,9 +119,12 @@ class KVCache:
 
     def gather_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [KV, L, hd] of the tokens at ``slots`` [L]."""
-        blocks, offsets = slots // self.block_size, slots % self.block_size
-        return (self.keys[layer][blocks, :, offsets].transpose(0, 1),
-                self.values[layer][blocks, :, offsets].transpose(0, 1))
+        place = self._places(slots)
+        return self.keys[layer][place].transpose(0, 1), self.values[layer][place].transpose(0, 1)
+
+    def _places(self, slots: torch.Tensor) -> tuple[torch.Tensor, slice, torch.Tensor]:
+        """The index of the rows [L, KV, hd] of ``slots`` in a layer's tensor."""
+        return slots // self.block_size, slice(None), slots % self.block_size
 
 
 HUGE_PAGE = 2 << 20

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -139,7 +139,6 @@ class _Live:
     seq: Sequence
     row: SamplingRow
     stop_ids: frozenset[int]
-    prompt_logprobs: list[Logprob] = field(default_factory=list)  # with SamplingParams.prompt_logprobs
     prompt_logprobs_sent: bool = False
 
 
@@ -242,8 +241,7 @@ class Engine:
                 for item in (*output.decodes, *output.prefills) if item.samples}
         result = self.runner.execute(output, rows)
         for seq, scored in result.prompt_logprobs:
-            self.live[seq.request_id].prompt_logprobs.extend(scored)
-            seq.num_prompt_scored += len(scored)
+            seq.prompt_logprobs.extend(scored)
         self.scheduler.commit(output)
         self.stats.num_steps_total += 1
         self.stats.prompt_tokens_total += sum(
@@ -299,7 +297,7 @@ class Engine:
                 or seq.num_prompt_scored < seq.num_prompt_tokens - 1):
             return None
         live.prompt_logprobs_sent = True
-        return tuple(live.prompt_logprobs)
+        return tuple(seq.prompt_logprobs)
 
     def _finish(self, live: _Live, reason: FinishReason, token_id: int | None, logprob: float | None = None,
                 top: tuple[tuple[int, float], ...] = (), error: str | None = None) -> TokenOutput:

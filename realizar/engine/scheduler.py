@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from realizar.kv_cache import BlockAllocator
-from realizar.request import Request
+from realizar.request import Logprob, Request
 
 
 class SequenceStatus(enum.Enum):
@@ -40,7 +40,8 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
-    num_prompt_scored: int = 0  # prompt positions whose next token's logprob has been computed
+    # with SamplingParams.prompt_logprobs: those of prompt tokens 1, 2, ... computed so far
+    prompt_logprobs: list[Logprob] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -49,6 +50,11 @@ class Sequence:
     @property
     def num_generated(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_prompt_scored(self) -> int:
+        """Prompt positions whose next token's logprob has been computed."""
+        return len(self.prompt_logprobs)
 
     @property
     def num_uncomputed(self) -> int:
