@@ -48,39 +48,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device, hidden_size: int = 1024) -> torch.dtype:
-    """Map ``--dtype`` to a torch dtype; ``auto`` is chosen by measurement.
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Map ``--dtype`` to a torch dtype.
 
-    On CUDA, ``auto`` is bfloat16 (float16 where bf16 is missing). On the CPU it times
-    a decode-shaped matmul in float32 and bfloat16 and takes bfloat16 only when it is
-    clearly faster: CPUs without native bf16 math (AVX2, plain AVX-512) emulate it and
-    run many times slower than float32. Greedy agreement of bfloat16 with float32 on
-    the golden prompts is checked by the test suite.
+    On CUDA, ``auto`` is bfloat16 (float16 where bf16 is missing). On the CPU it is
+    float32: the whole float32 step runs in the compiled kernels (``realizar.kernels``),
+    while any other dtype falls back to torch's per-op path, which measured 1.3-1.7x
+    slower than float32 even on an AVX-512 CPU with native bf16 (BENCHMARKS.md), and
+    bfloat16 also changes greedy tokens against the float32 reference.
     """
     if name != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return torch.float32  # AVX2 and older have no bf16 arithmetic at all
-    timings = {dtype: _time_linear(dtype, hidden_size) for dtype in (torch.float32, torch.bfloat16)}
-    return torch.bfloat16 if timings[torch.bfloat16] * 1.25 < timings[torch.float32] else torch.float32
-
-
-def _time_linear(dtype: torch.dtype, hidden: int, repeats: int = 5) -> float:
-    """Best-of-N time of a decode-shaped (batch 1) and a batched (16) projection."""
-    total = 0.0
-    w = torch.randn(4 * hidden, hidden, dtype=dtype)
-    for rows in (1, 16):
-        x = torch.randn(rows, hidden, dtype=dtype)
-        torch.nn.functional.linear(x, w)  # warm up the kernel choice
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            best = min(best, time.perf_counter() - start)
-        total += best
-    return total
+    return torch.float32
 
 
 @dataclass(frozen=True)
