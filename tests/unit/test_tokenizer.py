@@ -364,6 +364,13 @@ def test_window_detokenizer_for_unknown_decoders(window_tokenizer: Tokenizer, by
     assert "".join(stream(tok.detokenizer(skip_special_tokens=False), ids)) == tok.decode(ids)
     emoji = [byte_ids[b] for b in "🙂".encode()]
     assert stream(tok.detokenizer(prompt), emoji) == ["", "", "", "🙂", ""]
+    # Without a byte table a token is given the text it completes: the bytes still join into the text.
+    detok = tok.detokenizer(skip_special_tokens=False)
+    joined = b""
+    for token_id in ids:
+        detok.step(token_id)
+        joined += detok.last_bytes
+    assert (joined + detok.flush().encode()).decode() == tok.decode(ids)
 
 
 # ------------------------------------------------------------------ SentencePiece-style ("llama") GGUF
