@@ -132,8 +132,9 @@ class _SpecialText:
     marker ids are mapped to the special ids. Before rendering, special tokens inside the messages' strings are
     swapped for *escapes* that the template passes through untouched (private-use characters, unchanged by
     strip, case and ``tojson`` filters, unless ``ensure_ascii`` is asked for), and swapped back after, so the
-    template's own markup is the only special text in the render, even where a template transforms the content. Markers and escapes carry a random
-    per-process nonce, so no client can write one; a text that holds the nonce is refused.
+    template's own markup is the only special text in the render, even where a template transforms the content.
+    Markers and escapes carry a random per-process nonce, so no client can write one; a text that holds the
+    nonce is refused.
     """
 
     backend: BackendTokenizer
