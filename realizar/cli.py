@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest max_tokens a request may ask for (default %(default)s)")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow cross-origin requests from ORIGIN (repeatable; CORS is off by default)")
+    s.add_argument("--allow-special-tokens-in-content", action="store_true",
+                   help="read special tokens typed in prompts and chat messages (<|im_start|>) as control tokens; "
+                        "by default they are text, and only the chat template's markup makes control tokens")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
 
@@ -152,7 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_tokens_limit=args.max_tokens_limit, max_batch_size=args.max_batch_size,
             max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
             shutdown_timeout=args.shutdown_timeout, cors_origins=tuple(args.cors_origin),
-            access_log=not args.no_access_log)
+            access_log=not args.no_access_log,
+            allow_special_tokens_in_content=args.allow_special_tokens_in_content)
     except ValueError as exc:
         raise CLIError(f"Invalid server setting: {exc}.") from None
     holder: dict[str, AsyncEngine] = {}
@@ -189,10 +193,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     print(f"[loaded {engine.model_id} in {engine.load_seconds:.1f} s on {engine.compute_mode}, "
           f"{engine.dtype}]", file=sys.stderr)
-    text = args.prompt
     if args.chat:
-        text = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-    prompt_ids = engine.tokenizer.encode(text)
+        prompt_ids = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = engine.tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise CLIError("The prompt is empty; pass some text to generate from.")
 

@@ -113,6 +113,9 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     cors_origins: tuple[str, ...] = ()
     access_log: bool = True
+    # Special tokens typed in prompts and messages are text unless this is set; only a chat template's own
+    # markup makes control tokens.
+    allow_special_tokens_in_content: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -7,12 +7,17 @@ we assemble that object ourselves so that the ids equal what ``transformers`` gi
 Decoding works on bytes: every token id has a byte spelling (``_Decoding.pieces``), so ``decode`` is a join and a
 UTF-8 decode, and :class:`IncrementalDetokenizer` streams text with an incremental UTF-8 decoder that never splits a
 character. Tokenizers whose decoder we do not recognise fall back to windowed re-decoding.
+
+Special tokens written in text are text by default: ``encode`` reads ``<|im_start|>`` typed by a user as the
+characters it is made of, and ``encode_chat`` lets only the chat template's own markup become control tokens, so a
+message cannot forge a turn. ``parse_special`` (and ``parse_special_in_content``) restore the permissive reading.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -116,6 +121,88 @@ class _Decoding:
     strip_leading_space: bool
 
 
+@dataclass(frozen=True)
+class _SpecialText:
+    """Keeps special tokens that a client spells in text from becoming control tokens.
+
+    ``backend`` is a copy of the tokenizer that reads special tokens as text (``encode_special_tokens``) and
+    holds one extra added token, a *marker*, per special token, with the special token's strip flags. To encode a
+    rendered chat prompt, the template's special tokens are swapped for their markers, the text is encoded in one
+    call (so the splits around them, and SentencePiece's first-word space, are those of a normal encode) and the
+    marker ids are mapped to the special ids. Before rendering, special tokens inside the messages' strings are
+    swapped for *escapes* that the template passes through untouched (private-use characters, unchanged by
+    strip, case and ``tojson`` filters, unless ``ensure_ascii`` is asked for), and swapped back after, so the
+    template's own markup is the only special text in the render, even where a template transforms the content.
+    Markers and escapes carry a random per-process nonce, so no client can write one; a text that holds the
+    nonce is refused.
+    """
+
+    backend: BackendTokenizer
+    pattern: re.Pattern[str] | None  # the special spellings, longest first: leftmost-longest, as tokenizers matches
+    markers: dict[str, str]  # spelling -> marker
+    escapes: dict[str, str]  # spelling -> escape
+    marker_ids: dict[int, int]  # marker id -> special token id
+    nonce: str
+
+    @classmethod
+    def of(cls, backend: BackendTokenizer) -> _SpecialText:
+        text_backend = BackendTokenizer.from_str(backend.to_str())
+        text_backend.encode_special_tokens = True
+        nonce = os.urandom(8).hex()
+        special: dict[str, AddedToken] = {}
+        for _, token in sorted(backend.get_added_tokens_decoder().items()):
+            if token.special and token.content:
+                special.setdefault(token.content, token)
+        markers = {spelling: f"\ue000{nonce}.{k}\ue001" for k, spelling in enumerate(special)}
+        escapes = {spelling: f"\ue002{nonce}.{k}\ue003" for k, spelling in enumerate(special)}
+        text_backend.add_tokens([
+            AddedToken(markers[spelling], special=False, normalized=False, lstrip=token.lstrip, rstrip=token.rstrip,
+                       single_word=token.single_word)
+            for spelling, token in special.items()
+        ])
+        marker_ids: dict[int, int] = {}
+        for spelling in special:
+            marker_id, special_id = text_backend.token_to_id(markers[spelling]), backend.token_to_id(spelling)
+            assert marker_id is not None and special_id is not None  # both were just added or are in the vocabulary
+            marker_ids[marker_id] = special_id
+        pattern = (re.compile("|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)))
+                   if special else None)
+        return cls(text_backend, pattern, markers, escapes, marker_ids, nonce)
+
+    def plain(self, ids: list[int]) -> list[int]:
+        """Ids of a text encoded by ``backend`` as plain text, which must hold no marker."""
+        if not self.marker_ids.keys().isdisjoint(ids):
+            raise ValueError("the text holds a sequence reserved by the tokenizer")
+        return ids
+
+    def escape(self, value: Any) -> tuple[Any, bool]:
+        """``value`` (a message, with nested dicts and lists) with special tokens in its strings escaped; and
+        whether any was."""
+        if isinstance(value, str):
+            if self.nonce in value:
+                raise ValueError("a message holds a sequence reserved by the tokenizer")
+            if self.pattern is None or self.pattern.search(value) is None:
+                return value, False
+            return self.pattern.sub(lambda m: self.escapes[m.group()], value), True
+        if isinstance(value, dict):
+            pairs = [(key, self.escape(item)) for key, item in value.items()]
+            return {key: item for key, (item, _) in pairs}, any(hit for _, (_, hit) in pairs)
+        if isinstance(value, (list, tuple)):
+            items = [self.escape(item) for item in value]
+            return [item for item, _ in items], any(hit for _, hit in items)
+        return value, False
+
+    def encode_rendered(self, rendered: str, escaped: bool) -> list[int]:
+        """Ids of a prompt rendered from escaped messages: its special spellings (the template's) are control
+        tokens, the escaped ones text."""
+        text = rendered if self.pattern is None else self.pattern.sub(lambda m: self.markers[m.group()], rendered)
+        if escaped:
+            for spelling, escape in self.escapes.items():
+                text = text.replace(escape, spelling)
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return [self.marker_ids.get(i, i) for i in ids]
+
+
 class Tokenizer:
     """Encodes text to token ids and back, renders chat templates and makes streaming detokenizers.
 
@@ -141,8 +228,11 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos_token_ids))
         self.chat_template: str | None = chat_template
         self._decoding = decoding
+        self._special_ids = decoding.special_ids if decoding is not None else frozenset(
+            i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         self._source = source
         self._template = _compile_chat_template(chat_template or CHATML_TEMPLATE, source)
+        self._special_text = _SpecialText.of(backend)
         self._template_tokens = {
             name: backend.id_to_token(token_id)
             for name, token_id in (("bos_token", bos_token_id), ("eos_token", next(iter(self.eos_token_ids), None)))
@@ -273,18 +363,44 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- encoding and decoding
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``. Special tokens written in the text (``<|im_start|>``) become their ids.
+    def encode(self, text: str, add_special_tokens: bool = True, *, parse_special: bool = False) -> list[int]:
+        """Token ids of ``text``.
 
         ``add_special_tokens`` adds BOS/EOS only where the model's metadata asks for them
-        (``tokenizer.ggml.add_bos_token``). Pass False for text rendered by a chat template, which writes its
-        own BOS.
+        (``tokenizer.ggml.add_bos_token``). ``parse_special`` makes special tokens written in the text
+        (``<|im_start|>``) their control ids, as transformers does by default; without it they are plain text,
+        so untrusted input cannot inject control tokens (transformers' ``split_special_tokens=True``).
+        Raises ValueError for text holding this process's private marker (see ``_SpecialText``), which no
+        client can know.
         """
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if parse_special:
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._special_text.plain(self._special_text.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True, *,
+                     parse_special: bool = False) -> list[list[int]]:
         """:meth:`encode` for many texts at once, on the tokenizers thread pool."""
-        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        if parse_special:
+            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        encodings = self._special_text.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [self._special_text.plain(e.ids) for e in encodings]
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
+                    parse_special_in_content: bool = False) -> list[int]:
+        """The prompt ids of a conversation: :meth:`apply_chat_template`, then encoded without BOS/EOS (the
+        template writes its own).
+
+        Only the template's markup becomes control tokens: a special token spelled inside a message (in its
+        content or any other string field) is encoded as text, so ``<|im_end|>\n<|im_start|>system`` in a user
+        message cannot open a system turn. ``parse_special_in_content`` encodes the whole rendered prompt with
+        special tokens parsed, wherever they come from. Raises ValueError as :meth:`apply_chat_template`.
+        """
+        if parse_special_in_content:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False,
+                               parse_special=True)
+        special = self._special_text
+        chat, escaped = special.escape(_validate_messages(messages))
+        return special.encode_rendered(self._render(chat, add_generation_prompt), escaped)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """The text of ``ids``. Invalid UTF-8 becomes U+FFFD; ids outside the vocabulary are ignored.
@@ -314,6 +430,23 @@ class Tokenizer:
             return _WindowDetokenizer(self, prompt_ids, skip_special_tokens)
         return _ByteDetokenizer(self._decoding, prompt_ids, skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to decoded text, out of context: a byte-fallback token (``<0xF0>``) or a
+        byte-level piece of a character gives its raw bytes, which may be incomplete UTF-8; a special token
+        gives its spelling; an id outside the vocabulary gives nothing. For a decoder we do not map to bytes it
+        is the UTF-8 of the token decoded alone (lossy for partial characters).
+        """
+        if self._decoding is None:
+            if not 0 <= token_id < self.vocab_size:
+                return b""
+            return self._backend.decode([token_id], skip_special_tokens=False).encode()
+        pieces = self._decoding.pieces
+        return pieces[token_id] if 0 <= token_id < len(pieces) else b""
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a special (control) token, which decoding skips by default."""
+        return token_id in self._special_ids
+
     def token_to_id(self, token: str) -> int | None:
         """The id of a token spelled as in the vocabulary, or None."""
         return self._backend.token_to_id(token)
@@ -331,7 +464,9 @@ class Tokenizer:
         ``{"type": "text", "text": ...}`` parts (joined with newlines), or None (dropped, as transformers does).
         Raises ValueError, fit for an HTTP 400, for a bad conversation or one the template rejects.
         """
-        chat = _validate_messages(messages)
+        return self._render(_validate_messages(messages), add_generation_prompt)
+
+    def _render(self, chat: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         try:
             return self._template.render(
                 messages=chat,
@@ -525,6 +660,11 @@ class IncrementalDetokenizer(ABC):
     ends inside a UTF-8 character: bytes of an unfinished character wait for the tokens that finish it.
     """
 
+    last_bytes: bytes = b""
+    """The bytes the last :meth:`step` added to the text (nothing for a skipped special token). Over a sequence
+    they join into the UTF-8 of the text, partial characters included, so logprobs can report each token's
+    true bytes."""
+
     @abstractmethod
     def step(self, token_id: int) -> str:
         """Take one generated token; return the text it completes (possibly empty)."""
@@ -549,7 +689,9 @@ class _ByteDetokenizer(IncrementalDetokenizer):
             if len(tail) >= 4:
                 break
         self._utf8.decode(tail)
-        # SentencePiece strips the space in front of the very first text only.
+        # SentencePiece strips the space in front of the very first text only. The first byte of the first
+        # non-empty piece is the first byte of the text, so the strip is done on bytes, which keeps
+        # ``last_bytes`` equal to what the text holds.
         self._strip_pending = decoding.strip_leading_space and not tail
 
     def _piece(self, token_id: int) -> bytes:
@@ -557,18 +699,17 @@ class _ByteDetokenizer(IncrementalDetokenizer):
             return b""
         return self._pieces[token_id]
 
-    def _emit(self, text: str) -> str:
-        if self._strip_pending and text:
-            self._strip_pending = False
-            if text.startswith(" "):
-                return text[1:]
-        return text
-
     def step(self, token_id: int) -> str:
-        return self._emit(self._utf8.decode(self._piece(token_id)))
+        piece = self._piece(token_id)
+        if self._strip_pending and piece:
+            self._strip_pending = False
+            if piece.startswith(b" "):
+                piece = piece[1:]
+        self.last_bytes = piece
+        return self._utf8.decode(piece)
 
     def flush(self) -> str:
-        return self._emit(self._utf8.decode(b"", final=True))
+        return self._utf8.decode(b"", final=True)
 
 
 class _WindowDetokenizer(IncrementalDetokenizer):
@@ -597,7 +738,10 @@ class _WindowDetokenizer(IncrementalDetokenizer):
 
     def step(self, token_id: int) -> str:
         self._ids.append(token_id)
-        return self._delta(final=False)
+        delta = self._delta(final=False)
+        # Without a byte table the text that a token completes is all we can attribute to it.
+        self.last_bytes = delta.encode()
+        return delta
 
     def flush(self) -> str:
         return self._delta(final=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -36,16 +37,40 @@ log = logging.getLogger("realizar.server")
 OFFLOAD_CHARS = 32_768  # texts longer than this are tokenized off the event loop
 
 
-async def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
-    if len(text) > OFFLOAD_CHARS:
-        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
-    return tokenizer.encode(text, add_special_tokens)
+async def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True, *,
+                 parse_special: bool = False, param: str = "prompt") -> list[int]:
+    """Token ids of a client's text; special tokens in it are text unless ``parse_special``."""
+    try:
+        if len(text) > OFFLOAD_CHARS:
+            return await asyncio.to_thread(functools.partial(tokenizer.encode, text, add_special_tokens,
+                                                             parse_special=parse_special))
+        return tokenizer.encode(text, add_special_tokens, parse_special=parse_special)
+    except ValueError as exc:  # the text holds the tokenizer's private marker
+        raise APIError(400, f"Cannot tokenize '{param}': {exc}", param=param) from None
 
 
-async def encode_many(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    if sum(map(len, texts)) > OFFLOAD_CHARS:
-        return await asyncio.to_thread(tokenizer.encode_batch, list(texts))
-    return [tokenizer.encode(t) for t in texts]
+async def encode_many(tokenizer: Tokenizer, texts: Sequence[str], add_special_tokens: bool = True, *,
+                      parse_special: bool = False, param: str = "prompts") -> list[list[int]]:
+    """:func:`encode` for a batch of texts."""
+    try:
+        if sum(map(len, texts)) > OFFLOAD_CHARS:
+            return await asyncio.to_thread(functools.partial(tokenizer.encode_batch, list(texts), add_special_tokens,
+                                                             parse_special=parse_special))
+        return [tokenizer.encode(t, add_special_tokens, parse_special=parse_special) for t in texts]
+    except ValueError as exc:
+        raise APIError(400, f"Cannot tokenize '{param}': {exc}", param=param) from None
+
+
+async def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], *,
+                      parse_special_in_content: bool = False) -> list[int]:
+    """Prompt ids of a conversation; a bad conversation, or one the template rejects, is a 400."""
+    try:
+        if sum(len(str(m.get("content") or "")) for m in messages) > OFFLOAD_CHARS:
+            return await asyncio.to_thread(functools.partial(
+                tokenizer.encode_chat, messages, parse_special_in_content=parse_special_in_content))
+        return tokenizer.encode_chat(messages, parse_special_in_content=parse_special_in_content)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages") from None
 
 
 def check_prompt(ids: list[int], param: str = "prompt") -> list[int]:
@@ -304,6 +329,10 @@ class ChoiceText:
                 self.stopped = True
         return offset
 
+    def last_bytes(self) -> bytes:
+        """The bytes the last token added to the text (before any cut at a stop string)."""
+        return self.detok.last_bytes
+
     def take(self, final: bool) -> str:
         """The text not yet streamed that is safe to send now."""
         end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self.hold)
@@ -313,21 +342,51 @@ class ChoiceText:
 
 
 class TokenText:
-    """Token ids to the strings logprobs show; cached, since the same ids recur."""
+    """How logprobs show a token: its string and its bytes (cached per id, since the same ids recur).
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    ``bytes`` are the token's raw bytes in the text: a byte-fallback token (``<0xF0>``) or a byte-level piece of
+    a character gives its partial UTF-8, and a special token that the text skips gives none. So the bytes of a
+    sequence's tokens join into the UTF-8 of its text. ``token`` is those bytes decoded when they are valid
+    UTF-8, else escaped as OpenAI shows them: ``undecodable_prefix`` (``"bytes:"`` in the completions format,
+    nothing in the chat format) then ``\\xf0\\x9f``-style escapes of the invalid bytes. A skipped special token
+    shows its spelling (``<|im_end|>``).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, undecodable_prefix: str = "") -> None:
         self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
+        self.undecodable_prefix = undecodable_prefix
+        self.cache: dict[int, tuple[str, bytes]] = {}
 
-    def __call__(self, token_id: int) -> str:
-        text = self.cache.get(token_id)
-        if text is None:
-            text = self.cache[token_id] = self.tokenizer.decode([token_id])
-        return text
+    def __call__(self, token_id: int) -> tuple[str, bytes]:
+        """A token out of context (a top alternative): its string and bytes."""
+        shown = self.cache.get(token_id)
+        if shown is None:
+            raw = b"" if self.tokenizer.is_special(token_id) else self.tokenizer.token_bytes(token_id)
+            shown = self.cache[token_id] = (self.show(token_id, raw), raw)
+        return shown
+
+    def in_text(self, token_id: int, raw: bytes) -> tuple[str, bytes]:
+        """A token of a sequence, given the bytes its text got from it (a detokenizer's ``last_bytes``): they
+        differ from the token's own where the text strips SentencePiece's first space or keeps a special token."""
+        shown = self(token_id)
+        return shown if shown[1] == raw else (self.show(token_id, raw), raw)
+
+    def show(self, token_id: int, raw: bytes) -> str:
+        if not raw and self.tokenizer.is_special(token_id):
+            return self.tokenizer.decode([token_id])
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.undecodable_prefix + raw.decode("utf-8", "backslashreplace")
 
 
 class CompletionLogprobs:
-    """``choices[i].logprobs`` of a text completion (the legacy OpenAI format)."""
+    """``choices[i].logprobs`` of a text completion (the legacy OpenAI format).
+
+    ``text_offset`` is the character offset in the choice's text where each token begins: the offset of the
+    character its first byte belongs to, so a character split over several tokens gives them one offset and the
+    offsets never decrease.
+    """
 
     def __init__(self, token_text: TokenText) -> None:
         self.token_text = token_text
@@ -336,25 +395,28 @@ class CompletionLogprobs:
         self.top_logprobs: list[dict[str, float] | None] = []
         self.text_offset: list[int] = []
 
-    def add_prompt(self, prompt_ids: Sequence[int]) -> None:
-        """Echoed prompt tokens: their text and offsets. Their logprobs come with the first
-        generated token (``set_prompt_logprobs``); the first prompt token's stays null."""
+    def add_prompt(self, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
+        """Echoed prompt tokens: their text and offsets, as the echoed text (the prompt decoded, skipping
+        special tokens or not) holds them. Their logprobs come with the first generated token
+        (``set_prompt_logprobs``); the first prompt token's stays null."""
+        detok = self.token_text.tokenizer.detokenizer(skip_special_tokens=skip_special_tokens)
         offset = 0
         for token_id in prompt_ids:
-            text = self.token_text(token_id)
-            self.add(text, None, None, offset)
+            text = detok.step(token_id)
+            self.add(self.token_text.in_text(token_id, detok.last_bytes)[0], None, None, offset)
             offset += len(text)
 
     def set_prompt_logprobs(self, scored: Sequence[Logprob]) -> None:
         """The logprobs of echoed prompt tokens 1, 2, ... (added by ``add_prompt``)."""
         for i, (logprob, top) in enumerate(scored, start=1):
             self.token_logprobs[i] = logprob
-            self.top_logprobs[i] = {self.token_text(t): lp for t, lp in top}
+            self.top_logprobs[i] = {self.token_text(t)[0]: lp for t, lp in top}
 
-    def add_output(self, out: TokenOutput, offset: int) -> None:
+    def add_output(self, out: TokenOutput, offset: int, raw: bytes) -> None:
+        """A generated token that begins at ``offset`` and added ``raw`` to the text."""
         assert out.token_id is not None
-        top = {self.token_text(t): lp for t, lp in out.top_logprobs}
-        self.add(self.token_text(out.token_id), out.logprob, top, offset)
+        top = {self.token_text(t)[0]: lp for t, lp in out.top_logprobs}
+        self.add(self.token_text.in_text(out.token_id, raw)[0], out.logprob, top, offset)
 
     def add(self, token: str, logprob: float | None, top: dict[str, float] | None, offset: int) -> None:
         self.tokens.append(token)
@@ -367,12 +429,13 @@ class CompletionLogprobs:
                 "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
 
 
-def chat_logprob(token_text: TokenText, out: TokenOutput) -> dict[str, Any]:
-    """One entry of ``choices[i].logprobs.content`` (the chat format)."""
+def chat_logprob(token_text: TokenText, out: TokenOutput, raw: bytes) -> dict[str, Any]:
+    """One entry of ``choices[i].logprobs.content`` (the chat format), for a generated token that added
+    ``raw`` to the text; see :class:`TokenText` for ``token`` and ``bytes``."""
     assert out.token_id is not None
-    token = token_text(out.token_id)
-    return {
-        "token": token, "logprob": out.logprob, "bytes": list(token.encode()),
-        "top_logprobs": [{"token": (t := token_text(i)), "logprob": lp, "bytes": list(t.encode())}
-                         for i, lp in out.top_logprobs],
-    }
+    token, raw = token_text.in_text(out.token_id, raw)
+    top = []
+    for token_id, logprob in out.top_logprobs:
+        alternative, alternative_raw = token_text(token_id)
+        top.append({"token": alternative, "logprob": logprob, "bytes": list(alternative_raw)})
+    return {"token": token, "logprob": out.logprob, "bytes": list(raw), "top_logprobs": top}

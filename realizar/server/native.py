@@ -66,22 +66,29 @@ class NativeAPI:
         engine = self.state.require_engine()
         req = protocol.parse_tokenize(await read_json(request, self.config.max_body_bytes))
         check_model(engine, req.model_id)
-        ids = await encode(engine.tokenizer, req.text)
+        ids = await encode(engine.tokenizer, req.text, req.add_special, param="text",
+                           parse_special=self._parse_special(req.parse_special))
         return json_response({"token_ids": ids, "num_tokens": len(ids)})
 
     async def batch_tokenize(self, request: Request) -> Response:
         engine = self.state.require_engine()
         req = protocol.parse_batch_tokenize(await read_json(request, self.config.max_body_bytes), self.config)
         check_model(engine, req.model_id)
-        batch = await encode_many(engine.tokenizer, req.texts)
+        batch = await encode_many(engine.tokenizer, req.texts, req.add_special, param="texts",
+                                  parse_special=self._parse_special(req.parse_special))
         return json_response({"results": [{"token_ids": ids, "num_tokens": len(ids)} for ids in batch]})
+
+    def _parse_special(self, asked: bool | None) -> bool:
+        """/tokenize reads special tokens as /generate does unless the request says otherwise."""
+        return self.config.allow_special_tokens_in_content if asked is None else asked
 
     async def _single(self, request: Request) -> tuple[AsyncEngine, protocol.GenerateRequest, list[int], Generation]:
         """Parse and tokenize a one-prompt generation request (/generate, /stream/generate)."""
         engine = self.state.require_engine()
         req = protocol.parse_generate(await read_json(request, self.config.max_body_bytes), self.config)
         check_model(engine, req.model_id)
-        prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt))
+        prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt,
+                                               parse_special=self.config.allow_special_tokens_in_content))
         return engine, req, prompt_ids, Generation(self.state, engine, context(request))
 
     async def generate(self, request: Request) -> Response:
@@ -99,7 +106,8 @@ class NativeAPI:
         engine = self.state.require_engine()
         req = protocol.parse_batch_generate(await read_json(request, self.config.max_body_bytes), self.config)
         check_model(engine, req.model_id)
-        batch = await encode_many(engine.tokenizer, req.prompts)
+        batch = await encode_many(engine.tokenizer, req.prompts,
+                                  parse_special=self.config.allow_special_tokens_in_content)
         for i, ids in enumerate(batch):
             check_prompt(ids, f"prompts[{i}]")
         params = fit_params(req.params, engine)

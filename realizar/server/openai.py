@@ -33,6 +33,7 @@ from realizar.server.generation import (
     check_model,
     check_prompt,
     encode,
+    encode_chat,
     fit_params,
     merge,
 )
@@ -72,9 +73,9 @@ class Choice:
             self.num_tokens += 1
             offset = self.text.add(out.token_id, out.finished)
             if self.completion_logprobs is not None:
-                self.completion_logprobs.add_output(out, offset)
+                self.completion_logprobs.add_output(out, offset, self.text.last_bytes())
             if self.chat_logprobs is not None:
-                self.chat_logprobs.append(chat_logprob(self.token_text, out))
+                self.chat_logprobs.append(chat_logprob(self.token_text, out, self.text.last_bytes()))
             if self.text.stopped:
                 self.done = True
                 self.finish_reason = "stop"
@@ -132,14 +133,14 @@ class OpenAIAPI:
         check_model(engine, req.options.model)
         tokenizer = engine.tokenizer
         prompts = [await self._prompt_ids(engine, p, i) for i, p in enumerate(req.prompts)]
-        token_text = TokenText(tokenizer)
+        token_text = TokenText(tokenizer, undecodable_prefix="bytes:")  # OpenAI's legacy spelling
         want_logprobs = req.params.logprobs is not None
 
         def make_text(ids: list[int], prompt: protocol.Prompt) -> tuple[ChoiceText, CompletionLogprobs | None]:
             prefix = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if req.echo else ""
             logprobs = CompletionLogprobs(token_text) if want_logprobs else None
             if logprobs is not None and req.echo:
-                logprobs.add_prompt(ids)
+                logprobs.add_prompt(ids, skip_special_tokens=isinstance(prompt, str))
             return ChoiceText(tokenizer, ids, req.options.stop, prefix), logprobs
 
         gen = Generation(self.state, engine, context(request))
@@ -187,12 +188,9 @@ class OpenAIAPI:
         req = protocol.parse_chat(await read_json(request, self.config.max_body_bytes), self.config)
         check_model(engine, req.options.model)
         tokenizer = engine.tokenizer
-        try:
-            rendered = tokenizer.apply_chat_template(list(req.messages))
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        # The template writes its own BOS.
-        prompt_ids = check_prompt(await encode(tokenizer, rendered, add_special_tokens=False), "messages")
+        prompt_ids = check_prompt(await encode_chat(tokenizer, list(req.messages),
+                                                    parse_special_in_content=self.config.allow_special_tokens_in_content),
+                                  "messages")
         params = fit_params(req.params, engine)
         if req.auto_max_tokens:
             room = engine.max_model_len - len(prompt_ids)
@@ -245,7 +243,8 @@ class OpenAIAPI:
     async def _prompt_ids(self, engine: AsyncEngine, prompt: protocol.Prompt, index: int) -> list[int]:
         param = "prompt" if index == 0 else f"prompt[{index}]"
         if isinstance(prompt, str):
-            return check_prompt(await encode(engine.tokenizer, prompt), param)
+            return check_prompt(await encode(engine.tokenizer, prompt, param=param,
+                                             parse_special=self.config.allow_special_tokens_in_content), param)
         vocab = engine.model_config.vocab_size
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:

@@ -137,12 +137,16 @@ def check_max_tokens(f: Fields, default: int, limit: int, key: str = "max_tokens
 class TokenizeRequest:
     text: str
     model_id: str | None
+    add_special: bool = True  # BOS/EOS where the model's metadata asks for them
+    parse_special: bool | None = None  # special tokens in the text are control tokens; None: as /generate reads them
 
 
 @dataclass(frozen=True)
 class BatchTokenizeRequest:
     texts: tuple[str, ...]
     model_id: str | None
+    add_special: bool = True
+    parse_special: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -161,15 +165,25 @@ class BatchGenerateRequest:
     model_id: str | None
 
 
+def _optional_boolean(f: Fields, key: str) -> bool | None:
+    value = f.raw(key)
+    if value is not None and not isinstance(value, bool):
+        raise f.type_error(key, "a boolean")
+    return value
+
+
 def parse_tokenize(body: Any) -> TokenizeRequest:
     f = Fields(body)
-    return TokenizeRequest(text=f.required_string("text"), model_id=f.string("model_id"))
+    return TokenizeRequest(text=f.required_string("text"), model_id=f.string("model_id"),
+                           add_special=f.boolean("add_special", True),
+                           parse_special=_optional_boolean(f, "parse_special"))
 
 
 def parse_batch_tokenize(body: Any, config: ServerConfig) -> BatchTokenizeRequest:
     f = Fields(body)
     return BatchTokenizeRequest(texts=f.string_list("texts", max_len=config.max_batch_size),
-                                model_id=f.string("model_id"))
+                                model_id=f.string("model_id"), add_special=f.boolean("add_special", True),
+                                parse_special=_optional_boolean(f, "parse_special"))
 
 
 def native_sampling(f: Fields, config: ServerConfig) -> SamplingParams:

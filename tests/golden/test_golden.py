@@ -16,7 +16,7 @@ from tests.golden.conftest import GOLDEN_PROMPTS, greedy, prompt_logits
 def test_logits_match_transformers_in_float32(ours_f32: EngineModel, reference: Any) -> None:
     hf_model, hf_tok = reference
     for text in GOLDEN_PROMPTS:
-        ids = ours_f32.tokenizer.encode(text)
+        ids = ours_f32.tokenizer.encode(text, parse_special=True)  # transformers reads the ChatML markup
         assert ids == hf_tok(text)["input_ids"]
         with torch.no_grad():
             expected = hf_model(torch.tensor([ids])).logits[0]
@@ -28,7 +28,7 @@ def test_logits_match_transformers_in_float32(ours_f32: EngineModel, reference: 
 def test_greedy_32_tokens_match_transformers(ours_f32: EngineModel, reference: Any) -> None:
     hf_model, _ = reference
     engine = Engine(ours_f32, EngineConfig(device="cpu", dtype="float32"))
-    prompts = [ours_f32.tokenizer.encode(t) for t in GOLDEN_PROMPTS]
+    prompts = [ours_f32.tokenizer.encode(t, parse_special=True) for t in GOLDEN_PROMPTS]
     ours = greedy(engine, prompts, 32, ignore_eos=False)  # both stop at EOS, which both emit
     for ids, got in zip(prompts, ours, strict=True):
         with torch.no_grad():
@@ -50,7 +50,7 @@ def test_batch_invariance_alone_and_in_a_batch_of_16(ours_f32: EngineModel) -> N
 def test_auto_dtype_agrees_with_float32_for_8_tokens(ours_f32: EngineModel) -> None:
     """``--dtype auto`` may trade precision for speed only while greedy output still agrees."""
     auto = load_engine_model(default_model_path(), EngineConfig(device="cpu", dtype="auto"))
-    prompts = [ours_f32.tokenizer.encode(t) for t in GOLDEN_PROMPTS]
+    prompts = [ours_f32.tokenizer.encode(t, parse_special=True) for t in GOLDEN_PROMPTS]
     f32 = greedy(Engine(ours_f32, EngineConfig(device="cpu", dtype="float32")), prompts, 8)
     low = greedy(Engine(auto, EngineConfig(device="cpu", dtype="auto")), prompts, 8)
     assert low == f32, f"auto chose {auto.model.dtype}"
@@ -61,7 +61,7 @@ def test_compiled_kernels_and_the_pure_torch_path_agree(ours_f32: EngineModel) -
     model = ours_f32.model
     if model.kernels is None:
         pytest.skip("the compiled kernels are not in use on this machine")
-    prompts = [ours_f32.tokenizer.encode(t) for t in GOLDEN_PROMPTS]
+    prompts = [ours_f32.tokenizer.encode(t, parse_special=True) for t in GOLDEN_PROMPTS]
     compiled = greedy(Engine(ours_f32, EngineConfig(device="cpu", dtype="float32")), prompts, 24)
     saved = model.kernels
     try:

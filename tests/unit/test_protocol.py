@@ -96,6 +96,19 @@ def test_tokenize_accepts_empty_text() -> None:
     assert info.value.status == 422 and info.value.param == "text"
 
 
+def test_tokenize_special_token_switches() -> None:
+    plain = protocol.parse_tokenize({"text": "x"})
+    assert (plain.add_special, plain.parse_special) == (True, None)  # None: as the server reads prompts
+    asked = protocol.parse_tokenize({"text": "x", "add_special": False, "parse_special": True})
+    assert (asked.add_special, asked.parse_special) == (False, True)
+    batch = protocol.parse_batch_tokenize({"texts": ["x"], "parse_special": False}, CONFIG)
+    assert (batch.add_special, batch.parse_special) == (True, False)
+    for key in ("add_special", "parse_special"):
+        with pytest.raises(APIError) as info:
+            protocol.parse_tokenize({"text": "x", key: "yes"})
+        assert info.value.status == 422 and info.value.param == key
+
+
 # -- OpenAI ---------------------------------------------------------------------------------------
 
 
