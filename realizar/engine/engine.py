@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,7 +198,9 @@ class Engine:
         params = request.params
         generator = None if params.greedy else make_generator(params.seed)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        self.live[request.request_id] = _Live(seq, SamplingRow(params, generator), stop_ids)
+        # EOS and stop ids stay banned until min_tokens are out, the first token included
+        banned = tuple(stop_ids) if params.min_tokens > 0 else ()
+        self.live[request.request_id] = _Live(seq, SamplingRow(params, generator, banned), stop_ids)
         self.scheduler.add(seq)
         return []
 
@@ -378,6 +379,42 @@ class Engine:
         )
 
 
+class RequestStream:
+    """The outputs of one submitted request, ending with its finished event.
+
+    ``aclose()`` before the end aborts the request, also when the stream was never iterated
+    (an async generator's ``finally`` would not run then, and the request would keep its seat
+    and its queue until it finished on its own)."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[TokenOutput]) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.queue = queue
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self.queue.get()
+        except BaseException:  # cancelled while waiting: nobody will read the rest
+            await self.aclose()
+            raise
+        if out.finished:
+            self.finished = True
+            self.engine._queues.pop(self.request_id, None)
+        return out
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine._queues.pop(self.request_id, None)
+            self.engine.abort(self.request_id)
+
+
 class AsyncEngine:
     """The asyncio face of the engine thread (see the module docstring)."""
 
@@ -449,7 +486,7 @@ class AsyncEngine:
 
     # -- requests --------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> AsyncIterator[TokenOutput]:
+    def submit(self, request: Request) -> RequestStream:
         """Admit a request and return the stream of its outputs (see errors.py for refusals)."""
         if not self.healthy:
             raise EngineDead(f"the engine has stopped after a fatal error: {self.fatal_error}")
@@ -475,19 +512,7 @@ class AsyncEngine:
             self._queues[request.request_id] = queue
             self._inbox.append(request)
         self._wake.set()
-        return self._stream(request.request_id, queue)
-
-    async def _stream(self, request_id: str, queue: asyncio.Queue[TokenOutput]) -> AsyncIterator[TokenOutput]:
-        finished = False
-        try:
-            while not finished:
-                out = await queue.get()
-                finished = out.finished
-                yield out
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(self, request.request_id, queue)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed on the next engine step. Idempotent."""
