@@ -112,6 +112,16 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
                        time.perf_counter() - start)
 
 
+def attention_context(mc: ModelConfig) -> int:
+    """The context length at which one token's attention (QK and PV: 4 * heads * head_dim
+    flops per earlier token per layer) costs as much as its linear layers (2 flops per weight
+    of a layer, the LM head left out). 3072 for SmolLM2-135M: a prompt chunk 8k tokens deep
+    costs 3.6x as much per token as one at the start, before any kernel's own inefficiency."""
+    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    linear = mc.hidden_size * (q + 2 * kv) + q * mc.hidden_size + 3 * mc.hidden_size * mc.intermediate_size
+    return max(1, linear // (2 * q))
+
+
 @dataclass
 class _Live:
     """Engine-thread bookkeeping for one request."""
@@ -149,7 +159,7 @@ class Engine:
                         model.device, model.dtype)
         self.runner = ModelRunner(model, cache)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.long_prefill_token_threshold)
+                                   config.long_prefill_token_threshold, attention_context(mc))
         self.vocab_size = mc.vocab_size
         self.stats = StatsRecorder()
         self.live: dict[str, _Live] = {}

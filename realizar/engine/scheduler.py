@@ -13,10 +13,11 @@ out KV blocks, but never touches a tensor. Each step it
 A prompt's chunk may use the whole token budget (``max_num_batched_tokens``) only when it
 is the step's only work. When the step also carries decodes, or other prompts want to
 start or continue, each prompt's chunk is at most ``long_prefill_token_threshold`` tokens:
-a step's time grows with its chunk (and with how deep into a long prompt the chunk sits,
-``benchmarks/chunk_step.py``), and every running stream waits for that step. What the
+a step's time grows with its chunk, and every running stream waits for that step. What the
 capped chunk leaves of the budget admits waiting requests, so a short request starts while
-a long prompt is still being prefilled, instead of waiting for all of it.
+a long prompt is still being prefilled, instead of waiting for all of it. Both caps shrink
+with the chunk's depth into its prompt (``attention_context``), since a token deep into a
+long prompt attends to all the tokens before it (``benchmarks/chunk_step.py``).
 """
 
 from __future__ import annotations
@@ -98,12 +99,15 @@ class Scheduler:
     """Waiting and running queues under token, sequence and block budgets."""
 
     def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_token_threshold: int | None = None) -> None:
+                 long_prefill_token_threshold: int | None = None, attention_context: int | None = None) -> None:
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # a prompt's chunk in a step it shares with other work; None: no cap but the budget
         self.long_prefill_token_threshold = long_prefill_token_threshold or max_num_batched_tokens
+        # the depth at which a token's attention costs as much as the rest of its forward pass;
+        # None: chunks are not shortened with depth
+        self.attention_context = attention_context
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -151,13 +155,13 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            count = min(seq.num_uncomputed, budget, cap)
+            count = min(seq.num_uncomputed, budget, self._deep(seq, cap))
             # without preempting what this step already runs: a chunk shrinks to the room left
             count = min(count, self._room(seq))
             if count == 0:
                 if decodes or prefills:
                     continue  # blocks come back as others finish, or a decode preempts
-                count = min(seq.num_uncomputed, budget, cap)
+                count = min(seq.num_uncomputed, budget, self._deep(seq, cap))
                 if not self._reserve(seq, count, preempted):
                     continue
             else:
@@ -186,6 +190,17 @@ class Scheduler:
             prefills=[s for s in prefills if s.num_tokens > 1],
             preempted=preempted,
         )
+
+    def _deep(self, seq: Sequence, cap: int) -> int:
+        """``cap`` for a chunk that starts ``seq.num_computed`` tokens into its sequence.
+
+        Each token of a chunk attends to every token before it, so a chunk deep into a long
+        prompt costs more per token: at depth ``attention_context`` twice what it costs at the
+        start. The cap shrinks in proportion, so a step's time stays about the same whatever the
+        depth (measured with benchmarks/chunk_step.py)."""
+        if self.attention_context is None:
+            return cap
+        return max(1, int(cap / (1 + seq.num_computed / self.attention_context)))
 
     def _room(self, seq: Sequence) -> int:
         """Tokens ``seq`` can add with the blocks it holds and the free ones, less one free block

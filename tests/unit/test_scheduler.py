@@ -214,3 +214,24 @@ def test_a_long_prompt_chunk_shrinks_to_the_blocks_at_hand_instead_of_preempting
             if item.samples:
                 item.seq.token_ids.append(7)
     assert stream.num_preemptions == 0
+
+
+def test_chunks_shrink_with_their_depth_into_a_long_prompt() -> None:
+    sched = Scheduler(BlockAllocator(512, 16), max_num_seqs=8, max_num_batched_tokens=512,
+                      long_prefill_token_threshold=64, attention_context=1000)
+    long = make_seq(6000)
+    sched.add(long)
+    sizes = []
+    while long.num_computed < 3000:
+        out = sched.schedule()
+        sizes.append((long.num_computed, out.prefills[0].num_tokens))
+        sched.commit(out)
+    assert sizes[0] == (0, 512)  # alone at the start: the whole budget
+    # alone, deeper: the budget over (1 + depth / attention_context)
+    assert all(n == int(512 / (1 + depth / 1000)) for depth, n in sizes)
+    stream = make_seq(3)
+    sched.add(stream)
+    run_step(sched)
+    out = sched.schedule()
+    depth = long.num_computed
+    assert [i.num_tokens for i in out.prefills] == [int(64 / (1 + depth / 1000))]
