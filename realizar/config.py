@@ -81,7 +81,7 @@ class EngineConfig:
     # the most tokens of one prompt a step computes when it shares the step with decodes or
     # other prompts (a prompt alone may use all of max_num_batched_tokens); chosen from
     # benchmarks/chunk_step.py, see docs/api.md "Scheduling"
-    long_prefill_token_threshold: int = 64
+    long_prefill_token_threshold: int = 32
     max_model_len: int | None = None  # None: the model's own context, capped at 2048
     max_queued_requests: int = 256
     max_queued_tokens: int = 262144
