@@ -163,7 +163,10 @@ class Engine:
         self.vocab_size = mc.vocab_size
         self.stats = StatsRecorder()
         self.live: dict[str, _Live] = {}
-        self.eos_ids = frozenset(served.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
+        # an end id the model cannot produce (a tokenizer's added token past the model's vocabulary)
+        # could never be sampled, and banning it under min_tokens would index past the logits
+        self.eos_ids = frozenset(t for t in (*served.tokenizer.eos_token_ids, *mc.eos_token_ids)
+                                 if 0 <= t < mc.vocab_size)
 
     @staticmethod
     def _kv_budget(device: torch.device) -> int:
