@@ -97,6 +97,10 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be > 0")
         if self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_batched_tokens must be > 0")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # every running sequence's decode must fit in one step, or the newest would starve
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({self.max_num_seqs})")
         if self.long_prefill_token_threshold <= 0:
             raise ValueError("long_prefill_token_threshold must be > 0")
         if self.max_queued_requests < 0 or self.max_queued_tokens < 0:

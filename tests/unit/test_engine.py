@@ -375,3 +375,14 @@ def test_a_prompt_alone_uses_the_whole_budget(served: EngineModel) -> None:
     engine.add(Request(prompt(2, 600), greedy(2), request_id="long"))
     engine.step()
     assert engine.live["long"].seq.num_computed == 256
+
+
+def test_engine_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        EngineConfig(long_prefill_token_threshold=0)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=600)  # 600 decodes cannot fit in a step of 512 tokens
+    from realizar.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(["serve", "--demo", "--long-prefill-token-threshold", "48"])
+    assert engine_config(args).long_prefill_token_threshold == 48
