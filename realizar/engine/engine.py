@@ -418,14 +418,13 @@ class RequestStream:
             raise
         if out.finished:
             self.finished = True
-            self.engine._queues.pop(self.request_id, None)
+            self.engine.release(self.request_id, abort=False)
         return out
 
     async def aclose(self) -> None:
         if not self.finished:
             self.finished = True
-            self.engine._queues.pop(self.request_id, None)
-            self.engine.abort(self.request_id)
+            self.engine.release(self.request_id, abort=True)
 
 
 class AsyncEngine:
@@ -526,6 +525,13 @@ class AsyncEngine:
             self._inbox.append(request)
         self._wake.set()
         return RequestStream(self, request.request_id, queue)
+
+    def release(self, request_id: str, abort: bool) -> None:
+        """Forget a request's output queue (its stream is done with), aborting it if it has not
+        finished."""
+        self._queues.pop(request_id, None)
+        if abort:
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed on the next engine step. Idempotent."""
