@@ -37,10 +37,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="sequences in the running batch (default %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="tokens computed per engine step, prefill chunks included (default %(default)s)")
+    p.add_argument("--long-prefill-token-threshold", type=int, default=d.long_prefill_token_threshold,
+                   help="most tokens of one prompt computed in a step shared with decodes or other prompts; "
+                        "smaller keeps inter-token latency steady while long prompts prefill "
+                        "(default %(default)s)")
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
-                   help="requests allowed to wait beyond the running batch before 503 (default %(default)s)")
+                   help="requests allowed to wait beyond the running batch before 503, those not yet "
+                        "seen by the engine thread included (default %(default)s)")
     p.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
-                   help="prompt tokens allowed to wait before 503 (default %(default)s)")
+                   help="prompt tokens allowed to wait for a seat before 503 (default %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length, prompt plus output (default: the model's, at most 8192)")
     p.add_argument("--num-kv-blocks", type=int, default=None,
@@ -123,8 +128,8 @@ def resolve_model_path(args: argparse.Namespace) -> Path:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     fields = dict(device=args.device, dtype=args.dtype)
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests", "max_queued_tokens",
-                 "max_model_len", "num_kv_blocks", "threads"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
+                 "max_queued_requests", "max_queued_tokens", "max_model_len", "num_kv_blocks", "threads"):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
     try:

@@ -78,6 +78,10 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from max_num_seqs * max_model_len
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    # the most tokens of one prompt a step computes when it shares the step with decodes or
+    # other prompts (a prompt alone may use all of max_num_batched_tokens); chosen from
+    # benchmarks/chunk_step.py, see docs/api.md "Scheduling"
+    long_prefill_token_threshold: int = 32
     max_model_len: int | None = None  # None: the model's own context, capped at 2048
     max_queued_requests: int = 256
     max_queued_tokens: int = 262144
@@ -93,6 +97,12 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be > 0")
         if self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_batched_tokens must be > 0")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # every running sequence's decode must fit in one step, or the newest would starve
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({self.max_num_seqs})")
+        if self.long_prefill_token_threshold <= 0:
+            raise ValueError("long_prefill_token_threshold must be > 0")
         if self.max_queued_requests < 0 or self.max_queued_tokens < 0:
             raise ValueError("queue bounds must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:

@@ -16,12 +16,25 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # an exception while processing this request
 
 
+# Below this temperature sampling is greedy (see SamplingParams).
+GREEDY_TEMPERATURE = 1e-5
+# Above this, a softmax of any real model's logits is uniform to within float32 rounding: the
+# request is noise, most likely a unit mistake, and is refused at the edge.
+MAX_TEMPERATURE = 100.0
+# Seeds are signed or unsigned 64-bit integers; every one of them names its own stream
+# (realizar.sampling.make_generator).
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling settings.
 
-    ``temperature == 0`` means greedy. ``top_k == 0`` and ``top_p == 1`` switch those
-    filters off. The native API's ``strategy`` field maps onto these at the edge.
+    A ``temperature`` below ``GREEDY_TEMPERATURE`` (0 included) means greedy: dividing logits
+    by a temperature that small leaves only the argmax anyway, and in float32 it overflows to
+    inf/NaN. ``temperature`` above ``MAX_TEMPERATURE`` is refused. ``top_k == 0`` and
+    ``top_p == 1`` switch those filters off; the most likely token always survives top-p.
+    The native API's ``strategy`` field maps onto these at the edge.
     """
 
     temperature: float = 1.0
@@ -40,12 +53,14 @@ class SamplingParams:
             raise ValueError("max_tokens must be >= 0")
         if self.min_tokens < 0:
             raise ValueError("min_tokens must be >= 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}]")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError("logprobs must be >= 0")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
@@ -53,7 +68,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 _ids = itertools.count(1)

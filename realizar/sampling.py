@@ -15,7 +15,9 @@ on one core, which at 16 rows was longer than the forward pass itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from realizar import kernels
@@ -27,8 +29,16 @@ class SamplingRow:
     """One sequence's sampling inputs for this step."""
 
     params: SamplingParams
-    generator: torch.Generator | None  # None for greedy rows
+    generator: np.random.Generator | None  # None for greedy rows
     banned_token_ids: tuple[int, ...] = ()  # EOS and stop ids while under min_tokens
+
+    def save(self) -> Any:
+        """The generator's position, so a step that is run again draws the same numbers."""
+        return None if self.generator is None else self.generator.bit_generator.state
+
+    def restore(self, state: Any) -> None:
+        if self.generator is not None and state is not None:
+            self.generator.bit_generator.state = state
 
 
 @dataclass(frozen=True)
@@ -38,14 +48,18 @@ class SampledToken:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator; seeded requests are reproducible, others draw a fresh seed."""
-    generator = torch.Generator(device="cpu")
+def make_generator(seed: int | None) -> np.random.Generator:
+    """A generator of its own for one request; seeded requests are reproducible, others draw
+    fresh entropy from the OS.
+
+    numpy's PCG64 seeded through a SeedSequence, rather than torch's CPU generator: that one
+    keeps only the low 32 bits of a seed (its Mersenne Twister takes a 32-bit seed), so seeds
+    that differ by 2**32 gave the same tokens. The sign goes into the entropy as a word of its
+    own, so every seed of the signed and unsigned 64-bit ranges names a different stream.
+    """
     if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
+        return np.random.Generator(np.random.PCG64())
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed < 0), abs(seed)])))
 
 
 CANDIDATES = 512  # tokens a filtered row considers before it falls back to a full sort
@@ -80,9 +94,10 @@ def apply_filters(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch
         probs = (values - (local if log_total is None else torch.where(top_k > 0, local, log_total))[:, None]).exp()
         if width == vocab or not bool(((top_k == 0) & (probs.sum(dim=-1) < top_p)).any()):
             break  # every row's nucleus is among the candidates
-    # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+    # keep the smallest prefix whose mass reaches top_p; the first token is always kept, even
+    # when top_p is below float32's smallest number (1e-46 rounds to 0 and would drop every token)
     before = probs.cumsum(dim=-1) - probs
-    probs = probs.masked_fill(before >= top_p[:, None], 0.0)
+    probs = probs.masked_fill((before >= top_p[:, None]) & (ranks > 0), 0.0)
     return probs / probs.sum(dim=-1, keepdim=True), order
 
 
@@ -94,8 +109,12 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def uniforms(rows: list[SamplingRow]) -> torch.Tensor:
-    """One uniform number in [0, 1) per row, from the row's own generator."""
-    return torch.cat([torch.rand(1, generator=row.generator) for row in rows])
+    """One uniform number in [0, 1) per row (float32), from the row's own generator."""
+    draws = np.empty(len(rows), dtype=np.float32)
+    for i, row in enumerate(rows):
+        assert row.generator is not None, "a sampling row has a generator"
+        draws[i] = row.generator.random(dtype=np.float32)
+    return torch.from_numpy(draws)
 
 
 def draw(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -15,16 +15,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from realizar.config import EngineConfig, ModelConfig
-from realizar.engine.errors import EngineDead, EngineOverloaded, RequestTooLong
-from realizar.engine.runner import ModelRunner
-from realizar.engine.scheduler import Scheduler, Sequence
+from realizar.engine.errors import EngineDead, EngineOverloaded, InvalidRequest, RequestTooLong
+from realizar.engine.runner import ModelRunner, StepResult
+from realizar.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput, Sequence
 from realizar.engine.stats import EngineStats, LatencyObservations, StatsRecorder
 from realizar.kv_cache import BlockAllocator, KVCache
 from realizar.model.linear import matmul_threads
@@ -113,6 +112,16 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
                        time.perf_counter() - start)
 
 
+def attention_context(mc: ModelConfig) -> int:
+    """The context length at which one token's attention (QK and PV: 4 * heads * head_dim
+    flops per earlier token per layer) costs as much as its linear layers (2 flops per weight
+    of a layer, the LM head left out). 3072 for SmolLM2-135M: a prompt chunk 8k tokens deep
+    costs 3.6x as much per token as one at the start, before any kernel's own inefficiency."""
+    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    linear = mc.hidden_size * (q + 2 * kv) + q * mc.hidden_size + 3 * mc.hidden_size * mc.intermediate_size
+    return max(1, linear // (2 * q))
+
+
 @dataclass
 class _Live:
     """Engine-thread bookkeeping for one request."""
@@ -149,10 +158,15 @@ class Engine:
         cache = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
                         model.device, model.dtype)
         self.runner = ModelRunner(model, cache)
-        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.long_prefill_token_threshold, attention_context(mc))
+        self.vocab_size = mc.vocab_size
         self.stats = StatsRecorder()
         self.live: dict[str, _Live] = {}
-        self.eos_ids = frozenset(served.tokenizer.eos_token_ids) | frozenset(mc.eos_token_ids)
+        # an end id the model cannot produce (a tokenizer's added token past the model's vocabulary)
+        # could never be sampled, and banning it under min_tokens would index past the logits
+        self.eos_ids = frozenset(t for t in (*served.tokenizer.eos_token_ids, *mc.eos_token_ids)
+                                 if 0 <= t < mc.vocab_size)
 
     @staticmethod
     def _kv_budget(device: torch.device) -> int:
@@ -171,15 +185,25 @@ class Engine:
 
     # -- admission -------------------------------------------------------------------------
 
-    def check_length(self, request: Request) -> None:
+    def check_request(self, request: Request) -> None:
+        """Refuse what could never run: over the context, or a token id outside the vocabulary
+        (which would fail inside a step). The server checks the ids first and names the field;
+        this check keeps any other caller from breaking a batch."""
         total = len(request.prompt_ids) + request.params.max_tokens
         if total > self.max_model_len:
             raise RequestTooLong(
                 f"This model's maximum context length is {self.max_model_len} tokens; the request has "
                 f"{len(request.prompt_ids)} prompt tokens plus max_tokens {request.params.max_tokens}")
+        for name, ids in (("prompt", request.prompt_ids), ("stop_token_ids", request.params.stop_token_ids)):
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"Token id {bad} in '{name}' is outside the vocabulary "
+                                     f"(0..{self.vocab_size - 1})", param=name)
 
     def add(self, request: Request) -> list[TokenOutput]:
-        """Queue a request; returns its final output at once when there is nothing to generate."""
+        """Queue a request; returns its final output at once when there is nothing to generate.
+        Raises ValueError for a request :meth:`check_request` refuses."""
+        self.check_request(request)
         if request.params.max_tokens == 0 and request.params.prompt_logprobs is None:
             return [TokenOutput(request.request_id, None, FinishReason.LENGTH,
                                 num_prompt_tokens=len(request.prompt_ids), time=time.monotonic())]
@@ -187,7 +211,9 @@ class Engine:
         params = request.params
         generator = None if params.greedy else make_generator(params.seed)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        self.live[request.request_id] = _Live(seq, SamplingRow(params, generator), stop_ids)
+        # EOS and stop ids stay banned until min_tokens are out, the first token included
+        banned = tuple(stop_ids) if params.min_tokens > 0 else ()
+        self.live[request.request_id] = _Live(seq, SamplingRow(params, generator, banned), stop_ids)
         self.scheduler.add(seq)
         return []
 
@@ -210,24 +236,81 @@ class Engine:
         return self.scheduler.has_work
 
     def step(self) -> list[TokenOutput]:
+        """Schedule, run and sample one batch; returns the events it produced.
+
+        A failure inside the forward pass or the sampler commits nothing (only K/V at positions
+        not yet counted as computed were written), so the batch can be run again. When the whole
+        batch fails, it is split in halves and each half run again, recursively, until the
+        requests that fail on their own are found: those end with an error, the others go on
+        from where they were, as if the step had gone well. Only when every request fails on its
+        own is the failure the engine's, and ``step`` raises (``AsyncEngine`` fails the batch
+        and counts the step toward ``FATAL_AFTER_CONSECUTIVE_FAILURES``).
+        """
         output = self.scheduler.schedule()
         if output.empty:
             return []
         now = time.monotonic()
-        for item in (*output.decodes, *output.prefills):
+        items = [*output.decodes, *output.prefills]
+        for item in items:
             if item.seq.first_scheduled_time is None:
                 item.seq.first_scheduled_time = now
         self.stats.num_preemptions_total = self.scheduler.num_preemptions
-        rows = {item.seq.request_id: self.live[item.seq.request_id].row
-                for item in (*output.decodes, *output.prefills) if item.samples}
-        result = self.runner.execute(output, rows)
+        rows = {item.seq.request_id: self.live[item.seq.request_id].row for item in items if item.samples}
+        # where each row's generator stands, so a rerun draws what the first run would have
+        states = {rid: row.save() for rid, row in rows.items()}
+        failed: list[tuple[ScheduledSequence, Exception]] = []
+        try:
+            done = [(output, self.runner.execute(output, rows))]
+        except Exception as exc:
+            if len(items) == 1:
+                raise
+            log.warning("engine step of %d requests failed (%s: %s); isolating the cause",
+                        len(items), type(exc).__name__, exc)
+            done = self._isolate(items, rows, states, failed)
+            if not done:
+                raise  # every request fails on its own: the engine's failure, not a request's
+        outputs: list[TokenOutput] = []
+        for item, error in failed:
+            log.error("request %s failed in the engine step: %s: %s", item.seq.request_id,
+                      type(error).__name__, error)
+            live = self.live[item.seq.request_id]
+            outputs.append(self._finish(live, FinishReason.ERROR, None, error=f"{type(error).__name__}: {error}"))
+        for part, result in done:
+            outputs.extend(self._update(part, result))
+        self.stats.num_steps_total += 1
+        return outputs
+
+    def _isolate(self, items: list[ScheduledSequence], rows: dict[str, SamplingRow], states: dict[str, object],
+                 failed: list[tuple[ScheduledSequence, Exception]]) -> list[tuple[SchedulerOutput, StepResult]]:
+        """Run the two halves of a failed batch again, recursively; a request that fails alone
+        goes to ``failed``. Returns the parts that ran."""
+        done: list[tuple[SchedulerOutput, StepResult]] = []
+        mid = len(items) // 2
+        for half in (items[:mid], items[mid:]):
+            if not half:
+                continue
+            part = SchedulerOutput([i for i in half if i.num_tokens == 1], [i for i in half if i.num_tokens > 1], [])
+            for item in half:
+                rid = item.seq.request_id
+                if rid in rows:
+                    rows[rid].restore(states[rid])
+            try:
+                done.append((part, self.runner.execute(part, rows)))
+            except Exception as exc:
+                if len(half) == 1:
+                    failed.append((half[0], exc))
+                else:
+                    done.extend(self._isolate(half, rows, states, failed))
+        return done
+
+    def _update(self, output: SchedulerOutput, result: StepResult) -> list[TokenOutput]:
+        """Commit what a (part of a) step computed and turn its samples into events."""
         for seq, scored in result.prompt_logprobs:
             seq.prompt_logprobs.extend(scored)
         self.scheduler.commit(output)
-        self.stats.num_steps_total += 1
         self.stats.prompt_tokens_total += sum(
             min(i.num_tokens, max(0, i.seq.num_prompt_tokens - (i.seq.num_computed - i.num_tokens)))
-            for i in output.prefills)
+            for i in (*output.decodes, *output.prefills))
         outputs: list[TokenOutput] = []
         now = time.monotonic()
         for seq, token in result.sampled:
@@ -309,6 +392,41 @@ class Engine:
         )
 
 
+class RequestStream:
+    """The outputs of one submitted request, ending with its finished event.
+
+    ``aclose()`` before the end aborts the request, also when the stream was never iterated
+    (an async generator's ``finally`` would not run then, and the request would keep its seat
+    and its queue until it finished on its own)."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[TokenOutput]) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.queue = queue
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self.queue.get()
+        except BaseException:  # cancelled while waiting: nobody will read the rest
+            await self.aclose()
+            raise
+        if out.finished:
+            self.finished = True
+            self.engine.release(self.request_id, abort=False)
+        return out
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.release(self.request_id, abort=True)
+
+
 class AsyncEngine:
     """The asyncio face of the engine thread (see the module docstring)."""
 
@@ -333,7 +451,7 @@ class AsyncEngine:
         self._stop = False
         self._shutting_down = False
         self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
-        self._queued_tokens = 0
+        self._inbox_tokens = 0  # prompt tokens of the requests in the inbox
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -380,39 +498,40 @@ class AsyncEngine:
 
     # -- requests --------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> AsyncIterator[TokenOutput]:
+    def submit(self, request: Request) -> RequestStream:
         """Admit a request and return the stream of its outputs (see errors.py for refusals)."""
         if not self.healthy:
             raise EngineDead(f"the engine has stopped after a fatal error: {self.fatal_error}")
         if self._shutting_down:
             raise EngineDead("the server is shutting down")
-        self.engine.check_length(request)
-        free_seats = max(0, self.config.max_num_seqs - len(self.engine.scheduler.running))
-        queued = len(self._inbox) + len(self.engine.scheduler.waiting)
-        if queued >= free_seats + self.config.max_queued_requests:
-            raise EngineOverloaded(f"server overloaded: {queued} requests are already queued", retry_after=1.0)
+        self.engine.check_request(request)
+        scheduler = self.engine.scheduler
         tokens = len(request.prompt_ids)
+        # What waits is the inbox plus the scheduler's waiting queue: the engine thread moves a
+        # request from one to the other under the same lock, so it is always counted once.
         with self._lock:
-            if self._queued_tokens + tokens > self.config.max_queued_tokens and queued > 0:
-                raise EngineOverloaded("server overloaded: too many prompt tokens are queued", retry_after=1.0)
-            self._queued_tokens += tokens
-        queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
-        self._queues[request.request_id] = queue
-        self._inbox.append(request)
+            free_seats = max(0, self.config.max_num_seqs - len(scheduler.running))
+            queued = len(self._inbox) + len(scheduler.waiting)
+            if queued >= free_seats + self.config.max_queued_requests:
+                raise EngineOverloaded(f"server overloaded: {queued} requests are already queued",
+                                       retry_after=1.0)
+            waiting_tokens = self._inbox_tokens + scheduler.num_waiting_tokens
+            if waiting_tokens + tokens > self.config.max_queued_tokens and queued > 0:
+                raise EngineOverloaded(f"server overloaded: {waiting_tokens} prompt tokens are already queued",
+                                       retry_after=1.0)
+            self._inbox_tokens += tokens
+            queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
+            self._queues[request.request_id] = queue
+            self._inbox.append(request)
         self._wake.set()
-        return self._stream(request.request_id, queue)
+        return RequestStream(self, request.request_id, queue)
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue[TokenOutput]) -> AsyncIterator[TokenOutput]:
-        finished = False
-        try:
-            while not finished:
-                out = await queue.get()
-                finished = out.finished
-                yield out
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+    def release(self, request_id: str, abort: bool) -> None:
+        """Forget a request's output queue (its stream is done with), aborting it if it has not
+        finished."""
+        self._queues.pop(request_id, None)
+        if abort:
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed on the next engine step. Idempotent."""
@@ -440,10 +559,14 @@ class AsyncEngine:
     def _admit(self) -> list[TokenOutput]:
         outputs: list[TokenOutput] = []
         while self._inbox:
-            request = self._inbox.popleft()
             with self._lock:
-                self._queued_tokens -= len(request.prompt_ids)
-            outputs.extend(self.engine.add(request))
+                request = self._inbox.popleft()
+                self._inbox_tokens -= len(request.prompt_ids)
+                try:
+                    outputs.extend(self.engine.add(request))
+                except ValueError as exc:  # submit checked it; this is the engine's own guard
+                    outputs.append(TokenOutput(request.request_id, None, FinishReason.ERROR, error=str(exc),
+                                               num_prompt_tokens=len(request.prompt_ids), time=time.monotonic()))
         while self._aborts:
             outputs.extend(self.engine.abort(self._aborts.popleft()))
         return outputs

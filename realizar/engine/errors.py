@@ -21,3 +21,14 @@ class EngineDead(EngineError):
 
 class RequestTooLong(EngineError, ValueError):
     """Prompt plus max_tokens exceeds the context window (HTTP 400)."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """A request the engine cannot run, e.g. a token id outside the vocabulary (HTTP 400).
+
+    The server checks these at the edge; the engine checks again, so that no caller can put a
+    request into a batch that would fail the whole step."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param

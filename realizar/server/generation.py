@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from realizar.engine.errors import EngineDead, EngineOverloaded
+from realizar.engine.errors import EngineDead, EngineOverloaded, InvalidRequest
 from realizar.request import FinishReason, Logprob, Request, SamplingParams, TokenOutput
 from realizar.server.errors import APIError
 from realizar.server.http import RequestContext
@@ -84,8 +84,18 @@ def check_model(engine: AsyncEngine, model: str | None) -> None:
         raise APIError(404, f"Model '{model}' not found", param="model", code="model_not_found")
 
 
+def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
+    """Every token id a request carries must name a vocabulary entry: 400 naming the field."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"Token id {bad} in '{param}' is outside the vocabulary (0..{vocab_size - 1})",
+                       param=param)
+
+
 def fit_params(params: SamplingParams, engine: AsyncEngine) -> SamplingParams:
-    """A top_k at or over the vocabulary filters nothing: say so the engine's way (0)."""
+    """Check the token ids the parameters carry against the vocabulary; a top_k at or over the
+    vocabulary filters nothing: say so the engine's way (0)."""
+    check_token_ids(params.stop_token_ids, engine.model_config.vocab_size, "stop_token_ids")
     if params.top_k >= engine.model_config.vocab_size:
         return dataclasses.replace(params, top_k=0)
     return params
@@ -161,6 +171,8 @@ class Generation:
             message = ("The server is shutting down" if self.engine.healthy
                        else "The engine stopped after a fatal error")
             raise APIError(503, message, code="unavailable", headers={"Retry-After": "1"}) from None
+        except InvalidRequest as exc:  # a token id the edge should have caught; still the client's fault
+            raise APIError(400, str(exc), param=exc.param) from None
         except ValueError as exc:  # RequestTooLong: prompt plus max_tokens over the context
             raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
         stream = Stream(self, request_id, source)

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from realizar.config import ServerConfig
-from realizar.request import SamplingParams
+from realizar.request import MAX_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
 from realizar.server.errors import APIError
 from realizar.tokenizer import CHAT_ROLES
 
 STRATEGIES = ("greedy", "top_k", "top_p")
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # the range torch.Generator.manual_seed takes
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 
@@ -199,7 +198,7 @@ def native_sampling(f: Fields, config: ServerConfig) -> SamplingParams:
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         shown = strategy if isinstance(strategy, str) else _json_repr(strategy)
         raise APIError(400, f"Invalid strategy: {shown}", param="strategy")
-    temperature = f.number("temperature", 1.0, minimum=0.0)
+    temperature = f.number("temperature", 1.0, minimum=0.0, maximum=MAX_TEMPERATURE)
     top_k = f.integer("top_k", 50, minimum=1)
     top_p = f.number("top_p", 0.9, minimum=0.0, exclusive_minimum=True, maximum=1.0)
     seed = f.seed()
@@ -296,15 +295,24 @@ def _stop_strings(f: Fields) -> tuple[str, ...]:
 
 
 def _token_id_list(f: Fields, key: str) -> tuple[int, ...]:
+    """A list of token ids: integers >= 0. Whether each is inside the vocabulary is checked
+    once the model is known (``generation.check_token_ids``)."""
     value = f.raw(key)
     assert isinstance(value, list)
     if any(isinstance(t, bool) or not isinstance(t, int) for t in value):
         raise f.type_error(key, "a list of integers")
+    check_token_ids_sign(f.name(key), value)
     return tuple(value)
 
 
+def check_token_ids_sign(name: str, ids: list[int]) -> None:
+    bad = next((t for t in ids if t < 0), None)
+    if bad is not None:
+        raise APIError(400, f"'{name}' holds token id {bad}; token ids are >= 0", param=name)
+
+
 def _openai_sampling(f: Fields, config: ServerConfig, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    temperature = f.number("temperature", 1.0, minimum=0.0)
+    temperature = f.number("temperature", 1.0, minimum=0.0, maximum=MAX_TEMPERATURE)
     top_p = f.number("top_p", 1.0, minimum=0.0, exclusive_minimum=True, maximum=1.0)
     top_k = f.integer("top_k", 0, minimum=-1)  # vLLM spells "no filter" -1, we spell it 0
     min_tokens = f.integer("min_tokens", 0, minimum=0)
@@ -329,15 +337,19 @@ def _prompts(f: Fields, config: ServerConfig) -> tuple[Prompt, ...]:
         return (value,)
     if not isinstance(value, list):
         raise f.type_error("prompt", "a string, a list of strings, or token ids")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in value) and value:
+        # one prompt given as token ids: as long as the context allows (checked by the engine),
+        # whatever --max-batch-size, which counts prompts
+        check_token_ids_sign("prompt", value)
+        return (tuple(value),)
     check_batch_length("prompt", len(value), config.max_batch_size)
     if all(isinstance(p, str) for p in value):
         return tuple(value)
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        return (tuple(value),)
     if all(isinstance(p, list) for p in value):
-        for p in value:
+        for i, p in enumerate(value):
             if not p or any(isinstance(t, bool) or not isinstance(t, int) for t in p):
                 raise f.type_error("prompt", "a list of non-empty token id lists")
+            check_token_ids_sign(f"prompt[{i}]", p)
         return tuple(tuple(p) for p in value)
     raise f.type_error("prompt", "a string, a list of strings, or token ids")
 

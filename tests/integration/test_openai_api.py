@@ -346,3 +346,18 @@ def _is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def test_token_ids_are_checked_against_the_vocabulary(model: str, server_url: str) -> None:
+    """A bad token id is the client's 400, naming the field; it never reaches a batch."""
+    url = server_url + "/v1/completions"
+    r = httpx.post(url, json={"model": model, "prompt": "Hi", "max_tokens": 8, "min_tokens": 4,
+                              "stop_token_ids": [1000000000000]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids"
+    r = httpx.post(url, json={"model": model, "prompt": [1, 10 ** 12], "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(url, json={"model": model, "prompt": "Hi", "temperature": 101}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    # one prompt of 65 token ids is one prompt, whatever --max-batch-size (64)
+    r = httpx.post(url, json={"model": model, "prompt": list(range(100, 165)), "max_tokens": 1}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 65

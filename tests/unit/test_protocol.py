@@ -10,7 +10,7 @@ import pytest
 from realizar.config import ServerConfig
 from realizar.server import protocol
 from realizar.server.errors import APIError, error_body, error_response
-from realizar.server.generation import ChoiceText
+from realizar.server.generation import ChoiceText, check_token_ids
 
 CONFIG = ServerConfig(max_tokens_limit=100, max_batch_size=4)
 
@@ -266,3 +266,54 @@ def test_echoed_prefix_is_not_searched_for_stop_strings() -> None:
 def test_without_stop_strings_nothing_is_held_back() -> None:
     text = ChoiceText(CharTokenizer(), [], [])  # type: ignore[arg-type]
     assert feed(text, "abc") == ["a", "b", "c"]
+
+
+# -- token ids, temperature, seeds, token-list prompts ---------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "status", "field"), [
+    ({"prompt": "x", "stop_token_ids": [5, -1]}, 400, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": [1.5]}, 422, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": 7}, 422, "stop_token_ids"),
+    ({"prompt": [1, -3]}, 400, "prompt"),
+    ({"prompt": [[1], [2, -2]]}, 400, "prompt[1]"),
+    ({"prompt": "x", "temperature": 100.5}, 400, "temperature"),
+    ({"prompt": "x", "temperature": 1e300}, 400, "temperature"),
+    ({"prompt": "x", "seed": 1 << 64}, 400, "seed"),
+    ({"prompt": "x", "seed": -(1 << 63) - 1}, 400, "seed"),
+    ({"prompt": [[1]] * 5}, 400, "prompt"),  # five prompts: over --max-batch-size 4
+    ({"prompt": ["a"] * 5}, 400, "prompt"),
+])
+def test_completion_token_ids_temperature_and_seed_are_range_checked(body: dict[str, Any], status: int,
+                                                                     field: str) -> None:
+    rejects(protocol.parse_completion, body, status, field)
+
+
+def test_chat_and_native_refuse_a_temperature_over_the_maximum() -> None:
+    rejects(protocol.parse_chat, {"messages": [{"role": "user", "content": "x"}], "temperature": 101}, 400,
+            "temperature")
+    rejects(protocol.parse_generate, {"prompt": "x", "strategy": "top_k", "temperature": 101}, 400, "temperature")
+    assert protocol.parse_generate({"prompt": "x", "strategy": "top_k", "temperature": 100}, CONFIG).params.temperature == 100
+
+
+def test_seeds_span_signed_and_unsigned_64_bit() -> None:
+    for seed in (-(1 << 63), (1 << 64) - 1, 5 + (1 << 32)):
+        assert protocol.parse_completion({"prompt": "x", "seed": seed}, CONFIG).params.seed == seed
+
+
+def test_a_token_id_prompt_may_be_longer_than_the_batch_limit() -> None:
+    """--max-batch-size counts prompts; one prompt of 65 token ids is one prompt."""
+    ids = list(range(65))
+    assert protocol.parse_completion({"prompt": ids}, CONFIG).prompts == (tuple(ids),)
+    # huge ids pass the parser (it does not know the vocabulary); the route checks them
+    assert protocol.parse_completion({"prompt": "x", "stop_token_ids": [10 ** 12]}, CONFIG).params.stop_token_ids == (
+        10 ** 12,)
+
+
+@pytest.mark.parametrize("bad", [-1, 64, 10 ** 12])
+def test_token_ids_outside_the_vocabulary_are_a_400_naming_the_field(bad: int) -> None:
+    check_token_ids([0, 63], 64, "stop_token_ids")
+    with pytest.raises(APIError) as info:
+        check_token_ids([3, bad], 64, "stop_token_ids")
+    assert info.value.status == 400 and info.value.param == "stop_token_ids"
+    assert str(bad) in info.value.message

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from realizar.request import SamplingParams
+from realizar.request import GREEDY_TEMPERATURE, MAX_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
 from realizar.sampling import SamplingRow, apply_filters, make_generator, sample
 
 
@@ -93,3 +94,56 @@ def test_logprobs_and_top_alternatives() -> None:
     expected = torch.log_softmax(logits, -1)[0]
     assert abs(out.logprob - expected[0].item()) < 1e-6  # type: ignore[operator]
     assert [t for t, _ in out.top_logprobs] == [0, 1]
+
+
+def test_a_temperature_below_the_epsilon_is_greedy() -> None:
+    logits = torch.randn(8, 300) * 5
+    for temperature in (1e-40, 1e-6, 0.0):
+        params = SamplingParams(temperature=temperature, top_k=5, seed=1)
+        assert params.greedy
+        rows = [SamplingRow(params, None) for _ in range(8)]
+        assert [t.token_id for t in sample(logits, rows)] == logits.argmax(-1).tolist()
+    assert not SamplingParams(temperature=GREEDY_TEMPERATURE).greedy
+
+
+def test_temperature_over_the_maximum_is_refused() -> None:
+    SamplingParams(temperature=MAX_TEMPERATURE)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=MAX_TEMPERATURE * 1.01)
+
+
+def test_a_tiny_top_p_keeps_exactly_the_top_token() -> None:
+    """1e-46 is below float32's smallest subnormal: as a tensor it is 0, which dropped every token."""
+    logits = torch.randn(16, 1000) * 3
+    rows = [row(seed=i, temperature=1.0, top_p=1e-46) for i in range(8)]
+    rows += [row(seed=i, temperature=1.0, top_p=1e-46, top_k=5) for i in range(8)]
+    assert [t.token_id for t in sample(logits, rows)] == logits.argmax(-1).tolist()
+    probs, order = apply_filters(logits[:1], torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1e-46]))
+    assert int((probs > 0).sum()) == 1 and probs[0, 0] == 1.0 and order[0, 0] == logits[0].argmax()
+
+
+def draws(seed: int, n: int = 8) -> list[int]:
+    logits = torch.zeros(1, 1000)  # uniform: the drawn token is the uniform number, scaled
+    r = row(seed=seed, temperature=1.0)
+    return [sample(logits, [r])[0].token_id for _ in range(n)]
+
+
+def test_seeds_are_full_64_bit() -> None:
+    """torch's CPU generator seeded a 32-bit Mersenne Twister: seeds 2**32 apart were the same."""
+    base = draws(5)
+    assert draws(5) == base
+    assert draws(5 + (1 << 32)) != base
+    assert draws(-5) != base
+    assert draws(SEED_MAX) != draws(SEED_MAX - (1 << 32))
+    assert draws(SEED_MIN) != draws(SEED_MAX)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=SEED_MAX + 1)
+
+
+def test_a_row_replayed_from_its_saved_state_draws_the_same() -> None:
+    r = row(seed=9, temperature=1.0)
+    logits = torch.zeros(1, 1000)
+    state = r.save()
+    first = [sample(logits, [r])[0].token_id for _ in range(4)]
+    r.restore(state)
+    assert [sample(logits, [r])[0].token_id for _ in range(4)] == first

@@ -1,0 +1,388 @@
+"""The engine in-process, on a tiny random model: stops, aborts, deadlines, preemption, failure
+isolation, the fatal-failure rule, admission limits and fair scheduling of long prompts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from realizar.config import EngineConfig
+from realizar.engine.engine import (
+    FATAL_AFTER_CONSECUTIVE_FAILURES,
+    AsyncEngine,
+    Engine,
+    EngineModel,
+    RequestStream,
+)
+from realizar.engine.errors import EngineDead, EngineOverloaded, InvalidRequest
+from realizar.engine.runner import StepResult
+from realizar.engine.scheduler import SchedulerOutput
+from realizar.loading import load_model
+from realizar.loading.tiny import TinySpec, write_tiny_gguf
+from realizar.model.llama import LlamaModel
+from realizar.request import FinishReason, Request, SamplingParams, TokenOutput
+from realizar.sampling import SamplingRow
+from realizar.tokenizer import Tokenizer
+
+VOCAB = 64
+EOS = 2  # the tiny model's end-of-sequence id
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> EngineModel:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_gguf(path, TinySpec(vocab=VOCAB, context=2048))
+    loaded = load_model(path, dtype=torch.float32)
+    # the tiny file's vocabulary has no merges; an empty list makes it a (trivial) BPE
+    tokenizer = Tokenizer.from_gguf_metadata({**loaded.metadata, "tokenizer.ggml.merges": []})
+    model = LlamaModel(loaded.config, loaded.tensors, torch.device("cpu"), torch.float32)
+    return EngineModel(model, tokenizer, loaded.config, "tiny", Path(path), "gguf", 0.0)
+
+
+def config(**kw: int | None) -> EngineConfig:
+    return EngineConfig(device="cpu", dtype="float32", **kw)  # type: ignore[arg-type]
+
+
+def greedy(max_tokens: int = 12, **kw: object) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)  # type: ignore[arg-type]
+
+
+def prompt(i: int, length: int = 6) -> list[int]:
+    return [(i * 7 + j * 3) % (VOCAB - 4) + 3 for j in range(length)]
+
+
+def run(engine: Engine, max_steps: int = 10_000) -> dict[str, list[TokenOutput]]:
+    """Step until idle; every request's events, in order."""
+    events: dict[str, list[TokenOutput]] = {}
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return events
+        for out in engine.step():
+            events.setdefault(out.request_id, []).append(out)
+    raise AssertionError("the engine did not finish")
+
+
+def tokens(events: list[TokenOutput]) -> list[int]:
+    return [e.token_id for e in events if e.token_id is not None]
+
+
+def generate_alone(served: EngineModel, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+    engine = Engine(served, config())
+    engine.add(Request(prompt_ids, params, request_id="alone"))
+    return tokens(run(engine)["alone"])
+
+
+def assert_no_leak(engine: Engine) -> None:
+    assert not engine.live and not engine.has_work()
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+# -- stops, aborts, deadlines ------------------------------------------------------------------
+
+
+def test_stop_token_ids_end_the_sequence_and_min_tokens_holds_them_off(served: EngineModel) -> None:
+    ids = prompt(1)
+    free = generate_alone(served, ids, greedy(12))
+    stop = free[0]
+    engine = Engine(served, config())
+    engine.add(Request(ids, greedy(12, stop_token_ids=(stop,)), request_id="stop"))
+    engine.add(Request(ids, greedy(12, stop_token_ids=(stop,), min_tokens=4), request_id="min"))
+    events = run(engine)
+    assert tokens(events["stop"]) == [stop] and events["stop"][-1].finish_reason is FinishReason.STOP
+    held = tokens(events["min"])
+    assert len(held) >= 4 and stop not in held[:4]
+    assert events["min"][-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+    if events["min"][-1].finish_reason is FinishReason.STOP:
+        assert held[-1] == stop and stop not in held[:-1]
+    assert_no_leak(engine)
+
+
+def test_eos_stops_unless_ignored(served: EngineModel) -> None:
+    engine = Engine(served, config())
+    engine.add(Request(prompt(2), SamplingParams(temperature=0, max_tokens=5, stop_token_ids=(EOS,)),
+                       request_id="a"))
+    events = run(engine)["a"]
+    assert events[-1].finished and len(tokens(events)) <= 5
+    assert EOS not in tokens(events)[:-1]
+
+
+def test_abort_ends_one_request_and_frees_its_blocks(served: EngineModel) -> None:
+    engine = Engine(served, config())
+    engine.add(Request(prompt(3), greedy(30), request_id="keep"))
+    engine.add(Request(prompt(4), greedy(30), request_id="drop"))
+    first = engine.step() + engine.step()
+    assert {o.request_id for o in first} == {"keep", "drop"}
+    aborted = engine.abort("drop")
+    assert len(aborted) == 1 and aborted[0].finish_reason is FinishReason.ABORT
+    assert engine.abort("drop") == []  # idempotent
+    events = run(engine)
+    assert set(events) == {"keep"} and len(tokens(events["keep"])) == 28
+    assert_no_leak(engine)
+
+
+def test_deadline_expiry_times_out_waiting_and_running_requests(served: EngineModel) -> None:
+    engine = Engine(served, config())
+    now = time.monotonic()
+    engine.add(Request(prompt(5), greedy(50), request_id="running", deadline=now + 60))
+    engine.step()
+    engine.add(Request(prompt(6), greedy(50), request_id="waiting", deadline=now + 60))
+    engine.add(Request(prompt(7), greedy(50), request_id="later", deadline=now + 3600))
+    assert engine.expire(now) == []
+    expired = engine.expire(now + 61)
+    assert {o.request_id for o in expired} == {"running", "waiting"}
+    assert all(o.finish_reason is FinishReason.TIMEOUT for o in expired)
+    events = run(engine)
+    assert set(events) == {"later"} and len(tokens(events["later"])) == 50
+    assert_no_leak(engine)
+
+
+def test_preemption_with_few_blocks_keeps_greedy_tokens(served: EngineModel) -> None:
+    prompts = [prompt(i, 20) for i in range(4)]
+    alone = [generate_alone(served, p, greedy(40)) for p in prompts]
+    # 8 blocks of 16 tokens: each request needs 4 at its end, so four cannot all stay
+    engine = Engine(served, config(num_kv_blocks=8))
+    for i, p in enumerate(prompts):
+        engine.add(Request(p, greedy(40), request_id=f"r{i}"))
+    events = run(engine)
+    assert engine.scheduler.num_preemptions > 0
+    assert [tokens(events[f"r{i}"]) for i in range(4)] == alone
+    assert_no_leak(engine)
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused_before_it_can_break_a_batch(served: EngineModel) -> None:
+    engine = Engine(served, config())
+    for bad in (Request([1, 2], greedy(4, stop_token_ids=(10 ** 12,))), Request([1, VOCAB], greedy(4)),
+                Request([-1], greedy(4))):
+        with pytest.raises(InvalidRequest) as info:
+            engine.add(bad)
+        assert info.value.param in ("prompt", "stop_token_ids")
+    assert not engine.has_work()
+
+
+# -- failure isolation -------------------------------------------------------------------------
+
+Execute = Callable[[SchedulerOutput, dict[str, SamplingRow]], StepResult]
+
+
+def fail_for(engine: Engine, culprit: str, after_tokens: int, late: bool) -> None:
+    """Make the runner raise on any batch that holds ``culprit`` once it has generated
+    ``after_tokens`` tokens (a wrapper around the real runner; no hook in the engine). A
+    ``late`` fault comes after the forward pass and the sampler ran: K/V written, numbers drawn."""
+    original: Execute = engine.runner.execute
+
+    def execute(output: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepResult:
+        hit = any(item.seq.request_id == culprit and item.seq.num_generated >= after_tokens
+                  for item in (*output.decodes, *output.prefills))
+        if hit and not late:
+            raise RuntimeError("injected fault")
+        result = original(output, rows)
+        if hit:
+            raise RuntimeError("injected fault")
+        return result
+
+    engine.runner.execute = execute  # type: ignore[method-assign]
+
+
+def batch_of_eight() -> list[tuple[str, list[int], SamplingParams]]:
+    batch = [(f"r{i}", prompt(i, 5 + i), greedy(10)) for i in range(6)]
+    # seeded sampling rows: a rerun of the step must draw what the first run would have
+    batch += [(f"s{i}", prompt(10 + i), SamplingParams(temperature=1.0, seed=100 + i, max_tokens=10,
+                                                       ignore_eos=True)) for i in range(2)]
+    return batch
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_request_failing_inside_a_step_fails_alone(served: EngineModel, late: bool) -> None:
+    batch = batch_of_eight()
+    reference = Engine(served, config())
+    for rid, ids, params in batch:
+        reference.add(Request(ids, params, request_id=rid))
+    expected = {rid: tokens(ev) for rid, ev in run(reference).items()}
+
+    engine = Engine(served, config())
+    for rid, ids, params in batch:
+        engine.add(Request(ids, params, request_id=rid))
+    culprit = "r3"
+    fail_for(engine, culprit, after_tokens=3, late=late)
+    events = run(engine)
+    assert events[culprit][-1].finish_reason is FinishReason.ERROR
+    assert "injected fault" in (events[culprit][-1].error or "")
+    assert tokens(events[culprit]) == expected[culprit][:3]
+    for rid, _ids, _params in batch:
+        if rid != culprit:
+            assert events[rid][-1].finish_reason is FinishReason.LENGTH
+            assert tokens(events[rid]) == expected[rid], rid
+    assert_no_leak(engine)
+
+
+def test_a_fault_in_the_sampler_fails_only_its_row(served: EngineModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from realizar.engine import runner as runner_module
+
+    real_sample = runner_module.sample
+
+    def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list:  # type: ignore[type-arg]
+        if any(r.params.max_tokens == 7 for r in rows):  # the culprit's marker
+            raise IndexError("injected sampler fault")
+        return real_sample(logits, rows)
+
+    monkeypatch.setattr(runner_module, "sample", sample)
+    engine = Engine(served, config())
+    engine.add(Request(prompt(1), greedy(9), request_id="ok1"))
+    engine.add(Request(prompt(2), greedy(7), request_id="bad"))
+    engine.add(Request(prompt(3), greedy(9), request_id="ok2"))
+    events = run(engine)
+    assert events["bad"][-1].finish_reason is FinishReason.ERROR and not tokens(events["bad"])
+    assert len(tokens(events["ok1"])) == 9 and len(tokens(events["ok2"])) == 9
+
+
+def test_a_failure_of_every_request_is_the_engines(served: EngineModel) -> None:
+    engine = Engine(served, config())
+
+    def broken(output: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepResult:
+        raise RuntimeError("device lost")
+
+    engine.runner.execute = broken  # type: ignore[method-assign]
+    engine.add(Request(prompt(1), greedy(4), request_id="a"))
+    engine.add(Request(prompt(2), greedy(4), request_id="b"))
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+
+
+# -- AsyncEngine: fatal failures and admission ------------------------------------------------
+
+
+async def collect(stream: RequestStream) -> list[TokenOutput]:
+    return [out async for out in stream]
+
+
+def test_three_consecutive_failed_steps_are_fatal(served: EngineModel) -> None:
+    async def main() -> None:
+        engine = AsyncEngine(served, config())
+
+        def broken(output: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepResult:
+            raise RuntimeError("device lost")
+
+        engine.engine.runner.execute = broken  # type: ignore[method-assign]
+        await engine.start()
+        try:
+            for i in range(FATAL_AFTER_CONSECUTIVE_FAILURES):
+                assert engine.healthy
+                events = await asyncio.wait_for(collect(engine.submit(Request(prompt(i), greedy(4)))), 30)
+                assert events[-1].finish_reason is FinishReason.ERROR
+            for _ in range(100):
+                if not engine.healthy:
+                    break
+                await asyncio.sleep(0.01)
+            assert not engine.healthy and "device lost" in (engine.fatal_error or "")
+            with pytest.raises(EngineDead):
+                engine.submit(Request(prompt(9), greedy(4)))
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def test_queued_tokens_count_the_inbox_and_the_waiting_queue_together(served: EngineModel) -> None:
+    async def main() -> None:
+        engine = AsyncEngine(served, config(max_num_seqs=1, max_queued_tokens=1000, max_queued_requests=10))
+        await engine.start()
+        try:
+            seat = engine.submit(Request(prompt(0), greedy(2000)))  # holds the only seat
+            await until(lambda: len(engine.engine.scheduler.running) == 1)
+            first = engine.submit(Request(prompt(1, 600), greedy(4)))
+            # the engine thread moves it from the inbox to the scheduler's waiting queue
+            await until(lambda: len(engine.engine.scheduler.waiting) == 1)
+            with pytest.raises(EngineOverloaded, match="600 prompt tokens"):
+                engine.submit(Request(prompt(2, 600), greedy(4)))
+            small = engine.submit(Request(prompt(3, 300), greedy(4)))  # 900 tokens in all: fits
+            for stream in (seat, first, small):
+                await stream.aclose()
+            await until(lambda: not engine.engine.has_work() and not engine.num_in_flight)
+            assert engine.engine.scheduler.num_waiting_tokens == 0
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_queued_requests_count_the_inbox_and_the_waiting_queue_together(served: EngineModel) -> None:
+    async def main() -> None:
+        engine = AsyncEngine(served, config(max_num_seqs=1, max_queued_requests=2))
+        await engine.start()
+        try:
+            streams = [engine.submit(Request(prompt(0), greedy(2000)))]
+            await until(lambda: len(engine.engine.scheduler.running) == 1)
+            streams += [engine.submit(Request(prompt(i), greedy(4))) for i in (1, 2)]
+            await until(lambda: len(engine.engine.scheduler.waiting) == 2)
+            with pytest.raises(EngineOverloaded, match="2 requests"):
+                engine.submit(Request(prompt(3), greedy(4)))
+            for stream in streams:
+                await stream.aclose()  # never read: closing it still aborts the request
+            await until(lambda: not engine.engine.has_work() and not engine.num_in_flight)
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+
+
+# -- fair scheduling of long prompts -----------------------------------------------------------
+
+
+def test_a_short_request_starts_while_a_long_prompt_prefills(served: EngineModel) -> None:
+    engine = Engine(served, config(max_num_batched_tokens=256, long_prefill_token_threshold=32))
+    steps: list[SchedulerOutput] = []
+    original: Execute = engine.runner.execute
+
+    def recording(output: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepResult:
+        steps.append(output)
+        return original(output, rows)
+
+    engine.runner.execute = recording  # type: ignore[method-assign]
+    engine.add(Request(prompt(1), greedy(200), request_id="stream"))
+    engine.step()  # the stream's prompt; from now on it decodes
+    engine.add(Request(prompt(2, 1500), greedy(4), request_id="long"))
+    for _ in range(3):
+        engine.step()
+    engine.add(Request(prompt(3, 8), greedy(2), request_id="short"))
+    events: dict[str, list[TokenOutput]] = {}
+    long_seq = engine.live["long"].seq
+    while "short" not in events or not events["short"][-1].finished:
+        for out in engine.step():
+            events.setdefault(out.request_id, []).append(out)
+    assert long_seq.num_computed < long_seq.num_prompt_tokens  # the long prompt is still prefilling
+    for output in steps[1:]:
+        assert "stream" in {i.seq.request_id for i in output.decodes}  # decodes every step
+        long_chunks = [i.num_tokens for i in output.prefills if i.seq.request_id == "long"]
+        assert all(n <= 32 for n in long_chunks)  # capped while the stream decodes
+    run(engine)
+    assert_no_leak(engine)
+
+
+def test_a_prompt_alone_uses_the_whole_budget(served: EngineModel) -> None:
+    engine = Engine(served, config(max_num_batched_tokens=256, long_prefill_token_threshold=32))
+    engine.add(Request(prompt(2, 600), greedy(2), request_id="long"))
+    engine.step()
+    assert engine.live["long"].seq.num_computed == 256
+
+
+def test_engine_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        EngineConfig(long_prefill_token_threshold=0)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=600)  # 600 decodes cannot fit in a step of 512 tokens
+    from realizar.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(["serve", "--demo", "--long-prefill-token-threshold", "48"])
+    assert engine_config(args).long_prefill_token_threshold == 48
