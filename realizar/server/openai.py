@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
+import jinja2
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,6 +25,7 @@ from realizar.request import FinishReason, SamplingParams, TokenOutput
 from realizar.server import protocol
 from realizar.server.errors import APIError, error_body
 from realizar.server.generation import (
+    OFFLOAD_CHARS,
     ChoiceText,
     CompletionLogprobs,
     EventStream,
@@ -33,6 +36,7 @@ from realizar.server.generation import (
     check_model,
     check_prompt,
     encode,
+    encode_in_thread,
     fit_params,
     merge,
 )
@@ -41,8 +45,13 @@ from realizar.server.state import ServerState
 
 if TYPE_CHECKING:
     from realizar.engine.engine import AsyncEngine
+    from realizar.tokenizer import Tokenizer
 
 DONE = b"data: [DONE]\n\n"
+RENDER_ON_LOOP_MESSAGES = 16  # longer conversations are rendered in a worker thread
+# What a chat template raises when a message lacks what it reads or holds the wrong type: internals, not news.
+_TEMPLATE_FAILURES = (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError)
+_MISSING_FIELD = re.compile(r"has no attribute '([^']+)'|'([^']+)' is undefined")
 
 
 class Choice:
@@ -184,15 +193,18 @@ class OpenAIAPI:
 
     async def chat_completions(self, request: Request) -> Response:
         engine = self.state.require_engine()
-        req = protocol.parse_chat(await read_json(request, self.config.max_body_bytes), self.config)
+        body = await read_json(request, self.config.max_body_bytes)
+        _check_message_count(body, self.config.max_messages)
+        req = protocol.parse_chat(body, self.config)
         check_model(engine, req.options.model)
         tokenizer = engine.tokenizer
-        try:
-            rendered = tokenizer.apply_chat_template(list(req.messages))
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        # The template writes its own BOS.
-        prompt_ids = check_prompt(await encode(tokenizer, rendered, add_special_tokens=False), "messages")
+        messages = list(req.messages)
+        if len(messages) > RENDER_ON_LOOP_MESSAGES or _text_size(messages) > OFFLOAD_CHARS:
+            # Rendering and tokenizing a long conversation takes milliseconds to tens of them: not on the loop.
+            prompt_ids = await asyncio.to_thread(_chat_prompt_ids, tokenizer, messages)
+        else:
+            prompt_ids = _chat_prompt_ids(tokenizer, messages)
+        check_prompt(prompt_ids, "messages")
         params = fit_params(req.params, engine)
         if req.auto_max_tokens:
             room = engine.max_model_len - len(prompt_ids)
@@ -295,6 +307,79 @@ async def _choice_updates(choices: list[Choice], logprobs_key: str
             logprobs = choice.new_logprobs()
             if text or choice.done or (logprobs and logprobs[logprobs_key]):
                 yield index, choice, text, logprobs
+
+
+def _check_message_count(body: Any, limit: int) -> None:
+    """400 before any parsing when a conversation has more than ``limit`` messages."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if isinstance(messages, list) and len(messages) > limit:
+        raise APIError(400, f"messages has {len(messages)} entries; the limit is {limit} (--max-messages)",
+                       param="messages")
+
+
+def _text_size(messages: Sequence[dict[str, Any]]) -> int:
+    """Characters of text in the messages (string content and text parts)."""
+    size = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            size += len(content)
+        elif isinstance(content, list):
+            size += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return size
+
+
+def _chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+    """The conversation rendered with the model's chat template and tokenized (the template writes its BOS).
+    A long conversation comes here in a worker thread, where the GIL-releasing encode serves."""
+    try:
+        rendered = tokenizer.apply_chat_template(messages)
+    except ValueError as exc:
+        raise _template_error(tokenizer, messages, exc) from None
+    if len(rendered) > OFFLOAD_CHARS:
+        return encode_in_thread(tokenizer, rendered, add_special_tokens=False)
+    return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def _template_error(tokenizer: Tokenizer, messages: list[dict[str, Any]], exc: ValueError) -> APIError:
+    """A 400 for a conversation the chat template cannot render, naming the message and field at fault.
+
+    The tokenizer's own checks and a template's ``raise_exception`` give clean messages, passed on
+    as they are; a template that fails inside Jinja (a field it reads is missing, or of a type it
+    cannot use) is explained in the request's terms instead of Jinja's.
+    """
+    failure = exc.__context__
+    if not isinstance(failure, _TEMPLATE_FAILURES):
+        return APIError(400, str(exc), param="messages")
+    where = f"messages[{_first_failing_message(tokenizer, messages)}]"
+    missing = _MISSING_FIELD.search(str(failure)) if isinstance(failure, jinja2.UndefinedError) else None
+    if missing is not None:
+        field = missing.group(1) or missing.group(2)
+        return APIError(400, f"{where} has no '{field}', which this model's chat template needs",
+                        param=f"{where}.{field}")
+    return APIError(400, f"{where} has a field this model's chat template cannot use; check its role, "
+                         "content and any tool_calls", param=where)
+
+
+def _first_failing_message(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> int:
+    """The index of the message at fault: the last of the shortest conversation prefix that fails to
+    render, found by bisection (templates read messages in order; the whole conversation fails)."""
+
+    def fails(count: int) -> bool:
+        try:
+            tokenizer.apply_chat_template(messages[:count])
+        except ValueError as exc:
+            return isinstance(exc.__context__, _TEMPLATE_FAILURES)
+        return False
+
+    lo, hi = 1, len(messages)  # the whole conversation fails; find the shortest failing prefix
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fails(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo - 1
 
 
 def _sse(body: dict[str, Any]) -> bytes:

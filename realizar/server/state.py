@@ -19,6 +19,7 @@ from realizar.server.http import json_response
 
 if TYPE_CHECKING:  # the engine module imports torch; the server needs only its interface
     from realizar.engine.engine import AsyncEngine
+    from realizar.server.connection import ConnectionHandle
     from realizar.server.generation import Generation
 
 
@@ -42,6 +43,7 @@ class ServerState:
         self.phase = Phase.LOADING
         self.inflight = 0  # HTTP requests being handled, for the shutdown drain
         self.generations: set[Generation] = set()  # those with engine requests, to abort at shutdown
+        self.responding: set[ConnectionHandle] = set()  # connections of in-flight requests, to drop at shutdown
         self._rid_prefix = os.urandom(3).hex()
         self._rid_counter = itertools.count(1)
         self._healthy_body = b""
@@ -93,6 +95,14 @@ class ServerState:
         """End every generation in flight with ``error`` (the shutdown deadline passed)."""
         for generation in list(self.generations):
             generation.cancel(error)
+
+    def abort_connections(self) -> int:
+        """Drop the connection of every request still answering (the shutdown deadline passed:
+        their clients do not read); returns how many there were."""
+        stuck = [conn for conn in self.responding if not conn.response_complete]
+        for conn in stuck:
+            conn.abort()
+        return len(stuck)
 
     def begin_shutdown(self) -> None:
         """Stop admitting: new requests get 503, in-flight ones carry on."""
