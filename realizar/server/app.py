@@ -252,8 +252,8 @@ class ServingMiddleware:
             state.inflight -= 1
             if conn is not None:
                 state.responding.discard(conn)
-            if expiry is not None:
-                expiry.cancel()
+            if expiry is not None and (conn is None or conn.finished):
+                expiry.cancel()  # else it stays: a complete response can still sit unread in the buffer
             elapsed = time.monotonic() - started
             method: str = scope["method"] if scope["method"] in METHODS else "other"
             state.metrics.observe_http(route, method, status, elapsed)
@@ -268,7 +268,7 @@ class ServingMiddleware:
                 )
 
     def _expired(self, ctx: RequestContext, conn: ConnectionHandle) -> None:
-        if not conn.response_complete:
+        if not conn.finished:
             log.warning("request %s: no complete response %g s past --request-timeout (the client does not "
                         "read); its connection is closed", ctx.request_id, RESPONSE_GRACE_S)
             conn.abort()

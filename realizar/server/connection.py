@@ -74,12 +74,14 @@ class ConnectionHandle:
         self.read_timed_out = False  # the body did not arrive in time; the client got a 408
 
     @property
-    def response_complete(self) -> bool:
-        return self._cycle.response_complete
+    def finished(self) -> bool:
+        """The response is complete and its last byte handed to the kernel (uvicorn calls a response
+        complete once it is buffered; a client that does not read keeps it in the buffer)."""
+        return self._cycle.response_complete and not self._protocol.transport.get_write_buffer_size()
 
     def abort(self) -> None:
-        """Drop the connection now, unsent bytes included, unless this request's response is complete."""
-        if not self._cycle.response_complete:
+        """Drop the connection now, unsent bytes included, unless the response is finished."""
+        if not self.finished:
             self._protocol.transport.abort()
 
     def close_after_response(self) -> None:
@@ -261,6 +263,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _idle_expired(self) -> None:
         self._timer = None
+        if self.transport.get_write_buffer_size() and not self.transport.is_closing():
+            # The client is still taking the last response in (its request's deadline bounds that).
+            self._arm(self.config_limits.idle_timeout, self._idle_expired)
+            return
         if self._phase is Phase.IDLE and self._no_response_pending() and not self.transport.is_closing():
             self.on_reject(Rejection.IDLE_TIMEOUT)
             self.transport.close()

@@ -99,7 +99,7 @@ class ServerState:
     def abort_connections(self) -> int:
         """Drop the connection of every request still answering (the shutdown deadline passed:
         their clients do not read); returns how many there were."""
-        stuck = [conn for conn in self.responding if not conn.response_complete]
+        stuck = [conn for conn in self.responding if not conn.finished]
         for conn in stuck:
             conn.abort()
         return len(stuck)
