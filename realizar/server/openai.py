@@ -40,7 +40,7 @@ from realizar.server.generation import (
     fit_params,
     merge,
 )
-from realizar.server.http import context, json_response, read_json
+from realizar.server.http import context, json_response, parse_json, read_body, read_json
 from realizar.server.state import ServerState
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from realizar.tokenizer import Tokenizer
 
 DONE = b"data: [DONE]\n\n"
-RENDER_ON_LOOP_MESSAGES = 16  # longer conversations are rendered in a worker thread
+OFFLOAD_BODY_BYTES = 16_384  # chat bodies past this are parsed, rendered and tokenized in a worker thread
 # What a chat template raises when a message lacks what it reads or holds the wrong type: internals, not news.
 _TEMPLATE_FAILURES = (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError)
 _MISSING_FIELD = re.compile(r"has no attribute '([^']+)'|'([^']+)' is undefined")
@@ -193,18 +193,15 @@ class OpenAIAPI:
 
     async def chat_completions(self, request: Request) -> Response:
         engine = self.state.require_engine()
-        body = await read_json(request, self.config.max_body_bytes)
-        _check_message_count(body, self.config.max_messages)
-        req = protocol.parse_chat(body, self.config)
-        check_model(engine, req.options.model)
         tokenizer = engine.tokenizer
-        messages = list(req.messages)
-        if len(messages) > RENDER_ON_LOOP_MESSAGES or _text_size(messages) > OFFLOAD_CHARS:
-            # Rendering and tokenizing a long conversation takes milliseconds to tens of them: not on the loop.
-            prompt_ids = await asyncio.to_thread(_chat_prompt_ids, tokenizer, messages)
+        data = await read_body(request, self.config.max_body_bytes)
+        if len(data) > OFFLOAD_BODY_BYTES:
+            # Parsing, checking, rendering and tokenizing a long conversation takes milliseconds to tens of
+            # them, all pure Python: on the server's worker thread, not on the event loop.
+            req, prompt_ids = await self.state.offload(self._prepare_chat, tokenizer, data)
         else:
-            prompt_ids = _chat_prompt_ids(tokenizer, messages)
-        check_prompt(prompt_ids, "messages")
+            req, prompt_ids = self._prepare_chat(tokenizer, data)
+        check_model(engine, req.options.model)
         params = fit_params(req.params, engine)
         if req.auto_max_tokens:
             room = engine.max_model_len - len(prompt_ids)
@@ -251,6 +248,14 @@ class OpenAIAPI:
                 yield _sse({**head, "choices": [item], **extra})
         async for chunk in _stream_tail(gen, head, include_usage, usage):
             yield chunk
+
+    def _prepare_chat(self, tokenizer: Tokenizer, data: bytes) -> tuple[protocol.ChatRequest, list[int]]:
+        """The parsed request and its prompt ids (may run in a worker thread: it touches no server state)."""
+        body = parse_json(data)
+        _check_message_count(body, self.config.max_messages)
+        req = protocol.parse_chat(body, self.config)
+        prompt_ids = check_prompt(_chat_prompt_ids(tokenizer, list(req.messages)), "messages")
+        return req, prompt_ids
 
     # -- shared ----------------------------------------------------------------------------------
 
@@ -315,18 +320,6 @@ def _check_message_count(body: Any, limit: int) -> None:
     if isinstance(messages, list) and len(messages) > limit:
         raise APIError(400, f"messages has {len(messages)} entries; the limit is {limit} (--max-messages)",
                        param="messages")
-
-
-def _text_size(messages: Sequence[dict[str, Any]]) -> int:
-    """Characters of text in the messages (string content and text parts)."""
-    size = 0
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            size += len(content)
-        elif isinstance(content, list):
-            size += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return size
 
 
 def _chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> list[int]:

@@ -183,8 +183,11 @@ def test_a_response_nobody_reads_loses_its_connection(limited: ServerProcess) ->
         # Never read: the answer fills the socket buffers and the server's send blocks until the
         # request timeout (3 s) and its grace have passed; then the server drops the connection.
         wait_for_connections(limited, 0)
-        data = read_until_closed(sock)  # returns: the connection is gone (reset: what was unread is lost)
-    assert len(data) < len(BIG_TEXT)
+        data = read_until_closed(sock)  # returns: the connection is gone
+    # Cut short (a reset may also drop what the kernel held): fewer bytes than the answer has.
+    declared = re.search(rb"content-length: (\d+)", data)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert declared is None or len(body) < int(declared.group(1))
     assert "no complete response" in limited.log()
 
 
