@@ -208,10 +208,12 @@ class ServingMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), rid_header]}
+                if conn is not None and (ctx.failed or (status >= 500 and ctx.refused is None)):
+                    conn.close_after_response()  # before the headers, so that they say "connection: close"
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 completed = True
-                if conn is not None and (ctx.failed or status >= 500):
-                    conn.close_after_response()  # a timed-out or failed answer ends its connection
+                if conn is not None and ctx.failed:
+                    conn.close_after_response()  # a stream that timed out or failed ends its connection
             await send(message)
 
         state.inflight += 1
