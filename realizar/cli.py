@@ -74,15 +74,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $REALIZAR_API_KEY)")
     _engine_args(s)
     s.add_argument("--request-timeout", type=float, default=sd.request_timeout,
-                   help="seconds a request may spend queued and generating before 504 (default %(default)s)")
+                   help="seconds a request may spend queued and generating before 504; a response still "
+                        "unfinished 2 s later (its client does not read) loses its connection (default %(default)s)")
     s.add_argument("--shutdown-timeout", type=float, default=sd.shutdown_timeout,
-                   help="seconds SIGTERM waits for in-flight requests (default %(default)s)")
+                   help="seconds SIGTERM waits for in-flight requests, then aborts them and drops "
+                        "connections whose clients do not read (default %(default)s)")
     s.add_argument("--max-body-bytes", type=int, default=sd.max_body_bytes,
                    help="largest request body before 413 (default %(default)s)")
     s.add_argument("--max-batch-size", type=int, default=sd.max_batch_size,
                    help="most prompts or texts in one batch request (default %(default)s)")
     s.add_argument("--max-tokens-limit", type=int, default=sd.max_tokens_limit,
                    help="largest max_tokens a request may ask for (default %(default)s)")
+    s.add_argument("--max-messages", type=int, default=sd.max_messages,
+                   help="most messages in one chat request before 400 (default %(default)s)")
+    c = s.add_argument_group("connection limits", "what a client may hold before its request reaches the app")
+    c.add_argument("--max-connections", type=int, default=sd.max_connections,
+                   help="open HTTP connections; past it new ones get 503 and are closed. Kept below the "
+                        "file descriptor limit, whose soft value is raised to the hard one (default %(default)s)")
+    c.add_argument("--idle-timeout", type=float, default=sd.idle_timeout,
+                   help="seconds a connection may wait for a request's first byte, new or kept alive "
+                        "(default %(default)s)")
+    c.add_argument("--header-timeout", type=float, default=sd.header_timeout,
+                   help="seconds from a request's first byte to the end of its headers, else 408 "
+                        "(default %(default)s)")
+    c.add_argument("--body-timeout", type=float, default=sd.body_timeout,
+                   help="seconds from the end of the headers to the end of the body, else 408 (default %(default)s)")
+    c.add_argument("--max-header-bytes", type=int, default=sd.max_header_bytes,
+                   help="request line and headers together, else 431 (default %(default)s)")
+    c.add_argument("--max-headers", type=int, default=sd.max_headers,
+                   help="headers in one request, else 431 (default %(default)s)")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow cross-origin requests from ORIGIN (repeatable; CORS is off by default)")
     s.add_argument("--allow-special-tokens-in-content", action="store_true",
@@ -161,7 +181,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
             shutdown_timeout=args.shutdown_timeout, cors_origins=tuple(args.cors_origin),
             access_log=not args.no_access_log,
-            allow_special_tokens_in_content=args.allow_special_tokens_in_content)
+            allow_special_tokens_in_content=args.allow_special_tokens_in_content, max_messages=args.max_messages,
+            max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+            header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+            max_header_bytes=args.max_header_bytes, max_headers=args.max_headers)
     except ValueError as exc:
         raise CLIError(f"Invalid server setting: {exc}.") from None
     holder: dict[str, AsyncEngine] = {}

@@ -126,11 +126,22 @@ class ServerConfig:
     # Special tokens typed in prompts and messages are text unless this is set; only a chat template's own
     # markup makes control tokens.
     allow_special_tokens_in_content: bool = False
+    max_messages: int = 1024  # chat messages in one request
+    # Connection limits (realizar.server.connection): what a client may hold before the app sees a request.
+    max_connections: int = 2048  # open HTTP connections; kept below RLIMIT_NOFILE at start
+    idle_timeout: float = 5.0  # a connection with no request begun (new, or kept alive)
+    header_timeout: float = 10.0  # from a request's first byte to the end of its headers
+    body_timeout: float = 30.0  # from the end of the headers to the end of the body
+    max_header_bytes: int = 65536  # request line and headers together
+    max_headers: int = 100
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be in 0..65535")
-        if self.max_tokens_limit <= 0 or self.max_batch_size <= 0 or self.max_body_bytes <= 0:
+        if min(self.max_tokens_limit, self.max_batch_size, self.max_body_bytes, self.max_messages,
+               self.max_connections, self.max_header_bytes, self.max_headers) <= 0:
             raise ValueError("limits must be > 0")
         if self.request_timeout <= 0 or self.shutdown_timeout < 0:
             raise ValueError("timeouts must be positive")
+        if min(self.idle_timeout, self.header_timeout, self.body_timeout) <= 0:
+            raise ValueError("connection timeouts must be > 0")

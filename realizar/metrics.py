@@ -14,8 +14,10 @@ Two groups of series:
 
 from __future__ import annotations
 
+import enum
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -39,6 +41,16 @@ HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
+class Outcome(str, enum.Enum):
+    """How a generation HTTP request ended, from the server's side."""
+
+    SUCCESS = "success"  # 2xx, and a stream that ended normally
+    CLIENT_ERROR = "client_error"  # 4xx: bad input, auth, limits, a body that did not arrive in time
+    REFUSED = "refused"  # 503 before any work: overloaded, loading, shutting down
+    ABORTED = "aborted"  # the client went away (499)
+    FAILED = "failed"  # server-side failure: 5xx, a timeout, a stream that ended in error
+
+
 class StatsSource(Protocol):
     def stats(self) -> EngineStats: ...
 
@@ -58,6 +70,14 @@ class Metrics:
         self.requests_failed = 0
         self.tokens_generated = 0
         self.inference_seconds = 0.0  # summed over successful requests
+        # The other outcomes of generation requests, apart from failures (see Outcome).
+        self.requests_refused: Tally[str] = Tally()  # by reason: overloaded, unavailable
+        self.requests_aborted = 0
+        self.requests_client_errors = 0
+        # Connections: open now (uvicorn's set, attached by the runner), and those closed before a request
+        # reached the app, by reason (realizar.server.connection.Rejection).
+        self.open_connections: Callable[[], int] | None = None
+        self.connections_rejected: Tally[str] = Tally()
         # Unregistered children of our one collector, which drops their *_created samples.
         self.ttft = Histogram("realizar_time_to_first_token_seconds",
                               "Time from arrival to the first generated token", buckets=TTFT_BUCKETS,
@@ -86,15 +106,28 @@ class Metrics:
     def uptime(self) -> float:
         return time.monotonic() - self._started
 
-    def record_request(self, ok: bool, tokens: int, seconds: float) -> None:
-        """One generation HTTP request ended (the original realizar series)."""
+    def record_request(self, outcome: Outcome, tokens: int, seconds: float, reason: str = "") -> None:
+        """One generation HTTP request ended; ``reason`` says why a refused one was refused.
+
+        ``realizar_requests_failed`` counts server-side failures only, as the original server's
+        did; refusals, client aborts and client errors have series of their own.
+        """
         self.requests_total += 1
         self.tokens_generated += tokens
-        if ok:
+        if outcome is Outcome.SUCCESS:
             self.requests_successful += 1
             self.inference_seconds += seconds
-        else:
+        elif outcome is Outcome.FAILED:
             self.requests_failed += 1
+        elif outcome is Outcome.REFUSED:
+            self.requests_refused[reason or "unavailable"] += 1
+        elif outcome is Outcome.ABORTED:
+            self.requests_aborted += 1
+        else:
+            self.requests_client_errors += 1
+
+    def reject_connection(self, reason: str) -> None:
+        self.connections_rejected[reason] += 1
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
@@ -129,6 +162,7 @@ class _Collector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         yield from self._original_series()
+        yield from self._outcome_series()
         yield from self._engine_series()
         for child in (self.m.ttft, self.m.itl, self.m.e2e, self.m.queue, self.m.http, self.m.finished):
             for family in child.collect():
@@ -160,6 +194,30 @@ class _Collector(Collector):
         yield GaugeMetricFamily("realizar_error_rate", "Failed over total generation requests (0.0-1.0)",
                                 value=m.requests_failed / m.requests_total if m.requests_total else 0.0)
         yield GaugeMetricFamily("realizar_uptime_seconds", "Seconds since the server started", value=uptime)
+
+    def _outcome_series(self) -> Iterator[Metric]:
+        m = self.m
+        refused = CounterMetricFamily("realizar_requests_refused",
+                                      "Generation requests refused with 503 before any work, by reason "
+                                      "(overloaded: the queue is full; unavailable: loading or shutting down)",
+                                      labels=["reason"])
+        for reason in ("overloaded", "unavailable", *sorted(set(m.requests_refused) - {"overloaded", "unavailable"})):
+            refused.add_metric([reason], m.requests_refused[reason])
+        yield refused
+        yield CounterMetricFamily("realizar_requests_aborted",
+                                  "Generation requests whose client went away before the answer (499)",
+                                  value=m.requests_aborted)
+        yield CounterMetricFamily("realizar_requests_client_errors",
+                                  "Generation requests answered 4xx (bad input, auth, limits, 408)",
+                                  value=m.requests_client_errors)
+        yield GaugeMetricFamily("realizar_http_connections", "Open HTTP connections",
+                                value=m.open_connections() if m.open_connections is not None else 0)
+        rejected = CounterMetricFamily("realizar_connections_rejected",
+                                       "Connections closed before a request reached the app, by reason",
+                                       labels=["reason"])
+        for reason in sorted(m.connections_rejected):
+            rejected.add_metric([reason], m.connections_rejected[reason])
+        yield rejected
 
     def _engine_series(self) -> Iterator[Metric]:
         s = self.m.engine_stats()

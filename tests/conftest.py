@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,14 +65,18 @@ class ServerProcess:
 
 
 def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None,
-                 wait_ready: bool = True, timeout: float = 180.0) -> ServerProcess:
-    """Start `realizar serve --demo` (plus ``args``) on a free port and wait for /health."""
+                 wait_ready: bool = True, timeout: float = 180.0,
+                 preexec_fn: Callable[[], None] | None = None) -> ServerProcess:
+    """Start `realizar serve --demo` (plus ``args``) on a free port and wait for /health.
+
+    ``preexec_fn`` runs in the child before it starts (e.g. to lower a resource limit)."""
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "realizar", "serve", "--demo", "--port", str(port), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
+                                preexec_fn=preexec_fn)
     server = ServerProcess(proc, port, log_path)
     if wait_ready:
         deadline = time.monotonic() + timeout

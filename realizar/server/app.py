@@ -32,7 +32,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from realizar.config import ServerConfig
-from realizar.metrics import CONTENT_TYPE
+from realizar.metrics import CONTENT_TYPE, Outcome
+from realizar.server.connection import EXTENSION_KEY, ConnectionHandle
 from realizar.server.errors import APIError, error_body, error_response
 from realizar.server.http import SCOPE_KEY, RequestContext
 from realizar.server.native import NativeAPI
@@ -52,6 +53,10 @@ GENERATION_ROUTES = frozenset({"/generate", "/batch/generate", "/stream/generate
                                "/v1/completions", "/v1/chat/completions"})
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "other"
 OBSERVATIONS_PERIOD_S = 1.0  # how often engine timings move into the histograms
+# After --request-timeout the engine work is aborted and the error sent; a response still not
+# finished this much later is stuck on a client that does not read: its connection is dropped.
+RESPONSE_GRACE_S = 2.0
+FLUSH_AT_SHUTDOWN_S = 1.0  # of the shutdown timeout, kept for the last bytes of each response
 
 
 def build_app(engine: AsyncEngine | None, config: ServerConfig) -> Starlette:
@@ -118,21 +123,29 @@ def begin_shutdown(app: Starlette) -> None:
 
 
 async def drain(app: Starlette, timeout: float) -> bool:
-    """Wait up to ``timeout`` s for in-flight requests (engine work, then HTTP responses).
+    """Wait up to ``timeout`` s in all for in-flight requests (engine work, then HTTP responses).
 
-    Returns False when something was still running at the deadline.
+    The engine gets the timeout less a short flush; then what is left of the engine work is
+    aborted, and the last bytes of each response go out. A response still unfinished at the
+    deadline (its client stopped reading) loses its connection. Returns False when something
+    was still running at the deadline.
     """
     state = server_state(app)
+    deadline = time.monotonic() + timeout
     drained = True
     if state.engine is not None:
-        drained = bool(await state.engine.drain(timeout))
+        flush = min(FLUSH_AT_SHUTDOWN_S, timeout / 4)
+        drained = bool(await state.engine.drain(max(0.0, timeout - flush)))
     if not drained:
         state.abort_all(APIError(503, "The server shut down before the request finished", code="unavailable"))
-    # Let the last bytes of each response go out (the aborted ones end within a step).
-    deadline = time.monotonic() + 2.0
     while state.inflight and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-    return drained and not state.inflight
+    if state.inflight:
+        drained = False
+        stuck = state.abort_connections()
+        if stuck:
+            log.warning("closed %d connection(s) whose clients did not read their responses", stuck)
+    return drained
 
 
 async def _absorb_observations(state: ServerState) -> None:
@@ -144,8 +157,11 @@ async def _absorb_observations(state: ServerState) -> None:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    if exc.status >= 500:
-        request.scope[SCOPE_KEY].failed = True
+    ctx: RequestContext = request.scope[SCOPE_KEY]
+    if exc.status == 503 and not ctx.failed:  # refused before any work (a generation that failed is marked)
+        ctx.refused = exc.code or "unavailable"
+    elif exc.status >= 500:
+        ctx.failed = True
     return error_response(request.url.path, exc)
 
 
@@ -181,6 +197,8 @@ class ServingMiddleware:
         route = path if path in self.known_routes else "unmatched"
         ctx = RequestContext(state.next_request_id(), started)
         scope[SCOPE_KEY] = ctx
+        extensions = scope.get("extensions")
+        conn: ConnectionHandle | None = extensions.get(EXTENSION_KEY) if extensions else None
         status = 0
         completed = False
         rid_header = (b"x-request-id", ctx.request_id.encode())
@@ -190,19 +208,39 @@ class ServingMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), rid_header]}
+                if conn is not None and (ctx.failed or (status >= 500 and ctx.refused is None)):
+                    conn.close_after_response()  # before the headers, so that they say "connection: close"
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 completed = True
+                if conn is not None and ctx.failed:
+                    conn.close_after_response()  # a stream that timed out or failed ends its connection
             await send(message)
 
         state.inflight += 1
+        expiry: asyncio.TimerHandle | None = None
+        if conn is not None:
+            state.responding.add(conn)
+            expiry = asyncio.get_running_loop().call_later(
+                state.config.request_timeout + RESPONSE_GRACE_S, self._expired, ctx, conn)
         try:
             refusal = self._refusal(scope, path, ctx)
             if refusal is not None:
                 await refusal(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if state.phase is not Phase.DRAINING:
+                raise
+            # uvicorn cancels what outlives the shutdown drain (work still in a thread); its connection
+            # is dropped already, and a traceback per request would only hide the shutdown's log.
+            status = status or 503
+            ctx.failed = True
         except ClientDisconnect:
-            status = status or 499
+            if conn is not None and conn.read_timed_out:
+                status = 408  # the connection layer answered it
+            else:
+                status = status or 499
+                ctx.client_gone = True
         except Exception:
             log.exception("request %s (%s %s) failed", ctx.request_id, scope["method"], path)
             ctx.failed = True
@@ -214,11 +252,15 @@ class ServingMiddleware:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             state.inflight -= 1
+            if conn is not None:
+                state.responding.discard(conn)
+            if expiry is not None and (conn is None or conn.finished):
+                expiry.cancel()  # else it stays: a complete response can still sit unread in the buffer
             elapsed = time.monotonic() - started
             method: str = scope["method"] if scope["method"] in METHODS else "other"
             state.metrics.observe_http(route, method, status, elapsed)
             if route in GENERATION_ROUTES:
-                state.metrics.record_request(status < 400 and not ctx.failed, ctx.tokens, elapsed)
+                state.metrics.record_request(_outcome(status, ctx), ctx.tokens, elapsed, ctx.refused or "")
             if state.config.access_log:
                 access_log.info(
                     "rid=%s method=%s route=%s status=%d latency_ms=%.2f tokens=%d",
@@ -226,6 +268,12 @@ class ServingMiddleware:
                     extra={"request_id": ctx.request_id, "method": method, "route": route, "status": status,
                            "latency_ms": round(elapsed * 1000.0, 3), "tokens": ctx.tokens},
                 )
+
+    def _expired(self, ctx: RequestContext, conn: ConnectionHandle) -> None:
+        if not conn.finished:
+            log.warning("request %s: no complete response %g s past --request-timeout (the client does not "
+                        "read); its connection is closed", ctx.request_id, RESPONSE_GRACE_S)
+            conn.abort()
 
     def _refusal(self, scope: Scope, path: str, ctx: RequestContext) -> ASGIApp | None:
         """A response that refuses the request before routing, or None to route it."""
@@ -236,6 +284,7 @@ class ServingMiddleware:
                 return error_response(path, APIError(401, "Missing or invalid API key", code="invalid_api_key",
                                                      headers={"WWW-Authenticate": "Bearer"}))
         if state.phase is not Phase.READY and path not in ALWAYS_SERVED:
+            ctx.refused = "unavailable"
             headers = {"Retry-After": "1"}
             if state.phase is Phase.DRAINING:
                 headers["Connection"] = "close"
@@ -244,3 +293,16 @@ class ServingMiddleware:
         if state.test_hooks:
             ctx.fail_for_test = any(k == b"x-realizar-fail" and v == b"1" for k, v in scope["headers"])
         return None
+
+
+def _outcome(status: int, ctx: RequestContext) -> Outcome:
+    """How a generation request ended, for the metrics (a client that left is no server failure)."""
+    if ctx.client_gone or status == 499:
+        return Outcome.ABORTED
+    if ctx.failed or (status >= 500 and ctx.refused is None):
+        return Outcome.FAILED
+    if ctx.refused is not None:
+        return Outcome.REFUSED
+    if status >= 400 or status == 0:
+        return Outcome.CLIENT_ERROR
+    return Outcome.SUCCESS

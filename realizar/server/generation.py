@@ -61,18 +61,6 @@ async def encode_many(tokenizer: Tokenizer, texts: Sequence[str], add_special_to
         raise APIError(400, f"Cannot tokenize '{param}': {exc}", param=param) from None
 
 
-async def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], *,
-                      parse_special_in_content: bool = False) -> list[int]:
-    """Prompt ids of a conversation; a bad conversation, or one the template rejects, is a 400."""
-    try:
-        if sum(len(str(m.get("content") or "")) for m in messages) > OFFLOAD_CHARS:
-            return await asyncio.to_thread(functools.partial(
-                tokenizer.encode_chat, messages, parse_special_in_content=parse_special_in_content))
-        return tokenizer.encode_chat(messages, parse_special_in_content=parse_special_in_content)
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="messages") from None
-
-
 def check_prompt(ids: list[int], param: str = "prompt") -> list[int]:
     if not ids:
         raise APIError(400, "Prompt cannot be empty", param=param)
@@ -207,6 +195,8 @@ class Generation:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                if self.cancelled is None and self.live:  # the first reason wins: it is a client abort
+                    self.ctx.client_gone = True
                 self.cancel(APIError(499, "Client closed the request"))
                 return
 

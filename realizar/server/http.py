@@ -22,7 +22,9 @@ class RequestContext:
     started: float  # time.monotonic() at arrival
     fail_for_test: bool = False  # X-Realizar-Fail: 1, honoured only with REALIZAR_TEST_HOOKS=1
     tokens: int = 0  # generated tokens, for the access log and the original metrics
-    failed: bool = False  # a generation failed after its response had started (a stream)
+    failed: bool = False  # a server-side failure (a 5xx, or a stream that ended in error)
+    refused: str | None = None  # a 503 refusal before any work: "overloaded" or "unavailable"
+    client_gone: bool = False  # the client disconnected before the answer was complete
 
 
 def context(request: Request) -> RequestContext:
@@ -37,6 +39,11 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 async def read_json(request: Request, limit: int) -> Any:
     """The parsed JSON body; 413 past ``limit`` bytes (declared or streamed), 400 if not JSON."""
+    return parse_json(await read_body(request, limit))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body; 413 past ``limit`` bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -47,7 +54,11 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    data = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def parse_json(data: bytes) -> Any:
+    """``data`` parsed as JSON; 400 if empty or not JSON."""
     if not data.strip():
         raise APIError(400, "Request body is empty; expected a JSON object")
     try:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
+import jinja2
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -33,17 +35,21 @@ from realizar.server.generation import (
     check_model,
     check_prompt,
     encode,
-    encode_chat,
     fit_params,
     merge,
 )
-from realizar.server.http import context, json_response, read_json
+from realizar.server.http import context, json_response, parse_json, read_body, read_json
 from realizar.server.state import ServerState
 
 if TYPE_CHECKING:
     from realizar.engine.engine import AsyncEngine
+    from realizar.tokenizer import Tokenizer
 
 DONE = b"data: [DONE]\n\n"
+OFFLOAD_BODY_BYTES = 16_384  # chat bodies past this are parsed, rendered and tokenized in a worker thread
+# What a chat template raises when a message lacks what it reads or holds the wrong type: internals, not news.
+_TEMPLATE_FAILURES = (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError)
+_MISSING_FIELD = re.compile(r"has no attribute '([^']+)'|'([^']+)' is undefined")
 
 
 class Choice:
@@ -185,12 +191,15 @@ class OpenAIAPI:
 
     async def chat_completions(self, request: Request) -> Response:
         engine = self.state.require_engine()
-        req = protocol.parse_chat(await read_json(request, self.config.max_body_bytes), self.config)
-        check_model(engine, req.options.model)
         tokenizer = engine.tokenizer
-        prompt_ids = check_prompt(await encode_chat(tokenizer, list(req.messages),
-                                                    parse_special_in_content=self.config.allow_special_tokens_in_content),
-                                  "messages")
+        data = await read_body(request, self.config.max_body_bytes)
+        if len(data) > OFFLOAD_BODY_BYTES:
+            # Parsing, checking, rendering and tokenizing a long conversation takes milliseconds to tens of
+            # them, all pure Python: on the server's worker thread, not on the event loop.
+            req, prompt_ids = await self.state.offload(self._prepare_chat, tokenizer, data)
+        else:
+            req, prompt_ids = self._prepare_chat(tokenizer, data)
+        check_model(engine, req.options.model)
         params = fit_params(req.params, engine)
         if req.auto_max_tokens:
             room = engine.max_model_len - len(prompt_ids)
@@ -237,6 +246,15 @@ class OpenAIAPI:
                 yield _sse({**head, "choices": [item], **extra})
         async for chunk in _stream_tail(gen, head, include_usage, usage):
             yield chunk
+
+    def _prepare_chat(self, tokenizer: Tokenizer, data: bytes) -> tuple[protocol.ChatRequest, list[int]]:
+        """The parsed request and its prompt ids (may run in a worker thread: it touches no server state)."""
+        body = parse_json(data)
+        _check_message_count(body, self.config.max_messages)
+        req = protocol.parse_chat(body, self.config)
+        prompt_ids = check_prompt(_chat_prompt_ids(tokenizer, list(req.messages),
+                                                    self.config.allow_special_tokens_in_content), "messages")
+        return req, prompt_ids
 
     # -- shared ----------------------------------------------------------------------------------
 
@@ -294,6 +312,64 @@ async def _choice_updates(choices: list[Choice], logprobs_key: str
             logprobs = choice.new_logprobs()
             if text or choice.done or (logprobs and logprobs[logprobs_key]):
                 yield index, choice, text, logprobs
+
+
+def _check_message_count(body: Any, limit: int) -> None:
+    """400 before any parsing when a conversation has more than ``limit`` messages."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if isinstance(messages, list) and len(messages) > limit:
+        raise APIError(400, f"messages has {len(messages)} entries; the limit is {limit} (--max-messages)",
+                       param="messages")
+
+
+def _chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], special_in_content: bool) -> list[int]:
+    """The conversation rendered with the model's chat template and tokenized (the template writes its BOS);
+    special tokens in the messages are text unless ``special_in_content``."""
+    try:
+        return tokenizer.encode_chat(messages, parse_special_in_content=special_in_content)
+    except ValueError as exc:
+        raise _template_error(tokenizer, messages, exc) from None
+
+
+def _template_error(tokenizer: Tokenizer, messages: list[dict[str, Any]], exc: ValueError) -> APIError:
+    """A 400 for a conversation the chat template cannot render, naming the message and field at fault.
+
+    The tokenizer's own checks and a template's ``raise_exception`` give clean messages, passed on
+    as they are; a template that fails inside Jinja (a field it reads is missing, or of a type it
+    cannot use) is explained in the request's terms instead of Jinja's.
+    """
+    failure = exc.__context__
+    if not isinstance(failure, _TEMPLATE_FAILURES):
+        return APIError(400, str(exc), param="messages")
+    where = f"messages[{_first_failing_message(tokenizer, messages)}]"
+    missing = _MISSING_FIELD.search(str(failure)) if isinstance(failure, jinja2.UndefinedError) else None
+    if missing is not None:
+        field = missing.group(1) or missing.group(2)
+        return APIError(400, f"{where} has no '{field}', which this model's chat template needs",
+                        param=f"{where}.{field}")
+    return APIError(400, f"{where} has a field this model's chat template cannot use; check its role, "
+                         "content and any tool_calls", param=where)
+
+
+def _first_failing_message(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> int:
+    """The index of the message at fault: the last of the shortest conversation prefix that fails to
+    render, found by bisection (templates read messages in order; the whole conversation fails)."""
+
+    def fails(count: int) -> bool:
+        try:
+            tokenizer.apply_chat_template(messages[:count])
+        except ValueError as exc:
+            return isinstance(exc.__context__, _TEMPLATE_FAILURES)
+        return False
+
+    lo, hi = 1, len(messages)  # the whole conversation fails; find the shortest failing prefix
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fails(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo - 1
 
 
 def _sse(body: dict[str, Any]) -> bytes:

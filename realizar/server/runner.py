@@ -12,6 +12,11 @@ exit status:
 The socket is bound first, so a busy port is reported before minutes of model loading;
 then the model loads in a background thread while ``/health`` answers 503
 ``{"status": "loading"}``.
+
+Connections run under :class:`realizar.server.connection.GuardedProtocol` (timeouts and
+size limits before a request reaches the app, and a connection cap). The soft
+``RLIMIT_NOFILE`` is raised to the hard limit at start, and the cap kept below it, so that
+shedding starts before ``accept()`` runs out of file descriptors.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import asyncio
 import errno
 import importlib.util
 import logging
+import math
 import os
+import resource
 import signal
 import socket
 import sys
@@ -32,7 +39,8 @@ from typing import TYPE_CHECKING, TypeVar
 import uvicorn
 
 from realizar.config import ServerConfig
-from realizar.server.app import attach_engine, begin_shutdown, build_app, drain, fail_loading
+from realizar.server.app import attach_engine, begin_shutdown, build_app, drain, fail_loading, server_state
+from realizar.server.connection import Rejection, guarded_protocol
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -42,7 +50,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("realizar.server")
 T = TypeVar("T")
 
-GRACE_AFTER_DRAIN_S = 5.0  # uvicorn's own wait for connections once our drain is over
+# uvicorn's own wait for connections once our drain is over; the drain has dropped every
+# connection still answering by then, so this only covers the last few bytes.
+GRACE_AFTER_DRAIN_S = 1.0
+NOFILE_RESERVE = 128  # descriptors kept back from the connection cap: model files, logs, pipes, threads
+NOFILE_TARGET = 1 << 20  # what "unlimited" hard limits are raised to (the kernel's usual nr_open)
 
 
 def serve(engine_factory: Callable[[], AsyncEngine], config: ServerConfig, *, log_level: str = "info",
@@ -58,19 +70,28 @@ def serve(engine_factory: Callable[[], AsyncEngine], config: ServerConfig, *, lo
     except OSError as exc:
         print(f"realizar: cannot listen on {config.host}:{config.port}: {_why(exc)}", file=sys.stderr)
         return 1
+    max_connections = connection_cap(config.max_connections, raise_nofile_limit())
+    if max_connections < config.max_connections:
+        log.warning("--max-connections %d is over what the file descriptor limit allows; using %d",
+                    config.max_connections, max_connections)
     app = build_app(None, config)
+    metrics = server_state(app).metrics
+    for reason in Rejection:
+        metrics.connections_rejected[reason.value] += 0  # every reason is a series from the start
     uv_config = uvicorn.Config(
         app,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=guarded_protocol(config, max_connections, lambda why: metrics.reject_connection(why.value)),
         lifespan="on",
         access_log=False,  # realizar.access logs each request with its id
         log_config=None,
         log_level=log_level,
-        timeout_keep_alive=5,
+        timeout_keep_alive=max(1, math.ceil(config.idle_timeout)),  # ours closes at idle_timeout exactly
         timeout_graceful_shutdown=int(GRACE_AFTER_DRAIN_S),
     )
     server = _Server(uv_config, app, engine_factory, config.shutdown_timeout, on_ready, sock)
+    connections = server.server_state.connections
+    metrics.open_connections = lambda: len(connections)
     try:
         server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits this way when the app's startup fails
@@ -90,6 +111,25 @@ def _exit_past_loader(code: int) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit in force after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NOFILE_TARGET if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return NOFILE_TARGET if soft == resource.RLIM_INFINITY else soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:  # e.g. a hard limit above the kernel's nr_open
+        log.debug("cannot raise RLIMIT_NOFILE to %d: %s", target, exc)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_cap(requested: int, nofile: int) -> int:
+    """``requested``, lowered so that the connections leave ``NOFILE_RESERVE`` descriptors of ``nofile``."""
+    room = nofile - NOFILE_RESERVE if nofile > 2 * NOFILE_RESERVE else nofile // 2
+    return max(1, min(requested, room))
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -204,7 +244,10 @@ class _Server(uvicorn.Server):
 
     async def _drain(self) -> None:
         begin_shutdown(self.app)
-        if not await drain(self.app, self.shutdown_timeout):
+        # uvicorn's own wait and the engine's stop come after the drain: keep room for them.
+        budget = self.shutdown_timeout
+        budget = budget - GRACE_AFTER_DRAIN_S if budget >= 2 * GRACE_AFTER_DRAIN_S else budget / 2
+        if not await drain(self.app, budget):
             log.warning("the shutdown timeout passed with requests in flight; they were aborted")
         self.should_exit = True
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
 
 import orjson
 from starlette.responses import Response
@@ -19,7 +22,11 @@ from realizar.server.http import json_response
 
 if TYPE_CHECKING:  # the engine module imports torch; the server needs only its interface
     from realizar.engine.engine import AsyncEngine
+    from realizar.server.connection import ConnectionHandle
     from realizar.server.generation import Generation
+
+
+T = TypeVar("T")
 
 
 class Phase(str, enum.Enum):
@@ -42,14 +49,24 @@ class ServerState:
         self.phase = Phase.LOADING
         self.inflight = 0  # HTTP requests being handled, for the shutdown drain
         self.generations: set[Generation] = set()  # those with engine requests, to abort at shutdown
+        self.responding: set[ConnectionHandle] = set()  # connections of in-flight requests, to drop at shutdown
         self._rid_prefix = os.urandom(3).hex()
         self._rid_counter = itertools.count(1)
         self._healthy_body = b""
+        # Long chat templates render here, one at a time: rendering is pure Python and holds the GIL, so
+        # each thread doing it is one more contender the event loop waits behind (see offload()).
+        self._render_pool: ThreadPoolExecutor | None = None
         if engine is not None:
             self.attach(engine)
 
     def next_request_id(self) -> str:
         return f"{self._rid_prefix}-{next(self._rid_counter)}"
+
+    async def offload(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the server's one worker thread for GIL-bound request work."""
+        if self._render_pool is None:
+            self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="realizar-render")
+        return await asyncio.get_running_loop().run_in_executor(self._render_pool, fn, *args)
 
     def attach(self, engine: AsyncEngine) -> None:
         """The model is loaded and the engine started: begin serving."""
@@ -93,6 +110,14 @@ class ServerState:
         """End every generation in flight with ``error`` (the shutdown deadline passed)."""
         for generation in list(self.generations):
             generation.cancel(error)
+
+    def abort_connections(self) -> int:
+        """Drop the connection of every request still answering (the shutdown deadline passed:
+        their clients do not read); returns how many there were."""
+        stuck = [conn for conn in self.responding if not conn.finished]
+        for conn in stuck:
+            conn.abort()
+        return len(stuck)
 
     def begin_shutdown(self) -> None:
         """Stop admitting: new requests get 503, in-flight ones carry on."""

@@ -77,6 +77,10 @@ def test_overload_is_refused_at_once_and_the_server_recovers(tmp_path: Path) -> 
     server = start_server(tmp_path, "--max-num-seqs", "4", "--max-queued-requests", "4")
     try:
         results = asyncio.run(_flood(server.url, 200))
+        # Refusals are counted as refusals, not as server failures.
+        assert metric(server.url, 'realizar_requests_refused_total{reason="overloaded"}') == \
+            sum(status == 503 for status, _, _ in results)
+        assert metric(server.url, "realizar_requests_failed") == 0
         statuses = [status for status, _, _ in results]
         assert set(statuses) <= {200, 503}, sorted(set(statuses))
         ok = [elapsed for status, elapsed, _ in results if status == 200]
@@ -250,11 +254,16 @@ def test_fault_hook_is_off_without_the_env(server_url: str) -> None:
 
 def test_client_disconnects_abort_and_free_everything(server_url: str) -> None:
     tokens_before = metric(server_url, "realizar_generation_tokens_total")
+    aborted_before = metric(server_url, "realizar_requests_aborted_total")
+    failed_before = metric(server_url, "realizar_requests_failed")
     long = 150
     asyncio.run(_disconnect_midway(server_url, long))
     wait_idle(server_url)
     # 16 requests of `long` tokens each were cut short, so far fewer tokens were generated.
     assert metric(server_url, "realizar_generation_tokens_total") - tokens_before < 16 * long / 2
+    # A client that leaves is counted as an abort (499), not as a server failure.
+    assert metric(server_url, "realizar_requests_aborted_total") - aborted_before == 16
+    assert metric(server_url, "realizar_requests_failed") == failed_before
 
 
 async def _disconnect_midway(url: str, max_tokens: int) -> None:
@@ -291,6 +300,45 @@ async def _disconnect_midway(url: str, max_tokens: int) -> None:
             task.cancel()  # closes each connection mid-request
         results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+
+
+# -- long conversations and chat templates ------------------------------------------------------------
+
+
+def test_more_messages_than_the_limit_is_a_400(server_url: str) -> None:
+    messages = [{"role": "user", "content": ""}] * 1025  # the default --max-messages is 1024
+    r = httpx.post(server_url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "messages" and "1024" in error["message"]
+
+
+def test_health_answers_while_long_conversations_render(server_url: str) -> None:
+    async def run() -> tuple[list[int], list[int]]:
+        async with httpx.AsyncClient(base_url=server_url, timeout=120) as c:
+            # ~15k tokens once rendered: past the context, so each ends in a 400 once rendered and tokenized
+            body = {"messages": [{"role": "user", "content": "one two three four five six seven"}] * 1024,
+                    "max_tokens": 1}
+            chats = [asyncio.create_task(c.post("/v1/chat/completions", json=body)) for _ in range(8)]
+            health: list[int] = []
+            while not all(t.done() for t in chats):
+                health.append((await c.get("/health")).status_code)
+            return [(await t).status_code for t in chats], health
+
+    chats, health = asyncio.run(run())
+    assert set(chats) == {400}, chats
+    assert health and set(health) == {200}
+
+
+def test_a_message_the_template_cannot_render_is_named(server_url: str) -> None:
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1"}]}]
+    r = httpx.post(server_url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert "messages[2]" in error["message"] and "content" in error["message"]
+    assert error["param"] == "messages[2].content"
+    assert "Undefined" not in error["message"] and "dict object" not in error["message"]
 
 
 # -- start-up ---------------------------------------------------------------------------------------
