@@ -11,7 +11,8 @@ integers, bounded strings), and then drives ``B`` matchers of that grammar for `
 step every row fills its bitmask row (one int32 bitmask tensor ``[B, ceil(V/32)]``), the masks are applied to
 random logits, each row takes its argmax and its matcher accepts that token. The table gives, per step for the
 whole batch: ``fill`` (filling every row's mask, one row after another), ``accept`` (advancing every matcher),
-``apply`` (the library's CPU apply-bitmask on ``[B, V]`` float32 logits), and where the library has a parallel
+``apply`` (the library's CPU apply-bitmask on ``[B, V]`` float32 logits), ``ours`` (realizar's
+``structured.apply_bitmask`` on the same mask and logits, checked equal), and where the library has a parallel
 batch fill, the same fill through it. Compile is the time to turn the schema into a matcher-ready grammar, with
 the library's cache off (mean of ``--compiles`` runs). Times are medians over the steps, in ms.
 
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 from realizar.loading import default_model_path
+from realizar.structured import apply_bitmask
 from realizar.tokenizer import Tokenizer
 
 SCHEMA: dict[str, Any] = {
@@ -261,7 +263,7 @@ def measure(row: Row, vocab_size: int, batch: int, steps: int, compiles: int) ->
     matchers = [row.matcher(grammar) for _ in range(batch)]
     mask = torch.full((batch, (vocab_size + 31) // 32), -1, dtype=torch.int32)
     generator = torch.Generator().manual_seed(0)
-    fill, accept, apply, fill_batch = [], [], [], []
+    fill, accept, apply, ours, fill_batch = [], [], [], [], []
     for _ in range(steps):
         if any(row.done(m) for m in matchers):
             matchers = [row.matcher(grammar) if row.done(m) else m for m in matchers]
@@ -274,9 +276,15 @@ def measure(row: Row, vocab_size: int, batch: int, steps: int, compiles: int) ->
             row.fill(m, mask, i)
         fill.append(time.perf_counter() - start)
         logits = torch.randn(batch, vocab_size, generator=generator)
+        mine = logits.clone()
         start = time.perf_counter()
         row.apply(logits, mask)
         apply.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        apply_bitmask(mine, mask, range(batch), vocab_size)
+        ours.append(time.perf_counter() - start)
+        if not torch.equal(mine, logits):
+            raise RuntimeError("realizar's apply_bitmask disagrees with the library's")
         chosen = logits.argmax(dim=-1).tolist()
         start = time.perf_counter()
         for m, t in zip(matchers, chosen, strict=True):
@@ -289,6 +297,7 @@ def measure(row: Row, vocab_size: int, batch: int, steps: int, compiles: int) ->
         "fill": statistics.median(fill) * ms,
         "accept": statistics.median(accept) * ms,
         "apply": statistics.median(apply) * ms,
+        "ours": statistics.median(ours) * ms,
         "fill_batch": statistics.median(fill_batch) * ms if fill_batch else float("nan"),
     }
 
@@ -307,7 +316,7 @@ def main() -> None:
     builders = {"xgrammar": xgrammar_row, "llguidance": llguidance_row, "outlines-core": outlines_row}
     print(f"vocabulary {vocab_size}; schema {len(json.dumps(SCHEMA))} chars; {args.steps} steps; "
           f"{torch.get_num_threads()} torch thread(s); ms")
-    print(f"{'library':<14}{'setup':>8}{'compile':>9}{'B':>4}{'fill':>9}{'accept':>9}{'apply':>8}"
+    print(f"{'library':<14}{'setup':>8}{'compile':>9}{'B':>4}{'fill':>9}{'accept':>9}{'apply':>8}{'ours':>7}"
           f"{'fill+acc':>10}{'par fill':>10}  features")
     for name in args.libraries.split(","):
         start = time.perf_counter()
@@ -317,7 +326,7 @@ def main() -> None:
         for batch in (int(b) for b in args.batch.split(",")):
             r = measure(row, vocab_size, batch, args.steps, args.compiles)
             print(f"{name:<14}{setup:8.0f}{r['compile']:9.1f}{batch:4d}{r['fill']:9.3f}{r['accept']:9.3f}"
-                  f"{r['apply']:8.3f}{r['fill'] + r['accept']:10.3f}{r['fill_batch']:10.3f}  "
+                  f"{r['apply']:8.3f}{r['ours']:7.3f}{r['fill'] + r['accept']:10.3f}{r['fill_batch']:10.3f}  "
                   + ", ".join(f"{k}: {v}" for k, v in features.items()))
 
 

@@ -63,15 +63,17 @@ __all__ = [
     "StructuredCompiler",
     "StructuredKind",
     "StructuredSpec",
+    "apply_bitmask",
     "apply_masks",
 ]
 
 StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
 _KINDS: tuple[str, ...] = ("json_object", "json_schema", "regex", "choice", "grammar")
 
-# JSON is written compactly but readably (", " and ": " like Python's json.dumps) and with no free whitespace:
-# with flexible whitespace a small model can emit newlines forever inside an object.
-_JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# JSON may be laid out as the model likes (compact, or pretty-printed), but each gap holds at most 40 whitespace
+# characters (room for 4-space indents ten levels deep): with unbounded whitespace, a small model can emit
+# newlines forever inside an object and never close it.
+_JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,40}"}
 
 
 class GrammarError(ValueError):
@@ -299,6 +301,7 @@ def _words(vocab_size: int) -> int:
 _BYTE_TABLE = torch.tensor([[0.0 if (b >> k) & 1 else float("-inf") for k in range(8)] for b in range(256)])
 _tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _tables_lock = threading.Lock()
+_CHUNK = 8  # rows masked per table lookup
 
 
 def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -333,12 +336,29 @@ def apply_masks(logits: torch.Tensor, matchers: Sequence[Matcher | None]) -> Non
         matcher = matchers[i]
         assert matcher is not None
         matcher.fill_mask(bitmask[slot])
+    apply_bitmask(logits, bitmask, rows, vocab)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int], vocab_size: int) -> None:
+    """Add -inf to ``logits[rows[j], t]`` wherever bit t of ``bitmask[j]`` is clear, and for every id t at or
+    past ``vocab_size``; other rows are untouched. ``bitmask`` is int32 [len(rows), ceil(vocab_size / 32)] on
+    the CPU (it is copied to the logits' device).
+
+    Each mask byte indexes a [256, 8] table of 0 / -inf, and the looked-up rows are added in place with
+    ``index_add_``, ``_CHUNK`` rows at a time so that the additive rows stay small (a 64-row batch at once
+    would be a 12.5 MB temporary). Measured 0.03 ms for 1 row and 2.5 ms for 64 rows of 49,152 (one thread;
+    ``benchmarks/structured_masks.py``).
+    """
+    width = logits.shape[1]
     table = _byte_table(logits.device, logits.dtype)
-    byte_index = bitmask.view(torch.uint8).view(-1).to(device=logits.device, dtype=torch.int32)
-    # [R * 4W] bytes -> [R * 4W, 8] additive values -> [R, 32W]; little-endian words, so byte j holds ids 8j..8j+7
-    bias = table.index_select(0, byte_index).view(len(rows), -1)[:, :width]
-    bias[:, vocab:] = float("-inf")  # ids past the vocabulary, whatever the last word's spare bits say
-    if bias.shape[1] < width:  # the model's logits are wider than the words cover: those ids are never allowed
-        pad = torch.full((len(rows), width - bias.shape[1]), float("-inf"), dtype=logits.dtype, device=logits.device)
-        bias = torch.cat([bias, pad], dim=1)
-    logits.index_add_(0, torch.tensor(rows, device=logits.device), bias)
+    byte_index = bitmask.view(torch.uint8).to(device=logits.device, dtype=torch.int32)  # [R, 4W]
+    row_ids = torch.tensor(list(rows), device=logits.device)
+    covered = min(width, byte_index.shape[1] * 8)
+    for start in range(0, len(row_ids), _CHUNK):
+        part = byte_index[start:start + _CHUNK]
+        # [r, 4W] bytes -> [r * 4W, 8] additive values -> [r, 32W]; little-endian words: byte j holds ids 8j..8j+7
+        bias = table.index_select(0, part.reshape(-1)).view(part.shape[0], -1)[:, :covered]
+        bias[:, vocab_size:] = float("-inf")  # ids past the vocabulary, whatever the last word's spare bits say
+        logits[:, :covered].index_add_(0, row_ids[start:start + _CHUNK], bias)
+    if covered < width:  # the model's logits are wider than the words cover: those ids are never allowed
+        logits[row_ids, covered:] = float("-inf")
