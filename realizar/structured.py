@@ -1,32 +1,36 @@
 """Grammar-constrained decoding: JSON (any object, or a schema), regex, a choice of strings, a Lark/GBNF grammar.
 
-Which library, and why (``benchmarks/structured_masks.py``, demo model's vocabulary of 49,152 tokens, a 1.1 kB
-JSON schema with nested objects, arrays of objects, enums and bounds; 40 steps of random-logit argmax decoding;
-CPU, 1 torch thread, on the shared 2-core dev machine under load, so indicative only, 1.5x run to run). Per step
-for the whole batch, in ms: ``fill`` = every row fills its bitmask row, ``accept`` = every matcher takes its token,
-``apply`` = the library's own CPU apply-bitmask on [B, V] float32 logits. Compile = schema to matcher-ready
-grammar, library cache off::
+Which library, and why. Measured with ``benchmarks/structured_masks.py`` (``--batch 1,64 --steps 40``) on
+the demo model's vocabulary (SmolLM2-135M, 49,152 tokens, loaded through realizar's Tokenizer), with a 1.1 kB
+JSON schema (nested object, array of objects, enums, bounded integers and strings, a pattern): each step every
+row fills its bitmask row, the masks are applied to random [B, V] float32 logits, each row takes its argmax and
+its matcher accepts it. CPU, one torch thread, on the shared 2-core dev machine at a load average of ~8, so
+indicative only: the ranges span four runs (30 to 60 steps). Setup = building the library's view of the
+vocabulary (modules already imported); compile = schema to a matcher-ready grammar with the library's cache
+off; the rest in ms per step for the whole batch::
 
-    library        tokenizer setup  compile   B   fill    accept  fill+accept  apply   kinds
-    xgrammar 0.2.8       1,828 ms   1,873 ms   1  0.002   0.005   0.007        0.21    json, regex, choice, EBNF
-                                    1,902 ms  64  4.13    0.32    4.45        20.7
-    llguidance 1.9.1       250 ms       2.5 ms 1  0.018   0.005   0.023        0.08    json, regex, choice, Lark
-                                        3.2 ms 64  1.06    0.35    1.41        19.1    (+ GBNF via its converter)
-    outlines-core 0.2.14   829 ms   7,618 ms   1  0.007   0.002   0.009        0.07    json, regex, choice; no CFG
-                                    9,333 ms  64  0.79    0.08    0.87         1.6     (apply via torch.compile)
+    library               setup   compile    B  fill        accept      fill+accept  lib apply   CFG
+    xgrammar 0.2.8        0.12 s  1.9-2.6 s  1  0.002       0.005-0.008 0.007-0.010  0.21        EBNF
+                                            64  4.1-13.4    0.32-0.35   4.5-13.7     20-32
+    llguidance 1.9.1      0.28 s  1-4 ms     1  0.018-0.028 0.005-0.014 0.023-0.042  0.08-0.16   Lark (+GBNF)
+                                            64  1.06-1.25   0.33-0.40   1.41-1.64    16-28 (numpy)
+    outlines-core 0.2.14  0.65 s  2.4-9.3 s  1  0.006-0.007 0.002-0.004 0.009-0.010  0.07-0.09   none
+                                            64  0.60-0.79   0.08-0.10   0.69-0.87    1.6-2.8 (torch.compile)
 
-We use llguidance: per-step cost is within 1.6x of the fastest at batch 64 while its compile is about three
-orders of magnitude cheaper than the others' (a new schema costs milliseconds, not seconds, on the request
-path, which also makes compile-to-validate cheap enough to answer a bad schema with a 400 at the edge), it
-handles all four request kinds (and llama.cpp's GBNF through its own converter), it is maintained by the guidance
-project and used by vLLM and llama.cpp, and its wheel depends on nothing (xgrammar pulls torch, transformers,
-triton and tvm-ffi). Its parallel batch fill (``LLExecutor``) measured 20 ms at batch 64 here against 1.1 ms
-for the plain loop (threads fighting over two busy cores), so rows are filled one after another.
+All three compile JSON schema, regex and choice (as an alternation); only outlines-core lacks context-free
+grammars. We use llguidance: its per-step cost is about 2x the fastest's at batch 64 (and 3-8x below
+xgrammar's), while its compile is three orders of magnitude cheaper than either other's (a new schema costs
+milliseconds, not seconds, on the request path, which also makes compile-to-validate cheap enough to answer a
+bad schema with a 400 at the edge); it handles all four request kinds, llama.cpp's GBNF through its own
+converter; it is maintained by the guidance project and used by vLLM and llama.cpp; and its wheel depends on
+nothing (xgrammar's pulls torch, transformers, triton and tvm-ffi). Its parallel batch fill (``LLExecutor``)
+measured 15-34 ms at batch 64 here against 1.1 ms for the plain loop (threads fighting over two busy cores), so
+rows are filled one after another.
 
-The masks are applied with our own vectorised lookup (each mask byte indexes a [256, 8] table of 0 / -inf, and
-the constrained rows get that added in place): measured 0.03 ms at batch 1 and 2.7 ms at batch 64, against
-14.7 ms for xgrammar's CPU kernel and ~25-50 ms for numpy/torch bit unpacking (llguidance's CPU apply is numpy;
-its fast one is a ``torch.compile`` kernel that needs a C toolchain and seconds of warm-up).
+The masks are applied by :func:`apply_bitmask` (a byte-table lookup added in place), not by the library:
+llguidance's CPU apply is numpy bit unpacking (16-28 ms at batch 64) and its fast one a ``torch.compile``
+kernel that needs a C toolchain and seconds of warm-up. Ours measured 0.03-0.09 ms at batch 1 and 2.3 ms (best)
+to 7 ms (median under load) at batch 64, equal bit for bit to each library's own apply.
 
 Nothing outside this module imports the library: the rest of realizar sees :class:`StructuredSpec`,
 :class:`StructuredCompiler`, :class:`CompiledGrammar`, :class:`Matcher` and :func:`apply_masks`.
