@@ -90,11 +90,14 @@ class StructuredSpec:
 
     ``value`` is the spec text: a JSON schema as canonical JSON text (sorted keys), a regex, a grammar (Lark, or
     GBNF as llama.cpp writes it), or for ``choice`` a tuple of the allowed strings; ``json_object`` has none.
+    ``strict`` (JSON schema only): False ignores schema keywords the library does not implement (such as
+    ``uniqueItems``) instead of refusing the schema; the output still follows every keyword it implements.
     Build one with the class methods, which accept the shapes the HTTP APIs carry.
     """
 
     kind: StructuredKind
     value: str | tuple[str, ...] = ""
+    strict: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -115,8 +118,9 @@ class StructuredSpec:
         return cls("json_object")
 
     @classmethod
-    def json_schema(cls, schema: Mapping[str, Any] | str | bool) -> StructuredSpec:
-        """A JSON value valid under ``schema`` (a dict, a boolean schema, or its JSON text)."""
+    def json_schema(cls, schema: Mapping[str, Any] | str | bool, strict: bool = True) -> StructuredSpec:
+        """A JSON value valid under ``schema`` (a dict, a boolean schema, or its JSON text). ``strict`` as
+        OpenAI's ``json_schema.strict``: see the class docstring."""
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -128,7 +132,7 @@ class StructuredSpec:
             text = json.dumps(schema, sort_keys=True, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise GrammarError(f"json schema is not serialisable as JSON: {exc}") from None
-        return cls("json_schema", text)
+        return cls("json_schema", text, strict)
 
     @classmethod
     def regex(cls, pattern: str) -> StructuredSpec:
@@ -157,7 +161,8 @@ def _grammar_text(spec: StructuredSpec) -> str:
             return make.grammar_from_json_schema({"type": "object"}, defaults=_JSON_OPTIONS)
         if spec.kind == "json_schema":
             assert isinstance(value, str)
-            return make.grammar_from_json_schema(value, defaults=_JSON_OPTIONS)
+            return make.grammar_from_json_schema(value, defaults=_JSON_OPTIONS,
+                                                 overrides=None if spec.strict else {"lenient": True})
         if spec.kind == "regex":
             assert isinstance(value, str)
             return make.grammar_from_regex(value)
@@ -283,10 +288,10 @@ class StructuredCompiler:
         # building a matcher is llguidance's compile (it drops the GIL); errors come back as its state
         template = llguidance.LLMatcher(self._tokenizer, text, log_level=0)
         if template.is_error():
-            raise GrammarError(f"invalid {spec.kind}: {template.get_error().strip()}")
+            raise GrammarError(f"invalid {spec.kind}: {_shorten(template.get_error().strip())}")
         compiled = CompiledGrammar(spec, template, self.vocab_size)
-        with self._lock:
-            self._cache[spec] = compiled
+        with self._lock:  # another thread may have compiled the same spec meanwhile: keep the first
+            compiled = self._cache.setdefault(spec, compiled)
             self._cache.move_to_end(spec)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -295,6 +300,11 @@ class StructuredCompiler:
     def matcher(self, spec: StructuredSpec) -> Matcher:
         """A fresh matcher for one request (compiling ``spec`` if needed)."""
         return self.compile(spec).matcher()
+
+
+def _shorten(message: str, limit: int = 2000) -> str:
+    """A library error message cut to a size fit for an HTTP error body (it may quote the whole grammar)."""
+    return message if len(message) <= limit else message[:limit] + " ..."
 
 
 def _words(vocab_size: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -272,6 +273,15 @@ def test_bad_specs_raise_grammar_error(compiler: StructuredCompiler, spec: Any, 
     assert isinstance(caught.value, ValueError)
 
 
+def test_non_strict_schema_ignores_unimplemented_keywords(compiler: StructuredCompiler, tokenizer: Tokenizer) -> None:
+    schema = {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3, "uniqueItems": True}
+    with pytest.raises(GrammarError, match="uniqueItems"):
+        compiler.compile(StructuredSpec.json_schema(schema))
+    for text in drive(compiler, tokenizer, StructuredSpec.json_schema(schema, strict=False), seed=1):
+        value = json.loads(text)  # the keywords it implements still hold
+        assert isinstance(value, list) and len(value) <= 3 and set(value) <= {"a", "b"}
+
+
 def test_compile_is_cached_by_spec(compiler: StructuredCompiler) -> None:
     a = compiler.compile(StructuredSpec.json_schema({"type": "object", "properties": {"k": {"type": "integer"}}}))
     b = compiler.compile(StructuredSpec.json_schema('{"properties": {"k": {"type": "integer"}}, "type": "object"}'))
@@ -318,3 +328,14 @@ def test_all_free_rows_is_a_no_op(compiler: StructuredCompiler) -> None:
     assert torch.equal(logits, before)
     with pytest.raises(ValueError, match="one matcher"):
         apply_masks(logits, [None] * 3)
+
+
+def test_compile_from_many_threads(compiler: StructuredCompiler, tokenizer: Tokenizer) -> None:
+    """The server compiles to validate while the engine compiles to make matchers: the cache is shared."""
+    specs = [StructuredSpec.regex(f"t{i}[0-9]{{2}}") for i in range(4)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        compiled = list(pool.map(lambda k: compiler.compile(specs[k % 4]), range(32)))
+    for k, grammar in enumerate(compiled):
+        assert grammar is compiler.compile(specs[k % 4])
+    text = drive(compiler, tokenizer, specs[2], seed=0, rows=1)[0]
+    assert re.fullmatch(r"t2[0-9]{2}", text)
