@@ -59,9 +59,9 @@ class Sequence:
     num_preemptions: int = 0
     # with SamplingParams.prompt_logprobs: those of prompt tokens 1, 2, ... computed so far
     prompt_logprobs: list[Logprob] = field(default_factory=list)
-    # prefix caching: the keys of the full blocks of token_ids computed so far (they stay valid
-    # across preemption: tokens never change), and how many blocks at the head of block_table
-    # are registered in the cache (or were taken from it)
+    # prefix caching: the keys of token_ids' first full blocks, extended as they are looked up or
+    # registered (they stay valid across preemption: tokens never change), and how many blocks at
+    # the head of block_table are registered in the cache (or were taken from it)
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_cached_blocks: int = 0
     # prompt tokens taken from the cache at the first admission; None until admitted

@@ -469,3 +469,24 @@ def test_prompt_logprobs_are_the_same_with_a_cached_prefix(served: EngineModel) 
     assert events[-1].num_cached_tokens == 0  # it scores its prompt: nothing skipped
     assert events[0].prompt_logprobs is not None and len(events[0].prompt_logprobs) == len(ids) - 1
     assert events[0].prompt_logprobs == expected
+
+
+def test_aborting_or_timing_out_a_sharer_leaves_the_others_blocks_alone(served: EngineModel) -> None:
+    system = prompt(44, 80)
+    ids = {rid: system + prompt(i, 6) for i, rid in enumerate(("first", "second", "third"))}
+    alone = {rid: generate_alone(served, p, greedy(30)) for rid, p in ids.items()}
+    engine = Engine(served, config())
+    engine.add(Request(ids["first"], greedy(30), request_id="first"))
+    engine.step()  # the first's prompt is computed and its full blocks registered
+    engine.add(Request(ids["second"], greedy(30), request_id="second", deadline=time.monotonic() + 60))
+    engine.add(Request(ids["third"], greedy(30), request_id="third"))
+    early = [out.token_id for out in engine.step() if out.request_id == "third"]
+    shared = engine.live["first"].seq.block_table[:5]
+    assert engine.live["third"].seq.block_table[:5] == shared
+    assert all(engine.allocator.ref_count(b) == 3 for b in shared)
+    engine.abort("first")
+    engine.expire(time.monotonic() + 61)  # the second times out
+    assert all(engine.allocator.ref_count(b) == 1 for b in shared)
+    events = run(engine)
+    assert set(events) == {"third"} and early + tokens(events["third"]) == alone["third"]
+    assert_no_leak(engine)
