@@ -50,6 +50,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="context length, prompt plus output (default: the model's, at most 8192)")
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV-cache blocks of 16 tokens (default: sized from memory)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="compute every prompt in full instead of reusing the cached K/V of a prefix an "
+                        "earlier request computed (prefix caching is on by default)")
     _threads_arg(p)
 
 
@@ -149,7 +152,8 @@ def resolve_model_path(args: argparse.Namespace) -> Path:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     fields = dict(device=args.device, dtype=args.dtype)
     for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
-                 "max_queued_requests", "max_queued_tokens", "max_model_len", "num_kv_blocks", "threads"):
+                 "max_queued_requests", "max_queued_tokens", "max_model_len", "num_kv_blocks", "threads",
+                 "enable_prefix_caching"):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
     try:

@@ -87,6 +87,8 @@ class EngineConfig:
     max_queued_tokens: int = 262144
     seed: int = 0
     threads: int | None = None  # CPU kernel threads (torch gets one fewer); None: one per core
+    # reuse the K/V of cached full blocks of an earlier request's prefix (--no-prefix-caching: off)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads <= 0:

@@ -9,8 +9,12 @@ the attention kernel streams.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import hashlib
 import mmap
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,8 +26,30 @@ class OutOfBlocks(Exception):
     """The allocator has no free block left."""
 
 
+BlockHash = bytes
+
+
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int], salt: bytes = b"") -> BlockHash:
+    """The key of a full block: a hash chain over every token up to the block's end.
+
+    It covers the parent block's key, so equal keys mean equal whole prefixes, not merely equal
+    blocks. ``salt`` holds anything else that changes a block's K/V (none today; a per-model or
+    per-request salt would go there). SHA-256, not Python's ``hash``: a 64-bit hash lets a client
+    craft a prompt whose block collides with another user's and read back a wrong answer."""
+    digest = hashlib.sha256(parent or b"")
+    digest.update(salt)
+    digest.update(array.array("q", token_ids).tobytes())
+    return digest.digest()
+
+
 class BlockAllocator:
-    """Reference-counted fixed-size blocks; ids are 0..num_blocks-1."""
+    """Reference-counted fixed-size blocks; ids are 0..num_blocks-1.
+
+    With prefix caching, a full block whose K/V are computed is registered under its
+    :func:`hash_block` key. A registered block whose last reference goes stays cached: it counts as
+    free, and :meth:`share` revives it for a sequence with the same prefix until :meth:`allocate`
+    needs it for new tokens, which evicts cached blocks least recently freed first (never-cached free
+    blocks go before any of them), dropping their keys."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks <= 0 or block_size <= 0:
@@ -32,14 +58,24 @@ class BlockAllocator:
         self.block_size = block_size
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives low ids first
         self._refs = [0] * num_blocks
+        # cached blocks nobody holds, least recently freed first (the dict keeps insertion order)
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._hash_of: list[BlockHash | None] = [None] * num_blocks
+        self._cached: dict[BlockHash, int] = {}
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks that :meth:`allocate` can hand out: never-cached free blocks and evictable cached ones."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered under a key, held or not."""
+        return len(self._cached)
 
     @property
     def usage(self) -> float:
@@ -49,18 +85,28 @@ class BlockAllocator:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, count: int) -> bool:
-        return count <= len(self._free)
+        return count <= self.num_free
 
     def allocate(self) -> int:
-        if not self._free:
+        if self._free:
+            block = self._free.pop()
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            key = self._hash_of[block]
+            assert key is not None
+            del self._cached[key]
+            self._hash_of[block] = None
+        else:
             raise OutOfBlocks("no free KV-cache block")
-        block = self._free.pop()
         self._refs[block] = 1
         return block
 
     def share(self, block: int) -> int:
-        """Take another reference to a block in use (e.g. a shared prompt prefix)."""
-        assert self._refs[block] > 0, f"block {block} is not allocated"
+        """Take another reference to a block in use (a shared prompt prefix), or revive a cached
+        block nobody holds."""
+        if self._refs[block] == 0:
+            assert block in self._evictable, f"block {block} is neither allocated nor cached"
+            del self._evictable[block]
         self._refs[block] += 1
         return block
 
@@ -68,15 +114,37 @@ class BlockAllocator:
         assert self._refs[block] > 0, f"double free of block {block}"
         self._refs[block] -= 1
         if self._refs[block] == 0:
-            self._free.append(block)
+            if self._hash_of[block] is not None:
+                self._evictable[block] = None  # the most recently freed: evicted last
+            else:
+                self._free.append(block)
 
     def free_all(self, blocks: list[int]) -> None:
+        """Free a sequence's blocks, its last first: a prefix's tail is evicted before its head,
+        which more sequences share."""
         for block in reversed(blocks):
             self.free(block)
         blocks.clear()
 
     def ref_count(self, block: int) -> int:
         return self._refs[block]
+
+    def lookup(self, key: BlockHash) -> int | None:
+        """The cached block registered under ``key``, held or evictable, or None."""
+        return self._cached.get(key)
+
+    def register(self, block: int, key: BlockHash) -> None:
+        """Record that a held, full block's K/V are those of the prefix ``key`` names. When another
+        block already holds that prefix (two equal prompts computed side by side), this one stays
+        unregistered and goes back to the plain free list when freed."""
+        assert self._refs[block] > 0, f"block {block} is not allocated"
+        if self._hash_of[block] is not None or key in self._cached:
+            return
+        self._hash_of[block] = key
+        self._cached[key] = block
+
+    def block_hash(self, block: int) -> BlockHash | None:
+        return self._hash_of[block]
 
 
 class KVCache:

@@ -233,3 +233,9 @@ class _Collector(Collector):
                                   value=s.generation_tokens_total if s else 0)
         yield CounterMetricFamily("realizar_num_preemptions", "Sequences preempted for lack of KV blocks",
                                   value=s.num_preemptions_total if s else 0)
+        yield CounterMetricFamily("realizar_prefix_cache_queries",
+                                  "Prompt tokens looked up in the prefix cache, at each request's first admission",
+                                  value=s.prefix_cache_queries_total if s else 0)
+        yield CounterMetricFamily("realizar_prefix_cache_hits",
+                                  "Prompt tokens whose K/V were found in the prefix cache",
+                                  value=s.prefix_cache_hits_total if s else 0)

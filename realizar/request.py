@@ -102,6 +102,7 @@ class TokenOutput:
     zero max_tokens). ``finish_reason`` is set on the last event. With
     ``SamplingParams.prompt_logprobs``, the first token's event carries ``prompt_logprobs``:
     one entry for each prompt token after the first, which has nothing to be predicted from.
+    ``num_cached_tokens`` is the number of prompt tokens whose K/V came from the prefix cache.
     """
 
     request_id: str
@@ -115,6 +116,7 @@ class TokenOutput:
     time: float = 0.0  # monotonic time the engine produced this event
     queue_time: float | None = None  # on the final event: seconds from arrival to first schedule
     prompt_logprobs: tuple[Logprob, ...] | None = None
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:

@@ -159,7 +159,8 @@ class Engine:
                         model.device, model.dtype)
         self.runner = ModelRunner(model, cache)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.long_prefill_token_threshold, attention_context(mc))
+                                   config.long_prefill_token_threshold, attention_context(mc),
+                                   enable_prefix_caching=config.enable_prefix_caching)
         self.vocab_size = mc.vocab_size
         self.stats = StatsRecorder()
         self.live: dict[str, _Live] = {}
@@ -182,6 +183,7 @@ class Engine:
         while self.has_work():
             self.step()
         self.stats = StatsRecorder()
+        self.scheduler.prefix_cache_queries = self.scheduler.prefix_cache_hits = 0
 
     # -- admission -------------------------------------------------------------------------
 
@@ -350,7 +352,8 @@ class Engine:
         # EOS and stop ids stay banned until min_tokens are out
         live.row.banned_token_ids = tuple(live.stop_ids) if seq.num_generated < params.min_tokens else ()
         return TokenOutput(seq.request_id, token_id, None, logprob, top, seq.num_prompt_tokens,
-                           seq.num_generated, time=now, prompt_logprobs=self._prompt_logprobs(live))
+                           seq.num_generated, time=now, prompt_logprobs=self._prompt_logprobs(live),
+                           num_cached_tokens=seq.num_cached_tokens or 0)
 
     @staticmethod
     def _prompt_logprobs(live: _Live) -> tuple[Logprob, ...] | None:
@@ -374,7 +377,8 @@ class Engine:
                            seq.num_generated, error=error, time=now,
                            queue_time=None if seq.first_scheduled_time is None
                            else seq.first_scheduled_time - seq.request.arrival_time,
-                           prompt_logprobs=self._prompt_logprobs(live))
+                           prompt_logprobs=self._prompt_logprobs(live),
+                           num_cached_tokens=seq.num_cached_tokens or 0)
 
     def fail_all(self, error: str) -> list[TokenOutput]:
         return [out for rid in list(self.live) for out in self.abort(rid, FinishReason.ERROR, error)]
@@ -389,6 +393,8 @@ class Engine:
             generation_tokens_total=self.stats.generation_tokens_total,
             num_steps_total=self.stats.num_steps_total,
             healthy=healthy,
+            prefix_cache_queries_total=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits_total=self.scheduler.prefix_cache_hits,
         )
 
 

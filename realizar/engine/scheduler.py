@@ -18,6 +18,13 @@ capped chunk leaves of the budget admits waiting requests, so a short request st
 a long prompt is still being prefilled, instead of waiting for all of it. Both caps shrink
 with the chunk's depth into its prompt (``attention_context``), since a token deep into a
 long prompt attends to all the tokens before it (``benchmarks/chunk_step.py``).
+
+With prefix caching, a sequence admitted from the waiting queue first takes the longest run
+of cached full blocks that starts its tokens (``kv_cache.hash_block`` keys), by reference,
+and computes only what follows; at least its last token is always computed, since a step
+must produce the logits to sample from. A request that scores its prompt
+(``prompt_logprobs``) reuses nothing: it needs the logits of every prompt position. Each
+commit registers the blocks that became full, generated tokens' blocks too.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from realizar.kv_cache import BlockAllocator
+from realizar.kv_cache import BlockAllocator, BlockHash, hash_block
 from realizar.request import Logprob, Request
 
 
@@ -52,6 +59,13 @@ class Sequence:
     num_preemptions: int = 0
     # with SamplingParams.prompt_logprobs: those of prompt tokens 1, 2, ... computed so far
     prompt_logprobs: list[Logprob] = field(default_factory=list)
+    # prefix caching: the keys of token_ids' first full blocks, extended as they are looked up or
+    # registered (they stay valid across preemption: tokens never change), and how many blocks at
+    # the head of block_table are registered in the cache (or were taken from it)
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    # prompt tokens taken from the cache at the first admission; None until admitted
+    num_cached_tokens: int | None = None
 
     @property
     def request_id(self) -> str:
@@ -99,8 +113,15 @@ class Scheduler:
     """Waiting and running queues under token, sequence and block budgets."""
 
     def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_token_threshold: int | None = None, attention_context: int | None = None) -> None:
+                 long_prefill_token_threshold: int | None = None, attention_context: int | None = None,
+                 enable_prefix_caching: bool = False, cache_salt: bytes = b"") -> None:
         self.allocator = allocator
+        self.enable_prefix_caching = enable_prefix_caching
+        # mixed into every block key: whatever besides the tokens changes a block's K/V
+        self.cache_salt = cache_salt
+        # at first admissions (as vLLM counts them): prompt tokens looked up, and those found cached
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # a prompt's chunk in a step it shares with other work; None: no cap but the budget
@@ -171,13 +192,18 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            count = min(seq.num_uncomputed, budget, cap)
-            need = self.allocator.blocks_needed(seq.num_computed + count) - len(seq.block_table)
+            hits = self._cached_prefix(seq)
+            computed = len(hits) * self.allocator.block_size
+            count = min(len(seq.token_ids) - computed, budget, self._deep_at(computed, cap))
+            # a cached block nobody holds leaves the free count when taken; a held one costs nothing
+            revived = sum(1 for b in hits if self.allocator.ref_count(b) == 0)
+            need = self.allocator.blocks_needed(computed + count) - len(hits)
             # keep one block per running sequence in hand so admission does not force a preemption
-            if not self.allocator.can_allocate(need + len(self.running)):
+            if not self.allocator.can_allocate(revived + need + len(self.running)):
                 break
             self.waiting.popleft()
             self.num_waiting_tokens -= len(seq.token_ids)
+            self._take_prefix(seq, hits)
             self._allocate(seq, need)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -191,8 +217,58 @@ class Scheduler:
             preempted=preempted,
         )
 
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks holding the longest run of ``seq``'s full blocks from its start, its
+        last token left out (it must be computed for its logits); none without prefix caching or
+        for a request that scores its prompt."""
+        if not self.enable_prefix_caching or seq.request.params.prompt_logprobs is not None:
+            return []
+        limit = (len(seq.token_ids) - 1) // self.allocator.block_size
+        self._hash_blocks(seq, limit)
+        hits: list[int] = []
+        for key in seq.block_hashes[:limit]:
+            block = self.allocator.lookup(key)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def _take_prefix(self, seq: Sequence, hits: list[int]) -> None:
+        """Admit ``seq`` onto the cached blocks ``hits``: shared, and counted as computed."""
+        for block in hits:
+            seq.block_table.append(self.allocator.share(block))
+        seq.num_cached_blocks = len(hits)
+        seq.num_computed = len(hits) * self.allocator.block_size
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = seq.num_computed
+            if self.enable_prefix_caching and seq.request.params.prompt_logprobs is None:
+                self.prefix_cache_queries += len(seq.token_ids)
+                self.prefix_cache_hits += seq.num_computed
+
+    def _hash_blocks(self, seq: Sequence, count: int) -> None:
+        """Extend ``seq.block_hashes`` to its first ``count`` full blocks."""
+        bs = self.allocator.block_size
+        hashes = seq.block_hashes
+        while len(hashes) < count:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, seq.token_ids[i * bs:(i + 1) * bs],
+                                     self.cache_salt))
+
+    def _register(self, seq: Sequence) -> None:
+        """Register the blocks of ``seq`` that its last chunk filled."""
+        full = seq.num_computed // self.allocator.block_size
+        if full <= seq.num_cached_blocks:
+            return
+        self._hash_blocks(seq, full)
+        for i in range(seq.num_cached_blocks, full):
+            self.allocator.register(seq.block_table[i], seq.block_hashes[i])
+        seq.num_cached_blocks = full
+
     def _deep(self, seq: Sequence, cap: int) -> int:
-        """``cap`` for a chunk that starts ``seq.num_computed`` tokens into its sequence.
+        return self._deep_at(seq.num_computed, cap)
+
+    def _deep_at(self, depth: int, cap: int) -> int:
+        """``cap`` for a chunk that starts ``depth`` tokens into its sequence.
 
         Each token of a chunk attends to every token before it, so a chunk deep into a long
         prompt costs more per token: at depth ``attention_context`` twice what it costs at the
@@ -200,7 +276,7 @@ class Scheduler:
         depth (measured with benchmarks/chunk_step.py)."""
         if self.attention_context is None:
             return cap
-        return max(1, int(cap / (1 + seq.num_computed / self.attention_context)))
+        return max(1, int(cap / (1 + depth / self.attention_context)))
 
     def _room(self, seq: Sequence) -> int:
         """Tokens ``seq`` can add with the blocks it holds and the free ones, less one free block
@@ -228,7 +304,7 @@ class Scheduler:
         """Preemption by recompute: drop the cache; the prompt and the generated tokens
         are prefilled again when the sequence is readmitted first."""
         self.allocator.free_all(seq.block_table)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_cached_blocks = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.num_preemptions += 1
@@ -237,10 +313,10 @@ class Scheduler:
 
     def commit(self, output: SchedulerOutput) -> None:
         """Record that the scheduled tokens' K/V are now in the cache."""
-        for item in output.decodes:
+        for item in (*output.decodes, *output.prefills):
             item.seq.num_computed += item.num_tokens
-        for item in output.prefills:
-            item.seq.num_computed += item.num_tokens
+            if self.enable_prefix_caching:
+                self._register(item.seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence from whichever queue holds it and free its blocks."""

@@ -18,6 +18,10 @@ class EngineStats:
     generation_tokens_total: int
     num_steps_total: int
     healthy: bool
+    # prefix caching, counted in tokens at each request's first admission (as vLLM counts them):
+    # prompt tokens looked up, and those whose K/V were found in the cache
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,18 @@ def build_llm_parser(prog: str = "realizar loadtest llm") -> _Parser:
                    help="cap on requests in flight in rate mode (default 256)")
     p.add_argument("--arrival", choices=("poisson", "constant", "gamma"), default="poisson")
     p.add_argument("--burstiness", type=_positive_float, default=1.0, help="gamma shape (1 = Poisson)")
-    p.add_argument("--num-prompts", type=_positive_int, default=100)
-    p.add_argument("--input-len", type=_positive_int, default=128, help="synthetic prompt length (words ~ tokens)")
+    p.add_argument("--num-prompts", type=_positive_int, default=100,
+                   help="requests; with --workload multi-turn, conversations (default %(default)s)")
+    p.add_argument("--input-len", type=_positive_int, default=128,
+                   help="synthetic prompt length, or each user turn's with a shared system prompt (words ~ tokens)")
+    p.add_argument("--workload", choices=("random", "multi-turn", "prefix-shared"), default="random",
+                   help="random: distinct prompts (no prefix to reuse); multi-turn: conversations sharing one "
+                        "system prompt, each turn carrying the history (synthetic assistant replies of "
+                        "--output-len words), reported per turn; prefix-shared: one system prompt, then a "
+                        "distinct question per request (default %(default)s)")
+    p.add_argument("--system-prompt-len", type=_positive_int, default=2000,
+                   help="shared system prompt of multi-turn and prefix-shared, in words ~ tokens (default %(default)s)")
+    p.add_argument("--turns", type=_positive_int, default=4, help="turns per multi-turn conversation (default %(default)s)")
     p.add_argument("--output-len", type=_positive_int, default=128, help="max_tokens per request")
     p.add_argument("--dataset", metavar="FILE.jsonl", help="prompts from JSONL instead of synthetic ones")
     p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos/min_tokens")
@@ -343,10 +353,14 @@ def run_llm(args: argparse.Namespace) -> int:
         DatasetError,
         LlmWorkload,
         format_llm,
+        format_turns,
         llm_scenario,
         load_jsonl,
         meets_slo,
+        multi_turn_prompts,
         parse_goodput,
+        per_turn,
+        prefix_shared_prompts,
         sweep,
         synthetic_prompts,
         vllm_metrics,
@@ -355,10 +369,21 @@ def run_llm(args: argparse.Namespace) -> int:
 
     try:
         slo = parse_goodput(args.goodput)
-        prompts = load_jsonl(args.dataset) if args.dataset else \
-            synthetic_prompts(args.num_prompts, args.input_len, seed=args.seed)
+        if args.dataset and args.workload != "random":
+            raise UsageError("--dataset brings its own prompts; it does not go with --workload")
+        if args.dataset:
+            prompts = load_jsonl(args.dataset)
+        elif args.workload == "multi-turn":
+            prompts = multi_turn_prompts(args.num_prompts, args.turns, args.system_prompt_len, args.input_len,
+                                         args.output_len, seed=args.seed)
+        elif args.workload == "prefix-shared":
+            prompts = prefix_shared_prompts(args.num_prompts, args.system_prompt_len, args.input_len, seed=args.seed)
+        else:
+            prompts = synthetic_prompts(args.num_prompts, args.input_len, seed=args.seed)
     except (ValueError, DatasetError) as exc:
         raise UsageError(str(exc)) from None
+    # every prompt once (multi-turn: each conversation's every turn)
+    num_requests = len(prompts) if args.workload != "random" else args.num_prompts
     if args.sweep and not (slo.ttft_ms or slo.tpot_ms or slo.e2el_ms):
         raise UsageError("--sweep needs SLOs: --goodput ttft:MS tpot:MS e2el:MS")
     if not 0 < args.slo_attainment <= 1:
@@ -366,10 +391,10 @@ def run_llm(args: argparse.Namespace) -> int:
     baseline = _read_report(args.baseline) if args.baseline else None
     try:
         if args.concurrency:
-            cfg = LoadTestConfig(concurrency=args.concurrency, total_requests=args.num_prompts,
+            cfg = LoadTestConfig(concurrency=args.concurrency, total_requests=num_requests,
                                  timeout=args.timeout, base_url=args.url, seed=args.seed)
         else:
-            cfg = LoadTestConfig(concurrency=args.max_concurrency, total_requests=args.num_prompts,
+            cfg = LoadTestConfig(concurrency=args.max_concurrency, total_requests=num_requests,
                                  timeout=args.timeout, base_url=args.url, rate=args.rate or args.sweep_start,
                                  arrival=args.arrival, burstiness=args.burstiness, seed=args.seed)
     except ValueError as exc:
@@ -403,7 +428,8 @@ def run_llm(args: argparse.Namespace) -> int:
               "dataset": args.dataset, "num_prompts": args.num_prompts, "ignore_eos": not args.no_ignore_eos,
               "goodput": args.goodput, "slo_attainment": args.slo_attainment, "arrival": args.arrival,
               "burstiness": args.burstiness, "rate": args.rate, "concurrency": args.concurrency,
-              "max_concurrency": args.max_concurrency}
+              "max_concurrency": args.max_concurrency, "workload": args.workload,
+              "system_prompt_len": args.system_prompt_len, "turns": args.turns}
     if problem:
         _note(f"error: {problem}")
         doc = build_report([], [], kind="llm", base_url=args.url, config=config, client=args.client,
@@ -411,6 +437,7 @@ def run_llm(args: argparse.Namespace) -> int:
         return _finish(doc, args, None, EXIT_INVALID)
     for run in runs:
         sys.stdout.write("\n" + format_llm(run.metrics, run.result.scenario.title))
+        sys.stdout.write(format_turns(per_turn(run.result)))
     extra: dict[str, Any] = {"model": model}
     if args.sweep:
         best = max((run.rate for run in runs if run.ok and run.rate is not None), default=None)
@@ -420,6 +447,9 @@ def run_llm(args: argparse.Namespace) -> int:
         passed = best is not None
     else:
         extra.update(runs[0].metrics)
+        turns = per_turn(runs[0].result)
+        if turns:
+            extra["per_turn"] = turns
         passed = runs[0].ok if (slo.ttft_ms or slo.tpot_ms or slo.e2el_ms) else True
     results = [run.result for run in runs]
     code = EXIT_INVALID if any(not r.valid for r in results) else (EXIT_OK if passed else EXIT_TARGET_FAILED)

@@ -103,6 +103,7 @@ def finish_body(rec: RequestRecord, spec: RequestSpec, body: bytes,
         rec.first_token = stream.chunk_times[0] if stream.chunk_times else None
         rec.output_tokens = stream.output_tokens
         rec.input_tokens = stream.usage_input or 0
+        rec.cached_tokens = stream.usage_cached
         if not complete or not stream.done:
             rec.failure = FailureClass.TRUNCATED_STREAM
             rec.error = "stream ended before its terminal event"

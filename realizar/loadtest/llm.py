@@ -24,6 +24,8 @@ from realizar.loadtest.stats import LatencySummary, Slo
 from realizar.loadtest.workload import RequestSpec, ResponseKind, json_request
 
 Endpoint = Literal["completions", "chat"]
+Workload = Literal["random", "multi-turn", "prefix-shared"]
+WORKLOADS: tuple[Workload, ...] = ("random", "multi-turn", "prefix-shared")
 
 # Short, frequent English words: one token each in the common BPE vocabularies,
 # so N words make a prompt of about N tokens. The server's usage reports the
@@ -53,13 +55,59 @@ class Prompt:
     text: str | None = None
     messages: list[dict[str, Any]] | None = None
     max_tokens: int | None = None
+    turn: int | None = None  # a conversation's turn (1, 2, ...), reported apart
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(max(1, n)))
+
+
+def _transcript(messages: list[dict[str, Any]]) -> str:
+    """A conversation as plain text for /v1/completions: each turn's prompt extends the last one's."""
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+
+
+def multi_turn_prompts(conversations: int, turns: int, system_len: int, user_len: int, reply_len: int,
+                       *, seed: int = 0) -> list[Prompt]:
+    """Agent-like conversations: one system prompt of ``system_len`` words shared by all of them,
+    then ``turns`` turns each, every turn carrying the whole history before it.
+
+    The assistant's earlier replies in the history are synthetic (``reply_len`` words), not what the
+    server answered: every request is known up front, so the run is the same against any server and
+    works open loop. The prompts come turn by turn (all first turns, then all second turns...), so
+    a conversation's turn is sent after its previous one, and a server with prefix caching finds the
+    previous turn's prompt cached (its reply, replaced by the synthetic one, is computed again)."""
+    rng = random.Random(seed)
+    system = {"role": "system", "content": _words(rng, system_len)}
+    histories: list[list[dict[str, Any]]] = [[system] for _ in range(conversations)]
+    out: list[Prompt] = []
+    for turn in range(1, turns + 1):
+        for history in histories:
+            if turn > 1:
+                history.append({"role": "assistant", "content": _words(rng, reply_len)})
+            history.append({"role": "user", "content": _words(rng, user_len)})
+            messages = list(history)
+            out.append(Prompt(text=_transcript(messages), messages=messages, turn=turn))
+    return out
+
+
+def prefix_shared_prompts(n: int, system_len: int, user_len: int, *, seed: int = 0) -> list[Prompt]:
+    """``n`` one-turn requests: the same system prompt of ``system_len`` words, then a distinct
+    question of ``user_len`` words each."""
+    rng = random.Random(seed)
+    system = {"role": "system", "content": _words(rng, system_len)}
+    out = []
+    for _ in range(n):
+        messages = [system, {"role": "user", "content": _words(rng, user_len)}]
+        out.append(Prompt(text=_transcript(messages), messages=messages))
+    return out
 
 
 def synthetic_prompts(n: int, input_len: int, *, seed: int = 0) -> list[Prompt]:
     """``n`` distinct prompts of ``input_len`` words (about as many tokens); distinct
     so prefix caching cannot turn the benchmark into a cache test."""
     rng = random.Random(seed)
-    return [Prompt(text=" ".join(rng.choice(_WORDS) for _ in range(max(1, input_len)))) for _ in range(n)]
+    return [Prompt(text=_words(rng, input_len)) for _ in range(n)]
 
 
 def load_jsonl(path: str | Path) -> list[Prompt]:
@@ -120,8 +168,34 @@ def llm_scenario(workload: LlmWorkload, config: LoadTestConfig, slo: Slo, name: 
     mode = (f"{config.arrival} arrivals at {config.rate:g} req/s" if config.open_loop and config.rate
             else f"{config.concurrency} concurrent streams")
     title = f"LLM serving: {workload.endpoint}, {mode}"
-    return Scenario(name, title, f"model {workload.model}, {len(workload.prompts)} prompts",
-                    (Phase("main", title, config),), workload.request, slo)
+    prompts = workload.prompts
+    turns = [p.turn or 0 for p in prompts]
+    group = (lambda i: turns[i % len(turns)]) if any(turns) else None
+    return Scenario(name, title, f"model {workload.model}, {len(prompts)} prompts",
+                    (Phase("main", title, config),), workload.request, slo, group=group)
+
+
+def per_turn(result: ScenarioResult) -> list[dict[str, Any]]:
+    """TTFT and cached prompt tokens by conversation turn (empty for one-turn workloads)."""
+    return [g.to_dict() for g in result.overall_collector.group_summaries()]
+
+
+def format_turns(turns: list[dict[str, Any]]) -> str:
+    """A table of TTFT and prompt tokens (cached ones where the server reports them) per turn."""
+    if not turns:
+        return ""
+
+    def ms(summary: dict[str, Any] | None, key: str) -> str:
+        return "n/a" if summary is None else f"{summary[key]:.1f}"
+
+    lines = [f"{'-' * 10}Per turn{'-' * 10}",
+             f"{'turn':>4} {'requests':>8} {'prompt tok':>10} {'cached tok':>10} "
+             f"{'mean TTFT ms':>12} {'p50 TTFT ms':>11} {'p99 TTFT ms':>11}"]
+    for t in turns:
+        cached = "n/a" if t["mean_cached_tokens"] is None else f"{t['mean_cached_tokens']:.0f}"
+        lines.append(f"{t['group']:>4} {t['requests']:>8} {t['mean_input_tokens']:>10.0f} {cached:>10} "
+                     f"{ms(t['ttft'], 'mean_ms'):>12} {ms(t['ttft'], 'p50_ms'):>11} {ms(t['ttft'], 'p99_ms'):>11}")
+    return "\n".join(lines) + "\n"
 
 
 def _ms_keys(prefix: str, summary: LatencySummary | None) -> dict[str, float | None]:

@@ -184,7 +184,7 @@ async def run_phase(scenario: Scenario, phase: Phase, monitor: ClientMonitor, op
     client = make_client(options.client, cfg.base_url, max_connections=cfg.concurrency, timeout=cfg.timeout,
                          connect_timeout=cfg.connect_timeout)
     prepared = [client.prepare(spec) for spec in scenario.requests(cfg.request_count)]
-    collector = Collector(slo=scenario.slo, seed=cfg.seed)
+    collector = Collector(slo=scenario.slo, seed=cfg.seed, group=scenario.group)
     tally = _Tally()
     label = scenario.title if len(scenario.phases) == 1 else f"{scenario.title}: {phase.title}"
     options.progress.begin(label, cfg.request_count or None)

@@ -47,6 +47,7 @@ class Scenario:
     phases: tuple[Phase, ...]
     request: Callable[[int], RequestSpec]
     slo: Slo = Slo()
+    group: Callable[[int], int] | None = None  # request index -> group reported apart (a turn)
 
     @property
     def config(self) -> LoadTestConfig:

@@ -12,7 +12,7 @@ import math
 import random
 from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from itertools import pairwise
@@ -93,6 +93,7 @@ class RequestRecord:
     chunk_times: list[float] | None = None
     output_tokens: int = 0
     input_tokens: int = 0
+    cached_tokens: int | None = None  # prompt tokens the server took from its prefix cache, if it says
     error: str = ""
 
     @property
@@ -365,17 +366,44 @@ class _Second:
     sample: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class GroupSummary:
+    """The successful requests of one group (a conversation turn): TTFT and prompt tokens,
+    ``mean_cached_tokens`` over those whose server reported cached tokens (None: none did)."""
+
+    group: int
+    requests: int
+    ttft: LatencySummary | None
+    mean_input_tokens: float
+    mean_cached_tokens: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Group:
+    def __init__(self, exact_limit: int) -> None:
+        self.requests = 0
+        self.ttft = LatencyRecorder(exact_limit)
+        self.input_tokens = 0
+        self.cached_tokens = 0
+        self.cached_reports = 0
+
+
 class Collector:
     """Aggregates the records of one phase as they complete.
 
     It keeps exact per-request columns while under ``exact_limit`` (they give
     exact percentiles and the time blocks compare bootstraps over) and, always,
-    per-second buckets with a bounded reservoir of latencies.
+    per-second buckets with a bounded reservoir of latencies. With ``group`` (request
+    index -> group, e.g. a conversation's turn) it also keeps TTFT and prompt tokens per group.
     """
 
     def __init__(self, *, slo: Slo | None = None, exact_limit: int = DEFAULT_EXACT_LIMIT,
-                 seed: int = 0) -> None:
+                 seed: int = 0, group: Callable[[int], int] | None = None) -> None:
         self.slo = slo or Slo()
+        self.group = group
+        self._groups: dict[int, _Group] = {}
         self.exact_limit = exact_limit
         self.t0 = 0.0
         self.t_end = 0.0
@@ -440,10 +468,23 @@ class Collector:
         self.output_tokens += rec.output_tokens
         self.input_tokens += rec.input_tokens
         ttft = tpot = None
+        group = None
+        if self.group is not None:
+            key = self.group(rec.index)
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(self.exact_limit)
+            group.requests += 1
+            group.input_tokens += rec.input_tokens
+            if rec.cached_tokens is not None:
+                group.cached_tokens += rec.cached_tokens
+                group.cached_reports += 1
         if rec.first_token is not None:
             self.streaming = True
             ttft = rec.first_token - rec.sent
             self.ttft.record(ttft)
+            if group is not None:
+                group.ttft.record(ttft)
             e2e = rec.end - rec.sent
             self.e2el.record(e2e)
             if rec.output_tokens > 1:
@@ -480,6 +521,13 @@ class Collector:
     @property
     def duration(self) -> float:
         return max(self.t_end - self.t0, 1e-9)
+
+    def group_summaries(self) -> list[GroupSummary]:
+        """Per group, in group order (empty without ``group``)."""
+        return [GroupSummary(key, g.requests, LatencySummary.of(g.ttft) if g.ttft.count else None,
+                             round(g.input_tokens / g.requests, 2),
+                             round(g.cached_tokens / g.cached_reports, 2) if g.cached_reports else None)
+                for key, g in sorted(self._groups.items())]
 
     def timeline(self) -> list[tuple[float, float]]:
         """(end from the phase start, latency or NaN if it failed), in completion

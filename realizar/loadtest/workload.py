@@ -130,6 +130,7 @@ class StreamState:
     tokens: int = 0
     usage_output: int | None = None
     usage_input: int | None = None
+    usage_cached: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server reports it
     done: bool = False
     error: str = ""
     declared: int | None = None
@@ -207,6 +208,9 @@ class StreamState:
                 self.usage_output = usage["completion_tokens"]
             if isinstance(usage.get("prompt_tokens"), int):
                 self.usage_input = usage["prompt_tokens"]
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                self.usage_cached = details["cached_tokens"]
 
     @property
     def output_tokens(self) -> int:

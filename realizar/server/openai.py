@@ -67,12 +67,14 @@ class Choice:
         self.chat_logprobs = chat_logprobs
         self.logprobs_sent = 0
         self.num_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the engine took from its prefix cache
         self.finish_reason: str | None = None
         self.done = False
 
     def feed(self, out: TokenOutput) -> None:
         if self.done:
             return  # the rest of a sequence already cut at a stop string
+        self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
         if out.prompt_logprobs is not None and self.completion_logprobs is not None:
             self.completion_logprobs.set_prompt_logprobs(out.prompt_logprobs)
         if out.token_id is not None:
@@ -162,7 +164,7 @@ class OpenAIAPI:
                     choices.append(Choice(len(choices), gen, stream, text, token_text, logprobs, None))
         response_id = f"cmpl-{gen.ctx.request_id}"
         created = int(time.time())
-        usage = _Usage(sum(map(len, prompts)), choices)
+        usage = _Usage(sum(map(len, prompts)), choices, req.options.n)
         if req.options.stream:
             events = self._completion_events(gen, choices, response_id, created, engine.model_id,
                                              req.options.include_usage, usage)
@@ -218,7 +220,7 @@ class OpenAIAPI:
                                       token_text, None, [] if req.logprobs else None))
         response_id = f"chatcmpl-{gen.ctx.request_id}"
         created = int(time.time())
-        usage = _Usage(len(prompt_ids), choices)
+        usage = _Usage(len(prompt_ids), choices, req.options.n)
         if req.options.stream:
             events = self._chat_events(gen, choices, response_id, created, engine.model_id,
                                        req.options.include_usage, usage)
@@ -274,11 +276,15 @@ class OpenAIAPI:
 class _Usage:
     prompt_tokens: int
     choices: Sequence[Choice]
+    n: int  # choices per prompt, which follow each other in ``choices``
 
-    def body(self) -> dict[str, int]:
+    def body(self) -> dict[str, Any]:
         completion = sum(c.num_tokens for c in self.choices)
+        # a prompt counts once, however many choices it has: its first choice's cached tokens
+        cached = sum(c.cached_tokens for c in self.choices[::self.n])
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+                "total_tokens": self.prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _params_for_choice(params: SamplingParams, index: int) -> SamplingParams:

@@ -47,6 +47,22 @@ def test_batch_invariance_alone_and_in_a_batch_of_16(ours_f32: EngineModel) -> N
     assert engine.allocator.num_used == 0
 
 
+def test_prefix_caching_keeps_the_real_models_greedy_tokens(ours_f32: EngineModel) -> None:
+    """A long shared system prompt served from the prefix cache gives the tokens of a cold engine."""
+    tok = ours_f32.tokenizer
+    system = tok.encode(" ".join(f"Rule {i}: keep answers short and cite page {i * 3}." for i in range(20)))
+    prompts = [system + tok.encode(q) for q in (" Which page has rule 4?", " Summarise rule 7.",
+                                                 " Which page has rule 4? And 5?")]
+    cold = Engine(ours_f32, EngineConfig(device="cpu", dtype="float32", enable_prefix_caching=False))
+    expected = greedy(cold, prompts, 12)
+    warm = Engine(ours_f32, EngineConfig(device="cpu", dtype="float32"))
+    assert greedy(warm, prompts[:1], 12) == expected[:1]  # alone: fills the cache
+    assert greedy(warm, prompts[1:2], 12) == expected[1:2]  # alone, on the cached system prompt
+    assert greedy(warm, prompts, 12) == expected  # together, all on cached blocks
+    assert warm.scheduler.prefix_cache_hits >= 4 * (len(system) // 16 * 16)
+    assert warm.allocator.num_used == 0
+
+
 def test_auto_dtype_agrees_with_float32_for_8_tokens(ours_f32: EngineModel) -> None:
     """``--dtype auto`` may trade precision for speed only while greedy output still agrees."""
     auto = load_engine_model(default_model_path(), EngineConfig(device="cpu", dtype="auto"))

@@ -34,6 +34,8 @@ SERVING = {
     "realizar_generation_tokens_total": "counter",
     "realizar_request_success_total": "counter",
     "realizar_num_preemptions_total": "counter",
+    "realizar_prefix_cache_queries_total": "counter",
+    "realizar_prefix_cache_hits_total": "counter",
 }
 OUTCOMES = {  # how generation requests ended other than success or server failure, and the connections
     "realizar_requests_refused_total": "counter",

@@ -187,6 +187,46 @@ def test_chat(client: OpenAI, model: str) -> None:
     assert c.usage is not None and 1 <= c.usage.completion_tokens <= 4
 
 
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache(client: OpenAI, model: str,
+                                                                 server_url: str) -> None:
+    # a system prompt no other test sends, long enough to fill many 16-token blocks
+    system = "You are the archivist of the prefix-cache test. " + " ".join(
+        f"Rule {i}: answer briefly and cite shelf {i * 7}." for i in range(40))
+
+    def ask(question: str) -> tuple[str, int, int]:
+        c = client.chat.completions.create(
+            model=model, temperature=0, max_tokens=8,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}])
+        assert c.usage is not None and c.usage.prompt_tokens_details is not None
+        return c.choices[0].message.content or "", c.usage.prompt_tokens, c.usage.prompt_tokens_details.cached_tokens or 0
+
+    def hits() -> float:
+        text = httpx.get(server_url + "/metrics").text
+        return float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("realizar_prefix_cache_hits_total ")))
+
+    before = hits()
+    cold, prompt_tokens, cold_cached = ask("Which shelf holds rule 3?")
+    assert cold_cached == 0 and prompt_tokens > 400
+    # the same conversation again: all but the last partial block from the cache, the same greedy answer
+    warm, _, warm_cached = ask("Which shelf holds rule 3?")
+    assert warm == cold
+    assert prompt_tokens - 16 <= warm_cached < prompt_tokens
+    # another question after the same system prompt reuses the system prompt's blocks
+    _, other_tokens, other_cached = ask("And rule 5?")
+    assert 400 < other_cached < other_tokens
+    # the streamed usage chunk reports it too
+    stream = client.chat.completions.create(
+        model=model, temperature=0, max_tokens=8, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": "Which shelf holds rule 3?"}])
+    chunks = list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == cold
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == warm_cached
+    assert hits() - before >= warm_cached + other_cached
+
+
 def test_chat_stream_matches_non_streaming(client: OpenAI, model: str) -> None:
     plain = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0)  # type: ignore[arg-type]
     stream = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0,  # type: ignore[arg-type]

@@ -1,5 +1,6 @@
 """The engine in-process, on a tiny random model: stops, aborts, deadlines, preemption, failure
-isolation, the fatal-failure rule, admission limits and fair scheduling of long prompts."""
+isolation, the fatal-failure rule, admission limits, fair scheduling of long prompts and prefix
+caching."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> EngineModel:
     return EngineModel(model, tokenizer, loaded.config, "tiny", Path(path), "gguf", 0.0)
 
 
-def config(**kw: int | None) -> EngineConfig:
+def config(**kw: int | bool | None) -> EngineConfig:
     return EngineConfig(device="cpu", dtype="float32", **kw)  # type: ignore[arg-type]
 
 
@@ -386,3 +387,106 @@ def test_engine_settings_are_checked() -> None:
 
     args = build_parser().parse_args(["serve", "--demo", "--long-prefill-token-threshold", "48"])
     assert engine_config(args).long_prefill_token_threshold == 48
+    assert engine_config(args).enable_prefix_caching
+    assert not engine_config(build_parser().parse_args(["serve", "--demo", "--no-prefix-caching"])).enable_prefix_caching
+
+
+# -- prefix caching ----------------------------------------------------------------------------
+
+
+def run_requests(served: EngineModel, caching: bool, batches: list[list[tuple[str, list[int]]]],
+                 **kw: int) -> tuple[Engine, dict[str, list[TokenOutput]]]:
+    """Run ``batches`` one after another (each batch's requests side by side) on one engine."""
+    engine = Engine(served, config(enable_prefix_caching=caching, **kw))
+    events: dict[str, list[TokenOutput]] = {}
+    for batch in batches:
+        for rid, ids in batch:
+            engine.add(Request(ids, greedy(10), request_id=rid))
+        events.update(run(engine))
+    assert_no_leak(engine)
+    return engine, events
+
+
+def test_prefix_caching_keeps_greedy_tokens_alone_and_in_a_batch(served: EngineModel) -> None:
+    system = prompt(40, 100)
+    batches = [
+        [("first", system + prompt(1, 5))],  # alone: fills the cache
+        [("second", system + prompt(2, 7))],  # alone, on the cached prefix
+        # side by side: a cached prefix, the same prompt twice, a longer run of the first's tokens
+        [("b1", system + prompt(3, 4)), ("b2", system + prompt(3, 4)), ("b3", system + prompt(1, 40)),
+         ("b4", prompt(5, 30))],
+    ]
+    on_engine, on = run_requests(served, True, batches)
+    _, off = run_requests(served, False, batches)
+    assert {rid: tokens(ev) for rid, ev in on.items()} == {rid: tokens(ev) for rid, ev in off.items()}
+    assert on["first"][-1].num_cached_tokens == 0
+    assert on["second"][0].num_cached_tokens == on["second"][-1].num_cached_tokens == 96  # 6 blocks of 16
+    assert on["b1"][-1].num_cached_tokens == 96 and on["b4"][-1].num_cached_tokens == 0
+    assert all(ev[-1].num_cached_tokens == 0 for ev in off.values())
+    stats = on_engine.snapshot(True, 0)
+    assert stats.prefix_cache_hits_total >= 4 * 96
+    assert stats.prefix_cache_queries_total == sum(len(ids) for batch in batches for _rid, ids in batch)
+
+
+def test_a_cached_prefix_is_not_computed_again(served: EngineModel) -> None:
+    system = prompt(41, 200)
+    engine = Engine(served, config())
+    engine.add(Request(system + prompt(1, 10), greedy(4), request_id="a"))
+    run(engine)
+    computed = engine.stats.prompt_tokens_total
+    assert computed == 210
+    engine.add(Request(system + prompt(2, 10), greedy(4), request_id="b"))
+    events = run(engine)
+    assert events["b"][-1].num_cached_tokens == 192  # 12 full blocks of the shared 200 tokens
+    assert engine.stats.prompt_tokens_total - computed == 210 - 192
+    assert_no_leak(engine)
+
+
+def test_prefix_caching_survives_preemption_with_few_blocks(served: EngineModel) -> None:
+    system = prompt(42, 40)
+    prompts = [system + prompt(i, 10) for i in range(5)]
+    alone = [generate_alone(served, p, greedy(40)) for p in prompts]
+    engine = Engine(served, config(num_kv_blocks=12))
+    for i, p in enumerate(prompts):
+        engine.add(Request(p, greedy(40), request_id=f"r{i}"))
+    events = run(engine)
+    assert engine.scheduler.num_preemptions > 0
+    assert [tokens(events[f"r{i}"]) for i in range(5)] == alone
+    assert_no_leak(engine)
+
+
+def test_prompt_logprobs_are_the_same_with_a_cached_prefix(served: EngineModel) -> None:
+    system = prompt(43, 64)
+    ids = system + prompt(1, 5)
+    cold = Engine(served, config(enable_prefix_caching=False))
+    cold.add(Request(ids, greedy(2, prompt_logprobs=1), request_id="x"))
+    expected = run(cold)["x"][0].prompt_logprobs
+    engine = Engine(served, config())
+    engine.add(Request(ids, greedy(2), request_id="warm"))
+    run(engine)
+    engine.add(Request(ids, greedy(2, prompt_logprobs=1), request_id="x"))
+    events = run(engine)["x"]
+    assert events[-1].num_cached_tokens == 0  # it scores its prompt: nothing skipped
+    assert events[0].prompt_logprobs is not None and len(events[0].prompt_logprobs) == len(ids) - 1
+    assert events[0].prompt_logprobs == expected
+
+
+def test_aborting_or_timing_out_a_sharer_leaves_the_others_blocks_alone(served: EngineModel) -> None:
+    system = prompt(44, 80)
+    ids = {rid: system + prompt(i, 6) for i, rid in enumerate(("first", "second", "third"))}
+    alone = {rid: generate_alone(served, p, greedy(30)) for rid, p in ids.items()}
+    engine = Engine(served, config())
+    engine.add(Request(ids["first"], greedy(30), request_id="first"))
+    engine.step()  # the first's prompt is computed and its full blocks registered
+    engine.add(Request(ids["second"], greedy(30), request_id="second", deadline=time.monotonic() + 60))
+    engine.add(Request(ids["third"], greedy(30), request_id="third"))
+    early = [out.token_id for out in engine.step() if out.request_id == "third"]
+    shared = engine.live["first"].seq.block_table[:5]
+    assert engine.live["third"].seq.block_table[:5] == shared
+    assert all(engine.allocator.ref_count(b) == 3 for b in shared)
+    engine.abort("first")
+    engine.expire(time.monotonic() + 61)  # the second times out
+    assert all(engine.allocator.ref_count(b) == 1 for b in shared)
+    events = run(engine)
+    assert set(events) == {"third"} and early + tokens(events["third"]) == alone["third"]
+    assert_no_leak(engine)

@@ -153,3 +153,24 @@ def test_loadtest_never_imports_the_engine() -> None:
             "print(bad)\nsys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_llm_multi_turn_reports_each_turn(noop_url: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "turns.json"
+    assert main(["llm", "--url", noop_url, "--endpoint", "chat", "--workload", "multi-turn", "--concurrency", "2",
+                 "--num-prompts", "3", "--turns", "3", "--system-prompt-len", "50", "--input-len", "5",
+                 "--output-len", "4", "--json", str(out)]) == 0
+    doc = read_json(out)
+    assert doc["completed"] == 9 and doc["config"]["workload"] == "multi-turn"
+    turns = doc["per_turn"]
+    assert [t["group"] for t in turns] == [1, 2, 3] and all(t["requests"] == 3 for t in turns)
+    # each turn carries the history: the prompts grow turn by turn
+    assert turns[0]["mean_input_tokens"] < turns[1]["mean_input_tokens"] < turns[2]["mean_input_tokens"]
+    assert all(t["ttft"]["count"] == 3 for t in turns)
+    assert all(t["mean_cached_tokens"] is None for t in turns)  # the no-op server reports none
+    assert "Per turn" in capsys.readouterr().out
+    assert main(["llm", "--url", noop_url, "--workload", "prefix-shared", "--concurrency", "2",
+                 "--num-prompts", "4", "--system-prompt-len", "20", "--output-len", "2"]) == 0
+    assert main(["llm", "--url", noop_url, "--workload", "multi-turn", "--concurrency", "2",
+                 "--dataset", str(out)]) == 4

@@ -193,3 +193,20 @@ def test_classify_status() -> None:
     assert classify_status(503) is FailureClass.HTTP_503
     assert classify_status(502) is FailureClass.HTTP_5XX
     assert classify_status(302) is FailureClass.OTHER
+
+
+def test_collector_groups_ttft_and_cached_tokens_by_turn() -> None:
+    col = Collector(group=lambda i: i % 2 + 1)
+    col.start(0.0)
+    for i in range(6):
+        cached = None if i == 0 else 100 * (i % 2)
+        col.add(RequestRecord(i, 0.0, 0.0, 1.0, 200, first_token=0.1 * (i % 2 + 1), output_tokens=2,
+                              input_tokens=10 + i % 2, cached_tokens=cached))
+    col.add(RequestRecord(6, 0.0, 0.0, 1.0, 500, failure=FailureClass.HTTP_5XX))
+    first, second = col.group_summaries()
+    assert (first.group, first.requests, second.group, second.requests) == (1, 3, 2, 3)
+    assert first.ttft is not None and first.ttft.p50_ms == pytest.approx(100.0)
+    assert second.ttft is not None and second.ttft.p50_ms == pytest.approx(200.0)
+    assert (first.mean_input_tokens, second.mean_input_tokens) == (10, 11)
+    assert (first.mean_cached_tokens, second.mean_cached_tokens) == (0, 100)  # over those reported
+    assert Collector().group_summaries() == []

@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from realizar.loadtest.config import LoadTestConfig
+from realizar.loadtest.llm import multi_turn_prompts, prefix_shared_prompts
 from realizar.loadtest.scenarios import SCENARIO_NAMES, seed_scenarios
 from realizar.loadtest.workload import (
     ContentError,
@@ -145,3 +146,33 @@ def test_openai_parser_counts_text_chunks_and_usage() -> None:
     err = StreamState(ResponseKind.SSE_OPENAI)
     err.feed(b'data: {"error": {"message": "boom"}}\n\n', 0.0)
     assert err.content_error() == "boom"
+
+
+def test_openai_parser_reads_cached_prompt_tokens() -> None:
+    state = StreamState(ResponseKind.SSE_OPENAI)
+    state.feed(b'data: {"choices": [], "usage": {"prompt_tokens": 90, "completion_tokens": 3, '
+               b'"prompt_tokens_details": {"cached_tokens": 64}}}\n\ndata: [DONE]\n\n', 1.0)
+    assert state.usage_input == 90 and state.usage_cached == 64
+    plain = StreamState(ResponseKind.SSE_OPENAI)
+    plain.feed(b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3}}\n\n', 1.0)
+    assert plain.usage_cached is None
+
+
+def test_multi_turn_conversations_share_a_system_prompt_and_carry_their_history() -> None:
+    prompts = multi_turn_prompts(3, 4, system_len=40, user_len=5, reply_len=7, seed=1)
+    assert len(prompts) == 12 and [p.turn for p in prompts] == [t for t in (1, 2, 3, 4) for _ in range(3)]
+    systems = {orjson.dumps(p.messages[0]) for p in prompts if p.messages}
+    assert len(systems) == 1  # one system prompt for every conversation
+    for c in range(3):
+        turns = [prompts[t * 3 + c] for t in range(4)]
+        for earlier, later in zip(turns, turns[1:], strict=False):
+            assert earlier.messages is not None and later.messages is not None and earlier.text and later.text
+            # the next turn's request starts with the whole previous one, then a reply and a question
+            assert later.messages[:len(earlier.messages)] == earlier.messages
+            assert [m["role"] for m in later.messages[len(earlier.messages):]] == ["assistant", "user"]
+            assert later.text.startswith(earlier.text.removesuffix("Assistant:"))
+    assert len(prompts[0].messages[0]["content"].split()) == 40  # type: ignore[index]
+    assert multi_turn_prompts(3, 4, 40, 5, 7, seed=1) == prompts  # the same seed, the same run
+    shared = prefix_shared_prompts(4, system_len=30, user_len=6)
+    assert len({orjson.dumps(p.messages) for p in shared}) == 4
+    assert len({orjson.dumps(p.messages[0]) for p in shared if p.messages}) == 1

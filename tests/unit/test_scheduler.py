@@ -235,3 +235,174 @@ def test_chunks_shrink_with_their_depth_into_a_long_prompt() -> None:
     out = sched.schedule()
     depth = long.num_computed
     assert [i.num_tokens for i in out.prefills] == [int(64 / (1 + depth / 1000))]
+
+
+# -- prefix caching ------------------------------------------------------------------------------
+
+
+def make_cached(num_blocks: int, block_size: int = 4, **kw: int) -> Scheduler:
+    return Scheduler(BlockAllocator(num_blocks, block_size), max_num_seqs=kw.pop("max_num_seqs", 8),
+                     max_num_batched_tokens=kw.pop("max_num_batched_tokens", 64), enable_prefix_caching=True, **kw)
+
+
+def seq_of(ids: list[int], max_tokens: int = 4, prompt_logprobs: int | None = None) -> Sequence:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, prompt_logprobs=prompt_logprobs)
+    return Sequence(Request(ids, params), list(ids), len(ids))
+
+
+def finish_all(sched: Scheduler) -> None:
+    while sched.has_work:
+        for seq in run_step(sched):
+            if seq.num_generated >= seq.request.params.max_tokens:
+                sched.finish(seq)
+
+
+def test_a_cached_prefix_is_shared_and_only_the_rest_is_computed() -> None:
+    sched = make_cached(32)
+    system = list(range(100, 112))  # three full blocks of 4
+    first = seq_of(system + [1, 2])
+    sched.add(first)
+    finish_all(sched)
+    assert first.num_cached_tokens == 0 and sched.allocator.num_cached >= 3
+    second = seq_of(system + [3, 4, 5])
+    sched.add(second)
+    out = sched.schedule()
+    assert second.num_cached_tokens == 12 and [i.num_tokens for i in out.prefills] == [3]
+    assert [sched.allocator.block_hash(b) for b in second.block_table[:3]] == second.block_hashes[:3]
+    assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (14 + 15, 12)
+    third = seq_of(system + [3, 4, 5])  # while the second holds the blocks: shared, refcount 2
+    sched.add(third)
+    sched.commit(out)
+    out = sched.schedule()
+    assert third.block_table[:3] == second.block_table[:3]
+    assert all(sched.allocator.ref_count(b) == 2 for b in third.block_table[:3])
+
+
+def test_the_last_prompt_token_is_always_computed() -> None:
+    sched = make_cached(32)
+    ids = list(range(100, 108))  # exactly two blocks
+    sched.add(seq_of(ids))
+    finish_all(sched)
+    again = seq_of(ids)
+    sched.add(again)
+    out = sched.schedule()
+    # the first block only: the second holds the last token, whose logits are sampled
+    assert again.num_cached_tokens == 4
+    assert [(i.seq, i.num_tokens, i.samples) for i in (*out.decodes, *out.prefills)] == [(again, 4, True)]
+
+
+def test_a_request_that_scores_its_prompt_reuses_nothing() -> None:
+    sched = make_cached(32)
+    ids = list(range(100, 113))
+    sched.add(seq_of(ids))
+    finish_all(sched)
+    scoring = seq_of(ids, prompt_logprobs=1)
+    sched.add(scoring)
+    out = sched.schedule()
+    assert scoring.num_cached_tokens == 0 and out.prefills[0].num_tokens == 13
+    assert sched.prefix_cache_queries == 13  # scoring requests are not lookups
+
+
+def test_caching_off_shares_nothing() -> None:
+    sched = Scheduler(BlockAllocator(32, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    ids = list(range(100, 113))
+    sched.add(seq_of(ids))
+    finish_all(sched)
+    again = seq_of(ids)
+    sched.add(again)
+    sched.schedule()
+    assert again.num_cached_tokens == 0 and sched.allocator.num_cached == 0
+
+
+def test_generated_tokens_blocks_are_cached_too() -> None:
+    sched = make_cached(32)
+    first = seq_of([100, 101, 102], max_tokens=6)
+    sched.add(first)
+    finish_all(sched)  # 3 + 6 tokens; the last sampled one never computed: 8 computed, two blocks
+    assert sched.allocator.num_cached == 2
+    turn = seq_of(first.token_ids + [50, 51])
+    sched.add(turn)
+    sched.schedule()
+    assert turn.num_cached_tokens == 8
+
+
+def test_admission_counts_cached_blocks_nobody_holds_as_taken_and_held_ones_as_free() -> None:
+    # 6 blocks of 4: a 12-token prefix (3 blocks) cached, nobody holding it
+    sched = make_cached(6, max_num_seqs=4)
+    prefix = list(range(100, 112))
+    sched.add(seq_of(prefix + [1]))
+    finish_all(sched)
+    assert sched.allocator.num_free == 6
+    holder = seq_of(prefix + [2])
+    sched.add(holder)
+    run_step(sched)  # takes the 3 cached blocks and one more: 2 free
+    assert sched.allocator.num_free == 2 and holder.num_cached_tokens == 12
+    # the same prefix costs no block now; 1 for the new token, 1 kept in hand for the holder
+    sharer = seq_of(prefix + [3])
+    sched.add(sharer)
+    run_step(sched)
+    assert sharer.status is SequenceStatus.RUNNING and sharer.num_cached_tokens == 12
+    assert sched.allocator.num_free == 1
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "add", "step", "step", "step", "abort", "preempt"]),
+                          st.integers(0, 10_000)), min_size=10, max_size=100),
+       st.integers(6, 24), st.integers(1, 6), st.integers(8, 48), st.integers(1, 32))
+def test_random_ops_with_shared_prefixes_leak_nothing_and_never_free_a_held_block(
+        ops: list[tuple[str, int]], num_blocks: int, max_seqs: int, budget: int, threshold: int) -> None:
+    bs = 4
+    alloc = BlockAllocator(num_blocks, bs)
+    sched = Scheduler(alloc, max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                      long_prefill_token_threshold=threshold, enable_prefix_caching=True)
+    prefixes = [[200 + i for i in range(9)], list(range(300, 316)), [5, 6, 7, 8] * 3]
+    # what each block's slots hold: the token whose K/V a step wrote there (the model's stand-in)
+    content: dict[int, list[int | None]] = {b: [None] * bs for b in range(num_blocks)}
+    live: list[Sequence] = []
+    for op, n in ops:
+        if op == "add":
+            ids = prefixes[n % 3][: 3 + n % 14] + [n % 7 + 1] * (n % 5)
+            ids = ids[: num_blocks * bs - 8] or [1]
+            seq = seq_of(ids, max_tokens=min(1 + n % 9, num_blocks * bs - len(ids)),
+                         prompt_logprobs=1 if n % 11 == 0 else None)
+            sched.add(seq)
+            live.append(seq)
+        elif op == "step":
+            out = sched.schedule()
+            assert out.num_batched_tokens <= budget
+            for item in (*out.decodes, *out.prefills):
+                seq = item.seq
+                for p in range(seq.num_computed, seq.num_computed + item.num_tokens):
+                    block = seq.block_table[p // bs]
+                    # a step writes only into blocks that its sequence holds alone
+                    assert alloc.ref_count(block) == 1 and alloc.block_hash(block) is None
+                    content[block][p % bs] = seq.token_ids[p]
+            sched.commit(out)
+            for item in (*out.decodes, *out.prefills):
+                if item.samples:
+                    item.seq.token_ids.append(item.seq.num_generated % 3 + 1)
+                    if item.seq.num_generated >= item.seq.request.params.max_tokens:
+                        sched.finish(item.seq)
+                        live.remove(item.seq)
+        elif op == "abort" and live:
+            sched.finish(live.pop(n % len(live)))
+        elif op == "preempt" and sched.running:
+            victim = sched.running.pop(n % len(sched.running))
+            sched._preempt(victim)  # as _reserve does when a decode is short of a block
+        # every block's count is the number of sequences that hold it; the rest is free
+        holders: dict[int, int] = {}
+        for seq in sched.running:
+            for block in seq.block_table:
+                holders[block] = holders.get(block, 0) + 1
+        assert all(alloc.ref_count(b) == holders.get(b, 0) for b in range(num_blocks))
+        assert alloc.num_used == len(holders)
+        assert all(not s.block_table for s in sched.waiting)
+        # the cache holds what each running sequence computed, shared blocks included
+        for seq in sched.running:
+            assert all(content[seq.block_table[p // bs]][p % bs] == seq.token_ids[p]
+                       for p in range(seq.num_computed))
+        assert len(sched.running) <= max_seqs
+    for seq in live:
+        sched.finish(seq)
+    assert alloc.num_free == num_blocks and alloc.num_used == 0
+    assert all(alloc.ref_count(b) == 0 for b in range(num_blocks))
