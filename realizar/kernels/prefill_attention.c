@@ -39,9 +39,10 @@
 #endif
 #define TK 8      /* keys per score pass: 8 sums per head */
 #define CC 8      /* value columns per pass: 8 sums per head */
-/* The keys and values of the block AHEAD blocks on are prefetched into L2, not L1: into L1 they
- * evicted the tile's own queries and sums (A/B at 8k context, 1 thread: 233 -> 196 ms; none at
- * all: 237 ms). */
+/* The keys and values of the block AHEAD blocks on are prefetched into L2, not L1, where they
+ * evicted the tile's own queries and sums, and a few lines per value pass, not all at once,
+ * which filled the queue of misses (A/B at 8k context, 1 thread, AVX-512 build: 233 ms all at
+ * once into L1, 196 into L2, 156-180 spread; 237 without). */
 #define AHEAD 2
 #define STEP 16   /* tokens per online-softmax update (at most one cache block) */
 
@@ -101,10 +102,12 @@ static inline __attribute__((always_inline)) void tile_values(const int NH, cons
 
 /* One update of NH heads' running (m, l, o) by the nt tokens t0.. of one block, whose keys
  * and values are rows hd apart at k and v. Lanes whose length `lens` is at or below a token
- * get no weight from it (only when `masked`: some lane ends inside this run). */
+ * get no weight from it (only when `masked`: some lane ends inside this run). The same rows
+ * AHEAD blocks on, at ak and av (NULL: none), are prefetched a few lines per value pass. */
 static inline __attribute__((always_inline)) void tile_step(const int NH, const float *qt, const float *k,
                                                             const float *v, int nt, int64_t t0, int masked,
-                                                            vi8 lens, int64_t hd, float scale, float *o, v8 *m, v8 *l) {
+                                                            vi8 lens, int64_t hd, float scale, float *o, v8 *m, v8 *l,
+                                                            const float *ak, const float *av) {
     v8 s[HEADS][STEP];
     for (int t = 0; t < nt; t += TK) {
         const float *rows[TK];  /* past nt: the last key again, masked below */
@@ -134,23 +137,33 @@ static inline __attribute__((always_inline)) void tile_step(const int NH, const 
         l[j] = l[j] * alpha[j] + sum;
         m[j] = next;
     }
+    const int64_t passes = hd / CC, span = nt * hd;
     int64_t c = 0;
-    for (; c + CC <= hd; c += CC) tile_values(NH, CC, s, nt, v, hd, alpha, o, c);
+    for (int64_t pass = 0; c + CC <= hd; c += CC, pass++) {
+        if (ak)  /* lines [pass, pass + 1) * span / passes of each run, 64 bytes apart */
+            for (int64_t i = pass * span / passes / 16 * 16; i < (pass + 1) * span / passes; i += 16) {
+                __builtin_prefetch(ak + i, 0, 2);
+                __builtin_prefetch(av + i, 0, 2);
+            }
+        tile_values(NH, CC, s, nt, v, hd, alpha, o, c);
+    }
     for (; c < hd; c++) tile_values(NH, 1, s, nt, v, hd, alpha, o, c);
 }
 
 static void tile_steps(int64_t nh, const float *qt, const float *k, const float *v, int nt, int64_t t0,
-                       int masked, vi8 lens, int64_t hd, float scale, float *o, v8 *m, v8 *l) {
+                       int masked, vi8 lens, int64_t hd, float scale, float *o, v8 *m, v8 *l,
+                       const float *ak, const float *av) {
     for (int64_t j = 0; j < nh; j += HEADS) {
         const int64_t n = nh - j < HEADS ? nh - j : HEADS;
         const float *q = qt + j * hd * 8;
         float *oj = o + j * hd * 8;
         if (HEADS >= 3 && n == 3)
-            tile_step(HEADS >= 3 ? 3 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j);
+            tile_step(HEADS >= 3 ? 3 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av);
         else if (HEADS >= 2 && n == 2)
-            tile_step(HEADS >= 2 ? 2 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j);
+            tile_step(HEADS >= 2 ? 2 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av);
         else
-            tile_step(1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j);
+            tile_step(1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av);
+        ak = av = NULL;  /* once per step */
     }
 }
 
@@ -197,18 +210,17 @@ void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t
     for (int64_t t0 = 0, blk = 0; t0 < longest; t0 += bs, blk++) {
         const int64_t at = (table[blk] * A->kv_heads + g) * bs * hd;
         const float *kb = A->key_cache + at, *vb = A->value_cache + at;
-        if (t0 + AHEAD * bs < longest) {  /* scattered blocks, which no hardware prefetcher can follow */
+        const float *ak = NULL, *av = NULL;  /* scattered blocks, which no hardware prefetcher can follow */
+        if (t0 + AHEAD * bs < longest) {
             const int64_t ahead = (table[blk + AHEAD] * A->kv_heads + g) * bs * hd;
-            for (int64_t i = 0; i < bs * hd; i += 16) {  /* a 64-byte line each */
-                __builtin_prefetch(A->key_cache + ahead + i, 0, 2);
-                __builtin_prefetch(A->value_cache + ahead + i, 0, 2);
-            }
+            ak = A->key_cache + ahead;
+            av = A->value_cache + ahead;
         }
         for (int64_t off = 0; off < bs && t0 + off < longest; off += STEP) {
             int64_t nt = bs - off < STEP ? bs - off : STEP;
             nt = longest - (t0 + off) < nt ? longest - (t0 + off) : nt;
             tile_steps(group, qt, kb + off * hd, vb + off * hd, (int)nt, t0 + off, t0 + off + nt > shortest, lens, hd,
-                       A->scale, o, m, l);
+                       A->scale, o, m, l, ak ? ak + off * hd : NULL, av ? av + off * hd : NULL);
         }
     }
     for (int64_t j = 0; j < group; j++) {
