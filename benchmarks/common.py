@@ -555,8 +555,10 @@ def workload_for(server: ManagedServer, *, prompt_len: int, output_len: int, see
 
 
 async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-                            timeout_s: float) -> RequestRecord:
-    """POST one streaming completion and time its chunks."""
+                            timeout_s: float, stop: asyncio.Event | None = None) -> RequestRecord:
+    """POST one streaming completion and time its chunks. Once ``stop`` is set, the next chunk
+    ends the stream: the connection is closed (the server aborts the request) and what was
+    timed so far is the record."""
     rec = RequestRecord(ok=False)
     rec.start_s = time.perf_counter()
     last = rec.start_s
@@ -573,7 +575,7 @@ async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict
                 if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == b"[DONE]":
+                if data == b"[DONE]" or (stop is not None and stop.is_set()):
                     break
                 now = time.perf_counter()
                 try:

@@ -1,8 +1,10 @@
 """Small C kernels for the CPU engine, compiled on first use and loaded with ctypes.
 
-- ``paged_attention.c``: decode attention straight over the paged KV cache, and the
-  KV-cache write. They replace a gather of every sequence's blocks plus a padded, masked
-  SDPA call, which cost more than the attention arithmetic itself (BENCHMARKS.md).
+- ``paged_attention.c``: attention straight over the paged KV cache, and the KV-cache
+  write. They replace a gather of every sequence's blocks plus a padded, masked SDPA call,
+  which cost more than the attention arithmetic itself (BENCHMARKS.md). Decode rows are
+  attended one by one; the rows of a prompt chunk in tiles (``prefill_attention.c``: a
+  flash-attention-style pass that reads the context once per 8 rows, not once per row).
 - ``packed_gemm.c``: the linear layers' matrix products, over weights packed once at load
   time. A BLAS sgemm repacks the weight on every call, which at a decode step's few rows
   costs as much as the arithmetic.
@@ -37,7 +39,8 @@ import torch
 log = logging.getLogger("realizar.kernels")
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "pointwise.c", "sampling.c")]
+           for name in ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "prefill_attention.c", "pointwise.c",
+                         "sampling.c")]
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 PANEL = 16  # output columns per packed weight panel (NR in packed_gemm.c)

@@ -3,6 +3,7 @@
 #ifndef REALIZAR_CPU_KERNELS_H
 #define REALIZAR_CPU_KERNELS_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -50,6 +51,29 @@ static inline v8 exp8_nonpositive(v8 x) {
     EXP_STEPS(x, n, p);
     return p * (v8)((__builtin_convertvector(n, vi8) + 127) << 23);
 }
+
+/* Prompt rows first .. first + rows - 1 (rows <= TILE) that share a block table. */
+struct attention_tile { int64_t first, rows, longest; };
+
+/* A paged-attention call (paged_attention.c), shared with the prompt tiles of
+ * prefill_attention.c. */
+struct paged_attention {
+    const float *q_all, *key_cache, *value_cache;
+    const int64_t *block_tables, *row_tables, *context_lens;
+    float *out_all;
+    int64_t q_stride, max_blocks, bs, heads, kv_heads, group, hd, row;
+    float scale;
+    _Atomic int failed;
+    /* how the call's work is split: tiles of prompt rows, then single rows */
+    const struct attention_tile *tiles;  /* [num_tiles] */
+    const int64_t *singles; /* [num_singles] rows attended one at a time */
+    int64_t num_tiles, num_singles;
+};
+
+#define TILE 8  /* prompt rows attended together: one vector lane each */
+
+/* Rows row0 .. row0 + rows - 1 (rows <= TILE, one block table) over KV head g. */
+void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t rows, int64_t g);
 
 /* Runs task(arg, u) for every u in [0, units) on the calling thread and the pool's workers,
  * and returns when all are done. Units are handed out one at a time, so a thread that the OS

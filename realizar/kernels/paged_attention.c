@@ -10,9 +10,12 @@
  *   out[r, h, :] = sum_t softmax_t(scale * q[r, h] . K[slot(r, t), h / group]) V[slot(r, t), h / group]
  * A row's keys and values are read in block order, once for each chunk of query heads that
  * share them, and nothing but the live slots is touched: no gather, no padding, no mask.
- * Rows run in parallel on the thread pool.
+ * That is the path of decode rows: one row alone is one unit of work on the thread pool.
  * It is float32 softmax attention in two passes (scores, then values); its exp is within a
  * few ulp of libm's, and the results match torch's SDPA to rounding (tests/unit/test_kernels.py).
+ * The rows of a prompt chunk (runs of rows that share a block table, with lengths growing by
+ * one) go instead in tiles of TILE rows, each tile and KV head one unit, to
+ * prefill_attention.c, which reads the context once per tile rather than once per row.
  *
  * write_kv: the keys and values of new tokens into their slots.
  */
@@ -23,15 +26,6 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
-
-struct attention {
-    const float *q_all, *key_cache, *value_cache;
-    const int64_t *block_tables, *row_tables, *context_lens;
-    float *out_all;
-    int64_t q_stride, max_blocks, bs, heads, group, hd, row;
-    float scale;
-    _Atomic int failed;
-};
 
 #define HEADS_AT_ONCE 3  /* query heads of one KV group handled together */
 /* Keys and values are prefetched this many tokens ahead: one block of 16 at the default block
@@ -193,8 +187,7 @@ static void softmax(float *s, int64_t len) {
  * the weighted sums of the value rows. The query heads that share a KV head go through its
  * keys and values together, up to HEADS_AT_ONCE at a time, so each row of the cache is read
  * once per pass rather than once per query head. */
-static void attend_row(const void *arg, int64_t b) {
-    const struct attention *A = arg;
+static void attend_row(const struct paged_attention *A, int64_t b) {
     const int64_t heads = A->heads, group = A->group, hd = A->hd, bs = A->bs, row = A->row;
     const float scale = A->scale;
     const int vector = hd % 8 == 0;
@@ -212,7 +205,7 @@ static void attend_row(const void *arg, int64_t b) {
         capacity = ok ? len : 0;
         score_capacity = ok ? heads * len : 0;
         if (!ok) {
-            atomic_store(&((struct attention *)A)->failed, 1);
+            atomic_store(&((struct paged_attention *)A)->failed, 1);
             return;
         }
     }
@@ -258,6 +251,48 @@ static void attend_row(const void *arg, int64_t b) {
     }
 }
 
+/* Work unit u: a tile of prompt rows over one KV head, or one row alone. */
+static void attend_unit(const void *arg, int64_t u) {
+    const struct paged_attention *A = arg;
+    const int64_t tiled = A->num_tiles * A->kv_heads;
+    if (u < tiled) {
+        const struct attention_tile *tile = A->tiles + u / A->kv_heads;
+        realizar_attend_tile(A, tile->first, tile->rows, u % A->kv_heads);
+    } else {
+        attend_row(A, A->singles[u - tiled]);
+    }
+}
+
+/* Longest context first, so that the last units handed out are short ones. */
+static int longest_first(const void *a, const void *b) {
+    const int64_t x = ((const struct attention_tile *)a)->longest, y = ((const struct attention_tile *)b)->longest;
+    return (x < y) - (x > y);
+}
+
+/* Splits the rows into tiles and single rows. A run of at least MIN_RUN rows that read the
+ * same block table (row_tables) with lengths growing by one, the tokens of a prompt chunk,
+ * goes in tiles of up to TILE rows; any other row (a decode row, a short chunk) alone. */
+#define MIN_RUN 4
+static void plan(const int64_t *row_tables, const int64_t *context_lens, int64_t num_rows,
+                 struct attention_tile *tiles, int64_t *num_tiles, int64_t *singles, int64_t *num_singles) {
+    *num_tiles = *num_singles = 0;
+    for (int64_t r = 0, end; r < num_rows; r = end) {
+        end = r + 1;
+        if (row_tables)
+            while (end < num_rows && row_tables[end] == row_tables[r] && context_lens[end] == context_lens[end - 1] + 1)
+                end++;
+        if (end - r < MIN_RUN) {
+            for (int64_t i = r; i < end; i++) singles[(*num_singles)++] = i;
+            continue;
+        }
+        for (int64_t first = r; first < end; first += TILE) {
+            const int64_t rows = end - first < TILE ? end - first : TILE;
+            tiles[(*num_tiles)++] = (struct attention_tile){first, rows, context_lens[first + rows - 1]};
+        }
+    }
+    qsort(tiles, (size_t)*num_tiles, sizeof *tiles, longest_first);
+}
+
 /* Returns 0, or -1 when a buffer could not be allocated. row_tables[r] is the row of
  * block_tables that query row r reads (NULL: row r). */
 int realizar_paged_attention(
@@ -272,13 +307,24 @@ int realizar_paged_attention(
     int64_t num_rows, int64_t max_blocks, int64_t block_size,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale)
 {
-    struct attention A = {
+    if (num_rows <= 0) return 0;
+    struct attention_tile *tiles = malloc(sizeof *tiles * (size_t)num_rows);
+    int64_t *singles = malloc(sizeof *singles * (size_t)num_rows);
+    if (!tiles || !singles) {
+        free(tiles);
+        free(singles);
+        return -1;
+    }
+    struct paged_attention A = {
         .q_all = q_all, .q_stride = q_stride, .key_cache = key_cache, .value_cache = value_cache,
         .block_tables = block_tables, .row_tables = row_tables, .context_lens = context_lens,
         .out_all = out_all, .max_blocks = max_blocks, .bs = block_size, .heads = num_heads,
-        .group = num_heads / num_kv_heads, .hd = head_dim, .row = num_kv_heads * head_dim,
-        .scale = scale, .failed = 0};
-    realizar_parallel(attend_row, &A, num_rows);
+        .kv_heads = num_kv_heads, .group = num_heads / num_kv_heads, .hd = head_dim,
+        .row = num_kv_heads * head_dim, .scale = scale, .failed = 0, .tiles = tiles, .singles = singles};
+    plan(row_tables, context_lens, num_rows, tiles, &A.num_tiles, singles, &A.num_singles);
+    realizar_parallel(attend_unit, &A, A.num_tiles * num_kv_heads + A.num_singles);
+    free(tiles);
+    free(singles);
     return atomic_load(&A.failed) ? -1 : 0;
 }
 

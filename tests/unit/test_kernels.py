@@ -103,6 +103,97 @@ def test_paged_attention_prompt_rows_are_causal_over_the_cached_prefix(cpu_kerne
     torch.testing.assert_close(got, torch.cat([want_decode, want_prompt.transpose(0, 1)]), rtol=1e-5, atol=1e-5)
 
 
+def prompt_batch(gen: torch.Generator, decode_lens: list[int], chunks: list[tuple[int, int]], block_size: int,
+                 num_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block tables, the table of each query row and its context length for ``decode_lens`` decode
+    rows followed by prompt chunks ``(start, length)``: row i of a chunk attends to start + i + 1
+    tokens of its sequence, whose blocks are scattered over the cache."""
+    spans = decode_lens + [start + length for start, length in chunks]
+    max_blocks = max(-(-n // block_size) for n in spans)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in spans])
+    rows = list(range(len(decode_lens)))
+    lens = list(decode_lens)
+    for seq, (start, length) in enumerate(chunks, start=len(decode_lens)):
+        rows += [seq] * length
+        lens += range(start + 1, start + length + 1)
+    return tables, torch.tensor(rows), torch.tensor(lens)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (9, 3, 64, 16),   # SmolLM2: the three heads of a group in one pass
+    (8, 2, 128, 16),  # groups of 4: a pass of 3 heads and one of 1 (with AVX-512)
+    (14, 2, 64, 32),  # groups of 7; two online-softmax steps per block
+    (4, 4, 40, 5),    # no grouping; blocks of 5: steps shorter than a pass of keys
+    (6, 2, 12, 4),    # head size not a multiple of 8: value columns one at a time at the end
+])
+def test_prompt_rows_in_tiles_match_sdpa(cpu_kernels: kernels.CpuKernels, threads: int, heads: int, kv_heads: int,
+                                         head_dim: int, block_size: int) -> None:
+    """Prompt chunks, which the kernel attends in tiles of rows, mixed with decode rows in one
+    call: chunks starting inside a block, lengths that are no multiple of the tile (and one too
+    short for a tile), contexts of many blocks, against SDPA row by row."""
+    cpu_kernels.set_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(heads * 100 + head_dim + block_size)
+        num_blocks = 400
+        keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
+        values = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
+        chunks = [(0, 37), (block_size + 3, 29), (11 * block_size - 1, 8), (5, 3), (250, 70)]
+        tables, rows, lens = prompt_batch(gen, [1, 40, 300], chunks, block_size, num_blocks)
+        q = torch.randn(len(rows), heads, head_dim, generator=gen) * 3  # peaked softmax too
+        scale = head_dim ** -0.5
+        got = cpu_kernels.paged_attention(q, keys, values, tables, lens, block_size, scale, rows)
+        want = reference_attention(q, keys, values, tables[rows], lens, block_size, scale)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        cpu_kernels.set_threads(2)
+
+
+def test_prompt_tiles_rescale_when_later_keys_score_higher(cpu_kernels: kernels.CpuKernels) -> None:
+    """Scores that grow along the context, so that the running max of the online softmax rises
+    block after block and every earlier partial sum is rescaled, by factors down to about
+    exp(-90) at the larger scale; within float32 rounding of a float64 reference, as torch's
+    float32 SDPA is."""
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, head_dim, block_size = 6, 2, 32, 16
+    keys = torch.randn(64, kv_heads, block_size, head_dim, generator=gen)
+    values = torch.randn(64, kv_heads, block_size, head_dim, generator=gen)
+    tables, rows, lens = prompt_batch(gen, [], [(100, 60)], block_size, 64)
+    slots = tables[0, torch.arange(160) // block_size] * block_size + torch.arange(160) % block_size
+    direction = torch.randn(head_dim, generator=gen)
+    ramp = torch.linspace(0, 12, 160)[:, None, None] * direction  # key t gains 12 t / 160 along `direction`
+    keys[slots // block_size, :, slots % block_size] += ramp
+    q = direction.expand(len(rows), heads, head_dim).clone() + 0.1 * torch.randn(len(rows), heads, head_dim,
+                                                                                   generator=gen)
+    for scale in (0.05, 0.25):
+        got = cpu_kernels.paged_attention(q, keys, values, tables, lens, block_size, scale, rows)
+        exact = reference_attention(q.double(), keys.double(), values.double(), tables[rows], lens, block_size,
+                                    scale)
+        # scores up to ~100 carry float32 rounding of ~1e-5 into any float32 result: torch's
+        # own SDPA sets the bar
+        torch_error = (reference_attention(q, keys, values, tables[rows], lens, block_size, scale) - exact).abs()
+        assert (got - exact).abs().max() <= 2 * torch_error.max() + 1e-6
+
+
+def test_prompt_tiles_read_no_slot_past_their_rows(cpu_kernels: kernels.CpuKernels) -> None:
+    """A tile's rows end inside a block: the slots after its last row and the padded block-table
+    entries may hold anything (NaN, inf) without changing a result."""
+    gen = torch.Generator().manual_seed(9)
+    keys = torch.randn(8, 1, 16, 16, generator=gen)
+    values = torch.randn(8, 1, 16, 16, generator=gen)
+    tables = torch.tensor([[4, 6, 1, 0]])  # 4th entry: padding
+    rows = torch.zeros(13, dtype=torch.int64)
+    lens = torch.arange(21, 34)  # the chunk's tokens 20..32: the last one is slot 0 of block 1
+    q = torch.randn(13, 2, 16, generator=gen)
+    before = cpu_kernels.paged_attention(q, keys, values, tables, lens, 16, 0.25, rows)
+    keys[1, :, 1:] = float("nan")
+    values[1, :, 1:] = float("inf")
+    keys[0], values[0] = float("nan"), float("nan")
+    after = cpu_kernels.paged_attention(q, keys, values, tables, lens, 16, 0.25, rows)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert torch.isfinite(after).all()
+
+
 def test_paged_attention_reads_strided_query_rows(cpu_kernels: kernels.CpuKernels) -> None:
     """q as the model passes it: a view into the fused q|k|v rows."""
     qkv = torch.randn(3, 4 * 8 + 2 * 2 * 8)

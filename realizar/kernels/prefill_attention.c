@@ -1,0 +1,235 @@
+/* Prompt attention in tiles of query rows, float32 (called by paged_attention.c).
+ *
+ * The rows of a prefill chunk are consecutive tokens of one sequence: they share a block
+ * table and attend to prefixes of it that grow by one token a row. Attending to them one row
+ * at a time (paged_attention.c's decode path) reads the whole context once per row. Here a
+ * tile of TILE = 8 such rows and the query heads of one KV head go through the context's
+ * keys and values once, flash-attention style:
+ *
+ *   for each run of up to STEP tokens of one cache block:
+ *     s[t]   = scale q . k_t
+ *     m'     = max(m, max_t s[t])       per (row, head)
+ *     p[t]   = exp(s[t] - m')           masked to 0 where t is past the row's own length
+ *     l      = l exp(m - m') + sum_t p[t]
+ *     o      = o exp(m - m') + sum_t p[t] v_t
+ *   out = o / l
+ *
+ * The 8 rows of the tile are the 8 lanes of a vector, so both products are plain
+ * multiply-adds of a broadcast key or value element into a vector of 8 rows, the running
+ * max and sum are lane-wise, and there are no horizontal sums. The online softmax sums in a
+ * different order than a two-pass softmax; the results agree with torch's SDPA to float32
+ * rounding (tests/unit/test_kernels.py).
+ *
+ * Register budget: with AVX-512 (32 vector registers) the query heads of a KV group are done
+ * HEADS at a time, 3, sharing each broadcast element; with 16 registers (AVX2, NEON) one at a
+ * time, so that the 8 sums stay in registers. The code is the same, in GCC vector extensions.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+#ifdef HEADS  /* set on the command line: for tests of each variant */
+#elif defined(__AVX512VL__)
+#define HEADS 3  /* query heads that share one pass: 3 x 8 sums + 3 queries + 1 broadcast */
+#else
+#define HEADS 1  /* 8 sums + 1 query + 1 broadcast of 16 registers */
+#endif
+#define TK 8      /* keys per score pass: 8 sums per head */
+#define CC 8      /* value columns per pass: 8 sums per head */
+/* The keys and values of the block AHEAD blocks on are prefetched into L2, not L1, where they
+ * evicted the tile's own queries and sums, and a few lines per value pass, not all at once,
+ * which filled the queue of misses (A/B at 8k context, 1 thread, AVX-512 build: 233 ms all at
+ * once into L1, 196 into L2, 156-180 spread; 237 without). */
+#define AHEAD 2
+#define STEP 16   /* tokens per online-softmax update (at most one cache block) */
+
+static inline v8 vmax(v8 a, v8 b) {
+    const vi8 above = a > b;
+    return (v8)(((vi8)a & above) | ((vi8)b & ~above));
+}
+
+/* s[j][t] = scale sum_i k_t[i] qt[j][i] for NH heads and TK keys; qt[j] is [hd][8] (row lanes),
+ * key t's row at k[t]. The sum runs in pieces of SPAN terms, added at the end, so that no
+ * chain of roundings is longer than SPAN (float32 sums of 64 or 128 terms in one chain drift
+ * from torch's blocked sums by several ulp). */
+#define SPAN 16
+static inline __attribute__((always_inline)) void tile_scores(const int NH, const float *qt, const float *const k[TK],
+                                                              int64_t hd, float scale, v8 s[][STEP], int t0) {
+    v8 total[HEADS][TK];
+    for (int j = 0; j < NH; j++)
+        for (int t = 0; t < TK; t++) total[j][t] = (v8){0};
+    for (int64_t i0 = 0; i0 < hd; i0 += SPAN) {
+        v8 acc[HEADS][TK];
+        for (int j = 0; j < NH; j++)
+            for (int t = 0; t < TK; t++) acc[j][t] = (v8){0};
+        const int64_t end = i0 + SPAN < hd ? i0 + SPAN : hd;
+        for (int64_t i = i0; i < end; i++) {
+            v8 q[HEADS];
+            for (int j = 0; j < NH; j++) q[j] = load8(qt + (j * hd + i) * 8);
+            for (int t = 0; t < TK; t++) {
+                const float x = k[t][i];
+                for (int j = 0; j < NH; j++) acc[j][t] += x * q[j];
+            }
+        }
+        for (int j = 0; j < NH; j++)
+            for (int t = 0; t < TK; t++) total[j][t] += acc[j][t];
+    }
+    for (int j = 0; j < NH; j++)
+        for (int t = 0; t < TK; t++) s[j][t0 + t] = scale * total[j][t];
+}
+
+/* o[j][c + u] = alpha[j] o[j][c + u] + sum_t p[j][t] v_t[c + u], u < W, for NH heads; o[j] is
+ * [hd][8] (row lanes), value t's row at v + t * hd. */
+static inline __attribute__((always_inline)) void tile_values(const int NH, const int W, const v8 p[][STEP], int nt,
+                                                              const float *v, int64_t hd, const v8 *alpha,
+                                                              float *o, int64_t c) {
+    v8 acc[HEADS][CC];
+    for (int j = 0; j < NH; j++)
+        for (int u = 0; u < W; u++) acc[j][u] = load8(o + (j * hd + c + u) * 8) * alpha[j];
+    for (int t = 0; t < nt; t++) {
+        v8 w[HEADS];
+        for (int j = 0; j < NH; j++) w[j] = p[j][t];
+        const float *x = v + t * hd + c;
+        for (int u = 0; u < W; u++)
+            for (int j = 0; j < NH; j++) acc[j][u] += x[u] * w[j];
+    }
+    for (int j = 0; j < NH; j++)
+        for (int u = 0; u < W; u++) store8(o + (j * hd + c + u) * 8, acc[j][u]);
+}
+
+/* One update of NH heads' running (m, l, o) by the nt tokens t0.. of one block, whose keys
+ * and values are rows hd apart at k and v. Lanes whose length `lens` is at or below a token
+ * get no weight from it (only when `masked`: some lane ends inside this run). The same rows
+ * AHEAD blocks on, at ak and av (NULL: none), are prefetched a few lines per value pass. */
+static inline __attribute__((always_inline)) void tile_step(const int NH, const float *qt, const float *k,
+                                                            const float *v, int nt, int64_t t0, int masked,
+                                                            vi8 lens, int64_t hd, float scale, float *o, v8 *m, v8 *l,
+                                                            const float *ak, const float *av) {
+    v8 s[HEADS][STEP];
+    for (int t = 0; t < nt; t += TK) {
+        const float *rows[TK];  /* past nt: the last key again, masked below */
+        for (int u = 0; u < TK; u++) rows[u] = k + (t + u < nt ? t + u : nt - 1) * hd;
+        tile_scores(NH, qt, rows, hd, scale, s, t);
+    }
+    v8 alpha[HEADS];
+    for (int j = 0; j < NH; j++) {
+        if (masked) {
+            const v8 minus_inf = (v8){0} - INFINITY;
+            for (int t = 0; t < nt; t++) {
+                const vi8 live = (vi8){0} + (int32_t)(t0 + t) < lens;
+                s[j][t] = (v8)(((vi8)s[j][t] & live) | ((vi8)minus_inf & ~live));
+            }
+        }
+        v8 top = s[j][0];
+        for (int t = 1; t < nt; t++) top = vmax(top, s[j][t]);
+        const v8 next = vmax(m[j], top);  /* finite: every lane sees token 0 in the first step */
+        alpha[j] = exp8_nonpositive(m[j] - next);
+        v8 sum = {0};
+        for (int t = 0; t < nt; t++) {
+            v8 e = exp8_nonpositive(s[j][t] - next);
+            if (masked) e = (v8)((vi8)e & ((vi8){0} + (int32_t)(t0 + t) < lens));  /* exp(-inf) is 0 */
+            s[j][t] = e;
+            sum += e;
+        }
+        l[j] = l[j] * alpha[j] + sum;
+        m[j] = next;
+    }
+    const int64_t passes = hd / CC, span = nt * hd;
+    int64_t c = 0;
+    for (int64_t pass = 0; c + CC <= hd; c += CC, pass++) {
+        if (ak)  /* lines [pass, pass + 1) * span / passes of each run, 64 bytes apart */
+            for (int64_t i = pass * span / passes / 16 * 16; i < (pass + 1) * span / passes; i += 16) {
+                __builtin_prefetch(ak + i, 0, 2);
+                __builtin_prefetch(av + i, 0, 2);
+            }
+        tile_values(NH, CC, s, nt, v, hd, alpha, o, c);
+    }
+    for (; c < hd; c++) tile_values(NH, 1, s, nt, v, hd, alpha, o, c);
+}
+
+static void tile_steps(int64_t nh, const float *qt, const float *k, const float *v, int nt, int64_t t0,
+                       int masked, vi8 lens, int64_t hd, float scale, float *o, v8 *m, v8 *l,
+                       const float *ak, const float *av) {
+    for (int64_t j = 0; j < nh; j += HEADS) {
+        const int64_t n = nh - j < HEADS ? nh - j : HEADS;
+        const float *q = qt + j * hd * 8;
+        float *oj = o + j * hd * 8;
+        if (HEADS >= 3 && n == 3)
+            tile_step(HEADS >= 3 ? 3 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av);
+        else if (HEADS >= 2 && n == 2)
+            tile_step(HEADS >= 2 ? 2 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av);
+        else
+            tile_step(1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av);
+        ak = av = NULL;  /* once per step */
+    }
+}
+
+/* Rows row0 .. row0 + rows - 1 (rows <= TILE) of one block table, with context lengths that
+ * may differ per row, over KV head `g`: every query head of g's group. */
+void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t rows, int64_t g) {
+    const int64_t group = A->group, hd = A->hd, bs = A->bs;
+    static __thread float *buffer;
+    static __thread int64_t capacity;
+    const int64_t need = 2 * group * hd * 8 + 2 * group * 8;
+    if (need > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, sizeof(float) * (size_t)((need + 15) / 16 * 16));
+        capacity = buffer ? need : 0;
+        if (!buffer) {
+            atomic_store(&((struct paged_attention *)A)->failed, 1);
+            return;
+        }
+    }
+    float *const qt = buffer, *const o = buffer + group * hd * 8;  /* [group][hd][8] each */
+    v8 *const m = (v8 *)(o + group * hd * 8), *const l = m + group;
+
+    int32_t len[TILE];
+    int64_t shortest = INT64_MAX, longest = 0;
+    for (int u = 0; u < TILE; u++) {  /* lanes past the tile's rows repeat its last row's length */
+        const int64_t n = A->context_lens[row0 + (u < rows ? u : rows - 1)];
+        len[u] = (int32_t)n;
+        shortest = n < shortest ? n : shortest;
+        longest = n > longest ? n : longest;
+    }
+    vi8 lens;
+    memcpy(&lens, len, sizeof lens);
+    for (int64_t j = 0; j < group; j++) {
+        const int64_t h = g * group + j;
+        for (int64_t i = 0; i < hd; i++)
+            for (int u = 0; u < TILE; u++)
+                qt[(j * hd + i) * 8 + u] = u < rows ? A->q_all[(row0 + u) * A->q_stride + h * hd + i] : 0.0f;
+        m[j] = (v8){0} - INFINITY;
+        l[j] = (v8){0};
+    }
+    memset(o, 0, sizeof(float) * (size_t)(group * hd * 8));
+
+    const int64_t *table = A->block_tables + A->row_tables[row0] * A->max_blocks;
+    for (int64_t t0 = 0, blk = 0; t0 < longest; t0 += bs, blk++) {
+        const int64_t at = (table[blk] * A->kv_heads + g) * bs * hd;
+        const float *kb = A->key_cache + at, *vb = A->value_cache + at;
+        const float *ak = NULL, *av = NULL;  /* scattered blocks, which no hardware prefetcher can follow */
+        if (t0 + AHEAD * bs < longest) {
+            const int64_t ahead = (table[blk + AHEAD] * A->kv_heads + g) * bs * hd;
+            ak = A->key_cache + ahead;
+            av = A->value_cache + ahead;
+        }
+        for (int64_t off = 0; off < bs && t0 + off < longest; off += STEP) {
+            int64_t nt = bs - off < STEP ? bs - off : STEP;
+            nt = longest - (t0 + off) < nt ? longest - (t0 + off) : nt;
+            tile_steps(group, qt, kb + off * hd, vb + off * hd, (int)nt, t0 + off, t0 + off + nt > shortest, lens, hd,
+                       A->scale, o, m, l, ak ? ak + off * hd : NULL, av ? av + off * hd : NULL);
+        }
+    }
+    for (int64_t j = 0; j < group; j++) {
+        const int64_t h = g * group + j;
+        float sum[8];
+        store8(sum, l[j]);
+        for (int u = 0; u < rows; u++) {
+            float *y = A->out_all + (row0 + u) * A->heads * hd + h * hd;
+            for (int64_t c = 0; c < hd; c++) y[c] = o[(j * hd + c) * 8 + u] / sum[u];
+        }
+    }
+}
