@@ -359,7 +359,9 @@ def vllm_config(*, threads: int | None = None, max_num_seqs: int = 64, ctx_per_s
     python = python or VLLM_PYTHON
     threads = threads or default_threads()
     dtype = dtype or ("bfloat16" if info.native_bf16 else "float32")
-    bind = ",".join(str(c) for c in (info.physical + info.cpus)[:threads])
+    # one CPU per physical core first; SMT siblings only when more threads than cores are asked for
+    order = info.physical + tuple(c for c in info.cpus if c not in info.physical)
+    bind = ",".join(str(c) for c in order[:threads])
     per_token = _kv_bytes_per_token(model_dir, 2 if dtype in ("bfloat16", "float16") else 4)
     need = per_token * max(max_num_seqs * ctx_per_seq, max_model_len)
     kv_gib = max(1, min(-(-need // 2**30), int(psutil.virtual_memory().total / 4 / 2**30)))

@@ -104,6 +104,9 @@ def test_vllm_threads_bind_one_cpu_per_core(common: ModuleType, monkeypatch: pyt
     assert config.settings["threads"] == 2
     assert common.vllm_config(model_dir=model, threads=1, python=tmp_path / "bin/python").env[
         "VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    # more threads than cores: the siblings follow, each CPU once
+    assert common.vllm_config(model_dir=model, threads=3, python=tmp_path / "bin/python").env[
+        "VLLM_CPU_OMP_THREADS_BIND"] == "0,2,1"
     # an explicit dtype wins over the CPU's
     assert "bfloat16" in common.vllm_config(model_dir=model, dtype="bfloat16", python=tmp_path / "bin/python").args
     # the KV cache is at least 1 GiB and holds one sequence of the full length
