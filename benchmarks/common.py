@@ -256,6 +256,7 @@ def _physical_cpus(cpus: Sequence[int]) -> tuple[int, ...]:
     first: dict[tuple[str, ...], int] = {}
     for cpu in sorted(cpus):
         topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        key: tuple[str, ...]
         try:
             key = ((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip())
         except OSError:

@@ -13,11 +13,13 @@ completion; exits 1 when a peer fails to start or to answer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,7 +33,7 @@ from common import (  # noqa: E402  (after the path above)
 )
 
 
-def complete(server: ManagedServer, prompt: str, max_tokens: int, timeout_s: float) -> dict:
+def complete(server: ManagedServer, prompt: str, max_tokens: int, timeout_s: float) -> dict[str, Any]:
     body = json.dumps({"model": server.model, "prompt": prompt, "max_tokens": max_tokens,
                        "temperature": 0}).encode()
     req = urllib.request.Request(server.url + "/v1/completions", data=body,
@@ -47,7 +49,7 @@ def spec_for(name: str, startup_timeout_s: float) -> ServerSpec:
         spec = vllm_spec(max_num_seqs=4)
     else:
         raise ValueError(name)
-    return ServerSpec(**{**spec.__dict__, "startup_timeout_s": startup_timeout_s})
+    return dataclasses.replace(spec, startup_timeout_s=startup_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:
