@@ -297,9 +297,13 @@ class PeerConfig:
         return ", ".join(f"{key} {value}" for key, value in self.settings.items())
 
 
-# llama-server's flash attention (-fa on|off|auto) on the CPU. Measured with
-# benchmarks/throughput.py on SmolLM2-135M Q4_1, 2 threads, AVX-512 (BENCHMARKS.md,
-# "Peers"): see there for the numbers. LLAMA_FLASH_ATTN overrides it.
+# llama-server's flash attention (-fa on|off|auto) on the CPU: on, by measurement
+# (llama-batched-bench, SmolLM2-135M Q4_1, 2 threads, AVX-512, 32+32 tokens, on and
+# off alternated twice): with 16 sequences on was ahead in both rounds, prompt
+# 34-39 against 13-21 tok/s, generation 6.9-10.3 against 5.9-9.2 tok/s; with one
+# sequence the rounds split. A busy machine, so indicative only (BENCHMARKS.md,
+# "Peers"). llama.cpp's own "auto" also turns it on for the CPU. LLAMA_FLASH_ATTN
+# overrides it.
 LLAMA_FLASH_ATTN = os.environ.get("LLAMA_FLASH_ATTN", "on")
 # llama.cpp's defaults, which its docs keep for CPUs: a logical batch of 2048 tokens
 # split into physical batches of 512 (larger ones only help a GPU's prompt processing)

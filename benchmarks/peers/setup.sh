@@ -139,6 +139,14 @@ step_hf_model() {
     done_step hf-model $((SECONDS - t0)) "exported $HF_DIR ($(du -sh "$HF_DIR" | cut -f1))"
 }
 
+tcmalloc_hint() {
+    # vLLM's CPU docs preload TCMalloc; common.py does so when the library is there
+    if ! ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 \
+        /usr/lib/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then
+        log "note: TCMalloc is not installed; vLLM runs faster with it: apt-get install libtcmalloc-minimal4"
+    fi
+}
+
 main() {
     local steps=("$@")
     [[ ${#steps[@]} -gt 0 ]] || steps=(llama-server vllm hf-model)
@@ -148,7 +156,7 @@ main() {
     for s in "${steps[@]}"; do
         case $s in
             llama-server) step_llama_server ;;
-            vllm) step_vllm ;;
+            vllm) step_vllm; tcmalloc_hint ;;
             hf-model) step_hf_model ;;
             *) log "unknown step '$s' (steps: llama-server vllm hf-model)"; return 2 ;;
         esac
