@@ -204,7 +204,8 @@ def realizar_spec(*, port: int | None = None, dtype: str = "auto", model: str | 
             "--dtype", dtype, "--no-access-log", "--log-level", "warning", "--shutdown-timeout", "5",
             *threads_args, *extra_args)
     note = f"dtype {dtype}" + (f", --threads {threads}" if threads else ", default threads")
-    return ServerSpec("realizar", argv, port, "/health", None, {}, _ignore_eos_fields(output_len), note=note)
+    return ServerSpec("realizar", argv, port, "/health", None, {}, _ignore_eos_fields(output_len), note=note,
+                      config={"dtype": dtype, "threads": threads or "default (one per core)"})
 
 
 def add_server_options(p: argparse.ArgumentParser, verb: str) -> None:
