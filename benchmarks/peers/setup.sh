@@ -139,12 +139,19 @@ step_hf_model() {
     done_step hf-model $((SECONDS - t0)) "exported $HF_DIR ($(du -sh "$HF_DIR" | cut -f1))"
 }
 
+have_tcmalloc() {
+    ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 \
+        /usr/lib/libtcmalloc_minimal.so.4 >/dev/null 2>&1
+}
+
 tcmalloc_hint() {
     # vLLM's CPU docs preload TCMalloc; common.py does so when the library is there
-    if ! ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 \
-        /usr/lib/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then
-        log "note: TCMalloc is not installed; vLLM runs faster with it: apt-get install libtcmalloc-minimal4"
+    if ! have_tcmalloc && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        log "installing TCMalloc (libtcmalloc-minimal4), which vLLM's CPU docs preload"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4) \
+            >/dev/null 2>&1 || true
     fi
+    have_tcmalloc || log "note: TCMalloc is not installed; vLLM runs faster with it: apt-get install libtcmalloc-minimal4"
 }
 
 main() {
