@@ -1,5 +1,8 @@
 """Batched sampling that honours each row's own parameters and seed.
 
+Rows that ask for them first get their logit bias and penalties (:class:`Penalties`), then the
+EOS ban of ``min_tokens``.
+
 Greedy rows take the argmax. Sampling rows apply temperature, then top-k and top-p,
 then draw by inverse CDF with a uniform number from the row's own generator, so a seeded
 request gives the same tokens whatever else shares its batch.
@@ -14,6 +17,7 @@ on one core, which at 16 rows was longer than the forward pass itself.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +28,58 @@ from realizar import kernels
 from realizar.request import Logprob, SamplingParams
 
 
+class Penalties:
+    """One sequence's logit bias and repetition penalties, and the token counts they need.
+
+    Only rows whose request asks for them have one (``SamplingParams.penalized``), so the other
+    rows of a batch pay nothing. The engine reports each generated token with :meth:`add`, a
+    list append; the counts live in dense tensors over the vocabulary, built on the first step
+    and brought up to date at each :meth:`apply`, so a step costs a few vector ops over the
+    vocabulary whatever the sequence's length.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+        self.params = params
+        self.pending: list[int] = []  # generated tokens not yet in ``counts``
+        self.prompt_ids = tuple(prompt_ids) if params.repetition_penalty != 1 else ()
+        self.counts: torch.Tensor | None = None  # [V] float32: occurrences in the generated tokens
+        self.seen: torch.Tensor | None = None  # [V] bool: in the prompt or the generated tokens
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # token ids, biases
+
+    def add(self, token_id: int) -> None:
+        self.pending.append(token_id)
+
+    def apply(self, row: torch.Tensor) -> None:
+        """Penalize one row of logits [V] (float32) in place: repetition penalty (vLLM's: over the prompt
+        and the output), then presence and frequency penalties (OpenAI's: over the output), then the bias."""
+        p = self.params
+        counted = p.presence_penalty != 0 or p.frequency_penalty != 0
+        repeated = p.repetition_penalty != 1
+        if self.counts is None and (counted or repeated):
+            self.counts = torch.zeros(row.shape[0], dtype=torch.float32, device=row.device)
+            if repeated:
+                self.seen = torch.zeros(row.shape[0], dtype=torch.bool, device=row.device)
+                self.seen[torch.tensor(self.prompt_ids, dtype=torch.long, device=row.device)] = True
+        if self.pending and self.counts is not None:
+            ids = torch.tensor(self.pending, dtype=torch.long, device=row.device)
+            self.counts.index_put_((ids,), torch.ones(len(self.pending), device=row.device), accumulate=True)
+            if self.seen is not None:
+                self.seen[ids] = True
+            self.pending.clear()
+        if repeated:
+            assert self.seen is not None
+            penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            row.copy_(torch.where(self.seen, penalized, row))
+        if counted:
+            assert self.counts is not None
+            row -= self.counts * p.frequency_penalty + (self.counts > 0).float() * p.presence_penalty
+        if p.logit_bias:
+            if self.bias is None:
+                self.bias = (torch.tensor([t for t, _b in p.logit_bias], dtype=torch.long, device=row.device),
+                             torch.tensor([b for _t, b in p.logit_bias], dtype=torch.float32, device=row.device))
+            row.index_add_(0, *self.bias)
+
+
 @dataclass
 class SamplingRow:
     """One sequence's sampling inputs for this step."""
@@ -31,6 +87,7 @@ class SamplingRow:
     params: SamplingParams
     generator: np.random.Generator | None  # None for greedy rows
     banned_token_ids: tuple[int, ...] = ()  # EOS and stop ids while under min_tokens
+    penalties: Penalties | None = None  # logit bias and penalties; None when the request has none
 
     def save(self) -> Any:
         """The generator's position, so a step that is run again draws the same numbers."""
@@ -127,9 +184,11 @@ def draw(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
     """Pick one token per row of ``logits`` [B, V] (float32)."""
     logits = logits.float()
-    if any(row.banned_token_ids for row in rows):
+    if any(row.banned_token_ids or row.penalties is not None for row in rows):
         logits = logits.clone()
         for i, row in enumerate(rows):
+            if row.penalties is not None:  # before any filter, and before greedy's argmax
+                row.penalties.apply(logits[i])
             if row.banned_token_ids:
                 logits[i, list(row.banned_token_ids)] = float("-inf")
     chosen = argmax(logits)

@@ -54,7 +54,7 @@ class NativeAPI:
         engine = self.state.require_engine()
         mc = engine.model_config
         return json_response({"models": [{
-            "id": engine.model_id,
+            "id": self.state.model_id,
             "name": mc.name,
             "description": (f"{mc.architecture} model, {mc.num_layers} layers, hidden size {mc.hidden_size}, "
                             f"context {engine.max_model_len} tokens, on {engine.compute_mode}"),
@@ -65,7 +65,7 @@ class NativeAPI:
     async def tokenize(self, request: Request) -> Response:
         engine = self.state.require_engine()
         req = protocol.parse_tokenize(await read_json(request, self.config.max_body_bytes))
-        check_model(engine, req.model_id)
+        check_model(self.state.model_names, req.model_id)
         ids = await encode(engine.tokenizer, req.text, req.add_special, param="text",
                            parse_special=self._parse_special(req.parse_special))
         return json_response({"token_ids": ids, "num_tokens": len(ids)})
@@ -73,7 +73,7 @@ class NativeAPI:
     async def batch_tokenize(self, request: Request) -> Response:
         engine = self.state.require_engine()
         req = protocol.parse_batch_tokenize(await read_json(request, self.config.max_body_bytes), self.config)
-        check_model(engine, req.model_id)
+        check_model(self.state.model_names, req.model_id)
         batch = await encode_many(engine.tokenizer, req.texts, req.add_special, param="texts",
                                   parse_special=self._parse_special(req.parse_special))
         return json_response({"results": [{"token_ids": ids, "num_tokens": len(ids)} for ids in batch]})
@@ -86,7 +86,7 @@ class NativeAPI:
         """Parse and tokenize a one-prompt generation request (/generate, /stream/generate)."""
         engine = self.state.require_engine()
         req = protocol.parse_generate(await read_json(request, self.config.max_body_bytes), self.config)
-        check_model(engine, req.model_id)
+        check_model(self.state.model_names, req.model_id)
         prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt,
                                                parse_special=self.config.allow_special_tokens_in_content))
         return engine, req, prompt_ids, Generation(self.state, engine, context(request))
@@ -105,7 +105,7 @@ class NativeAPI:
     async def batch_generate(self, request: Request) -> Response:
         engine = self.state.require_engine()
         req = protocol.parse_batch_generate(await read_json(request, self.config.max_body_bytes), self.config)
-        check_model(engine, req.model_id)
+        check_model(self.state.model_names, req.model_id)
         batch = await encode_many(engine.tokenizer, req.prompts,
                                   parse_special=self.config.allow_special_tokens_in_content)
         for i, ids in enumerate(batch):
