@@ -12,7 +12,7 @@ from pathlib import Path
 from realizar import __version__
 from realizar.config import EngineConfig, ServerConfig
 
-ENDPOINTS = ("GET  /health", "GET  /models", "POST /tokenize", "POST /generate", "POST /batch/tokenize",
+ENDPOINTS = ("GET  /health", "GET  /models", "POST /tokenize", "POST /detokenize", "POST /generate", "POST /batch/tokenize",
              "POST /batch/generate", "POST /stream/generate", "GET  /metrics", "GET  /v1/models",
              "POST /v1/completions", "POST /v1/chat/completions")
 

@@ -252,7 +252,7 @@ class OpenAIAPI:
         body = parse_json(data)
         _check_message_count(body, self.config.max_messages)
         req = protocol.parse_chat(body, self.config)
-        prompt_ids = check_prompt(_chat_prompt_ids(tokenizer, list(req.messages),
+        prompt_ids = check_prompt(chat_prompt_ids(tokenizer, list(req.messages),
                                                     self.config.allow_special_tokens_in_content), "messages")
         return req, prompt_ids
 
@@ -322,11 +322,12 @@ def _check_message_count(body: Any, limit: int) -> None:
                        param="messages")
 
 
-def _chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], special_in_content: bool) -> list[int]:
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], special_in_content: bool,
+                    add_generation_prompt: bool = True) -> list[int]:
     """The conversation rendered with the model's chat template and tokenized (the template writes its BOS);
     special tokens in the messages are text unless ``special_in_content``."""
     try:
-        return tokenizer.encode_chat(messages, parse_special_in_content=special_in_content)
+        return tokenizer.encode_chat(messages, add_generation_prompt, parse_special_in_content=special_in_content)
     except ValueError as exc:
         raise _template_error(tokenizer, messages, exc) from None
 
