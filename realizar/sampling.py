@@ -33,46 +33,70 @@ class Penalties:
 
     Only rows whose request asks for them have one (``SamplingParams.penalized``), so the other
     rows of a batch pay nothing. The engine reports each generated token with :meth:`add`, a
-    list append; the counts live in dense tensors over the vocabulary, built on the first step
-    and brought up to date at each :meth:`apply`, so a step costs a few vector ops over the
-    vocabulary whatever the sequence's length.
+    list append. The counts are kept sparse, as tensors of the distinct tokens seen and their
+    counts, grown at each :meth:`apply`: a step touches the sequence's distinct tokens only, never
+    the whole vocabulary (dense [V] updates cost milliseconds a row on a busy CPU).
     """
 
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
         self.params = params
-        self.pending: list[int] = []  # generated tokens not yet in ``counts``
-        self.prompt_ids = tuple(prompt_ids) if params.repetition_penalty != 1 else ()
-        self.counts: torch.Tensor | None = None  # [V] float32: occurrences in the generated tokens
-        self.seen: torch.Tensor | None = None  # [V] bool: in the prompt or the generated tokens
+        self.pending: list[int] = []  # generated tokens not yet counted
+        self.counted = params.presence_penalty != 0 or params.frequency_penalty != 0
+        self.repeated = params.repetition_penalty != 1
+        self.position: dict[int, int] = {}  # generated token -> its index in ``ids``/``counts``
+        self.ids: torch.Tensor | None = None  # [G] long: distinct generated tokens
+        self.counts: torch.Tensor | None = None  # [G] float32: how often each was generated
+        self.seen: set[int] = set(prompt_ids) if self.repeated else set()
+        self.seen_new: list[int] = list(self.seen)  # seen tokens not yet in ``seen_ids``
+        self.seen_ids: torch.Tensor | None = None  # [S] long: distinct tokens of the prompt and the output
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # token ids, biases
 
     def add(self, token_id: int) -> None:
         self.pending.append(token_id)
 
+    def _catch_up(self, device: torch.device) -> None:
+        """Fold the pending tokens into the count and seen tensors."""
+        if self.ids is None:
+            self.ids = torch.empty(0, dtype=torch.long, device=device)
+            self.counts = torch.empty(0, dtype=torch.float32, device=device)
+            self.seen_ids = torch.empty(0, dtype=torch.long, device=device)
+        assert self.counts is not None and self.seen_ids is not None
+        if self.pending:
+            new: list[int] = []
+            bumps: list[int] = []
+            for token in self.pending:
+                at = self.position.get(token)
+                if at is None:
+                    self.position[token] = len(self.position)
+                    new.append(token)
+                else:
+                    bumps.append(at)
+                if self.repeated and token not in self.seen:
+                    self.seen.add(token)
+                    self.seen_new.append(token)
+            self.pending.clear()
+            if new:
+                self.ids = torch.cat([self.ids, torch.tensor(new, dtype=torch.long, device=device)])
+                self.counts = torch.cat([self.counts, torch.ones(len(new), dtype=torch.float32, device=device)])
+            if bumps:  # tokens counted before, or repeated within the pending ones
+                self.counts.index_add_(0, torch.tensor(bumps, dtype=torch.long, device=device),
+                                       torch.ones(len(bumps), dtype=torch.float32, device=device))
+        if self.seen_new:
+            self.seen_ids = torch.cat([self.seen_ids, torch.tensor(self.seen_new, dtype=torch.long, device=device)])
+            self.seen_new.clear()
+
     def apply(self, row: torch.Tensor) -> None:
         """Penalize one row of logits [V] (float32) in place: repetition penalty (vLLM's: over the prompt
         and the output), then presence and frequency penalties (OpenAI's: over the output), then the bias."""
         p = self.params
-        counted = p.presence_penalty != 0 or p.frequency_penalty != 0
-        repeated = p.repetition_penalty != 1
-        if self.counts is None and (counted or repeated):
-            self.counts = torch.zeros(row.shape[0], dtype=torch.float32, device=row.device)
-            if repeated:
-                self.seen = torch.zeros(row.shape[0], dtype=torch.bool, device=row.device)
-                self.seen[torch.tensor(self.prompt_ids, dtype=torch.long, device=row.device)] = True
-        if self.pending and self.counts is not None:
-            ids = torch.tensor(self.pending, dtype=torch.long, device=row.device)
-            self.counts.index_put_((ids,), torch.ones(len(self.pending), device=row.device), accumulate=True)
-            if self.seen is not None:
-                self.seen[ids] = True
-            self.pending.clear()
-        if repeated:
-            assert self.seen is not None
-            penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-            row.copy_(torch.where(self.seen, penalized, row))
-        if counted:
-            assert self.counts is not None
-            row -= self.counts * p.frequency_penalty + (self.counts > 0).float() * p.presence_penalty
+        if self.counted or self.repeated:
+            self._catch_up(row.device)
+        if self.repeated and self.seen_ids is not None and self.seen_ids.numel():
+            values = row[self.seen_ids]
+            row[self.seen_ids] = torch.where(values > 0, values / p.repetition_penalty,
+                                             values * p.repetition_penalty)
+        if self.counted and self.ids is not None and self.counts is not None and self.ids.numel():
+            row.index_add_(0, self.ids, self.counts * -p.frequency_penalty - p.presence_penalty)
         if p.logit_bias:
             if self.bias is None:
                 self.bias = (torch.tensor([t for t, _b in p.logit_bias], dtype=torch.long, device=row.device),

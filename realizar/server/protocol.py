@@ -450,6 +450,8 @@ def _logit_bias(f: Fields) -> tuple[tuple[int, float], ...]:
     for key, number in value.items():
         if not (key.isascii() and key.isdigit()):
             raise f.type_error("logit_bias", f"an object whose keys are token ids; got key {key!r}")
+        if len(key) > 18:  # no vocabulary is this large; and int() refuses keys past 4300 digits
+            raise f.range_error("logit_bias", f"an object whose keys are token ids in the vocabulary; got {key[:24]}...")
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
             raise f.type_error("logit_bias", f"an object whose values are numbers; got {_json_repr(number)} "
                                              f"for token {key}")

@@ -225,6 +225,7 @@ def test_logit_bias_and_penalties_are_parsed() -> None:
     ({"logit_bias": {"5": "x"}}, 422, "logit_bias"),
     ({"logit_bias": {"5": True}}, 422, "logit_bias"),
     ({"logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"logit_bias": {"9" * 5000: 1}}, 400, "logit_bias"),
     ({"frequency_penalty": "x"}, 422, "frequency_penalty"),
     ({"frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ({"presence_penalty": -2.01}, 400, "presence_penalty"),

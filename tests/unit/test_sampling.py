@@ -179,6 +179,13 @@ def test_frequency_and_presence_penalties_count_generated_tokens() -> None:
     assert freq.penalties is not None
     freq.penalties.add(0)
     assert sample(logits, [freq])[0].token_id == 1  # 5 - 1.2 < 4: the count grows the penalty
+    batched = penalized(temperature=0, frequency_penalty=0.6)  # two tokens reported before one step
+    assert batched.penalties is not None
+    batched.penalties.add(0)
+    batched.penalties.add(0)
+    after = logits.clone()
+    batched.penalties.apply(after[0])
+    assert torch.allclose(after[0], torch.tensor([3.8, 4.0, 0.0]))
     negative = penalized(temperature=0, presence_penalty=-2.0)  # a negative penalty favours repeats
     assert negative.penalties is not None
     negative.penalties.add(1)
