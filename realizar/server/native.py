@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from realizar.server import protocol
+from realizar.server.errors import APIError
 from realizar.server.generation import (
     EventStream,
     Generation,
@@ -87,6 +88,9 @@ class NativeAPI:
         else:
             assert req.messages is not None
             messages = list(req.messages)
+            if len(messages) > self.config.max_messages:
+                raise APIError(400, f"messages has {len(messages)} entries; the limit is {self.config.max_messages} "
+                                    "(--max-messages)", param="messages")
             ids = await self.state.offload(chat_prompt_ids, tokenizer, messages, special, req.add_generation_prompt)
             bos = tokenizer.bos_token_id
             if req.add_special and bos is not None and ids[:1] != [bos]:
