@@ -12,7 +12,7 @@ from pathlib import Path
 from realizar import __version__
 from realizar.config import EngineConfig, ServerConfig
 
-ENDPOINTS = ("GET  /health", "GET  /models", "POST /tokenize", "POST /generate", "POST /batch/tokenize",
+ENDPOINTS = ("GET  /health", "GET  /models", "POST /tokenize", "POST /detokenize", "POST /generate", "POST /batch/tokenize",
              "POST /batch/generate", "POST /stream/generate", "GET  /metrics", "GET  /v1/models",
              "POST /v1/completions", "POST /v1/chat/completions")
 
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-special-tokens-in-content", action="store_true",
                    help="read special tokens typed in prompts and chat messages (<|im_start|>) as control tokens; "
                         "by default they are text, and only the chat template's markup makes control tokens")
+    s.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
+                   help="the model's names in the API: the first is the id /v1/models reports, every one is "
+                        "accepted in requests (default: the model's own name)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
 
@@ -188,7 +191,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             allow_special_tokens_in_content=args.allow_special_tokens_in_content, max_messages=args.max_messages,
             max_connections=args.max_connections, idle_timeout=args.idle_timeout,
             header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-            max_header_bytes=args.max_header_bytes, max_headers=args.max_headers)
+            max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
+            served_model_names=tuple(args.served_model_name))
     except ValueError as exc:
         raise CLIError(f"Invalid server setting: {exc}.") from None
     holder: dict[str, AsyncEngine] = {}

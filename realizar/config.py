@@ -129,6 +129,8 @@ class ServerConfig:
     # markup makes control tokens.
     allow_special_tokens_in_content: bool = False
     max_messages: int = 1024  # chat messages in one request
+    # --served-model-name: the names the model answers to; the first is the id reported. Empty: the model's own.
+    served_model_names: tuple[str, ...] = ()
     # Connection limits (realizar.server.connection): what a client may hold before the app sees a request.
     max_connections: int = 2048  # open HTTP connections; kept below RLIMIT_NOFILE at start
     idle_timeout: float = 5.0  # a connection with no request begun (new, or kept alive)
@@ -145,5 +147,7 @@ class ServerConfig:
             raise ValueError("limits must be > 0")
         if self.request_timeout <= 0 or self.shutdown_timeout < 0:
             raise ValueError("timeouts must be positive")
+        if any(not name.strip() for name in self.served_model_names):
+            raise ValueError("served model names must not be empty")
         if min(self.idle_timeout, self.header_timeout, self.body_timeout) <= 0:
             raise ValueError("connection timeouts must be > 0")

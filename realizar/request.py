@@ -24,6 +24,10 @@ MAX_TEMPERATURE = 100.0
 # Seeds are signed or unsigned 64-bit integers; every one of them names its own stream
 # (realizar.sampling.make_generator).
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty
+# vLLM only asks for > 0; past this a seen token's logit is divided into noise, most likely a unit mistake
+MAX_REPETITION_PENALTY = 100.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # how many top alternatives to report; None: no logprobs
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); None: none
+    # OpenAI's logit_bias: (token id, bias) pairs added to the logits, bias in [-100, 100]
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
+    # vLLM: logits of tokens seen in the prompt or the output are divided (if > 0) or multiplied by it
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -65,6 +75,19 @@ class SamplingParams:
             raise ValueError("logprobs must be >= 0")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError("prompt_logprobs must be >= 0")
+        if any(not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for _t, b in self.logit_bias):
+            raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if not (-MAX_PENALTY <= self.presence_penalty <= MAX_PENALTY
+                and -MAX_PENALTY <= self.frequency_penalty <= MAX_PENALTY):
+            raise ValueError(f"presence_penalty and frequency_penalty must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any logit bias or penalty applies: only such rows pay for them in the sampler."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0 \
+            or self.repetition_penalty != 1
 
     @property
     def greedy(self) -> bool:

@@ -16,6 +16,7 @@ message cannot forge a turn. ``parse_special`` (and ``parse_special_in_content``
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import re
@@ -244,6 +245,9 @@ class Tokenizer:
             i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         self._source = source
         self._template = _compile_chat_template(chat_template or CHATML_TEMPLATE, source)
+        # A template that never reads tool_calls would drop an assistant's calls from the conversation: those
+        # are written into the content instead, in the Hermes convention (see _inline_tool_calls).
+        self._renders_tool_calls = "tool_calls" in (chat_template or CHATML_TEMPLATE)
         self._special_text = _SpecialText.of(backend)
         self._template_tokens = {
             name: backend.id_to_token(token_id)
@@ -411,7 +415,7 @@ class Tokenizer:
             return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False,
                                parse_special=True)
         special = self._special_text
-        chat, escaped = special.escape(_validate_messages(messages))
+        chat, escaped = special.escape(_validate_messages(messages, not self._renders_tool_calls))
         return special.encode_rendered(self._render(chat, add_generation_prompt), escaped)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -476,7 +480,7 @@ class Tokenizer:
         ``{"type": "text", "text": ...}`` parts (joined with newlines), or None (dropped, as transformers does).
         Raises ValueError, fit for an HTTP 400, for a bad conversation or one the template rejects.
         """
-        return self._render(_validate_messages(messages), add_generation_prompt)
+        return self._render(_validate_messages(messages, not self._renders_tool_calls), add_generation_prompt)
 
     def _render(self, chat: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         try:
@@ -805,8 +809,13 @@ def _compile_chat_template(source: str, origin: str) -> jinja2.Template:
         raise ValueError(f"{origin}: chat template does not compile (line {exc.lineno}): {exc.message}") from None
 
 
-def _validate_messages(messages: Any) -> list[dict[str, Any]]:
-    """Check a conversation and return the copy the template sees (text parts joined, None values dropped)."""
+def _validate_messages(messages: Any, inline_tool_calls: bool = False) -> list[dict[str, Any]]:
+    """Check a conversation and return the copy the template sees (text parts joined, None values dropped).
+
+    An assistant message with ``tool_calls`` and no content gets content ``""``, since templates concatenate
+    it; with ``inline_tool_calls`` (a template that does not render tool calls), the calls are appended to
+    its content as Hermes-style ``<tool_call>`` blocks, so the model still sees what it called.
+    """
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {role, content} objects")
     chat = []
@@ -822,10 +831,35 @@ def _validate_messages(messages: Any) -> list[dict[str, Any]]:
             content = "\n".join(_text_part(part, f"{where}.content[{i}]") for i, part in enumerate(content))
         elif content is not None and not isinstance(content, str):
             raise ValueError(f"{where}.content must be a string or a list of text parts, got {type(content).__name__}")
-        if content is None and not message.get("tool_calls"):
+        tool_calls = message.get("tool_calls")
+        if content is None and not tool_calls:
             raise ValueError(f"{where}.content is required (it may be null only with tool_calls)")
+        if tool_calls:
+            content = content or ""
+            if inline_tool_calls:
+                content = _inline_tool_calls(content, tool_calls, where)
         chat.append({k: v for k, v in {**message, "content": content}.items() if v is not None})
     return chat
+
+
+def _inline_tool_calls(content: str, tool_calls: Any, where: str) -> str:
+    """``content`` followed by one ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block per call
+    (the Hermes convention that Qwen2.5 and SmolLM2's tool-use templates write)."""
+    if not isinstance(tool_calls, list):
+        raise ValueError(f"{where}.tool_calls must be a list of tool calls")
+    blocks = []
+    for i, call in enumerate(tool_calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"{where}.tool_calls[{i}] must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string; show them as JSON
+            with contextlib.suppress(json.JSONDecodeError):  # not JSON: shown as the string it is
+                arguments = json.loads(arguments) if arguments.strip() else {}
+        call_json = json.dumps({"name": function["name"], "arguments": arguments if arguments is not None else {}},
+                               ensure_ascii=False)
+        blocks.append(f"<tool_call>\n{call_json}\n</tool_call>")
+    return "\n".join(filter(None, [content, *blocks]))
 
 
 def _text_part(part: Any, where: str) -> str:

@@ -29,7 +29,7 @@ from realizar.kv_cache import BlockAllocator, KVCache
 from realizar.model.linear import matmul_threads
 from realizar.model.llama import LlamaModel
 from realizar.request import FinishReason, Logprob, Request, SamplingParams, TokenOutput
-from realizar.sampling import SamplingRow, make_generator
+from realizar.sampling import Penalties, SamplingRow, make_generator
 from realizar.tokenizer import Tokenizer
 
 log = logging.getLogger("realizar.engine")
@@ -196,7 +196,8 @@ class Engine:
             raise RequestTooLong(
                 f"This model's maximum context length is {self.max_model_len} tokens; the request has "
                 f"{len(request.prompt_ids)} prompt tokens plus max_tokens {request.params.max_tokens}")
-        for name, ids in (("prompt", request.prompt_ids), ("stop_token_ids", request.params.stop_token_ids)):
+        for name, ids in (("prompt", request.prompt_ids), ("stop_token_ids", request.params.stop_token_ids),
+                          ("logit_bias", tuple(t for t, _b in request.params.logit_bias))):
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
             if bad is not None:
                 raise InvalidRequest(f"Token id {bad} in '{name}' is outside the vocabulary "
@@ -215,7 +216,8 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         # EOS and stop ids stay banned until min_tokens are out, the first token included
         banned = tuple(stop_ids) if params.min_tokens > 0 else ()
-        self.live[request.request_id] = _Live(seq, SamplingRow(params, generator, banned), stop_ids)
+        penalties = Penalties(params, request.prompt_ids) if params.penalized else None
+        self.live[request.request_id] = _Live(seq, SamplingRow(params, generator, banned, penalties), stop_ids)
         self.scheduler.add(seq)
         return []
 
@@ -333,6 +335,8 @@ class Engine:
         if seq.request.fail_for_test:
             raise RuntimeError("fault injected by the test hook")
         seq.token_ids.append(token_id)
+        if live.row.penalties is not None:
+            live.row.penalties.add(token_id)
         self.stats.generation_tokens_total += 1
         if seq.first_token_time is None:
             seq.first_token_time = now

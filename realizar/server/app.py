@@ -57,6 +57,7 @@ OBSERVATIONS_PERIOD_S = 1.0  # how often engine timings move into the histograms
 # finished this much later is stuck on a client that does not read: its connection is dropped.
 RESPONSE_GRACE_S = 2.0
 FLUSH_AT_SHUTDOWN_S = 1.0  # of the shutdown timeout, kept for the last bytes of each response
+MAX_CLIENT_REQUEST_ID = 256  # bytes of a client's X-Request-Id that are echoed; a longer one gets ours
 
 
 def build_app(engine: AsyncEngine | None, config: ServerConfig) -> Starlette:
@@ -201,7 +202,7 @@ class ServingMiddleware:
         conn: ConnectionHandle | None = extensions.get(EXTENSION_KEY) if extensions else None
         status = 0
         completed = False
-        rid_header = (b"x-request-id", ctx.request_id.encode())
+        rid_header = (b"x-request-id", _client_request_id(scope) or ctx.request_id.encode())
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, completed
@@ -293,6 +294,19 @@ class ServingMiddleware:
         if state.test_hooks:
             ctx.fail_for_test = any(k == b"x-realizar-fail" and v == b"1" for k, v in scope["headers"])
         return None
+
+
+def _client_request_id(scope: Scope) -> bytes | None:
+    """The client's X-Request-Id, echoed on the response as OpenAI and vLLM do, when it is a sane token
+    (visible ASCII, at most MAX_CLIENT_REQUEST_ID bytes); else None and the server's own id is sent.
+
+    Only echoed: engine request ids stay the server's, so two clients sending the same id cannot collide."""
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            if 0 < len(value) <= MAX_CLIENT_REQUEST_ID and all(0x21 <= b <= 0x7E for b in value):
+                return bytes(value)
+            return None
+    return None
 
 
 def _outcome(status: int, ctx: RequestContext) -> Outcome:

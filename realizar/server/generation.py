@@ -67,8 +67,9 @@ def check_prompt(ids: list[int], param: str = "prompt") -> list[int]:
     return ids
 
 
-def check_model(engine: AsyncEngine, model: str | None) -> None:
-    if model is not None and model != engine.model_id:
+def check_model(names: Sequence[str], model: str | None) -> None:
+    """A request that names a model must name one of ``names`` (the served names, aliases included)."""
+    if model is not None and model not in names:
         raise APIError(404, f"Model '{model}' not found", param="model", code="model_not_found")
 
 
@@ -84,6 +85,7 @@ def fit_params(params: SamplingParams, engine: AsyncEngine) -> SamplingParams:
     """Check the token ids the parameters carry against the vocabulary; a top_k at or over the
     vocabulary filters nothing: say so the engine's way (0)."""
     check_token_ids(params.stop_token_ids, engine.model_config.vocab_size, "stop_token_ids")
+    check_token_ids([t for t, _b in params.logit_bias], engine.model_config.vocab_size, "logit_bias")
     if params.top_k >= engine.model_config.vocab_size:
         return dataclasses.replace(params, top_k=0)
     return params

@@ -1,4 +1,7 @@
-"""The native realizar API: /models, /tokenize, /generate, /batch/*, /stream/generate.
+"""The native realizar API: /models, /tokenize, /detokenize, /generate, /batch/*, /stream/generate.
+
+``/tokenize`` also answers vLLM's shape (``{"prompt"}`` or ``{"messages"}``), and ``/detokenize`` is
+vLLM's, so tools written for vLLM's tokenizer endpoints work unchanged.
 
 Field names, defaults and response shapes follow the original realizar v0.2 server
 (``API.md``): ``token_ids`` holds the prompt ids followed by the generated ids, ``text``
@@ -17,17 +20,20 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from realizar.server import protocol
+from realizar.server.errors import APIError
 from realizar.server.generation import (
     EventStream,
     Generation,
     Stream,
     check_model,
     check_prompt,
+    check_token_ids,
     encode,
     encode_many,
     fit_params,
 )
 from realizar.server.http import context, json_response, read_json
+from realizar.server.openai import chat_prompt_ids
 from realizar.server.state import ServerState
 
 if TYPE_CHECKING:
@@ -44,6 +50,7 @@ class NativeAPI:
         return [
             Route("/models", self.models, methods=["GET"]),
             Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/generate", self.generate, methods=["POST"]),
             Route("/batch/tokenize", self.batch_tokenize, methods=["POST"]),
             Route("/batch/generate", self.batch_generate, methods=["POST"]),
@@ -54,7 +61,7 @@ class NativeAPI:
         engine = self.state.require_engine()
         mc = engine.model_config
         return json_response({"models": [{
-            "id": engine.model_id,
+            "id": self.state.model_id,
             "name": mc.name,
             "description": (f"{mc.architecture} model, {mc.num_layers} layers, hidden size {mc.hidden_size}, "
                             f"context {engine.max_model_len} tokens, on {engine.compute_mode}"),
@@ -65,15 +72,45 @@ class NativeAPI:
     async def tokenize(self, request: Request) -> Response:
         engine = self.state.require_engine()
         req = protocol.parse_tokenize(await read_json(request, self.config.max_body_bytes))
-        check_model(engine, req.model_id)
+        if isinstance(req, protocol.VLLMTokenizeRequest):
+            return await self._vllm_tokenize(engine, req)
+        check_model(self.state.model_names, req.model_id)
         ids = await encode(engine.tokenizer, req.text, req.add_special, param="text",
                            parse_special=self._parse_special(req.parse_special))
         return json_response({"token_ids": ids, "num_tokens": len(ids)})
 
+    async def _vllm_tokenize(self, engine: AsyncEngine, req: protocol.VLLMTokenizeRequest) -> Response:
+        check_model(self.state.model_names, req.model)
+        tokenizer = engine.tokenizer
+        special = self.config.allow_special_tokens_in_content
+        if req.prompt is not None:
+            ids = await encode(tokenizer, req.prompt, req.add_special, param="prompt", parse_special=special)
+        else:
+            assert req.messages is not None
+            messages = list(req.messages)
+            if len(messages) > self.config.max_messages:
+                raise APIError(400, f"messages has {len(messages)} entries; the limit is {self.config.max_messages} "
+                                    "(--max-messages)", param="messages")
+            ids = await self.state.offload(chat_prompt_ids, tokenizer, messages, special, req.add_generation_prompt)
+            bos = tokenizer.bos_token_id
+            if req.add_special and bos is not None and ids[:1] != [bos]:
+                ids = [bos, *ids]  # the template wrote no BOS of its own
+        token_strs = [tokenizer.id_to_token(t) for t in ids] if req.return_token_strs else None
+        return json_response({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
+                              "token_strs": token_strs})
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's ``/detokenize``: ``{"model", "tokens"}`` -> ``{"prompt"}``, special tokens kept as vLLM does."""
+        engine = self.state.require_engine()
+        req = protocol.parse_detokenize(await read_json(request, self.config.max_body_bytes))
+        check_model(self.state.model_names, req.model)
+        check_token_ids(req.tokens, engine.model_config.vocab_size, "tokens")
+        return json_response({"prompt": engine.tokenizer.decode(req.tokens)})
+
     async def batch_tokenize(self, request: Request) -> Response:
         engine = self.state.require_engine()
         req = protocol.parse_batch_tokenize(await read_json(request, self.config.max_body_bytes), self.config)
-        check_model(engine, req.model_id)
+        check_model(self.state.model_names, req.model_id)
         batch = await encode_many(engine.tokenizer, req.texts, req.add_special, param="texts",
                                   parse_special=self._parse_special(req.parse_special))
         return json_response({"results": [{"token_ids": ids, "num_tokens": len(ids)} for ids in batch]})
@@ -86,7 +123,7 @@ class NativeAPI:
         """Parse and tokenize a one-prompt generation request (/generate, /stream/generate)."""
         engine = self.state.require_engine()
         req = protocol.parse_generate(await read_json(request, self.config.max_body_bytes), self.config)
-        check_model(engine, req.model_id)
+        check_model(self.state.model_names, req.model_id)
         prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt,
                                                parse_special=self.config.allow_special_tokens_in_content))
         return engine, req, prompt_ids, Generation(self.state, engine, context(request))
@@ -105,7 +142,7 @@ class NativeAPI:
     async def batch_generate(self, request: Request) -> Response:
         engine = self.state.require_engine()
         req = protocol.parse_batch_generate(await read_json(request, self.config.max_body_bytes), self.config)
-        check_model(engine, req.model_id)
+        check_model(self.state.model_names, req.model_id)
         batch = await encode_many(engine.tokenizer, req.prompts,
                                   parse_special=self.config.allow_special_tokens_in_content)
         for i, ids in enumerate(batch):

@@ -128,7 +128,7 @@ class OpenAIAPI:
     async def models(self, request: Request) -> Response:
         engine = self.state.require_engine()
         return json_response({"object": "list", "data": [{
-            "id": engine.model_id, "object": "model", "created": int(self.state.started_at),
+            "id": self.state.model_id, "object": "model", "created": int(self.state.started_at),
             "owned_by": "realizar", "root": engine.model_id, "parent": None,
             "max_model_len": engine.max_model_len,
         }]})
@@ -138,7 +138,7 @@ class OpenAIAPI:
     async def completions(self, request: Request) -> Response:
         engine = self.state.require_engine()
         req = protocol.parse_completion(await read_json(request, self.config.max_body_bytes), self.config)
-        check_model(engine, req.options.model)
+        check_model(self.state.model_names, req.options.model)
         tokenizer = engine.tokenizer
         prompts = [await self._prompt_ids(engine, p, i) for i, p in enumerate(req.prompts)]
         token_text = TokenText(tokenizer, undecodable_prefix="bytes:")  # OpenAI's legacy spelling
@@ -166,12 +166,12 @@ class OpenAIAPI:
         created = int(time.time())
         usage = _Usage(sum(map(len, prompts)), choices, req.options.n)
         if req.options.stream:
-            events = self._completion_events(gen, choices, response_id, created, engine.model_id,
+            events = self._completion_events(gen, choices, response_id, created, self.state.model_id,
                                              req.options.include_usage, usage)
             return EventStream(events, gen)
         await _run_all(gen, choices, request)
         return json_response({
-            "id": response_id, "object": "text_completion", "created": created, "model": engine.model_id,
+            "id": response_id, "object": "text_completion", "created": created, "model": self.state.model_id,
             "choices": [{"index": c.index, "text": c.text.text, "logprobs": c.new_logprobs(),
                          "finish_reason": c.finish_reason} for c in choices],
             "usage": usage.body(),
@@ -201,7 +201,7 @@ class OpenAIAPI:
             req, prompt_ids = await self.state.offload(self._prepare_chat, tokenizer, data)
         else:
             req, prompt_ids = self._prepare_chat(tokenizer, data)
-        check_model(engine, req.options.model)
+        check_model(self.state.model_names, req.options.model)
         params = fit_params(req.params, engine)
         if req.auto_max_tokens:
             room = engine.max_model_len - len(prompt_ids)
@@ -222,12 +222,12 @@ class OpenAIAPI:
         created = int(time.time())
         usage = _Usage(len(prompt_ids), choices, req.options.n)
         if req.options.stream:
-            events = self._chat_events(gen, choices, response_id, created, engine.model_id,
+            events = self._chat_events(gen, choices, response_id, created, self.state.model_id,
                                        req.options.include_usage, usage)
             return EventStream(events, gen)
         await _run_all(gen, choices, request)
         return json_response({
-            "id": response_id, "object": "chat.completion", "created": created, "model": engine.model_id,
+            "id": response_id, "object": "chat.completion", "created": created, "model": self.state.model_id,
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text.text},
                          "logprobs": c.new_logprobs(), "finish_reason": c.finish_reason} for c in choices],
             "usage": usage.body(),
@@ -254,7 +254,7 @@ class OpenAIAPI:
         body = parse_json(data)
         _check_message_count(body, self.config.max_messages)
         req = protocol.parse_chat(body, self.config)
-        prompt_ids = check_prompt(_chat_prompt_ids(tokenizer, list(req.messages),
+        prompt_ids = check_prompt(chat_prompt_ids(tokenizer, list(req.messages),
                                                     self.config.allow_special_tokens_in_content), "messages")
         return req, prompt_ids
 
@@ -328,11 +328,12 @@ def _check_message_count(body: Any, limit: int) -> None:
                        param="messages")
 
 
-def _chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], special_in_content: bool) -> list[int]:
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], special_in_content: bool,
+                    add_generation_prompt: bool = True) -> list[int]:
     """The conversation rendered with the model's chat template and tokenized (the template writes its BOS);
     special tokens in the messages are text unless ``special_in_content``."""
     try:
-        return tokenizer.encode_chat(messages, parse_special_in_content=special_in_content)
+        return tokenizer.encode_chat(messages, add_generation_prompt, parse_special_in_content=special_in_content)
     except ValueError as exc:
         raise _template_error(tokenizer, messages, exc) from None
 

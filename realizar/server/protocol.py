@@ -8,11 +8,20 @@ Nothing here touches the engine or the tokenizer, so it is unit-tested on plain 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from realizar.config import ServerConfig
-from realizar.request import MAX_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
+from realizar.request import (
+    MAX_LOGIT_BIAS,
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    SEED_MAX,
+    SEED_MIN,
+    SamplingParams,
+)
 from realizar.server.errors import APIError
 from realizar.tokenizer import CHAT_ROLES
 
@@ -171,11 +180,61 @@ def _optional_boolean(f: Fields, key: str) -> bool | None:
     return value
 
 
-def parse_tokenize(body: Any) -> TokenizeRequest:
+@dataclass(frozen=True)
+class VLLMTokenizeRequest:
+    """``/tokenize`` in vLLM's shape: ``prompt`` (text) or ``messages`` (a conversation, rendered with the
+    chat template first), answered with ``{"count", "max_model_len", "tokens", "token_strs"}``."""
+
+    prompt: str | None
+    messages: tuple[dict[str, Any], ...] | None
+    model: str | None
+    add_special: bool  # vLLM's defaults: True for a prompt, False for messages (the template writes them)
+    add_generation_prompt: bool
+    return_token_strs: bool
+
+
+@dataclass(frozen=True)
+class DetokenizeRequest:
+    """``/detokenize`` in vLLM's shape: ``{"model", "tokens"}`` -> ``{"prompt"}``."""
+
+    tokens: tuple[int, ...]
+    model: str | None
+
+
+def parse_tokenize(body: Any) -> TokenizeRequest | VLLMTokenizeRequest:
+    """``/tokenize`` takes two shapes, told apart by their fields: the native ``{"text"}`` (answered with
+    ``token_ids``/``num_tokens``), and vLLM's ``{"prompt"}`` or ``{"messages"}`` (answered in vLLM's shape).
+    A body with ``text`` is native, whatever else it holds."""
     f = Fields(body)
+    if f.raw("text") is None and (f.raw("prompt") is not None or f.raw("messages") is not None):
+        return _parse_vllm_tokenize(f)
     return TokenizeRequest(text=f.required_string("text"), model_id=f.string("model_id"),
                            add_special=f.boolean("add_special", True),
                            parse_special=_optional_boolean(f, "parse_special"))
+
+
+def _parse_vllm_tokenize(f: Fields) -> VLLMTokenizeRequest:
+    model = f.string("model")
+    if f.raw("prompt") is not None and f.raw("messages") is not None:
+        raise APIError(400, "Give either 'prompt' or 'messages', not both", param="messages")
+    return_token_strs = f.boolean("return_token_strs", False)
+    if f.raw("prompt") is not None:
+        return VLLMTokenizeRequest(prompt=f.required_string("prompt"), messages=None, model=model,
+                                   add_special=f.boolean("add_special_tokens", True),
+                                   add_generation_prompt=False, return_token_strs=return_token_strs)
+    messages = _messages(f)
+    return VLLMTokenizeRequest(prompt=None, messages=messages, model=model,
+                               add_special=f.boolean("add_special_tokens", False),
+                               add_generation_prompt=f.boolean("add_generation_prompt", True),
+                               return_token_strs=return_token_strs)
+
+
+def parse_detokenize(body: Any) -> DetokenizeRequest:
+    f = Fields(body)
+    value = f.raw("tokens", required=True)
+    if not isinstance(value, list):
+        raise f.type_error("tokens", "a list of integers")
+    return DetokenizeRequest(tokens=_token_id_list(f, "tokens"), model=f.string("model"))
 
 
 def parse_batch_tokenize(body: Any, config: ServerConfig) -> BatchTokenizeRequest:
@@ -267,6 +326,142 @@ class ChatRequest:
     logprobs: bool
 
 
+# ---- fields that are accepted but change nothing, and fields refused because they are not implemented ----
+
+def _is_text_format(value: Any, body: dict[str, Any]) -> bool:
+    return value == {"type": "text"}
+
+
+def _no_tool_choice(value: Any, body: dict[str, Any]) -> bool:
+    return value == "none"
+
+
+def _no_tools(value: Any, body: dict[str, Any]) -> bool:
+    # tools the model may not call change nothing: an empty list, or tool_choice "none"
+    return value == [] or (isinstance(value, list) and body.get("tool_choice") == "none")
+
+
+def _best_of_at_most_n(value: Any, body: dict[str, Any]) -> bool:
+    n = body.get("n")
+    n = n if isinstance(n, int) and not isinstance(n, bool) else 1
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= n
+
+
+def _text_modalities(value: Any, body: dict[str, Any]) -> bool:
+    return value == ["text"]
+
+
+def _empty_text(value: Any, body: dict[str, Any]) -> bool:
+    return value == ""
+
+
+def _empty_list(value: Any, body: dict[str, Any]) -> bool:
+    return value == []
+
+
+def _false(value: Any, body: dict[str, Any]) -> bool:
+    return value is False
+
+
+def _true(value: Any, body: dict[str, Any]) -> bool:
+    return value is True
+
+
+def _zero(value: Any, body: dict[str, Any]) -> bool:
+    return value == 0 and not isinstance(value, bool)
+
+
+def _never(value: Any, body: dict[str, Any]) -> bool:
+    return False
+
+
+# THE place where a field that would change the output but is not implemented yet is refused: a 400 that
+# names the field, never a silent drop. Each entry: the field, what the request would need to be accepted
+# (said in the error), and the test of the values that change nothing (null is always accepted). Structured
+# outputs (response_format json_*, structured_outputs, guided_*) and tools are to be wired in later: take
+# their entries out of this table when they are.
+UNIMPLEMENTED: dict[str, tuple[str, Callable[[Any, dict[str, Any]], bool]]] = {
+    "response_format": ('only {"type": "text"} is supported', _is_text_format),
+    "structured_outputs": ("structured outputs are not supported", _never),
+    "guided_json": ("guided decoding is not supported", _never),
+    "guided_regex": ("guided decoding is not supported", _never),
+    "guided_choice": ("guided decoding is not supported", _never),
+    "guided_grammar": ("guided decoding is not supported", _never),
+    "guided_decoding_backend": ("guided decoding is not supported", _never),
+    "guided_whitespace_pattern": ("guided decoding is not supported", _never),
+    "tools": ('tool calling is not supported (tools are accepted only with tool_choice "none")', _no_tools),
+    "tool_choice": ('tool calling is not supported; only "none" is accepted', _no_tool_choice),
+    "functions": ("function calling is not supported", _empty_list),
+    "function_call": ('function calling is not supported; only "none" is accepted', _no_tool_choice),
+    "best_of": ("best_of above n is not supported", _best_of_at_most_n),
+    "suffix": ("suffix (insertion) is not supported", _empty_text),
+    "prediction": ("predicted outputs are not supported", _never),
+    "audio": ("audio output is not supported", _never),
+    "modalities": ('only ["text"] is supported', _text_modalities),
+    "web_search_options": ("web search is not supported", _never),
+    "reasoning_effort": ("reasoning effort is not supported", _never),
+    # vLLM's sampling extensions not implemented here
+    "min_p": ("min_p is not supported; only 0 is accepted", _zero),
+    "use_beam_search": ("beam search is not supported", _false),
+    "allowed_token_ids": ("allowed_token_ids is not supported", _never),
+    "bad_words": ("bad_words is not supported", _empty_list),
+    "prompt_logprobs": ("prompt_logprobs is not supported; use echo with logprobs on /v1/completions", _never),
+    "truncate_prompt_tokens": ("prompt truncation is not supported", _never),
+    "include_stop_str_in_output": ("include_stop_str_in_output is not supported", _false),
+    "skip_special_tokens": ("only skip_special_tokens true is supported", _true),
+    "chat_template": ("a per-request chat template is not supported", _never),
+    "chat_template_kwargs": ("chat template arguments are not supported", _never),
+    "continue_final_message": ("continue_final_message is not supported", _false),
+    "add_generation_prompt": ("only add_generation_prompt true is supported", _true),
+    "documents": ("documents are not supported", _never),
+}
+
+
+def refuse_unimplemented(f: Fields) -> None:
+    """400 naming the first field of :data:`UNIMPLEMENTED` whose value would change the output."""
+    for key, (why, harmless) in UNIMPLEMENTED.items():
+        value = f.raw(key)
+        if value is not None and not harmless(value, f.body):
+            raise APIError(400, f"'{key}' is not supported by this server: {why}", param=key,
+                           code="unsupported_parameter")
+
+
+def check_inert_fields(f: Fields) -> None:
+    """Fields that change nothing in the output are accepted, but typed as OpenAI types them."""
+    f.string("user")
+    f.string("service_tier")
+    f.boolean("store", False)
+    f.boolean("parallel_tool_calls", True)
+    metadata = f.raw("metadata")
+    if metadata is not None and (not isinstance(metadata, dict)
+                                 or not all(isinstance(v, str) for v in metadata.values())):
+        raise f.type_error("metadata", "an object of string values")
+
+
+def _logit_bias(f: Fields) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: token ids (as strings) to biases in [-100, 100]. The ids are checked against
+    the vocabulary once the model is known (``generation.fit_params``)."""
+    value = f.raw("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise f.type_error("logit_bias", "an object mapping token ids to numbers")
+    bias: dict[int, float] = {}
+    for key, number in value.items():
+        if not (key.isascii() and key.isdigit()):
+            raise f.type_error("logit_bias", f"an object whose keys are token ids; got key {key!r}")
+        if len(key) > 18:  # no vocabulary is this large; and int() refuses keys past 4300 digits
+            raise f.range_error("logit_bias", f"an object whose keys are token ids in the vocabulary; got {key[:24]}...")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise f.type_error("logit_bias", f"an object whose values are numbers; got {_json_repr(number)} "
+                                             f"for token {key}")
+        if not -MAX_LOGIT_BIAS <= number <= MAX_LOGIT_BIAS:
+            raise f.range_error("logit_bias", f"an object whose values are in [-{MAX_LOGIT_BIAS:g}, "
+                                              f"{MAX_LOGIT_BIAS:g}]; got {number:g} for token {key}")
+        bias[int(key)] = float(number)
+    return tuple(bias.items())
+
+
 def _openai_options(f: Fields, config: ServerConfig, num_prompts: int) -> OpenAIOptions:
     n = f.integer("n", 1, minimum=1)
     if n * num_prompts > config.max_batch_size:
@@ -324,10 +519,16 @@ def _openai_sampling(f: Fields, config: ServerConfig, max_tokens: int, logprobs:
         if not isinstance(stop_ids, list):
             raise f.type_error("stop_token_ids", "a list of integers")
         stop_token_ids = _token_id_list(f, "stop_token_ids")
+    refuse_unimplemented(f)
+    check_inert_fields(f)
     return SamplingParams(
         temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=f.seed(),
         max_tokens=max_tokens, min_tokens=min_tokens, ignore_eos=f.boolean("ignore_eos", False),
-        stop_token_ids=stop_token_ids, logprobs=logprobs,
+        stop_token_ids=stop_token_ids, logprobs=logprobs, logit_bias=_logit_bias(f),
+        presence_penalty=f.number("presence_penalty", 0.0, minimum=-MAX_PENALTY, maximum=MAX_PENALTY),
+        frequency_penalty=f.number("frequency_penalty", 0.0, minimum=-MAX_PENALTY, maximum=MAX_PENALTY),
+        repetition_penalty=f.number("repetition_penalty", 1.0, minimum=0.0, exclusive_minimum=True,
+                                    maximum=MAX_REPETITION_PENALTY),
     )
 
 
@@ -377,21 +578,52 @@ def _message(value: Any, index: int) -> dict[str, Any]:
     if isinstance(content, list):
         for i, part in enumerate(content):
             p = Fields(part, m.name(f"content[{i}]"))
-            if p.required_string("type") != "text":
-                raise p.range_error("type", "'text' (only text content is supported)")
+            kind = p.required_string("type")
+            if kind != "text":
+                raise APIError(400, f"'{p.name('type')}' is {kind!r}: only 'text' content parts are supported",
+                               param=p.name("type"), code="unsupported_content")
             p.required_string("text")
     elif content is not None and not isinstance(content, str):
         raise m.type_error("content", "a string or a list of content parts")
+    m.string("name")
+    tool_calls = m.raw("tool_calls")
+    if tool_calls is not None:
+        if role != "assistant":
+            raise m.range_error("tool_calls", "given only on assistant messages")
+        if not isinstance(tool_calls, list):
+            raise m.type_error("tool_calls", "a list of tool calls")
+        for i, call in enumerate(tool_calls):
+            c = Fields(call, m.name(f"tool_calls[{i}]"))
+            c.string("id")
+            if c.string("type", "function") != "function":
+                raise c.range_error("type", "'function'")
+            fn = Fields(c.raw("function", required=True), c.name("function"))
+            fn.required_string("name")
+            arguments = fn.raw("arguments")
+            if arguments is not None and not isinstance(arguments, (str, dict)):
+                raise fn.type_error("arguments", "a JSON string")
+    elif content is None:
+        raise APIError(422, f"Missing required field '{m.name('content')}' (it may be null only with tool_calls)",
+                       param=m.name("content"))
+    if role == "tool":
+        m.string("tool_call_id")
     return m.body
 
 
-def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
-    f = Fields(body)
+def _messages(f: Fields) -> tuple[dict[str, Any], ...]:
     messages = f.raw("messages", required=True)
     if not isinstance(messages, list):
         raise f.type_error("messages", "a list of messages")
     check_batch_length("messages", len(messages), 1 << 16)
-    parsed = tuple(_message(m, i) for i, m in enumerate(messages))
+    return tuple(_message(m, i) for i, m in enumerate(messages))
+
+
+def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
+    f = Fields(body)
+    parsed = _messages(f)
+    if f.boolean("echo", False):
+        raise APIError(400, "'echo' is not supported on chat completions", param="echo",
+                       code="unsupported_parameter")
     # max_completion_tokens is the newer spelling of max_tokens; it wins when both are given.
     key = "max_completion_tokens" if f.raw("max_completion_tokens") is not None else "max_tokens"
     auto = f.raw(key) is None

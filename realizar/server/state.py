@@ -46,6 +46,7 @@ class ServerState:
         self.started_at = time.time()
         self.metrics = Metrics()
         self.engine: AsyncEngine | None = None
+        self.model_names: tuple[str, ...] = config.served_model_names  # what requests may name; set at attach
         self.phase = Phase.LOADING
         self.inflight = 0  # HTTP requests being handled, for the shutdown drain
         self.generations: set[Generation] = set()  # those with engine requests, to abort at shutdown
@@ -58,6 +59,11 @@ class ServerState:
         self._render_pool: ThreadPoolExecutor | None = None
         if engine is not None:
             self.attach(engine)
+
+    @property
+    def model_id(self) -> str:
+        """The id the server reports for its model: the first --served-model-name, else the model's own."""
+        return self.model_names[0]
 
     def next_request_id(self) -> str:
         return f"{self._rid_prefix}-{next(self._rid_counter)}"
@@ -72,8 +78,9 @@ class ServerState:
         """The model is loaded and the engine started: begin serving."""
         self.engine = engine
         self.metrics.attach(engine)
+        self.model_names = self.config.served_model_names or (engine.model_id,)
         self._healthy_body = orjson.dumps({
-            "status": "healthy", "version": __version__, "model": engine.model_id,
+            "status": "healthy", "version": __version__, "model": self.model_id,
             "compute_mode": engine.compute_mode,
         })
         if self.phase is Phase.LOADING:
@@ -102,7 +109,7 @@ class ServerState:
         if self.phase is Phase.READY and engine is not None:
             if engine.healthy:
                 return Response(self._healthy_body, media_type="application/json")
-            return json_response({"status": "unhealthy", "model": engine.model_id,
+            return json_response({"status": "unhealthy", "model": self.model_id,
                                   "error": "the engine stopped after a fatal error"}, 503)
         return json_response({"status": self.phase.value}, 503)
 

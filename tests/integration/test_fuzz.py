@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import ServerProcess
 
-POST_ROUTES = ("/tokenize", "/generate", "/batch/tokenize", "/batch/generate", "/stream/generate",
+POST_ROUTES = ("/tokenize", "/detokenize", "/generate", "/batch/tokenize", "/batch/generate", "/stream/generate",
                "/v1/completions", "/v1/chat/completions")
 GET_ROUTES = ("/health", "/metrics", "/models", "/v1/models")
 EXAMPLES_PER_ROUTE = 650  # 7 routes: 4,550 bodies, plus raw bytes and methods below: over 5,000 cases
@@ -54,7 +54,10 @@ _message = st.fixed_dictionaries({}, optional={
     "role": st.sampled_from(["user", "system", "assistant", "tool", "x"]) | _junk,
     "content": st.one_of(_text, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _text}),
                                          max_size=2)),
-    "name": _text, "tool_calls": _junk,
+    "name": _text, "tool_call_id": _text,
+    "tool_calls": st.one_of(_junk, st.lists(st.fixed_dictionaries({"type": st.just("function")}, optional={
+        "id": _text, "function": st.fixed_dictionaries({}, optional={"name": _text, "arguments": _text})}),
+        max_size=2)),
 })
 _openai_extra = {
     "stop_token_ids": _token_ids, "logit_bias": _logit_bias, "presence_penalty": _number,
@@ -62,9 +65,15 @@ _openai_extra = {
     "response_format": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}),
                                  _junk),
     "tools": _junk, "tool_choice": st.one_of(st.sampled_from(["auto", "none", "required"]), _junk),
+    "metadata": _junk, "store": _junk, "service_tier": _junk, "parallel_tool_calls": _junk, "suffix": _text,
+    "modalities": _junk, "min_p": _number, "max_completion_tokens": _max_tokens,
 }
 FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
-    "/tokenize": {"text": _text, "model_id": _text, "add_special": _junk, "parse_special": _junk},
+    "/tokenize": {"text": _text, "model_id": _text, "add_special": _junk, "parse_special": _junk,
+                  # vLLM's shape, chosen when "text" is absent
+                  "prompt": _text, "messages": st.one_of(st.lists(_message, max_size=2), _junk), "model": _text,
+                  "add_special_tokens": _junk, "add_generation_prompt": _junk, "return_token_strs": _junk},
+    "/detokenize": {"tokens": _token_ids, "model": _text},
     "/batch/tokenize": {"texts": _texts, "model_id": _text},
     "/generate": {"prompt": _text, "strategy": st.sampled_from(["greedy", "top_k", "top_p", "beam"]) | _junk,
                   "temperature": _number, "top_k": _int, "top_p": _number, "seed": _int, "model_id": _text},

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
+
+from tests.conftest import start_server
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name a colour."}]
@@ -401,3 +404,198 @@ def test_token_ids_are_checked_against_the_vocabulary(model: str, server_url: st
     # one prompt of 65 token ids is one prompt, whatever --max-batch-size (64)
     r = httpx.post(url, json={"model": model, "prompt": list(range(100, 165)), "max_tokens": 1}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 65
+
+
+# -- the details that clients check ------------------------------------------------------------------
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client: OpenAI, model: str) -> None:
+    c = client.chat.completions.create(model=model, messages=CHAT, max_completion_tokens=3, max_tokens=9,  # type: ignore[arg-type]
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert c.usage is not None and c.usage.completion_tokens == 3
+    assert c.choices[0].finish_reason == "length"
+
+
+def test_x_request_id_is_echoed_or_generated_on_every_response(client: OpenAI, model: str, server_url: str) -> None:
+    c = client.chat.completions.with_raw_response.create(model=model, messages=CHAT, max_tokens=1,  # type: ignore[arg-type]
+                                                         extra_headers={"X-Request-Id": "trace-42"})
+    assert c.headers["x-request-id"] == "trace-42" and c.parse().choices
+    generated = client.chat.completions.with_raw_response.create(model=model, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+    ours = generated.headers["x-request-id"]
+    assert ours and ours != "trace-42"
+    assert generated.parse()._request_id == ours  # what the openai client shows as the request id
+    for method, path, body in (("GET", "/health", None), ("GET", "/v1/nothing", None),
+                               ("POST", "/v1/completions", {"model": model, "prompt": "x", "n": 0}),
+                               ("POST", "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 2,
+                                                           "stream": True})):
+        echoed = httpx.request(method, server_url + path, json=body, headers={"x-request-id": "abc-1"}, timeout=60)
+        fresh = httpx.request(method, server_url + path, json=body, timeout=60)
+        assert echoed.headers["x-request-id"] == "abc-1", path
+        assert fresh.headers["x-request-id"] not in ("", "abc-1"), path
+    # a header that is not a sane token is replaced by the server's own id, not echoed
+    r = httpx.get(server_url + "/health", headers={"x-request-id": "x" * 300})
+    assert r.headers["x-request-id"] != "x" * 300
+
+
+def test_content_as_a_list_of_text_parts(client: OpenAI, model: str) -> None:
+    kwargs = dict(model=model, max_tokens=4, temperature=0)
+    plain = client.chat.completions.create(messages=[{"role": "user", "content": "Name a colour."}], **kwargs)  # type: ignore[call-overload]
+    parts = client.chat.completions.create(  # type: ignore[call-overload]
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}], **kwargs)
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage == plain.usage
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(messages=[{"role": "user", "content": [  # type: ignore[call-overload]
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}], **kwargs)
+    assert "image_url" in str(info.value) and "messages[0].content[1].type" in str(info.value)
+
+
+def test_stream_usage_comes_in_a_final_chunk_without_choices(client: OpenAI, model: str) -> None:
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, temperature=0,  # type: ignore[arg-type]
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert 1 <= chunks[-1].usage.completion_tokens <= 3
+    assert all(ch.usage is None for ch in chunks[:-1])
+    no_usage = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, temperature=0,  # type: ignore[arg-type]
+                                                   stream=True))
+    assert all(ch.usage is None and ch.choices for ch in no_usage)
+
+
+def test_logit_bias_bans_and_forces_tokens_at_temperature_zero(client: OpenAI, model: str, server_url: str) -> None:
+    def greedy_ids(**extra: Any) -> list[int]:
+        c = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=0,
+                                      extra_body={"ignore_eos": True}, **extra)
+        assert c.choices[0].logprobs is not None and c.choices[0].logprobs.tokens is not None
+        return [tokenize_one(server_url, t) for t in c.choices[0].logprobs.tokens]
+
+    free = greedy_ids()
+    banned = greedy_ids(logit_bias={str(free[0]): -100})
+    assert banned[0] != free[0]
+    forced = client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, temperature=0,  # type: ignore[arg-type]
+                                            logit_bias={"504": 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].message.content == httpx.post(server_url + "/detokenize",
+                                                           json={"tokens": [504] * 3}).json()["prompt"]
+    r = httpx.post(server_url + "/v1/chat/completions",
+                   json={"model": model, "messages": CHAT, "logit_bias": {"99999999": 5}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+
+
+def tokenize_one(server_url: str, token: str) -> int:
+    """The id of one token's text as the completion showed it (its text alone tokenizes back to one id here)."""
+    ids = httpx.post(server_url + "/tokenize", json={"prompt": token, "add_special_tokens": False}).json()["tokens"]
+    assert len(ids) == 1, (token, ids)
+    return int(ids[0])
+
+
+def test_frequency_penalty_reduces_repetition(client: OpenAI, model: str) -> None:
+    def most_repeated(**extra: Any) -> int:
+        c = client.completions.create(model=model, prompt="one one one one one one one", max_tokens=24,
+                                      temperature=0, logprobs=0, extra_body={"ignore_eos": True}, **extra)
+        tokens = c.choices[0].logprobs.tokens if c.choices[0].logprobs is not None else None
+        assert tokens is not None and len(tokens) == 24
+        return max(tokens.count(t) for t in tokens)
+
+    free = most_repeated()
+    assert free > 3  # the greedy run loops
+    assert most_repeated(frequency_penalty=2.0) < free
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"logit_bias": "nonsense"}, "logit_bias"),
+    ({"frequency_penalty": "x"}, "frequency_penalty"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"structured_outputs": {"regex": "a"}}, "structured_outputs"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+])
+def test_bad_or_unimplemented_fields_are_a_400_naming_them(model: str, server_url: str, extra: dict[str, Any],
+                                                         field: str) -> None:
+    r = httpx.post(server_url + "/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 1,
+                                                              **extra}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+
+
+def test_fields_that_change_nothing_are_accepted(client: OpenAI, model: str) -> None:
+    c = client.chat.completions.create(model=model, messages=CHAT, max_tokens=2, temperature=0, user="u-1",  # type: ignore[arg-type]
+                                       metadata={"k": "v"}, store=False, service_tier="auto",
+                                       response_format={"type": "text"}, tool_choice="none")
+    assert c.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt="x", max_tokens=1, suffix="tail")
+    assert "suffix" in str(info.value)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt="x", max_tokens=1, n=1, best_of=2)
+    assert "best_of" in str(info.value)
+
+
+def test_assistant_tool_calls_with_null_content_and_tool_messages_render(client: OpenAI, model: str,
+                                                                       server_url: str) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    convo: list[dict[str, Any]] = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    c = client.chat.completions.create(model=model, messages=convo, max_tokens=3, temperature=0)  # type: ignore[arg-type]
+    assert c.choices[0].message.content is not None and c.usage is not None
+    absent = [convo[0], {"role": "assistant", "tool_calls": [call]}, convo[2]]  # content left out altogether
+    again = client.chat.completions.create(model=model, messages=absent, max_tokens=3, temperature=0)  # type: ignore[arg-type]
+    assert again.usage == c.usage
+    # the model sees its call: the rendered prompt holds it (the demo template has no tool-call markup of its own)
+    strs = httpx.post(server_url + "/tokenize", json={"messages": convo, "return_token_strs": True}).json()
+    assert strs["count"] == c.usage.prompt_tokens
+    text = httpx.post(server_url + "/detokenize", json={"tokens": strs["tokens"]}).json()["prompt"]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<|im_start|>tool\nsunny, 21 C" in text
+
+
+def test_tokenize_and_detokenize_in_vllms_shape(model: str, server_url: str) -> None:
+    r = httpx.post(server_url + "/tokenize", json={"model": model, "prompt": "Hello world"})
+    body = r.json()
+    assert r.status_code == 200 and set(body) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert body["count"] == len(body["tokens"]) > 0 and body["max_model_len"] > 0 and body["token_strs"] is None
+    native = httpx.post(server_url + "/tokenize", json={"text": "Hello world"}).json()
+    assert native["token_ids"] == body["tokens"]  # the same tokens in both shapes
+    back = httpx.post(server_url + "/detokenize", json={"model": model, "tokens": body["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": "Hello world"}
+    chat = httpx.post(server_url + "/tokenize", json={"model": model, "messages": CHAT,
+                                                      "return_token_strs": True}).json()
+    usage = httpx.post(server_url + "/v1/chat/completions",
+                       json={"model": model, "messages": CHAT, "max_tokens": 1}).json()["usage"]
+    assert chat["count"] == usage["prompt_tokens"] and len(chat["token_strs"]) == chat["count"]
+    assert "<|im_start|>" in chat["token_strs"]
+    for path, bad, status, param in (("/tokenize", {"model": "nope", "prompt": "x"}, 404, None),
+                                     ("/detokenize", {"tokens": [10 ** 9]}, 400, "tokens"),
+                                     ("/detokenize", {"tokens": "x"}, 422, "tokens")):
+        r = httpx.post(server_url + path, json=bad)
+        assert r.status_code == status, (path, r.text)
+        if param is not None:
+            assert param in r.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def aliased_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = start_server(tmp_path_factory.mktemp("aliased"), "--served-model-name", "my-model", "alias-b")
+    yield server.url
+    server.stop()
+
+
+def test_served_model_names_are_the_ids_and_aliases(aliased_url: str) -> None:
+    with OpenAI(base_url=aliased_url + "/v1", api_key="unused", max_retries=0, timeout=180) as c:
+        [listed] = c.models.list().data
+        assert listed.id == "my-model"
+        for name in ("my-model", "alias-b"):
+            r = c.chat.completions.create(model=name, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+            assert r.model == "my-model"
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+    assert httpx.get(aliased_url + "/health").json()["model"] == "my-model"
+    assert httpx.post(aliased_url + "/tokenize", json={"text": "x", "model_id": "alias-b"}).status_code == 200

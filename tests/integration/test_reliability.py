@@ -330,14 +330,15 @@ def test_health_answers_while_long_conversations_render(server_url: str) -> None
     assert health and set(health) == {200}
 
 
-def test_a_message_the_template_cannot_render_is_named(server_url: str) -> None:
+def test_a_malformed_tool_call_is_named(server_url: str) -> None:
+    # A well-formed tool call with null content renders (test_openai_api); one without its function is
+    # the client's 400, naming the field, before any template sees it.
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                 {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1"}]}]
     r = httpx.post(server_url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60)
     assert r.status_code == 400
     error = r.json()["error"]
-    assert "messages[2]" in error["message"] and "content" in error["message"]
-    assert error["param"] == "messages[2].content"
+    assert error["param"] == "messages[2].tool_calls[0].function" and error["param"] in error["message"]
     assert "Undefined" not in error["message"] and "dict object" not in error["message"]
 
 

@@ -489,4 +489,34 @@ def test_aborting_or_timing_out_a_sharer_leaves_the_others_blocks_alone(served: 
     assert all(engine.allocator.ref_count(b) == 1 for b in shared)
     events = run(engine)
     assert set(events) == {"third"} and early + tokens(events["third"]) == alone["third"]
+
+
+# -- logit bias and penalties --------------------------------------------------------------------
+
+
+def test_penalties_apply_per_row_and_leave_other_rows_alone(served: EngineModel) -> None:
+    ids = prompt(3)
+    free = generate_alone(served, ids, greedy(30))
+    most = max(free.count(t) for t in set(free))
+    assert most > 2, "the baseline must repeat itself for the penalty to show"
+    engine = Engine(served, config())
+    engine.add(Request(ids, greedy(30), request_id="plain"))
+    engine.add(Request(ids, greedy(30, frequency_penalty=2.0), request_id="freq"))
+    engine.add(Request(ids, greedy(30, logit_bias=((free[0], -100.0),)), request_id="ban"))
+    engine.add(Request(ids, greedy(5, logit_bias=((7, 100.0),)), request_id="force"))
+    events = run(engine)
+    assert tokens(events["plain"]) == free  # sharing the batch with penalized rows changes nothing
+    penalized = tokens(events["freq"])
+    assert max(penalized.count(t) for t in set(penalized)) < most
+    assert len(set(penalized)) > len(set(free))
+    assert tokens(events["ban"])[0] != free[0]
+    assert tokens(events["force"]) == [7] * 5
+    assert_no_leak(engine)
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_refused(served: EngineModel) -> None:
+    engine = Engine(served, config())
+    with pytest.raises(InvalidRequest) as info:
+        engine.add(Request(prompt(1), greedy(3, logit_bias=((VOCAB, 5.0),)), request_id="bad"))
+    assert info.value.param == "logit_bias"
     assert_no_leak(engine)

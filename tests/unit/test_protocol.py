@@ -197,6 +197,149 @@ def test_chat_rejects_naming_the_field(body: dict[str, Any], field: str) -> None
     assert info.value.param == field
 
 
+CHAT_BODY: dict[str, Any] = {"messages": [{"role": "user", "content": "x"}]}
+
+
+def test_max_completion_tokens_wins_over_max_tokens_and_is_range_checked() -> None:
+    assert protocol.parse_chat({**CHAT_BODY, "max_tokens": 50, "max_completion_tokens": 3}, CONFIG).params.max_tokens == 3
+    assert protocol.parse_chat({**CHAT_BODY, "max_completion_tokens": None, "max_tokens": 7}, CONFIG).params.max_tokens == 7
+    rejects(protocol.parse_chat, {**CHAT_BODY, "max_completion_tokens": 10_000, "max_tokens": 5}, 400,
+            "max_completion_tokens")
+    rejects(protocol.parse_chat, {**CHAT_BODY, "max_completion_tokens": "5"}, 422, "max_completion_tokens")
+
+
+def test_logit_bias_and_penalties_are_parsed() -> None:
+    req = protocol.parse_chat({**CHAT_BODY, "logit_bias": {"504": -100, "7": 2.5}, "presence_penalty": 0.5,
+                               "frequency_penalty": -1, "repetition_penalty": 1.2}, CONFIG)
+    p = req.params
+    assert dict(p.logit_bias) == {504: -100.0, 7: 2.5}
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2) and p.penalized
+    plain = protocol.parse_completion({"prompt": "x", "logit_bias": {}}, CONFIG).params
+    assert not plain.penalized
+
+
+@pytest.mark.parametrize(("extra", "status", "field"), [
+    ({"logit_bias": "nonsense"}, 422, "logit_bias"),
+    ({"logit_bias": {"abc": 1}}, 422, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, 422, "logit_bias"),
+    ({"logit_bias": {"5": "x"}}, 422, "logit_bias"),
+    ({"logit_bias": {"5": True}}, 422, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"logit_bias": {"9" * 5000: 1}}, 400, "logit_bias"),
+    ({"frequency_penalty": "x"}, 422, "frequency_penalty"),
+    ({"frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ({"presence_penalty": -2.01}, 400, "presence_penalty"),
+    ({"presence_penalty": [1]}, 422, "presence_penalty"),
+    ({"repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"repetition_penalty": "1"}, 422, "repetition_penalty"),
+    ({"user": 5}, 422, "user"),
+    ({"metadata": "x"}, 422, "metadata"),
+    ({"metadata": {"k": 1}}, 422, "metadata"),
+    ({"store": "yes"}, 422, "store"),
+    ({"service_tier": 1}, 422, "service_tier"),
+    ({"parallel_tool_calls": "no"}, 422, "parallel_tool_calls"),
+    ({"n": "2"}, 422, "n"),
+    ({"seed": 1.5}, 422, "seed"),
+    ({"stream_options": "x"}, 422, "stream_options"),
+])
+@pytest.mark.parametrize("parse", [protocol.parse_chat, protocol.parse_completion])
+def test_every_standard_parameter_is_type_checked(parse: Any, extra: dict[str, Any], status: int,
+                                                 field: str) -> None:
+    body = {**(CHAT_BODY if parse is protocol.parse_chat else {"prompt": "x"}), **extra}
+    rejects(parse, body, status, field)
+
+
+def test_fields_that_change_nothing_are_accepted() -> None:
+    inert = {"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
+             "parallel_tool_calls": True, "response_format": {"type": "text"}, "tool_choice": "none",
+             "tools": [], "modalities": ["text"], "best_of": 1, "min_p": 0, "suffix": None}
+    assert protocol.parse_chat({**CHAT_BODY, **inert}, CONFIG).params == protocol.parse_chat(CHAT_BODY, CONFIG).params
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    protocol.parse_chat({**CHAT_BODY, "tools": tools, "tool_choice": "none"}, CONFIG)  # calls are off: nothing changes
+    assert protocol.parse_completion({"prompt": "x", "n": 2, "best_of": 2}, CONFIG).options.n == 2
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"structured_outputs": {"json": {}}}, "structured_outputs"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"guided_regex": "a+"}, "guided_regex"),
+    ({"guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"best_of": 3, "n": 2}, "best_of"),
+    ({"best_of": "2"}, "best_of"),
+    ({"suffix": "tail"}, "suffix"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"min_p": 0.1}, "min_p"),
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"chat_template": "{{ 1 }}"}, "chat_template"),
+])
+def test_unimplemented_fields_are_a_400_naming_them(extra: dict[str, Any], field: str) -> None:
+    err = rejects(protocol.parse_chat, {**CHAT_BODY, **extra}, 400, field)
+    assert err.code == "unsupported_parameter"
+    assert field in protocol.UNIMPLEMENTED
+    rejects(protocol.parse_completion, {"prompt": "x", **extra}, 400, field)
+
+
+def test_chat_refuses_logprobs_over_twenty_and_n_over_the_limit_and_echo() -> None:
+    rejects(protocol.parse_chat, {**CHAT_BODY, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs")
+    rejects(protocol.parse_chat, {**CHAT_BODY, "n": CONFIG.max_batch_size + 1}, 400, "n")
+    rejects(protocol.parse_chat, {**CHAT_BODY, "echo": True}, 400, "echo")
+
+
+def test_content_parts_and_tool_messages() -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert protocol.parse_chat({"messages": parts}, CONFIG).messages == tuple(parts)
+    err = rejects(protocol.parse_chat, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+        400, "messages[0].content[1].type")
+    assert "image_url" in err.message
+    call = {"id": "c1", "type": "function", "function": {"name": "get", "arguments": "{}"}}
+    convo = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    assert len(protocol.parse_chat({"messages": convo}, CONFIG).messages) == 3
+    no_content = [{"role": "assistant", "tool_calls": [call]}]  # content absent, as some clients send it
+    assert protocol.parse_chat({"messages": no_content}, CONFIG).messages[0]["tool_calls"] == [call]
+    rejects(protocol.parse_chat, {"messages": [{"role": "user", "content": None}]}, 422, "messages[0].content")
+    rejects(protocol.parse_chat, {"messages": [{"role": "assistant", "tool_calls": "x"}]}, 422,
+            "messages[0].tool_calls")
+    rejects(protocol.parse_chat, {"messages": [{"role": "assistant", "tool_calls": [{"type": "function"}]}]},
+            422, "messages[0].tool_calls[0].function")
+    rejects(protocol.parse_chat, {"messages": [{"role": "user", "content": "x", "tool_calls": [call]}]},
+            400, "messages[0].tool_calls")
+
+
+def test_tokenize_takes_the_native_and_vllms_shapes() -> None:
+    native = protocol.parse_tokenize({"text": "x", "prompt": "ignored"})  # text decides: native
+    assert isinstance(native, protocol.TokenizeRequest)
+    prompt = protocol.parse_tokenize({"model": "m", "prompt": "hi"})
+    assert isinstance(prompt, protocol.VLLMTokenizeRequest)
+    assert (prompt.prompt, prompt.model, prompt.add_special, prompt.return_token_strs) == ("hi", "m", True, False)
+    chat = protocol.parse_tokenize({"messages": [{"role": "user", "content": "hi"}], "return_token_strs": True})
+    assert isinstance(chat, protocol.VLLMTokenizeRequest) and chat.messages is not None
+    assert (chat.add_special, chat.add_generation_prompt, chat.return_token_strs) == (False, True, True)
+    with pytest.raises(APIError) as info:
+        protocol.parse_tokenize({"prompt": "a", "messages": [{"role": "user", "content": "b"}]})
+    assert info.value.status == 400
+    with pytest.raises(APIError) as info:
+        protocol.parse_tokenize({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+    assert info.value.param == "messages[0].content[0].type"
+    with pytest.raises(APIError) as info:
+        protocol.parse_tokenize({})
+    assert info.value.param == "text"  # neither shape: the native field is named
+    assert protocol.parse_detokenize({"model": "m", "tokens": [1, 2]}).tokens == (1, 2)
+    for bad in ({"tokens": "1"}, {"tokens": [1.5]}, {}):
+        with pytest.raises(APIError) as info:
+            protocol.parse_detokenize(bad)
+        assert info.value.param == "tokens"
+
+
 # -- error bodies ---------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from realizar.request import GREEDY_TEMPERATURE, MAX_TEMPERATURE, SEED_MAX, SEED_MIN, SamplingParams
-from realizar.sampling import SamplingRow, apply_filters, make_generator, sample
+from realizar.sampling import Penalties, SamplingRow, apply_filters, make_generator, sample
 
 
 def row(seed: int | None = None, **kw: float) -> SamplingRow:
@@ -147,3 +147,82 @@ def test_a_row_replayed_from_its_saved_state_draws_the_same() -> None:
     first = [sample(logits, [r])[0].token_id for _ in range(4)]
     r.restore(state)
     assert [sample(logits, [r])[0].token_id for _ in range(4)] == first
+
+
+# -- logit bias and penalties -------------------------------------------------------------------------
+
+
+def penalized(prompt_ids: tuple[int, ...] = (), seed: int | None = None, **kw: object) -> SamplingRow:
+    params = SamplingParams(seed=seed, **kw)  # type: ignore[arg-type]
+    return SamplingRow(params, None if params.greedy else make_generator(seed), (),
+                       Penalties(params, prompt_ids) if params.penalized else None)
+
+
+def test_logit_bias_bans_and_forces_tokens_under_greedy_and_sampling() -> None:
+    logits = torch.tensor([[0.0, 9.0, 1.0, 2.0]] * 4)
+    out = sample(logits, [penalized(temperature=0, logit_bias=((1, -100.0),)),
+                          penalized(temperature=0, logit_bias=((0, 100.0),)),
+                          penalized(seed=3, temperature=1.0, logit_bias=((1, -100.0), (2, -100.0), (3, -100.0))),
+                          penalized(seed=4, temperature=1.0, top_k=2, logit_bias=((2, 100.0),))])
+    assert [t.token_id for t in out] == [3, 0, 0, 2]
+
+
+def test_frequency_and_presence_penalties_count_generated_tokens() -> None:
+    logits = torch.tensor([[5.0, 4.0, 0.0]])
+    freq = penalized(temperature=0, frequency_penalty=0.6)
+    presence = penalized(temperature=0, presence_penalty=1.5)
+    for p in (freq, presence):
+        assert p.penalties is not None
+        p.penalties.add(0)
+    assert sample(logits, [freq])[0].token_id == 0  # 5 - 0.6 > 4: one occurrence is not enough
+    assert sample(logits, [presence])[0].token_id == 1  # 5 - 1.5 < 4
+    assert freq.penalties is not None
+    freq.penalties.add(0)
+    assert sample(logits, [freq])[0].token_id == 1  # 5 - 1.2 < 4: the count grows the penalty
+    batched = penalized(temperature=0, frequency_penalty=0.6)  # two tokens reported before one step
+    assert batched.penalties is not None
+    batched.penalties.add(0)
+    batched.penalties.add(0)
+    after = logits.clone()
+    batched.penalties.apply(after[0])
+    assert torch.allclose(after[0], torch.tensor([3.8, 4.0, 0.0]))
+    negative = penalized(temperature=0, presence_penalty=-2.0)  # a negative penalty favours repeats
+    assert negative.penalties is not None
+    negative.penalties.add(1)
+    assert sample(logits, [negative])[0].token_id == 1
+
+
+def test_repetition_penalty_covers_the_prompt_and_both_signs() -> None:
+    logits = torch.tensor([[4.0, 3.0, -1.0, -1.5]])
+    assert sample(logits, [penalized((0,), temperature=0, repetition_penalty=2.0)])[0].token_id == 1  # 4/2 < 3
+    row = penalized((0, 1, 2), temperature=0, repetition_penalty=2.0)  # -1 * 2 < -1.5
+    after = logits.clone()
+    assert row.penalties is not None
+    row.penalties.apply(after[0])
+    assert after[0].tolist() == [2.0, 1.5, -2.0, -1.5]
+
+
+def test_rows_with_and_without_penalties_share_a_batch() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 100)
+    plain = [row(temperature=0), row(seed=5, temperature=0.8), row(seed=6, temperature=0.8, top_p=0.9)]
+    alone = [t.token_id for t in sample(logits[:3].clone(), plain)]
+    best = int(logits[3].argmax())
+    mixed = [row(temperature=0), row(seed=5, temperature=0.8), row(seed=6, temperature=0.8, top_p=0.9),
+             penalized(temperature=0, logit_bias=((best, -100.0),)),
+             penalized(seed=7, temperature=0.8, frequency_penalty=2.0),
+             penalized(temperature=0, repetition_penalty=1.3, logit_bias=((42, 100.0),))]
+    before = logits.clone()
+    out = [t.token_id for t in sample(logits, mixed)]
+    assert out[:3] == alone  # the unpenalized rows draw exactly what they draw alone
+    assert out[3] != best and out[5] == 42
+    assert torch.equal(logits, before)  # the caller's logits are left as they were
+    assert all(r.penalties is None for r in mixed[:3])
+
+
+def test_penalty_settings_are_range_checked() -> None:
+    for bad in ({"logit_bias": ((1, 101.0),)}, {"presence_penalty": 2.5}, {"frequency_penalty": -3.0},
+                {"repetition_penalty": 0.0}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)  # type: ignore[arg-type]
+    assert not SamplingParams().penalized and SamplingParams(repetition_penalty=1.1).penalized
