@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from realizar import kernels
 from realizar.config import EngineConfig, ModelConfig
 from realizar.engine.errors import EngineDead, EngineOverloaded, RequestTooLong
 from realizar.engine.runner import ModelRunner
@@ -102,13 +103,13 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
         matmul_threads(matmul)
         torch.set_num_threads(torch_threads)
     dtype = resolve_dtype(config.dtype, device)
-    loaded = load_model(path, dtype=dtype)
+    loaded = load_model(path, dtype=dtype, keep_quantized=kernels.quantized_weights(device, dtype))
     if loaded.format == "gguf":
         tokenizer = Tokenizer.from_gguf_metadata(loaded.metadata)
     else:
         tokenizer = Tokenizer.from_pretrained_dir(loaded.path)
-    model = LlamaModel(loaded.config, loaded.tensors, device, dtype)
-    del loaded.tensors
+    model = LlamaModel(loaded.config, loaded.tensors, device, dtype, loaded.quantized)
+    del loaded.tensors, loaded.quantized
     return EngineModel(model, tokenizer, loaded.config, loaded.config.name, loaded.path, loaded.format,
                        time.perf_counter() - start)
 

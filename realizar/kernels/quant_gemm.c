@@ -1,0 +1,261 @@
+/* Matrix products over block-quantized weights (GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+ * Q5_K, Q6_K), kept quantized in memory:
+ *
+ *   y[M, N] = x[M, K] W^T        x float32, W [N, K] dequantized on the fly, y float32
+ *
+ * A decode step is bound by reading the weights: float32 weights are 4 bytes each, these
+ * 0.6-1.1. The weights are repacked once, at load time, into records of 16 output rows
+ * (one panel, as in packed_gemm.c) by 32 terms of the sums (one quant block):
+ *
+ *   record[p][b] = the integers of W[16p : 16p + 16, 32b : 32b + 32], then their scales
+ *
+ * with each 16-byte vector of integers holding one byte per row of the panel, so one load
+ * unpacks into 16 lanes, one per output column, with no shuffles:
+ *
+ *   nibbles (4, 5, 6 bits)  16 vectors; vector i, byte j = q[j][i] & 15 | (q[j][i + 16] & 15) << 4
+ *   5th bits (5 bits)       4 vectors; vector h, byte j, bit 2i + s = bit 4 of q[j][h + 4i + 16s]
+ *   bits 5-6 (6 bits)       8 vectors; vector h, byte j, bits 2s, 2s + 1 = bits 4-5 of q[j][h + 8s]
+ *   bytes (8 bits)          32 vectors; vector k, byte j = q[j][k] (int8)
+ *   scales                  float32 [16] d, then [16] min (Q4_1, Q5_1, K-quants' -dmin * m) or
+ *                           [16] d of terms 16-31 (Q6_K's 16-term sub-blocks)
+ *
+ * Every record is a multiple of 64 bytes, so records stay cache-line aligned. Scales are
+ * stored as float32, already multiplied out as the reference dequantization does (Q4_K's
+ * d * scale and dmin * min), so a weight dequantizes to exactly the float the reference
+ * gives: (q - offset) * d, then + min, each product rounded before the sum (no fused
+ * multiply-add, see `rounded`). The product is then exactly x times the dequantized weight,
+ * in float32.
+ *
+ * Each unit of work dequantizes a slice of 256 terms of a group of panels into a buffer in
+ * packed_gemm.c's panel layout and multiplies every row of its row block by it with
+ * packed_gemm.c's tiles, so the dequantization is paid once per 96 rows: at one row it
+ * costs about as much as the multiply-adds, at 64 rows almost nothing. As there, every
+ * output is one chain of multiply-adds in k order (passes of a fixed size added to y), so a
+ * row's result does not depend on the rows that come with it.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define NR 16             /* output rows per panel, as in packed_gemm.c */
+#define QK 32             /* terms per record */
+#define PASS_BLOCKS 8     /* records per pass over the sums: 256 terms, 16 KiB of floats per panel */
+#define MC 96             /* rows of x per unit, as in packed_gemm.c */
+
+/* Formats; realizar/kernels/__init__.py has the same codes. */
+enum { Q4_OFFSET, Q4_MIN, Q5_OFFSET, Q5_MIN, Q6_OFFSET, Q8 };
+
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef float f32x16 __attribute__((vector_size(64)));
+
+static inline u8x16 bytes16(const uint8_t *p) { u8x16 v; memcpy(&v, p, sizeof v); return v; }
+static inline f32x16 floats16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
+
+/* v, rounded to float32 here: the compiler may not fuse the product that made it with the
+ * addition that follows, which would round once where the reference rounds twice. */
+static inline f32x16 rounded(f32x16 v) {
+#if defined(__AVX512F__)
+    __asm__("" : "+v"(v));
+#elif defined(__AVX__)
+    v8 lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (char *)&v + sizeof lo, sizeof hi);
+    __asm__("" : "+x"(lo), "+x"(hi));
+    memcpy(&v, &lo, sizeof lo);
+    memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
+#elif defined(__aarch64__)
+    __asm__("" : "+w"(v));
+#endif
+    return v;
+}
+
+/* The 16 signed bytes of v as 16 int32. GCC scalarizes __builtin_convertvector here, so the
+ * x86 sign extensions are named. */
+static inline i32x16 widen(i8x16 v) {
+    i32x16 r;
+#if defined(__AVX512F__)
+    const __m512i w = _mm512_cvtepi8_epi32((__m128i)v);
+    memcpy(&r, &w, sizeof r);
+#elif defined(__AVX2__)
+    const __m256i lo = _mm256_cvtepi8_epi32((__m128i)v);
+    const __m256i hi = _mm256_cvtepi8_epi32(_mm_unpackhi_epi64((__m128i)v, (__m128i)v));
+    memcpy(&r, &lo, sizeof lo);
+    memcpy((char *)&r + sizeof lo, &hi, sizeof hi);
+#else
+    for (int i = 0; i < 16; i++) r[i] = v[i];
+#endif
+    return r;
+}
+
+static inline int fmt_bits(int f) { return f <= Q4_MIN ? 4 : f <= Q5_MIN ? 5 : f == Q6_OFFSET ? 6 : 8; }
+static inline int fmt_offset(int f) { return f == Q4_OFFSET ? 8 : f == Q5_OFFSET ? 16 : f == Q6_OFFSET ? 32 : 0; }
+static inline int fmt_has_min(int f) { return f == Q4_MIN || f == Q5_MIN; }
+static inline int64_t int_bytes(int f) { return fmt_bits(f) == 8 ? 512 : 256 + (fmt_bits(f) - 4) * 64; }
+
+/* Bytes of one record: the integers, then 16 or 32 floats. */
+int64_t realizar_quant_record_bytes(int f) {
+    return int_bytes(f) + (fmt_has_min(f) || f == Q6_OFFSET ? 128 : 64);
+}
+
+/* The 32 x 16 weights of one record, k-major (out[k * 16 + j] = W[row j][term k]). */
+static inline __attribute__((always_inline)) void dequantize(const int F, const uint8_t *rec, float *out) {
+    const int bits = fmt_bits(F);
+    const uint8_t offset = (uint8_t)fmt_offset(F);
+    const float *scales = (const float *)(rec + int_bytes(F));
+    const f32x16 d0 = floats16(scales);
+    const f32x16 d1 = F == Q6_OFFSET ? floats16(scales + 16) : d0;
+    const f32x16 min = fmt_has_min(F) ? floats16(scales + 16) : (f32x16){0};
+#pragma GCC unroll 32
+    for (int k = 0; k < QK; k++) {
+        u8x16 q;
+        if (bits == 8) {
+            q = bytes16(rec + 16 * k);
+        } else {
+            const u8x16 nib = bytes16(rec + 16 * (k & 15));
+            q = k < 16 ? nib & 15 : nib >> 4;
+            if (bits == 5) q |= ((bytes16(rec + 256 + 16 * (k & 3)) >> (2 * ((k & 15) >> 2) + (k >> 4))) & 1) << 4;
+            if (bits == 6) q |= ((bytes16(rec + 256 + 16 * (k & 7)) >> (2 * (k >> 3))) & 3) << 4;
+        }
+        /* q - offset fits int8 for every format (Q8_0 has no offset and is int8 already) */
+        const i8x16 s = (i8x16)(q - offset);
+        f32x16 w = __builtin_convertvector(widen(s), f32x16) * (k < 16 ? d0 : d1);
+        if (fmt_has_min(F)) w = rounded(w) + min;
+        memcpy(out + 16 * k, &w, sizeof w);
+    }
+}
+
+/* Records [0, count) of one panel into `out` (count * 32 terms, k-major, 16 per term). */
+static void dequantize_records(int f, const uint8_t *rec, int64_t count, float *out) {
+    const int64_t size = realizar_quant_record_bytes(f);
+    for (int64_t b = 0; b < count; b++, rec += size, out += QK * NR) {
+        switch (f) {
+            case Q4_OFFSET: dequantize(Q4_OFFSET, rec, out); break;
+            case Q4_MIN: dequantize(Q4_MIN, rec, out); break;
+            case Q5_OFFSET: dequantize(Q5_OFFSET, rec, out); break;
+            case Q5_MIN: dequantize(Q5_MIN, rec, out); break;
+            case Q6_OFFSET: dequantize(Q6_OFFSET, rec, out); break;
+            default: dequantize(Q8, rec, out); break;
+        }
+    }
+}
+
+/* A buffer of this thread's, of at least `floats` floats (kept for later calls), or NULL. */
+static float *scratch(int64_t floats) {
+    static __thread float *buffer;
+    static __thread int64_t capacity;
+    if (floats > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (size_t)((floats * sizeof(float) + 63) / 64 * 64));
+        capacity = buffer ? floats : 0;
+    }
+    return buffer;
+}
+
+struct qjob {
+    const float *a;           /* x packed by realizar_pack_x */
+    const uint8_t *w;         /* the records, panel-major */
+    float *y;
+    int64_t M, N, K, ldy;
+    int fmt, group;           /* group: panels per tile, as in packed_gemm.c */
+    int64_t chunk;            /* panels per unit, a multiple of group */
+    int64_t pass;             /* records per pass over the sums */
+    _Atomic int failed;       /* a thread could not allocate its buffer */
+};
+
+/* One unit: the panels of one chunk for the rows of one MC-row block, a pass of the sums at
+ * a time. The passes are the same for every M. */
+static void run_unit(const void *arg, int64_t unit) {
+    struct qjob *j = (struct qjob *)arg;
+    const int64_t K = j->K, blocks = K / QK, panels = (j->N + NR - 1) / NR, full = j->N / NR;
+    const int64_t chunks = (panels + j->chunk - 1) / j->chunk;
+    const int64_t m0 = unit / chunks * MC, p0 = unit % chunks * j->chunk;
+    const int64_t m1 = j->M - m0 < MC ? j->M : m0 + MC, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
+    const int64_t size = realizar_quant_record_bytes(j->fmt);
+    float *buffer = scratch(j->group * j->pass * QK * NR);
+    if (!buffer) {
+        j->failed = 1;
+        return;
+    }
+    for (int64_t b0 = 0; b0 < blocks; b0 += j->pass) {
+        const int64_t count = blocks - b0 < j->pass ? blocks - b0 : j->pass, kc = count * QK;
+        for (int64_t p = p0; p < p1;) {
+            const int G = p + j->group <= (p1 < full ? p1 : full) ? j->group : 1;
+            const int64_t cols = p < full ? NR : j->N - p * NR;
+            for (int g = 0; g < G; g++)
+                dequantize_records(j->fmt, j->w + ((p + g) * blocks + b0) * size, count, buffer + g * kc * NR);
+            realizar_gemm_panels(j->a + m0 * K, m1 - m0, K, b0 * QK, kc, buffer, kc * NR, G, cols,
+                                 j->y + m0 * j->ldy + p * NR, j->ldy, b0 > 0);
+            p += G;
+        }
+    }
+}
+
+/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) times the records `w` of a weight
+ * [N, K] in format `fmt`. Returns 0, or -1 when a buffer could not be allocated. */
+int realizar_quant_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, float *y, int64_t ldy,
+                        int64_t M, int64_t N, int64_t K) {
+    static __thread float *packed_x;
+    static __thread int64_t capacity;
+    const int64_t need = realizar_packed_x_floats(M, K);
+    if (need > capacity) {
+        free(packed_x);
+        packed_x = aligned_alloc(64, (size_t)((need * sizeof(float) + 63) / 64 * 64));
+        capacity = packed_x ? need : 0;
+        if (!packed_x) return -1;
+    }
+    realizar_pack_x(x, ldx, M, K, packed_x);
+    const int64_t blocks = K / QK, panels = (N + NR - 1) / NR;
+    const int64_t passes = (blocks + PASS_BLOCKS - 1) / PASS_BLOCKS;
+    /* as in packed_gemm.c: one row, six panels at a time; up to 8 rows, three; more, one */
+    const int group = M == 1 ? 6 : M <= 8 ? 3 : 1;
+    const int64_t threads = realizar_threads(), units_per_thread = 4;
+    int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
+    chunk = (chunk + group - 1) / group * group;
+    struct qjob j = {.a = packed_x, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy, .fmt = fmt,
+                     .group = group, .chunk = chunk, .pass = (blocks + passes - 1) / passes, .failed = 0};
+    realizar_parallel(run_unit, &j, (M + MC - 1) / MC * ((panels + chunk - 1) / chunk));
+    return j.failed ? -1 : 0;
+}
+
+struct rows_job {
+    const uint8_t *w;
+    const int64_t *ids;
+    float *out;
+    int64_t K;
+    int fmt;
+    _Atomic int failed;
+};
+
+static void run_row(const void *arg, int64_t i) {
+    struct rows_job *j = (struct rows_job *)arg;
+    float *buffer = scratch(QK * NR);
+    if (!buffer) {
+        j->failed = 1;
+        return;
+    }
+    const int64_t blocks = j->K / QK, size = realizar_quant_record_bytes(j->fmt);
+    const int64_t p = j->ids[i] / NR, r = j->ids[i] % NR;
+    for (int64_t b = 0; b < blocks; b++) {
+        dequantize_records(j->fmt, j->w + (p * blocks + b) * size, 1, buffer);
+        for (int k = 0; k < QK; k++) j->out[i * j->K + b * QK + k] = buffer[k * NR + r];
+    }
+}
+
+/* out [n, K] = rows ids[0 .. n) of the weight (the embedding lookup of a tied LM head), dequantized
+ * exactly. Returns 0, -1 when a buffer could not be allocated, -2 when an id is outside [0, N). */
+int realizar_quant_rows(const uint8_t *w, int fmt, const int64_t *ids, int64_t n, int64_t N, int64_t K,
+                        float *out) {
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= N) return -2;
+    struct rows_job j = {.w = w, .ids = ids, .out = out, .K = K, .fmt = fmt, .failed = 0};
+    realizar_parallel(run_row, &j, n);
+    return j.failed ? -1 : 0;
+}
