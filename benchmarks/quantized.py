@@ -8,7 +8,8 @@ Usage (from the repository root)::
 
 Per mode it reports the load time (``load_engine_model``), the process's RSS after loading,
 batch-1 decode tok/s (one greedy sequence, ``--tokens`` tokens after a short prompt, EOS
-ignored; the median step time), the median time of a decode step of 16 sequences, and of a
+ignored; the median step time) and the CPU time of such a step (all threads; steadier than
+wall time on a shared machine), the median time of a decode step of 16 sequences, and of a
 prefill step of a 512-token prompt. Timings on a shared machine are indicative only.
 """
 
@@ -46,26 +47,33 @@ def worker(tokens: int, threads: int) -> dict[str, Any]:
     engine = Engine(served, config)
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly brew potions".split()
 
+    cpu_times: list[float] = []
+
     def run(prompts: list[list[int]], max_tokens: int) -> list[float]:
-        """Step times (s) of the steps after the first (the prefill)."""
+        """Step times (s) of the steps after the first (the prefill); their CPU times in cpu_times."""
         for p in prompts:
             engine.add(Request(p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)))
         times = []
+        cpu_times.clear()
         while engine.has_work():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             engine.step()
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
+        del cpu_times[0]
         return times[1:]
 
     prompt = served.tokenizer.encode(" ".join(words))
     run([prompt], 8)  # warm-up
     one = run([prompt], tokens)
+    one_cpu = statistics.median(cpu_times)
     sixteen = run([served.tokenizer.encode(" ".join(words[: 2 + i % 10]) + f" {i}") for i in range(16)], 24)
     long_prompt = (prompt * 64)[:512]
     start = time.perf_counter()
     run([long_prompt], 1)
     prefill = time.perf_counter() - start
     return {"load_s": load_s, "rss_after_load_mib": rss, "decode_tok_s": 1 / statistics.median(one),
+            "decode_cpu_ms": one_cpu * 1e3,
             "step16_ms": statistics.median(sixteen) * 1e3, "prefill512_ms": prefill * 1e3,
             "rss_end_mib": _rss_mib()}
 
@@ -80,14 +88,16 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.tokens, args.threads)))
         return
-    print("| weights | load s | RSS after load MiB | decode tok/s (1 seq) | 16-seq step ms | 512-token prefill ms |")
-    print("|---|---|---|---|---|---|")
+    print("| weights | load s | RSS after load MiB | decode tok/s (1 seq) | CPU ms per decode step (1 seq) "
+          "| 16-seq step ms | 512-token prefill ms |")
+    print("|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
         env = dict(os.environ, REALIZAR_QUANTIZED="1" if mode == "quantized" else "0")
         out = subprocess.run([sys.executable, __file__, "--worker", "--tokens", str(args.tokens),
                               "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"| {mode} | {r['load_s']:.2f} | {r['rss_after_load_mib']:.0f} | {r['decode_tok_s']:.1f} "
+              f"| {r['decode_cpu_ms']:.1f} "
               f"| {r['step16_ms']:.2f} | {r['prefill512_ms']:.0f} |")
 
 

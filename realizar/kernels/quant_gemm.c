@@ -105,37 +105,52 @@ int64_t realizar_quant_record_bytes(int f) {
     return int_bytes(f) + (fmt_has_min(f) || f == Q6_OFFSET ? 128 : 64);
 }
 
+/* The weights of term k (0-31) of one record for its 16 rows, from the record's integers and
+ * its scales (d0: terms 0-15, d1: terms 16-31, min). */
+static inline __attribute__((always_inline)) f32x16 term(const int F, const uint8_t *rec, const int k, f32x16 d0,
+                                                         f32x16 d1, f32x16 min) {
+    const int bits = fmt_bits(F);
+    u8x16 q;
+    if (bits == 8) {
+        q = bytes16(rec + 16 * k);
+    } else {
+        const u8x16 nib = bytes16(rec + 16 * (k & 15));
+        q = k < 16 ? nib & 15 : nib >> 4;
+        if (bits == 5) q |= ((bytes16(rec + 256 + 16 * (k & 3)) >> (2 * ((k & 15) >> 2) + (k >> 4))) & 1) << 4;
+        if (bits == 6) q |= ((bytes16(rec + 256 + 16 * (k & 7)) >> (2 * (k >> 3))) & 3) << 4;
+    }
+    /* q - offset fits int8 for every format (Q8_0 has no offset and is int8 already) */
+    const i8x16 s = (i8x16)(q - (uint8_t)fmt_offset(F));
+    f32x16 w = __builtin_convertvector(widen(s), f32x16) * (k < 16 ? d0 : d1);
+    if (fmt_has_min(F)) w = rounded(w) + min;
+    return w;
+}
+
+/* A record's scales: d of terms 0-15 and 16-31, and the min (zero where the format has none). */
+#define SCALES(F, rec, d0, d1, min)                                                  \
+    const float *scales_ = (const float *)((rec) + int_bytes(F));                   \
+    const f32x16 d0 = floats16(scales_);                                             \
+    const f32x16 d1 = (F) == Q6_OFFSET ? floats16(scales_ + 16) : d0;                \
+    const f32x16 min = fmt_has_min(F) ? floats16(scales_ + 16) : (f32x16){0}
+
 /* The 32 x 16 weights of one record, k-major (out[k * 16 + j] = W[row j][term k]). */
 static inline __attribute__((always_inline)) void dequantize(const int F, const uint8_t *rec, float *out) {
-    const int bits = fmt_bits(F);
-    const uint8_t offset = (uint8_t)fmt_offset(F);
-    const float *scales = (const float *)(rec + int_bytes(F));
-    const f32x16 d0 = floats16(scales);
-    const f32x16 d1 = F == Q6_OFFSET ? floats16(scales + 16) : d0;
-    const f32x16 min = fmt_has_min(F) ? floats16(scales + 16) : (f32x16){0};
-#pragma GCC unroll 32
+    SCALES(F, rec, d0, d1, min);
+#pragma GCC unroll 8
     for (int k = 0; k < QK; k++) {
-        u8x16 q;
-        if (bits == 8) {
-            q = bytes16(rec + 16 * k);
-        } else {
-            const u8x16 nib = bytes16(rec + 16 * (k & 15));
-            q = k < 16 ? nib & 15 : nib >> 4;
-            if (bits == 5) q |= ((bytes16(rec + 256 + 16 * (k & 3)) >> (2 * ((k & 15) >> 2) + (k >> 4))) & 1) << 4;
-            if (bits == 6) q |= ((bytes16(rec + 256 + 16 * (k & 7)) >> (2 * (k >> 3))) & 3) << 4;
-        }
-        /* q - offset fits int8 for every format (Q8_0 has no offset and is int8 already) */
-        const i8x16 s = (i8x16)(q - offset);
-        f32x16 w = __builtin_convertvector(widen(s), f32x16) * (k < 16 ? d0 : d1);
-        if (fmt_has_min(F)) w = rounded(w) + min;
+        const f32x16 w = term(F, rec, k, d0, d1, min);
         memcpy(out + 16 * k, &w, sizeof w);
     }
 }
 
-/* Records [0, count) of one panel into `out` (count * 32 terms, k-major, 16 per term). */
-static void dequantize_records(int f, const uint8_t *rec, int64_t count, float *out) {
+/* Records [0, count) of one panel into `out` (count * 32 terms, k-major, 16 per term), while
+ * the `ahead` bytes after them are prefetched: the next pass of the same panel. */
+static void dequantize_records(int f, const uint8_t *rec, int64_t count, float *out, int64_t ahead) {
     const int64_t size = realizar_quant_record_bytes(f);
+    const int64_t lines = (ahead + 63) / 64, per_record = (lines + count - 1) / count;
     for (int64_t b = 0; b < count; b++, rec += size, out += QK * NR) {
+        for (int64_t l = b * per_record; l < (b + 1) * per_record && l < lines; l++)
+            __builtin_prefetch(rec + (count - b) * size + l * 64);
         switch (f) {
             case Q4_OFFSET: dequantize(Q4_OFFSET, rec, out); break;
             case Q4_MIN: dequantize(Q4_MIN, rec, out); break;
@@ -184,17 +199,144 @@ static void run_unit(const void *arg, int64_t unit) {
         j->failed = 1;
         return;
     }
-    for (int64_t b0 = 0; b0 < blocks; b0 += j->pass) {
-        const int64_t count = blocks - b0 < j->pass ? blocks - b0 : j->pass, kc = count * QK;
-        for (int64_t p = p0; p < p1;) {
-            const int G = p + j->group <= (p1 < full ? p1 : full) ? j->group : 1;
-            const int64_t cols = p < full ? NR : j->N - p * NR;
+    /* A group of panels through all its passes, then the next group: each panel's records are
+     * read in memory order, G streams at a time. Every output still sums its passes in order. */
+    for (int64_t p = p0; p < p1;) {
+        const int G = p + j->group <= (p1 < full ? p1 : full) ? j->group : 1;
+        const int64_t cols = p < full ? NR : j->N - p * NR;
+        for (int64_t b0 = 0; b0 < blocks; b0 += j->pass) {
+            const int64_t count = blocks - b0 < j->pass ? blocks - b0 : j->pass, kc = count * QK;
+            const int64_t next = blocks - b0 - count < j->pass ? blocks - b0 - count : j->pass;
             for (int g = 0; g < G; g++)
-                dequantize_records(j->fmt, j->w + ((p + g) * blocks + b0) * size, count, buffer + g * kc * NR);
+                dequantize_records(j->fmt, j->w + ((p + g) * blocks + b0) * size, count, buffer + g * kc * NR,
+                                   next * size);
             realizar_gemm_panels(j->a + m0 * K, m1 - m0, K, b0 * QK, kc, buffer, kc * NR, G, cols,
                                  j->y + m0 * j->ldy + p * NR, j->ldy, b0 > 0);
-            p += G;
         }
+        p += G;
+    }
+}
+
+/* Few rows (a decode step of a few sequences): the weights are dequantized in registers and
+ * multiplied straight away, R rows by G panels, without the buffer. Each output is the same
+ * chain of multiply-adds as through the buffer and packed_gemm.c's tiles (from zero, in k
+ * order, a pass of the sums at a time added to y), so results do not depend on the path. */
+#if defined(__AVX512F__)
+#define DIRECT_ROWS 4     /* 32 vector registers: 16 accumulators, 8 scales */
+#define DIRECT_PANELS 4
+#else
+#define DIRECT_ROWS 2     /* 16 registers of 8 floats: 8 accumulators */
+#define DIRECT_PANELS 2
+#endif
+
+static inline __attribute__((always_inline)) void direct_tile(const int F, const int R, const int G, const float *x,
+                                                              int64_t ldx, const uint8_t *rec, int64_t pstride,
+                                                              int64_t count, float *y, int64_t ldy, int64_t cols,
+                                                              int accumulate, int64_t ahead) {
+    const int64_t size = realizar_quant_record_bytes(F);
+    f32x16 acc[DIRECT_ROWS * DIRECT_PANELS];
+    for (int i = 0; i < R * G; i++) acc[i] = (f32x16){0};
+    for (int64_t b = 0; b < count; b++, rec += size, x += QK) {
+        /* the next pass's records of these panels, spread over this pass */
+        for (int g = 0; g < G; g++)
+            for (int64_t l = b * ahead / count; l < (b + 1) * ahead / count; l += 64)
+                __builtin_prefetch(rec + g * pstride + (count - b) * size + l);
+        f32x16 d0[DIRECT_PANELS], d1[DIRECT_PANELS], min[DIRECT_PANELS];
+        for (int g = 0; g < G; g++) {
+            SCALES(F, rec + g * pstride, d0_, d1_, min_);
+            d0[g] = d0_;
+            d1[g] = d1_;
+            min[g] = min_;
+        }
+#pragma GCC unroll 8
+        for (int k = 0; k < QK; k++) {
+            for (int g = 0; g < G; g++) {
+                const f32x16 w = term(F, rec + g * pstride, k, d0[g], d1[g], min[g]);
+                for (int r = 0; r < R; r++) acc[r * G + g] += x[r * ldx + k] * w;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        for (int g = 0; g < G; g++) {
+            float *dst = y + r * ldy + g * NR;
+            f32x16 v = acc[r * G + g];
+            if (cols == NR) {
+                if (accumulate) v += floats16(dst);
+                memcpy(dst, &v, sizeof v);
+            } else {  /* the last panel of an N that is not a multiple of 16 (G is 1) */
+                float out[NR] = {0};
+                if (accumulate) memcpy(out, dst, (size_t)cols * sizeof(float));
+                v += floats16(out);
+                memcpy(dst, &v, (size_t)cols * sizeof(float));
+            }
+        }
+    }
+}
+
+struct djob {
+    const float *x;
+    int64_t ldx;
+    const uint8_t *w;
+    float *y;
+    int64_t M, N, K, ldy;
+    int fmt;
+    int64_t chunk;            /* panels per unit, a multiple of DIRECT_PANELS */
+    int64_t pass;
+};
+
+#define DIRECT_CASE(F_, R_, G_) \
+    case F_: direct_tile(F_, R_, G_, x, j->ldx, rec, pstride, count, y, j->ldy, cols, acc, ahead); break
+
+#define DIRECT_FORMATS(R_, G_)                 \
+    switch (j->fmt) {                          \
+        DIRECT_CASE(Q4_OFFSET, R_, G_);        \
+        DIRECT_CASE(Q4_MIN, R_, G_);           \
+        DIRECT_CASE(Q5_OFFSET, R_, G_);        \
+        DIRECT_CASE(Q5_MIN, R_, G_);           \
+        DIRECT_CASE(Q6_OFFSET, R_, G_);        \
+        DIRECT_CASE(Q8, R_, G_);               \
+        default: break;                        \
+    }
+
+static void run_direct_unit(const void *arg, int64_t unit) {
+    const struct djob *j = (const struct djob *)arg;
+    const int64_t K = j->K, blocks = K / QK, panels = (j->N + NR - 1) / NR, full = j->N / NR;
+    const int64_t p0 = unit * j->chunk, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
+    const int64_t size = realizar_quant_record_bytes(j->fmt), pstride = blocks * size;
+    for (int64_t p = p0; p < p1;) {
+        const int G = p + DIRECT_PANELS <= (p1 < full ? p1 : full) ? DIRECT_PANELS : 1;
+        const int64_t cols = p < full ? NR : j->N - p * NR;
+        for (int64_t b0 = 0; b0 < blocks; b0 += j->pass) {
+            const int64_t count = blocks - b0 < j->pass ? blocks - b0 : j->pass;
+            const int64_t ahead = (blocks - b0 - count < j->pass ? blocks - b0 - count : j->pass) * size;
+            const uint8_t *rec = j->w + p * pstride + b0 * size;
+            const float *x = j->x + b0 * QK;
+            float *y = j->y + p * NR;
+            const int acc = b0 > 0;
+            for (int64_t m = 0; m < j->M; m += DIRECT_ROWS, x += DIRECT_ROWS * j->ldx, y += DIRECT_ROWS * j->ldy) {
+                const int64_t R = j->M - m < DIRECT_ROWS ? j->M - m : DIRECT_ROWS;
+                if (G == DIRECT_PANELS) {
+                    switch (R) {
+                        case 1: DIRECT_FORMATS(1, DIRECT_PANELS); break;
+#if DIRECT_ROWS > 2
+                        case 3: DIRECT_FORMATS(3, DIRECT_PANELS); break;
+                        case 4: DIRECT_FORMATS(4, DIRECT_PANELS); break;
+#endif
+                        default: DIRECT_FORMATS(2, DIRECT_PANELS); break;
+                    }
+                } else {
+                    switch (R) {
+                        case 1: DIRECT_FORMATS(1, 1); break;
+#if DIRECT_ROWS > 2
+                        case 3: DIRECT_FORMATS(3, 1); break;
+                        case 4: DIRECT_FORMATS(4, 1); break;
+#endif
+                        default: DIRECT_FORMATS(2, 1); break;
+                    }
+                }
+            }
+        }
+        p += G;
     }
 }
 
@@ -202,6 +344,17 @@ static void run_unit(const void *arg, int64_t unit) {
  * [N, K] in format `fmt`. Returns 0, or -1 when a buffer could not be allocated. */
 int realizar_quant_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, float *y, int64_t ldy,
                         int64_t M, int64_t N, int64_t K) {
+    const int64_t blocks = K / QK, panels = (N + NR - 1) / NR;
+    const int64_t passes = (blocks + PASS_BLOCKS - 1) / PASS_BLOCKS, pass = (blocks + passes - 1) / passes;
+    const int64_t threads = realizar_threads(), units_per_thread = 4;
+    if (M <= DIRECT_ROWS) {
+        int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
+        chunk = (chunk + DIRECT_PANELS - 1) / DIRECT_PANELS * DIRECT_PANELS;
+        const struct djob d = {.x = x, .ldx = ldx, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
+                               .fmt = fmt, .chunk = chunk, .pass = pass};
+        realizar_parallel(run_direct_unit, &d, (panels + chunk - 1) / chunk);
+        return 0;
+    }
     static __thread float *packed_x;
     static __thread int64_t capacity;
     const int64_t need = realizar_packed_x_floats(M, K);
@@ -212,15 +365,12 @@ int realizar_quant_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, 
         if (!packed_x) return -1;
     }
     realizar_pack_x(x, ldx, M, K, packed_x);
-    const int64_t blocks = K / QK, panels = (N + NR - 1) / NR;
-    const int64_t passes = (blocks + PASS_BLOCKS - 1) / PASS_BLOCKS;
-    /* as in packed_gemm.c: one row, six panels at a time; up to 8 rows, three; more, one */
-    const int group = M == 1 ? 6 : M <= 8 ? 3 : 1;
-    const int64_t threads = realizar_threads(), units_per_thread = 4;
+    /* as in packed_gemm.c: up to 8 rows, three panels at a time; more, one */
+    const int group = M <= 8 ? 3 : 1;
     int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
     chunk = (chunk + group - 1) / group * group;
     struct qjob j = {.a = packed_x, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy, .fmt = fmt,
-                     .group = group, .chunk = chunk, .pass = (blocks + passes - 1) / passes, .failed = 0};
+                     .group = group, .chunk = chunk, .pass = pass, .failed = 0};
     realizar_parallel(run_unit, &j, (M + MC - 1) / MC * ((panels + chunk - 1) / chunk));
     return j.failed ? -1 : 0;
 }
@@ -244,7 +394,7 @@ static void run_row(const void *arg, int64_t i) {
     const int64_t blocks = j->K / QK, size = realizar_quant_record_bytes(j->fmt);
     const int64_t p = j->ids[i] / NR, r = j->ids[i] % NR;
     for (int64_t b = 0; b < blocks; b++) {
-        dequantize_records(j->fmt, j->w + (p * blocks + b) * size, 1, buffer);
+        dequantize_records(j->fmt, j->w + (p * blocks + b) * size, 1, buffer, 0);
         for (int k = 0; k < QK; k++) j->out[i * j->K + b * QK + k] = buffer[k * NR + r];
     }
 }

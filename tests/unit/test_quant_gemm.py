@@ -110,16 +110,19 @@ def test_product_matches_dequantize_then_matmul(cpu_kernels: kernels.CpuKernels,
 
 
 def test_rows_do_not_depend_on_the_batch(cpu_kernels: kernels.CpuKernels) -> None:
-    """A row's product is bit for bit the same alone and in any batch (one chain of multiply-adds
-    per output in a fixed order), which keeps greedy decoding batch-invariant."""
+    """A row's product is bit for bit the same alone and in any batch, through registers (up to 4
+    rows) or the dequantized buffer: one chain of multiply-adds per output in a fixed order,
+    which keeps greedy decoding batch-invariant."""
     weight = packed(quantized(QT.Q4_K, 300, 1024))
     x = torch.randn(130, 1024, generator=torch.Generator().manual_seed(1))
     alone = cpu_kernels.quant_gemm(x[5:6], weight)[0]
     try:
         for threads in (1, 2):
             cpu_kernels.set_threads(threads)
-            for m in (6, 8, 16, 130):
+            for m in (6, 8, 16, 130):  # registers alone, the dequantized buffer in a batch
                 assert torch.equal(cpu_kernels.quant_gemm(x[:m], weight)[5], alone)
+            for start in (2, 3, 4):  # the row among 2, 3 or 4 rows, in registers
+                assert torch.equal(cpu_kernels.quant_gemm(x[start:6], weight)[5 - start], alone)
     finally:
         cpu_kernels.set_threads(2)
 
