@@ -1,9 +1,10 @@
-"""The default model with its weights kept quantized (``quant_gemm.c``) against float32 weights
-dequantized at load (``REALIZAR_QUANTIZED=0``), in-process, each in a fresh process.
+"""The default model with its weights kept quantized (``quant_gemm.c``; exact, and the fast class
+``REALIZAR_QUANTIZED=fast``, not exact) against float32 weights dequantized at load
+(``REALIZAR_QUANTIZED=0``), in-process, each mode in a fresh process.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/quantized.py                 # both modes, 2 threads
+    .venv/bin/python benchmarks/quantized.py                 # float32, quantized and fast; 2 threads
     .venv/bin/python benchmarks/quantized.py --modes quantized --tokens 64
 
 Per mode it reports the load time (``load_engine_model``), the process's RSS after loading,
@@ -80,7 +81,7 @@ def worker(tokens: int, threads: int) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", default="float32,quantized", help="comma-separated: float32, quantized")
+    p.add_argument("--modes", default="float32,quantized,fast", help="comma-separated: float32, quantized, fast")
     p.add_argument("--tokens", type=int, default=64, help="tokens of the batch-1 decode (default 64)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -92,7 +93,7 @@ def main() -> None:
           "| 16-seq step ms | 512-token prefill ms |")
     print("|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
-        env = dict(os.environ, REALIZAR_QUANTIZED="1" if mode == "quantized" else "0")
+        env = dict(os.environ, REALIZAR_QUANTIZED={"quantized": "1", "fast": "fast"}.get(mode, "0"))
         out = subprocess.run([sys.executable, __file__, "--worker", "--tokens", str(args.tokens),
                               "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])

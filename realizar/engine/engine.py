@@ -108,7 +108,7 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
         tokenizer = Tokenizer.from_gguf_metadata(loaded.metadata)
     else:
         tokenizer = Tokenizer.from_pretrained_dir(loaded.path)
-    model = LlamaModel(loaded.config, loaded.tensors, device, dtype, loaded.quantized)
+    model = LlamaModel(loaded.config, loaded.tensors, device, dtype, loaded.quantized, kernels.fast_quantized())
     del loaded.tensors, loaded.quantized
     return EngineModel(model, tokenizer, loaded.config, loaded.config.name, loaded.path, loaded.format,
                        time.perf_counter() - start)

@@ -94,6 +94,75 @@ class QuantPacked:
         return self.records.numel()
 
 
+@dataclass(frozen=True)
+class FastPacked:
+    """A quantized weight ``[n, k]`` in ``quant_gemm.c``'s records for integer dot products (the fast
+    class): ``records [panels, k / 32, bytes]``, ``kind`` (0: nibbles, 1: unsigned bytes, 2: signed
+    bytes) and ``c``, the integer offset taken off the stored integers."""
+
+    records: torch.Tensor
+    kind: int
+    c: int
+    n: int
+    k: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.records.numel()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of ``W`` dequantized exactly, ``[len(ids), k]`` (an embedding lookup), in torch:
+        ``(u - c) * d`` rounded, then ``+ min``, as the reference dequantization rounds."""
+        ids = ids.to(torch.int64)
+        n, blocks = ids.shape[0], self.k // QUANT_BLOCK
+        rec = self.records[ids // PANEL]  # [n, blocks, bytes]
+        lane = (ids % PANEL).view(n, 1, 1, 1, 1)
+        int_bytes = 256 if self.kind == 0 else 512
+        groups = 4 if self.kind == 0 else 8
+        ints = rec[:, :, :int_bytes].reshape(n, blocks, groups, PANEL, 4)
+        mine = ints.gather(3, lane.expand(n, blocks, groups, 1, 4)).view(n, blocks, groups * 4)
+        if self.kind == 0:
+            u = torch.cat([mine & 15, mine >> 4], dim=2).to(torch.int32)  # terms 0-15, then 16-31
+        elif self.kind == 2:
+            u = mine.view(torch.int8).to(torch.int32)
+        else:
+            u = mine.to(torch.int32)
+        floats = rec[:, :, int_bytes:].contiguous().view(torch.float32).view(n, blocks, 3, PANEL)
+        f = floats.gather(3, (ids % PANEL).view(n, 1, 1, 1).expand(n, blocks, 3, 1)).view(n, blocks, 3)
+        d = f[:, :, :2].repeat_interleave(16, dim=2)  # [n, blocks, 32]
+        w = (u - self.c).to(torch.float32).mul_(d).add_(f[:, :, 2:3])
+        return w.reshape(n, self.k)
+
+
+def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, offset: int,
+              group: int) -> FastPacked:
+    """Repack a quantized weight for ``realizar_quant_gemm_fast`` (``quant_gemm.c`` has the layout);
+    the arguments are those of :func:`pack_quantized`."""
+    n, k = q.shape
+    assert k % QUANT_BLOCK == 0 and q.dtype == torch.uint8 and group in (16, 32)
+    panels, blocks = -(-n // PANEL), k // QUANT_BLOCK
+    pad = panels * PANEL - n
+    d = scales.repeat_interleave(2, dim=1) if group == QUANT_BLOCK else scales  # [n, 2 * blocks]
+    m = mins if mins is not None else torch.zeros(n, blocks)
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+        d = torch.cat([d, d.new_zeros(pad, d.shape[1])])
+        m = torch.cat([m, m.new_zeros(pad, blocks)])
+    # [panels, 16 (row j), blocks, 8 (t), 4 (i)] -> [panels, blocks, t, j, i]: lane j holds terms 4t..4t+3
+    u = q.view(panels, PANEL, blocks, 8, 4).permute(0, 2, 3, 1, 4)
+    if bits == 4:
+        ints = u[:, :, :4] | (u[:, :, 4:] << 4)
+        kind = 0
+    else:
+        ints = u
+        kind = 2 if bits == 8 else 1
+    floats = torch.cat([d.view(panels, PANEL, blocks, 2).permute(0, 2, 3, 1),
+                        m.view(panels, PANEL, blocks, 1).permute(0, 2, 3, 1)], dim=2)  # [panels, blocks, 3, 16]
+    records = torch.cat([ints.reshape(panels, blocks, -1),
+                         floats.contiguous().view(torch.uint8).reshape(panels, blocks, -1)], dim=2).contiguous()
+    return FastPacked(records, kind, offset, n, k)
+
+
 def pack_quantized(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                    fmt: QuantFormat) -> QuantPacked:
     """Repack a quantized weight into ``quant_gemm.c``'s records (its header comment has the layout).
@@ -208,6 +277,7 @@ class CpuKernels:
         self._sample = bind("realizar_sample", None, p, i64, i64, p, p, p, p, i64)
         self._quant_gemm = bind("realizar_quant_gemm", i32, p, i64, p, i32, p, i64, i64, i64, i64)
         self._quant_rows = bind("realizar_quant_rows", i32, p, i32, p, i64, i64, i64, p)
+        self._quant_gemm_fast = bind("realizar_quant_gemm_fast", i32, p, i64, p, i32, i32, p, i64, i64, i64, i64)
         self.path = path
 
     def set_threads(self, threads: int) -> int:
@@ -243,6 +313,20 @@ class CpuKernels:
         assert y.stride(-1) == 1 and y.shape[0] == m and y.dtype == torch.float32
         if m and self._quant_gemm(x.data_ptr(), x.stride(0), weight.records.data_ptr(), weight.fmt.code,
                                   y.data_ptr(), y.stride(0), m, weight.n, k) != 0:
+            raise MemoryError("the quantized matrix product could not allocate its buffers")
+        return y
+
+    def quant_gemm_fast(self, x: torch.Tensor, weight: FastPacked, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [M, K] @ W.T`` approximately, the fast class: x quantized to int8 per row and 32 terms
+        (as llama.cpp's Q8_1), integer dot products with the weights' integers. ``out`` as in
+        :meth:`quant_gemm`."""
+        x = _unit_stride(x)
+        m, k = x.shape
+        assert k == weight.k, (k, weight.k)
+        y = torch.empty(m, weight.n, dtype=torch.float32) if out is None else out
+        assert y.stride(-1) == 1 and y.shape[0] == m and y.dtype == torch.float32
+        if m and self._quant_gemm_fast(x.data_ptr(), x.stride(0), weight.records.data_ptr(), weight.kind, weight.c,
+                                       y.data_ptr(), y.stride(0), m, weight.n, k) != 0:
             raise MemoryError("the quantized matrix product could not allocate its buffers")
         return y
 
@@ -365,3 +449,9 @@ def quantized_weights(device: torch.device, dtype: torch.dtype) -> bool:
     kernels apply, unless ``REALIZAR_QUANTIZED=0`` asks for float32 weights dequantized at load."""
     quantized = os.environ.get("REALIZAR_QUANTIZED", "1").lower() not in ("0", "false", "no", "off")
     return quantized and for_tensors(device, dtype) is not None
+
+
+def fast_quantized() -> bool:
+    """Whether ``REALIZAR_QUANTIZED=fast`` asks for the fast class (int8 activations, integer dot
+    products): never the default, since it is not exact (``benchmarks/quality.py`` is its gate)."""
+    return os.environ.get("REALIZAR_QUANTIZED", "").lower() == "fast"

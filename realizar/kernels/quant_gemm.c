@@ -34,6 +34,7 @@
  * row's result does not depend on the rows that come with it.
  */
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -408,4 +409,228 @@ int realizar_quant_rows(const uint8_t *w, int fmt, const int64_t *ids, int64_t n
     struct rows_job j = {.w = w, .ids = ids, .out = out, .K = K, .fmt = fmt, .failed = 0};
     realizar_parallel(run_row, &j, n);
     return j.failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The fast class: x quantized to int8 per row and 32-term block (d_x = max |x| / 127, as
+ * llama.cpp's Q8_1), times the weights' integers with integer dot products, the scales applied
+ * per block in float32. Not exact: a quality gate (benchmarks/quality.py) measures it against
+ * float32, and nothing chooses it by default.
+ *
+ * Records of 16 rows by 32 terms again, in a layout for 4-byte dot products: 32-bit lane j of
+ * a 64-byte vector holds 4 consecutive terms of row j,
+ *
+ *   nibbles (4 bits)   4 vectors; vector t, byte 4j + i = u[j][4t + i] | u[j][16 + 4t + i] << 4
+ *   bytes (5-8 bits)   8 vectors; vector t, byte 4j + i = u[j][4t + i]
+ *   then float32 [16] d of terms 0-15, [16] d of terms 16-31, [16] min (zero if none)
+ *
+ * with u the stored integers (5/6-bit: unsigned; Q8_0: signed) and the weight
+ * (u - c) * d (+ min). Per block, with I_h = sum over half h of u * x_q and S_h that of x_q,
+ *
+ *   y += d_x * (d_0 (I_0 - c S_0) + d_1 (I_1 - c S_1)) + min * d_x * (S_0 + S_1)
+ * ------------------------------------------------------------------------------------------- */
+enum { FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES };
+
+typedef uint8_t u8x64 __attribute__((vector_size(64)));
+typedef int8_t i8x64 __attribute__((vector_size(64)));
+
+static inline u8x64 bytes64(const uint8_t *p) { u8x64 v; memcpy(&v, p, sizeof v); return v; }
+static inline i32x16 ints16(int32_t v) { return (i32x16){0} + v; }
+
+int64_t realizar_fast_record_bytes(int kind) { return (kind == FAST_NIBBLES ? 256 : 512) + 192; }
+
+/* acc[j] + sum over i < 4 of w[4j + i] * x[i], w unsigned (< 128 on AVX2, whose maddubs would
+ * saturate beyond), x the 4 signed bytes of x4. */
+static inline i32x16 dot4(i32x16 acc, u8x64 w, int32_t x4) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    __m512i r = _mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, _mm512_set1_epi32(x4));
+    return (i32x16)r;
+#elif defined(__AVX2__)
+    __m256i halves[2], sums[2];
+    memcpy(halves, &w, sizeof halves);
+    const __m256i xs = _mm256_set1_epi32(x4), ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++)
+        sums[h] = _mm256_madd_epi16(_mm256_maddubs_epi16(halves[h], xs), ones);
+    i32x16 r;
+    memcpy(&r, sums, sizeof r);
+    return acc + r;
+#else
+    int8_t x[4];
+    memcpy(x, &x4, 4);
+    for (int j = 0; j < 16; j++)
+        for (int i = 0; i < 4; i++) acc[j] += (int32_t)w[4 * j + i] * x[i];
+    return acc;
+#endif
+}
+
+/* The same for signed weights (Q8_0): |w| times x with w's sign, so the unsigned operand stays
+ * below 129 (maddubs pairs cannot saturate). */
+static inline i32x16 dot4_signed(i32x16 acc, u8x64 w, int32_t x4) {
+    const i8x64 s = (i8x64)w;
+    const i8x64 x = (i8x64)(ints16(x4));
+    const i8x64 neg = s < 0;  /* -1 where w is negative */
+    const i8x64 magnitude = (s ^ neg) - neg;  /* |w|; -128 stays 0x80, read unsigned as 128 */
+    const i8x64 signed_x = (x ^ neg) - neg;
+    /* each lane's 4 bytes of signed_x differ from x4 only in signs, so dot each lane on its own */
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    __m512i r = _mm512_dpbusd_epi32((__m512i)acc, (__m512i)magnitude, (__m512i)signed_x);
+    return (i32x16)r;
+#elif defined(__AVX2__)
+    __m256i m[2], sx[2], sums[2];
+    memcpy(m, &magnitude, sizeof m);
+    memcpy(sx, &signed_x, sizeof sx);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) sums[h] = _mm256_madd_epi16(_mm256_maddubs_epi16(m[h], sx[h]), ones);
+    i32x16 r;
+    memcpy(&r, sums, sizeof r);
+    return acc + r;
+#else
+    for (int j = 0; j < 16; j++)
+        for (int i = 0; i < 4; i++) acc[j] += (int32_t)s[4 * j + i] * ((const int8_t *)&x4)[i];
+    return acc;
+#endif
+}
+
+struct fjob {
+    const int8_t *xq;         /* [M, K] */
+    const float *dx;          /* [M, K / 32] */
+    const int32_t *sx;        /* [M, K / 16]: sums of x_q over each half block */
+    const uint8_t *w;
+    float *y;
+    int64_t M, N, K, ldy;
+    int kind, c;
+    int64_t chunk;            /* panels per unit, a multiple of FAST_PANELS */
+};
+
+#define FAST_ROWS 4
+#define FAST_PANELS 2
+
+static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int G,
+                                                            const struct fjob *j, int64_t m, int64_t p,
+                                                            int64_t cols) {
+    const int64_t K = j->K, blocks = K / QK, size = realizar_fast_record_bytes(KIND), pstride = blocks * size;
+    f32x16 acc[FAST_ROWS * FAST_PANELS];
+    for (int i = 0; i < R * G; i++) acc[i] = (f32x16){0};
+    const uint8_t *base = j->w + p * pstride;
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int g = 0; g < G; g++) {
+            const uint8_t *rec = base + g * pstride + b * size;
+            __builtin_prefetch(rec + 4 * size);
+            const float *scales = (const float *)(rec + (KIND == FAST_NIBBLES ? 256 : 512));
+            const f32x16 d0 = floats16(scales), d1 = floats16(scales + 16), min = floats16(scales + 32);
+            for (int r = 0; r < R; r++) {
+                const int32_t *x4 = (const int32_t *)(j->xq + (m + r) * K + b * QK);
+                i32x16 lo = {0}, hi = {0};
+                if (KIND == FAST_NIBBLES) {
+                    for (int t = 0; t < 4; t++) {
+                        const u8x64 v = bytes64(rec + 64 * t);
+                        lo = dot4(lo, v & 15, x4[t]);
+                        hi = dot4(hi, v >> 4, x4[4 + t]);
+                    }
+                } else {
+                    for (int t = 0; t < 4; t++) {
+                        if (KIND == FAST_SIGNED_BYTES) {
+                            lo = dot4_signed(lo, bytes64(rec + 64 * t), x4[t]);
+                            hi = dot4_signed(hi, bytes64(rec + 64 * (4 + t)), x4[4 + t]);
+                        } else {
+                            lo = dot4(lo, bytes64(rec + 64 * t), x4[t]);
+                            hi = dot4(hi, bytes64(rec + 64 * (4 + t)), x4[4 + t]);
+                        }
+                    }
+                }
+                const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
+                const float dx = j->dx[(m + r) * blocks + b];
+                const f32x16 i0 = __builtin_convertvector(lo - j->c * s0, f32x16);
+                const f32x16 i1 = __builtin_convertvector(hi - j->c * s1, f32x16);
+                acc[r * G + g] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < G; g++)
+            memcpy(j->y + (m + r) * j->ldy + (p + g) * NR, &acc[r * G + g], (size_t)(G == 1 ? cols : NR) * sizeof(float));
+}
+
+#define FAST_KINDS(R_, G_)                                                          \
+    switch (j->kind) {                                                              \
+        case FAST_NIBBLES: fast_tile(FAST_NIBBLES, R_, G_, j, m, p, cols); break;   \
+        case FAST_BYTES: fast_tile(FAST_BYTES, R_, G_, j, m, p, cols); break;       \
+        default: fast_tile(FAST_SIGNED_BYTES, R_, G_, j, m, p, cols); break;        \
+    }
+
+static void run_fast_unit(const void *arg, int64_t unit) {
+    const struct fjob *j = (const struct fjob *)arg;
+    const int64_t panels = (j->N + NR - 1) / NR, full = j->N / NR;
+    const int64_t p0 = unit * j->chunk, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
+    for (int64_t p = p0; p < p1;) {
+        const int G = p + FAST_PANELS <= (p1 < full ? p1 : full) ? FAST_PANELS : 1;
+        const int64_t cols = p < full ? NR : j->N - p * NR;
+        for (int64_t m = 0; m < j->M; m += FAST_ROWS) {
+            const int64_t R = j->M - m < FAST_ROWS ? j->M - m : FAST_ROWS;
+            if (G == FAST_PANELS) {
+                switch (R) {
+                    case 1: FAST_KINDS(1, FAST_PANELS); break;
+                    case 2: FAST_KINDS(2, FAST_PANELS); break;
+                    case 3: FAST_KINDS(3, FAST_PANELS); break;
+                    default: FAST_KINDS(4, FAST_PANELS); break;
+                }
+            } else {
+                switch (R) {
+                    case 1: FAST_KINDS(1, 1); break;
+                    case 2: FAST_KINDS(2, 1); break;
+                    case 3: FAST_KINDS(3, 1); break;
+                    default: FAST_KINDS(4, 1); break;
+                }
+            }
+        }
+        p += G;
+    }
+}
+
+/* x [M, K] (row stride ldx) to int8 per 32-term block: xq = round(x / d), d = max |x| / 127,
+ * and the sums of xq over each 16 terms. */
+static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *xq, float *dx, int32_t *sx) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < K / QK; b++) {
+            const float *v = x + m * ldx + b * QK;
+            float amax = 0.0f;
+            for (int k = 0; k < QK; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
+            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            int32_t s0 = 0, s1 = 0;
+            for (int k = 0; k < QK; k++) {
+                const int8_t q = (int8_t)lrintf(v[k] * id);
+                xq[m * K + b * QK + k] = q;
+                if (k < 16) s0 += q; else s1 += q;
+            }
+            dx[m * (K / QK) + b] = d;
+            sx[m * (K / 16) + 2 * b] = s0;
+            sx[m * (K / 16) + 2 * b + 1] = s1;
+        }
+    }
+}
+
+/* y [M, N] (row stride ldy) ~= x [M, K] times the fast records `w` of kind `kind` with integer
+ * offset c. Returns 0, or -1 when a buffer could not be allocated. */
+int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
+                             int64_t M, int64_t N, int64_t K) {
+    static __thread uint8_t *buffer;
+    static __thread int64_t capacity;
+    const int64_t need = M * K + M * (K / QK) * 4 + M * (K / 16) * 4 + 64;
+    if (need > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (size_t)((need + 63) / 64 * 64));
+        capacity = buffer ? need : 0;
+        if (!buffer) return -1;
+    }
+    float *dx = (float *)buffer;
+    int32_t *sx = (int32_t *)(buffer + M * (K / QK) * 4);
+    int8_t *xq = (int8_t *)(buffer + M * (K / QK) * 4 + M * (K / 16) * 4);
+    quantize_rows(x, ldx, M, K, xq, dx, sx);
+    const int64_t panels = (N + NR - 1) / NR, threads = realizar_threads(), units_per_thread = 4;
+    int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
+    chunk = (chunk + FAST_PANELS - 1) / FAST_PANELS * FAST_PANELS;
+    const struct fjob j = {.xq = xq, .dx = dx, .sx = sx, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
+                           .kind = kind, .c = c, .chunk = chunk};
+    realizar_parallel(run_fast_unit, &j, (panels + chunk - 1) / chunk);
+    return 0;
 }

@@ -12,7 +12,9 @@
 - **CUDA, and half-precision weights:** ``torch.nn.functional.linear``.
 - **GGUF block-quantized weights, CPU with the kernels** (:class:`QuantLinear`): kept in
   their blocks, repacked once into ``quant_gemm.c``'s records, dequantized exactly in the
-  kernel. A decode step then reads 0.6-1.1 bytes per weight instead of 4.
+  kernel. A decode step then reads 0.6-1.1 bytes per weight instead of 4. Its fast class
+  (``fast=True``: int8 activations and integer dot products) is not exact and is never chosen
+  by default; ``benchmarks/quality.py`` is its quality gate.
 
 All compute the same float32 sums up to rounding order, which the golden tests bound
 against transformers. The CPU paths keep their own thread pools, sized by
@@ -85,9 +87,10 @@ class QuantLinear:
     """
 
     def __init__(self, parts: list[QuantizedTensor], compiled: kernels.CpuKernels,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, fast: bool = False) -> None:
         self.kernels = compiled
         self.bias = bias
+        self.fast = fast
         self.in_features = parts[0].shape[1]
         assert all(p.shape[1] == self.in_features for p in parts)
         runs: list[list[QuantizedTensor]] = []
@@ -96,9 +99,13 @@ class QuantLinear:
                 runs[-1].append(part)
             else:
                 runs.append([part])
-        self.parts: list[kernels.QuantPacked] = []
+        self.parts: list[kernels.QuantPacked | kernels.FastPacked] = []
         for run in runs:
             ints = QuantizedTensor.cat(run).integers() if len(run) > 1 else run[0].integers()
+            if fast:
+                self.parts.append(kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset,
+                                                    ints.group))
+                continue
             fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group)
             assert fmt is not None, f"no kernel format for {run[0].qtype.name}"
             self.parts.append(kernels.pack_quantized(ints.q, ints.scales, ints.mins, fmt))
@@ -108,39 +115,55 @@ class QuantLinear:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
+    def _product(self, x: torch.Tensor, part: kernels.QuantPacked | kernels.FastPacked,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(part, kernels.FastPacked):
+            return self.kernels.quant_gemm_fast(x, part, out)
+        return self.kernels.quant_gemm(x, part, out)
+
+    def _rows(self, part: kernels.QuantPacked | kernels.FastPacked, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(part, kernels.FastPacked):
+            if bool(((ids < 0) | (ids >= part.n)).any()):
+                raise IndexError(f"a row id is outside [0, {part.n})")
+            return part.rows(ids)
+        return self.kernels.quant_rows(part, ids)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.parts) == 1:
-            y = self.kernels.quant_gemm(x, self.parts[0])
+            y = self._product(x, self.parts[0])
         else:
             y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
             start = 0
             for part in self.parts:
-                self.kernels.quant_gemm(x, part, y[:, start:start + part.n])
+                self._product(x, part, y[:, start:start + part.n])
                 start += part.n
         return y if self.bias is None else y + self.bias
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of ``W`` ``[len(ids), in]``, dequantized: the embedding lookup."""
+        """Rows of ``W`` ``[len(ids), in]``, dequantized exactly: the embedding lookup."""
         if len(self.parts) == 1:
-            return self.kernels.quant_rows(self.parts[0], ids)
+            return self._rows(self.parts[0], ids)
+        if bool(((ids < 0) | (ids >= self.out_features)).any()):
+            raise IndexError(f"a row id is outside [0, {self.out_features})")
         out = torch.empty(ids.shape[0], self.in_features, dtype=torch.float32)
         start = 0
         for part in self.parts:
             mine = (ids >= start) & (ids < start + part.n)
             if bool(mine.any()):
-                out[mine] = self.kernels.quant_rows(part, ids[mine] - start)
+                out[mine] = self._rows(part, ids[mine] - start)
             start += part.n
         return out
 
 
 def make_linear(parts: list[torch.Tensor | QuantizedTensor], device: torch.device, dtype: torch.dtype,
-                bias: torch.Tensor | None = None) -> Linear | QuantLinear:
+                bias: torch.Tensor | None = None, fast: bool = False) -> Linear | QuantLinear:
     """The layer for weights ``parts`` stacked along ``out``: :class:`QuantLinear` when they are all
-    quantized and the kernels apply (float32 on the CPU), else :class:`Linear` over the float weights."""
+    quantized and the kernels apply (float32 on the CPU), else :class:`Linear` over the float weights.
+    ``fast`` picks the quantized layer's fast class (int8 activations), which is not exact."""
     compiled = kernels.for_tensors(device, dtype)
     quantized = [p for p in parts if isinstance(p, QuantizedTensor)]
     if compiled is not None and len(quantized) == len(parts):
-        return QuantLinear(quantized, compiled, bias)
+        return QuantLinear(quantized, compiled, bias, fast)
     floats = [p.dequantize(dtype) if isinstance(p, QuantizedTensor) else p for p in parts]
     weight = floats[0] if len(floats) == 1 else torch.cat(floats)
     return Linear(weight.to(device=device, dtype=dtype).contiguous(), bias)

@@ -140,7 +140,7 @@ class LlamaModel:
 
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor],
                  device: torch.device, dtype: torch.dtype,
-                 quantized: dict[str, QuantizedTensor] | None = None) -> None:
+                 quantized: dict[str, QuantizedTensor] | None = None, fast: bool = False) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -150,8 +150,10 @@ class LlamaModel:
             return tensors[name].to(device=device, dtype=dtype).contiguous()
 
         def linear(*names: str, bias: torch.Tensor | None = None) -> Linear | QuantLinear:
-            """The weights ``names`` stacked along ``out``, kept quantized where they were loaded so."""
-            return make_linear([quantized[n] if n in quantized else tensors[n] for n in names], device, dtype, bias)
+            """The weights ``names`` stacked along ``out``, kept quantized where they were loaded so
+            (``fast``: multiplied by the fast, not exact, class)."""
+            return make_linear([quantized[n] if n in quantized else tensors[n] for n in names], device, dtype, bias,
+                               fast)
 
         self.lm_head = linear("lm_head.weight" if not config.tie_word_embeddings
                               else "model.embed_tokens.weight")  # [V, D]

@@ -210,3 +210,57 @@ def test_types_without_a_kernel_are_dequantized_with_a_log_line(tmp_path: Path,
         kept = load_model(path, keep_quantized=True)
     assert not kept.quantized and "model.layers.0.mlp.down_proj.weight" in kept.tensors
     assert "Q2_K" in caplog.text and "dequantized" in caplog.text
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the fast class sees it: int8 per row and 32 terms, d = max |x| / 127, dequantized."""
+    m, k = x.shape
+    blocks = x.view(m, k // 32, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0
+    inverse = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inverse) * d).view(m, k)
+
+
+def fast_packed(weight: quants.QuantizedTensor) -> kernels.FastPacked:
+    ints = weight.integers()
+    return kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset, ints.group)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_fast_class_is_the_product_with_int8_activations(cpu_kernels: kernels.CpuKernels, qtype: QT) -> None:
+    """The fast class equals (to float32 rounding) the exact product of the dequantized weights
+    with x rounded to int8 per 32-term block; ragged N, M of 1, 3, 17 and 64."""
+    for n, k in zip((37, 16, 100), widths(qtype), strict=True):
+        weight = quantized(qtype, n, k, seed=n + k)
+        w, p = weight.dequantize().double(), fast_packed(weight)
+        gen = torch.Generator().manual_seed(k)
+        for m in (1, 3, 17, 64):
+            x = torch.randn(m, k, generator=gen)
+            if k > 32:
+                x[0, :32] = 0  # an all-zero block has d = 0
+            got = cpu_kernels.quant_gemm_fast(x, p).double()
+            expected = int8_activations(x).double() @ w.T
+            assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5, (n, k, m)
+            # and it approximates the exact product to about int8's resolution
+            assert_close_to_max(got.float(), x @ w.float().T, rel=0.05)
+        assert not cpu_kernels.quant_gemm_fast(torch.zeros(2, k), p).any()
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_fast_layout_rows_dequantize_bit_for_bit(qtype: QT) -> None:
+    weight = quantized(qtype, 37, widths(qtype)[1], seed=4)
+    ids = torch.tensor([36, 0, 17, 5, 5])
+    assert torch.equal(fast_packed(weight).rows(ids), weight.dequantize()[ids])
+
+
+def test_fast_layer_of_mixed_types(cpu_kernels: kernels.CpuKernels) -> None:
+    parts = [quantized(QT.Q4_K, 48, 256, 1), quantized(QT.Q6_K, 21, 256, 3)]
+    layer = make_linear(list(parts), torch.device("cpu"), torch.float32, fast=True)
+    assert isinstance(layer, QuantLinear) and all(isinstance(p, kernels.FastPacked) for p in layer.parts)
+    dense = torch.cat([p.dequantize() for p in parts])
+    x = torch.randn(5, 256)
+    assert_close_to_max(layer(x), int8_activations(x) @ dense.T)
+    ids = torch.tensor([68, 0, 47, 48])
+    assert torch.equal(layer.rows(ids), dense[ids])
+    with pytest.raises(IndexError, match="outside"):
+        layer.rows(torch.tensor([69]))
