@@ -8,7 +8,9 @@
   costs as much as the arithmetic.
 - ``quant_gemm.c``: the same products over GGUF's block-quantized weights, kept quantized
   (repacked once into 16-row records) and dequantized exactly on the fly: a decode step
-  reads 0.6-1.1 bytes per weight instead of 4.
+  reads 0.6-1.1 bytes per weight instead of 4. Its fast class (int8 activations, integer
+  dot products: AVX512-VNNI, AVX2, or plain C, by the build's feature macros) is not exact
+  and only runs when asked for (``REALIZAR_QUANTIZED=fast``).
 - ``pointwise.c``: RMSNorm, SiLU-and-multiply and RoPE, one pass
   each instead of several torch ops with a temporary apiece.
 - ``sampling.c``: draws from softmax(logits / temperature) in one pass per row, without
