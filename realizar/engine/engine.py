@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -93,6 +95,15 @@ def resolve_threads(threads: int | None) -> tuple[int, int]:
     return matmul, max(1, matmul - 1)
 
 
+def _return_free_heap() -> None:
+    """Give the heap that loading freed back to the OS (glibc keeps it otherwise, much of it in
+    the load threads' malloc arenas): idle RSS then holds the model, not the load's peak (23 MiB
+    less for the demo model with quantized weights)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
     from realizar.loading import load_model  # heavy imports stay out of module import time
 
@@ -110,6 +121,7 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
         tokenizer = Tokenizer.from_pretrained_dir(loaded.path)
     model = LlamaModel(loaded.config, loaded.tensors, device, dtype, loaded.quantized, kernels.fast_quantized())
     del loaded.tensors, loaded.quantized
+    _return_free_heap()
     return EngineModel(model, tokenizer, loaded.config, loaded.config.name, loaded.path, loaded.format,
                        time.perf_counter() - start)
 
