@@ -11,10 +11,12 @@ forward pass, each layer with its own weights so that nothing is served from cac
 would not be in a real step: q/k/v (fused), o, gate/up (fused), down for every layer, and
 the LM head. ``F.linear`` is torch's float32 path (MKL on x86); OpenBLAS is numpy's sgemm
 over the transposed weight (realizar's path without a C compiler); ``packed`` is realizar's
-``Linear`` with the compiled kernels (``realizar/kernels/packed_gemm.c``). Each runs with
+``Linear`` with the compiled kernels (``realizar/kernels/packed_gemm.c``); ``quantized`` is
+``QuantLinear`` (``realizar/kernels/quant_gemm.c``) over the default GGUF's own weights kept in
+their blocks (Q4_1, and the Q8_0 tied LM head), dequantized exactly on the fly. Each runs with
 ``--threads`` threads while the other pools have one, so that no idle pool spins against
 it. Prints ms per forward pass, GFLOP/s and each peer's time over packed's (above 1:
-realizar is faster). Random weights of the model's shapes; the best of ``--repeats`` runs.
+realizar is faster). Random float weights of the model's shapes; the best of ``--repeats`` runs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 from realizar import kernels
 from realizar.loading import default_model_path, load_model
-from realizar.model.linear import Linear, _openblas_setters
+from realizar.model.linear import Linear, QuantLinear, _openblas_setters, make_linear
 
 
 def shapes() -> list[tuple[int, int, int]]:
@@ -38,6 +40,26 @@ def shapes() -> list[tuple[int, int, int]]:
     per_layer = [(qkv, c.hidden_size), (c.hidden_size, c.num_heads * c.head_dim),
                  (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size)]
     return [(o, i, c.num_layers) for o, i in per_layer] + [(c.vocab_size, c.hidden_size, 1)]
+
+
+def quantized_layers() -> list[list[Linear | QuantLinear]]:
+    """The default model's projections kept quantized, in the order of ``shapes()``."""
+    loaded = load_model(default_model_path(), keep_quantized=True)
+    weights = {**loaded.tensors, **loaded.quantized}
+    c, cpu = loaded.config, torch.device("cpu")
+
+    def layer(*names: str) -> Linear | QuantLinear:
+        return make_linear([weights[n] for n in names], cpu, torch.float32)
+
+    per_layer: list[list[Linear | QuantLinear]] = [[], [], [], []]
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        per_layer[0].append(layer(*(p + f"self_attn.{n}_proj.weight" for n in "qkv")))
+        per_layer[1].append(layer(p + "self_attn.o_proj.weight"))
+        per_layer[2].append(layer(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"))
+        per_layer[3].append(layer(p + "mlp.down_proj.weight"))
+    head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+    return [*per_layer, [layer(head)]]
 
 
 def best_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -71,9 +93,10 @@ def main() -> None:
     weights = [[torch.randn(o, i) for _ in range(n)] for o, i, n in layout]
     transposed = [[w.t().contiguous().numpy() for w in ws] for ws in weights]
     linears = [[Linear(w) for w in ws] for ws in weights]
-    print("| threads | rows | F.linear ms | OpenBLAS ms | packed ms | packed GFLOP/s | F.linear / packed "
-          "| OpenBLAS / packed |")
-    print("|---|---|---|---|---|---|---|---|")
+    quantized = quantized_layers()
+    print("| threads | rows | F.linear ms | OpenBLAS ms | packed ms | quantized ms | packed GFLOP/s "
+          "| F.linear / packed | OpenBLAS / packed | packed / quantized |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for threads in (int(t) for t in args.threads.split(",")):
         for rows in (int(r) for r in args.rows.split(",")):
             xs = [torch.randn(rows, i) for _o, i, _n in layout]
@@ -98,10 +121,17 @@ def main() -> None:
             t_torch = best_ms(torch_pass, args.repeats)
             set_pools(1, threads, 1)
             t_blas = best_ms(blas_pass, args.repeats)
+            def quantized_pass(xs=xs) -> None:  # type: ignore[no-untyped-def]
+                for x, ls in zip(xs, quantized, strict=True):
+                    for layer in ls:
+                        layer(x)
+
             set_pools(1, 1, threads)
             t_packed = best_ms(packed_pass, args.repeats)
-            print(f"| {threads} | {rows} | {t_torch:.1f} | {t_blas:.1f} | {t_packed:.1f} "
-                  f"| {flops / t_packed / 1e6:.0f} | {t_torch / t_packed:.2f}x | {t_blas / t_packed:.2f}x |")
+            t_quant = best_ms(quantized_pass, args.repeats)
+            print(f"| {threads} | {rows} | {t_torch:.1f} | {t_blas:.1f} | {t_packed:.1f} | {t_quant:.1f} "
+                  f"| {flops / t_packed / 1e6:.0f} | {t_torch / t_packed:.2f}x | {t_blas / t_packed:.2f}x "
+                  f"| {t_packed / t_quant:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from realizar import kernels
 from realizar.config import EngineConfig, ModelConfig
 from realizar.engine.errors import EngineDead, EngineOverloaded, InvalidRequest, RequestTooLong
 from realizar.engine.runner import ModelRunner, StepResult
@@ -91,6 +94,15 @@ def resolve_threads(threads: int | None) -> tuple[int, int]:
     return matmul, max(1, matmul - 1)
 
 
+def _return_free_heap() -> None:
+    """Give the heap that loading freed back to the OS (glibc keeps it otherwise, much of it in
+    the load threads' malloc arenas): idle RSS then holds the model, not the load's peak (23 MiB
+    less for the demo model with quantized weights)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
     from realizar.loading import load_model  # heavy imports stay out of module import time
 
@@ -101,13 +113,14 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
         matmul_threads(matmul)
         torch.set_num_threads(torch_threads)
     dtype = resolve_dtype(config.dtype, device)
-    loaded = load_model(path, dtype=dtype)
+    loaded = load_model(path, dtype=dtype, keep_quantized=kernels.quantized_weights(device, dtype))
     if loaded.format == "gguf":
         tokenizer = Tokenizer.from_gguf_metadata(loaded.metadata)
     else:
         tokenizer = Tokenizer.from_pretrained_dir(loaded.path)
-    model = LlamaModel(loaded.config, loaded.tensors, device, dtype)
-    del loaded.tensors
+    model = LlamaModel(loaded.config, loaded.tensors, device, dtype, loaded.quantized, kernels.fast_quantized())
+    del loaded.tensors, loaded.quantized
+    _return_free_heap()
     return EngineModel(model, tokenizer, loaded.config, loaded.config.name, loaded.path, loaded.format,
                        time.perf_counter() - start)
 

@@ -8,6 +8,11 @@
 - ``packed_gemm.c``: the linear layers' matrix products, over weights packed once at load
   time. A BLAS sgemm repacks the weight on every call, which at a decode step's few rows
   costs as much as the arithmetic.
+- ``quant_gemm.c``: the same products over GGUF's block-quantized weights, kept quantized
+  (repacked once into 16-row records) and dequantized exactly on the fly: a decode step
+  reads 0.6-1.1 bytes per weight instead of 4. Its fast class (int8 activations, integer
+  dot products: AVX512-VNNI, AVX2, or plain C, by the build's feature macros) is not exact
+  and only runs when asked for (``REALIZAR_QUANTIZED=fast``).
 - ``pointwise.c``: RMSNorm, SiLU-and-multiply and RoPE, one pass
   each instead of several torch ops with a temporary apiece.
 - ``sampling.c``: draws from softmax(logits / temperature) in one pass per row, without
@@ -31,6 +36,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +46,169 @@ log = logging.getLogger("realizar.kernels")
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "prefill_attention.c", "pointwise.c",
-                         "sampling.c")]
+                        "sampling.c", "quant_gemm.c")]
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 PANEL = 16  # output columns per packed weight panel (NR in packed_gemm.c)
+QUANT_BLOCK = 32  # terms of the sums per quantized record (QK in quant_gemm.c)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How ``quant_gemm.c`` stores one kind of quantized weight: ``w = (q - offset) * d (+ min)``,
+    ``q`` of ``bits`` bits, one ``d`` per ``group`` terms (32, or 16 for Q6_K), and a ``min`` per
+    32 terms when ``has_min``. ``code`` is the format's number in ``quant_gemm.c``."""
+
+    code: int
+    bits: int
+    offset: int
+    has_min: bool
+    group: int = 32
+
+    @property
+    def record_bytes(self) -> int:
+        ints = 512 if self.bits == 8 else 256 + (self.bits - 4) * 64
+        return ints + (128 if self.has_min or self.group == 16 else 64)
+
+
+# The formats of quant_gemm.c (its enum), by (bits, offset, has_min, group).
+QUANT_FORMATS = [QuantFormat(0, 4, 8, False), QuantFormat(1, 4, 0, True), QuantFormat(2, 5, 16, False),
+                 QuantFormat(3, 5, 0, True), QuantFormat(4, 6, 32, False, 16), QuantFormat(5, 8, 0, False)]
+
+
+def quant_format(bits: int, offset: int, has_min: bool, group: int) -> QuantFormat | None:
+    """The kernel format of integers of ``bits`` bits, or None where quant_gemm.c has none."""
+    for fmt in QUANT_FORMATS:
+        if (fmt.bits, fmt.offset, fmt.has_min, fmt.group) == (bits, offset, has_min, group):
+            return fmt
+    return None
+
+
+@dataclass(frozen=True)
+class QuantPacked:
+    """A quantized weight ``[n, k]`` repacked for ``quant_gemm.c``: ``records [panels, k / 32, bytes]``."""
+
+    records: torch.Tensor
+    fmt: QuantFormat
+    n: int
+    k: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.records.numel()
+
+
+@dataclass(frozen=True)
+class FastPacked:
+    """A quantized weight ``[n, k]`` in ``quant_gemm.c``'s records for integer dot products (the fast
+    class): ``records [panels, k / 32, bytes]``, ``kind`` (0: nibbles, 1: unsigned bytes, 2: signed
+    bytes) and ``c``, the integer offset taken off the stored integers."""
+
+    records: torch.Tensor
+    kind: int
+    c: int
+    n: int
+    k: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.records.numel()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of ``W`` dequantized exactly, ``[len(ids), k]`` (an embedding lookup), in torch:
+        ``(u - c) * d`` rounded, then ``+ min``, as the reference dequantization rounds."""
+        ids = ids.to(torch.int64)
+        n, blocks = ids.shape[0], self.k // QUANT_BLOCK
+        rec = self.records[ids // PANEL]  # [n, blocks, bytes]
+        lane = (ids % PANEL).view(n, 1, 1, 1, 1)
+        int_bytes = 256 if self.kind == 0 else 512
+        groups = 4 if self.kind == 0 else 8
+        ints = rec[:, :, :int_bytes].reshape(n, blocks, groups, PANEL, 4)
+        mine = ints.gather(3, lane.expand(n, blocks, groups, 1, 4)).view(n, blocks, groups * 4)
+        if self.kind == 0:
+            u = torch.cat([mine & 15, mine >> 4], dim=2).to(torch.int32)  # terms 0-15, then 16-31
+        elif self.kind == 2:
+            u = mine.view(torch.int8).to(torch.int32)
+        else:
+            u = mine.to(torch.int32)
+        floats = rec[:, :, int_bytes:].contiguous().view(torch.float32).view(n, blocks, 3, PANEL)
+        f = floats.gather(3, (ids % PANEL).view(n, 1, 1, 1).expand(n, blocks, 3, 1)).view(n, blocks, 3)
+        d = f[:, :, :2].repeat_interleave(16, dim=2)  # [n, blocks, 32]
+        w = (u - self.c).to(torch.float32).mul_(d).add_(f[:, :, 2:3])
+        return w.reshape(n, self.k)
+
+
+def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, offset: int,
+              group: int) -> FastPacked:
+    """Repack a quantized weight for ``realizar_quant_gemm_fast`` (``quant_gemm.c`` has the layout);
+    the arguments are those of :func:`pack_quantized`."""
+    n, k = q.shape
+    assert k % QUANT_BLOCK == 0 and q.dtype == torch.uint8 and group in (16, 32)
+    panels, blocks = -(-n // PANEL), k // QUANT_BLOCK
+    pad = panels * PANEL - n
+    d = scales.repeat_interleave(2, dim=1) if group == QUANT_BLOCK else scales  # [n, 2 * blocks]
+    m = mins if mins is not None else torch.zeros(n, blocks)
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+        d = torch.cat([d, d.new_zeros(pad, d.shape[1])])
+        m = torch.cat([m, m.new_zeros(pad, blocks)])
+    # [panels, 16 (row j), blocks, 8 (t), 4 (i)] -> [panels, blocks, t, j, i]: lane j holds terms 4t..4t+3
+    u = q.view(panels, PANEL, blocks, 8, 4).permute(0, 2, 3, 1, 4)
+    if bits == 4:
+        ints = u[:, :, :4] | (u[:, :, 4:] << 4)
+        kind = 0
+    else:
+        ints = u
+        kind = 2 if bits == 8 else 1
+    floats = torch.cat([d.view(panels, PANEL, blocks, 2).permute(0, 2, 3, 1),
+                        m.view(panels, PANEL, blocks, 1).permute(0, 2, 3, 1)], dim=2)  # [panels, blocks, 3, 16]
+    records = torch.cat([ints.reshape(panels, blocks, -1),
+                         floats.contiguous().view(torch.uint8).reshape(panels, blocks, -1)], dim=2).contiguous()
+    return FastPacked(records, kind, offset, n, k)
+
+
+def pack_quantized(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                   fmt: QuantFormat) -> QuantPacked:
+    """Repack a quantized weight into ``quant_gemm.c``'s records (its header comment has the layout).
+
+    ``q [n, k]`` uint8 holds the stored integers (int8 bits for 8-bit formats), before the offset is
+    taken off; ``scales [n, k / group]`` and ``mins [n, k / 32]`` (float32) are the factors the
+    reference dequantization applies. Rows are zero-padded to whole panels of 16.
+    """
+    n, k = q.shape
+    assert k % QUANT_BLOCK == 0 and q.dtype == torch.uint8 and scales.dtype == torch.float32
+    panels, blocks = -(-n // PANEL), k // QUANT_BLOCK
+    pad = panels * PANEL - n
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+        scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
+        mins = None if mins is None else torch.cat([mins, mins.new_zeros(pad, mins.shape[1])])
+    # [panels * 16, k] -> [panels, 16, blocks, 32] -> [panels, blocks, 32 (term), 16 (row)]
+    qk = q.view(panels, PANEL, blocks, QUANT_BLOCK).permute(0, 2, 3, 1)
+    parts: list[torch.Tensor] = []  # each [panels, blocks, bytes]
+    if fmt.bits == 8:
+        parts.append(qk.reshape(panels, blocks, -1))
+    else:
+        parts.append((qk[:, :, :16] & 15 | (qk[:, :, 16:] & 15) << 4).reshape(panels, blocks, -1))
+        high = qk >> 4
+        if fmt.bits == 5:
+            # [.., 2 (s), 4 (i), 4 (h), 16] with term 16 s + 4 i + h; bit 2 i + s of vector h
+            bit = high.reshape(panels, blocks, 2, 4, 4, PANEL) & 1
+            shifts = (2 * torch.arange(4, dtype=torch.uint8).view(1, 4, 1, 1)
+                      + torch.arange(2, dtype=torch.uint8).view(2, 1, 1, 1))
+            parts.append((bit << shifts).sum(dim=(2, 3), dtype=torch.uint8).reshape(panels, blocks, -1))
+        elif fmt.bits == 6:
+            # [.., 4 (s), 8 (h), 16] with term 8 s + h; bits 2 s, 2 s + 1 of vector h
+            pair = high.reshape(panels, blocks, 4, 8, PANEL) & 3
+            shifts = 2 * torch.arange(4, dtype=torch.uint8).view(4, 1, 1)
+            parts.append((pair << shifts).sum(dim=2, dtype=torch.uint8).reshape(panels, blocks, -1))
+    floats = [scales.view(panels, PANEL, blocks, -1).permute(0, 2, 3, 1)]  # [panels, blocks, 1 or 2, 16]
+    if mins is not None:
+        floats.append(mins.view(panels, PANEL, blocks, 1).permute(0, 2, 3, 1))
+    scale_bytes = torch.cat(floats, dim=2).contiguous().view(torch.uint8).reshape(panels, blocks, -1)
+    records = torch.cat([*parts, scale_bytes], dim=2).contiguous()
+    assert records.shape[2] == fmt.record_bytes
+    return QuantPacked(records, fmt, n, k)
 
 
 def _cache_dir() -> Path:
@@ -114,6 +279,9 @@ class CpuKernels:
         self._silu_mul = bind("realizar_silu_mul", None, p, i64, p, i64, i64)
         self._rope = bind("realizar_rope", None, p, i64, p, p, p, i64, i64, i64)
         self._sample = bind("realizar_sample", None, p, i64, i64, p, p, p, p, i64)
+        self._quant_gemm = bind("realizar_quant_gemm", i32, p, i64, p, i32, p, i64, i64, i64, i64)
+        self._quant_rows = bind("realizar_quant_rows", i32, p, i32, p, i64, i64, i64, p)
+        self._quant_gemm_fast = bind("realizar_quant_gemm_fast", i32, p, i64, p, i32, i32, p, i64, i64, i64, i64)
         self.path = path
 
     def set_threads(self, threads: int) -> int:
@@ -137,6 +305,46 @@ class CpuKernels:
         if m and self._gemm(x.data_ptr(), x.stride(0), packed.data_ptr(), y.data_ptr(), m, n, k) != 0:
             raise MemoryError("the matrix product could not allocate its buffer for x")
         return y
+
+    def quant_gemm(self, x: torch.Tensor, weight: QuantPacked, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [M, K] @ W.T -> [M, n]`` for a quantized ``W [n, K]``, with each weight dequantized
+        exactly. With ``out`` (``[M, >= n]``, unit column stride, any row stride) the product is
+        written there, e.g. into the columns of a wider output, and ``out`` is returned."""
+        x = _unit_stride(x)
+        m, k = x.shape
+        assert k == weight.k, (k, weight.k)
+        y = torch.empty(m, weight.n, dtype=torch.float32) if out is None else out
+        assert y.stride(-1) == 1 and y.shape[0] == m and y.dtype == torch.float32
+        if m and self._quant_gemm(x.data_ptr(), x.stride(0), weight.records.data_ptr(), weight.fmt.code,
+                                  y.data_ptr(), y.stride(0), m, weight.n, k) != 0:
+            raise MemoryError("the quantized matrix product could not allocate its buffers")
+        return y
+
+    def quant_gemm_fast(self, x: torch.Tensor, weight: FastPacked, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [M, K] @ W.T`` approximately, the fast class: x quantized to int8 per row and 32 terms
+        (as llama.cpp's Q8_1), integer dot products with the weights' integers. ``out`` as in
+        :meth:`quant_gemm`."""
+        x = _unit_stride(x)
+        m, k = x.shape
+        assert k == weight.k, (k, weight.k)
+        y = torch.empty(m, weight.n, dtype=torch.float32) if out is None else out
+        assert y.stride(-1) == 1 and y.shape[0] == m and y.dtype == torch.float32
+        if m and self._quant_gemm_fast(x.data_ptr(), x.stride(0), weight.records.data_ptr(), weight.kind, weight.c,
+                                       y.data_ptr(), y.stride(0), m, weight.n, k) != 0:
+            raise MemoryError("the quantized matrix product could not allocate its buffers")
+        return y
+
+    def quant_rows(self, weight: QuantPacked, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of a quantized ``W`` dequantized exactly, ``[len(ids), K]``: an embedding lookup."""
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty(ids.shape[0], weight.k, dtype=torch.float32)
+        status = self._quant_rows(weight.records.data_ptr(), weight.fmt.code, ids.data_ptr(), ids.shape[0],
+                                  weight.n, weight.k, out.data_ptr())
+        if status == -2:
+            raise IndexError(f"a row id is outside [0, {weight.n})")
+        if status != 0:
+            raise MemoryError("dequantizing rows could not allocate its buffer")
+        return out
 
     def paged_attention(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
@@ -238,3 +446,16 @@ def load() -> CpuKernels | None:
 def for_tensors(device: torch.device, dtype: torch.dtype) -> CpuKernels | None:
     """The kernels where they apply, float32 on the CPU; None elsewhere (torch's path)."""
     return load() if device.type == "cpu" and dtype == torch.float32 else None
+
+
+def quantized_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether GGUF's block-quantized weights stay quantized (``quant_gemm.c``): wherever the
+    kernels apply, unless ``REALIZAR_QUANTIZED=0`` asks for float32 weights dequantized at load."""
+    quantized = os.environ.get("REALIZAR_QUANTIZED", "1").lower() not in ("0", "false", "no", "off")
+    return quantized and for_tensors(device, dtype) is not None
+
+
+def fast_quantized() -> bool:
+    """Whether ``REALIZAR_QUANTIZED=fast`` asks for the fast class (int8 activations, integer dot
+    products): never the default, since it is not exact (``benchmarks/quality.py`` is its gate)."""
+    return os.environ.get("REALIZAR_QUANTIZED", "").lower() == "fast"

@@ -84,4 +84,10 @@ void realizar_parallel(realizar_task task, const void *arg, int64_t units);
 /* Threads taking part in realizar_parallel, the caller included. */
 int realizar_threads(void);
 
+/* packed_gemm.c's tiles, for quant_gemm.c (see there). */
+int64_t realizar_packed_x_floats(int64_t M, int64_t K);
+void realizar_pack_x(const float *x, int64_t ldx, int64_t M, int64_t K, float *a);
+void realizar_gemm_panels(const float *a, int64_t rows, int64_t K, int64_t k0, int64_t kc, const float *panels,
+                          int64_t pstride, int group, int64_t cols, float *y, int64_t ldy, int accumulate);
+
 #endif

@@ -218,3 +218,20 @@ int realizar_gemm(const float *x, int64_t ldx, const float *packed, float *y, in
     realizar_parallel(run_unit, &j, (M + MC - 1) / MC * ((panels + chunk - 1) / chunk));
     return 0;
 }
+
+/* For quant_gemm.c, which multiplies by weights it dequantizes into panels of this layout
+ * slice by slice: x packed as realizar_gemm packs it, and the rows of packed x times `group`
+ * panels (1, 3 or 6; the panels full when more than one) holding terms k0 .. k0 + kc of the
+ * sums, added to y when `accumulate`. The same tiles as realizar_gemm, without prefetching:
+ * the panels were just written and are in cache. */
+int64_t realizar_packed_x_floats(int64_t M, int64_t K) { return (M + MR - 1) / MR * MR * K; }
+
+void realizar_pack_x(const float *x, int64_t ldx, int64_t M, int64_t K, float *a) { pack_x(x, ldx, M, K, a); }
+
+void realizar_gemm_panels(const float *a, int64_t rows, int64_t K, int64_t k0, int64_t kc, const float *panels,
+                          int64_t pstride, int group, int64_t cols, float *y, int64_t ldy, int accumulate) {
+    struct prefetch pf = {.next = panels, .lines = 0, .per_row = 0, .done = 0, .spread = 0};
+    for (int64_t t = 0; t < rows; t += MR)
+        strip(rows - t < MR ? rows - t : MR, group, kc, a + (t / MR) * K * MR + k0 * MR, panels, pstride,
+              y + t * ldy, ldy, cols, accumulate, &pf);
+}

@@ -50,10 +50,12 @@ def default_model_path() -> Path:
     )
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> LoadedModel:
     """Load a Llama-family model (llama, mistral, qwen2) from a GGUF file or a Hugging Face directory.
 
-    Weights come back on the CPU in ``dtype`` (float32, bfloat16 or float16) under Hugging Face names.
+    Weights come back on the CPU in ``dtype`` (float32, bfloat16 or float16) under Hugging Face names;
+    with ``keep_quantized``, a GGUF file's block-quantized matrices of the types the quantized
+    kernels multiply stay in their blocks instead (``LoadedModel.quantized``).
     Raises :class:`ModelNotFoundError` if ``path`` does not exist and :class:`ModelLoadError` for a
     file that is corrupt, truncated, or describes an unsupported model.
     """
@@ -70,7 +72,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedMo
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read: {exc}") from None
     if head[:4] == GGUF_MAGIC:
-        return load_gguf(path, dtype)
+        return load_gguf(path, dtype, keep_quantized)
     if len(head) == 9 and head[8:9] == b"{":
         # A safetensors file (8-byte header length, then its JSON header): load its directory.
         return load_safetensors(path.parent, dtype)

@@ -12,6 +12,7 @@ Two things are added to ``gguf.GGUFReader``:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import struct
 import sys
@@ -30,6 +31,8 @@ from realizar.config import ModelConfig, RopeScaling
 from realizar.loading import names, quants
 from realizar.loading.errors import ModelLoadError, ModelNotFoundError
 from realizar.loading.loaded_model import LoadedModel
+
+log = logging.getLogger("realizar.loading")
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -448,8 +451,13 @@ def unpermute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a Llama-family GGUF file: config from its metadata, weights dequantized to ``dtype``."""
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> LoadedModel:
+    """Load a Llama-family GGUF file: config from its metadata, weights dequantized to ``dtype``.
+
+    With ``keep_quantized``, the 2-D weights of the types the quantized kernels multiply
+    (``quants.INTEGER_UNPACKERS``) stay in their blocks, in ``LoadedModel.quantized``; the
+    others are dequantized, with a log line naming their types.
+    """
     path = Path(path)
     reader = GGUFFile(path)
     if not reader.is_little_endian():
@@ -486,15 +494,36 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedMod
 
     permuted = config.architecture in _PERMUTED_ARCHITECTURES
 
-    def convert(name: str) -> torch.Tensor:
+    kept = {name for name in hf_names if keep_quantized and len(shapes[name]) == 2
+            and index[name].tensor_type in quants.INTEGER_UNPACKERS}
+    dequantized = sorted({index[name].tensor_type.name for name in hf_names
+                          if keep_quantized and name not in kept and len(shapes[name]) == 2
+                          and index[name].tensor_type not in quants.FLOAT_TYPES})
+    if dequantized:
+        log.info("%s: weights of type %s have no quantized kernel; dequantized to %s at load",
+                 path.name, ", ".join(dequantized), dtype)
+
+    def convert(name: str) -> torch.Tensor | quants.QuantizedTensor:
+        weight: torch.Tensor | quants.QuantizedTensor
+        if name in kept:
+            quantized = _keep_quantized(path, index[name], shapes[name])
+            weight = quantized
+            if permuted and (".attn_q." in name or ".attn_k." in name):
+                # a permutation of whole rows, so it applies to the rows of blocks alike
+                rows = unpermute_qk(quantized.raw, config.num_heads if ".attn_q." in name else config.num_kv_heads)
+                weight = quants.QuantizedTensor(rows.contiguous(), quantized.qtype, quantized.shape)
+            return weight
         weight = _dequantize(path, index[name], shapes[name], dtype)
         if permuted and (".attn_q." in name or ".attn_k." in name):
             weight = unpermute_qk(weight, config.num_heads if ".attn_q." in name else config.num_kv_heads)
         return weight
 
     with parallel_tensors() as pool:
-        tensors = dict(zip(hf_names.values(), pool.map(convert, hf_names), strict=True))
-    return LoadedModel(config=config, tensors=tensors, path=path, format="gguf", metadata=metadata)
+        converted = dict(zip(hf_names.values(), pool.map(convert, hf_names), strict=True))
+    tensors = {name: t for name, t in converted.items() if isinstance(t, torch.Tensor)}
+    kept_weights = {name: t for name, t in converted.items() if isinstance(t, quants.QuantizedTensor)}
+    return LoadedModel(config=config, tensors=tensors, path=path, format="gguf", metadata=metadata,
+                       quantized=kept_weights)
 
 
 @contextlib.contextmanager
@@ -513,6 +542,15 @@ def parallel_tensors() -> Iterator[ThreadPoolExecutor]:
             yield pool
     finally:
         torch.set_num_threads(threads)
+
+
+def _keep_quantized(path: Path, tensor: gguf.ReaderTensor, shape: tuple[int, ...]) -> quants.QuantizedTensor:
+    try:
+        return quants.keep_quantized(tensor.data, tensor.tensor_type, shape)
+    except ModelLoadError as exc:
+        raise ModelLoadError(
+            f"{path}: tensor {tensor.name!r} (data at byte offset {tensor.data_offset}): {exc}"
+        ) from None
 
 
 def _dequantize(path: Path, tensor: gguf.ReaderTensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

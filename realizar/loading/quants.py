@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import gguf
 import numpy as np
@@ -236,3 +237,120 @@ def dequantize(raw: np.ndarray, qtype: QT, shape: Sequence[int], dtype: torch.dt
         stop = min(start + step, n_blocks)
         out[start:stop] = fn(blocks[start:stop])
     return out.reshape(shape)
+
+
+@dataclass(frozen=True)
+class IntegerWeights:
+    """A block-quantized weight ``[n, k]`` as its stored integers and float32 factors:
+
+        w[r, c] = (q[r, c] - offset) * scales[r, c // group]  (+ mins[r, c // 32])
+
+    with the product rounded to float32 before the min is added, which is exactly what the
+    dequantizers above compute. ``q`` is uint8 (the int8 bits for Q8_0)."""
+
+    q: torch.Tensor  # uint8 [n, k]
+    scales: torch.Tensor  # float32 [n, k // group]
+    mins: torch.Tensor | None  # float32 [n, k // 32]
+    bits: int
+    offset: int
+    group: int
+
+
+def _ints_q4_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return _nibbles(b[:, 2:18]), _f16(b, 0), None
+
+
+def _ints_q4_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return _nibbles(b[:, 4:20]), _f16(b, 0), _f16(b, 2)
+
+
+def _ints_q5_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return _nibbles(b[:, 6:22]) | (_bits32(b[:, 2:6]) << 4), _f16(b, 0), None
+
+
+def _ints_q5_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return _nibbles(b[:, 8:24]) | (_bits32(b[:, 4:8]) << 4), _f16(b, 0), _f16(b, 2)
+
+
+def _ints_q8_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return b[:, 2:34], _f16(b, 0), None
+
+
+def _ints_q4_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    n = b.shape[0]
+    dd, dm = _sub_block_scale_min_k4(b)
+    q = (b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F
+    # q * dd - dm == q * dd + (-dm): negation is exact
+    return q.reshape(n, QK_K), dd.view(n, 8), -dm.view(n, 8)
+
+
+def _ints_q5_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    n = b.shape[0]
+    dd, dm = _sub_block_scale_min_k4(b)
+    ql = ((b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
+    qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
+    qh = (qh & 1).reshape(n, 8, 32)
+    return (ql | (qh << 4)).reshape(n, QK_K), dd.view(n, 8), -dm.view(n, 8)
+
+
+def _ints_q6_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    n = b.shape[0]
+    ql, qh = b[:, 0:128], b[:, 128:192]
+    dd = _f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)  # [n, 16]
+    lo = ((ql.reshape(n, 2, 1, 64) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
+    hi = ((qh.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 0x03).reshape(n, 8, 32)
+    return (lo | (hi << 4)).reshape(n, QK_K), dd, None
+
+
+# type -> (integers and factors of (n, type_size) blocks, bits, offset, terms per scale)
+INTEGER_UNPACKERS: dict[QT, tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                                  int, int, int]] = {
+    QT.Q4_0: (_ints_q4_0, 4, 8, 32),
+    QT.Q4_1: (_ints_q4_1, 4, 0, 32),
+    QT.Q5_0: (_ints_q5_0, 5, 16, 32),
+    QT.Q5_1: (_ints_q5_1, 5, 0, 32),
+    QT.Q8_0: (_ints_q8_0, 8, 0, 32),
+    QT.Q4_K: (_ints_q4_k, 4, 0, 32),
+    QT.Q5_K: (_ints_q5_k, 5, 0, 32),
+    QT.Q6_K: (_ints_q6_k, 6, 32, 16),
+}
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A GGUF weight ``[n, k]`` left in its blocks: ``raw [n, k / block * type_size]`` uint8."""
+
+    raw: torch.Tensor
+    qtype: QT
+    shape: tuple[int, int]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.raw.numpy(), self.qtype, self.shape, dtype)
+
+    def integers(self) -> IntegerWeights:
+        """The stored integers and their float32 factors (``qtype`` must be in ``INTEGER_UNPACKERS``)."""
+        fn, bits, offset, group = INTEGER_UNPACKERS[self.qtype]
+        n, k = self.shape
+        block_size, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        q, scales, mins = fn(self.raw.contiguous().view(-1, type_size))
+        return IntegerWeights(q.reshape(n, k).contiguous(), scales.reshape(n, -1).contiguous(),
+                              None if mins is None else mins.reshape(n, -1).contiguous(), bits, offset, group)
+
+    @staticmethod
+    def cat(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
+        """Row-wise concatenation of weights of one type and width."""
+        assert len({p.qtype for p in parts}) == 1 and len({p.shape[1] for p in parts}) == 1
+        return QuantizedTensor(torch.cat([p.raw for p in parts]), parts[0].qtype,
+                               (sum(p.shape[0] for p in parts), parts[0].shape[1]))
+
+
+def keep_quantized(raw: np.ndarray, qtype: QT, shape: Sequence[int]) -> QuantizedTensor:
+    """The 2-D weight ``raw`` of type ``qtype`` kept in its blocks: a view of ``raw``, which the
+    caller repacks and drops (the file's map is not kept alive by the loaded model)."""
+    n, k = (int(s) for s in shape)
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if raw.nbytes != n * (k // block_size) * type_size or k % block_size:
+        raise ModelLoadError(f"{qtype.name} tensor of shape {[n, k]} needs {n * (k // block_size) * type_size} "
+                             f"bytes in blocks of {block_size} elements, got {raw.nbytes} bytes")
+    data = _as_tensor(np.ascontiguousarray(raw))
+    return QuantizedTensor(data.view(n, -1), qtype, (n, k))

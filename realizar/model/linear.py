@@ -10,6 +10,11 @@
   transposed, ``[in, out]``, and the product goes to the OpenBLAS inside numpy, which
   measured faster than torch's ``F.linear`` (MKL) on the AMD EPYC (AVX2) benchmark machine.
 - **CUDA, and half-precision weights:** ``torch.nn.functional.linear``.
+- **GGUF block-quantized weights, CPU with the kernels** (:class:`QuantLinear`): kept in
+  their blocks, repacked once into ``quant_gemm.c``'s records, dequantized exactly in the
+  kernel. A decode step then reads 0.6-1.1 bytes per weight instead of 4. Its fast class
+  (``fast=True``: int8 activations and integer dot products) is not exact and is never chosen
+  by default; ``benchmarks/quality.py`` is its quality gate.
 
 All compute the same float32 sums up to rounding order, which the golden tests bound
 against transformers. The CPU paths keep their own thread pools, sized by
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from realizar import kernels
+from realizar.loading.quants import QuantizedTensor
 
 log = logging.getLogger("realizar.model")
 
@@ -69,6 +75,98 @@ class Linear:
             return torch.from_numpy(np.ascontiguousarray(self._weight_t[:, ids.numpy()].T))
         assert self.weight is not None
         return F.embedding(ids, self.weight)
+
+
+class QuantLinear:
+    """A block-quantized weight ``[out, in]`` (and optional bias) applied to ``x [T, in]`` by the
+    compiled kernels, exactly as :class:`Linear` applies its dequantized float32 weight.
+
+    The weight may come in parts stacked along ``out`` (the fused q/k/v or gate/up projections)
+    of different GGUF types, as Q4_K_M files mix Q4_K and Q6_K: parts of one type are
+    concatenated, and each remaining part writes its own columns of the output.
+    """
+
+    def __init__(self, parts: list[QuantizedTensor], compiled: kernels.CpuKernels,
+                 bias: torch.Tensor | None = None, fast: bool = False) -> None:
+        self.kernels = compiled
+        self.bias = bias
+        self.fast = fast
+        self.in_features = parts[0].shape[1]
+        assert all(p.shape[1] == self.in_features for p in parts)
+        runs: list[list[QuantizedTensor]] = []
+        for part in parts:
+            if runs and runs[-1][0].qtype == part.qtype:
+                runs[-1].append(part)
+            else:
+                runs.append([part])
+        self.parts: list[kernels.QuantPacked | kernels.FastPacked] = []
+        for run in runs:
+            ints = QuantizedTensor.cat(run).integers() if len(run) > 1 else run[0].integers()
+            if fast:
+                self.parts.append(kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset,
+                                                    ints.group))
+                continue
+            fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group)
+            assert fmt is not None, f"no kernel format for {run[0].qtype.name}"
+            self.parts.append(kernels.pack_quantized(ints.q, ints.scales, ints.mins, fmt))
+        self.out_features = sum(p.n for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def _product(self, x: torch.Tensor, part: kernels.QuantPacked | kernels.FastPacked,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(part, kernels.FastPacked):
+            return self.kernels.quant_gemm_fast(x, part, out)
+        return self.kernels.quant_gemm(x, part, out)
+
+    def _rows(self, part: kernels.QuantPacked | kernels.FastPacked, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(part, kernels.FastPacked):
+            if bool(((ids < 0) | (ids >= part.n)).any()):
+                raise IndexError(f"a row id is outside [0, {part.n})")
+            return part.rows(ids)
+        return self.kernels.quant_rows(part, ids)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1:
+            y = self._product(x, self.parts[0])
+        else:
+            y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+            start = 0
+            for part in self.parts:
+                self._product(x, part, y[:, start:start + part.n])
+                start += part.n
+        return y if self.bias is None else y + self.bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``W`` ``[len(ids), in]``, dequantized exactly: the embedding lookup."""
+        if len(self.parts) == 1:
+            return self._rows(self.parts[0], ids)
+        if bool(((ids < 0) | (ids >= self.out_features)).any()):
+            raise IndexError(f"a row id is outside [0, {self.out_features})")
+        out = torch.empty(ids.shape[0], self.in_features, dtype=torch.float32)
+        start = 0
+        for part in self.parts:
+            mine = (ids >= start) & (ids < start + part.n)
+            if bool(mine.any()):
+                out[mine] = self._rows(part, ids[mine] - start)
+            start += part.n
+        return out
+
+
+def make_linear(parts: list[torch.Tensor | QuantizedTensor], device: torch.device, dtype: torch.dtype,
+                bias: torch.Tensor | None = None, fast: bool = False) -> Linear | QuantLinear:
+    """The layer for weights ``parts`` stacked along ``out``: :class:`QuantLinear` when they are all
+    quantized and the kernels apply (float32 on the CPU), else :class:`Linear` over the float weights.
+    ``fast`` picks the quantized layer's fast class (int8 activations), which is not exact."""
+    compiled = kernels.for_tensors(device, dtype)
+    quantized = [p for p in parts if isinstance(p, QuantizedTensor)]
+    if compiled is not None and len(quantized) == len(parts):
+        return QuantLinear(quantized, compiled, bias, fast)
+    floats = [p.dequantize(dtype) if isinstance(p, QuantizedTensor) else p for p in parts]
+    weight = floats[0] if len(floats) == 1 else torch.cat(floats)
+    return Linear(weight.to(device=device, dtype=dtype).contiguous(), bias)
 
 
 def _openblas_setters() -> list[Any]:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from realizar import kernels
 from realizar.config import ModelConfig, RopeScaling
 from realizar.kv_cache import KVCache
-from realizar.model.linear import Linear
+from realizar.loading.quants import QuantizedTensor
+from realizar.model.linear import Linear, QuantLinear, make_linear
 
 
 @dataclass
@@ -127,46 +128,52 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [D]
-    qkv: Linear  # [(H + 2 * KV) * hd, D]  q, k and v projections fused (bias on qwen2)
-    o: Linear  # [D, H * hd]
+    qkv: Linear | QuantLinear  # [(H + 2 * KV) * hd, D]  q, k and v projections fused (bias on qwen2)
+    o: Linear | QuantLinear  # [D, H * hd]
     mlp_norm: torch.Tensor  # [D]
-    gate_up: Linear  # [2 * I, D]  gate and up projections fused
-    down: Linear  # [D, I]
+    gate_up: Linear | QuantLinear  # [2 * I, D]  gate and up projections fused
+    down: Linear | QuantLinear  # [D, I]
 
 
 class LlamaModel:
     """Weights plus the forward pass; holds no per-request state."""
 
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor],
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype,
+                 quantized: dict[str, QuantizedTensor] | None = None, fast: bool = False) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
+        quantized = quantized or {}
 
         def take(name: str) -> torch.Tensor:
             return tensors[name].to(device=device, dtype=dtype).contiguous()
 
-        self.lm_head = Linear(take("lm_head.weight" if not config.tie_word_embeddings
-                                   else "model.embed_tokens.weight"))  # [V, D]
+        def linear(*names: str, bias: torch.Tensor | None = None) -> Linear | QuantLinear:
+            """The weights ``names`` stacked along ``out``, kept quantized where they were loaded so
+            (``fast``: multiplied by the fast, not exact, class)."""
+            return make_linear([quantized[n] if n in quantized else tensors[n] for n in names], device, dtype, bias,
+                               fast)
+
+        self.lm_head = linear("lm_head.weight" if not config.tie_word_embeddings
+                              else "model.embed_tokens.weight")  # [V, D]
         # a tied embedding is read out of the head's weight rather than kept twice
-        self.embed = None if config.tie_word_embeddings else take("model.embed_tokens.weight")
+        self.embed = self.lm_head if config.tie_word_embeddings else linear("model.embed_tokens.weight")
         self.final_norm = take("model.norm.weight")
         self.layers: list[LayerWeights] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
             bias = None
             if config.attention_bias:
                 bias = torch.cat([tensors[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
                 bias = bias.to(device=device, dtype=dtype)
-            gate_up = torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]])
             self.layers.append(LayerWeights(
                 attn_norm=take(p + "input_layernorm.weight"),
-                qkv=Linear(qkv.to(device=device, dtype=dtype), bias),
-                o=Linear(take(p + "self_attn.o_proj.weight")),
+                qkv=linear(*(p + f"self_attn.{n}_proj.weight" for n in "qkv"), bias=bias),
+                o=linear(p + "self_attn.o_proj.weight"),
                 mlp_norm=take(p + "post_attention_layernorm.weight"),
-                gate_up=Linear(gate_up.to(device=device, dtype=dtype)),
-                down=Linear(take(p + "mlp.down_proj.weight")),
+                gate_up=linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                down=linear(p + "mlp.down_proj.weight"),
             ))
         inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
@@ -182,7 +189,7 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
         """Logits [len(logits_indices), V] in float32 for the selected packed tokens."""
-        x = self.lm_head.rows(input_ids) if self.embed is None else F.embedding(input_ids, self.embed)  # [T, D]
+        x = self.embed.rows(input_ids)  # [T, D]
         eps = self.config.rms_norm_eps
         for index, layer in enumerate(self.layers):
             x = x + self.attention(layer, index, rms_norm(x, layer.attn_norm, eps, self.kernels),

@@ -1,0 +1,636 @@
+/* Matrix products over block-quantized weights (GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+ * Q5_K, Q6_K), kept quantized in memory:
+ *
+ *   y[M, N] = x[M, K] W^T        x float32, W [N, K] dequantized on the fly, y float32
+ *
+ * A decode step is bound by reading the weights: float32 weights are 4 bytes each, these
+ * 0.6-1.1. The weights are repacked once, at load time, into records of 16 output rows
+ * (one panel, as in packed_gemm.c) by 32 terms of the sums (one quant block):
+ *
+ *   record[p][b] = the integers of W[16p : 16p + 16, 32b : 32b + 32], then their scales
+ *
+ * with each 16-byte vector of integers holding one byte per row of the panel, so one load
+ * unpacks into 16 lanes, one per output column, with no shuffles:
+ *
+ *   nibbles (4, 5, 6 bits)  16 vectors; vector i, byte j = q[j][i] & 15 | (q[j][i + 16] & 15) << 4
+ *   5th bits (5 bits)       4 vectors; vector h, byte j, bit 2i + s = bit 4 of q[j][h + 4i + 16s]
+ *   bits 5-6 (6 bits)       8 vectors; vector h, byte j, bits 2s, 2s + 1 = bits 4-5 of q[j][h + 8s]
+ *   bytes (8 bits)          32 vectors; vector k, byte j = q[j][k] (int8)
+ *   scales                  float32 [16] d, then [16] min (Q4_1, Q5_1, K-quants' -dmin * m) or
+ *                           [16] d of terms 16-31 (Q6_K's 16-term sub-blocks)
+ *
+ * Every record is a multiple of 64 bytes, so records stay cache-line aligned. Scales are
+ * stored as float32, already multiplied out as the reference dequantization does (Q4_K's
+ * d * scale and dmin * min), so a weight dequantizes to exactly the float the reference
+ * gives: (q - offset) * d, then + min, each product rounded before the sum (no fused
+ * multiply-add, see `rounded`). The product is then exactly x times the dequantized weight,
+ * in float32.
+ *
+ * Each unit of work dequantizes a slice of 256 terms of a group of panels into a buffer in
+ * packed_gemm.c's panel layout and multiplies every row of its row block by it with
+ * packed_gemm.c's tiles, so the dequantization is paid once per 96 rows: at one row it
+ * costs about as much as the multiply-adds, at 64 rows almost nothing. As there, every
+ * output is one chain of multiply-adds in k order (passes of a fixed size added to y), so a
+ * row's result does not depend on the rows that come with it.
+ */
+#include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define NR 16             /* output rows per panel, as in packed_gemm.c */
+#define QK 32             /* terms per record */
+#define PASS_BLOCKS 8     /* records per pass over the sums: 256 terms, 16 KiB of floats per panel */
+#define MC 96             /* rows of x per unit, as in packed_gemm.c */
+
+/* Formats; realizar/kernels/__init__.py has the same codes. */
+enum { Q4_OFFSET, Q4_MIN, Q5_OFFSET, Q5_MIN, Q6_OFFSET, Q8 };
+
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef float f32x16 __attribute__((vector_size(64)));
+
+static inline u8x16 bytes16(const uint8_t *p) { u8x16 v; memcpy(&v, p, sizeof v); return v; }
+static inline f32x16 floats16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
+
+/* v, rounded to float32 here: the compiler may not fuse the product that made it with the
+ * addition that follows, which would round once where the reference rounds twice. */
+static inline f32x16 rounded(f32x16 v) {
+#if defined(__AVX512F__)
+    __asm__("" : "+v"(v));
+#elif defined(__AVX__)
+    v8 lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (char *)&v + sizeof lo, sizeof hi);
+    __asm__("" : "+x"(lo), "+x"(hi));
+    memcpy(&v, &lo, sizeof lo);
+    memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
+#elif defined(__aarch64__)
+    __asm__("" : "+w"(v));
+#endif
+    return v;
+}
+
+/* The 16 signed bytes of v as 16 int32. GCC scalarizes __builtin_convertvector here, so the
+ * x86 sign extensions are named. */
+static inline i32x16 widen(i8x16 v) {
+    i32x16 r;
+#if defined(__AVX512F__)
+    const __m512i w = _mm512_cvtepi8_epi32((__m128i)v);
+    memcpy(&r, &w, sizeof r);
+#elif defined(__AVX2__)
+    const __m256i lo = _mm256_cvtepi8_epi32((__m128i)v);
+    const __m256i hi = _mm256_cvtepi8_epi32(_mm_unpackhi_epi64((__m128i)v, (__m128i)v));
+    memcpy(&r, &lo, sizeof lo);
+    memcpy((char *)&r + sizeof lo, &hi, sizeof hi);
+#else
+    for (int i = 0; i < 16; i++) r[i] = v[i];
+#endif
+    return r;
+}
+
+static inline int fmt_bits(int f) { return f <= Q4_MIN ? 4 : f <= Q5_MIN ? 5 : f == Q6_OFFSET ? 6 : 8; }
+static inline int fmt_offset(int f) { return f == Q4_OFFSET ? 8 : f == Q5_OFFSET ? 16 : f == Q6_OFFSET ? 32 : 0; }
+static inline int fmt_has_min(int f) { return f == Q4_MIN || f == Q5_MIN; }
+static inline int64_t int_bytes(int f) { return fmt_bits(f) == 8 ? 512 : 256 + (fmt_bits(f) - 4) * 64; }
+
+/* Bytes of one record: the integers, then 16 or 32 floats. */
+int64_t realizar_quant_record_bytes(int f) {
+    return int_bytes(f) + (fmt_has_min(f) || f == Q6_OFFSET ? 128 : 64);
+}
+
+/* The weights of term k (0-31) of one record for its 16 rows, from the record's integers and
+ * its scales (d0: terms 0-15, d1: terms 16-31, min). */
+static inline __attribute__((always_inline)) f32x16 term(const int F, const uint8_t *rec, const int k, f32x16 d0,
+                                                         f32x16 d1, f32x16 min) {
+    const int bits = fmt_bits(F);
+    u8x16 q;
+    if (bits == 8) {
+        q = bytes16(rec + 16 * k);
+    } else {
+        const u8x16 nib = bytes16(rec + 16 * (k & 15));
+        q = k < 16 ? nib & 15 : nib >> 4;
+        if (bits == 5) q |= ((bytes16(rec + 256 + 16 * (k & 3)) >> (2 * ((k & 15) >> 2) + (k >> 4))) & 1) << 4;
+        if (bits == 6) q |= ((bytes16(rec + 256 + 16 * (k & 7)) >> (2 * (k >> 3))) & 3) << 4;
+    }
+    /* q - offset fits int8 for every format (Q8_0 has no offset and is int8 already) */
+    const i8x16 s = (i8x16)(q - (uint8_t)fmt_offset(F));
+    f32x16 w = __builtin_convertvector(widen(s), f32x16) * (k < 16 ? d0 : d1);
+    if (fmt_has_min(F)) w = rounded(w) + min;
+    return w;
+}
+
+/* A record's scales: d of terms 0-15 and 16-31, and the min (zero where the format has none). */
+#define SCALES(F, rec, d0, d1, min)                                                  \
+    const float *scales_ = (const float *)((rec) + int_bytes(F));                   \
+    const f32x16 d0 = floats16(scales_);                                             \
+    const f32x16 d1 = (F) == Q6_OFFSET ? floats16(scales_ + 16) : d0;                \
+    const f32x16 min = fmt_has_min(F) ? floats16(scales_ + 16) : (f32x16){0}
+
+/* The 32 x 16 weights of one record, k-major (out[k * 16 + j] = W[row j][term k]). */
+static inline __attribute__((always_inline)) void dequantize(const int F, const uint8_t *rec, float *out) {
+    SCALES(F, rec, d0, d1, min);
+#pragma GCC unroll 8
+    for (int k = 0; k < QK; k++) {
+        const f32x16 w = term(F, rec, k, d0, d1, min);
+        memcpy(out + 16 * k, &w, sizeof w);
+    }
+}
+
+/* Records [0, count) of one panel into `out` (count * 32 terms, k-major, 16 per term), while
+ * the `ahead` bytes after them are prefetched: the next pass of the same panel. */
+static void dequantize_records(int f, const uint8_t *rec, int64_t count, float *out, int64_t ahead) {
+    const int64_t size = realizar_quant_record_bytes(f);
+    const int64_t lines = (ahead + 63) / 64, per_record = (lines + count - 1) / count;
+    for (int64_t b = 0; b < count; b++, rec += size, out += QK * NR) {
+        for (int64_t l = b * per_record; l < (b + 1) * per_record && l < lines; l++)
+            __builtin_prefetch(rec + (count - b) * size + l * 64);
+        switch (f) {
+            case Q4_OFFSET: dequantize(Q4_OFFSET, rec, out); break;
+            case Q4_MIN: dequantize(Q4_MIN, rec, out); break;
+            case Q5_OFFSET: dequantize(Q5_OFFSET, rec, out); break;
+            case Q5_MIN: dequantize(Q5_MIN, rec, out); break;
+            case Q6_OFFSET: dequantize(Q6_OFFSET, rec, out); break;
+            default: dequantize(Q8, rec, out); break;
+        }
+    }
+}
+
+/* A buffer of this thread's, of at least `floats` floats (kept for later calls), or NULL. */
+static float *scratch(int64_t floats) {
+    static __thread float *buffer;
+    static __thread int64_t capacity;
+    if (floats > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (size_t)((floats * sizeof(float) + 63) / 64 * 64));
+        capacity = buffer ? floats : 0;
+    }
+    return buffer;
+}
+
+struct qjob {
+    const float *a;           /* x packed by realizar_pack_x */
+    const uint8_t *w;         /* the records, panel-major */
+    float *y;
+    int64_t M, N, K, ldy;
+    int fmt, group;           /* group: panels per tile, as in packed_gemm.c */
+    int64_t chunk;            /* panels per unit, a multiple of group */
+    int64_t pass;             /* records per pass over the sums */
+    _Atomic int failed;       /* a thread could not allocate its buffer */
+};
+
+/* One unit: the panels of one chunk for the rows of one MC-row block, a pass of the sums at
+ * a time. The passes are the same for every M. */
+static void run_unit(const void *arg, int64_t unit) {
+    struct qjob *j = (struct qjob *)arg;
+    const int64_t K = j->K, blocks = K / QK, panels = (j->N + NR - 1) / NR, full = j->N / NR;
+    const int64_t chunks = (panels + j->chunk - 1) / j->chunk;
+    const int64_t m0 = unit / chunks * MC, p0 = unit % chunks * j->chunk;
+    const int64_t m1 = j->M - m0 < MC ? j->M : m0 + MC, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
+    const int64_t size = realizar_quant_record_bytes(j->fmt);
+    float *buffer = scratch(j->group * j->pass * QK * NR);
+    if (!buffer) {
+        j->failed = 1;
+        return;
+    }
+    /* A group of panels through all its passes, then the next group: each panel's records are
+     * read in memory order, G streams at a time. Every output still sums its passes in order. */
+    for (int64_t p = p0; p < p1;) {
+        const int G = p + j->group <= (p1 < full ? p1 : full) ? j->group : 1;
+        const int64_t cols = p < full ? NR : j->N - p * NR;
+        for (int64_t b0 = 0; b0 < blocks; b0 += j->pass) {
+            const int64_t count = blocks - b0 < j->pass ? blocks - b0 : j->pass, kc = count * QK;
+            const int64_t next = blocks - b0 - count < j->pass ? blocks - b0 - count : j->pass;
+            for (int g = 0; g < G; g++)
+                dequantize_records(j->fmt, j->w + ((p + g) * blocks + b0) * size, count, buffer + g * kc * NR,
+                                   next * size);
+            realizar_gemm_panels(j->a + m0 * K, m1 - m0, K, b0 * QK, kc, buffer, kc * NR, G, cols,
+                                 j->y + m0 * j->ldy + p * NR, j->ldy, b0 > 0);
+        }
+        p += G;
+    }
+}
+
+/* Few rows (a decode step of a few sequences): the weights are dequantized in registers and
+ * multiplied straight away, R rows by G panels, without the buffer. Each output is the same
+ * chain of multiply-adds as through the buffer and packed_gemm.c's tiles (from zero, in k
+ * order, a pass of the sums at a time added to y), so results do not depend on the path. */
+#if defined(__AVX512F__)
+#define DIRECT_ROWS 4     /* 32 vector registers: 16 accumulators, 8 scales */
+#define DIRECT_PANELS 4
+#else
+#define DIRECT_ROWS 2     /* 16 registers of 8 floats: 8 accumulators */
+#define DIRECT_PANELS 2
+#endif
+
+static inline __attribute__((always_inline)) void direct_tile(const int F, const int R, const int G, const float *x,
+                                                              int64_t ldx, const uint8_t *rec, int64_t pstride,
+                                                              int64_t count, float *y, int64_t ldy, int64_t cols,
+                                                              int accumulate, int64_t ahead) {
+    const int64_t size = realizar_quant_record_bytes(F);
+    f32x16 acc[DIRECT_ROWS * DIRECT_PANELS];
+    for (int i = 0; i < R * G; i++) acc[i] = (f32x16){0};
+    for (int64_t b = 0; b < count; b++, rec += size, x += QK) {
+        /* the next pass's records of these panels, spread over this pass */
+        for (int g = 0; g < G; g++)
+            for (int64_t l = b * ahead / count; l < (b + 1) * ahead / count; l += 64)
+                __builtin_prefetch(rec + g * pstride + (count - b) * size + l);
+        f32x16 d0[DIRECT_PANELS], d1[DIRECT_PANELS], min[DIRECT_PANELS];
+        for (int g = 0; g < G; g++) {
+            SCALES(F, rec + g * pstride, d0_, d1_, min_);
+            d0[g] = d0_;
+            d1[g] = d1_;
+            min[g] = min_;
+        }
+#pragma GCC unroll 8
+        for (int k = 0; k < QK; k++) {
+            for (int g = 0; g < G; g++) {
+                const f32x16 w = term(F, rec + g * pstride, k, d0[g], d1[g], min[g]);
+                for (int r = 0; r < R; r++) acc[r * G + g] += x[r * ldx + k] * w;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        for (int g = 0; g < G; g++) {
+            float *dst = y + r * ldy + g * NR;
+            f32x16 v = acc[r * G + g];
+            if (cols == NR) {
+                if (accumulate) v += floats16(dst);
+                memcpy(dst, &v, sizeof v);
+            } else {  /* the last panel of an N that is not a multiple of 16 (G is 1) */
+                float out[NR] = {0};
+                if (accumulate) memcpy(out, dst, (size_t)cols * sizeof(float));
+                v += floats16(out);
+                memcpy(dst, &v, (size_t)cols * sizeof(float));
+            }
+        }
+    }
+}
+
+struct djob {
+    const float *x;
+    int64_t ldx;
+    const uint8_t *w;
+    float *y;
+    int64_t M, N, K, ldy;
+    int fmt;
+    int64_t chunk;            /* panels per unit, a multiple of DIRECT_PANELS */
+    int64_t pass;
+};
+
+#define DIRECT_CASE(F_, R_, G_) \
+    case F_: direct_tile(F_, R_, G_, x, j->ldx, rec, pstride, count, y, j->ldy, cols, acc, ahead); break
+
+#define DIRECT_FORMATS(R_, G_)                 \
+    switch (j->fmt) {                          \
+        DIRECT_CASE(Q4_OFFSET, R_, G_);        \
+        DIRECT_CASE(Q4_MIN, R_, G_);           \
+        DIRECT_CASE(Q5_OFFSET, R_, G_);        \
+        DIRECT_CASE(Q5_MIN, R_, G_);           \
+        DIRECT_CASE(Q6_OFFSET, R_, G_);        \
+        DIRECT_CASE(Q8, R_, G_);               \
+        default: break;                        \
+    }
+
+static void run_direct_unit(const void *arg, int64_t unit) {
+    const struct djob *j = (const struct djob *)arg;
+    const int64_t K = j->K, blocks = K / QK, panels = (j->N + NR - 1) / NR, full = j->N / NR;
+    const int64_t p0 = unit * j->chunk, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
+    const int64_t size = realizar_quant_record_bytes(j->fmt), pstride = blocks * size;
+    for (int64_t p = p0; p < p1;) {
+        const int G = p + DIRECT_PANELS <= (p1 < full ? p1 : full) ? DIRECT_PANELS : 1;
+        const int64_t cols = p < full ? NR : j->N - p * NR;
+        for (int64_t b0 = 0; b0 < blocks; b0 += j->pass) {
+            const int64_t count = blocks - b0 < j->pass ? blocks - b0 : j->pass;
+            const int64_t ahead = (blocks - b0 - count < j->pass ? blocks - b0 - count : j->pass) * size;
+            const uint8_t *rec = j->w + p * pstride + b0 * size;
+            const float *x = j->x + b0 * QK;
+            float *y = j->y + p * NR;
+            const int acc = b0 > 0;
+            for (int64_t m = 0; m < j->M; m += DIRECT_ROWS, x += DIRECT_ROWS * j->ldx, y += DIRECT_ROWS * j->ldy) {
+                const int64_t R = j->M - m < DIRECT_ROWS ? j->M - m : DIRECT_ROWS;
+                if (G == DIRECT_PANELS) {
+                    switch (R) {
+                        case 1: DIRECT_FORMATS(1, DIRECT_PANELS); break;
+#if DIRECT_ROWS > 2
+                        case 3: DIRECT_FORMATS(3, DIRECT_PANELS); break;
+                        case 4: DIRECT_FORMATS(4, DIRECT_PANELS); break;
+#endif
+                        default: DIRECT_FORMATS(2, DIRECT_PANELS); break;
+                    }
+                } else {
+                    switch (R) {
+                        case 1: DIRECT_FORMATS(1, 1); break;
+#if DIRECT_ROWS > 2
+                        case 3: DIRECT_FORMATS(3, 1); break;
+                        case 4: DIRECT_FORMATS(4, 1); break;
+#endif
+                        default: DIRECT_FORMATS(2, 1); break;
+                    }
+                }
+            }
+        }
+        p += G;
+    }
+}
+
+/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) times the records `w` of a weight
+ * [N, K] in format `fmt`. Returns 0, or -1 when a buffer could not be allocated. */
+int realizar_quant_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, float *y, int64_t ldy,
+                        int64_t M, int64_t N, int64_t K) {
+    const int64_t blocks = K / QK, panels = (N + NR - 1) / NR;
+    const int64_t passes = (blocks + PASS_BLOCKS - 1) / PASS_BLOCKS, pass = (blocks + passes - 1) / passes;
+    const int64_t threads = realizar_threads(), units_per_thread = 4;
+    if (M <= DIRECT_ROWS) {
+        int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
+        chunk = (chunk + DIRECT_PANELS - 1) / DIRECT_PANELS * DIRECT_PANELS;
+        const struct djob d = {.x = x, .ldx = ldx, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
+                               .fmt = fmt, .chunk = chunk, .pass = pass};
+        realizar_parallel(run_direct_unit, &d, (panels + chunk - 1) / chunk);
+        return 0;
+    }
+    static __thread float *packed_x;
+    static __thread int64_t capacity;
+    const int64_t need = realizar_packed_x_floats(M, K);
+    if (need > capacity) {
+        free(packed_x);
+        packed_x = aligned_alloc(64, (size_t)((need * sizeof(float) + 63) / 64 * 64));
+        capacity = packed_x ? need : 0;
+        if (!packed_x) return -1;
+    }
+    realizar_pack_x(x, ldx, M, K, packed_x);
+    /* as in packed_gemm.c: up to 8 rows, three panels at a time; more, one */
+    const int group = M <= 8 ? 3 : 1;
+    int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
+    chunk = (chunk + group - 1) / group * group;
+    struct qjob j = {.a = packed_x, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy, .fmt = fmt,
+                     .group = group, .chunk = chunk, .pass = pass, .failed = 0};
+    realizar_parallel(run_unit, &j, (M + MC - 1) / MC * ((panels + chunk - 1) / chunk));
+    return j.failed ? -1 : 0;
+}
+
+struct rows_job {
+    const uint8_t *w;
+    const int64_t *ids;
+    float *out;
+    int64_t K;
+    int fmt;
+    _Atomic int failed;
+};
+
+static void run_row(const void *arg, int64_t i) {
+    struct rows_job *j = (struct rows_job *)arg;
+    float *buffer = scratch(QK * NR);
+    if (!buffer) {
+        j->failed = 1;
+        return;
+    }
+    const int64_t blocks = j->K / QK, size = realizar_quant_record_bytes(j->fmt);
+    const int64_t p = j->ids[i] / NR, r = j->ids[i] % NR;
+    for (int64_t b = 0; b < blocks; b++) {
+        dequantize_records(j->fmt, j->w + (p * blocks + b) * size, 1, buffer, 0);
+        for (int k = 0; k < QK; k++) j->out[i * j->K + b * QK + k] = buffer[k * NR + r];
+    }
+}
+
+/* out [n, K] = rows ids[0 .. n) of the weight (the embedding lookup of a tied LM head), dequantized
+ * exactly. Returns 0, -1 when a buffer could not be allocated, -2 when an id is outside [0, N). */
+int realizar_quant_rows(const uint8_t *w, int fmt, const int64_t *ids, int64_t n, int64_t N, int64_t K,
+                        float *out) {
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= N) return -2;
+    struct rows_job j = {.w = w, .ids = ids, .out = out, .K = K, .fmt = fmt, .failed = 0};
+    realizar_parallel(run_row, &j, n);
+    return j.failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The fast class: x quantized to int8 per row and 32-term block (d_x = max |x| / 127, as
+ * llama.cpp's Q8_1), times the weights' integers with integer dot products, the scales applied
+ * per block in float32. Not exact: a quality gate (benchmarks/quality.py) measures it against
+ * float32, and nothing chooses it by default.
+ *
+ * Records of 16 rows by 32 terms again, in a layout for 4-byte dot products: 32-bit lane j of
+ * a 64-byte vector holds 4 consecutive terms of row j,
+ *
+ *   nibbles (4 bits)   4 vectors; vector t, byte 4j + i = u[j][4t + i] | u[j][16 + 4t + i] << 4
+ *   bytes (5-8 bits)   8 vectors; vector t, byte 4j + i = u[j][4t + i]
+ *   then float32 [16] d of terms 0-15, [16] d of terms 16-31, [16] min (zero if none)
+ *
+ * with u the stored integers (5/6-bit: unsigned; Q8_0: signed) and the weight
+ * (u - c) * d (+ min). Per block, with I_h = sum over half h of u * x_q and S_h that of x_q,
+ *
+ *   y += d_x * (d_0 (I_0 - c S_0) + d_1 (I_1 - c S_1)) + min * d_x * (S_0 + S_1)
+ * ------------------------------------------------------------------------------------------- */
+enum { FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES };
+
+typedef uint8_t u8x64 __attribute__((vector_size(64)));
+typedef int8_t i8x64 __attribute__((vector_size(64)));
+
+static inline u8x64 bytes64(const uint8_t *p) { u8x64 v; memcpy(&v, p, sizeof v); return v; }
+static inline i32x16 ints16(int32_t v) { return (i32x16){0} + v; }
+
+int64_t realizar_fast_record_bytes(int kind) { return (kind == FAST_NIBBLES ? 256 : 512) + 192; }
+
+/* acc[j] + sum over i < 4 of w[4j + i] * x[i], w unsigned (< 128 on AVX2, whose maddubs would
+ * saturate beyond), x the 4 signed bytes of x4. */
+static inline i32x16 dot4(i32x16 acc, u8x64 w, int32_t x4) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    __m512i r = _mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, _mm512_set1_epi32(x4));
+    return (i32x16)r;
+#elif defined(__AVX2__)
+    __m256i halves[2], sums[2];
+    memcpy(halves, &w, sizeof halves);
+    const __m256i xs = _mm256_set1_epi32(x4), ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++)
+        sums[h] = _mm256_madd_epi16(_mm256_maddubs_epi16(halves[h], xs), ones);
+    i32x16 r;
+    memcpy(&r, sums, sizeof r);
+    return acc + r;
+#else
+    int8_t x[4];
+    memcpy(x, &x4, 4);
+    for (int j = 0; j < 16; j++)
+        for (int i = 0; i < 4; i++) acc[j] += (int32_t)w[4 * j + i] * x[i];
+    return acc;
+#endif
+}
+
+/* The same for signed weights (Q8_0): |w| times x with w's sign, so the unsigned operand stays
+ * below 129 (maddubs pairs cannot saturate). */
+static inline i32x16 dot4_signed(i32x16 acc, u8x64 w, int32_t x4) {
+    const i8x64 s = (i8x64)w;
+    const i8x64 x = (i8x64)(ints16(x4));
+    const i8x64 neg = s < 0;  /* -1 where w is negative */
+    const i8x64 magnitude = (s ^ neg) - neg;  /* |w|; -128 stays 0x80, read unsigned as 128 */
+    const i8x64 signed_x = (x ^ neg) - neg;
+    /* each lane's 4 bytes of signed_x differ from x4 only in signs, so dot each lane on its own */
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    __m512i r = _mm512_dpbusd_epi32((__m512i)acc, (__m512i)magnitude, (__m512i)signed_x);
+    return (i32x16)r;
+#elif defined(__AVX2__)
+    __m256i m[2], sx[2], sums[2];
+    memcpy(m, &magnitude, sizeof m);
+    memcpy(sx, &signed_x, sizeof sx);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) sums[h] = _mm256_madd_epi16(_mm256_maddubs_epi16(m[h], sx[h]), ones);
+    i32x16 r;
+    memcpy(&r, sums, sizeof r);
+    return acc + r;
+#else
+    for (int j = 0; j < 16; j++)
+        for (int i = 0; i < 4; i++) acc[j] += (int32_t)s[4 * j + i] * ((const int8_t *)&x4)[i];
+    return acc;
+#endif
+}
+
+struct fjob {
+    const int8_t *xq;         /* [M, K] */
+    const float *dx;          /* [M, K / 32] */
+    const int32_t *sx;        /* [M, K / 16]: sums of x_q over each half block */
+    const uint8_t *w;
+    float *y;
+    int64_t M, N, K, ldy;
+    int kind, c;
+    int64_t chunk;            /* panels per unit, a multiple of FAST_PANELS */
+};
+
+#define FAST_ROWS 4
+#define FAST_PANELS 2
+
+static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int G,
+                                                            const struct fjob *j, int64_t m, int64_t p,
+                                                            int64_t cols) {
+    const int64_t K = j->K, blocks = K / QK, size = realizar_fast_record_bytes(KIND), pstride = blocks * size;
+    f32x16 acc[FAST_ROWS * FAST_PANELS];
+    for (int i = 0; i < R * G; i++) acc[i] = (f32x16){0};
+    const uint8_t *base = j->w + p * pstride;
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int g = 0; g < G; g++) {
+            const uint8_t *rec = base + g * pstride + b * size;
+            __builtin_prefetch(rec + 4 * size);
+            const float *scales = (const float *)(rec + (KIND == FAST_NIBBLES ? 256 : 512));
+            const f32x16 d0 = floats16(scales), d1 = floats16(scales + 16), min = floats16(scales + 32);
+            for (int r = 0; r < R; r++) {
+                const int32_t *x4 = (const int32_t *)(j->xq + (m + r) * K + b * QK);
+                i32x16 lo = {0}, hi = {0};
+                if (KIND == FAST_NIBBLES) {
+                    for (int t = 0; t < 4; t++) {
+                        const u8x64 v = bytes64(rec + 64 * t);
+                        lo = dot4(lo, v & 15, x4[t]);
+                        hi = dot4(hi, v >> 4, x4[4 + t]);
+                    }
+                } else {
+                    for (int t = 0; t < 4; t++) {
+                        if (KIND == FAST_SIGNED_BYTES) {
+                            lo = dot4_signed(lo, bytes64(rec + 64 * t), x4[t]);
+                            hi = dot4_signed(hi, bytes64(rec + 64 * (4 + t)), x4[4 + t]);
+                        } else {
+                            lo = dot4(lo, bytes64(rec + 64 * t), x4[t]);
+                            hi = dot4(hi, bytes64(rec + 64 * (4 + t)), x4[4 + t]);
+                        }
+                    }
+                }
+                const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
+                const float dx = j->dx[(m + r) * blocks + b];
+                const f32x16 i0 = __builtin_convertvector(lo - j->c * s0, f32x16);
+                const f32x16 i1 = __builtin_convertvector(hi - j->c * s1, f32x16);
+                acc[r * G + g] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < G; g++)
+            memcpy(j->y + (m + r) * j->ldy + (p + g) * NR, &acc[r * G + g], (size_t)(G == 1 ? cols : NR) * sizeof(float));
+}
+
+#define FAST_KINDS(R_, G_)                                                          \
+    switch (j->kind) {                                                              \
+        case FAST_NIBBLES: fast_tile(FAST_NIBBLES, R_, G_, j, m, p, cols); break;   \
+        case FAST_BYTES: fast_tile(FAST_BYTES, R_, G_, j, m, p, cols); break;       \
+        default: fast_tile(FAST_SIGNED_BYTES, R_, G_, j, m, p, cols); break;        \
+    }
+
+static void run_fast_unit(const void *arg, int64_t unit) {
+    const struct fjob *j = (const struct fjob *)arg;
+    const int64_t panels = (j->N + NR - 1) / NR, full = j->N / NR;
+    const int64_t p0 = unit * j->chunk, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
+    for (int64_t p = p0; p < p1;) {
+        const int G = p + FAST_PANELS <= (p1 < full ? p1 : full) ? FAST_PANELS : 1;
+        const int64_t cols = p < full ? NR : j->N - p * NR;
+        for (int64_t m = 0; m < j->M; m += FAST_ROWS) {
+            const int64_t R = j->M - m < FAST_ROWS ? j->M - m : FAST_ROWS;
+            if (G == FAST_PANELS) {
+                switch (R) {
+                    case 1: FAST_KINDS(1, FAST_PANELS); break;
+                    case 2: FAST_KINDS(2, FAST_PANELS); break;
+                    case 3: FAST_KINDS(3, FAST_PANELS); break;
+                    default: FAST_KINDS(4, FAST_PANELS); break;
+                }
+            } else {
+                switch (R) {
+                    case 1: FAST_KINDS(1, 1); break;
+                    case 2: FAST_KINDS(2, 1); break;
+                    case 3: FAST_KINDS(3, 1); break;
+                    default: FAST_KINDS(4, 1); break;
+                }
+            }
+        }
+        p += G;
+    }
+}
+
+/* x [M, K] (row stride ldx) to int8 per 32-term block: xq = round(x / d), d = max |x| / 127,
+ * and the sums of xq over each 16 terms. */
+static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *xq, float *dx, int32_t *sx) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < K / QK; b++) {
+            const float *v = x + m * ldx + b * QK;
+            float amax = 0.0f;
+            for (int k = 0; k < QK; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
+            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            int32_t s0 = 0, s1 = 0;
+            for (int k = 0; k < QK; k++) {
+                const int8_t q = (int8_t)lrintf(v[k] * id);
+                xq[m * K + b * QK + k] = q;
+                if (k < 16) s0 += q; else s1 += q;
+            }
+            dx[m * (K / QK) + b] = d;
+            sx[m * (K / 16) + 2 * b] = s0;
+            sx[m * (K / 16) + 2 * b + 1] = s1;
+        }
+    }
+}
+
+/* y [M, N] (row stride ldy) ~= x [M, K] times the fast records `w` of kind `kind` with integer
+ * offset c. Returns 0, or -1 when a buffer could not be allocated. */
+int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
+                             int64_t M, int64_t N, int64_t K) {
+    static __thread uint8_t *buffer;
+    static __thread int64_t capacity;
+    const int64_t need = M * K + M * (K / QK) * 4 + M * (K / 16) * 4 + 64;
+    if (need > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (size_t)((need + 63) / 64 * 64));
+        capacity = buffer ? need : 0;
+        if (!buffer) return -1;
+    }
+    float *dx = (float *)buffer;
+    int32_t *sx = (int32_t *)(buffer + M * (K / QK) * 4);
+    int8_t *xq = (int8_t *)(buffer + M * (K / QK) * 4 + M * (K / 16) * 4);
+    quantize_rows(x, ldx, M, K, xq, dx, sx);
+    const int64_t panels = (N + NR - 1) / NR, threads = realizar_threads(), units_per_thread = 4;
+    int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
+    chunk = (chunk + FAST_PANELS - 1) / FAST_PANELS * FAST_PANELS;
+    const struct fjob j = {.xq = xq, .dx = dx, .sx = sx, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
+                           .kind = kind, .c = c, .chunk = chunk};
+    realizar_parallel(run_fast_unit, &j, (panels + chunk - 1) / chunk);
+    return 0;
+}

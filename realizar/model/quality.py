@@ -1,0 +1,80 @@
+"""The quality gate of paths that trade exactness for speed (DESIGN.md, convention 11).
+
+A candidate model is run teacher-forced over a fixed text beside the float32 reference: at
+every position both predict the next token of the text. The gate asks that the candidate's
+argmax agrees with the reference's at >= 99 % of positions and that its perplexity of the text
+is within 1 % of the reference's. ``benchmarks/quality.py`` runs it over >= 2,000 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from realizar.kv_cache import KVCache
+from realizar.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
+
+MIN_AGREEMENT = 0.99
+MAX_PERPLEXITY_RATIO = 0.01
+
+
+@dataclass(frozen=True)
+class TeacherForced:
+    """A model's predictions along a text: the argmax ``[n - 1]`` and the negative log-likelihood
+    ``[n - 1]`` of each next token."""
+
+    argmax: torch.Tensor
+    nll: torch.Tensor
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll.double().mean().item())
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    tokens: int
+    agreement: float  # share of positions where the argmaxes agree
+    perplexity: float
+    reference_perplexity: float
+
+    @property
+    def perplexity_ratio(self) -> float:
+        return self.perplexity / self.reference_perplexity
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= MIN_AGREEMENT and abs(self.perplexity_ratio - 1) <= MAX_PERPLEXITY_RATIO
+
+
+def teacher_forced(model: LlamaModel, ids: list[int], chunk: int = 256) -> TeacherForced:
+    """Run ``ids`` through ``model`` as prefill chunks of ``chunk`` tokens over one paged cache, so
+    the logits of only one chunk ``[chunk, V]`` exist at a time."""
+    block = 16
+    blocks = -(-len(ids) // block)
+    c = model.config
+    cache = KVCache(c.num_layers, blocks, block, c.num_kv_heads, c.head_dim, model.device, model.dtype)
+    tokens = torch.tensor(ids)
+    argmax, nll = [], []
+    for start in range(0, len(ids) - 1, chunk):
+        n = min(chunk, len(ids) - 1 - start)  # the last token predicts nothing in the text
+        positions = torch.arange(start, start + n)
+        meta = AttentionMetadata(slot_mapping=positions, num_decodes=0,
+                                 decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
+                                 decode_context_lens=torch.zeros(0, dtype=torch.long),
+                                 prefills=[PrefillChunk(0, n, torch.arange(-(-(start + n) // block)), start)])
+        logits = model.forward(tokens[start:start + n], positions, meta, cache, torch.arange(n))  # [n, V]
+        targets = tokens[start + 1:start + n + 1]
+        argmax.append(logits.argmax(-1))
+        nll.append(-torch.log_softmax(logits.double(), -1).gather(1, targets[:, None])[:, 0])
+    return TeacherForced(torch.cat(argmax), torch.cat(nll))
+
+
+def compare(candidate: TeacherForced, reference: TeacherForced) -> QualityReport:
+    """The gate's figures for ``candidate`` against ``reference`` over the same text."""
+    assert candidate.argmax.shape == reference.argmax.shape
+    agreement = (candidate.argmax == reference.argmax).double().mean().item()
+    return QualityReport(int(candidate.argmax.shape[0]) + 1, agreement, candidate.perplexity,
+                         reference.perplexity)

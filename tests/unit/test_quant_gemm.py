@@ -1,0 +1,266 @@
+"""The quantized matrix product (``quant_gemm.c``) and the layers and loading around it: each
+GGUF type's product against dequantize-then-matmul, its rows bit for bit against the
+reference dequantization, and a tiny model kept quantized against the same model in float32."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+
+from realizar import kernels
+from realizar.kv_cache import KVCache
+from realizar.loading import load_model, quants
+from realizar.loading.tiny import TinySpec, random_blocks, write_tiny_gguf
+from realizar.model.linear import Linear, QuantLinear, make_linear
+from realizar.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
+
+KERNEL_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+QUANTIZABLE = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels() -> kernels.CpuKernels:
+    loaded = kernels.load()
+    if loaded is None:
+        assert not any(shutil.which(c) for c in ("cc", "gcc", "clang")), "the kernels failed to build"
+        pytest.skip("no C compiler: quantized weights are dequantized at load")
+    return loaded
+
+
+def quantized(qtype: QT, n: int, k: int, seed: int = 0) -> quants.QuantizedTensor:
+    """An ``[n, k]`` weight of ``qtype``: quantized normal values, or random valid blocks (K-quants)."""
+    rng = np.random.default_rng(seed)
+    if qtype in QUANTIZABLE:
+        raw = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    else:
+        block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
+        raw = random_blocks(qtype, n * k // block_size, rng).reshape(n, -1)
+    return quants.keep_quantized(raw, qtype, (n, k))
+
+
+def packed(weight: quants.QuantizedTensor) -> kernels.QuantPacked:
+    ints = weight.integers()
+    fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group)
+    assert fmt is not None
+    return kernels.pack_quantized(ints.q, ints.scales, ints.mins, fmt)
+
+
+def assert_close_to_max(got: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """``got`` within ``rel`` of ``expected``'s largest magnitude (how the golden tests bound logits)."""
+    assert got.shape == expected.shape
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= rel
+
+
+def widths(qtype: QT) -> list[int]:
+    """Ragged widths: one block, an odd number of blocks, and more than one pass (256 terms) of the sums."""
+    block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
+    return [256, 768, 1536] if block_size == 256 else [32, 96, 608]
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_integers_rebuild_the_reference_dequantization_exactly(qtype: QT) -> None:
+    weight = quantized(qtype, 8, 512)
+    ints = weight.integers()
+    scales = ints.scales.repeat_interleave(ints.group, dim=1)
+    w = (ints.q.view(torch.int8) if ints.bits == 8 else ints.q).to(torch.float32).sub_(ints.offset).mul_(scales)
+    if ints.mins is not None:
+        w = w.add_(ints.mins.repeat_interleave(32, dim=1))
+    assert torch.equal(w, weight.dequantize())
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_rows_dequantize_bit_for_bit(cpu_kernels: kernels.CpuKernels, qtype: QT) -> None:
+    for n in (16, 37):
+        weight = quantized(qtype, n, widths(qtype)[1], seed=n)
+        expected = weight.dequantize()
+        ids = torch.tensor([n - 1, 0, 17 % n, 5, 5])
+        assert torch.equal(cpu_kernels.quant_rows(packed(weight), ids), expected[ids])
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_product_matches_dequantize_then_matmul(cpu_kernels: kernels.CpuKernels, qtype: QT) -> None:
+    """Ragged N (not a multiple of the 16-row panel), ragged K, M of 1, 3, 17 and 64 (every tile
+    shape), on one and two threads."""
+    try:
+        for threads in (1, 2):
+            cpu_kernels.set_threads(threads)
+            for n, k in zip((37, 16, 100), widths(qtype), strict=True):
+                weight = quantized(qtype, n, k, seed=n + k)
+                w, p = weight.dequantize(), packed(weight)
+                gen = torch.Generator().manual_seed(k)
+                for m in (1, 3, 17, 64):
+                    x = torch.randn(m, k, generator=gen)
+                    expected = x.double() @ w.double().T
+                    got = cpu_kernels.quant_gemm(x, p)
+                    assert got.shape == (m, n)
+                    # float32 sums of k terms against float64: the error of any summation order
+                    bound = 1e-6 * k * (x.abs().double() @ w.abs().double().T)
+                    assert bool(((got.double() - expected).abs() <= bound).all()), (n, k, m)
+                    assert_close_to_max(got, x @ w.T)  # today's float32 path: the dequantized weights
+    finally:
+        cpu_kernels.set_threads(2)
+
+
+def test_rows_do_not_depend_on_the_batch(cpu_kernels: kernels.CpuKernels) -> None:
+    """A row's product is bit for bit the same alone and in any batch, through registers (up to 4
+    rows) or the dequantized buffer: one chain of multiply-adds per output in a fixed order,
+    which keeps greedy decoding batch-invariant."""
+    weight = packed(quantized(QT.Q4_K, 300, 1024))
+    x = torch.randn(130, 1024, generator=torch.Generator().manual_seed(1))
+    alone = cpu_kernels.quant_gemm(x[5:6], weight)[0]
+    try:
+        for threads in (1, 2):
+            cpu_kernels.set_threads(threads)
+            for m in (6, 8, 16, 130):  # registers alone, the dequantized buffer in a batch
+                assert torch.equal(cpu_kernels.quant_gemm(x[:m], weight)[5], alone)
+            for start in (2, 3, 4):  # the row among 2, 3 or 4 rows, in registers
+                assert torch.equal(cpu_kernels.quant_gemm(x[start:6], weight)[5 - start], alone)
+    finally:
+        cpu_kernels.set_threads(2)
+
+
+def test_writes_into_columns_of_a_wider_output_and_reads_strided_rows(cpu_kernels: kernels.CpuKernels) -> None:
+    weight = quantized(QT.Q8_0, 20, 64)
+    wide = torch.randn(4, 100)
+    x = wide[:, 10:74]  # rows 100 floats apart
+    out = torch.full((4, 50), 7.0)
+    cpu_kernels.quant_gemm(x, packed(weight), out[:, 5:25])
+    assert_close_to_max(out[:, 5:25], x @ weight.dequantize().T)
+    assert bool((out[:, :5] == 7).all()) and bool((out[:, 25:] == 7).all())
+
+
+def test_rows_out_of_range_raise(cpu_kernels: kernels.CpuKernels) -> None:
+    weight = packed(quantized(QT.Q4_0, 20, 64))
+    with pytest.raises(IndexError, match="outside"):
+        cpu_kernels.quant_rows(weight, torch.tensor([3, 20]))
+    with pytest.raises(IndexError, match="outside"):
+        cpu_kernels.quant_rows(weight, torch.tensor([-1]))
+
+
+def test_layer_of_mixed_types_matches_f_linear(cpu_kernels: kernels.CpuKernels) -> None:
+    """Fused q/k/v of a Q4_K_M file: Q4_K, Q4_K and Q6_K parts, with a bias."""
+    parts = [quantized(QT.Q4_K, 48, 256, 1), quantized(QT.Q4_K, 16, 256, 2), quantized(QT.Q6_K, 21, 256, 3)]
+    bias = torch.randn(85)
+    layer = make_linear(list(parts), torch.device("cpu"), torch.float32, bias)
+    assert isinstance(layer, QuantLinear) and len(layer.parts) == 2 and layer.out_features == 85
+    dense = torch.cat([p.dequantize() for p in parts])
+    x = torch.randn(5, 256)
+    assert_close_to_max(layer(x), F.linear(x, dense, bias))
+    ids = torch.tensor([84, 0, 63, 64, 47])
+    assert torch.equal(layer.rows(ids), dense[ids])
+
+
+def test_float_weights_or_no_kernels_give_a_float_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = quantized(QT.Q4_1, 32, 64)
+    monkeypatch.setenv("REALIZAR_KERNELS", "0")
+    layer = make_linear([weight], torch.device("cpu"), torch.float32)
+    assert isinstance(layer, Linear)
+    x = torch.randn(2, 64)
+    assert_close_to_max(layer(x), x @ weight.dequantize().T)
+    assert not kernels.quantized_weights(torch.device("cpu"), torch.float32)
+
+
+def tiny_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    cache = KVCache(model.config.num_layers, 4, 16, model.config.num_kv_heads, model.config.head_dim,
+                    model.device, model.dtype)
+    meta = AttentionMetadata(slot_mapping=torch.arange(len(ids)), num_decodes=0,
+                             decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
+                             decode_context_lens=torch.zeros(0, dtype=torch.long),
+                             prefills=[PrefillChunk(0, len(ids), torch.arange(4), 0)])
+    return model.forward(torch.tensor(ids), torch.arange(len(ids)), meta, cache, torch.arange(len(ids)))
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q8_0, QT.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_model_kept_quantized_matches_float32(cpu_kernels: kernels.CpuKernels, tmp_path: Path, qtype: QT,
+                                                   tied: bool) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, TinySpec(tied=tied), qtype)
+    float_load = load_model(path)
+    kept = load_model(path, keep_quantized=True)
+    assert not float_load.quantized
+    assert set(kept.quantized) | set(kept.tensors) == set(float_load.tensors)
+    assert all(name.endswith("norm.weight") for name in kept.tensors)  # every matrix stayed quantized
+    for name, weight in kept.quantized.items():
+        assert torch.equal(weight.dequantize(), float_load.tensors[name]), name  # Q/K un-permuted alike
+    assert kept.num_parameters() == float_load.num_parameters()
+    cpu = torch.device("cpu")
+    reference = LlamaModel(float_load.config, float_load.tensors, cpu, torch.float32)
+    model = LlamaModel(kept.config, kept.tensors, cpu, torch.float32, kept.quantized)
+    assert isinstance(model.lm_head, QuantLinear) and isinstance(model.layers[0].down, QuantLinear)
+    ids = [1, 5, 9, 33, 2, 60, 7]
+    expected = tiny_logits(reference, ids)
+    got = tiny_logits(model, ids)
+    assert_close_to_max(got, expected)
+
+
+def test_types_without_a_kernel_are_dequantized_with_a_log_line(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, TinySpec(), QT.Q2_K)
+    with caplog.at_level(logging.INFO, logger="realizar.loading"):
+        kept = load_model(path, keep_quantized=True)
+    assert not kept.quantized and "model.layers.0.mlp.down_proj.weight" in kept.tensors
+    assert "Q2_K" in caplog.text and "dequantized" in caplog.text
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the fast class sees it: int8 per row and 32 terms, d = max |x| / 127, dequantized."""
+    m, k = x.shape
+    blocks = x.view(m, k // 32, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0
+    inverse = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inverse) * d).view(m, k)
+
+
+def fast_packed(weight: quants.QuantizedTensor) -> kernels.FastPacked:
+    ints = weight.integers()
+    return kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset, ints.group)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_fast_class_is_the_product_with_int8_activations(cpu_kernels: kernels.CpuKernels, qtype: QT) -> None:
+    """The fast class equals (to float32 rounding) the exact product of the dequantized weights
+    with x rounded to int8 per 32-term block; ragged N, M of 1, 3, 17 and 64."""
+    for n, k in zip((37, 16, 100), widths(qtype), strict=True):
+        weight = quantized(qtype, n, k, seed=n + k)
+        w, p = weight.dequantize().double(), fast_packed(weight)
+        gen = torch.Generator().manual_seed(k)
+        for m in (1, 3, 17, 64):
+            x = torch.randn(m, k, generator=gen)
+            if k > 32:
+                x[0, :32] = 0  # an all-zero block has d = 0
+            got = cpu_kernels.quant_gemm_fast(x, p).double()
+            expected = int8_activations(x).double() @ w.T
+            assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5, (n, k, m)
+            # and it approximates the exact product to about int8's resolution
+            assert_close_to_max(got.float(), x @ w.float().T, rel=0.05)
+        assert not cpu_kernels.quant_gemm_fast(torch.zeros(2, k), p).any()
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_fast_layout_rows_dequantize_bit_for_bit(qtype: QT) -> None:
+    weight = quantized(qtype, 37, widths(qtype)[1], seed=4)
+    ids = torch.tensor([36, 0, 17, 5, 5])
+    assert torch.equal(fast_packed(weight).rows(ids), weight.dequantize()[ids])
+
+
+def test_fast_layer_of_mixed_types(cpu_kernels: kernels.CpuKernels) -> None:
+    parts = [quantized(QT.Q4_K, 48, 256, 1), quantized(QT.Q6_K, 21, 256, 3)]
+    layer = make_linear(list(parts), torch.device("cpu"), torch.float32, fast=True)
+    assert isinstance(layer, QuantLinear) and all(isinstance(p, kernels.FastPacked) for p in layer.parts)
+    dense = torch.cat([p.dequantize() for p in parts])
+    x = torch.randn(5, 256)
+    assert_close_to_max(layer(x), int8_activations(x) @ dense.T)
+    ids = torch.tensor([68, 0, 47, 48])
+    assert torch.equal(layer.rows(ids), dense[ids])
+    with pytest.raises(IndexError, match="outside"):
+        layer.rows(torch.tensor([69]))
