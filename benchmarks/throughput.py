@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra argument for realizar serve (repeatable, e.g. --realizar-arg=--max-num-seqs=64)")
     p.add_argument("--log-dir", type=Path, default=None, help="keep server logs here (default: the temp dir)")
     p.add_argument("--json", type=Path, help="write every measurement here as JSON")
+    p.add_argument("--plot", type=Path, help="draw tok/s against concurrency for every server into this PNG")
     return p
 
 
@@ -219,6 +220,31 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: list[dict[str, Any]], args: argparse.Namespace, path: Path) -> None:
+    """Output tok/s against concurrency, one line per server, on a log-2 concurrency axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r in results:
+        points = [(c, _tok_s(r, c)) for c in args.concurrency]
+        xs = [c for c, v in points if v is not None]
+        if xs:
+            ax.plot(xs, [v for _, v in points if v is not None], marker="o", label=r["server"])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(args.concurrency, [str(c) for c in args.concurrency])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"{args.prompt_len}-token prompts, {args.output_len} output tokens\n{machine_line()}", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_signal_handlers()
@@ -229,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"machine": machine_line(), "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "results": results},
             indent=2, default=str))
+    if args.plot:
+        plot(results, args, args.plot)
     return 1 if "error" in results[0] else 0
 
 
