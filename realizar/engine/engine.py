@@ -332,8 +332,6 @@ class Engine:
     def _accept(self, live: _Live, token_id: int, logprob: float | None,
                 top: tuple[tuple[int, float], ...], now: float) -> TokenOutput:
         seq = live.seq
-        if seq.request.fail_for_test:
-            raise RuntimeError("fault injected by the test hook")
         seq.token_ids.append(token_id)
         if live.row.penalties is not None:
             live.row.penalties.add(token_id)

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("realizar.server")
 access_log = logging.getLogger("realizar.access")
 
-TEST_HOOKS_ENV = "REALIZAR_TEST_HOOKS"
 OPEN_ROUTES = frozenset({"/health"})  # no API key needed
 ALWAYS_SERVED = frozenset({"/health", "/metrics"})  # answered while loading and draining too
 GENERATION_ROUTES = frozenset({"/generate", "/batch/generate", "/stream/generate",
@@ -62,7 +60,7 @@ MAX_CLIENT_REQUEST_ID = 256  # bytes of a client's X-Request-Id that are echoed;
 
 def build_app(engine: AsyncEngine | None, config: ServerConfig) -> Starlette:
     """The realizar ASGI app. ``engine`` must be started already, or None while it loads."""
-    state = ServerState(config, engine, test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1")
+    state = ServerState(config, engine)
     native, openai = NativeAPI(state), OpenAIAPI(state)
 
     async def health(request: Request) -> Response:
@@ -291,8 +289,6 @@ class ServingMiddleware:
                 headers["Connection"] = "close"
             return error_response(path, APIError(503, state.unavailable_reason(), code="unavailable",
                                                  headers=headers))
-        if state.test_hooks:
-            ctx.fail_for_test = any(k == b"x-realizar-fail" and v == b"1" for k, v in scope["headers"])
         return None
 
 

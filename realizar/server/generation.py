@@ -150,7 +150,7 @@ class Generation:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
         request_id = f"{self.ctx.request_id}.{len(self.streams)}"
         request = Request(prompt_ids, params, request_id=request_id, arrival_time=self.ctx.started,
-                          deadline=self.deadline, fail_for_test=self.ctx.fail_for_test)
+                          deadline=self.deadline)
         try:
             source = self.engine.submit(request)
         except EngineOverloaded as exc:

@@ -39,10 +39,8 @@ class Phase(str, enum.Enum):
 class ServerState:
     """One server's mutable state. Only the event loop thread touches it."""
 
-    def __init__(self, config: ServerConfig, engine: AsyncEngine | None = None,
-                 *, test_hooks: bool = False) -> None:
+    def __init__(self, config: ServerConfig, engine: AsyncEngine | None = None) -> None:
         self.config = config
-        self.test_hooks = test_hooks  # REALIZAR_TEST_HOOKS=1: honour X-Realizar-Fail
         self.started_at = time.time()
         self.metrics = Metrics()
         self.engine: AsyncEngine | None = None
