@@ -293,7 +293,7 @@ class Engine:
         for half in (items[:mid], items[mid:]):
             if not half:
                 continue
-            part = SchedulerOutput([i for i in half if i.num_tokens == 1], [i for i in half if i.num_tokens > 1], [])
+            part = SchedulerOutput([i for i in half if i.num_tokens == 1], [i for i in half if i.num_tokens > 1])
             for item in half:
                 rid = item.seq.request_id
                 if rid in rows:
@@ -445,7 +445,6 @@ class AsyncEngine:
         self.tokenizer = served.tokenizer
         self.model_config = served.config
         self.model_id = served.model_id
-        self.model_path = served.path
         self.model_format = served.format
         self.compute_mode = served.model.device.type
         self.dtype = str(served.model.dtype).removeprefix("torch.")
@@ -484,19 +483,16 @@ class AsyncEngine:
         self._shutting_down = True
 
     @property
-    def accepting(self) -> bool:
-        return self.healthy and not self._shutting_down
-
-    @property
     def num_in_flight(self) -> int:
+        """Admitted requests whose streams have not ended."""
         return len(self._queues)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every admitted request has finished; False on timeout."""
         deadline = time.monotonic() + timeout
-        while self._queues and time.monotonic() < deadline:
+        while self.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return not self._queues
+        return not self.num_in_flight
 
     async def stop(self) -> None:
         self._stop = True
