@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -266,6 +267,16 @@ async def merge(streams: Sequence[Stream]) -> AsyncGenerator[tuple[int, TokenOut
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One Server-Sent Event frame: ``data`` as JSON (``bytes`` go as they are: ``b"[DONE]"``, a
+    body already encoded), named ``event`` when given. The payload holds no newline (orjson's
+    output never does), so one ``data:`` line carries it."""
+    payload = data if isinstance(data, bytes) else orjson.dumps(data)
+    if event is None:
+        return b"data: " + payload + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + payload + b"\n\n"
 
 
 class EventStream(Response):

@@ -14,7 +14,6 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -31,6 +30,7 @@ from realizar.server.generation import (
     encode,
     encode_many,
     fit_params,
+    sse,
 )
 from realizar.server.http import context, json_response, read_json
 from realizar.server.openai import chat_prompt_ids
@@ -172,13 +172,13 @@ class NativeAPI:
                 continue
             num_generated += 1
             text = detok.step(out.token_id) + (detok.flush() if out.finished else "")
-            yield b"event: token\ndata: " + orjson.dumps({"token_id": out.token_id, "text": text}) + b"\n\n"
+            yield sse({"token_id": out.token_id, "text": text}, "token")
         problem = gen.problem()
         if problem is not None:
             gen.ctx.failed = True
-            yield b"event: error\ndata: " + orjson.dumps({"error": problem.message}) + b"\n\n"
+            yield sse({"error": problem.message}, "error")
             return
-        yield b"event: done\ndata: " + orjson.dumps({"num_generated": num_generated}) + b"\n\n"
+        yield sse({"num_generated": num_generated}, "done")
 
 
 
