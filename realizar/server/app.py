@@ -34,7 +34,7 @@ from realizar.config import ServerConfig
 from realizar.metrics import CONTENT_TYPE, Outcome
 from realizar.server.connection import EXTENSION_KEY, ConnectionHandle
 from realizar.server.errors import APIError, error_body, error_response
-from realizar.server.http import SCOPE_KEY, RequestContext
+from realizar.server.http import SCOPE_KEY, GenerationRoute, RequestContext
 from realizar.server.native import NativeAPI
 from realizar.server.openai import OpenAIAPI
 from realizar.server.state import Phase, ServerState
@@ -47,8 +47,6 @@ access_log = logging.getLogger("realizar.access")
 
 OPEN_ROUTES = frozenset({"/health"})  # no API key needed
 ALWAYS_SERVED = frozenset({"/health", "/metrics"})  # answered while loading and draining too
-GENERATION_ROUTES = frozenset({"/generate", "/batch/generate", "/stream/generate",
-                               "/v1/completions", "/v1/chat/completions"})
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "other"
 OBSERVATIONS_PERIOD_S = 1.0  # how often engine timings move into the histograms
 # After --request-timeout the engine work is aborted and the error sent; a response still not
@@ -76,7 +74,8 @@ def build_app(engine: AsyncEngine | None, config: ServerConfig) -> Starlette:
         *openai.routes(),
     ]
     known = frozenset(r.path for r in routes)
-    middleware = [Middleware(ServingMiddleware, state=state, known_routes=known)]
+    generation = frozenset(r.path for r in routes if isinstance(r, GenerationRoute))
+    middleware = [Middleware(ServingMiddleware, state=state, known_routes=known, generation_routes=generation)]
     if config.cors_origins:
         # Outside the serving middleware, so preflight requests need no API key.
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
@@ -99,6 +98,15 @@ def build_app(engine: AsyncEngine | None, config: ServerConfig) -> Starlette:
     )
     app.state.realizar = state
     return app
+
+
+def endpoints(app: Starlette) -> list[str]:
+    """Every route the app serves, as "METHOD /path" (HEAD, which Starlette adds to GET, left out)."""
+    out = []
+    for route in app.routes:
+        if isinstance(route, Route):
+            out += [f"{method:<4} {route.path}" for method in sorted((route.methods or set()) - {"HEAD"})]
+    return out
 
 
 def server_state(app: Starlette) -> ServerState:
@@ -179,10 +187,12 @@ class ServingMiddleware:
     One plain ASGI class, so the hot routes pay for one wrapper, not a stack of them.
     """
 
-    def __init__(self, app: ASGIApp, state: ServerState, known_routes: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, state: ServerState, known_routes: frozenset[str],
+                 generation_routes: frozenset[str]) -> None:
         self.app = app
         self.state = state
         self.known_routes = known_routes
+        self.generation_routes = generation_routes
         key = state.config.api_key
         self.expected_auth = f"Bearer {key}".encode() if key else None
 
@@ -258,7 +268,7 @@ class ServingMiddleware:
             elapsed = time.monotonic() - started
             method: str = scope["method"] if scope["method"] in METHODS else "other"
             state.metrics.observe_http(route, method, status, elapsed)
-            if route in GENERATION_ROUTES:
+            if route in self.generation_routes:
                 state.metrics.record_request(_outcome(status, ctx), ctx.tokens, elapsed, ctx.refused or "")
             if state.config.access_log:
                 access_log.info(

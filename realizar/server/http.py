@@ -8,10 +8,16 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from realizar.server.errors import APIError
 
 SCOPE_KEY = "realizar"
+
+
+class GenerationRoute(Route):
+    """A route that runs generations on the engine: its requests count in the outcome metrics
+    (succeeded, failed, refused, aborted)."""
 
 
 @dataclass

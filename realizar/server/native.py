@@ -32,7 +32,7 @@ from realizar.server.generation import (
     fit_params,
     sse,
 )
-from realizar.server.http import context, json_response, read_json
+from realizar.server.http import GenerationRoute, context, json_response, read_json
 from realizar.server.openai import chat_prompt_ids
 from realizar.server.state import ServerState
 
@@ -51,10 +51,10 @@ class NativeAPI:
             Route("/models", self.models, methods=["GET"]),
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
-            Route("/generate", self.generate, methods=["POST"]),
+            GenerationRoute("/generate", self.generate, methods=["POST"]),
             Route("/batch/tokenize", self.batch_tokenize, methods=["POST"]),
-            Route("/batch/generate", self.batch_generate, methods=["POST"]),
-            Route("/stream/generate", self.stream_generate, methods=["POST"]),
+            GenerationRoute("/batch/generate", self.batch_generate, methods=["POST"]),
+            GenerationRoute("/stream/generate", self.stream_generate, methods=["POST"]),
         ]
 
     async def models(self, request: Request) -> Response:

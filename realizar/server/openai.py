@@ -38,7 +38,7 @@ from realizar.server.generation import (
     merge,
     sse,
 )
-from realizar.server.http import context, json_response, parse_json, read_body, read_json
+from realizar.server.http import GenerationRoute, context, json_response, parse_json, read_body, read_json
 from realizar.server.state import ServerState
 
 if TYPE_CHECKING:
@@ -121,8 +121,8 @@ class OpenAIAPI:
     def routes(self) -> list[Route]:
         return [
             Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            GenerationRoute("/v1/completions", self.completions, methods=["POST"]),
+            GenerationRoute("/v1/chat/completions", self.chat_completions, methods=["POST"]),
         ]
 
     async def models(self, request: Request) -> Response:
