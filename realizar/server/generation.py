@@ -30,7 +30,6 @@ from realizar.server.http import RequestContext
 
 if TYPE_CHECKING:
     from realizar.engine.engine import AsyncEngine
-    from realizar.server.state import ServerState
     from realizar.tokenizer import Tokenizer
 
 log = logging.getLogger("realizar.server")
@@ -135,11 +134,12 @@ class Generation:
     reason wins (a timeout, the client going away, the server shutting down).
     """
 
-    def __init__(self, state: ServerState, engine: AsyncEngine, ctx: RequestContext) -> None:
-        self.state = state
+    def __init__(self, engine: AsyncEngine, ctx: RequestContext, timeout: float,
+                 registry: set[Generation]) -> None:
         self.engine = engine
         self.ctx = ctx
-        self.timeout = state.config.request_timeout
+        self.timeout = timeout  # s from the request's arrival (ctx.started)
+        self.registry = registry  # the server's generations in flight (a shutdown aborts them); joined on submit
         self.deadline = ctx.started + self.timeout
         self.streams: list[Stream] = []
         self.live: set[str] = set()
@@ -170,7 +170,7 @@ class Generation:
         self.streams.append(stream)
         self.live.add(request_id)
         if self._timer is None:
-            self.state.generations.add(self)
+            self.registry.add(self)
             delay = max(0.0, self.deadline - time.monotonic())
             self._timer = asyncio.get_running_loop().call_later(delay, self.cancel, self.timeout_error())
         return stream
@@ -214,7 +214,7 @@ class Generation:
 
     async def close(self) -> None:
         """Stop the timer and the watcher; abort and release whatever has not finished."""
-        self.state.generations.discard(self)
+        self.registry.discard(self)
         if self._timer is not None:
             self._timer.cancel()
         if self._watcher is not None and not self._watcher.done():

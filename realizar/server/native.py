@@ -126,7 +126,7 @@ class NativeAPI:
         check_model(self.state.model_names, req.model_id)
         prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt,
                                                parse_special=self.config.allow_special_tokens_in_content))
-        return engine, req, prompt_ids, Generation(self.state, engine, context(request))
+        return engine, req, prompt_ids, self.state.generation(engine, context(request))
 
     async def generate(self, request: Request) -> Response:
         engine, req, prompt_ids, gen = await self._single(request)
@@ -148,7 +148,7 @@ class NativeAPI:
         for i, ids in enumerate(batch):
             check_prompt(ids, f"prompts[{i}]")
         params = fit_params(req.params, engine)
-        gen = Generation(self.state, engine, context(request))
+        gen = self.state.generation(engine, context(request))
         try:
             streams = [gen.submit(ids, params) for ids in batch]  # all admitted, or none
             gen.watch(request.receive)

@@ -151,7 +151,7 @@ class OpenAIAPI:
                 logprobs.add_prompt(ids, skip_special_tokens=isinstance(prompt, str))
             return ChoiceText(tokenizer, ids, req.options.stop, prefix), logprobs
 
-        gen = Generation(self.state, engine, context(request))
+        gen = self.state.generation(engine, context(request))
         choices: list[Choice] = []
         params = fit_params(req.params, engine)
         if req.echo and want_logprobs:  # the echoed prompt's tokens get logprobs too, as in OpenAI's API
@@ -211,7 +211,7 @@ class OpenAIAPI:
             params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room),
                                          min_tokens=min(params.min_tokens, room))
         token_text = TokenText(tokenizer)
-        gen = Generation(self.state, engine, context(request))
+        gen = self.state.generation(engine, context(request))
         choices: list[Choice] = []
         async with gen.closed_on_error():
             for j in range(req.options.n):

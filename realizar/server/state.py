@@ -18,12 +18,12 @@ from realizar import __version__
 from realizar.config import ServerConfig
 from realizar.metrics import Metrics
 from realizar.server.errors import APIError
-from realizar.server.http import json_response
+from realizar.server.generation import Generation
+from realizar.server.http import RequestContext, json_response
 
 if TYPE_CHECKING:  # the engine module imports torch; the server needs only its interface
     from realizar.engine.engine import AsyncEngine
     from realizar.server.connection import ConnectionHandle
-    from realizar.server.generation import Generation
 
 
 T = TypeVar("T")
@@ -71,6 +71,10 @@ class ServerState:
         if self._render_pool is None:
             self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="realizar-render")
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, fn, *args)
+
+    def generation(self, engine: AsyncEngine, ctx: RequestContext) -> Generation:
+        """A generation for one HTTP request, under --request-timeout, aborted by a shutdown past its deadline."""
+        return Generation(engine, ctx, self.config.request_timeout, self.generations)
 
     def attach(self, engine: AsyncEngine) -> None:
         """The model is loaded and the engine started: begin serving."""
