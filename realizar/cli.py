@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from realizar import __version__
-from realizar.config import EngineConfig, ServerConfig
+from realizar.config import DEFAULT_MAX_TOKENS, EngineConfig, ServerConfig
 
 
 class CLIError(Exception):
@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(g)
     _threads_arg(g)
     g.add_argument("prompt")
-    g.add_argument("--max-tokens", type=int, default=50)
+    g.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS["/generate"],
+                   help="as /generate's default (%(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
