@@ -69,7 +69,7 @@ def main() -> None:
             if chunk:
                 long = sequence(context + chunk, context)
                 prefills = [ScheduledSequence(long, chunk, False)]
-            output = SchedulerOutput([ScheduledSequence(s, 1, True) for s in decodes], prefills, [])
+            output = SchedulerOutput([ScheduledSequence(s, 1, True) for s in decodes], prefills)
             times = []
             for _ in range(args.repeats + 1):
                 start = time.perf_counter()

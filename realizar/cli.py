@@ -10,11 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from realizar import __version__
-from realizar.config import EngineConfig, ServerConfig
-
-ENDPOINTS = ("GET  /health", "GET  /models", "POST /tokenize", "POST /detokenize", "POST /generate", "POST /batch/tokenize",
-             "POST /batch/generate", "POST /stream/generate", "GET  /metrics", "GET  /v1/models",
-             "POST /v1/completions", "POST /v1/chat/completions")
+from realizar.config import DEFAULT_MAX_TOKENS, EngineConfig, ServerConfig
 
 
 class CLIError(Exception):
@@ -121,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(g)
     _threads_arg(g)
     g.add_argument("prompt")
-    g.add_argument("--max-tokens", type=int, default=50)
+    g.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS["/generate"],
+                   help="as /generate's default (%(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -165,10 +162,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise CLIError(f"Invalid engine setting: {exc}.") from None
 
 
-def _banner(url: str, model_id: str, load_seconds: float, extra: str) -> str:
+def _banner(url: str, model_id: str, load_seconds: float, extra: str, endpoints: list[str]) -> str:
     lines = [f"realizar {__version__} serving {model_id} at {url} (loaded in {load_seconds:.1f} s{extra})",
              "Endpoints:"]
-    lines += [f"  {e}" for e in ENDPOINTS]
+    lines += [f"  {e}" for e in endpoints]
     lines.append("Try:")
     lines.append(f"  curl -s {url}/generate -H 'Content-Type: application/json' "
                  "-d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'")
@@ -202,10 +199,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         holder["engine"] = engine
         return engine
 
-    def ready(url: str) -> None:
+    def ready(url: str, endpoints: list[str]) -> None:
         engine = holder["engine"]
         extra = f", {engine.compute_mode}, {engine.dtype}"
-        print(_banner(url, engine.model_id, engine.load_seconds, extra), flush=True)
+        print(_banner(url, engine.model_id, engine.load_seconds, extra, endpoints), flush=True)
 
     print(f"realizar: loading {path} ...", flush=True)
     return serve(factory, sconfig, log_level=args.log_level, on_ready=ready)

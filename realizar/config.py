@@ -13,6 +13,15 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
+# max_tokens of a request that gives none, by the route whose body defines the field (/batch/generate
+# and /stream/generate take /generate's body; `realizar generate` follows /generate). None: the room
+# left in the context, at most --max-tokens-limit. docs/api.md states each; a unit test holds them equal.
+DEFAULT_MAX_TOKENS: dict[str, int | None] = {
+    "/generate": 50,
+    "/v1/completions": 16,
+    "/v1/chat/completions": None,
+}
+
 
 @dataclass(frozen=True)
 class RopeScaling:

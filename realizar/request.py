@@ -110,7 +110,6 @@ class Request:
     request_id: str = field(default_factory=next_request_id)
     arrival_time: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # monotonic time after which the request times out
-    fail_for_test: bool = False  # test-only fault injection: the engine raises on this request
 
 
 # a token's log-probability and its top alternatives (token id, log-probability)

@@ -66,13 +66,14 @@ class ServerProcess:
 
 def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None,
                  wait_ready: bool = True, timeout: float = 180.0,
-                 preexec_fn: Callable[[], None] | None = None) -> ServerProcess:
+                 preexec_fn: Callable[[], None] | None = None, module: str = "realizar") -> ServerProcess:
     """Start `realizar serve --demo` (plus ``args``) on a free port and wait for /health.
 
-    ``preexec_fn`` runs in the child before it starts (e.g. to lower a resource limit)."""
+    ``preexec_fn`` runs in the child before it starts (e.g. to lower a resource limit); ``module``
+    is what ``python -m`` runs (a test launcher that wraps the CLI, e.g. ``tests.faulty_server``)."""
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "realizar", "serve", "--demo", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", module, "serve", "--demo", "--port", str(port), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,

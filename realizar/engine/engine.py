@@ -306,7 +306,7 @@ class Engine:
         for half in (items[:mid], items[mid:]):
             if not half:
                 continue
-            part = SchedulerOutput([i for i in half if i.num_tokens == 1], [i for i in half if i.num_tokens > 1], [])
+            part = SchedulerOutput([i for i in half if i.num_tokens == 1], [i for i in half if i.num_tokens > 1])
             for item in half:
                 rid = item.seq.request_id
                 if rid in rows:
@@ -345,8 +345,6 @@ class Engine:
     def _accept(self, live: _Live, token_id: int, logprob: float | None,
                 top: tuple[tuple[int, float], ...], now: float) -> TokenOutput:
         seq = live.seq
-        if seq.request.fail_for_test:
-            raise RuntimeError("fault injected by the test hook")
         seq.token_ids.append(token_id)
         if live.row.penalties is not None:
             live.row.penalties.add(token_id)
@@ -460,7 +458,6 @@ class AsyncEngine:
         self.tokenizer = served.tokenizer
         self.model_config = served.config
         self.model_id = served.model_id
-        self.model_path = served.path
         self.model_format = served.format
         self.compute_mode = served.model.device.type
         self.dtype = str(served.model.dtype).removeprefix("torch.")
@@ -499,19 +496,16 @@ class AsyncEngine:
         self._shutting_down = True
 
     @property
-    def accepting(self) -> bool:
-        return self.healthy and not self._shutting_down
-
-    @property
     def num_in_flight(self) -> int:
+        """Admitted requests whose streams have not ended."""
         return len(self._queues)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every admitted request has finished; False on timeout."""
         deadline = time.monotonic() + timeout
-        while self._queues and time.monotonic() < deadline:
+        while self.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return not self._queues
+        return not self.num_in_flight
 
     async def stop(self) -> None:
         self._stop = True

@@ -98,11 +98,6 @@ class ScheduledSequence:
 class SchedulerOutput:
     decodes: list[ScheduledSequence]  # one token each
     prefills: list[ScheduledSequence]  # chunks of more than one token
-    preempted: list[Sequence]
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.decodes) + sum(s.num_tokens for s in self.prefills)
 
     @property
     def empty(self) -> bool:
@@ -214,7 +209,6 @@ class Scheduler:
         return SchedulerOutput(
             decodes=decodes + [s for s in prefills if s.num_tokens == 1],
             prefills=[s for s in prefills if s.num_tokens > 1],
-            preempted=preempted,
         )
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -35,7 +34,7 @@ from realizar.config import ServerConfig
 from realizar.metrics import CONTENT_TYPE, Outcome
 from realizar.server.connection import EXTENSION_KEY, ConnectionHandle
 from realizar.server.errors import APIError, error_body, error_response
-from realizar.server.http import SCOPE_KEY, RequestContext
+from realizar.server.http import SCOPE_KEY, GenerationRoute, RequestContext
 from realizar.server.native import NativeAPI
 from realizar.server.openai import OpenAIAPI
 from realizar.server.state import Phase, ServerState
@@ -46,11 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("realizar.server")
 access_log = logging.getLogger("realizar.access")
 
-TEST_HOOKS_ENV = "REALIZAR_TEST_HOOKS"
 OPEN_ROUTES = frozenset({"/health"})  # no API key needed
 ALWAYS_SERVED = frozenset({"/health", "/metrics"})  # answered while loading and draining too
-GENERATION_ROUTES = frozenset({"/generate", "/batch/generate", "/stream/generate",
-                               "/v1/completions", "/v1/chat/completions"})
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "other"
 OBSERVATIONS_PERIOD_S = 1.0  # how often engine timings move into the histograms
 # After --request-timeout the engine work is aborted and the error sent; a response still not
@@ -62,7 +58,7 @@ MAX_CLIENT_REQUEST_ID = 256  # bytes of a client's X-Request-Id that are echoed;
 
 def build_app(engine: AsyncEngine | None, config: ServerConfig) -> Starlette:
     """The realizar ASGI app. ``engine`` must be started already, or None while it loads."""
-    state = ServerState(config, engine, test_hooks=os.environ.get(TEST_HOOKS_ENV) == "1")
+    state = ServerState(config, engine)
     native, openai = NativeAPI(state), OpenAIAPI(state)
 
     async def health(request: Request) -> Response:
@@ -78,7 +74,8 @@ def build_app(engine: AsyncEngine | None, config: ServerConfig) -> Starlette:
         *openai.routes(),
     ]
     known = frozenset(r.path for r in routes)
-    middleware = [Middleware(ServingMiddleware, state=state, known_routes=known)]
+    generation = frozenset(r.path for r in routes if isinstance(r, GenerationRoute))
+    middleware = [Middleware(ServingMiddleware, state=state, known_routes=known, generation_routes=generation)]
     if config.cors_origins:
         # Outside the serving middleware, so preflight requests need no API key.
         middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
@@ -101,6 +98,15 @@ def build_app(engine: AsyncEngine | None, config: ServerConfig) -> Starlette:
     )
     app.state.realizar = state
     return app
+
+
+def endpoints(app: Starlette) -> list[str]:
+    """Every route the app serves, as "METHOD /path" (HEAD, which Starlette adds to GET, left out)."""
+    out = []
+    for route in app.routes:
+        if isinstance(route, Route):
+            out += [f"{method:<4} {route.path}" for method in sorted((route.methods or set()) - {"HEAD"})]
+    return out
 
 
 def server_state(app: Starlette) -> ServerState:
@@ -181,10 +187,12 @@ class ServingMiddleware:
     One plain ASGI class, so the hot routes pay for one wrapper, not a stack of them.
     """
 
-    def __init__(self, app: ASGIApp, state: ServerState, known_routes: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, state: ServerState, known_routes: frozenset[str],
+                 generation_routes: frozenset[str]) -> None:
         self.app = app
         self.state = state
         self.known_routes = known_routes
+        self.generation_routes = generation_routes
         key = state.config.api_key
         self.expected_auth = f"Bearer {key}".encode() if key else None
 
@@ -260,7 +268,7 @@ class ServingMiddleware:
             elapsed = time.monotonic() - started
             method: str = scope["method"] if scope["method"] in METHODS else "other"
             state.metrics.observe_http(route, method, status, elapsed)
-            if route in GENERATION_ROUTES:
+            if route in self.generation_routes:
                 state.metrics.record_request(_outcome(status, ctx), ctx.tokens, elapsed, ctx.refused or "")
             if state.config.access_log:
                 access_log.info(
@@ -291,8 +299,6 @@ class ServingMiddleware:
                 headers["Connection"] = "close"
             return error_response(path, APIError(503, state.unavailable_reason(), code="unavailable",
                                                  headers=headers))
-        if state.test_hooks:
-            ctx.fail_for_test = any(k == b"x-realizar-fail" and v == b"1" for k, v in scope["headers"])
         return None
 
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -29,7 +30,6 @@ from realizar.server.http import RequestContext
 
 if TYPE_CHECKING:
     from realizar.engine.engine import AsyncEngine
-    from realizar.server.state import ServerState
     from realizar.tokenizer import Tokenizer
 
 log = logging.getLogger("realizar.server")
@@ -134,11 +134,12 @@ class Generation:
     reason wins (a timeout, the client going away, the server shutting down).
     """
 
-    def __init__(self, state: ServerState, engine: AsyncEngine, ctx: RequestContext) -> None:
-        self.state = state
+    def __init__(self, engine: AsyncEngine, ctx: RequestContext, timeout: float,
+                 registry: set[Generation]) -> None:
         self.engine = engine
         self.ctx = ctx
-        self.timeout = state.config.request_timeout
+        self.timeout = timeout  # s from the request's arrival (ctx.started)
+        self.registry = registry  # the server's generations in flight (a shutdown aborts them); joined on submit
         self.deadline = ctx.started + self.timeout
         self.streams: list[Stream] = []
         self.live: set[str] = set()
@@ -150,7 +151,7 @@ class Generation:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
         request_id = f"{self.ctx.request_id}.{len(self.streams)}"
         request = Request(prompt_ids, params, request_id=request_id, arrival_time=self.ctx.started,
-                          deadline=self.deadline, fail_for_test=self.ctx.fail_for_test)
+                          deadline=self.deadline)
         try:
             source = self.engine.submit(request)
         except EngineOverloaded as exc:
@@ -169,7 +170,7 @@ class Generation:
         self.streams.append(stream)
         self.live.add(request_id)
         if self._timer is None:
-            self.state.generations.add(self)
+            self.registry.add(self)
             delay = max(0.0, self.deadline - time.monotonic())
             self._timer = asyncio.get_running_loop().call_later(delay, self.cancel, self.timeout_error())
         return stream
@@ -213,7 +214,7 @@ class Generation:
 
     async def close(self) -> None:
         """Stop the timer and the watcher; abort and release whatever has not finished."""
-        self.state.generations.discard(self)
+        self.registry.discard(self)
         if self._timer is not None:
             self._timer.cancel()
         if self._watcher is not None and not self._watcher.done():
@@ -266,6 +267,16 @@ async def merge(streams: Sequence[Stream]) -> AsyncGenerator[tuple[int, TokenOut
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One Server-Sent Event frame: ``data`` as JSON (``bytes`` go as they are: ``b"[DONE]"``, a
+    body already encoded), named ``event`` when given. The payload holds no newline (orjson's
+    output never does), so one ``data:`` line carries it."""
+    payload = data if isinstance(data, bytes) else orjson.dumps(data)
+    if event is None:
+        return b"data: " + payload + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + payload + b"\n\n"
 
 
 class EventStream(Response):

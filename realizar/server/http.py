@@ -8,10 +8,16 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from realizar.server.errors import APIError
 
 SCOPE_KEY = "realizar"
+
+
+class GenerationRoute(Route):
+    """A route that runs generations on the engine: its requests count in the outcome metrics
+    (succeeded, failed, refused, aborted)."""
 
 
 @dataclass
@@ -20,7 +26,6 @@ class RequestContext:
 
     request_id: str
     started: float  # time.monotonic() at arrival
-    fail_for_test: bool = False  # X-Realizar-Fail: 1, honoured only with REALIZAR_TEST_HOOKS=1
     tokens: int = 0  # generated tokens, for the access log and the original metrics
     failed: bool = False  # a server-side failure (a 5xx, or a stream that ended in error)
     refused: str | None = None  # a 503 refusal before any work: "overloaded" or "unavailable"

@@ -14,7 +14,6 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -31,8 +30,9 @@ from realizar.server.generation import (
     encode,
     encode_many,
     fit_params,
+    sse,
 )
-from realizar.server.http import context, json_response, read_json
+from realizar.server.http import GenerationRoute, context, json_response, read_json
 from realizar.server.openai import chat_prompt_ids
 from realizar.server.state import ServerState
 
@@ -51,10 +51,10 @@ class NativeAPI:
             Route("/models", self.models, methods=["GET"]),
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
-            Route("/generate", self.generate, methods=["POST"]),
+            GenerationRoute("/generate", self.generate, methods=["POST"]),
             Route("/batch/tokenize", self.batch_tokenize, methods=["POST"]),
-            Route("/batch/generate", self.batch_generate, methods=["POST"]),
-            Route("/stream/generate", self.stream_generate, methods=["POST"]),
+            GenerationRoute("/batch/generate", self.batch_generate, methods=["POST"]),
+            GenerationRoute("/stream/generate", self.stream_generate, methods=["POST"]),
         ]
 
     async def models(self, request: Request) -> Response:
@@ -126,7 +126,7 @@ class NativeAPI:
         check_model(self.state.model_names, req.model_id)
         prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt,
                                                parse_special=self.config.allow_special_tokens_in_content))
-        return engine, req, prompt_ids, Generation(self.state, engine, context(request))
+        return engine, req, prompt_ids, self.state.generation(engine, context(request))
 
     async def generate(self, request: Request) -> Response:
         engine, req, prompt_ids, gen = await self._single(request)
@@ -148,7 +148,7 @@ class NativeAPI:
         for i, ids in enumerate(batch):
             check_prompt(ids, f"prompts[{i}]")
         params = fit_params(req.params, engine)
-        gen = Generation(self.state, engine, context(request))
+        gen = self.state.generation(engine, context(request))
         try:
             streams = [gen.submit(ids, params) for ids in batch]  # all admitted, or none
             gen.watch(request.receive)
@@ -172,13 +172,13 @@ class NativeAPI:
                 continue
             num_generated += 1
             text = detok.step(out.token_id) + (detok.flush() if out.finished else "")
-            yield b"event: token\ndata: " + orjson.dumps({"token_id": out.token_id, "text": text}) + b"\n\n"
+            yield sse({"token_id": out.token_id, "text": text}, "token")
         problem = gen.problem()
         if problem is not None:
             gen.ctx.failed = True
-            yield b"event: error\ndata: " + orjson.dumps({"error": problem.message}) + b"\n\n"
+            yield sse({"error": problem.message}, "error")
             return
-        yield b"event: done\ndata: " + orjson.dumps({"num_generated": num_generated}) + b"\n\n"
+        yield sse({"num_generated": num_generated}, "done")
 
 
 

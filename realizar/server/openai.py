@@ -16,7 +16,6 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -37,15 +36,16 @@ from realizar.server.generation import (
     encode,
     fit_params,
     merge,
+    sse,
 )
-from realizar.server.http import context, json_response, parse_json, read_body, read_json
+from realizar.server.http import GenerationRoute, context, json_response, parse_json, read_body, read_json
 from realizar.server.state import ServerState
 
 if TYPE_CHECKING:
     from realizar.engine.engine import AsyncEngine
     from realizar.tokenizer import Tokenizer
 
-DONE = b"data: [DONE]\n\n"
+DONE = sse(b"[DONE]")
 OFFLOAD_BODY_BYTES = 16_384  # chat bodies past this are parsed, rendered and tokenized in a worker thread
 # What a chat template raises when a message lacks what it reads or holds the wrong type: internals, not news.
 _TEMPLATE_FAILURES = (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError)
@@ -121,8 +121,8 @@ class OpenAIAPI:
     def routes(self) -> list[Route]:
         return [
             Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            GenerationRoute("/v1/completions", self.completions, methods=["POST"]),
+            GenerationRoute("/v1/chat/completions", self.chat_completions, methods=["POST"]),
         ]
 
     async def models(self, request: Request) -> Response:
@@ -151,7 +151,7 @@ class OpenAIAPI:
                 logprobs.add_prompt(ids, skip_special_tokens=isinstance(prompt, str))
             return ChoiceText(tokenizer, ids, req.options.stop, prefix), logprobs
 
-        gen = Generation(self.state, engine, context(request))
+        gen = self.state.generation(engine, context(request))
         choices: list[Choice] = []
         params = fit_params(req.params, engine)
         if req.echo and want_logprobs:  # the echoed prompt's tokens get logprobs too, as in OpenAI's API
@@ -185,7 +185,7 @@ class OpenAIAPI:
             async for index, choice, text, logprobs in updates:
                 item = {"index": index, "text": text, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason if choice.done else None}
-                yield _sse({**head, "choices": [item], **({"usage": None} if include_usage else {})})
+                yield sse({**head, "choices": [item], **({"usage": None} if include_usage else {})})
         async for chunk in _stream_tail(gen, head, include_usage, usage):
             yield chunk
 
@@ -211,7 +211,7 @@ class OpenAIAPI:
             params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room),
                                          min_tokens=min(params.min_tokens, room))
         token_text = TokenText(tokenizer)
-        gen = Generation(self.state, engine, context(request))
+        gen = self.state.generation(engine, context(request))
         choices: list[Choice] = []
         async with gen.closed_on_error():
             for j in range(req.options.n):
@@ -240,12 +240,12 @@ class OpenAIAPI:
         for choice in choices:
             first = {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
-            yield _sse({**head, "choices": [first], **extra})
+            yield sse({**head, "choices": [first], **extra})
         async with aclosing(_choice_updates(choices, "content")) as updates:
             async for index, choice, text, logprobs in updates:
                 item = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                         "finish_reason": choice.finish_reason if choice.done else None}
-                yield _sse({**head, "choices": [item], **extra})
+                yield sse({**head, "choices": [item], **extra})
         async for chunk in _stream_tail(gen, head, include_usage, usage):
             yield chunk
 
@@ -379,17 +379,13 @@ def _first_failing_message(tokenizer: Tokenizer, messages: list[dict[str, Any]])
     return lo - 1
 
 
-def _sse(body: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(body) + b"\n\n"
-
-
 async def _stream_tail(gen: Generation, head: dict[str, Any], include_usage: bool,
                        usage: _Usage) -> AsyncGenerator[bytes, None]:
     """After the last token: an error event if the generation failed, the usage chunk, [DONE]."""
     problem = gen.problem()
     if problem is not None:
         gen.ctx.failed = True
-        yield b"data: " + error_body("/v1/", problem.status, problem.message, code=problem.code) + b"\n\n"
+        yield sse(error_body("/v1/", problem.status, problem.message, code=problem.code))
     elif include_usage:
-        yield _sse({**head, "choices": [], "usage": usage.body()})
+        yield sse({**head, "choices": [], "usage": usage.body()})
     yield DONE

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from realizar.config import ServerConfig
+from realizar.config import DEFAULT_MAX_TOKENS, ServerConfig
 from realizar.request import (
     MAX_LOGIT_BIAS,
     MAX_PENALTY,
@@ -128,9 +128,11 @@ def check_batch_length(name: str, length: int, max_len: int) -> None:
         raise APIError(400, f"'{name}' has {length} entries; the limit is {max_len}", param=name)
 
 
-def check_max_tokens(f: Fields, default: int, limit: int, key: str = "max_tokens") -> int:
-    """max_tokens over the server's limit is a 400, never a silent clamp."""
-    value = f.integer(key, default, minimum=0)
+def check_max_tokens(f: Fields, route: str, limit: int, key: str = "max_tokens") -> int:
+    """max_tokens, else ``route``'s default (config.DEFAULT_MAX_TOKENS; None there is ``limit``).
+    Over the server's limit is a 400, never a silent clamp."""
+    default = DEFAULT_MAX_TOKENS[route]
+    value = f.integer(key, limit if default is None else default, minimum=0)
     if value > limit:
         raise APIError(400, f"'{key}' is {value}; this server's limit is {limit}", param=key)
     return value
@@ -250,7 +252,7 @@ def native_sampling(f: Fields, config: ServerConfig) -> SamplingParams:
     greedy -> temperature 0; top_k -> temperature + top_k; top_p -> temperature + top_p.
     Every given value is range-checked, whichever strategy uses it.
     """
-    max_tokens = check_max_tokens(f, 50, config.max_tokens_limit)
+    max_tokens = check_max_tokens(f, "/generate", config.max_tokens_limit)
     strategy = f.raw("strategy")
     if strategy is None:
         strategy = "greedy"
@@ -558,7 +560,7 @@ def _prompts(f: Fields, config: ServerConfig) -> tuple[Prompt, ...]:
 def parse_completion(body: Any, config: ServerConfig) -> CompletionRequest:
     f = Fields(body)
     prompts = _prompts(f, config)
-    max_tokens = check_max_tokens(f, 16, config.max_tokens_limit)
+    max_tokens = check_max_tokens(f, "/v1/completions", config.max_tokens_limit)
     logprobs = f.optional_integer("logprobs", minimum=0, maximum=MAX_LOGPROBS)
     return CompletionRequest(
         prompts=prompts,
@@ -627,7 +629,7 @@ def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
     # max_completion_tokens is the newer spelling of max_tokens; it wins when both are given.
     key = "max_completion_tokens" if f.raw("max_completion_tokens") is not None else "max_tokens"
     auto = f.raw(key) is None
-    max_tokens = check_max_tokens(f, config.max_tokens_limit, config.max_tokens_limit, key)
+    max_tokens = check_max_tokens(f, "/v1/chat/completions", config.max_tokens_limit, key)
     want_logprobs = f.boolean("logprobs", False)
     top = f.optional_integer("top_logprobs", minimum=0, maximum=MAX_LOGPROBS)
     if top is not None and not want_logprobs:

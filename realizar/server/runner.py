@@ -39,7 +39,15 @@ from typing import TYPE_CHECKING, TypeVar
 import uvicorn
 
 from realizar.config import ServerConfig
-from realizar.server.app import attach_engine, begin_shutdown, build_app, drain, fail_loading, server_state
+from realizar.server.app import (
+    attach_engine,
+    begin_shutdown,
+    build_app,
+    drain,
+    endpoints,
+    fail_loading,
+    server_state,
+)
 from realizar.server.connection import Rejection, guarded_protocol
 
 if TYPE_CHECKING:
@@ -58,11 +66,12 @@ NOFILE_TARGET = 1 << 20  # what "unlimited" hard limits are raised to (the kerne
 
 
 def serve(engine_factory: Callable[[], AsyncEngine], config: ServerConfig, *, log_level: str = "info",
-          on_ready: Callable[[str], None] | None = None) -> int:
+          on_ready: Callable[[str, list[str]], None] | None = None) -> int:
     """Serve until a signal; returns the exit status.
 
     ``engine_factory`` loads the model and builds the engine (blocking; it runs in a
-    background thread). ``on_ready(url)`` runs once the model is loaded and serving.
+    background thread). ``on_ready(url, endpoints)`` runs once the model is loaded and serving; ``endpoints``
+    lists the app's routes (see ``app.endpoints``).
     """
     _configure_logging(log_level)
     try:
@@ -186,7 +195,7 @@ class _Server(uvicorn.Server):
     """uvicorn, plus model loading after startup and a draining signal handler."""
 
     def __init__(self, config: uvicorn.Config, app: Starlette, engine_factory: Callable[[], AsyncEngine],
-                 shutdown_timeout: float, on_ready: Callable[[str], None] | None, sock: socket.socket) -> None:
+                 shutdown_timeout: float, on_ready: Callable[[str, list[str]], None] | None, sock: socket.socket) -> None:
         super().__init__(config)
         self.app = app
         self.engine_factory = engine_factory
@@ -229,7 +238,7 @@ class _Server(uvicorn.Server):
         log.info("serving %s on %s (%s), loaded in %.1f s", engine.model_id, self.url, engine.compute_mode,
                  engine.load_seconds)
         if self.on_ready is not None:
-            self.on_ready(self.url)
+            self.on_ready(self.url, endpoints(self.app))
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the main thread, which is the event loop's thread, between two callbacks.

@@ -18,12 +18,12 @@ from realizar import __version__
 from realizar.config import ServerConfig
 from realizar.metrics import Metrics
 from realizar.server.errors import APIError
-from realizar.server.http import json_response
+from realizar.server.generation import Generation
+from realizar.server.http import RequestContext, json_response
 
 if TYPE_CHECKING:  # the engine module imports torch; the server needs only its interface
     from realizar.engine.engine import AsyncEngine
     from realizar.server.connection import ConnectionHandle
-    from realizar.server.generation import Generation
 
 
 T = TypeVar("T")
@@ -39,10 +39,8 @@ class Phase(str, enum.Enum):
 class ServerState:
     """One server's mutable state. Only the event loop thread touches it."""
 
-    def __init__(self, config: ServerConfig, engine: AsyncEngine | None = None,
-                 *, test_hooks: bool = False) -> None:
+    def __init__(self, config: ServerConfig, engine: AsyncEngine | None = None) -> None:
         self.config = config
-        self.test_hooks = test_hooks  # REALIZAR_TEST_HOOKS=1: honour X-Realizar-Fail
         self.started_at = time.time()
         self.metrics = Metrics()
         self.engine: AsyncEngine | None = None
@@ -73,6 +71,10 @@ class ServerState:
         if self._render_pool is None:
             self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="realizar-render")
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, fn, *args)
+
+    def generation(self, engine: AsyncEngine, ctx: RequestContext) -> Generation:
+        """A generation for one HTTP request, under --request-timeout, aborted by a shutdown past its deadline."""
+        return Generation(engine, ctx, self.config.request_timeout, self.generations)
 
     def attach(self, engine: AsyncEngine) -> None:
         """The model is loaded and the engine started: begin serving."""

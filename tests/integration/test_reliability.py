@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from tests.conftest import ServerProcess, start_server
+from tests.faulty_server import FAULT_SEED
 
 API_KEY = "test-secret-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -38,10 +39,11 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
 
 
 @pytest.fixture(scope="module")
-def hooks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Test hooks on (X-Realizar-Fail), and a long shutdown timeout for the drain test."""
-    server = start_server(tmp_path_factory.mktemp("hooks"), "--shutdown-timeout", "120",
-                          env={"REALIZAR_TEST_HOOKS": "1"})
+def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The server under tests.faulty_server (requests seeded FAULT_SEED fail in the engine step),
+    with a long shutdown timeout for the drain test."""
+    server = start_server(tmp_path_factory.mktemp("faulty"), "--shutdown-timeout", "120",
+                          module="tests.faulty_server")
     yield server
     server.stop()
 
@@ -214,12 +216,12 @@ def test_cors_is_off_by_default(server_url: str) -> None:
 # -- fault isolation --------------------------------------------------------------------------------
 
 
-def test_a_failing_request_fails_alone(hooks: ServerProcess) -> None:
+def test_a_failing_request_fails_alone(faulty: ServerProcess) -> None:
     async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=hooks.url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=faulty.url, timeout=120) as c:
             body = {"prompt": "Hello there", "max_tokens": 3}
             return await asyncio.gather(
-                c.post("/generate", json=body, headers={"X-Realizar-Fail": "1"}),
+                c.post("/generate", json={**body, "seed": FAULT_SEED}),
                 c.post("/generate", json=body),
                 c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}),
             )
@@ -230,23 +232,17 @@ def test_a_failing_request_fails_alone(hooks: ServerProcess) -> None:
     message = failed.json()["error"]
     assert rid in message
     assert "Traceback" not in failed.text and ".py" not in failed.text
-    assert rid in hooks.log()
+    assert rid in faulty.log()
     assert ok.status_code == 200 and ok.json()["num_generated"] >= 1
     assert ok_v1.status_code == 200
-    r = httpx.post(hooks.url + "/v1/chat/completions", headers={"X-Realizar-Fail": "1"}, timeout=120,
-                   json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    r = httpx.post(faulty.url + "/v1/chat/completions", timeout=120,
+                   json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "seed": FAULT_SEED})
     assert r.status_code == 500 and r.json()["error"]["type"] == "internal_server_error"
-    r = httpx.post(hooks.url + "/stream/generate", json={"prompt": "Hi", "max_tokens": 2},
-                   headers={"X-Realizar-Fail": "1"}, timeout=120)
+    r = httpx.post(faulty.url + "/stream/generate", json={"prompt": "Hi", "max_tokens": 2, "seed": FAULT_SEED},
+                   timeout=120)
     assert r.status_code == 200 and "event: error" in r.text and "event: done" not in r.text
-    assert httpx.get(hooks.url + "/health").json()["status"] == "healthy"
-    wait_idle(hooks.url)
-
-
-def test_fault_hook_is_off_without_the_env(server_url: str) -> None:
-    r = httpx.post(server_url + "/generate", json={"prompt": "Hi", "max_tokens": 1},
-                   headers={"X-Realizar-Fail": "1"}, timeout=120)
-    assert r.status_code == 200
+    assert httpx.get(faulty.url + "/health").json()["status"] == "healthy"
+    wait_idle(faulty.url)
 
 
 # -- disconnects ------------------------------------------------------------------------------------
@@ -356,12 +352,12 @@ def test_a_busy_port_is_one_sentence_and_exit_1(tmp_path: Path) -> None:
     assert "already in use" in log and "Traceback" not in log
 
 
-# -- SIGTERM drain (last: it ends the hooks server) ---------------------------------------------------
+# -- SIGTERM drain (last: it ends the faulty server) ---------------------------------------------------
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(hooks: ServerProcess) -> None:
+def test_sigterm_drains_in_flight_requests_then_exits_0(faulty: ServerProcess) -> None:
     async def run() -> tuple[list[Any], int]:
-        async with httpx.AsyncClient(base_url=hooks.url, timeout=180) as c:
+        async with httpx.AsyncClient(base_url=faulty.url, timeout=180) as c:
             first_token = asyncio.Event()
 
             async def stream() -> str:
@@ -380,7 +376,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(hooks: ServerProcess) ->
             tasks = [asyncio.create_task(stream()), asyncio.create_task(stream()),
                      asyncio.create_task(plain()), asyncio.create_task(plain())]
             await asyncio.wait_for(first_token.wait(), timeout=120)
-            hooks.proc.send_signal(signal.SIGTERM)
+            faulty.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
             refused = await c.post("/generate", json={"prompt": "late", "max_tokens": 1})
             return list(await asyncio.gather(*tasks)), refused.status_code
@@ -391,4 +387,4 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(hooks: ServerProcess) ->
         assert "event: done" in body and "event: error" not in body
     for r in (plain1, plain2):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 200
-    assert hooks.proc.wait(timeout=120) == 0
+    assert faulty.proc.wait(timeout=120) == 0
