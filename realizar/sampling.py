@@ -15,13 +15,16 @@ on one core, which at 16 rows was longer than the forward pass itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from realizar import kernels
 from realizar.request import Logprob, SamplingParams
+
+if TYPE_CHECKING:
+    from realizar.structured import Matcher
 
 
 @dataclass
@@ -31,6 +34,7 @@ class SamplingRow:
     params: SamplingParams
     generator: np.random.Generator | None  # None for greedy rows
     banned_token_ids: tuple[int, ...] = ()  # EOS and stop ids while under min_tokens
+    matcher: Matcher | None = None  # a structured request's grammar state: the runner masks its logits by it
 
     def save(self) -> Any:
         """The generator's position, so a step that is run again draws the same numbers."""

@@ -23,12 +23,13 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from realizar.engine.errors import EngineDead, EngineOverloaded, InvalidRequest
-from realizar.request import FinishReason, Logprob, Request, SamplingParams, TokenOutput
+from realizar.request import FinishReason, GrammarError, Logprob, Request, SamplingParams, TokenOutput
 from realizar.server.errors import APIError
 from realizar.server.http import RequestContext
 
 if TYPE_CHECKING:
     from realizar.engine.engine import AsyncEngine
+    from realizar.server.protocol import StructuredField
     from realizar.server.state import ServerState
     from realizar.tokenizer import Tokenizer
 
@@ -70,6 +71,18 @@ def check_prompt(ids: list[int], param: str = "prompt") -> list[int]:
 def check_model(engine: AsyncEngine, model: str | None) -> None:
     if model is not None and model != engine.model_id:
         raise APIError(404, f"Model '{model}' not found", param="model", code="model_not_found")
+
+
+async def check_structured(state: ServerState, engine: AsyncEngine, structured: StructuredField | None) -> None:
+    """Compile a request's structured-output spec (into the engine's cache, which the engine then hits) before
+    anything is queued, so that a bad schema, regex or grammar is a 400 naming its field and the problem.
+    Off the event loop: a new spec takes milliseconds, the very first one also builds the compiler."""
+    if structured is None:
+        return
+    try:
+        await state.offload(engine.compile_structured, structured.spec)
+    except GrammarError as exc:
+        raise APIError(400, f"Invalid '{structured.param}': {exc}", param=structured.param) from None
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:

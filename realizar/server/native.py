@@ -23,6 +23,7 @@ from realizar.server.generation import (
     Stream,
     check_model,
     check_prompt,
+    check_structured,
     encode,
     encode_many,
     fit_params,
@@ -87,6 +88,7 @@ class NativeAPI:
         engine = self.state.require_engine()
         req = protocol.parse_generate(await read_json(request, self.config.max_body_bytes), self.config)
         check_model(engine, req.model_id)
+        await check_structured(self.state, engine, req.structured)
         prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt,
                                                parse_special=self.config.allow_special_tokens_in_content))
         return engine, req, prompt_ids, Generation(self.state, engine, context(request))
@@ -106,6 +108,7 @@ class NativeAPI:
         engine = self.state.require_engine()
         req = protocol.parse_batch_generate(await read_json(request, self.config.max_body_bytes), self.config)
         check_model(engine, req.model_id)
+        await check_structured(self.state, engine, req.structured)
         batch = await encode_many(engine.tokenizer, req.prompts,
                                   parse_special=self.config.allow_special_tokens_in_content)
         for i, ids in enumerate(batch):
