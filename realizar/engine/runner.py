@@ -115,14 +115,25 @@ class ModelRunner:
     def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         """Sample one token per row, after masking the logits of constrained rows by their grammars (in place:
         these logits are this step's own). Free rows are untouched, and with no constrained row nothing runs.
-        Masking here, before the sampler, keeps every sampling path (greedy, plain, top-k/p, logprobs) the
-        same for constrained rows; logprobs then describe the constrained distribution."""
+        Masking here, before the sampler, keeps every sampling path (greedy, plain, top-k/p) the same for
+        constrained rows. Their logprobs are the model's own, as for every row (the raw logits, like vLLM's
+        default): from the masked logits, a forbidden top alternative would be -inf, which JSON cannot carry."""
         if not rows:
             return []
-        if any(row.matcher is not None for row in rows):
-            with torch.inference_mode():  # the model's logits are inference tensors: written only in this mode
-                apply_masks(logits, [row.matcher for row in rows])
-        return sample(logits, rows)
+        if not any(row.matcher is not None for row in rows):
+            return sample(logits, rows)
+        scored = [i for i, row in enumerate(rows) if row.matcher is not None and row.params.logprobs is not None]
+        raw = logits[scored].clone() if scored else None
+        with torch.inference_mode():  # the model's logits are inference tensors: written only in this mode
+            apply_masks(logits, [row.matcher for row in rows])
+        tokens = sample(logits, rows)
+        if raw is not None:
+            ids = [tokens[i].token_id for i in scored]
+            model_logprobs = logprobs_of(raw, ids, [rows[i].params.logprobs for i in scored])
+            for i, token_id, lp in zip(scored, ids, model_logprobs, strict=True):
+                assert lp is not None  # every scored row asked for logprobs
+                tokens[i] = SampledToken(token_id, lp[0], lp[1])
+        return tokens
 
     @staticmethod
     def _score(logits: torch.Tensor, scoring: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, list[Logprob]]]:

@@ -192,8 +192,9 @@ def parse_structured_outputs(f: Fields) -> StructuredField | None:
     so = Fields(value, "structured_outputs")
     unknown = sorted(k for k in so.body if k not in STRUCTURED_OUTPUT_KINDS)
     if unknown:
-        raise APIError(400, f"'structured_outputs' has unsupported field(s) {', '.join(unknown)}; "
-                            f"give exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}", param=so.name(unknown[0]))
+        raise APIError(400, f"Unsupported field(s) {', '.join(repr(so.name(k)) for k in unknown)}; "
+                            f"'structured_outputs' takes exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}",
+                       param=so.name(unknown[0]))
     given = [k for k in STRUCTURED_OUTPUT_KINDS if so.body.get(k) is not None]
     if len(given) != 1:
         raise APIError(400, f"'structured_outputs' must give exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}"

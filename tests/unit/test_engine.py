@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -571,3 +572,19 @@ def test_choice_and_regex_rows_finish_on_their_own(json_served: EngineModel) -> 
     assert decode(tokens(events["choice"]), skip_special_tokens=True) in ("red", "blue", "ok")
     assert re.fullmatch(r"[a-f]{2}-[0-9]{1,3}", decode(tokens(events["regex"]), skip_special_tokens=True))
     assert all(events[r][-1].finish_reason is FinishReason.STOP for r in ("choice", "regex"))
+
+
+def test_constrained_logprobs_are_the_models_own(json_served: EngineModel) -> None:
+    """A constrained row reports the model's logprobs (finite, as a free row's), not the masked ones."""
+    engine = Engine(json_served, config())
+    spec = StructuredSpec.json_schema(STRUCTURED_SCHEMAS[0])
+    engine.add(Request(prompt(5), SamplingParams(temperature=0, max_tokens=30, logprobs=5, structured=spec),
+                       request_id="constrained"))
+    engine.add(Request(prompt(5), SamplingParams(temperature=0, max_tokens=1, logprobs=5), request_id="free"))
+    events = run(engine)
+    first, free = events["constrained"][0], events["free"][0]
+    assert first.top_logprobs == free.top_logprobs  # the same prompt: the same first-step distribution
+    for out in events["constrained"]:
+        if out.token_id is not None:
+            assert out.logprob is not None and math.isfinite(out.logprob)
+            assert len(out.top_logprobs) == 5 and all(math.isfinite(lp) for _t, lp in out.top_logprobs)
