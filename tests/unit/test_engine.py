@@ -588,3 +588,23 @@ def test_constrained_logprobs_are_the_models_own(json_served: EngineModel) -> No
         if out.token_id is not None:
             assert out.logprob is not None and math.isfinite(out.logprob)
             assert len(out.top_logprobs) == 5 and all(math.isfinite(lp) for _t, lp in out.top_logprobs)
+
+
+def test_constrained_rows_survive_preemption(json_served: EngineModel) -> None:
+    """A preempted constrained request is recomputed, not re-sampled: its matcher, which holds only generated
+    tokens, carries on, and its greedy tokens equal those of a run alone."""
+    pattern = r"[a-z]{20,40}"  # no whitespace for a random model to linger in: 20 to 40 tokens
+    params = SamplingParams(temperature=0, max_tokens=100, structured=StructuredSpec.regex(pattern))
+    prompts = [prompt(i, 20) for i in range(6)]
+    alone = [generate_alone(json_served, p, params) for p in prompts]
+    engine = Engine(json_served, config(num_kv_blocks=8))
+    for i, p in enumerate(prompts):
+        engine.add(Request(p, params, request_id=f"r{i}"))
+    events = run(engine)
+    assert engine.scheduler.num_preemptions > 0
+    assert [tokens(events[f"r{i}"]) for i in range(6)] == alone
+    for i in range(6):
+        assert events[f"r{i}"][-1].finish_reason is FinishReason.STOP
+        text = json_served.tokenizer.decode(tokens(events[f"r{i}"]), skip_special_tokens=True)
+        assert re.fullmatch(pattern, text), text
+    assert_no_leak(engine)
