@@ -183,7 +183,7 @@ def test_native_generate_json_schema(server_url: str) -> None:
     ("/v1/chat/completions", {"structured_outputs": {"grammar": "root ::= nowhere"}}, "structured_outputs.grammar",
      "nowhere"),
     ("/v1/chat/completions", {"structured_outputs": {"backend": "xgrammar"}}, "structured_outputs.backend",
-     "unsupported"),
+     "Unsupported field"),
     ("/v1/completions", {"structured_outputs": {"json": "{not json"}}, "structured_outputs.json", "not valid JSON"),
     ("/generate", {"json_schema": {"type": "string", "format": "weird"}}, "json_schema", "weird"),
 ])
