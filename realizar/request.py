@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 
 class FinishReason(str, enum.Enum):
@@ -30,6 +33,82 @@ MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty
 MAX_REPETITION_PENALTY = 100.0
 
 
+StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+_KINDS: tuple[str, ...] = ("json_object", "json_schema", "regex", "choice", "grammar")
+
+class GrammarError(ValueError):
+    """A structured-output spec that cannot be compiled; the message names the problem (fit for an HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """What a request constrains its output to. Hashable: it keys the compiled-grammar cache.
+
+    ``value`` is the spec text: a JSON schema as canonical JSON text (sorted keys), a regex, a grammar (Lark, or
+    GBNF as llama.cpp writes it), or for ``choice`` a tuple of the allowed strings; ``json_object`` has none.
+    ``strict`` (JSON schema only): False ignores schema keywords the library does not implement (such as
+    ``uniqueItems``) instead of refusing the schema; the output still follows every keyword it implements.
+    Build one with the class methods, which accept the shapes the HTTP APIs carry.
+    """
+
+    kind: StructuredKind
+    value: str | tuple[str, ...] = ""
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise GrammarError(f"unknown structured output kind {self.kind!r}: expected one of {', '.join(_KINDS)}")
+        if self.kind == "choice":
+            if not isinstance(self.value, tuple) or not self.value:
+                raise GrammarError("choice needs a non-empty list of strings")
+            if not all(isinstance(c, str) for c in self.value):
+                raise GrammarError("choice must hold only strings")
+        elif not isinstance(self.value, str):
+            raise GrammarError(f"{self.kind} needs a string")
+        elif self.kind in ("regex", "grammar", "json_schema") and not self.value.strip():
+            raise GrammarError(f"{self.kind} must not be empty")
+
+    @classmethod
+    def json_object(cls) -> StructuredSpec:
+        """Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``)."""
+        return cls("json_object")
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any] | str | bool, strict: bool = True) -> StructuredSpec:
+        """A JSON value valid under ``schema`` (a dict, a boolean schema, or its JSON text). ``strict`` as
+        OpenAI's ``json_schema.strict``: see the class docstring."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise GrammarError(f"json schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, (Mapping, bool)):
+            raise GrammarError(f"json schema must be an object, got {type(schema).__name__}")
+        try:
+            text = json.dumps(schema, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise GrammarError(f"json schema is not serialisable as JSON: {exc}") from None
+        return cls("json_schema", text, strict)
+
+    @classmethod
+    def regex(cls, pattern: str) -> StructuredSpec:
+        """Text matching ``pattern`` in full (Rust ``regex`` syntax, as in vLLM's ``regex``)."""
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, choices: Sequence[str]) -> StructuredSpec:
+        """Exactly one of ``choices``."""
+        if isinstance(choices, str):
+            raise GrammarError("choice needs a list of strings, not one string")
+        return cls("choice", tuple(choices))
+
+    @classmethod
+    def grammar(cls, text: str) -> StructuredSpec:
+        """Text of a context-free grammar: Lark (``start: ...``, llguidance's dialect) or GBNF (``root ::= ...``)."""
+        return cls("grammar", text)
+
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling settings.
@@ -39,6 +118,8 @@ class SamplingParams:
     inf/NaN. ``temperature`` above ``MAX_TEMPERATURE`` is refused. ``top_k == 0`` and
     ``top_p == 1`` switch those filters off; the most likely token always survives top-p.
     The native API's ``strategy`` field maps onto these at the edge.
+    With ``structured``, the request finishes with STOP as soon as its output is complete (its grammar
+    allows nothing more), whatever ``ignore_eos`` and ``min_tokens`` say.
     """
 
     temperature: float = 1.0
@@ -57,6 +138,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
     # vLLM: logits of tokens seen in the prompt or the output are divided (if > 0) or multiplied by it
     repetition_penalty: float = 1.0
+    # what the output must follow (a JSON schema, a regex ...); None: free text. The engine compiles it
+    # (realizar.structured) and masks each step's logits; the server compiles it first, to refuse a bad one.
+    structured: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from realizar import kernels
 from realizar.request import Logprob, SamplingParams
+
+if TYPE_CHECKING:
+    from realizar.structured import Matcher
 
 
 class Penalties:
@@ -112,6 +115,7 @@ class SamplingRow:
     generator: np.random.Generator | None  # None for greedy rows
     banned_token_ids: tuple[int, ...] = ()  # EOS and stop ids while under min_tokens
     penalties: Penalties | None = None  # logit bias and penalties; None when the request has none
+    matcher: Matcher | None = None  # a structured request's grammar state: the runner masks its logits by it
 
     def save(self) -> Any:
         """The generator's position, so a step that is run again draws the same numbers."""

@@ -47,14 +47,15 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import llguidance
 import torch
 from llguidance.gbnf_to_lark import any_to_lark
 
+from realizar.request import GrammarError, StructuredKind, StructuredSpec
 from realizar.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -71,85 +72,10 @@ __all__ = [
     "apply_masks",
 ]
 
-StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
-_KINDS: tuple[str, ...] = ("json_object", "json_schema", "regex", "choice", "grammar")
-
 # JSON may be laid out as the model likes (compact, or pretty-printed), but each gap holds at most 40 whitespace
 # characters (room for 4-space indents ten levels deep): with unbounded whitespace, a small model can emit
 # newlines forever inside an object and never close it.
 _JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,40}"}
-
-
-class GrammarError(ValueError):
-    """A structured-output spec that cannot be compiled; the message names the problem (fit for an HTTP 400)."""
-
-
-@dataclass(frozen=True)
-class StructuredSpec:
-    """What a request constrains its output to. Hashable: it keys the compiled-grammar cache.
-
-    ``value`` is the spec text: a JSON schema as canonical JSON text (sorted keys), a regex, a grammar (Lark, or
-    GBNF as llama.cpp writes it), or for ``choice`` a tuple of the allowed strings; ``json_object`` has none.
-    ``strict`` (JSON schema only): False ignores schema keywords the library does not implement (such as
-    ``uniqueItems``) instead of refusing the schema; the output still follows every keyword it implements.
-    Build one with the class methods, which accept the shapes the HTTP APIs carry.
-    """
-
-    kind: StructuredKind
-    value: str | tuple[str, ...] = ""
-    strict: bool = True
-
-    def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise GrammarError(f"unknown structured output kind {self.kind!r}: expected one of {', '.join(_KINDS)}")
-        if self.kind == "choice":
-            if not isinstance(self.value, tuple) or not self.value:
-                raise GrammarError("choice needs a non-empty list of strings")
-            if not all(isinstance(c, str) for c in self.value):
-                raise GrammarError("choice must hold only strings")
-        elif not isinstance(self.value, str):
-            raise GrammarError(f"{self.kind} needs a string")
-        elif self.kind in ("regex", "grammar", "json_schema") and not self.value.strip():
-            raise GrammarError(f"{self.kind} must not be empty")
-
-    @classmethod
-    def json_object(cls) -> StructuredSpec:
-        """Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``)."""
-        return cls("json_object")
-
-    @classmethod
-    def json_schema(cls, schema: Mapping[str, Any] | str | bool, strict: bool = True) -> StructuredSpec:
-        """A JSON value valid under ``schema`` (a dict, a boolean schema, or its JSON text). ``strict`` as
-        OpenAI's ``json_schema.strict``: see the class docstring."""
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as exc:
-                raise GrammarError(f"json schema is not valid JSON: {exc}") from None
-        if not isinstance(schema, (Mapping, bool)):
-            raise GrammarError(f"json schema must be an object, got {type(schema).__name__}")
-        try:
-            text = json.dumps(schema, sort_keys=True, ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise GrammarError(f"json schema is not serialisable as JSON: {exc}") from None
-        return cls("json_schema", text, strict)
-
-    @classmethod
-    def regex(cls, pattern: str) -> StructuredSpec:
-        """Text matching ``pattern`` in full (Rust ``regex`` syntax, as in vLLM's ``regex``)."""
-        return cls("regex", pattern)
-
-    @classmethod
-    def choice(cls, choices: Sequence[str]) -> StructuredSpec:
-        """Exactly one of ``choices``."""
-        if isinstance(choices, str):
-            raise GrammarError("choice needs a list of strings, not one string")
-        return cls("choice", tuple(choices))
-
-    @classmethod
-    def grammar(cls, text: str) -> StructuredSpec:
-        """Text of a context-free grammar: Lark (``start: ...``, llguidance's dialect) or GBNF (``root ::= ...``)."""
-        return cls("grammar", text)
 
 
 def _grammar_text(spec: StructuredSpec) -> str:

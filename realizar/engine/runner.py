@@ -11,6 +11,7 @@ from realizar.kv_cache import KVCache
 from realizar.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
 from realizar.request import Logprob
 from realizar.sampling import SampledToken, SamplingRow, logprobs_of, sample
+from realizar.structured import apply_masks
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,33 @@ class ModelRunner:
             meta, self.cache,
             torch.tensor(logits_indices + score_indices, dtype=torch.long, device=self.device),
         )
-        tokens = sample(logits[: len(sampling)], [rows[item.seq.request_id] for item in sampling]) if sampling else []
+        tokens = self._sample(logits[: len(sampling)], [rows[item.seq.request_id] for item in sampling])
         return StepResult([(item.seq, token) for item, token in zip(sampling, tokens, strict=True)],
                           self._score(logits[len(sampling):], scoring))
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
+        """Sample one token per row, after masking the logits of constrained rows by their grammars (in place:
+        these logits are this step's own). Free rows are untouched, and with no constrained row nothing runs.
+        Masking here, before the sampler, keeps every sampling path (greedy, plain, top-k/p) the same for
+        constrained rows. Their logprobs are the model's own, as for every row (the raw logits, like vLLM's
+        default): from the masked logits, a forbidden top alternative would be -inf, which JSON cannot carry."""
+        if not rows:
+            return []
+        if not any(row.matcher is not None for row in rows):
+            return sample(logits, rows)
+        scored = [i for i, row in enumerate(rows) if row.matcher is not None and row.params.logprobs is not None]
+        raw = logits[scored].clone() if scored else None
+        with torch.inference_mode():  # the model's logits are inference tensors: written only in this mode
+            apply_masks(logits, [row.matcher for row in rows])
+        tokens = sample(logits, rows)
+        if raw is not None:
+            ids = [tokens[i].token_id for i in scored]
+            model_logprobs = logprobs_of(raw, ids, [rows[i].params.logprobs for i in scored])
+            for i, token_id, lp in zip(scored, ids, model_logprobs, strict=True):
+                assert lp is not None  # every scored row asked for logprobs
+                tokens[i] = SampledToken(token_id, lp[0], lp[1])
+        return tokens
 
     @staticmethod
     def _score(logits: torch.Tensor, scoring: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, list[Logprob]]]:

@@ -16,7 +16,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -24,12 +24,13 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from realizar.engine.errors import EngineDead, EngineOverloaded, InvalidRequest
-from realizar.request import FinishReason, Logprob, Request, SamplingParams, TokenOutput
+from realizar.request import FinishReason, GrammarError, Logprob, Request, SamplingParams, TokenOutput
 from realizar.server.errors import APIError
 from realizar.server.http import RequestContext
 
 if TYPE_CHECKING:
     from realizar.engine.engine import AsyncEngine
+    from realizar.server.protocol import StructuredField
     from realizar.tokenizer import Tokenizer
 
 log = logging.getLogger("realizar.server")
@@ -71,6 +72,20 @@ def check_model(names: Sequence[str], model: str | None) -> None:
     """A request that names a model must name one of ``names`` (the served names, aliases included)."""
     if model is not None and model not in names:
         raise APIError(404, f"Model '{model}' not found", param="model", code="model_not_found")
+
+
+async def check_structured(offload: Callable[..., Awaitable[None]], engine: AsyncEngine,
+                           structured: StructuredField | None) -> None:
+    """Compile a request's structured-output spec (into the engine's cache, which the engine then hits) before
+    anything is queued, so that a bad schema, regex or grammar is a 400 naming its field and the problem.
+    Off the event loop (``offload``: the server's worker thread): a new spec takes milliseconds, the very
+    first one also builds the compiler."""
+    if structured is None:
+        return
+    try:
+        await offload(engine.compile_structured, structured.spec)
+    except GrammarError as exc:
+        raise APIError(400, f"Invalid '{structured.param}': {exc}", param=structured.param) from None
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:

@@ -26,6 +26,7 @@ from realizar.server.generation import (
     Stream,
     check_model,
     check_prompt,
+    check_structured,
     check_token_ids,
     encode,
     encode_many,
@@ -124,6 +125,7 @@ class NativeAPI:
         engine = self.state.require_engine()
         req = protocol.parse_generate(await read_json(request, self.config.max_body_bytes), self.config)
         check_model(self.state.model_names, req.model_id)
+        await check_structured(self.state.offload, engine, req.structured)
         prompt_ids = check_prompt(await encode(engine.tokenizer, req.prompt,
                                                parse_special=self.config.allow_special_tokens_in_content))
         return engine, req, prompt_ids, self.state.generation(engine, context(request))
@@ -143,6 +145,7 @@ class NativeAPI:
         engine = self.state.require_engine()
         req = protocol.parse_batch_generate(await read_json(request, self.config.max_body_bytes), self.config)
         check_model(self.state.model_names, req.model_id)
+        await check_structured(self.state.offload, engine, req.structured)
         batch = await encode_many(engine.tokenizer, req.prompts,
                                   parse_special=self.config.allow_special_tokens_in_content)
         for i, ids in enumerate(batch):

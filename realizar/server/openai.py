@@ -33,6 +33,7 @@ from realizar.server.generation import (
     chat_logprob,
     check_model,
     check_prompt,
+    check_structured,
     encode,
     fit_params,
     merge,
@@ -139,6 +140,7 @@ class OpenAIAPI:
         engine = self.state.require_engine()
         req = protocol.parse_completion(await read_json(request, self.config.max_body_bytes), self.config)
         check_model(self.state.model_names, req.options.model)
+        await check_structured(self.state.offload, engine, req.options.structured)
         tokenizer = engine.tokenizer
         prompts = [await self._prompt_ids(engine, p, i) for i, p in enumerate(req.prompts)]
         token_text = TokenText(tokenizer, undecodable_prefix="bytes:")  # OpenAI's legacy spelling
@@ -202,6 +204,7 @@ class OpenAIAPI:
         else:
             req, prompt_ids = self._prepare_chat(tokenizer, data)
         check_model(self.state.model_names, req.options.model)
+        await check_structured(self.state.offload, engine, req.options.structured)
         params = fit_params(req.params, engine)
         if req.auto_max_tokens:
             room = engine.max_model_len - len(prompt_ids)

@@ -20,7 +20,9 @@ from realizar.request import (
     MAX_TEMPERATURE,
     SEED_MAX,
     SEED_MIN,
+    GrammarError,
     SamplingParams,
+    StructuredSpec,
 )
 from realizar.server.errors import APIError
 from realizar.tokenizer import CHAT_ROLES
@@ -139,6 +141,113 @@ def check_max_tokens(f: Fields, route: str, limit: int, key: str = "max_tokens")
 
 
 # ---------------------------------------------------------------------------------------------
+# Structured outputs
+# ---------------------------------------------------------------------------------------------
+
+# vLLM's ``structured_outputs`` kinds this server implements; exactly one per request
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredField:
+    """A request's structured-output spec and the field it came from, which a 400 for a spec that does not
+    compile names (the server compiles every spec before queueing the request)."""
+
+    spec: StructuredSpec
+    param: str
+
+
+def _spec(param: str, make: Any, *args: Any) -> StructuredField:
+    """``make(*args)``, with the spec's own checks (an empty regex, a non-string choice ...) as a 400."""
+    try:
+        return StructuredField(make(*args), param)
+    except GrammarError as exc:
+        raise APIError(400, f"Invalid '{param}': {exc}", param=param) from None
+
+
+def _json_schema_value(f: Fields, key: str) -> Any:
+    value = f.raw(key, required=True)
+    if not isinstance(value, (dict, bool, str)):
+        raise f.type_error(key, "a JSON schema (an object, or its JSON text)")
+    return value
+
+
+def parse_response_format(f: Fields) -> StructuredField | None:
+    """OpenAI's ``response_format``: ``{"type": "text"}`` (free text), ``{"type": "json_object"}`` (any JSON
+    object), ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": bool}}``.
+    ``strict`` false (OpenAI's default) lets a schema use keywords the grammar library does not implement,
+    which are then not enforced; true refuses such a schema with a 400."""
+    value = f.raw("response_format")
+    if value is None:
+        return None
+    rf = Fields(value, "response_format")
+    kind = rf.required_string("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredField(StructuredSpec.json_object(), "response_format")
+    if kind != "json_schema":
+        raise rf.range_error("type", "one of 'text', 'json_object', 'json_schema'")
+    js = Fields(rf.raw("json_schema", required=True), rf.name("json_schema"))
+    js.string("name")  # OpenAI's label for the schema: only its type is checked
+    js.string("description")
+    schema = _json_schema_value(js, "schema")
+    return _spec(js.name("schema"), StructuredSpec.json_schema, schema, js.boolean("strict", False))
+
+
+def parse_structured_outputs(f: Fields) -> StructuredField | None:
+    """vLLM's ``structured_outputs``: exactly one of ``json`` (a schema, or its JSON text), ``regex``,
+    ``choice`` (a list of strings), ``grammar`` (Lark, or llama.cpp's GBNF), ``json_object`` (true: any
+    JSON object). Other keys (vLLM's backend options) are refused, not silently ignored."""
+    value = f.raw("structured_outputs")
+    if value is None:
+        return None
+    so = Fields(value, "structured_outputs")
+    unknown = sorted(k for k in so.body if k not in STRUCTURED_OUTPUT_KINDS)
+    if unknown:
+        raise APIError(400, f"Unsupported field(s) {', '.join(repr(so.name(k)) for k in unknown)}; "
+                            f"'structured_outputs' takes exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}",
+                       param=so.name(unknown[0]))
+    given = [k for k in STRUCTURED_OUTPUT_KINDS if so.body.get(k) is not None]
+    if len(given) != 1:
+        raise APIError(400, f"'structured_outputs' must give exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}"
+                            f"{'; it gives ' + ', '.join(given) if given else ''}", param="structured_outputs")
+    kind = given[0]
+    param = so.name(kind)
+    if kind == "json":
+        return _spec(param, StructuredSpec.json_schema, _json_schema_value(so, "json"), True)
+    if kind == "json_object":
+        if so.body["json_object"] is not True:
+            raise so.range_error("json_object", "true")
+        return StructuredField(StructuredSpec.json_object(), param)
+    if kind == "choice":
+        choices = so.raw("choice")
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise so.type_error("choice", "a list of strings")
+        return _spec(param, StructuredSpec.choice, choices)
+    text = so.required_string(kind)
+    return _spec(param, StructuredSpec.regex if kind == "regex" else StructuredSpec.grammar, text)
+
+
+def openai_structured(f: Fields) -> StructuredField | None:
+    """The structured output an OpenAI-route request asks for, from ``response_format`` or
+    ``structured_outputs``; asking through both is a 400."""
+    fmt = parse_response_format(f)
+    outputs = parse_structured_outputs(f)
+    if fmt is not None and outputs is not None:
+        raise APIError(400, "Give either 'response_format' or 'structured_outputs', not both",
+                       param="structured_outputs")
+    return fmt or outputs
+
+
+def native_structured(f: Fields) -> StructuredField | None:
+    """The native routes' ``json_schema``: a JSON schema (an object, or its JSON text) the output follows."""
+    if f.raw("json_schema") is None:
+        return None
+    return _spec("json_schema", StructuredSpec.json_schema, _json_schema_value(f, "json_schema"), True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Native API
 # ---------------------------------------------------------------------------------------------
 
@@ -166,6 +275,7 @@ class GenerateRequest:
     prompt: str
     params: SamplingParams
     model_id: str | None
+    structured: StructuredField | None = None  # also in params; here with the field a 400 names
 
 
 @dataclass(frozen=True)
@@ -173,6 +283,7 @@ class BatchGenerateRequest:
     prompts: tuple[str, ...]
     params: SamplingParams
     model_id: str | None
+    structured: StructuredField | None = None
 
 
 def _optional_boolean(f: Fields, key: str) -> bool | None:
@@ -263,26 +374,30 @@ def native_sampling(f: Fields, config: ServerConfig) -> SamplingParams:
     top_k = f.integer("top_k", 50, minimum=1)
     top_p = f.number("top_p", 0.9, minimum=0.0, exclusive_minimum=True, maximum=1.0)
     seed = f.seed()
+    structured = native_structured(f)
+    spec = None if structured is None else structured.spec
     if strategy == "greedy":
-        return SamplingParams(temperature=0.0, seed=seed, max_tokens=max_tokens)
+        return SamplingParams(temperature=0.0, seed=seed, max_tokens=max_tokens, structured=spec)
     if temperature <= 0:
         raise APIError(400, f"'temperature' must be > 0 for the {strategy} strategy", param="temperature")
     if strategy == "top_k":
-        return SamplingParams(temperature=temperature, top_k=top_k, seed=seed, max_tokens=max_tokens)
-    return SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens)
+        return SamplingParams(temperature=temperature, top_k=top_k, seed=seed, max_tokens=max_tokens,
+                              structured=spec)
+    return SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens, structured=spec)
 
 
 def parse_generate(body: Any, config: ServerConfig) -> GenerateRequest:
     f = Fields(body)
     prompt = f.required_string("prompt")
-    return GenerateRequest(prompt=prompt, params=native_sampling(f, config), model_id=f.string("model_id"))
+    return GenerateRequest(prompt=prompt, params=native_sampling(f, config), model_id=f.string("model_id"),
+                           structured=native_structured(f))
 
 
 def parse_batch_generate(body: Any, config: ServerConfig) -> BatchGenerateRequest:
     f = Fields(body)
     prompts = f.string_list("prompts", max_len=config.max_batch_size)
     return BatchGenerateRequest(prompts=prompts, params=native_sampling(f, config),
-                                model_id=f.string("model_id"))
+                                model_id=f.string("model_id"), structured=native_structured(f))
 
 
 def _json_repr(value: Any) -> str:
@@ -309,6 +424,7 @@ class OpenAIOptions:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    structured: StructuredField | None = None  # also in the params; here with the field a 400 names
 
 
 @dataclass(frozen=True)
@@ -329,10 +445,6 @@ class ChatRequest:
 
 
 # ---- fields that are accepted but change nothing, and fields refused because they are not implemented ----
-
-def _is_text_format(value: Any, body: dict[str, Any]) -> bool:
-    return value == {"type": "text"}
-
 
 def _no_tool_choice(value: Any, body: dict[str, Any]) -> bool:
     return value == "none"
@@ -379,18 +491,16 @@ def _never(value: Any, body: dict[str, Any]) -> bool:
 
 # THE place where a field that would change the output but is not implemented yet is refused: a 400 that
 # names the field, never a silent drop. Each entry: the field, what the request would need to be accepted
-# (said in the error), and the test of the values that change nothing (null is always accepted). Structured
-# outputs (response_format json_*, structured_outputs, guided_*) and tools are to be wired in later: take
-# their entries out of this table when they are.
+# (said in the error), and the test of the values that change nothing (null is always accepted). Tools are
+# to be wired in later: take their entries out of this table when they are.
 UNIMPLEMENTED: dict[str, tuple[str, Callable[[Any, dict[str, Any]], bool]]] = {
-    "response_format": ('only {"type": "text"} is supported', _is_text_format),
-    "structured_outputs": ("structured outputs are not supported", _never),
-    "guided_json": ("guided decoding is not supported", _never),
-    "guided_regex": ("guided decoding is not supported", _never),
-    "guided_choice": ("guided decoding is not supported", _never),
-    "guided_grammar": ("guided decoding is not supported", _never),
-    "guided_decoding_backend": ("guided decoding is not supported", _never),
-    "guided_whitespace_pattern": ("guided decoding is not supported", _never),
+    # vLLM's older guided_* fields: structured_outputs is their current spelling
+    "guided_json": ("use structured_outputs.json", _never),
+    "guided_regex": ("use structured_outputs.regex", _never),
+    "guided_choice": ("use structured_outputs.choice", _never),
+    "guided_grammar": ("use structured_outputs.grammar", _never),
+    "guided_decoding_backend": ("the structured-output backend is fixed (llguidance)", _never),
+    "guided_whitespace_pattern": ("a whitespace pattern is not supported", _never),
     "tools": ('tool calling is not supported (tools are accepted only with tool_choice "none")', _no_tools),
     "tool_choice": ('tool calling is not supported; only "none" is accepted', _no_tool_choice),
     "functions": ("function calling is not supported", _empty_list),
@@ -464,7 +574,8 @@ def _logit_bias(f: Fields) -> tuple[tuple[int, float], ...]:
     return tuple(bias.items())
 
 
-def _openai_options(f: Fields, config: ServerConfig, num_prompts: int) -> OpenAIOptions:
+def _openai_options(f: Fields, config: ServerConfig, num_prompts: int,
+                    structured: StructuredField | None) -> OpenAIOptions:
     n = f.integer("n", 1, minimum=1)
     if n * num_prompts > config.max_batch_size:
         raise APIError(400, f"'n' times the number of prompts is {n * num_prompts}; "
@@ -475,7 +586,7 @@ def _openai_options(f: Fields, config: ServerConfig, num_prompts: int) -> OpenAI
     if options is not None:
         include_usage = Fields(options, "stream_options").boolean("include_usage", False)
     return OpenAIOptions(model=f.string("model"), n=n, stop=_stop_strings(f), stream=stream,
-                         include_usage=include_usage)
+                         include_usage=include_usage, structured=structured)
 
 
 def _stop_strings(f: Fields) -> tuple[str, ...]:
@@ -508,7 +619,8 @@ def check_token_ids_sign(name: str, ids: list[int]) -> None:
         raise APIError(400, f"'{name}' holds token id {bad}; token ids are >= 0", param=name)
 
 
-def _openai_sampling(f: Fields, config: ServerConfig, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _openai_sampling(f: Fields, config: ServerConfig, max_tokens: int, logprobs: int | None,
+                     structured: StructuredField | None) -> SamplingParams:
     temperature = f.number("temperature", 1.0, minimum=0.0, maximum=MAX_TEMPERATURE)
     top_p = f.number("top_p", 1.0, minimum=0.0, exclusive_minimum=True, maximum=1.0)
     top_k = f.integer("top_k", 0, minimum=-1)  # vLLM spells "no filter" -1, we spell it 0
@@ -531,6 +643,7 @@ def _openai_sampling(f: Fields, config: ServerConfig, max_tokens: int, logprobs:
         frequency_penalty=f.number("frequency_penalty", 0.0, minimum=-MAX_PENALTY, maximum=MAX_PENALTY),
         repetition_penalty=f.number("repetition_penalty", 1.0, minimum=0.0, exclusive_minimum=True,
                                     maximum=MAX_REPETITION_PENALTY),
+        structured=None if structured is None else structured.spec,
     )
 
 
@@ -562,10 +675,11 @@ def parse_completion(body: Any, config: ServerConfig) -> CompletionRequest:
     prompts = _prompts(f, config)
     max_tokens = check_max_tokens(f, "/v1/completions", config.max_tokens_limit)
     logprobs = f.optional_integer("logprobs", minimum=0, maximum=MAX_LOGPROBS)
+    structured = openai_structured(f)
     return CompletionRequest(
         prompts=prompts,
-        params=_openai_sampling(f, config, max_tokens, logprobs),
-        options=_openai_options(f, config, len(prompts)),
+        params=_openai_sampling(f, config, max_tokens, logprobs, structured),
+        options=_openai_options(f, config, len(prompts), structured),
         echo=f.boolean("echo", False),
     )
 
@@ -634,10 +748,11 @@ def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
     top = f.optional_integer("top_logprobs", minimum=0, maximum=MAX_LOGPROBS)
     if top is not None and not want_logprobs:
         raise f.range_error("top_logprobs", "used only with 'logprobs': true")
+    structured = openai_structured(f)
     return ChatRequest(
         messages=parsed,
-        params=_openai_sampling(f, config, max_tokens, (top or 0) if want_logprobs else None),
-        options=_openai_options(f, config, 1),
+        params=_openai_sampling(f, config, max_tokens, (top or 0) if want_logprobs else None, structured),
+        options=_openai_options(f, config, 1, structured),
         auto_max_tokens=auto,
         logprobs=want_logprobs,
     )

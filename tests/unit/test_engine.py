@@ -5,6 +5,10 @@ caching."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +30,7 @@ from realizar.engine.scheduler import SchedulerOutput
 from realizar.loading import load_model
 from realizar.loading.tiny import TinySpec, write_tiny_gguf
 from realizar.model.llama import LlamaModel
-from realizar.request import FinishReason, Request, SamplingParams, TokenOutput
+from realizar.request import FinishReason, GrammarError, Request, SamplingParams, StructuredSpec, TokenOutput
 from realizar.sampling import SamplingRow
 from realizar.tokenizer import Tokenizer
 
@@ -519,4 +523,118 @@ def test_a_logit_bias_outside_the_vocabulary_is_refused(served: EngineModel) -> 
     with pytest.raises(InvalidRequest) as info:
         engine.add(Request(prompt(1), greedy(3, logit_bias=((VOCAB, 5.0),)), request_id="bad"))
     assert info.value.param == "logit_bias"
+    assert_no_leak(engine)
+
+
+# -- structured outputs ------------------------------------------------------------------------
+
+# A 64-token byte-level vocabulary that can spell small JSON documents: three control tokens (EOS is id 2, as
+# in the tiny file), JSON punctuation, digits, letters, a space ("Ġ" in byte-level spelling) and a few words.
+JSON_VOCAB = ["<unk>", "<s>", "</s>", "{", "}", "[", "]", '"', ":", ",", "-", ".", "Ġ",
+              *"0123456789", *"abcdefghijklmnopqrstuvwxyz", "true", "false", "null", '{"', '":', '",', '"}',
+              "id", "ok", "ab", "xy", "red", "blue", "Ġ\"", "color"]
+STRUCTURED_SCHEMAS: list[dict[str, object]] = [
+    {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99},
+                                      "ok": {"type": "boolean"}},
+     "required": ["id", "ok"], "additionalProperties": False},
+    {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}, "tag": {"type": "string", "maxLength": 4}},
+     "required": ["color", "tag"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 1, "maxItems": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def json_served(served: EngineModel) -> EngineModel:
+    """The tiny model with a vocabulary that spells JSON (its random weights are the same)."""
+    assert len(JSON_VOCAB) == VOCAB
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": JSON_VOCAB, "tokenizer.ggml.merges": [],
+                "tokenizer.ggml.token_type": [3, 3, 3] + [1] * (VOCAB - 3),
+                "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": EOS}
+    return dataclasses.replace(served, tokenizer=Tokenizer.from_gguf_metadata(metadata))
+
+
+def test_constrained_and_free_rows_share_a_batch(json_served: EngineModel) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    free_prompt = prompt(11)
+    alone = generate_alone(json_served, free_prompt, greedy(40))
+    engine = Engine(json_served, config())
+    engine.add(Request(free_prompt, greedy(40), request_id="free"))
+    for i, schema in enumerate(STRUCTURED_SCHEMAS):
+        spec = StructuredSpec.json_schema(schema)
+        # a greedy and two sampled rows per schema; ignore_eos and min_tokens must not keep a finished one going
+        engine.add(Request(prompt(i), SamplingParams(temperature=0, max_tokens=300, structured=spec),
+                           request_id=f"s{i}-greedy"))
+        for seed in range(2):
+            engine.add(Request(prompt(i + 20), SamplingParams(temperature=1.0, seed=seed, max_tokens=300,
+                                                              ignore_eos=seed == 1, min_tokens=3 * seed,
+                                                              structured=spec),
+                               request_id=f"s{i}-seed{seed}"))
+    events = run(engine)
+    # the free row's greedy tokens do not change with constrained neighbours in its batch
+    assert tokens(events["free"]) == alone
+    for i, schema in enumerate(STRUCTURED_SCHEMAS):
+        for name in ("greedy", "seed0", "seed1"):
+            out = events[f"s{i}-{name}"]
+            assert out[-1].finish_reason is FinishReason.STOP, (name, out[-1])
+            text = json_served.tokenizer.decode(tokens(out), skip_special_tokens=True)
+            jsonschema.validate(json.loads(text), schema)
+    assert_no_leak(engine)
+
+
+def test_a_bad_spec_fails_at_add_and_leaves_the_engine_clean(json_served: EngineModel) -> None:
+    engine = Engine(json_served, config())
+    bad = StructuredSpec.json_schema({"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}})
+    with pytest.raises(GrammarError, match="nope"):
+        engine.add(Request(prompt(1), SamplingParams(max_tokens=5, structured=bad), request_id="bad"))
+    assert_no_leak(engine)
+
+
+def test_choice_and_regex_rows_finish_on_their_own(json_served: EngineModel) -> None:
+    engine = Engine(json_served, config())
+    engine.add(Request(prompt(1), SamplingParams(temperature=1.0, seed=3, max_tokens=50,
+                                                 structured=StructuredSpec.choice(["red", "blue", "ok"])),
+                       request_id="choice"))
+    engine.add(Request(prompt(2), SamplingParams(temperature=1.0, seed=4, max_tokens=50,
+                                                 structured=StructuredSpec.regex(r"[a-f]{2}-[0-9]{1,3}")),
+                       request_id="regex"))
+    events = run(engine)
+    decode = json_served.tokenizer.decode
+    assert decode(tokens(events["choice"]), skip_special_tokens=True) in ("red", "blue", "ok")
+    assert re.fullmatch(r"[a-f]{2}-[0-9]{1,3}", decode(tokens(events["regex"]), skip_special_tokens=True))
+    assert all(events[r][-1].finish_reason is FinishReason.STOP for r in ("choice", "regex"))
+
+
+def test_constrained_logprobs_are_the_models_own(json_served: EngineModel) -> None:
+    """A constrained row reports the model's logprobs (finite, as a free row's), not the masked ones."""
+    engine = Engine(json_served, config())
+    spec = StructuredSpec.json_schema(STRUCTURED_SCHEMAS[0])
+    engine.add(Request(prompt(5), SamplingParams(temperature=0, max_tokens=30, logprobs=5, structured=spec),
+                       request_id="constrained"))
+    engine.add(Request(prompt(5), SamplingParams(temperature=0, max_tokens=1, logprobs=5), request_id="free"))
+    events = run(engine)
+    first, free = events["constrained"][0], events["free"][0]
+    assert first.top_logprobs == free.top_logprobs  # the same prompt: the same first-step distribution
+    for out in events["constrained"]:
+        if out.token_id is not None:
+            assert out.logprob is not None and math.isfinite(out.logprob)
+            assert len(out.top_logprobs) == 5 and all(math.isfinite(lp) for _t, lp in out.top_logprobs)
+
+
+def test_constrained_rows_survive_preemption(json_served: EngineModel) -> None:
+    """A preempted constrained request is recomputed, not re-sampled: its matcher, which holds only generated
+    tokens, carries on, and its greedy tokens equal those of a run alone."""
+    pattern = r"[a-z]{20,40}"  # no whitespace for a random model to linger in: 20 to 40 tokens
+    params = SamplingParams(temperature=0, max_tokens=100, structured=StructuredSpec.regex(pattern))
+    prompts = [prompt(i, 20) for i in range(6)]
+    alone = [generate_alone(json_served, p, params) for p in prompts]
+    engine = Engine(json_served, config(num_kv_blocks=8))
+    for i, p in enumerate(prompts):
+        engine.add(Request(p, params, request_id=f"r{i}"))
+    events = run(engine)
+    assert engine.scheduler.num_preemptions > 0
+    assert [tokens(events[f"r{i}"]) for i in range(6)] == alone
+    for i in range(6):
+        assert events[f"r{i}"][-1].finish_reason is FinishReason.STOP
+        text = json_served.tokenizer.decode(tokens(events[f"r{i}"]), skip_special_tokens=True)
+        assert re.fullmatch(pattern, text), text
     assert_no_leak(engine)

@@ -260,9 +260,6 @@ def test_fields_that_change_nothing_are_accepted() -> None:
 
 
 @pytest.mark.parametrize(("extra", "field"), [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"structured_outputs": {"json": {}}}, "structured_outputs"),
     ({"guided_json": {"type": "object"}}, "guided_json"),
     ({"guided_regex": "a+"}, "guided_regex"),
     ({"guided_choice": ["a", "b"]}, "guided_choice"),
@@ -460,3 +457,70 @@ def test_token_ids_outside_the_vocabulary_are_a_400_naming_the_field(bad: int) -
         check_token_ids([3, bad], 64, "stop_token_ids")
     assert info.value.status == 400 and info.value.param == "stop_token_ids"
     assert str(bad) in info.value.message
+
+
+# -- structured outputs ---------------------------------------------------------------------------
+
+CHAT = [{"role": "user", "content": "hi"}]
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize(("extra", "kind", "param", "strict"), [
+    ({"response_format": {"type": "json_object"}}, "json_object", "response_format", True),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
+     "json_schema", "response_format.json_schema.schema", False),  # OpenAI's strict defaults to false
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}},
+     "json_schema", "response_format.json_schema.schema", True),
+    ({"structured_outputs": {"json": SCHEMA}}, "json_schema", "structured_outputs.json", True),
+    ({"structured_outputs": {"json": '{"type": "string"}'}}, "json_schema", "structured_outputs.json", True),
+    ({"structured_outputs": {"regex": "[a-z]+"}}, "regex", "structured_outputs.regex", True),
+    ({"structured_outputs": {"choice": ["a", "b"]}}, "choice", "structured_outputs.choice", True),
+    ({"structured_outputs": {"grammar": 'start: "x"'}}, "grammar", "structured_outputs.grammar", True),
+    ({"structured_outputs": {"json_object": True}}, "json_object", "structured_outputs.json_object", True),
+])
+def test_structured_outputs_reach_the_sampling_params(extra: dict[str, Any], kind: str, param: str,
+                                                      strict: bool) -> None:
+    for parse, base in ((protocol.parse_chat, {"messages": CHAT}), (protocol.parse_completion, {"prompt": "x"})):
+        req = parse({**base, **extra}, CONFIG)
+        spec = req.params.structured
+        assert spec is not None and spec.kind == kind and spec.strict is strict
+        assert req.options.structured is not None and req.options.structured.param == param
+        assert req.options.structured.spec == spec
+
+
+def test_text_response_format_and_absent_fields_are_free() -> None:
+    assert protocol.parse_chat({"messages": CHAT, "response_format": {"type": "text"}}, CONFIG).params.structured is None
+    assert protocol.parse_chat({"messages": CHAT}, CONFIG).params.structured is None
+    req = protocol.parse_generate({"prompt": "x", "json_schema": SCHEMA}, CONFIG)
+    assert req.params.structured is not None and req.params.structured.kind == "json_schema"
+    assert req.structured is not None and req.structured.param == "json_schema"
+    batch = protocol.parse_batch_generate({"prompts": ["x"], "strategy": "top_k", "json_schema": SCHEMA}, CONFIG)
+    assert batch.params.structured == req.params.structured
+
+
+@pytest.mark.parametrize(("extra", "status", "field"), [
+    ({"response_format": "json"}, 422, "response_format"),
+    ({"response_format": {"type": "yaml"}}, 400, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, 422, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 422,
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}}, 422,
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": "{bad"}}}, 400,
+     "response_format.json_schema.schema"),
+    ({"structured_outputs": {}}, 400, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, 400, "structured_outputs"),
+    ({"structured_outputs": {"backend": "x", "regex": "a"}}, 400, "structured_outputs.backend"),
+    ({"structured_outputs": {"choice": "a"}}, 422, "structured_outputs.choice"),
+    ({"structured_outputs": {"choice": []}}, 400, "structured_outputs.choice"),
+    ({"structured_outputs": {"regex": ""}}, 400, "structured_outputs.regex"),
+    ({"structured_outputs": {"regex": 5}}, 422, "structured_outputs.regex"),
+    ({"structured_outputs": {"json_object": False}}, 400, "structured_outputs.json_object"),
+    ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, 400, "structured_outputs"),
+])
+def test_bad_structured_outputs_name_the_field(extra: dict[str, Any], status: int, field: str) -> None:
+    rejects(protocol.parse_chat, {"messages": CHAT, **extra}, status, field)
+
+
+def test_native_json_schema_must_be_a_schema() -> None:
+    rejects(protocol.parse_generate, {"prompt": "x", "json_schema": [1]}, 422, "json_schema")
