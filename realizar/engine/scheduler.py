@@ -12,12 +12,13 @@ out KV blocks, but never touches a tensor. Each step it
 
 A prompt's chunk may use the whole token budget (``max_num_batched_tokens``) only when it
 is the step's only work. When the step also carries decodes, or other prompts want to
-start or continue, each prompt's chunk is at most ``long_prefill_token_threshold`` tokens:
-a step's time grows with its chunk, and every running stream waits for that step. What the
-capped chunk leaves of the budget admits waiting requests, so a short request starts while
-a long prompt is still being prefilled, instead of waiting for all of it. Both caps shrink
-with the chunk's depth into its prompt (``attention_context``), since a token deep into a
-long prompt attends to all the tokens before it (``benchmarks/chunk_step.py``).
+start or continue, all its prompt chunks together cost at most ``long_prefill_token_threshold``
+tokens' worth of compute: a step's time grows with its chunks, and every running stream waits
+for that step, so the cap bounds the streams' gap however many prompts arrive. While requests
+wait, the prompts already being prefilled take at most half of it, and the rest admits
+waiting requests, so a short request starts while a long prompt is still being prefilled,
+instead of waiting for all of it. A token deep into a long prompt counts for more, since it
+attends to all the tokens before it (``attention_context``, ``benchmarks/chunk_step.py``).
 
 With prefix caching, a sequence admitted from the waiting queue first takes the longest run
 of cached full blocks that starts its tokens (``kv_cache.hash_block`` keys), by reference,
@@ -159,37 +160,49 @@ class Scheduler:
             decodes.append(ScheduledSequence(seq, 1, True))
             budget -= 1
 
-        # 2. prompts still being prefilled, then 3. new admissions; a prompt takes the whole
-        # budget only when it is the step's only work, otherwise a chunk of at most
-        # long_prefill_token_threshold, so decodes keep their pace and newcomers get a seat
+        # 2. prompts still being prefilled, then 3. new admissions. A prompt takes the whole budget
+        # only when it is the step's only work. Otherwise all the step's prompt chunks together cost
+        # at most long_prefill_token_threshold tokens' worth of compute (a token deep into a long
+        # prompt counts for more, see _depth_factor), so the decodes' gap stays bounded however many
+        # prompts arrive; and while requests wait, the prompts already prefilling take at most half
+        # of it, so a short request is never stuck behind a long prompt.
         partial = [s for s in self.running if s.num_uncomputed > 1]
         seats = self.max_num_seqs - len(self.running)
-        contenders = len(partial) + (min(len(self.waiting), seats) if not preempted else 0)
-        cap = self.long_prefill_token_threshold if decodes or contenders > 1 else budget
+        newcomers = min(len(self.waiting), seats) if not preempted else 0
+        shared = bool(decodes) or len(partial) + newcomers > 1
+        units = float(self.long_prefill_token_threshold if shared else budget)
+        partial_units = units / 2 if shared and newcomers else units
         for seq in partial:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            count = min(seq.num_uncomputed, budget, self._deep(seq, cap))
+            if partial_units <= 0 and (decodes or prefills):
+                continue  # this step's prefill is spent: the prompt goes on next step
+            count = min(seq.num_uncomputed, budget, self._fit(seq.num_computed, partial_units))
             # without preempting what this step already runs: a chunk shrinks to the room left
             count = min(count, self._room(seq))
             if count == 0:
                 if decodes or prefills:
                     continue  # blocks come back as others finish, or a decode preempts
-                count = min(seq.num_uncomputed, budget, self._deep(seq, cap))
+                count = min(seq.num_uncomputed, budget, self._fit(seq.num_computed, partial_units))
                 if not self._reserve(seq, count, preempted):
                     continue
             else:
                 self._allocate(seq, self.allocator.blocks_needed(seq.num_computed + count) - len(seq.block_table))
             prefills.append(ScheduledSequence(seq, count, seq.num_computed + count == len(seq.token_ids)))
             budget -= count
+            spent = count * self._depth_factor(seq.num_computed)
+            partial_units -= spent
+            units -= spent
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            if units < 1 and (decodes or prefills):
+                break  # this step's prefill is spent: newcomers start next step
             seq = self.waiting[0]
             hits = self._cached_prefix(seq)
             computed = len(hits) * self.allocator.block_size
-            count = min(len(seq.token_ids) - computed, budget, self._deep_at(computed, cap))
+            count = min(len(seq.token_ids) - computed, budget, self._fit(computed, units))
             # a cached block nobody holds leaves the free count when taken; a held one costs nothing
             revived = sum(1 for b in hits if self.allocator.ref_count(b) == 0)
             need = self.allocator.blocks_needed(computed + count) - len(hits)
@@ -204,6 +217,7 @@ class Scheduler:
             self.running.append(seq)
             prefills.append(ScheduledSequence(seq, count, seq.num_computed + count == len(seq.token_ids)))
             budget -= count
+            units -= count * self._depth_factor(computed)
 
         # a one-token chunk (a one-token prompt, or a prompt's last token) runs as a decode
         return SchedulerOutput(
@@ -258,19 +272,16 @@ class Scheduler:
             self.allocator.register(seq.block_table[i], seq.block_hashes[i])
         seq.num_cached_blocks = full
 
-    def _deep(self, seq: Sequence, cap: int) -> int:
-        return self._deep_at(seq.num_computed, cap)
+    def _depth_factor(self, depth: int) -> float:
+        """What a token of a chunk that starts ``depth`` tokens into its sequence costs, against one
+        at the start. Each token attends to every token before it, so at depth ``attention_context``
+        a token costs twice what it costs at the start (measured with benchmarks/chunk_step.py)."""
+        return 1.0 if self.attention_context is None else 1 + depth / self.attention_context
 
-    def _deep_at(self, depth: int, cap: int) -> int:
-        """``cap`` for a chunk that starts ``depth`` tokens into its sequence.
-
-        Each token of a chunk attends to every token before it, so a chunk deep into a long
-        prompt costs more per token: at depth ``attention_context`` twice what it costs at the
-        start. The cap shrinks in proportion, so a step's time stays about the same whatever the
-        depth (measured with benchmarks/chunk_step.py)."""
-        if self.attention_context is None:
-            return cap
-        return max(1, int(cap / (1 + depth / self.attention_context)))
+    def _fit(self, depth: int, units: float) -> int:
+        """The tokens of a chunk starting at ``depth`` that ``units`` tokens' worth of compute buys
+        (at least one), so a step's time stays about the same whatever the depth."""
+        return max(1, int(units / self._depth_factor(depth)))
 
     def _room(self, seq: Sequence) -> int:
         """Tokens ``seq`` can add with the blocks it holds and the free ones, less one free block

@@ -136,11 +136,11 @@ def test_random_add_step_abort_leaks_no_blocks(ops: list[tuple[str, int]], num_b
             had_work = sched.has_work
             preemptions = sched.num_preemptions
             out = sched.schedule()
-            # every running decode is in the step, and a shared step caps each prompt's chunk
+            # every running decode is in the step, and a shared step caps its prompt chunks together
             decoding = [s for s in sched.running if s.num_uncomputed == 1]
             assert {i.seq.request_id for i in out.decodes} >= {s.request_id for s in decoding}
             if out.decodes or len(out.prefills) > 1:
-                assert all(i.num_tokens <= threshold for i in out.prefills)
+                assert sum(i.num_tokens for i in out.prefills) <= threshold
             assert batched_tokens(out) <= budget
             assert not had_work or not out.empty or sched.num_preemptions > preemptions  # no step without progress
             sched.commit(out)
@@ -197,9 +197,37 @@ def test_a_waiting_request_is_admitted_while_a_long_prompt_prefills() -> None:
     sched.add(short)
     out = sched.schedule()
     chunks = {i.seq.request_id: i.num_tokens for i in out.prefills}
-    assert chunks == {long.request_id: 64, short.request_id: 10}
+    # while a request waits, the long prompt takes half of the shared step's prefill, the newcomer the rest
+    assert chunks == {long.request_id: 32, short.request_id: 10}
     assert [i.seq.request_id for i in out.prefills if i.samples] == [short.request_id]
-    assert long.num_computed + 64 < long.num_prompt_tokens
+    assert long.num_computed + 32 < long.num_prompt_tokens
+
+
+def test_many_newcomers_share_one_step_cap_with_the_long_prompt() -> None:
+    """However many prompts arrive, a step beside decodes computes at most the threshold's worth."""
+    sched = Scheduler(BlockAllocator(512, 16), max_num_seqs=16, max_num_batched_tokens=512,
+                      long_prefill_token_threshold=64)
+    stream = make_seq(3, max_tokens=100)
+    sched.add(stream)
+    run_step(sched)  # the stream decodes from now on
+    long = make_seq(3000)
+    sched.add(long)
+    run_step(sched)
+    shorts = [make_seq(40) for _ in range(6)]
+    for seq in shorts:
+        sched.add(seq)
+    started: set[str] = set()
+    for _ in range(12):
+        out = sched.schedule()
+        assert stream.request_id in {i.seq.request_id for i in out.decodes}
+        assert sum(i.num_tokens for i in out.prefills) <= 64
+        assert any(i.seq is long for i in out.prefills)  # the long prompt keeps moving
+        started |= {i.seq.request_id for i in out.prefills if i.seq is not long}
+        sched.commit(out)
+        for item in (*out.decodes, *out.prefills):
+            if item.samples:
+                item.seq.token_ids.append(7)
+    assert started == {s.request_id for s in shorts}
 
 
 def test_a_long_prompt_chunk_shrinks_to_the_blocks_at_hand_instead_of_preempting() -> None:
