@@ -201,7 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def ready(url: str, endpoints: list[str]) -> None:
         engine = holder["engine"]
-        extra = f", {engine.compute_mode}, {engine.dtype}"
+        extra = f", {engine.compute_path}"
         print(_banner(url, engine.model_id, engine.load_seconds, extra, endpoints), flush=True)
 
     print(f"realizar: loading {path} ...", flush=True)
@@ -224,8 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         engine = AsyncEngine.from_path(path, engine_config(args))
     except (ModelLoadError, ValueError) as exc:
         raise CLIError(str(exc)) from None
-    print(f"[loaded {engine.model_id} in {engine.load_seconds:.1f} s on {engine.compute_mode}, "
-          f"{engine.dtype}]", file=sys.stderr)
+    print(f"[loaded {engine.model_id} in {engine.load_seconds:.1f} s: {engine.compute_path}]", file=sys.stderr)
     if args.chat:
         prompt_ids = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
@@ -265,6 +264,12 @@ def cmd_info() -> int:
     print(f"realizar {__version__}")
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    from realizar import kernels
+
+    compiled = kernels.load()
+    quantized = "GGUF weights kept quantized" if kernels.quantized_weights(torch.device("cpu"), torch.float32) \
+        else "GGUF weights dequantized to float32"
+    print(f"cpu kernels: {kernels.isa() + ', ' + quantized if compiled else 'not built (pure-torch path)'}")
     if torch.cuda.is_available():
         print(f"cuda: {torch.cuda.get_device_name(0)}")
     else:

@@ -491,6 +491,7 @@ class AsyncEngine:
         self.model_id = served.model_id
         self.model_format = served.format
         self.compute_mode = served.model.device.type
+        self.compute_path = served.model.compute_path
         self.dtype = str(served.model.dtype).removeprefix("torch.")
         self.load_seconds = served.load_seconds
         self.max_model_len = self.engine.max_model_len

@@ -228,6 +228,19 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
+def isa() -> str:
+    """The instruction set the kernels are built for (``-march=native``), as users name it:
+    ``avx512`` with its ``vnni`` and ``bf16`` extensions where present, ``avx2``, or ``generic``."""
+    flags = set(_cpu_signature().split())
+    if "avx512f" in flags:
+        extras = [name for flag, name in (("avx512_vnni", "vnni"), ("avx512_bf16", "bf16"), ("amx_tile", "amx"))
+                  if flag in flags]
+        return "avx512" + (f" ({', '.join(extras)})" if extras else "")
+    if "avx2" in flags:
+        return "avx2" + (" (vnni)" if "avx_vnni" in flags else "")
+    return "generic"
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):

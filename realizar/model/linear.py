@@ -99,6 +99,7 @@ class QuantLinear:
                 runs[-1].append(part)
             else:
                 runs.append([part])
+        self.formats = tuple(run[0].qtype.name for run in runs)  # the GGUF types, e.g. ("Q4_K", "Q6_K")
         self.parts: list[kernels.QuantPacked | kernels.FastPacked] = []
         for run in runs:
             ints = QuantizedTensor.cat(run).integers() if len(run) > 1 else run[0].integers()

@@ -185,6 +185,22 @@ class LlamaModel:
         # the compiled kernels where they apply (float32 on the CPU); torch otherwise
         self.kernels = kernels.for_tensors(device, dtype)
 
+    @property
+    def compute_path(self) -> str:
+        """What computes this model, for /health, the banner and ``realizar info``: the kernels' ISA,
+        the weights' format and the activations' type."""
+        linears = [self.lm_head, *(lin for layer in self.layers
+                                   for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))]
+        quantized = [lin for lin in linears if isinstance(lin, QuantLinear)]
+        if self.kernels is None:
+            return f"{self.device.type}, torch, {str(self.dtype).removeprefix('torch.')} weights and activations"
+        if not quantized:
+            return f"cpu kernels {kernels.isa()}, float32 weights and activations"
+        formats = sorted({f for lin in quantized for f in lin.formats})
+        activations = "int8 activations (fast)" if any(lin.fast for lin in quantized) else "float32 activations"
+        kept = "" if len(quantized) == len(linears) else f", {len(linears) - len(quantized)} float32 layers"
+        return f"cpu kernels {kernels.isa()}, {'+'.join(formats)} weights kept quantized{kept}, {activations}"
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:

@@ -235,7 +235,7 @@ class _Server(uvicorn.Server):
         if self._draining:  # a signal came while loading: nothing to serve
             return
         attach_engine(self.app, engine)
-        log.info("serving %s on %s (%s), loaded in %.1f s", engine.model_id, self.url, engine.compute_mode,
+        log.info("serving %s on %s (%s), loaded in %.1f s", engine.model_id, self.url, engine.compute_path,
                  engine.load_seconds)
         if self.on_ready is not None:
             self.on_ready(self.url, endpoints(self.app))

@@ -83,7 +83,7 @@ class ServerState:
         self.model_names = self.config.served_model_names or (engine.model_id,)
         self._healthy_body = orjson.dumps({
             "status": "healthy", "version": __version__, "model": self.model_id,
-            "compute_mode": engine.compute_mode,
+            "compute_mode": engine.compute_mode, "compute_path": engine.compute_path,
         })
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY

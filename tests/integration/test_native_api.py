@@ -60,6 +60,10 @@ def test_health(client: httpx.Client) -> None:
     assert body["version"] == __version__
     assert body["model"]
     assert body["compute_mode"] in ("cpu", "cuda")
+    # the path in use: on the CPU with the kernels, their ISA and the demo GGUF's formats kept quantized
+    if body["compute_mode"] == "cpu" and "kernels" in body["compute_path"]:
+        assert "Q4_1" in body["compute_path"] and "Q8_0" in body["compute_path"], body
+        assert "float32 activations" in body["compute_path"]
     assert r.headers["x-request-id"]
 
 
