@@ -28,7 +28,7 @@ from realizar.request import StructuredSpec
 
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
-MAX_PARALLEL_CALLS = 8  # calls one forced response may hold: a small model could otherwise chain calls to max_tokens
+MAX_PARALLEL_CALLS = 4  # calls one forced response may hold: small models tend to repeat a call until max_tokens
 # JSON inside a call is laid out as the model likes, with at most 40 whitespace characters per gap (as
 # realizar.structured does for response_format: unbounded whitespace lets a small model never close an object)
 _JSON_LAYOUT = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,40}"}

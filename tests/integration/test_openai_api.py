@@ -510,8 +510,8 @@ def test_frequency_penalty_reduces_repetition(client: OpenAI, model: str) -> Non
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ({"tool_choice": "auto"}, "tool_choice"),  # no tools to choose from
     ({"guided_json": {"type": "object"}}, "guided_json"),
     ({"structured_outputs": {"regex": "a"}}, "structured_outputs"),
     ({"modalities": ["text", "audio"]}, "modalities"),
