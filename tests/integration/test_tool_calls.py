@@ -64,6 +64,9 @@ def _tool_calls(client: OpenAI, model: str, stream: bool, **kwargs: Any) -> tupl
         for choice in chunk.choices:
             content += choice.delta.content or ""
             for delta in choice.delta.tool_calls or []:
+                # this server sends each call whole, in one delta, once its block closes
+                assert delta.index not in built and delta.id and delta.type == "function"
+                assert delta.function is not None and delta.function.name and delta.function.arguments
                 call = built.setdefault(delta.index, {"id": None, "type": None,
                                                       "function": {"name": "", "arguments": ""}})
                 call["id"] = delta.id or call["id"]
