@@ -103,10 +103,9 @@ def test_a_forced_call_parses_and_the_conversation_goes_on(client: OpenAI, model
             _check_call(call, {named} if named else set(SCHEMAS))
     # the call and its result go back to the model, which answers (the template renders both)
     call = calls[0]
-    follow_up = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},
+    follow_up: list[Any] = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},
                  {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"result": "sunny, 21 C"})}]
-    answer = client.chat.completions.create(model=model, messages=follow_up, max_tokens=30,  # type: ignore[arg-type]
-                                            temperature=0, stream=False)
+    answer = client.chat.completions.create(model=model, messages=follow_up, max_tokens=30, temperature=0)
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
 
@@ -133,7 +132,7 @@ def test_auto_is_well_formed_whatever_the_model_chooses(client: OpenAI, model: s
 
 
 def test_tool_choice_none_offers_no_tools(client: OpenAI, model: str, server_url: str) -> None:
-    with_none = client.chat.completions.create(model=model, messages=QUESTION, tools=TOOLS,  # type: ignore[arg-type]
+    with_none = client.chat.completions.create(model=model, messages=QUESTION, tools=TOOLS,  # type: ignore[call-overload]
                                                tool_choice="none", max_tokens=5, temperature=0)
     plain = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=5,  # type: ignore[arg-type]
                                            temperature=0)

@@ -152,6 +152,7 @@ def test_a_template_that_renders_tools_gets_them_escaped() -> None:
     text = with_template.decode(ids)
     assert text.startswith("[f:x<|im_end|>y]<|im_start|>user")
     im_end = with_template.token_to_id("<|im_end|>")
+    assert im_end is not None
     assert ids.count(im_end) == 1  # the description's spelling is text; only the template's turn end is control
 
 
