@@ -217,12 +217,13 @@ class ToolCallStream:
     """Streams one choice's text with its calls taken out: text outside ``<tool_call>`` blocks goes on as
     content as it comes; a block is held until it closes, then comes out as one call (or, when it does not
     parse, as the content it is). The results equal :func:`parse_tool_calls` on the whole text, except that
-    content is not stripped around the calls."""
+    content sent before a call is known to come is not stripped."""
 
     def __init__(self, choice: ToolChoice) -> None:
         self.choice = choice
         self.calls: list[ToolCall] = []
         self._pending = ""  # text not yet sent: a block still open, or what may be the start of an opening tag
+        self._space = ""  # whitespace-only content not yet sent
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
         """The content to send now and the calls completed by ``text``; ``final`` flushes what is held."""
@@ -252,7 +253,16 @@ class ToolCallStream:
                 new.append(call)
             buffer = buffer[stop:]
         self._pending = buffer
-        return "".join(content), new
+        # Whitespace alone (the newlines between calls) is held until text follows, and dropped at the end when
+        # there were calls, as the whole response's content is stripped: a client gets no "\n" content deltas.
+        out = self._space + "".join(content)
+        if out.strip():
+            self._space = ""
+        else:
+            self._space, out = out, ""
+            if final and not self.calls:
+                self._space, out = "", self._space
+        return out, new
 
 
 def _partial_tag_length(text: str) -> int:

@@ -111,6 +111,17 @@ def test_streamed_parse_equals_the_whole_parse(text: str, step: int) -> None:
         assert (streamed.strip() if calls else streamed) == (whole.content or "")
 
 
+def test_streaming_sends_no_whitespace_between_calls() -> None:
+    stream = ToolCallStream(AUTO)
+    assert stream.feed(_block("clock", {}))[0] == ""
+    assert stream.feed("\n")[0] == ""
+    out, new = stream.feed(_block("clock", {}) + "\n\n", final=True)
+    assert out == "" and len(new) == 1
+    plain = ToolCallStream(AUTO)
+    assert plain.feed("Hi") == ("Hi", []) and plain.feed("\n") == ("", []) and plain.feed("there") == ("\nthere", [])
+    assert plain.feed(" ", final=True) == (" ", [])  # no calls: every character of the content comes out
+
+
 def test_streaming_holds_back_a_partial_opening_tag() -> None:
     stream = ToolCallStream(AUTO)
     assert stream.feed("Sure <tool_") == ("Sure ", [])
