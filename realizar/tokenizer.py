@@ -248,6 +248,8 @@ class Tokenizer:
         # A template that never reads tool_calls would drop an assistant's calls from the conversation: those
         # are written into the content instead, in the Hermes convention (see _inline_tool_calls).
         self._renders_tool_calls = "tool_calls" in (chat_template or CHATML_TEMPLATE)
+        # Hugging Face templates that offer tools read a ``tools`` variable; one that never names it would drop them
+        self.renders_tools: bool = re.search(r"\btools\b", chat_template or CHATML_TEMPLATE) is not None
         self._special_text = _SpecialText.of(backend)
         self._template_tokens = {
             name: backend.id_to_token(token_id)
@@ -402,21 +404,24 @@ class Tokenizer:
         return [self._special_text.plain(e.ids) for e in encodings]
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
-                    parse_special_in_content: bool = False) -> list[int]:
+                    parse_special_in_content: bool = False, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The prompt ids of a conversation: :meth:`apply_chat_template`, then encoded without BOS/EOS (the
         template writes its own).
 
         Only the template's markup becomes control tokens: a special token spelled inside a message (in its
         content or any other string field) is encoded as text, so ``<|im_end|>\n<|im_start|>system`` in a user
         message cannot open a system turn. ``parse_special_in_content`` encodes the whole rendered prompt with
-        special tokens parsed, wherever they come from. Raises ValueError as :meth:`apply_chat_template`.
+        special tokens parsed, wherever they come from. ``tools`` (OpenAI's tool objects) go to the template's
+        ``tools`` variable, escaped like the messages. Raises ValueError as :meth:`apply_chat_template`.
         """
         if parse_special_in_content:
-            return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False,
-                               parse_special=True)
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools=tools),
+                               add_special_tokens=False, parse_special=True)
         special = self._special_text
         chat, escaped = special.escape(_validate_messages(messages, not self._renders_tool_calls))
-        return special.encode_rendered(self._render(chat, add_generation_prompt), escaped)
+        escaped_tools, tools_escaped = special.escape(tools) if tools is not None else (None, False)
+        return special.encode_rendered(self._render(chat, add_generation_prompt, escaped_tools),
+                                       escaped or tools_escaped)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """The text of ``ids``. Invalid UTF-8 becomes U+FFFD; ids outside the vocabulary are ignored.
@@ -473,21 +478,24 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- chat
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         """Render a conversation with the model's chat template (ChatML when it has none) into prompt text.
 
         Each message needs a ``role`` from :data:`CHAT_ROLES` and a ``content`` that is a string, a list of
         ``{"type": "text", "text": ...}`` parts (joined with newlines), or None (dropped, as transformers does).
+        ``tools`` is given to the template as its ``tools`` variable (see :attr:`renders_tools`).
         Raises ValueError, fit for an HTTP 400, for a bad conversation or one the template rejects.
         """
-        return self._render(_validate_messages(messages, not self._renders_tool_calls), add_generation_prompt)
+        return self._render(_validate_messages(messages, not self._renders_tool_calls), add_generation_prompt, tools)
 
-    def _render(self, chat: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def _render(self, chat: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> str:
         try:
             return self._template.render(
                 messages=chat,
                 add_generation_prompt=add_generation_prompt,
-                tools=None,
+                tools=tools,
                 documents=None,
                 **self._template_tokens,
             )

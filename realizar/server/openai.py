@@ -41,6 +41,7 @@ from realizar.server.generation import (
 )
 from realizar.server.http import GenerationRoute, context, json_response, parse_json, read_body, read_json
 from realizar.server.state import ServerState
+from realizar.server.tools import CLOSE_TAG, ToolCallStream, ToolChoice, parse_tool_calls, with_tools_section
 
 if TYPE_CHECKING:
     from realizar.engine.engine import AsyncEngine
@@ -107,6 +108,23 @@ class Choice:
             start, self.logprobs_sent = self.logprobs_sent, len(self.chat_logprobs)
             return {"content": self.chat_logprobs[start:]}
         return None
+
+
+def _chat_message(choice: Choice, tools: ToolChoice | None) -> dict[str, Any]:
+    """A finished chat choice's ``message`` and ``finish_reason``: with tools offered, the text's tool call
+    blocks become ``tool_calls`` and the rest the content (None when nothing is left)."""
+    if tools is None:
+        return {"message": {"role": "assistant", "content": choice.text.text}, "finish_reason": choice.finish_reason}
+    parsed = parse_tool_calls(choice.text.text, tools)
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    if parsed.calls:
+        message["tool_calls"] = [c.openai() for c in parsed.calls]
+    return {"message": message, "finish_reason": _tool_finish_reason(choice.finish_reason, bool(parsed.calls))}
+
+
+def _tool_finish_reason(finish: str | None, called: bool) -> str | None:
+    """OpenAI's "tool_calls" for a choice that ended (not cut at max_tokens) with calls to make."""
+    return "tool_calls" if called and finish == "stop" else finish
 
 
 def _finish_reason(out: TokenOutput) -> str:
@@ -216,38 +234,57 @@ class OpenAIAPI:
         token_text = TokenText(tokenizer)
         gen = self.state.generation(engine, context(request))
         choices: list[Choice] = []
+        stops = req.options.stop
+        if req.tools is not None and not req.tools.forced and not req.tools.parallel:
+            stops += (CLOSE_TAG,)  # one call at most: the output ends where the first call block closes
         async with gen.closed_on_error():
             for j in range(req.options.n):
                 stream = gen.submit(prompt_ids, _params_for_choice(params, j))
-                choices.append(Choice(j, gen, stream, ChoiceText(tokenizer, prompt_ids, req.options.stop),
+                choices.append(Choice(j, gen, stream, ChoiceText(tokenizer, prompt_ids, stops),
                                       token_text, None, [] if req.logprobs else None))
         response_id = f"chatcmpl-{gen.ctx.request_id}"
         created = int(time.time())
         usage = _Usage(len(prompt_ids), choices, req.options.n)
         if req.options.stream:
             events = self._chat_events(gen, choices, response_id, created, self.state.model_id,
-                                       req.options.include_usage, usage)
+                                       req.options.include_usage, usage, req.tools)
             return EventStream(events, gen)
         await _run_all(gen, choices, request)
         return json_response({
             "id": response_id, "object": "chat.completion", "created": created, "model": self.state.model_id,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text.text},
-                         "logprobs": c.new_logprobs(), "finish_reason": c.finish_reason} for c in choices],
+            "choices": [{"index": c.index, **_chat_message(c, req.tools), "logprobs": c.new_logprobs()}
+                        for c in choices],
             "usage": usage.body(),
         })
 
     async def _chat_events(self, gen: Generation, choices: list[Choice], response_id: str, created: int,
-                           model: str, include_usage: bool, usage: _Usage) -> AsyncGenerator[bytes, None]:
+                           model: str, include_usage: bool, usage: _Usage,
+                           tools: ToolChoice | None) -> AsyncGenerator[bytes, None]:
         head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
         extra = {"usage": None} if include_usage else {}
+        # with tools offered, each choice's text goes through a parser that holds back <tool_call> blocks and
+        # sends each as one tool_calls delta once it closes
+        calls = [ToolCallStream(tools) for _ in choices] if tools is not None else None
         for choice in choices:
             first = {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
             yield sse({**head, "choices": [first], **extra})
         async with aclosing(_choice_updates(choices, "content")) as updates:
             async for index, choice, text, logprobs in updates:
-                item = {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                        "finish_reason": choice.finish_reason if choice.done else None}
+                delta: dict[str, Any] = {"content": text} if text else {}
+                finish = choice.finish_reason if choice.done else None
+                if calls is not None:
+                    parser = calls[index]
+                    before = len(parser.calls)
+                    content, new = parser.feed(text, final=choice.done)
+                    delta = {"content": content} if content else {}
+                    if new:
+                        delta["tool_calls"] = [c.openai(before + k) for k, c in enumerate(new)]
+                    if finish is not None:
+                        finish = _tool_finish_reason(finish, bool(parser.calls))
+                if not delta and finish is None and not (logprobs and logprobs["content"]):
+                    continue  # text held back inside a call block, with nothing else to send
+                item = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
                 yield sse({**head, "choices": [item], **extra})
         async for chunk in _stream_tail(gen, head, include_usage, usage):
             yield chunk
@@ -258,7 +295,8 @@ class OpenAIAPI:
         _check_message_count(body, self.config.max_messages)
         req = protocol.parse_chat(body, self.config)
         prompt_ids = check_prompt(chat_prompt_ids(tokenizer, list(req.messages),
-                                                    self.config.allow_special_tokens_in_content), "messages")
+                                                  self.config.allow_special_tokens_in_content, tools=req.tools),
+                                  "messages")
         return req, prompt_ids
 
     # -- shared ----------------------------------------------------------------------------------
@@ -332,11 +370,19 @@ def _check_message_count(body: Any, limit: int) -> None:
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], special_in_content: bool,
-                    add_generation_prompt: bool = True) -> list[int]:
+                    add_generation_prompt: bool = True, tools: ToolChoice | None = None) -> list[int]:
     """The conversation rendered with the model's chat template and tokenized (the template writes its BOS);
-    special tokens in the messages are text unless ``special_in_content``."""
+    special tokens in the messages are text unless ``special_in_content``. ``tools`` offered go to a template
+    that renders them; for one that does not, they are described in the system prompt (Hermes style)."""
+    offered = None
+    if tools is not None:
+        if tokenizer.renders_tools:
+            offered = [t.openai() for t in tools.offered]
+        else:
+            messages = with_tools_section(messages, tools)
     try:
-        return tokenizer.encode_chat(messages, add_generation_prompt, parse_special_in_content=special_in_content)
+        return tokenizer.encode_chat(messages, add_generation_prompt, parse_special_in_content=special_in_content,
+                                     tools=offered)
     except ValueError as exc:
         raise _template_error(tokenizer, messages, exc) from None
 

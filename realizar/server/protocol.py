@@ -8,6 +8,7 @@ Nothing here touches the engine or the tokenizer, so it is unit-tested on plain 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from realizar.request import (
     StructuredSpec,
 )
 from realizar.server.errors import APIError
+from realizar.server.tools import Tool, ToolChoice, tool_call_spec
 from realizar.tokenizer import CHAT_ROLES
 
 STRATEGIES = ("greedy", "top_k", "top_p")
@@ -442,17 +444,13 @@ class ChatRequest:
     options: OpenAIOptions
     auto_max_tokens: bool  # no max_tokens given: fill the context, up to the server's limit
     logprobs: bool
+    tools: ToolChoice | None = None  # the tools offered to the model; None when none are (no tools, or "none")
 
 
 # ---- fields that are accepted but change nothing, and fields refused because they are not implemented ----
 
-def _no_tool_choice(value: Any, body: dict[str, Any]) -> bool:
+def _no_function_call(value: Any, body: dict[str, Any]) -> bool:
     return value == "none"
-
-
-def _no_tools(value: Any, body: dict[str, Any]) -> bool:
-    # tools the model may not call change nothing: an empty list, or tool_choice "none"
-    return value == [] or (isinstance(value, list) and body.get("tool_choice") == "none")
 
 
 def _best_of_at_most_n(value: Any, body: dict[str, Any]) -> bool:
@@ -491,8 +489,7 @@ def _never(value: Any, body: dict[str, Any]) -> bool:
 
 # THE place where a field that would change the output but is not implemented yet is refused: a 400 that
 # names the field, never a silent drop. Each entry: the field, what the request would need to be accepted
-# (said in the error), and the test of the values that change nothing (null is always accepted). Tools are
-# to be wired in later: take their entries out of this table when they are.
+# (said in the error), and the test of the values that change nothing (null is always accepted).
 UNIMPLEMENTED: dict[str, tuple[str, Callable[[Any, dict[str, Any]], bool]]] = {
     # vLLM's older guided_* fields: structured_outputs is their current spelling
     "guided_json": ("use structured_outputs.json", _never),
@@ -501,10 +498,9 @@ UNIMPLEMENTED: dict[str, tuple[str, Callable[[Any, dict[str, Any]], bool]]] = {
     "guided_grammar": ("use structured_outputs.grammar", _never),
     "guided_decoding_backend": ("the structured-output backend is fixed (llguidance)", _never),
     "guided_whitespace_pattern": ("a whitespace pattern is not supported", _never),
-    "tools": ('tool calling is not supported (tools are accepted only with tool_choice "none")', _no_tools),
-    "tool_choice": ('tool calling is not supported; only "none" is accepted', _no_tool_choice),
-    "functions": ("function calling is not supported", _empty_list),
-    "function_call": ('function calling is not supported; only "none" is accepted', _no_tool_choice),
+    # OpenAI's deprecated spelling of tools and tool_choice
+    "functions": ("use tools (the deprecated functions field is not supported)", _empty_list),
+    "function_call": ('use tool_choice (the deprecated function_call field accepts only "none")', _no_function_call),
     "best_of": ("best_of above n is not supported", _best_of_at_most_n),
     "suffix": ("suffix (insertion) is not supported", _empty_text),
     "prediction": ("predicted outputs are not supported", _never),
@@ -672,6 +668,7 @@ def _prompts(f: Fields, config: ServerConfig) -> tuple[Prompt, ...]:
 
 def parse_completion(body: Any, config: ServerConfig) -> CompletionRequest:
     f = Fields(body)
+    _refuse_tools_on_completions(f)
     prompts = _prompts(f, config)
     max_tokens = check_max_tokens(f, "/v1/completions", config.max_tokens_limit)
     logprobs = f.optional_integer("logprobs", minimum=0, maximum=MAX_LOGPROBS)
@@ -734,6 +731,89 @@ def _messages(f: Fields) -> tuple[dict[str, Any], ...]:
     return tuple(_message(m, i) for i, m in enumerate(messages))
 
 
+# ---- tool calling (chat only) ----
+
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _refuse_tools_on_completions(f: Fields) -> None:
+    """Tools are a chat feature; on /v1/completions a field that would offer them is a 400, not silently dropped."""
+    tools = f.raw("tools")
+    if tools is not None and tools != []:
+        raise APIError(400, "'tools' is supported on /v1/chat/completions only", param="tools",
+                       code="unsupported_parameter")
+    choice = f.raw("tool_choice")
+    if choice is not None and choice != "none":
+        raise APIError(400, "'tool_choice' is supported on /v1/chat/completions only", param="tool_choice",
+                       code="unsupported_parameter")
+
+
+def _tool(value: Any, index: int) -> Tool:
+    t = Fields(value, f"tools[{index}]")
+    if t.required_string("type") != "function":
+        raise t.range_error("type", "'function' (the only tool type supported)")
+    fn = Fields(t.raw("function", required=True), t.name("function"))
+    name = fn.required_string("name")
+    if not _FUNCTION_NAME.fullmatch(name):
+        raise fn.range_error("name", "1 to 64 letters, digits, underscores or dashes")
+    parameters = fn.raw("parameters")
+    if parameters is None:  # OpenAI: a function without parameters takes an empty argument list
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise fn.type_error("parameters", "a JSON schema object")
+    return Tool(name=name, description=fn.string("description"), parameters=parameters,
+                strict=fn.boolean("strict", False))
+
+
+def parse_tool_choice(f: Fields) -> ToolChoice | None:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls``: the tools offered to the model, or None when none
+    are (no tools, or ``tool_choice`` "none"). A choice that calls for a tool that is not there is a 400."""
+    value = f.raw("tools")
+    if value is not None and not isinstance(value, list):
+        raise f.type_error("tools", "a list of tools")
+    tools = tuple(_tool(t, i) for i, t in enumerate(value or []))
+    names = [t.name for t in tools]
+    duplicate = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if duplicate is not None:
+        raise APIError(400, f"'tools' names the function {duplicate!r} twice", param="tools")
+    parallel = f.boolean("parallel_tool_calls", True)
+    raw = f.raw("tool_choice")
+    name: str | None = None
+    if raw is None:
+        mode = "auto" if tools else "none"
+    elif isinstance(raw, str):
+        if raw not in TOOL_CHOICE_MODES:
+            raise f.range_error("tool_choice", "'none', 'auto', 'required' or {'type': 'function', "
+                                               "'function': {'name': ...}}")
+        mode = raw
+    else:
+        c = Fields(raw, "tool_choice")
+        if c.required_string("type") != "function":
+            raise c.range_error("type", "'function'")
+        name = Fields(c.raw("function", required=True), c.name("function")).required_string("name")
+        mode = "function"
+        if name not in names:
+            raise APIError(400, f"'tool_choice' names the function {name!r}, which is not in 'tools'"
+                                f"{' (' + ', '.join(names) + ')' if names else ' (none given)'}", param="tool_choice")
+    if mode != "none" and not tools:
+        raise APIError(400, f"'tool_choice' is {mode!r} but no 'tools' are given", param="tool_choice")
+    if mode == "none":
+        return None
+    return ToolChoice(tools=tools, mode=mode, name=name, parallel=parallel)  # type: ignore[arg-type]
+
+
+def _chat_structured(f: Fields, tools: ToolChoice | None) -> StructuredField | None:
+    """The chat request's constraint: a forced tool call's grammar, or its structured output (not both)."""
+    structured = openai_structured(f)
+    if tools is None or not tools.forced:
+        return structured
+    if structured is not None:
+        raise APIError(400, f"'tool_choice' {tools.mode!r} forces a tool call, which cannot also follow "
+                            f"'{structured.param.split('.')[0]}'", param="tool_choice")
+    return StructuredField(tool_call_spec(tools), "tools")
+
+
 def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
     f = Fields(body)
     parsed = _messages(f)
@@ -748,11 +828,13 @@ def parse_chat(body: Any, config: ServerConfig) -> ChatRequest:
     top = f.optional_integer("top_logprobs", minimum=0, maximum=MAX_LOGPROBS)
     if top is not None and not want_logprobs:
         raise f.range_error("top_logprobs", "used only with 'logprobs': true")
-    structured = openai_structured(f)
+    tools = parse_tool_choice(f)
+    structured = _chat_structured(f, tools)
     return ChatRequest(
         messages=parsed,
         params=_openai_sampling(f, config, max_tokens, (top or 0) if want_logprobs else None, structured),
         options=_openai_options(f, config, 1, structured),
         auto_max_tokens=auto,
         logprobs=want_logprobs,
+        tools=tools,
     )

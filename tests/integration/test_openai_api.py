@@ -509,11 +509,11 @@ def test_frequency_penalty_reduces_repetition(client: OpenAI, model: str) -> Non
     ({"frequency_penalty": "x"}, "frequency_penalty"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ({"tool_choice": "auto"}, "tool_choice"),  # no tools to choose from
     ({"guided_json": {"type": "object"}}, "guided_json"),
-    ({"structured_outputs": {"regex": "a"}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),  # two kinds at once
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

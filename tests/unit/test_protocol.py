@@ -255,7 +255,8 @@ def test_fields_that_change_nothing_are_accepted() -> None:
              "tools": [], "modalities": ["text"], "best_of": 1, "min_p": 0, "suffix": None}
     assert protocol.parse_chat({**CHAT_BODY, **inert}, CONFIG).params == protocol.parse_chat(CHAT_BODY, CONFIG).params
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    protocol.parse_chat({**CHAT_BODY, "tools": tools, "tool_choice": "none"}, CONFIG)  # calls are off: nothing changes
+    off = protocol.parse_chat({**CHAT_BODY, "tools": tools, "tool_choice": "none"}, CONFIG)  # calls are off
+    assert off.tools is None and off.params == protocol.parse_chat(CHAT_BODY, CONFIG).params
     assert protocol.parse_completion({"prompt": "x", "n": 2, "best_of": 2}, CONFIG).options.n == 2
 
 
@@ -264,9 +265,8 @@ def test_fields_that_change_nothing_are_accepted() -> None:
     ({"guided_regex": "a+"}, "guided_regex"),
     ({"guided_choice": ["a", "b"]}, "guided_choice"),
     ({"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"tool_choice": "required"}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
     ({"best_of": 3, "n": 2}, "best_of"),
     ({"best_of": "2"}, "best_of"),
     ({"suffix": "tail"}, "suffix"),
@@ -524,3 +524,56 @@ def test_bad_structured_outputs_name_the_field(extra: dict[str, Any], status: in
 
 def test_native_json_schema_must_be_a_schema() -> None:
     rejects(protocol.parse_generate, {"prompt": "x", "json_schema": [1]}, 422, "json_schema")
+
+
+# ---- tool calling ----
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                            "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "clock"}}  # no parameters: an empty argument list
+
+
+def test_tools_and_tool_choice_are_parsed() -> None:
+    auto = protocol.parse_chat({**CHAT_BODY, "tools": [WEATHER, CLOCK]}, CONFIG)
+    assert auto.tools is not None and auto.tools.mode == "auto" and not auto.tools.forced
+    assert [t.name for t in auto.tools.offered] == ["get_weather", "clock"]
+    assert auto.tools.offered[1].parameters == {"type": "object", "properties": {}}
+    assert auto.params.structured is None  # auto is free generation, parsed afterwards
+    required = protocol.parse_chat({**CHAT_BODY, "tools": [WEATHER, CLOCK], "tool_choice": "required"}, CONFIG)
+    assert required.tools is not None and required.tools.forced
+    assert required.params.structured is not None and required.params.structured.kind == "grammar"
+    assert required.options.structured is not None and required.options.structured.param == "tools"
+    named = protocol.parse_chat({**CHAT_BODY, "tools": [WEATHER, CLOCK], "parallel_tool_calls": False,
+                                 "tool_choice": {"type": "function", "function": {"name": "clock"}}}, CONFIG)
+    assert named.tools is not None and [t.name for t in named.tools.offered] == ["clock"]
+    assert not named.tools.parallel
+    assert named.params.structured is not None and "get_weather" not in str(named.params.structured.value)
+
+
+@pytest.mark.parametrize(("extra", "status", "field"), [
+    ({"tool_choice": "required"}, 400, "tool_choice"),  # no tools to call
+    ({"tool_choice": "auto", "tools": []}, 400, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER]}, 400, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
+    ({"tool_choice": "sometimes", "tools": [WEATHER]}, 400, "tool_choice"),
+    ({"tool_choice": {"type": "function"}, "tools": [WEATHER]}, 422, "tool_choice.function"),
+    ({"tool_choice": {"type": "retrieval", "function": {"name": "x"}}, "tools": [WEATHER]}, 400, "tool_choice.type"),
+    ({"tools": {"type": "function"}}, 422, "tools"),
+    ({"tools": [{"type": "code_interpreter"}]}, 400, "tools[0].type"),
+    ({"tools": [{"type": "function"}]}, 422, "tools[0].function"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, 400, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, 422,
+     "tools[0].function.parameters"),
+    ({"tools": [WEATHER, WEATHER]}, 400, "tools"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, 400, "tool_choice"),
+    ({"tools": [WEATHER], "parallel_tool_calls": 0}, 422, "parallel_tool_calls"),
+])
+def test_bad_tools_are_a_4xx_naming_the_field(extra: dict[str, Any], status: int, field: str) -> None:
+    rejects(protocol.parse_chat, {**CHAT_BODY, **extra}, status, field)
+
+
+def test_tools_on_completions_are_refused() -> None:
+    rejects(protocol.parse_completion, {"prompt": "x", "tools": [WEATHER]}, 400, "tools")
+    rejects(protocol.parse_completion, {"prompt": "x", "tool_choice": "auto"}, 400, "tool_choice")
+    protocol.parse_completion({"prompt": "x", "tools": [], "tool_choice": "none"}, CONFIG)  # nothing offered
