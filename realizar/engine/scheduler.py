@@ -10,15 +10,14 @@ out KV blocks, but never touches a tensor. Each step it
    allow (keeping one free block per running sequence in hand), unless it just had to
    preempt.
 
-A prompt's chunk may use the whole token budget (``max_num_batched_tokens``) only when it
-is the step's only work. When the step also carries decodes, or other prompts want to
-start or continue, all its prompt chunks together cost at most ``long_prefill_token_threshold``
-tokens' worth of compute: a step's time grows with its chunks, and every running stream waits
-for that step, so the cap bounds the streams' gap however many prompts arrive. While requests
-wait, the prompts already being prefilled take at most half of it, and the rest admits
-waiting requests, so a short request starts while a long prompt is still being prefilled,
-instead of waiting for all of it. A token deep into a long prompt counts for more, since it
-attends to all the tokens before it (``attention_context``, ``benchmarks/chunk_step.py``).
+A prompt's chunk may use the whole token budget (``max_num_batched_tokens``) when the step
+carries no decodes. Beside decodes, each prompt's chunk is at most
+``long_prefill_token_threshold`` tokens: a step's time grows with its chunks, and every running
+stream waits for that step. While requests wait, the prompts already being prefilled take at
+most half of the budget, and the rest admits waiting requests, so a short request starts while
+a long prompt is still being prefilled, instead of waiting for all of it. Chunks deep into a
+long prompt are shorter, since each of their tokens attends to all the tokens before it
+(``attention_context``, ``benchmarks/chunk_step.py``).
 
 With prefix caching, a sequence admitted from the waiting queue first takes the longest run
 of cached full blocks that starts its tokens (``kv_cache.hash_block`` keys), by reference,
@@ -160,49 +159,43 @@ class Scheduler:
             decodes.append(ScheduledSequence(seq, 1, True))
             budget -= 1
 
-        # 2. prompts still being prefilled, then 3. new admissions. A prompt takes the whole budget
-        # only when it is the step's only work. Otherwise all the step's prompt chunks together cost
-        # at most long_prefill_token_threshold tokens' worth of compute (a token deep into a long
-        # prompt counts for more, see _depth_factor), so the decodes' gap stays bounded however many
-        # prompts arrive; and while requests wait, the prompts already prefilling take at most half
-        # of it, so a short request is never stuck behind a long prompt.
+        # 2. prompts still being prefilled, then 3. new admissions. Beside decodes, each prompt's
+        # chunk is at most long_prefill_token_threshold tokens (fewer deep into a long prompt, see
+        # _depth_factor), so the decodes' gap stays short. Without decodes a prompt may take the
+        # whole budget; but while requests wait, the prompts already prefilling take at most half
+        # of what is left, so a short request is never stuck behind a long prompt.
         partial = [s for s in self.running if s.num_uncomputed > 1]
         seats = self.max_num_seqs - len(self.running)
         newcomers = min(len(self.waiting), seats) if not preempted else 0
-        shared = bool(decodes) or len(partial) + newcomers > 1
-        units = float(self.long_prefill_token_threshold if shared else budget)
-        partial_units = units / 2 if shared and newcomers else units
+        cap = self.long_prefill_token_threshold if decodes else budget
+        partial_units = float(budget // 2 if newcomers and partial else budget)
         for seq in partial:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            if partial_units <= 0 and (decodes or prefills):
-                continue  # this step's prefill is spent: the prompt goes on next step
-            count = min(seq.num_uncomputed, budget, self._fit(seq.num_computed, partial_units))
+            if partial_units < 1 and (decodes or prefills):
+                continue  # what is left is for the newcomers
+            count = min(seq.num_uncomputed, budget, self._fit(seq.num_computed, min(cap, partial_units)))
             # without preempting what this step already runs: a chunk shrinks to the room left
             count = min(count, self._room(seq))
             if count == 0:
                 if decodes or prefills:
                     continue  # blocks come back as others finish, or a decode preempts
-                count = min(seq.num_uncomputed, budget, self._fit(seq.num_computed, partial_units))
+                count = min(seq.num_uncomputed, budget, self._fit(seq.num_computed, min(cap, partial_units)))
                 if not self._reserve(seq, count, preempted):
                     continue
             else:
                 self._allocate(seq, self.allocator.blocks_needed(seq.num_computed + count) - len(seq.block_table))
             prefills.append(ScheduledSequence(seq, count, seq.num_computed + count == len(seq.token_ids)))
             budget -= count
-            spent = count * self._depth_factor(seq.num_computed)
-            partial_units -= spent
-            units -= spent
+            partial_units -= count
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            if units < 1 and (decodes or prefills):
-                break  # this step's prefill is spent: newcomers start next step
             seq = self.waiting[0]
             hits = self._cached_prefix(seq)
             computed = len(hits) * self.allocator.block_size
-            count = min(len(seq.token_ids) - computed, budget, self._fit(computed, units))
+            count = min(len(seq.token_ids) - computed, budget, self._fit(computed, cap))
             # a cached block nobody holds leaves the free count when taken; a held one costs nothing
             revived = sum(1 for b in hits if self.allocator.ref_count(b) == 0)
             need = self.allocator.blocks_needed(computed + count) - len(hits)
@@ -217,7 +210,6 @@ class Scheduler:
             self.running.append(seq)
             prefills.append(ScheduledSequence(seq, count, seq.num_computed + count == len(seq.token_ids)))
             budget -= count
-            units -= count * self._depth_factor(computed)
 
         # a one-token chunk (a one-token prompt, or a prompt's last token) runs as a decode
         return SchedulerOutput(
