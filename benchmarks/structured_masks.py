@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from realizar.loading import default_model_path
-from realizar.structured import apply_bitmask
+from realizar.structured import _TokenizerView, apply_bitmask
 from realizar.tokenizer import Tokenizer
 
 SCHEMA: dict[str, Any] = {
@@ -156,8 +156,7 @@ def llguidance_row(tokenizer: Tokenizer, vocab_size: int) -> Row:
     import llguidance.numpy as llg_numpy
     import llguidance.torch as llg_torch
 
-    pieces, special, eos = _vocabulary(tokenizer)
-    wrapper = llguidance.TokenizerWrapper(_GuidanceTokens(tokenizer, pieces, special, eos))
+    wrapper = llguidance.TokenizerWrapper(_TokenizerView(tokenizer, vocab_size))
     lltok = llguidance.LLTokenizer(wrapper, n_vocab=vocab_size)
     grammar = llguidance.LLMatcher.grammar_from_json_schema(
         SCHEMA, defaults={"whitespace_flexible": False})
@@ -196,22 +195,6 @@ def llguidance_row(tokenizer: Tokenizer, vocab_size: int) -> Row:
             executor, [(m, i) for i, m in enumerate(ms)], mask),
         features=lambda: _check(compile_one),
     )
-
-
-class _GuidanceTokens:
-    """What ``llguidance.TokenizerWrapper`` reads from a tokenizer: the pieces, the ids and an encoder."""
-
-    def __init__(self, tokenizer: Tokenizer, pieces: list[bytes], special: list[int], eos: list[int]) -> None:
-        self.tokens = pieces
-        self.special_token_ids = special
-        self.eos_token_id = eos[0]
-        self.bos_token_id = tokenizer.bos_token_id
-        self._tokenizer = tokenizer
-
-    def __call__(self, text: str | bytes) -> list[int]:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        return self._tokenizer.encode(text, add_special_tokens=False)
 
 
 def outlines_row(tokenizer: Tokenizer, vocab_size: int) -> Row:

@@ -104,18 +104,26 @@ def serve(engine_factory: Callable[[], AsyncEngine], config: ServerConfig, *, lo
     try:
         server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits this way when the app's startup fails
-        return _exit_past_loader(exc.code if isinstance(exc.code, int) else 1)
-    return _exit_past_loader(server.exit_code)
+        return _exit_past_workers(exc.code if isinstance(exc.code, int) else 1)
+    return _exit_past_workers(server.exit_code)
 
 
-def _exit_past_loader(code: int) -> int:
-    """Return ``code``, or end the process at once if the model is still loading.
+# threads that may still be inside a long call when serving ends: the model loader, and the
+# executors that tokenize and render large bodies (asyncio.to_thread's and the server's own)
+_UNJOINABLE_THREADS = ("realizar-load", "realizar-render", "asyncio_")
 
-    A signal during loading leaves the loader thread inside torch; letting the
-    interpreter tear down around it aborts in C++ ("terminate called without an
-    active exception"), so the process exits without the teardown instead.
+
+def _exit_past_workers(code: int) -> int:
+    """Return ``code``, or end the process at once if a worker thread is still alive.
+
+    A signal during loading leaves the loader thread inside torch; letting the interpreter
+    tear down around it aborts in C++ ("terminate called without an active exception").
+    An executor thread still tokenizing a megabyte-long body would hold the interpreter's
+    exit for seconds past --shutdown-timeout, since executors join their threads at exit.
+    Serving is over and nothing is left to write but the flushed streams, so when such a
+    thread exists the process exits without the teardown.
     """
-    if any(t.name == "realizar-load" and t.is_alive() for t in threading.enumerate()):
+    if any(t.name.startswith(_UNJOINABLE_THREADS) and t.is_alive() for t in threading.enumerate()):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -17,15 +17,6 @@ PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name a colour."}]
 
 
-@pytest.fixture(scope="module")
-def client(server_url: str) -> Iterator[OpenAI]:
-    with OpenAI(base_url=server_url + "/v1", api_key="unused", max_retries=0, timeout=180) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def model(client: OpenAI) -> str:
-    return client.models.list().data[0].id
 
 
 def test_models_list(client: OpenAI, server_url: str) -> None:

@@ -6,7 +6,6 @@ gives a well-formed response whatever the model chooses; bad tool fields are 400
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -38,15 +37,6 @@ CHOICES: list[Any] = ["required", {"type": "function", "function": {"name": "get
                       {"type": "function", "function": {"name": "get_time"}}]
 
 
-@pytest.fixture(scope="module")
-def client(server_url: str) -> Iterator[OpenAI]:
-    with OpenAI(base_url=server_url + "/v1", api_key="unused", max_retries=0, timeout=180) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def model(client: OpenAI) -> str:
-    return client.models.list().data[0].id
 
 
 def _tool_calls(client: OpenAI, model: str, stream: bool, **kwargs: Any) -> tuple[list[dict[str, Any]], str | None,

