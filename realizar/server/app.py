@@ -40,7 +40,7 @@ from realizar.server.openai import OpenAIAPI
 from realizar.server.state import Phase, ServerState
 
 if TYPE_CHECKING:
-    from realizar.engine.engine import AsyncEngine
+    from realizar.server.engine_client import EngineClient
 
 log = logging.getLogger("realizar.server")
 access_log = logging.getLogger("realizar.access")
@@ -56,7 +56,7 @@ FLUSH_AT_SHUTDOWN_S = 1.0  # of the shutdown timeout, kept for the last bytes of
 MAX_CLIENT_REQUEST_ID = 256  # bytes of a client's X-Request-Id that are echoed; a longer one gets ours
 
 
-def build_app(engine: AsyncEngine | None, config: ServerConfig) -> Starlette:
+def build_app(engine: EngineClient | None, config: ServerConfig) -> Starlette:
     """The realizar ASGI app. ``engine`` must be started already, or None while it loads."""
     state = ServerState(config, engine)
     native, openai = NativeAPI(state), OpenAIAPI(state)
@@ -114,7 +114,7 @@ def server_state(app: Starlette) -> ServerState:
     return state
 
 
-def attach_engine(app: Starlette, engine: AsyncEngine) -> None:
+def attach_engine(app: Starlette, engine: EngineClient) -> None:
     """The model is loaded and ``engine`` started: start serving it."""
     server_state(app).attach(engine)
 

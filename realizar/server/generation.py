@@ -29,7 +29,7 @@ from realizar.server.errors import APIError
 from realizar.server.http import RequestContext
 
 if TYPE_CHECKING:
-    from realizar.engine.engine import AsyncEngine
+    from realizar.server.engine_client import EngineClient, EngineStream
     from realizar.server.protocol import StructuredField
     from realizar.tokenizer import Tokenizer
 
@@ -74,7 +74,7 @@ def check_model(names: Sequence[str], model: str | None) -> None:
         raise APIError(404, f"Model '{model}' not found", param="model", code="model_not_found")
 
 
-async def check_structured(offload: Callable[..., Awaitable[None]], engine: AsyncEngine,
+async def check_structured(offload: Callable[..., Awaitable[None]], engine: EngineClient,
                            structured: StructuredField | None) -> None:
     """Compile a request's structured-output spec (into the engine's cache, which the engine then hits) before
     anything is queued, so that a bad schema, regex or grammar is a 400 naming its field and the problem.
@@ -96,7 +96,7 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
                        param=param)
 
 
-def fit_params(params: SamplingParams, engine: AsyncEngine) -> SamplingParams:
+def fit_params(params: SamplingParams, engine: EngineClient) -> SamplingParams:
     """Check the token ids the parameters carry against the vocabulary; a top_k at or over the
     vocabulary filters nothing: say so the engine's way (0)."""
     check_token_ids(params.stop_token_ids, engine.model_config.vocab_size, "stop_token_ids")
@@ -109,7 +109,7 @@ def fit_params(params: SamplingParams, engine: AsyncEngine) -> SamplingParams:
 class Stream:
     """The outputs of one engine request, with the bookkeeping its :class:`Generation` needs."""
 
-    def __init__(self, generation: Generation, request_id: str, source: AsyncIterator[TokenOutput]) -> None:
+    def __init__(self, generation: Generation, request_id: str, source: EngineStream) -> None:
         self.generation = generation
         self.request_id = request_id
         self.source = source
@@ -137,9 +137,7 @@ class Stream:
 
     async def close(self) -> None:
         """Release the engine request (the engine aborts it if it has not finished)."""
-        aclose = getattr(self.source, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await self.source.aclose()
 
 
 class Generation:
@@ -149,7 +147,7 @@ class Generation:
     reason wins (a timeout, the client going away, the server shutting down).
     """
 
-    def __init__(self, engine: AsyncEngine, ctx: RequestContext, timeout: float,
+    def __init__(self, engine: EngineClient, ctx: RequestContext, timeout: float,
                  registry: set[Generation]) -> None:
         self.engine = engine
         self.ctx = ctx

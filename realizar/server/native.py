@@ -38,7 +38,7 @@ from realizar.server.openai import chat_prompt_ids
 from realizar.server.state import ServerState
 
 if TYPE_CHECKING:
-    from realizar.engine.engine import AsyncEngine
+    from realizar.server.engine_client import EngineClient
     from realizar.tokenizer import Tokenizer
 
 
@@ -80,7 +80,7 @@ class NativeAPI:
                            parse_special=self._parse_special(req.parse_special))
         return json_response({"token_ids": ids, "num_tokens": len(ids)})
 
-    async def _vllm_tokenize(self, engine: AsyncEngine, req: protocol.VLLMTokenizeRequest) -> Response:
+    async def _vllm_tokenize(self, engine: EngineClient, req: protocol.VLLMTokenizeRequest) -> Response:
         check_model(self.state.model_names, req.model)
         tokenizer = engine.tokenizer
         special = self.config.allow_special_tokens_in_content
@@ -120,7 +120,7 @@ class NativeAPI:
         """/tokenize reads special tokens as /generate does unless the request says otherwise."""
         return self.config.allow_special_tokens_in_content if asked is None else asked
 
-    async def _single(self, request: Request) -> tuple[AsyncEngine, protocol.GenerateRequest, list[int], Generation]:
+    async def _single(self, request: Request) -> tuple[EngineClient, protocol.GenerateRequest, list[int], Generation]:
         """Parse and tokenize a one-prompt generation request (/generate, /stream/generate)."""
         engine = self.state.require_engine()
         req = protocol.parse_generate(await read_json(request, self.config.max_body_bytes), self.config)

@@ -44,7 +44,7 @@ from realizar.server.state import ServerState
 from realizar.server.tools import CLOSE_TAG, ToolCallStream, ToolChoice, parse_tool_calls, with_tools_section
 
 if TYPE_CHECKING:
-    from realizar.engine.engine import AsyncEngine
+    from realizar.server.engine_client import EngineClient
     from realizar.tokenizer import Tokenizer
 
 DONE = sse(b"[DONE]")
@@ -301,7 +301,7 @@ class OpenAIAPI:
 
     # -- shared ----------------------------------------------------------------------------------
 
-    async def _prompt_ids(self, engine: AsyncEngine, prompt: protocol.Prompt, index: int) -> list[int]:
+    async def _prompt_ids(self, engine: EngineClient, prompt: protocol.Prompt, index: int) -> list[int]:
         param = "prompt" if index == 0 else f"prompt[{index}]"
         if isinstance(prompt, str):
             return check_prompt(await encode(engine.tokenizer, prompt, param=param,

@@ -53,7 +53,7 @@ from realizar.server.connection import Rejection, guarded_protocol
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-    from realizar.engine.engine import AsyncEngine
+    from realizar.server.engine_client import EngineClient
 
 log = logging.getLogger("realizar.server")
 T = TypeVar("T")
@@ -65,7 +65,7 @@ NOFILE_RESERVE = 128  # descriptors kept back from the connection cap: model fil
 NOFILE_TARGET = 1 << 20  # what "unlimited" hard limits are raised to (the kernel's usual nr_open)
 
 
-def serve(engine_factory: Callable[[], AsyncEngine], config: ServerConfig, *, log_level: str = "info",
+def serve(engine_factory: Callable[[], EngineClient], config: ServerConfig, *, log_level: str = "info",
           on_ready: Callable[[str, list[str]], None] | None = None) -> int:
     """Serve until a signal; returns the exit status.
 
@@ -202,7 +202,7 @@ def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | No
 class _Server(uvicorn.Server):
     """uvicorn, plus model loading after startup and a draining signal handler."""
 
-    def __init__(self, config: uvicorn.Config, app: Starlette, engine_factory: Callable[[], AsyncEngine],
+    def __init__(self, config: uvicorn.Config, app: Starlette, engine_factory: Callable[[], EngineClient],
                  shutdown_timeout: float, on_ready: Callable[[str, list[str]], None] | None, sock: socket.socket) -> None:
         super().__init__(config)
         self.app = app
@@ -211,7 +211,7 @@ class _Server(uvicorn.Server):
         self.on_ready = on_ready
         self.url = _url(sock)
         self.exit_code = 0
-        self.engine: AsyncEngine | None = None
+        self.engine: EngineClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._tasks: set[asyncio.Task[None]] = set()

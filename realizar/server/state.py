@@ -21,9 +21,9 @@ from realizar.server.errors import APIError
 from realizar.server.generation import Generation
 from realizar.server.http import RequestContext, json_response
 
-if TYPE_CHECKING:  # the engine module imports torch; the server needs only its interface
-    from realizar.engine.engine import AsyncEngine
+if TYPE_CHECKING:  # the server needs only the engine's interface, not the module (which imports torch)
     from realizar.server.connection import ConnectionHandle
+    from realizar.server.engine_client import EngineClient
 
 
 T = TypeVar("T")
@@ -39,11 +39,11 @@ class Phase(str, enum.Enum):
 class ServerState:
     """One server's mutable state. Only the event loop thread touches it."""
 
-    def __init__(self, config: ServerConfig, engine: AsyncEngine | None = None) -> None:
+    def __init__(self, config: ServerConfig, engine: EngineClient | None = None) -> None:
         self.config = config
         self.started_at = time.time()
         self.metrics = Metrics()
-        self.engine: AsyncEngine | None = None
+        self.engine: EngineClient | None = None
         self.model_names: tuple[str, ...] = config.served_model_names  # what requests may name; set at attach
         self.phase = Phase.LOADING
         self.inflight = 0  # HTTP requests being handled, for the shutdown drain
@@ -72,11 +72,11 @@ class ServerState:
             self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="realizar-render")
         return await asyncio.get_running_loop().run_in_executor(self._render_pool, fn, *args)
 
-    def generation(self, engine: AsyncEngine, ctx: RequestContext) -> Generation:
+    def generation(self, engine: EngineClient, ctx: RequestContext) -> Generation:
         """A generation for one HTTP request, under --request-timeout, aborted by a shutdown past its deadline."""
         return Generation(engine, ctx, self.config.request_timeout, self.generations)
 
-    def attach(self, engine: AsyncEngine) -> None:
+    def attach(self, engine: EngineClient) -> None:
         """The model is loaded and the engine started: begin serving."""
         self.engine = engine
         self.metrics.attach(engine)
@@ -92,7 +92,7 @@ class ServerState:
         """The model did not load."""
         self.phase = Phase.FAILED
 
-    def require_engine(self) -> AsyncEngine:
+    def require_engine(self) -> EngineClient:
         if self.engine is None or self.phase is not Phase.READY:
             raise APIError(503, self.unavailable_reason(), headers={"Retry-After": "1"})
         return self.engine
