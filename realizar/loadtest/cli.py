@@ -126,7 +126,8 @@ def build_llm_parser(prog: str = "realizar loadtest llm") -> _Parser:
     p = _Parser(prog=prog, description="LLM serving benchmark against an OpenAI-compatible server, "
                 "with vLLM bench serve's metric names.")
     p.add_argument("--url", default=_default_url(), help="server base URL")
-    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default=None,
+                   help="default: chat for --workload json-schema, else completions")
     p.add_argument("--model", help="model name (default: the first of GET /v1/models)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--rate", type=_positive_float, help="open loop: arrivals per second")
@@ -140,11 +141,13 @@ def build_llm_parser(prog: str = "realizar loadtest llm") -> _Parser:
                    help="requests; with --workload multi-turn, conversations (default %(default)s)")
     p.add_argument("--input-len", type=_positive_int, default=128,
                    help="synthetic prompt length, or each user turn's with a shared system prompt (words ~ tokens)")
-    p.add_argument("--workload", choices=("random", "multi-turn", "prefix-shared"), default="random",
+    p.add_argument("--workload", choices=("random", "multi-turn", "prefix-shared", "json-schema"), default="random",
                    help="random: distinct prompts (no prefix to reuse); multi-turn: conversations sharing one "
                         "system prompt, each turn carrying the history (synthetic assistant replies of "
                         "--output-len words), reported per turn; prefix-shared: one system prompt, then a "
-                        "distinct question per request (default %(default)s)")
+                        "distinct question per request; json-schema: chat requests with response_format "
+                        "json_schema (small bounded schemas), reporting how many answers parse and match "
+                        "(default %(default)s)")
     p.add_argument("--system-prompt-len", type=_positive_int, default=2000,
                    help="shared system prompt of multi-turn and prefix-shared, in words ~ tokens (default %(default)s)")
     p.add_argument("--turns", type=_positive_int, default=4, help="turns per multi-turn conversation (default %(default)s)")
@@ -354,6 +357,8 @@ def run_llm(args: argparse.Namespace) -> int:
         LlmWorkload,
         format_llm,
         format_turns,
+        format_validity,
+        json_schema_prompts,
         llm_scenario,
         load_jsonl,
         meets_slo,
@@ -361,16 +366,22 @@ def run_llm(args: argparse.Namespace) -> int:
         parse_goodput,
         per_turn,
         prefix_shared_prompts,
+        schema_validity,
         sweep,
         synthetic_prompts,
         vllm_metrics,
     )
     from realizar.loadtest.report import build_report
 
+    structured = args.workload == "json-schema"
     try:
         slo = parse_goodput(args.goodput)
         if args.dataset and args.workload != "random":
             raise UsageError("--dataset brings its own prompts; it does not go with --workload")
+        if args.endpoint is None:
+            args.endpoint = "chat" if structured else "completions"
+        if structured and args.endpoint != "chat":
+            raise UsageError("--workload json-schema sends response_format, a chat field: use --endpoint chat")
         if args.dataset:
             prompts = load_jsonl(args.dataset)
         elif args.workload == "multi-turn":
@@ -378,12 +389,16 @@ def run_llm(args: argparse.Namespace) -> int:
                                          args.output_len, seed=args.seed)
         elif args.workload == "prefix-shared":
             prompts = prefix_shared_prompts(args.num_prompts, args.system_prompt_len, args.input_len, seed=args.seed)
+        elif structured:
+            prompts = json_schema_prompts(args.num_prompts, seed=args.seed)
         else:
             prompts = synthetic_prompts(args.num_prompts, args.input_len, seed=args.seed)
     except (ValueError, DatasetError) as exc:
         raise UsageError(str(exc)) from None
     # every prompt once (multi-turn: each conversation's every turn)
-    num_requests = len(prompts) if args.workload != "random" else args.num_prompts
+    num_requests = len(prompts) if args.workload in ("multi-turn", "prefix-shared") else args.num_prompts
+    # a schema answer ends where its JSON ends: forcing max_tokens of output would run past it
+    ignore_eos = not args.no_ignore_eos and not structured
     if args.sweep and not (slo.ttft_ms or slo.tpot_ms or slo.e2el_ms):
         raise UsageError("--sweep needs SLOs: --goodput ttft:MS tpot:MS e2el:MS")
     if not 0 < args.slo_attainment <= 1:
@@ -410,7 +425,7 @@ def run_llm(args: argparse.Namespace) -> int:
         if model is None:
             return "could not read a model id from GET /v1/models; pass --model", "", []
         workload = LlmWorkload(args.endpoint, model, tuple(prompts), args.output_len,
-                               ignore_eos=not args.no_ignore_eos, api_key=args.api_key)
+                               ignore_eos=ignore_eos, api_key=args.api_key)
         if args.sweep:
             steps = await sweep(workload, cfg, slo, options, start_rate=args.sweep_start, max_rate=args.sweep_max,
                                 refine_steps=args.sweep_steps, attainment=args.slo_attainment)
@@ -425,7 +440,7 @@ def run_llm(args: argparse.Namespace) -> int:
         _close_progress(progress)
     config = {"mode": "sweep" if args.sweep else ("rate" if args.rate else "concurrency"),
               "endpoint": args.endpoint, "input_len": args.input_len, "output_len": args.output_len,
-              "dataset": args.dataset, "num_prompts": args.num_prompts, "ignore_eos": not args.no_ignore_eos,
+              "dataset": args.dataset, "num_prompts": args.num_prompts, "ignore_eos": ignore_eos,
               "goodput": args.goodput, "slo_attainment": args.slo_attainment, "arrival": args.arrival,
               "burstiness": args.burstiness, "rate": args.rate, "concurrency": args.concurrency,
               "max_concurrency": args.max_concurrency, "workload": args.workload,
@@ -438,6 +453,8 @@ def run_llm(args: argparse.Namespace) -> int:
     for run in runs:
         sys.stdout.write("\n" + format_llm(run.metrics, run.result.scenario.title))
         sys.stdout.write(format_turns(per_turn(run.result)))
+        if structured:
+            sys.stdout.write(format_validity(schema_validity(run.result)))
     extra: dict[str, Any] = {"model": model}
     if args.sweep:
         best = max((run.rate for run in runs if run.ok and run.rate is not None), default=None)
@@ -450,6 +467,8 @@ def run_llm(args: argparse.Namespace) -> int:
         turns = per_turn(runs[0].result)
         if turns:
             extra["per_turn"] = turns
+        if structured:
+            extra["schema_validity"] = schema_validity(runs[0].result)
         passed = runs[0].ok if (slo.ttft_ms or slo.tpot_ms or slo.e2el_ms) else True
     results = [run.result for run in runs]
     code = EXIT_INVALID if any(not r.valid for r in results) else (EXIT_OK if passed else EXIT_TARGET_FAILED)

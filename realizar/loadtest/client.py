@@ -90,6 +90,13 @@ class Client(Protocol):
     async def aclose(self) -> None: ...
 
 
+def new_stream(spec: RequestSpec) -> StreamState | None:
+    """The parser for a streamed response (None for plain JSON); it keeps the text when the spec judges it."""
+    if spec.kind is ResponseKind.JSON:
+        return None
+    return StreamState(spec.kind, keep_text=spec.validate is not None)
+
+
 def finish_body(rec: RequestRecord, spec: RequestSpec, body: bytes,
                 stream: StreamState | None, complete: bool) -> None:
     """Classify a response whose status line arrived: HTTP status, truncation, content."""
@@ -110,6 +117,8 @@ def finish_body(rec: RequestRecord, spec: RequestSpec, body: bytes,
         elif msg := stream.content_error():
             rec.failure = FailureClass.CONTENT_CHECK
             rec.error = msg
+        elif spec.validate is not None:
+            rec.validity = spec.validate(stream.text)
         return
     if not complete:
         rec.failure = FailureClass.TRUNCATED_STREAM
@@ -228,7 +237,7 @@ class _Conn(asyncio.Protocol):
     def start(self, req: PreparedRequest, deadline: float) -> asyncio.Future[None]:
         loop = self.client.loop
         self.waiter = loop.create_future()
-        self.stream = StreamState(req.spec.kind) if req.spec.kind is not ResponseKind.JSON else None
+        self.stream = new_stream(req.spec)
         self.status = 0
         self.headers_done = self.complete = self.framed = False
         self.body = []
@@ -396,7 +405,7 @@ class AiohttpClient:
         headers = {"User-Agent": "realizar-loadtest", **dict(spec.headers)}
         if spec.body is not None:
             headers["Content-Type"] = "application/json"
-        stream = StreamState(spec.kind) if spec.kind is not ResponseKind.JSON else None
+        stream = new_stream(spec)
         body = b""
         got_headers = False
         try:

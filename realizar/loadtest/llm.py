@@ -21,11 +21,18 @@ from realizar.loadtest.config import LoadTestConfig
 from realizar.loadtest.runner import RunOptions, ScenarioResult, run_scenario
 from realizar.loadtest.scenarios import Phase, Scenario
 from realizar.loadtest.stats import LatencySummary, Slo
-from realizar.loadtest.workload import RequestSpec, ResponseKind, json_request
+from realizar.loadtest.workload import RequestSpec, ResponseKind, Validate, Validity, json_request
+
+try:  # a test dependency, not a runtime one: without it the report checks JSON syntax only, and says so
+    import jsonschema
+except ImportError:  # pragma: no cover - exercised by passing check_schema=False
+    jsonschema = None
+
+HAVE_JSONSCHEMA = jsonschema is not None
 
 Endpoint = Literal["completions", "chat"]
-Workload = Literal["random", "multi-turn", "prefix-shared"]
-WORKLOADS: tuple[Workload, ...] = ("random", "multi-turn", "prefix-shared")
+Workload = Literal["random", "multi-turn", "prefix-shared", "json-schema"]
+WORKLOADS: tuple[Workload, ...] = ("random", "multi-turn", "prefix-shared", "json-schema")
 
 # Short, frequent English words: one token each in the common BPE vocabularies,
 # so N words make a prompt of about N tokens. The server's usage reports the
@@ -56,6 +63,8 @@ class Prompt:
     messages: list[dict[str, Any]] | None = None
     max_tokens: int | None = None
     turn: int | None = None  # a conversation's turn (1, 2, ...), reported apart
+    response_format: dict[str, Any] | None = None  # sent as is (chat); ``validate`` judges the answer
+    validate: Validate | None = None
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -100,6 +109,73 @@ def prefix_shared_prompts(n: int, system_len: int, user_len: int, *, seed: int =
     for _ in range(n):
         messages = [system, {"role": "user", "content": _words(rng, user_len)}]
         out.append(Prompt(text=_transcript(messages), messages=messages))
+    return out
+
+
+# Small, bounded schemas: every string has a maxLength, every integer a range, every object a fixed set of
+# required keys and no others, so a constrained 135M model finishes each in well under 100 tokens.
+JSON_SCHEMAS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("person", "Describe a person.", {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20},
+                       "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                       "role": {"type": "string", "enum": ["admin", "user", "guest"]}},
+        "required": ["name", "age", "role"], "additionalProperties": False}),
+    ("weather", "Report the weather in a city.", {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 24},
+                       "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                       "temperature": {"type": "integer", "minimum": -50, "maximum": 60}},
+        "required": ["city", "unit", "temperature"], "additionalProperties": False}),
+    ("ticket", "File a support ticket.", {
+        "type": "object",
+        "properties": {"title": {"type": "string", "maxLength": 32},
+                       "priority": {"type": "string", "enum": ["low", "medium", "high"]},
+                       "done": {"type": "boolean"}},
+        "required": ["title", "priority", "done"], "additionalProperties": False}),
+    ("tool_call", "Choose a tool and its query.", {
+        "type": "object",
+        "properties": {"tool": {"type": "string", "enum": ["search", "calculator", "weather"]},
+                       "query": {"type": "string", "maxLength": 40}},
+        "required": ["tool", "query"], "additionalProperties": False}),
+)
+
+
+def make_validator(schema: dict[str, Any], *, check_schema: bool = HAVE_JSONSCHEMA) -> Validate:
+    """Judges a response's text: not JSON, JSON breaking ``schema``, valid; or, with ``check_schema``
+    false (jsonschema absent), JSON whose schema went unchecked."""
+    checker = None
+    if check_schema:
+        if jsonschema is None:
+            raise RuntimeError("check_schema needs the jsonschema package")
+        checker = jsonschema.Draft202012Validator(schema)
+
+    def validate(text: str) -> Validity:
+        try:
+            obj = json.loads(text)
+        except ValueError:  # JSONDecodeError, and the empty text
+            return Validity.NOT_JSON
+        if checker is None:
+            return Validity.JSON_ONLY
+        return Validity.VALID if checker.is_valid(obj) else Validity.SCHEMA_MISMATCH
+    return validate
+
+
+def json_schema_prompts(n: int, *, seed: int = 0, check_schema: bool = HAVE_JSONSCHEMA) -> list[Prompt]:
+    """``n`` chat requests cycling through :data:`JSON_SCHEMAS`, each with ``response_format``
+    ``json_schema`` and a validator for its answer. The prompt also spells the schema out, as a model
+    without constrained decoding needs it; a few random words make the prompts distinct."""
+    rng = random.Random(seed)
+    validators = [make_validator(schema, check_schema=check_schema) for _, _, schema in JSON_SCHEMAS]
+    out = []
+    for i in range(n):
+        k = i % len(JSON_SCHEMAS)
+        name, task, schema = JSON_SCHEMAS[k]
+        text = (f"{task} Reply with one JSON object only, matching this JSON schema: "
+                f"{json.dumps(schema, separators=(',', ':'))}. Topic: {_words(rng, 6)}")
+        fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+        out.append(Prompt(text=text, messages=[{"role": "user", "content": text}], response_format=fmt,
+                          validate=validators[k]))
     return out
 
 
@@ -154,6 +230,8 @@ class LlmWorkload:
         if self.ignore_eos:
             body["ignore_eos"] = True
             body["min_tokens"] = max_tokens
+        if prompt.response_format is not None:
+            body["response_format"] = prompt.response_format
         if self.endpoint == "chat":
             body["messages"] = prompt.messages or [{"role": "user", "content": prompt.text or ""}]
             path = "/v1/chat/completions"
@@ -161,7 +239,7 @@ class LlmWorkload:
             body["prompt"] = prompt.text if prompt.text is not None else str(prompt.messages)
             path = "/v1/completions"
         headers = (("Authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
-        return json_request("POST", path, body, None, ResponseKind.SSE_OPENAI, headers)
+        return json_request("POST", path, body, None, ResponseKind.SSE_OPENAI, headers, prompt.validate)
 
 
 def llm_scenario(workload: LlmWorkload, config: LoadTestConfig, slo: Slo, name: str = "llm") -> Scenario:
@@ -195,6 +273,34 @@ def format_turns(turns: list[dict[str, Any]]) -> str:
         cached = "n/a" if t["mean_cached_tokens"] is None else f"{t['mean_cached_tokens']:.0f}"
         lines.append(f"{t['group']:>4} {t['requests']:>8} {t['mean_input_tokens']:>10.0f} {cached:>10} "
                      f"{ms(t['ttft'], 'mean_ms'):>12} {ms(t['ttft'], 'p50_ms'):>11} {ms(t['ttft'], 'p99_ms'):>11}")
+    return "\n".join(lines) + "\n"
+
+
+def schema_validity(result: ScenarioResult, *, schema_checked: bool = HAVE_JSONSCHEMA) -> dict[str, Any]:
+    """How many successful responses parse as JSON and (where jsonschema is importable) match
+    their schema. Failed requests (HTTP errors, cut streams) are counted as failures, not here."""
+    counts = result.overall_collector.validity_counts()
+    judged = sum(counts.values())
+    parsed = judged - counts[Validity.NOT_JSON.value]
+    valid = counts[Validity.VALID.value] if schema_checked else None
+    return {"judged": judged, "json": parsed, "valid": valid, "schema_checked": schema_checked,
+            "json_fraction": parsed / judged if judged else None,
+            "valid_fraction": (valid / judged if judged else None) if valid is not None else None,
+            "counts": counts}
+
+
+def format_validity(v: dict[str, Any]) -> str:
+    """The structured-output lines of the report."""
+    def share(n: int) -> str:
+        return f"{n} ({100.0 * n / v['judged']:.1f}%)" if v["judged"] else f"{n}"
+
+    lines = [f"{'-' * 10}Structured output (response_format json_schema){'-' * 10}",
+             f"{'Responses judged (successful):':<40}{v['judged']}",
+             f"{'Parse as JSON:':<40}{share(v['json'])}"]
+    if v["schema_checked"]:
+        lines.append(f"{'Parse and match their schema:':<40}{share(v['valid'])}")
+    else:
+        lines.append(f"{'Match their schema:':<40}not checked (jsonschema is not installed; JSON syntax only)")
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,9 @@ Run: ``python -m realizar.loadtest.noop_server --port 0`` prints
 Routes: GET /health, GET /metrics, POST /tokenize, /generate, /batch/tokenize,
 /batch/generate, /stream/generate (SSE, ``max_tokens`` events), GET /sse?n=N
 (N native SSE events), POST /v1/completions and /v1/chat/completions (with
-``stream``), GET /v1/models.
+``stream``), GET /v1/models. A chat request with ``response_format`` ``json_schema`` gets the
+schema's smallest instance (first enum value, minimum integer, one-letter string), streamed in
+4-character pieces, so structured-output runs have a server that honours the field.
 """
 
 from __future__ import annotations
@@ -44,6 +46,37 @@ _TOKEN_CHUNK = b"%x\r\n%s\r\n" % (len(_TOKEN_EVENT), _TOKEN_EVENT)
 
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _minimal_instance(schema: object) -> object:
+    """The smallest value a simple schema accepts (objects, enums, strings, integers, numbers, booleans)."""
+    if not isinstance(schema, dict):
+        return None
+    if "enum" in schema and schema["enum"]:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {k: _minimal_instance(props.get(k, {})) for k in schema.get("required", list(props))}
+    if kind == "array":
+        return [_minimal_instance(schema.get("items", {})) for _ in range(int(schema.get("minItems", 0)))]
+    if kind == "string":
+        return "x" * max(1, int(schema.get("minLength", 1)))
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 0)
+    if kind == "boolean":
+        return True
+    return None
+
+
+def _schema_pieces(payload: dict[str, object]) -> list[bytes] | None:
+    """The answer to a ``response_format`` ``json_schema`` request, in content pieces (None: not one)."""
+    fmt = payload.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None
+    spec = fmt.get("json_schema")
+    text = orjson.dumps(_minimal_instance(spec.get("schema") if isinstance(spec, dict) else None)).decode()
+    return [text[i:i + 4].encode() for i in range(0, len(text), 4)]
 
 
 def _generate_result(prompt: str, n: int) -> dict[str, object]:
@@ -158,16 +191,24 @@ class NoopProtocol(asyncio.Protocol):
                    "model": "noop", "choices": [choice], "usage": usage}
             self.transport.write(_response(200, orjson.dumps(obj)))
             return
-        if chat:
-            piece = b'{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":" a"}}]}'
+        pieces = _schema_pieces(payload) if chat else None
+        if pieces is not None:
+            n = len(pieces)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            events = b"".join(
+                _chunk(b"data: " + orjson.dumps({"id": "x", "object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": {"content": p.decode()}}]}) + b"\n\n") for p in pieces)
         else:
-            piece = b'{"id":"x","object":"text_completion","choices":[{"index":0,"text":" a"}]}'
-        event = _chunk(b"data: " + piece + b"\n\n")
+            if chat:
+                piece = b'{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":" a"}}]}'
+            else:
+                piece = b'{"id":"x","object":"text_completion","choices":[{"index":0,"text":" a"}]}'
+            events = _chunk(b"data: " + piece + b"\n\n") * n
         tail = b""
         options = payload.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
             tail = _chunk(b"data: " + orjson.dumps({"id": "x", "choices": [], "usage": usage}) + b"\n\n")
-        self.transport.write(_SSE_HEAD + event * n + tail + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        self.transport.write(_SSE_HEAD + events + tail + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
 
 class NoopServer:

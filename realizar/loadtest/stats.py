@@ -20,6 +20,8 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from realizar.loadtest.workload import Validity
+
 EXACT_METHOD = "exact nearest-rank"
 HDR_METHOD = "HDR histogram (3 significant digits)"
 DEFAULT_EXACT_LIMIT = 1_000_000
@@ -94,6 +96,7 @@ class RequestRecord:
     output_tokens: int = 0
     input_tokens: int = 0
     cached_tokens: int | None = None  # prompt tokens the server took from its prefix cache, if it says
+    validity: Validity | None = None  # what the output text is, where the request judges it
     error: str = ""
 
     @property
@@ -420,6 +423,7 @@ class Collector:
         self.input_tokens = 0
         self.good = 0
         self.streaming = False
+        self.validity: Counter[Validity] = Counter()  # successful requests whose output was judged
         self._seconds: dict[int, _Second] = {}
         self._rng = random.Random(seed)
         # exact timeline, in completion order: relative end time, latency (s, NaN if failed)
@@ -467,6 +471,8 @@ class Collector:
         self.service.record(rec.end - rec.sent)
         self.output_tokens += rec.output_tokens
         self.input_tokens += rec.input_tokens
+        if rec.validity is not None:
+            self.validity[rec.validity] += 1
         ttft = tpot = None
         group = None
         if self.group is not None:
@@ -514,6 +520,7 @@ class Collector:
         self.output_tokens += other.output_tokens
         self.input_tokens += other.input_tokens
         self.good += other.good
+        self.validity.update(other.validity)
         self.streaming = self.streaming or other.streaming
         self._ends = self._lats = None  # timelines of different phases do not concatenate
         self._seconds = {}
@@ -528,6 +535,11 @@ class Collector:
                              round(g.input_tokens / g.requests, 2),
                              round(g.cached_tokens / g.cached_reports, 2) if g.cached_reports else None)
                 for key, g in sorted(self._groups.items())]
+
+    def validity_counts(self) -> dict[str, int]:
+        """Successful requests by what their output was (every class, zeros included; all zero
+        when no request judged its output)."""
+        return {v.value: self.validity.get(v, 0) for v in Validity}
 
     def timeline(self) -> list[tuple[float, float]]:
         """(end from the phase start, latency or NaN if it failed), in completion

@@ -31,6 +31,21 @@ Check = Callable[[bytes], int]
 raises ContentError when the body is wrong."""
 
 
+class Validity(str, Enum):
+    """What a complete response's text is, for workloads that ask for structured output.
+    Not a failure class: a server that ignores ``response_format`` answers 200 with prose,
+    and the run reports how many answers were usable rather than failing them."""
+
+    VALID = "valid"  # parses as JSON and matches its schema
+    JSON_ONLY = "json_unchecked"  # parses as JSON; its schema was not checked (no jsonschema)
+    SCHEMA_MISMATCH = "schema_mismatch"  # parses as JSON, breaks its schema
+    NOT_JSON = "not_json"
+
+
+Validate = Callable[[str], Validity]
+"""Judges the whole text of a complete response (a stream's content pieces joined)."""
+
+
 @dataclass(frozen=True)
 class RequestSpec:
     """One request, with its body encoded once up front."""
@@ -41,6 +56,7 @@ class RequestSpec:
     kind: ResponseKind = ResponseKind.JSON
     check: Check | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    validate: Validate | None = None  # judge the output text (streams keep their text only when set)
 
 
 def _json(body: bytes) -> Any:
@@ -111,9 +127,9 @@ def make_batch_generate_check(n: int, max_tokens: int) -> Check:
 
 def json_request(method: str, path: str, payload: Any | None, check: Check | None,
                  kind: ResponseKind = ResponseKind.JSON,
-                 headers: tuple[tuple[str, str], ...] = ()) -> RequestSpec:
+                 headers: tuple[tuple[str, str], ...] = (), validate: Validate | None = None) -> RequestSpec:
     body = None if payload is None else orjson.dumps(payload)
-    return RequestSpec(method, path, body, kind, check, headers)
+    return RequestSpec(method, path, body, kind, check, headers, validate)
 
 
 @dataclass
@@ -134,6 +150,8 @@ class StreamState:
     done: bool = False
     error: str = ""
     declared: int | None = None
+    keep_text: bool = False  # keep the content pieces in ``pieces`` (for a Validate)
+    pieces: list[str] = field(default_factory=list)
     _buf: bytes = b""
 
     def feed(self, data: bytes, now: float) -> None:
@@ -167,6 +185,13 @@ class StreamState:
         if event == b"token":
             self.tokens += 1
             self.chunk_times.append(now)
+            if self.keep_text:
+                try:
+                    piece = orjson.loads(data).get("text")
+                except (orjson.JSONDecodeError, AttributeError):
+                    piece = None
+                if isinstance(piece, str):
+                    self.pieces.append(piece)
         elif event == b"done":
             self.done = True
             try:
@@ -201,6 +226,8 @@ class StreamState:
             if text:
                 self.tokens += 1
                 self.chunk_times.append(now)
+                if self.keep_text:
+                    self.pieces.append(str(text))
                 break
         usage = obj.get("usage")
         if isinstance(usage, dict):
@@ -211,6 +238,10 @@ class StreamState:
             details = usage.get("prompt_tokens_details")
             if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
                 self.usage_cached = details["cached_tokens"]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
     @property
     def output_tokens(self) -> int:

@@ -117,3 +117,46 @@ def test_default_threads_counts_physical_cores(common: ModuleType) -> None:
     info = common.cpu_info()
     assert 1 <= common.default_threads() == len(info.physical) <= len(info.cpus)
     assert set(info.physical) <= set(info.cpus)
+
+
+def test_multi_turn_benchmark_configurations_and_report(common: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """benchmarks/multi_turn.py: realizar with and without prefix caching, vLLM's pair only with
+    --peers vllm, each with room for the last turn; the report's ratio is off over on at the last turn."""
+    sys.modules.pop("multi_turn", None)
+    multi_turn = importlib.import_module("multi_turn")
+    try:
+        args = multi_turn.build_parser().parse_args([])
+        assert (args.system_prompt_len, args.turns, args.conversations, args.concurrency, args.output_len) == \
+            (2000, 4, 8, 8, 16)
+        configs = multi_turn.configurations(args)
+        assert [label for label, _ in configs] == ["realizar, prefix caching", "realizar, --no-prefix-caching"]
+        on, off = (spec.argv for _, spec in configs)
+        assert "--no-prefix-caching" not in on and "--no-prefix-caching" in off
+        ctx = int(on[on.index("--max-model-len") + 1])
+        assert ctx >= 2000 + 4 * (32 + 16)
+
+        python = tmp_path / "bin/python"
+        python.parent.mkdir()
+        python.touch()
+        monkeypatch.setattr(common, "VLLM_PYTHON", python)
+        monkeypatch.setattr(common, "_dist_version", lambda *_: "test")
+        model = _hf_dir(tmp_path)
+        monkeypatch.setattr(multi_turn, "vllm_spec", lambda **kw: common.vllm_spec(model_dir=model, **kw))
+        args = multi_turn.build_parser().parse_args(["--peers", "vllm"])
+        vllm = [spec for label, spec in multi_turn.configurations(args) if label.startswith("vllm")]
+        assert len(vllm) == 2 and not any(isinstance(s, str) for s in vllm)
+        assert "--enable-prefix-caching" in vllm[0].argv and "--no-enable-prefix-caching" in vllm[1].argv
+        assert vllm[0].argv[vllm[0].argv.index("--max-model-len") + 1] == str(ctx)
+
+        def result(config: str, ttfts: list[float]) -> dict[str, object]:
+            return {"config": config, "server": "realizar", "note": "", "failed": 0, "turns": [
+                {"group": i + 1, "requests": 8, "mean_input_tokens": 2100.0 + 50 * i, "mean_cached_tokens": None,
+                 "ttft": {"p50_ms": t}} for i, t in enumerate(ttfts)]}
+
+        results = [result("on", [900.0, 120.0, 100.0, 80.0]), result("off", [900.0, 950.0, 1000.0, 1200.0])]
+        assert multi_turn.ratios(results, 4) == [("realizar", 15.0)]
+        text = multi_turn.markdown(results, [], multi_turn.build_parser().parse_args([]))
+        assert "| 4 | 2250 | n/a | 80.0 | n/a | 1200.0 |" in text and "15.0x (target >= 5x: met)" in text
+    finally:
+        sys.modules.pop("multi_turn", None)

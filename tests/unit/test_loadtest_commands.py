@@ -174,3 +174,20 @@ def test_llm_multi_turn_reports_each_turn(noop_url: str, tmp_path: Path,
                  "--num-prompts", "4", "--system-prompt-len", "20", "--output-len", "2"]) == 0
     assert main(["llm", "--url", noop_url, "--workload", "multi-turn", "--concurrency", "2",
                  "--dataset", str(out)]) == 4
+
+
+def test_llm_json_schema_reports_validity(noop_url: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "schema.json"
+    assert main(["llm", "--url", noop_url, "--workload", "json-schema", "--concurrency", "2",
+                 "--num-prompts", "8", "--output-len", "64", "--json", str(out)]) == 0
+    doc = read_json(out)
+    assert validate_report(doc) == []
+    assert doc["config"]["endpoint"] == "chat" and doc["config"]["ignore_eos"] is False
+    v = doc["schema_validity"]
+    # the no-op server honours response_format with each schema's smallest instance
+    assert v["judged"] == 8 and v["json"] == 8 and v["valid"] == 8 and v["schema_checked"] is True
+    assert "Parse and match their schema:" in capsys.readouterr().out
+    # response_format is a chat field
+    assert main(["llm", "--url", noop_url, "--workload", "json-schema", "--endpoint", "completions",
+                 "--concurrency", "2"]) == 4

@@ -176,3 +176,112 @@ def test_multi_turn_conversations_share_a_system_prompt_and_carry_their_history(
     shared = prefix_shared_prompts(4, system_len=30, user_len=6)
     assert len({orjson.dumps(p.messages) for p in shared}) == 4
     assert len({orjson.dumps(p.messages[0]) for p in shared if p.messages}) == 1
+
+
+# ---------------------------------------------------------------- json-schema workload
+
+def _openai_stream(pieces: list[str]) -> bytes:
+    chunks = [b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": p}}]}) + b"\n\n"
+              for p in pieces]
+    return b"".join(chunks) + b"data: [DONE]\n\n"
+
+
+def test_json_schema_prompts_carry_response_format_and_a_validator() -> None:
+    from realizar.loadtest.llm import JSON_SCHEMAS, LlmWorkload, json_schema_prompts
+
+    prompts = json_schema_prompts(9, seed=3)
+    assert [p.response_format["json_schema"]["name"] for p in prompts if p.response_format] == \
+        [JSON_SCHEMAS[i % len(JSON_SCHEMAS)][0] for i in range(9)]
+    assert len({p.text for p in prompts}) == 9  # distinct prompts
+    for _, _, schema in JSON_SCHEMAS:  # bounded: a small model can finish every one
+        for prop in schema["properties"].values():
+            assert "enum" in prop or prop["type"] == "boolean" or "maxLength" in prop or "maximum" in prop
+    spec = LlmWorkload("chat", "m", tuple(prompts), 64, ignore_eos=False).request(1)
+    body = orjson.loads(spec.body or b"")
+    assert body["response_format"]["type"] == "json_schema"
+    assert body["response_format"]["json_schema"]["schema"] == JSON_SCHEMAS[1][2]
+    assert "ignore_eos" not in body and "min_tokens" not in body
+    assert spec.validate is prompts[1].validate and spec.validate is not None
+
+
+def test_validator_tells_json_schema_mismatch_and_prose_apart() -> None:
+    from realizar.loadtest.llm import JSON_SCHEMAS, make_validator
+    from realizar.loadtest.workload import Validity
+
+    schema = JSON_SCHEMAS[0][2]  # person: name (<= 20 chars), age 0..120, role enum
+    check = make_validator(schema, check_schema=True)
+    assert check('{"name": "Ann", "age": 30, "role": "admin"}') is Validity.VALID
+    assert check(' {"name":"Ann","age":30,"role":"admin"}\n') is Validity.VALID
+    assert check('{"name": "Ann", "age": 300, "role": "admin"}') is Validity.SCHEMA_MISMATCH
+    assert check('{"name": "Ann", "age": 3, "role": "boss"}') is Validity.SCHEMA_MISMATCH
+    assert check('{"name": "' + "n" * 21 + '", "age": 3, "role": "user"}') is Validity.SCHEMA_MISMATCH
+    assert check('{"name": "Ann", "age": 3, "role": "user", "x": 1}') is Validity.SCHEMA_MISMATCH
+    assert check('{"name": "Ann", "age": 3') is Validity.NOT_JSON  # cut short by max_tokens
+    assert check("Sure! Here is a person: Ann, 30.") is Validity.NOT_JSON
+    assert check("") is Validity.NOT_JSON
+    # without jsonschema only the syntax is judged
+    unchecked = make_validator(schema, check_schema=False)
+    assert unchecked('{"name": "Ann", "age": 300}') is Validity.JSON_ONLY
+    assert unchecked("prose") is Validity.NOT_JSON
+
+
+def test_stream_keeps_its_text_only_when_judged() -> None:
+    data = _openai_stream(['{"na', 'me": "A', '"}'])
+    kept = StreamState(ResponseKind.SSE_OPENAI, keep_text=True)
+    kept.feed(data[:17], 1.0)
+    kept.feed(data[17:], 2.0)
+    assert kept.done and kept.text == '{"name": "A"}' and kept.tokens == 3
+    plain = StreamState(ResponseKind.SSE_OPENAI)
+    plain.feed(data, 1.0)
+    assert plain.tokens == 3 and plain.text == ""
+
+
+def test_validity_accounting_counts_successful_responses_only() -> None:
+    from realizar.loadtest.client import finish_body, new_stream
+    from realizar.loadtest.llm import format_validity, json_schema_prompts, schema_validity
+    from realizar.loadtest.runner import ScenarioResult
+    from realizar.loadtest.stats import Collector, FailureClass, RequestRecord
+    from realizar.loadtest.workload import RequestSpec, Validity
+
+    prompts = json_schema_prompts(1)
+    spec = RequestSpec("POST", "/v1/chat/completions", b"{}", ResponseKind.SSE_OPENAI, validate=prompts[0].validate)
+    answers = [['{"name": "Bo", ', '"age": 7, "role": "guest"}'],  # valid
+               ['{"name": "Bo", "age": -1, "role": "guest"}'],  # JSON, out of range
+               ["I cannot ", "do that."],  # a server that ignored response_format
+               ['{"name": "Bo"']]  # truncated by max_tokens
+    collector = Collector()
+    collector.start(0.0)
+    for i, pieces in enumerate(answers):
+        stream = new_stream(spec)
+        assert stream is not None and stream.keep_text
+        stream.feed(_openai_stream(pieces), 0.5)
+        rec = RequestRecord(i, 0.0, 0.0, 1.0, status=200)
+        finish_body(rec, spec, b"", stream, True)
+        assert rec.ok
+        collector.add(rec)
+    # a failed request is a failure, not an invalid answer
+    collector.add(RequestRecord(9, 0.0, 0.0, 1.0, status=500, failure=FailureClass.HTTP_5XX))
+    assert collector.validity_counts() == {Validity.VALID.value: 1, Validity.JSON_ONLY.value: 0,
+                                           Validity.SCHEMA_MISMATCH.value: 1, Validity.NOT_JSON.value: 2}
+    result = ScenarioResult.__new__(ScenarioResult)
+    result.overall_collector = collector
+    v = schema_validity(result, schema_checked=True)
+    assert (v["judged"], v["json"], v["valid"]) == (4, 2, 1)
+    assert v["json_fraction"] == 0.5 and v["valid_fraction"] == 0.25
+    text = format_validity(v)
+    assert "Parse as JSON:" in text and "2 (50.0%)" in text and "1 (25.0%)" in text
+    unchecked = format_validity(schema_validity(result, schema_checked=False))
+    assert "not checked (jsonschema is not installed" in unchecked
+
+
+def test_noop_server_answers_the_smallest_instance_of_each_schema() -> None:
+    from realizar.loadtest.llm import JSON_SCHEMAS, make_validator
+    from realizar.loadtest.noop_server import _schema_pieces
+    from realizar.loadtest.workload import Validity
+
+    for name, _, schema in JSON_SCHEMAS:
+        pieces = _schema_pieces({"response_format": {"type": "json_schema",
+                                                     "json_schema": {"name": name, "schema": schema}}})
+        assert pieces is not None
+        assert make_validator(schema, check_schema=True)(b"".join(pieces).decode()) is Validity.VALID
+    assert _schema_pieces({"response_format": {"type": "json_object"}}) is None
