@@ -97,10 +97,9 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
 
 
 def fit_params(params: SamplingParams, engine: EngineClient) -> SamplingParams:
-    """Check the token ids the parameters carry against the vocabulary; a top_k at or over the
-    vocabulary filters nothing: say so the engine's way (0)."""
-    check_token_ids(params.stop_token_ids, engine.model_config.vocab_size, "stop_token_ids")
-    check_token_ids([t for t, _b in params.logit_bias], engine.model_config.vocab_size, "logit_bias")
+    """A top_k at or over the vocabulary filters nothing: say so the engine's way (0). (The token
+    ids the parameters carry are checked against the vocabulary by the engine when the request is
+    submitted, for every caller: a 400 naming the field, see :meth:`Generation.submit`.)"""
     if params.top_k >= engine.model_config.vocab_size:
         return dataclasses.replace(params, top_k=0)
     return params
@@ -175,7 +174,7 @@ class Generation:
             message = ("The server is shutting down" if self.engine.healthy
                        else "The engine stopped after a fatal error")
             raise APIError(503, message, code="unavailable", headers={"Retry-After": "1"}) from None
-        except InvalidRequest as exc:  # a token id the edge should have caught; still the client's fault
+        except InvalidRequest as exc:  # a token id outside the vocabulary (prompt, stop ids, logit bias)
             raise APIError(400, str(exc), param=exc.param) from None
         except ValueError as exc:  # RequestTooLong: prompt plus max_tokens over the context
             raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None

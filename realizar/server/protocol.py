@@ -600,7 +600,7 @@ def _stop_strings(f: Fields) -> tuple[str, ...]:
 
 def _token_id_list(f: Fields, key: str) -> tuple[int, ...]:
     """A list of token ids: integers >= 0. Whether each is inside the vocabulary is checked
-    once the model is known (``generation.check_token_ids``)."""
+    when the request is submitted (``Engine.check_request``: a 400 naming the field)."""
     value = f.raw(key)
     assert isinstance(value, list)
     if any(isinstance(t, bool) or not isinstance(t, int) for t in value):
