@@ -356,6 +356,7 @@ def run_llm(args: argparse.Namespace) -> int:
         DatasetError,
         LlmWorkload,
         format_llm,
+        format_prefix_cache,
         format_turns,
         format_validity,
         json_schema_prompts,
@@ -453,6 +454,7 @@ def run_llm(args: argparse.Namespace) -> int:
     for run in runs:
         sys.stdout.write("\n" + format_llm(run.metrics, run.result.scenario.title))
         sys.stdout.write(format_turns(per_turn(run.result)))
+        sys.stdout.write(format_prefix_cache(run.result))
         if structured:
             sys.stdout.write(format_validity(schema_validity(run.result)))
     extra: dict[str, Any] = {"model": model}

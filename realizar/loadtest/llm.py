@@ -276,6 +276,14 @@ def format_turns(turns: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_prefix_cache(result: ScenarioResult) -> str:
+    """The server's prefix-cache hit rate over the run, where its /metrics counts them."""
+    rate = result.server_metrics.prefix_cache_hit_rate()
+    if rate is None:
+        return ""
+    return f"{'Prefix cache hits (server /metrics):':<40}{100.0 * rate:.1f}% of prompt tokens\n"
+
+
 def schema_validity(result: ScenarioResult, *, schema_checked: bool = HAVE_JSONSCHEMA) -> dict[str, Any]:
     """How many successful responses parse as JSON and (where jsonschema is importable) match
     their schema. Failed requests (HTTP errors, cut streams) are counted as failures, not here."""

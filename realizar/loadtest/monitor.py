@@ -147,6 +147,11 @@ WATCHED_SERIES: dict[str, tuple[str, ...]] = {
                              "llamacpp:requests_deferred"),
     "kv_cache_usage_ratio": ("realizar_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc",
                              "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio"),
+    # prompt tokens looked up in the prefix cache, and those found there (counters)
+    "prefix_cache_queries": ("realizar_prefix_cache_queries_total", "vllm:prefix_cache_queries_total",
+                             "vllm:prefix_cache_queries"),
+    "prefix_cache_hits": ("realizar_prefix_cache_hits_total", "vllm:prefix_cache_hits_total",
+                          "vllm:prefix_cache_hits"),
 }
 _SOURCE = {name: canon for canon, names in WATCHED_SERIES.items() for name in names}
 
@@ -186,7 +191,17 @@ class ServerMetrics:
     error: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "prefix_cache_hit_rate": self.prefix_cache_hit_rate()}
+
+    def prefix_cache_hit_rate(self) -> float | None:
+        """The share of prompt tokens the server found in its prefix cache during the run, from its
+        counters' growth between the first and the last sample; None when it exposes none."""
+        counted = [s for s in self.samples if "prefix_cache_queries" in s and "prefix_cache_hits" in s]
+        if len(counted) < 2:
+            return None
+        queries = counted[-1]["prefix_cache_queries"] - counted[0]["prefix_cache_queries"]
+        hits = counted[-1]["prefix_cache_hits"] - counted[0]["prefix_cache_hits"]
+        return hits / queries if queries > 0 else None
 
 
 class MetricsScraper:

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from realizar.loadtest.config import LoadTestConfig
-from realizar.loadtest.monitor import ClientMonitor, SaturationLimits, parse_prometheus
+from realizar.loadtest.monitor import ClientMonitor, SaturationLimits, ServerMetrics, parse_prometheus
 from realizar.loadtest.runner import PhaseResult, RunOptions, recovery_time, run_scenario, run_sync
 from realizar.loadtest.scenarios import Phase, Scenario
 from realizar.loadtest.stats import Collector, RequestRecord
@@ -162,3 +162,18 @@ realizar_requests_total 100
 """
     assert parse_prometheus(text) == {"num_requests_running": 5.0, "num_requests_waiting": 7.0,
                                       "kv_cache_usage_ratio": 0.25}
+
+
+def test_prefix_cache_hit_rate_from_the_servers_counters() -> None:
+    def sample(t: float, queries: float, hits: float) -> dict[str, float]:
+        text = f"realizar_prefix_cache_queries_total {queries}\nrealizar_prefix_cache_hits_total {hits}\n"
+        return {"t": t, **parse_prometheus(text)}
+
+    # the run's own growth counts, not what the counters held before it
+    metrics = ServerMetrics(available=True, samples=[sample(0, 1000, 900), sample(1, 3000, 2400), sample(2, 5000, 4100)])
+    assert metrics.prefix_cache_hit_rate() == (4100 - 900) / (5000 - 1000)
+    assert metrics.to_dict()["prefix_cache_hit_rate"] == metrics.prefix_cache_hit_rate()
+    vllm = parse_prometheus('vllm:prefix_cache_queries_total{model_name="m"} 10\nvllm:prefix_cache_hits_total{model_name="m"} 4\n')
+    assert vllm == {"prefix_cache_queries": 10.0, "prefix_cache_hits": 4.0}
+    assert ServerMetrics(available=True, samples=[{"t": 0, "num_requests_running": 1.0}] * 2).prefix_cache_hit_rate() is None
+    assert ServerMetrics(available=True, samples=[sample(0, 10, 5), sample(1, 10, 5)]).prefix_cache_hit_rate() is None
