@@ -431,3 +431,23 @@ def test_default_model_qk_match_transformers(default_model: LoadedModel) -> None
         raw = gguf.quants.dequantize(t.data, t.tensor_type)
         expected = processor.process(weights=raw, name=gguf_name).weights
         assert torch.equal(default_model.tensors[hf], torch.from_numpy(np.ascontiguousarray(expected)).to(torch.bfloat16))
+
+
+def test_the_private_gguf_reader_methods_we_override_still_exist() -> None:
+    """``GGUFFile`` overrides and calls private methods of ``gguf.GGUFReader``; a gguf release that
+    renames one, or changes its parameters, must fail here rather than misread files."""
+    import inspect
+
+    import gguf
+
+    expected = {
+        "_get": ["self", "offset", "dtype", "count", "override_order"],
+        "_get_str": ["self", "offset"],
+        "_get_field_parts": ["self", "orig_offs", "raw_type"],
+        "_build_fields": ["self", "offs", "count"],
+        "_get_tensor_info_field": ["self", "orig_offs"],
+    }
+    for name, params in expected.items():
+        method = getattr(gguf.GGUFReader, name, None)
+        assert callable(method), f"gguf.GGUFReader.{name} is gone"
+        assert list(inspect.signature(method).parameters) == params, (name, inspect.signature(method))
