@@ -138,6 +138,18 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def server_lines(results: list[dict[str, Any]], label: str = "server") -> list[str]:
+    """One report line per measured server (``result[label]``): its configuration note, or why it
+    could not be measured."""
+    return [f"- **{r[label]}**: " + (f"could not be measured: {r['error'].splitlines()[0]}" if "error" in r
+                                     else r.get("note", "")) for r in results]
+
+
+def table_head(head: list[str]) -> list[str]:
+    """A blank line, then a markdown table's header and rule."""
+    return ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
 @functools.cache
 def machine_line() -> str:
     """One line describing this machine, for the top of every report. Cached, so

@@ -59,7 +59,9 @@ from common import (
     prompt_text,
     realizar_spec,
     run,
+    server_lines,
     stream_completion,
+    table_head,
     warm_up,
     workload_for,
 )
@@ -271,13 +273,10 @@ def markdown(results: list[dict[str, Any]], skipped: list[str], args: argparse.N
     lines = [f"Machine: {machine_line()}; {load_line()}",
              f"Long prompt: {args.prompt_len} tokens; short requests: {args.short_len} words; "
              f"{args.threads} compute threads per server; streaming /v1/completions on 127.0.0.1", ""]
-    for r in results:
-        state = f"could not be measured: {r['error'].splitlines()[0]}" if "error" in r else r.get("note", "")
-        lines.append(f"- **{r['server']}**: {state}")
+    lines += server_lines(results)
     lines += [f"- {why}" for why in skipped]
     names = [r["server"] for r in results]
-    head = ["metric", *names] + ([f"{names[0]} / {names[1]}"] if peer else [])
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += table_head(["metric", *names] + ([f"{names[0]} / {names[1]}"] if peer else []))
     rows: list[tuple[str, tuple[str, ...], int]] = [
         ("(a) prefill alone: TTFT s", ("prefill_s",), 2),
         ("(a) prefill speed, prompt tok/s", ("prefill_tok_s",), 0),

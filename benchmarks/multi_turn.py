@@ -45,6 +45,8 @@ from common import (
     machine_line,
     realizar_spec,
     run,
+    server_lines,
+    table_head,
     vllm_spec,
     warm_up,
     workload_for,
@@ -167,14 +169,12 @@ def markdown(results: list[dict[str, Any]], skipped: list[str], args: argparse.N
              f"{args.conversations} conversations x {args.turns} turns, {args.system_prompt_len}-word shared system "
              f"prompt, {args.user_len}-word user turns, {args.output_len} output tokens, concurrency "
              f"{args.concurrency}, streaming /v1/chat/completions on 127.0.0.1 (realizar.loadtest's client)", ""]
-    for r in results:
-        state = f"could not be measured: {r['error'].splitlines()[0]}" if "error" in r else r.get("note", "")
-        lines.append(f"- **{r['config']}**: {state}")
+    lines += server_lines(results, "config")
     lines += [f"- {why}" for why in skipped]
     head = ["turn", "prompt tok"]
     for r in results:
         head += [f"{r['config']}: cached tok", f"{r['config']}: TTFT p50 ms"]
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += table_head(head)
     for turn in range(1, args.turns + 1):
         first = next((t for r in results if (t := _turn(r, turn)) is not None), None)
         row = [str(turn), "n/a" if first is None else f"{first['mean_input_tokens']:.0f}"]

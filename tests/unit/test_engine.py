@@ -146,17 +146,22 @@ def test_deadline_expiry_times_out_waiting_and_running_requests(served: EngineMo
     assert_no_leak(engine)
 
 
-def test_preemption_with_few_blocks_keeps_greedy_tokens(served: EngineModel) -> None:
-    prompts = [prompt(i, 20) for i in range(4)]
+def assert_preemption_keeps_greedy_tokens(served: EngineModel, prompts: list[list[int]], num_kv_blocks: int) -> None:
+    """Run ``prompts`` side by side in a cache too small for all of them: some are preempted and
+    recomputed, and each still gets the greedy tokens it gets alone."""
     alone = [generate_alone(served, p, greedy(40)) for p in prompts]
-    # 8 blocks of 16 tokens: each request needs 4 at its end, so four cannot all stay
-    engine = Engine(served, config(num_kv_blocks=8))
+    engine = Engine(served, config(num_kv_blocks=num_kv_blocks))
     for i, p in enumerate(prompts):
         engine.add(Request(p, greedy(40), request_id=f"r{i}"))
     events = run(engine)
     assert engine.scheduler.num_preemptions > 0
-    assert [tokens(events[f"r{i}"]) for i in range(4)] == alone
+    assert [tokens(events[f"r{i}"]) for i in range(len(prompts))] == alone
     assert_no_leak(engine)
+
+
+def test_preemption_with_few_blocks_keeps_greedy_tokens(served: EngineModel) -> None:
+    # 8 blocks of 16 tokens: each request needs 4 at its end, so four cannot all stay
+    assert_preemption_keeps_greedy_tokens(served, [prompt(i, 20) for i in range(4)], 8)
 
 
 def test_a_token_id_outside_the_vocabulary_is_refused_before_it_can_break_a_batch(served: EngineModel) -> None:
@@ -448,15 +453,7 @@ def test_a_cached_prefix_is_not_computed_again(served: EngineModel) -> None:
 
 def test_prefix_caching_survives_preemption_with_few_blocks(served: EngineModel) -> None:
     system = prompt(42, 40)
-    prompts = [system + prompt(i, 10) for i in range(5)]
-    alone = [generate_alone(served, p, greedy(40)) for p in prompts]
-    engine = Engine(served, config(num_kv_blocks=12))
-    for i, p in enumerate(prompts):
-        engine.add(Request(p, greedy(40), request_id=f"r{i}"))
-    events = run(engine)
-    assert engine.scheduler.num_preemptions > 0
-    assert [tokens(events[f"r{i}"]) for i in range(5)] == alone
-    assert_no_leak(engine)
+    assert_preemption_keeps_greedy_tokens(served, [system + prompt(i, 10) for i in range(5)], 12)
 
 
 def test_prompt_logprobs_are_the_same_with_a_cached_prefix(served: EngineModel) -> None:

@@ -22,7 +22,11 @@ def batched_tokens(out: SchedulerOutput) -> int:
 
 def run_step(sched: Scheduler) -> list[Sequence]:
     """Schedule, pretend the model ran, append a token to sampling sequences."""
-    out = sched.schedule()
+    return complete(sched, sched.schedule())
+
+
+def complete(sched: Scheduler, out: SchedulerOutput) -> list[Sequence]:
+    """Commit a scheduled step as if the model ran it; append a token to the sampling sequences."""
     sched.commit(out)
     sampled = []
     for item in (*out.decodes, *out.prefills):
@@ -143,13 +147,7 @@ def test_random_add_step_abort_leaks_no_blocks(ops: list[tuple[str, int]], num_b
                 assert all(i.num_tokens <= threshold for i in out.prefills)
             assert batched_tokens(out) <= budget
             assert not had_work or not out.empty or sched.num_preemptions > preemptions  # no step without progress
-            sched.commit(out)
-            sampled = []
-            for item in (*out.decodes, *out.prefills):
-                if item.samples:
-                    item.seq.token_ids.append(7)
-                    sampled.append(item.seq)
-            for seq in sampled:
+            for seq in complete(sched, out):
                 if seq.num_generated >= seq.request.params.max_tokens:
                     sched.finish(seq)
                     live.remove(seq)
@@ -235,10 +233,7 @@ def test_a_long_prompt_chunk_shrinks_to_the_blocks_at_hand_instead_of_preempting
     for _ in range(12):
         out = sched.schedule()
         assert stream.request_id in {i.seq.request_id for i in out.decodes}
-        sched.commit(out)
-        for item in (*out.decodes, *out.prefills):
-            if item.samples:
-                item.seq.token_ids.append(7)
+        complete(sched, out)
     assert stream.num_preemptions == 0
 
 
