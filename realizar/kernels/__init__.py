@@ -28,6 +28,7 @@ returns None and the model keeps its pure-torch path, which gives the same resul
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -64,24 +65,33 @@ class QuantFormat:
     offset: int
     has_min: bool
     group: int = 32
+    half: bool = False  # float16 scales (where each is a float16 exactly), else float32
 
     @property
     def record_bytes(self) -> int:
         ints = 512 if self.bits == 8 else 256 + (self.bits - 4) * 64
-        return ints + (128 if self.has_min or self.group == 16 else 64)
+        return ints + (32 if self.has_min or self.group == 16 else 16) * (2 if self.half else 4)
 
 
-# The formats of quant_gemm.c (its enum), by (bits, offset, has_min, group).
-QUANT_FORMATS = [QuantFormat(0, 4, 8, False), QuantFormat(1, 4, 0, True), QuantFormat(2, 5, 16, False),
+HALF_SCALES = 8  # quant_gemm.c's HALF flag on a format's code
+_BASE_FORMATS = [QuantFormat(0, 4, 8, False), QuantFormat(1, 4, 0, True), QuantFormat(2, 5, 16, False),
                  QuantFormat(3, 5, 0, True), QuantFormat(4, 6, 32, False, 16), QuantFormat(5, 8, 0, False)]
+# The formats of quant_gemm.c (its enum), by (bits, offset, has_min, group, half).
+QUANT_FORMATS = _BASE_FORMATS + [dataclasses.replace(f, code=f.code | HALF_SCALES, half=True) for f in _BASE_FORMATS]
 
 
-def quant_format(bits: int, offset: int, has_min: bool, group: int) -> QuantFormat | None:
+def quant_format(bits: int, offset: int, has_min: bool, group: int, half: bool = False) -> QuantFormat | None:
     """The kernel format of integers of ``bits`` bits, or None where quant_gemm.c has none."""
     for fmt in QUANT_FORMATS:
-        if (fmt.bits, fmt.offset, fmt.has_min, fmt.group) == (bits, offset, has_min, group):
+        if (fmt.bits, fmt.offset, fmt.has_min, fmt.group, fmt.half) == (bits, offset, has_min, group, half):
             return fmt
     return None
+
+
+def exact_in_half(*scales: torch.Tensor | None) -> bool:
+    """Whether every value of ``scales`` is a float16 exactly, so records may store them in half the
+    bytes and still dequantize bit for bit (GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 scales are float16)."""
+    return all(t is None or torch.equal(t.half().float(), t) for t in scales)
 
 
 @dataclass(frozen=True)
@@ -205,7 +215,11 @@ def pack_quantized(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | N
     floats = [scales.view(panels, PANEL, blocks, -1).permute(0, 2, 3, 1)]  # [panels, blocks, 1 or 2, 16]
     if mins is not None:
         floats.append(mins.view(panels, PANEL, blocks, 1).permute(0, 2, 3, 1))
-    scale_bytes = torch.cat(floats, dim=2).contiguous().view(torch.uint8).reshape(panels, blocks, -1)
+    stacked = torch.cat(floats, dim=2).contiguous()
+    if fmt.half:
+        assert exact_in_half(stacked), "a scale is not a float16 exactly"
+        stacked = stacked.half()
+    scale_bytes = stacked.view(torch.uint8).reshape(panels, blocks, -1)
     records = torch.cat([*parts, scale_bytes], dim=2).contiguous()
     assert records.shape[2] == fmt.record_bytes
     return QuantPacked(records, fmt, n, k)

@@ -17,12 +17,15 @@
  *   bits 5-6 (6 bits)       8 vectors; vector h, byte j, bits 2s, 2s + 1 = bits 4-5 of q[j][h + 8s]
  *   bytes (8 bits)          32 vectors; vector k, byte j = q[j][k] (int8)
  *   scales                  float32 [16] d, then [16] min (Q4_1, Q5_1, K-quants' -dmin * m) or
- *                           [16] d of terms 16-31 (Q6_K's 16-term sub-blocks)
+ *                           [16] d of terms 16-31 (Q6_K's 16-term sub-blocks); float16 in the
+ *                           HALF formats
  *
- * Every record is a multiple of 64 bytes, so records stay cache-line aligned. Scales are
- * stored as float32, already multiplied out as the reference dequantization does (Q4_K's
- * d * scale and dmin * min), so a weight dequantizes to exactly the float the reference
- * gives: (q - offset) * d, then + min, each product rounded before the sum (no fused
+ * Scales are stored already multiplied out as the reference dequantization does (Q4_K's
+ * d * scale and dmin * min), as float32, or as float16 where every scale of the weight is a
+ * float16 exactly (GGUF's Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 store them so): a Q4_1 record is
+ * then 320 bytes for 512 weights, as few as the GGUF blocks, where float32 scales took 384,
+ * a fifth more to read in a decode step. Either way a weight dequantizes to exactly the float
+ * the reference gives: (q - offset) * d, then + min, each product rounded before the sum (no fused
  * multiply-add, see `rounded`). The product is then exactly x times the dequantized weight,
  * in float32.
  *
@@ -49,8 +52,8 @@
 #define PASS_BLOCKS 8     /* records per pass over the sums: 256 terms, 16 KiB of floats per panel */
 #define MC 96             /* rows of x per unit, as in packed_gemm.c */
 
-/* Formats; realizar/kernels/__init__.py has the same codes. */
-enum { Q4_OFFSET, Q4_MIN, Q5_OFFSET, Q5_MIN, Q6_OFFSET, Q8 };
+/* Formats; realizar/kernels/__init__.py has the same codes. A format | HALF has float16 scales. */
+enum { Q4_OFFSET, Q4_MIN, Q5_OFFSET, Q5_MIN, Q6_OFFSET, Q8, HALF = 8 };
 
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
@@ -59,6 +62,15 @@ typedef float f32x16 __attribute__((vector_size(64)));
 
 static inline u8x16 bytes16(const uint8_t *p) { u8x16 v; memcpy(&v, p, sizeof v); return v; }
 static inline f32x16 floats16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
+
+typedef _Float16 f16x16 __attribute__((vector_size(32)));
+
+/* 16 float16 at p as float32 (one vcvtph2ps with F16C or AVX-512). */
+static inline f32x16 halves16(const uint8_t *p) {
+    f16x16 v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, f32x16);
+}
 
 /* v, rounded to float32 here: the compiler may not fuse the product that made it with the
  * addition that follows, which would round once where the reference rounds twice. */
@@ -96,14 +108,23 @@ static inline i32x16 widen(i8x16 v) {
     return r;
 }
 
-static inline int fmt_bits(int f) { return f <= Q4_MIN ? 4 : f <= Q5_MIN ? 5 : f == Q6_OFFSET ? 6 : 8; }
-static inline int fmt_offset(int f) { return f == Q4_OFFSET ? 8 : f == Q5_OFFSET ? 16 : f == Q6_OFFSET ? 32 : 0; }
-static inline int fmt_has_min(int f) { return f == Q4_MIN || f == Q5_MIN; }
+static inline int fmt_base(int f) { return f & (HALF - 1); }
+static inline int fmt_bits(int f) {
+    f = fmt_base(f);
+    return f <= Q4_MIN ? 4 : f <= Q5_MIN ? 5 : f == Q6_OFFSET ? 6 : 8;
+}
+static inline int fmt_offset(int f) {
+    f = fmt_base(f);
+    return f == Q4_OFFSET ? 8 : f == Q5_OFFSET ? 16 : f == Q6_OFFSET ? 32 : 0;
+}
+static inline int fmt_has_min(int f) { return fmt_base(f) == Q4_MIN || fmt_base(f) == Q5_MIN; }
+static inline int fmt_two_d(int f) { return fmt_base(f) == Q6_OFFSET; }  /* a d per 16 terms */
 static inline int64_t int_bytes(int f) { return fmt_bits(f) == 8 ? 512 : 256 + (fmt_bits(f) - 4) * 64; }
+static inline int64_t scale_bytes(int f) { return (f & HALF) ? 2 : 4; }
 
-/* Bytes of one record: the integers, then 16 or 32 floats. */
+/* Bytes of one record: the integers, then 16 or 32 scales. */
 int64_t realizar_quant_record_bytes(int f) {
-    return int_bytes(f) + (fmt_has_min(f) || f == Q6_OFFSET ? 128 : 64);
+    return int_bytes(f) + (fmt_has_min(f) || fmt_two_d(f) ? 32 : 16) * scale_bytes(f);
 }
 
 /* The weights of term k (0-31) of one record for its 16 rows, from the record's integers and
@@ -128,11 +149,15 @@ static inline __attribute__((always_inline)) f32x16 term(const int F, const uint
 }
 
 /* A record's scales: d of terms 0-15 and 16-31, and the min (zero where the format has none). */
-#define SCALES(F, rec, d0, d1, min)                                                  \
-    const float *scales_ = (const float *)((rec) + int_bytes(F));                   \
-    const f32x16 d0 = floats16(scales_);                                             \
-    const f32x16 d1 = (F) == Q6_OFFSET ? floats16(scales_ + 16) : d0;                \
-    const f32x16 min = fmt_has_min(F) ? floats16(scales_ + 16) : (f32x16){0}
+static inline f32x16 scale16(const int F, const uint8_t *p) {
+    return (F & HALF) ? halves16(p) : floats16((const float *)p);
+}
+
+#define SCALES(F, rec, d0, d1, min)                                                           \
+    const uint8_t *scales_ = (rec) + int_bytes(F);                                            \
+    const f32x16 d0 = scale16(F, scales_);                                                    \
+    const f32x16 d1 = fmt_two_d(F) ? scale16(F, scales_ + 16 * scale_bytes(F)) : d0;          \
+    const f32x16 min = fmt_has_min(F) ? scale16(F, scales_ + 16 * scale_bytes(F)) : (f32x16){0}
 
 /* The 32 x 16 weights of one record, k-major (out[k * 16 + j] = W[row j][term k]). */
 static inline __attribute__((always_inline)) void dequantize(const int F, const uint8_t *rec, float *out) {
@@ -158,7 +183,13 @@ static void dequantize_records(int f, const uint8_t *rec, int64_t count, float *
             case Q5_OFFSET: dequantize(Q5_OFFSET, rec, out); break;
             case Q5_MIN: dequantize(Q5_MIN, rec, out); break;
             case Q6_OFFSET: dequantize(Q6_OFFSET, rec, out); break;
-            default: dequantize(Q8, rec, out); break;
+            case Q8: dequantize(Q8, rec, out); break;
+            case Q4_OFFSET | HALF: dequantize(Q4_OFFSET | HALF, rec, out); break;
+            case Q4_MIN | HALF: dequantize(Q4_MIN | HALF, rec, out); break;
+            case Q5_OFFSET | HALF: dequantize(Q5_OFFSET | HALF, rec, out); break;
+            case Q5_MIN | HALF: dequantize(Q5_MIN | HALF, rec, out); break;
+            case Q6_OFFSET | HALF: dequantize(Q6_OFFSET | HALF, rec, out); break;
+            default: dequantize(Q8 | HALF, rec, out); break;
         }
     }
 }
@@ -296,6 +327,12 @@ struct djob {
         DIRECT_CASE(Q5_MIN, R_, G_);           \
         DIRECT_CASE(Q6_OFFSET, R_, G_);        \
         DIRECT_CASE(Q8, R_, G_);               \
+        DIRECT_CASE(Q4_OFFSET | HALF, R_, G_); \
+        DIRECT_CASE(Q4_MIN | HALF, R_, G_);    \
+        DIRECT_CASE(Q5_OFFSET | HALF, R_, G_); \
+        DIRECT_CASE(Q5_MIN | HALF, R_, G_);    \
+        DIRECT_CASE(Q6_OFFSET | HALF, R_, G_); \
+        DIRECT_CASE(Q8 | HALF, R_, G_);        \
         default: break;                        \
     }
 
@@ -412,10 +449,10 @@ int realizar_quant_rows(const uint8_t *w, int fmt, const int64_t *ids, int64_t n
 }
 
 /* ---------------------------------------------------------------------------------------------
- * The fast class: x quantized to int8 per row and 32-term block (d_x = max |x| / 127, as
- * llama.cpp's Q8_1), times the weights' integers with integer dot products, the scales applied
- * per block in float32. Not exact: a quality gate (benchmarks/quality.py) measures it against
- * float32, and nothing chooses it by default.
+ * The fast class: x quantized per row and 32-term block to two int8 terms, x ~= d_x (256 a + b)
+ * (see quantize_rows), times the weights' integers with integer dot products, the scales applied
+ * per block in float32. Not exact, but within about 1e-5 of the block's largest |x|: a quality
+ * gate (benchmarks/quality.py) measures it against float32 before `auto` may time and choose it.
  *
  * Records of 16 rows by 32 terms again, in a layout for 4-byte dot products: 32-bit lane j of
  * a 64-byte vector holds 4 consecutive terms of row j,
@@ -425,7 +462,8 @@ int realizar_quant_rows(const uint8_t *w, int fmt, const int64_t *ids, int64_t n
  *   then float32 [16] d of terms 0-15, [16] d of terms 16-31, [16] min (zero if none)
  *
  * with u the stored integers (5/6-bit: unsigned; Q8_0: signed) and the weight
- * (u - c) * d (+ min). Per block, with I_h = sum over half h of u * x_q and S_h that of x_q,
+ * (u - c) * d (+ min). Per block, with x_q = 256 a + b, I_h = sum over half h of u * x_q and S_h
+ * that of x_q,
  *
  *   y += d_x * (d_0 (I_0 - c S_0) + d_1 (I_1 - c S_1)) + min * d_x * (S_0 + S_1)
  * ------------------------------------------------------------------------------------------- */
@@ -519,25 +557,36 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
             const float *scales = (const float *)(rec + (KIND == FAST_NIBBLES ? 256 : 512));
             const f32x16 d0 = floats16(scales), d1 = floats16(scales + 16), min = floats16(scales + 32);
             for (int r = 0; r < R; r++) {
-                const int32_t *x4 = (const int32_t *)(j->xq + (m + r) * K + b * QK);
-                i32x16 lo = {0}, hi = {0};
+                /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights */
+                const int32_t *xa = (const int32_t *)(j->xq + (m + r) * K + b * QK);
+                const int32_t *xb = (const int32_t *)(j->xq + (j->M + m + r) * K + b * QK);
+                i32x16 lo_a = {0}, hi_a = {0}, lo_b = {0}, hi_b = {0};
                 if (KIND == FAST_NIBBLES) {
                     for (int t = 0; t < 4; t++) {
-                        const u8x64 v = bytes64(rec + 64 * t);
-                        lo = dot4(lo, v & 15, x4[t]);
-                        hi = dot4(hi, v >> 4, x4[4 + t]);
+                        const u8x64 v = bytes64(rec + 64 * t), v_lo = v & 15, v_hi = v >> 4;
+                        lo_a = dot4(lo_a, v_lo, xa[t]);
+                        hi_a = dot4(hi_a, v_hi, xa[4 + t]);
+                        lo_b = dot4(lo_b, v_lo, xb[t]);
+                        hi_b = dot4(hi_b, v_hi, xb[4 + t]);
                     }
                 } else {
                     for (int t = 0; t < 4; t++) {
+                        const u8x64 w0 = bytes64(rec + 64 * t), w1 = bytes64(rec + 64 * (4 + t));
                         if (KIND == FAST_SIGNED_BYTES) {
-                            lo = dot4_signed(lo, bytes64(rec + 64 * t), x4[t]);
-                            hi = dot4_signed(hi, bytes64(rec + 64 * (4 + t)), x4[4 + t]);
+                            lo_a = dot4_signed(lo_a, w0, xa[t]);
+                            hi_a = dot4_signed(hi_a, w1, xa[4 + t]);
+                            lo_b = dot4_signed(lo_b, w0, xb[t]);
+                            hi_b = dot4_signed(hi_b, w1, xb[4 + t]);
                         } else {
-                            lo = dot4(lo, bytes64(rec + 64 * t), x4[t]);
-                            hi = dot4(hi, bytes64(rec + 64 * (4 + t)), x4[4 + t]);
+                            lo_a = dot4(lo_a, w0, xa[t]);
+                            hi_a = dot4(hi_a, w1, xa[4 + t]);
+                            lo_b = dot4(lo_b, w0, xb[t]);
+                            hi_b = dot4(hi_b, w1, xb[4 + t]);
                         }
                     }
                 }
+                /* x = d_x (256 a + b): |sums| < 2^18 per half, so 256 a + b stays well inside int32 */
+                const i32x16 lo = (lo_a << 8) + lo_b, hi = (hi_a << 8) + hi_b;
                 const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
                 const float dx = j->dx[(m + r) * blocks + b];
                 const f32x16 i0 = __builtin_convertvector(lo - j->c * s0, f32x16);
@@ -587,20 +636,28 @@ static void run_fast_unit(const void *arg, int64_t unit) {
     }
 }
 
-/* x [M, K] (row stride ldx) to int8 per 32-term block: xq = round(x / d), d = max |x| / 127,
- * and the sums of xq over each 16 terms. */
+/* x [M, K] (row stride ldx) to two int8 terms per 32-term block, x ~= d (256 a + b): a = round(x /
+ * (256 d)) with 256 d = max |x| / 127, as llama.cpp's Q8_1, and b = round(the remainder / d),
+ * |b| <= 128 clamped to 127. The error is at most d / 2 = max |x| / 65024 per term, about 256
+ * times less than a alone (which failed the quality gate: 95.7 % argmax agreement), for twice the
+ * integer dot products and no more weight reads. xq holds every row's a, then every row's b;
+ * sx the sums of 256 a + b over each 16 terms. */
 static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int8_t *xq, float *dx, int32_t *sx) {
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < K / QK; b++) {
             const float *v = x + m * ldx + b * QK;
             float amax = 0.0f;
             for (int k = 0; k < QK; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
-            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            const float coarse = amax / 127.0f, d = coarse / 256.0f;
+            const float id_coarse = coarse > 0.0f ? 1.0f / coarse : 0.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
             int32_t s0 = 0, s1 = 0;
             for (int k = 0; k < QK; k++) {
-                const int8_t q = (int8_t)lrintf(v[k] * id);
-                xq[m * K + b * QK + k] = q;
-                if (k < 16) s0 += q; else s1 += q;
+                const int32_t a = (int32_t)lrintf(v[k] * id_coarse);
+                int32_t fine = (int32_t)lrintf((v[k] - (float)a * coarse) * id);
+                fine = fine > 127 ? 127 : fine < -127 ? -127 : fine;
+                xq[m * K + b * QK + k] = (int8_t)a;
+                xq[(M + m) * K + b * QK + k] = (int8_t)fine;
+                if (k < 16) s0 += 256 * a + fine; else s1 += 256 * a + fine;
             }
             dx[m * (K / QK) + b] = d;
             sx[m * (K / 16) + 2 * b] = s0;
@@ -615,7 +672,7 @@ int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int 
                              int64_t M, int64_t N, int64_t K) {
     static __thread uint8_t *buffer;
     static __thread int64_t capacity;
-    const int64_t need = M * K + M * (K / QK) * 4 + M * (K / 16) * 4 + 64;
+    const int64_t need = 2 * M * K + M * (K / QK) * 4 + M * (K / 16) * 4 + 64;
     if (need > capacity) {
         free(buffer);
         buffer = aligned_alloc(64, (size_t)((need + 63) / 64 * 64));

@@ -107,7 +107,9 @@ class QuantLinear:
                 self.parts.append(kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset,
                                                     ints.group))
                 continue
-            fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group)
+            # float16 scales where that is exact: fewer bytes to read, the same floats
+            fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group,
+                                       kernels.exact_in_half(ints.scales, ints.mins))
             assert fmt is not None, f"no kernel format for {run[0].qtype.name}"
             self.parts.append(kernels.pack_quantized(ints.q, ints.scales, ints.mins, fmt))
         self.out_features = sum(p.n for p in self.parts)
