@@ -108,11 +108,15 @@ class QuantPacked:
         return self.records.numel()
 
 
+FAST_HALF, FAST_TWO_D, FAST_MIN = 8, 16, 32  # quant_gemm.c's flags of a fast record's scales
+
+
 @dataclass(frozen=True)
 class FastPacked:
     """A quantized weight ``[n, k]`` in ``quant_gemm.c``'s records for integer dot products (the fast
-    class): ``records [panels, k / 32, bytes]``, ``kind`` (0: nibbles, 1: unsigned bytes, 2: signed
-    bytes) and ``c``, the integer offset taken off the stored integers."""
+    class): ``records [panels, k / 32, bytes]``, ``kind`` (bits 0-1: 0 nibbles, 1 unsigned bytes, 2
+    signed bytes; then the FAST_* flags of the scales' layout) and ``c``, the integer offset taken
+    off the stored integers."""
 
     records: torch.Tensor
     kind: int
@@ -124,6 +128,10 @@ class FastPacked:
     def nbytes(self) -> int:
         return self.records.numel()
 
+    @property
+    def _int_bytes(self) -> int:
+        return 256 if self.kind & 3 == 0 else 512
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of ``W`` dequantized exactly, ``[len(ids), k]`` (an embedding lookup), in torch:
         ``(u - c) * d`` rounded, then ``+ min``, as the reference dequantization rounds."""
@@ -131,37 +139,45 @@ class FastPacked:
         n, blocks = ids.shape[0], self.k // QUANT_BLOCK
         rec = self.records[ids // PANEL]  # [n, blocks, bytes]
         lane = (ids % PANEL).view(n, 1, 1, 1, 1)
-        int_bytes = 256 if self.kind == 0 else 512
-        groups = 4 if self.kind == 0 else 8
+        int_bytes = self._int_bytes
+        groups = 4 if self.kind & 3 == 0 else 8
         ints = rec[:, :, :int_bytes].reshape(n, blocks, groups, PANEL, 4)
         mine = ints.gather(3, lane.expand(n, blocks, groups, 1, 4)).view(n, blocks, groups * 4)
-        if self.kind == 0:
+        if self.kind & 3 == 0:
             u = torch.cat([mine & 15, mine >> 4], dim=2).to(torch.int32)  # terms 0-15, then 16-31
-        elif self.kind == 2:
+        elif self.kind & 3 == 2:
             u = mine.view(torch.int8).to(torch.int32)
         else:
             u = mine.to(torch.int32)
-        floats = rec[:, :, int_bytes:].contiguous().view(torch.float32).view(n, blocks, 3, PANEL)
-        f = floats.gather(3, (ids % PANEL).view(n, 1, 1, 1).expand(n, blocks, 3, 1)).view(n, blocks, 3)
-        d = f[:, :, :2].repeat_interleave(16, dim=2)  # [n, blocks, 32]
-        w = (u - self.c).to(torch.float32).mul_(d).add_(f[:, :, 2:3])
+        vectors = 1 + bool(self.kind & FAST_TWO_D) + bool(self.kind & FAST_MIN)
+        scale_type = torch.float16 if self.kind & FAST_HALF else torch.float32
+        scale_bytes = vectors * PANEL * (2 if self.kind & FAST_HALF else 4)
+        floats = rec[:, :, int_bytes:int_bytes + scale_bytes].contiguous().view(scale_type).float()
+        floats = floats.view(n, blocks, vectors, PANEL)
+        f = floats.gather(3, (ids % PANEL).view(n, 1, 1, 1).expand(n, blocks, vectors, 1)).view(n, blocks, vectors)
+        two_d = 2 if self.kind & FAST_TWO_D else 1
+        d = f[:, :, :two_d].repeat_interleave(32 // two_d, dim=2)  # [n, blocks, 32]
+        w = (u - self.c).to(torch.float32).mul_(d)
+        if self.kind & FAST_MIN:
+            w.add_(f[:, :, two_d:])
         return w.reshape(n, self.k)
 
 
 def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, offset: int,
               group: int) -> FastPacked:
     """Repack a quantized weight for ``realizar_quant_gemm_fast`` (``quant_gemm.c`` has the layout);
-    the arguments are those of :func:`pack_quantized`."""
+    the arguments are those of :func:`pack_quantized`. Scales are float16 where each is one exactly,
+    and a record holds a second d (16-term groups) or a min only where the format has them."""
     n, k = q.shape
     assert k % QUANT_BLOCK == 0 and q.dtype == torch.uint8 and group in (16, 32)
     panels, blocks = -(-n // PANEL), k // QUANT_BLOCK
     pad = panels * PANEL - n
-    d = scales.repeat_interleave(2, dim=1) if group == QUANT_BLOCK else scales  # [n, 2 * blocks]
-    m = mins if mins is not None else torch.zeros(n, blocks)
+    per_block = QUANT_BLOCK // group  # d per record: 1, or 2 for 16-term groups
+    floats = [scales.reshape(n, blocks, per_block)] + ([] if mins is None else [mins.reshape(n, blocks, 1)])
+    f = torch.cat(floats, dim=2)  # [n, blocks, vectors]
     if pad:
         q = torch.cat([q, q.new_zeros(pad, k)])
-        d = torch.cat([d, d.new_zeros(pad, d.shape[1])])
-        m = torch.cat([m, m.new_zeros(pad, blocks)])
+        f = torch.cat([f, f.new_zeros(pad, blocks, f.shape[2])])
     # [panels, 16 (row j), blocks, 8 (t), 4 (i)] -> [panels, blocks, t, j, i]: lane j holds terms 4t..4t+3
     u = q.view(panels, PANEL, blocks, 8, 4).permute(0, 2, 3, 1, 4)
     if bits == 4:
@@ -170,11 +186,15 @@ def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, 
     else:
         ints = u
         kind = 2 if bits == 8 else 1
-    floats = torch.cat([d.view(panels, PANEL, blocks, 2).permute(0, 2, 3, 1),
-                        m.view(panels, PANEL, blocks, 1).permute(0, 2, 3, 1)], dim=2)  # [panels, blocks, 3, 16]
-    records = torch.cat([ints.reshape(panels, blocks, -1),
-                         floats.contiguous().view(torch.uint8).reshape(panels, blocks, -1)], dim=2).contiguous()
-    return FastPacked(records, kind, offset, n, k)
+    kind |= (FAST_TWO_D if per_block == 2 else 0) | (0 if mins is None else FAST_MIN)
+    stacked = f.view(panels, PANEL, blocks, -1).permute(0, 2, 3, 1).contiguous()  # [panels, blocks, vectors, 16]
+    if exact_in_half(stacked):
+        stacked, kind = stacked.half(), kind | FAST_HALF
+    parts = [ints.reshape(panels, blocks, -1), stacked.view(torch.uint8).reshape(panels, blocks, -1)]
+    pad_bytes = -sum(part.shape[2] for part in parts) % 64  # whole cache lines, as quant_gemm.c reads them
+    if pad_bytes:
+        parts.append(torch.zeros(panels, blocks, pad_bytes, dtype=torch.uint8))
+    return FastPacked(torch.cat(parts, dim=2).contiguous(), kind, offset, n, k)
 
 
 def pack_quantized(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

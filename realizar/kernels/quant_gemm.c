@@ -65,11 +65,24 @@ static inline f32x16 floats16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v
 
 typedef _Float16 f16x16 __attribute__((vector_size(32)));
 
-/* 16 float16 at p as float32 (one vcvtph2ps with F16C or AVX-512). */
+/* 16 float16 at p as float32: one vcvtph2ps with AVX-512, two with F16C (GCC 12 converts a
+ * _Float16 vector element by element, which made the fast class 2x slower). */
 static inline f32x16 halves16(const uint8_t *p) {
+    f32x16 r;
+#if defined(__AVX512F__)
+    const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    memcpy(&r, &v, sizeof r);
+#elif defined(__AVX2__) && defined(__F16C__)
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+    memcpy(&r, &lo, sizeof lo);
+    memcpy((char *)&r + sizeof lo, &hi, sizeof hi);
+#else
     f16x16 v;
     memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, f32x16);
+    r = __builtin_convertvector(v, f32x16);
+#endif
+    return r;
 }
 
 /* v, rounded to float32 here: the compiler may not fuse the product that made it with the
@@ -459,7 +472,9 @@ int realizar_quant_rows(const uint8_t *w, int fmt, const int64_t *ids, int64_t n
  *
  *   nibbles (4 bits)   4 vectors; vector t, byte 4j + i = u[j][4t + i] | u[j][16 + 4t + i] << 4
  *   bytes (5-8 bits)   8 vectors; vector t, byte 4j + i = u[j][4t + i]
- *   then float32 [16] d of terms 0-15, [16] d of terms 16-31, [16] min (zero if none)
+ *   then [16] d (of terms 0-15 with FAST_TWO_D), [16] d of terms 16-31 (FAST_TWO_D only),
+ *   [16] min (FAST_MIN only), as float32, or float16 with FAST_HALF (where that is exact),
+ *   then zeros to a multiple of 64 bytes
  *
  * with u the stored integers (5/6-bit: unsigned; Q8_0: signed) and the weight
  * (u - c) * d (+ min). Per block, with x_q = 256 a + b, I_h = sum over half h of u * x_q and S_h
@@ -467,7 +482,8 @@ int realizar_quant_rows(const uint8_t *w, int fmt, const int64_t *ids, int64_t n
  *
  *   y += d_x * (d_0 (I_0 - c S_0) + d_1 (I_1 - c S_1)) + min * d_x * (S_0 + S_1)
  * ------------------------------------------------------------------------------------------- */
-enum { FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES };
+enum { FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_KIND = 3,  /* the integers' kind */
+       FAST_HALF = 8, FAST_TWO_D = 16, FAST_MIN = 32 };                  /* flags of the scales */
 
 typedef uint8_t u8x64 __attribute__((vector_size(64)));
 typedef int8_t i8x64 __attribute__((vector_size(64)));
@@ -475,7 +491,25 @@ typedef int8_t i8x64 __attribute__((vector_size(64)));
 static inline u8x64 bytes64(const uint8_t *p) { u8x64 v; memcpy(&v, p, sizeof v); return v; }
 static inline i32x16 ints16(int32_t v) { return (i32x16){0} + v; }
 
-int64_t realizar_fast_record_bytes(int kind) { return (kind == FAST_NIBBLES ? 256 : 512) + 192; }
+/* Records are padded to whole cache lines: a 64-byte load that straddles two lines made the
+ * Q8_0 LM head 2.7x slower with 544-byte records than with 576. */
+int64_t realizar_fast_record_bytes(int kind) {
+    const int64_t vectors = 1 + !!(kind & FAST_TWO_D) + !!(kind & FAST_MIN);
+    const int64_t bytes = ((kind & FAST_KIND) == FAST_NIBBLES ? 256 : 512) + vectors * 16 * ((kind & FAST_HALF) ? 2 : 4);
+    return (bytes + 63) / 64 * 64;
+}
+
+/* A fast record's scales, at `p`, laid out as the flags in `kind` say. */
+static inline __attribute__((always_inline)) void fast_scales(const int kind, const uint8_t *p, f32x16 *d0,
+                                                              f32x16 *d1, f32x16 *min) {
+    const int64_t step = (kind & FAST_HALF) ? 32 : 64;
+#define FAST_SCALE(q) ((kind & FAST_HALF) ? halves16(q) : floats16((const float *)(q)))
+    *d0 = FAST_SCALE(p);
+    if (kind & FAST_TWO_D) p += step;
+    *d1 = FAST_SCALE(p);
+    *min = (kind & FAST_MIN) ? FAST_SCALE(p + step) : (f32x16){0};
+#undef FAST_SCALE
+}
 
 /* acc[j] + sum over i < 4 of w[4j + i] * x[i], w unsigned (< 128 on AVX2, whose maddubs would
  * saturate beyond), x the 4 signed bytes of x4. */
@@ -554,14 +588,14 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
         for (int g = 0; g < G; g++) {
             const uint8_t *rec = base + g * pstride + b * size;
             __builtin_prefetch(rec + 4 * size);
-            const float *scales = (const float *)(rec + (KIND == FAST_NIBBLES ? 256 : 512));
-            const f32x16 d0 = floats16(scales), d1 = floats16(scales + 16), min = floats16(scales + 32);
+            f32x16 d0, d1, min;
+            fast_scales(KIND, rec + ((KIND & FAST_KIND) == FAST_NIBBLES ? 256 : 512), &d0, &d1, &min);
             for (int r = 0; r < R; r++) {
                 /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights */
                 const int32_t *xa = (const int32_t *)(j->xq + (m + r) * K + b * QK);
                 const int32_t *xb = (const int32_t *)(j->xq + (j->M + m + r) * K + b * QK);
                 i32x16 lo_a = {0}, hi_a = {0}, lo_b = {0}, hi_b = {0};
-                if (KIND == FAST_NIBBLES) {
+                if ((KIND & FAST_KIND) == FAST_NIBBLES) {
                     for (int t = 0; t < 4; t++) {
                         const u8x64 v = bytes64(rec + 64 * t), v_lo = v & 15, v_hi = v >> 4;
                         lo_a = dot4(lo_a, v_lo, xa[t]);
@@ -572,7 +606,7 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
                 } else {
                     for (int t = 0; t < 4; t++) {
                         const u8x64 w0 = bytes64(rec + 64 * t), w1 = bytes64(rec + 64 * (4 + t));
-                        if (KIND == FAST_SIGNED_BYTES) {
+                        if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
                             lo_a = dot4_signed(lo_a, w0, xa[t]);
                             hi_a = dot4_signed(hi_a, w1, xa[4 + t]);
                             lo_b = dot4_signed(lo_b, w0, xb[t]);
@@ -600,11 +634,21 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
             memcpy(j->y + (m + r) * j->ldy + (p + g) * NR, &acc[r * G + g], (size_t)(G == 1 ? cols : NR) * sizeof(float));
 }
 
+/* Each layout of the GGUF types, compiled with its scales' layout known (Q4_0, Q4_1, Q4_K;
+ * Q5_0, Q5_1, Q5_K, Q6_K; Q8_0); any other combination of flags takes the generic case. */
+#define FAST_CASE(K_, R_, G_) case K_: fast_tile(K_, R_, G_, j, m, p, cols); break
 #define FAST_KINDS(R_, G_)                                                          \
     switch (j->kind) {                                                              \
-        case FAST_NIBBLES: fast_tile(FAST_NIBBLES, R_, G_, j, m, p, cols); break;   \
-        case FAST_BYTES: fast_tile(FAST_BYTES, R_, G_, j, m, p, cols); break;       \
-        default: fast_tile(FAST_SIGNED_BYTES, R_, G_, j, m, p, cols); break;        \
+        FAST_CASE(FAST_NIBBLES | FAST_HALF, R_, G_);                                \
+        FAST_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN, R_, G_);                     \
+        FAST_CASE(FAST_NIBBLES | FAST_MIN, R_, G_);                                 \
+        FAST_CASE(FAST_BYTES | FAST_HALF, R_, G_);                                  \
+        FAST_CASE(FAST_BYTES | FAST_HALF | FAST_MIN, R_, G_);                       \
+        FAST_CASE(FAST_BYTES | FAST_MIN, R_, G_);                                   \
+        FAST_CASE(FAST_BYTES | FAST_TWO_D, R_, G_);                                 \
+        FAST_CASE(FAST_SIGNED_BYTES | FAST_HALF, R_, G_);                           \
+        FAST_CASE(FAST_SIGNED_BYTES, R_, G_);                                       \
+        default: fast_tile(j->kind, R_, G_, j, m, p, cols); break;                  \
     }
 
 static void run_fast_unit(const void *arg, int64_t unit) {
