@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from realizar import kernels
+from realizar.backends import CpuKernelsBackend, LinearLayer
+from realizar.backends.cpu_kernels import PackedLinear
+from realizar.backends.torch_backend import openblas_setters
 from realizar.loading import default_model_path, load_model
-from realizar.model.linear import Linear, QuantLinear, _openblas_setters, make_linear
 
 
 def shapes() -> list[tuple[int, int, int]]:
@@ -42,16 +44,16 @@ def shapes() -> list[tuple[int, int, int]]:
     return [(o, i, c.num_layers) for o, i in per_layer] + [(c.vocab_size, c.hidden_size, 1)]
 
 
-def quantized_layers() -> list[list[Linear | QuantLinear]]:
+def quantized_layers(compiled: kernels.CpuKernels) -> list[list[LinearLayer]]:
     """The default model's projections kept quantized, in the order of ``shapes()``."""
     loaded = load_model(default_model_path(), keep_quantized=True)
     weights = {**loaded.tensors, **loaded.quantized}
-    c, cpu = loaded.config, torch.device("cpu")
+    c, backend = loaded.config, CpuKernelsBackend(compiled)
 
-    def layer(*names: str) -> Linear | QuantLinear:
-        return make_linear([weights[n] for n in names], cpu, torch.float32)
+    def layer(*names: str) -> LinearLayer:
+        return backend.linear([weights[n] for n in names])
 
-    per_layer: list[list[Linear | QuantLinear]] = [[], [], [], []]
+    per_layer: list[list[LinearLayer]] = [[], [], [], []]
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
         per_layer[0].append(layer(*(p + f"self_attn.{n}_proj.weight" for n in "qkv")))
@@ -74,7 +76,7 @@ def best_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 def set_pools(torch_threads: int, blas: int, packed: int) -> None:
     torch.set_num_threads(torch_threads)
-    for setter in _openblas_setters():
+    for setter in openblas_setters():
         setter(blas)
     compiled = kernels.load()
     if compiled is not None:
@@ -87,13 +89,14 @@ def main() -> None:
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    if kernels.load() is None:
+    compiled = kernels.load()
+    if compiled is None:
         raise SystemExit("the compiled kernels are not available (no C compiler, or REALIZAR_KERNELS=0)")
     layout = shapes()
     weights = [[torch.randn(o, i) for _ in range(n)] for o, i, n in layout]
     transposed = [[w.t().contiguous().numpy() for w in ws] for ws in weights]
-    linears = [[Linear(w) for w in ws] for ws in weights]
-    quantized = quantized_layers()
+    linears = [[PackedLinear(w, compiled) for w in ws] for ws in weights]
+    quantized = quantized_layers(compiled)
     print("| threads | rows | F.linear ms | OpenBLAS ms | packed ms | quantized ms | packed GFLOP/s "
           "| F.linear / packed | OpenBLAS / packed | packed / quantized |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -19,8 +19,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from realizar import kernels
-
 
 class OutOfBlocks(Exception):
     """The allocator has no free block left."""
@@ -154,7 +152,6 @@ class KVCache:
                  head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
         self.block_size = block_size
         shape = (num_blocks, num_kv_heads, block_size, head_dim)
-        self.kernels = kernels.for_tensors(device, dtype)
         if device.type == "cpu":
             storage = _host_zeros(2 * num_layers, shape, dtype)
         else:
@@ -168,10 +165,8 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values [T, KV, hd] at ``slots`` [T]."""
-        if self.kernels is not None:
-            self.kernels.write_kv(self.keys[layer], self.values[layer], slots, k, v)
-            return
+        """Store new keys/values [T, KV, hd] at ``slots`` [T] by torch indexing (the CPU kernels write
+        the same places themselves: ``realizar.backends``)."""
         place = self._places(slots)
         self.keys[layer][place] = k
         self.values[layer][place] = v

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from realizar import kernels
+from realizar.backends import Backend, choose_backend
+from realizar.backends.torch_backend import inverse_cdf
 from realizar.request import Logprob, SamplingParams
 
 if TYPE_CHECKING:
@@ -204,13 +205,13 @@ def uniforms(rows: list[SamplingRow]) -> torch.Tensor:
 
 def draw(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """One column of each row of ``probs`` [B, C], by inverse CDF with the row's own generator."""
-    draws = uniforms(rows).to(probs.device)
-    cdf = probs.cumsum(dim=-1)
-    return torch.searchsorted(cdf, draws[:, None]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    return inverse_cdf(probs, uniforms(rows).to(probs.device))
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
-    """Pick one token per row of ``logits`` [B, V] (float32)."""
+def sample(logits: torch.Tensor, rows: list[SamplingRow], backend: Backend | None = None) -> list[SampledToken]:
+    """Pick one token per row of ``logits`` [B, V] (float32). Plain temperature draws go to ``backend``,
+    by default the one for float32 logits on their device (the CPU kernels draw in one pass per row,
+    without a probability tensor)."""
     logits = logits.float()
     if any(row.banned_token_ids or row.penalties is not None for row in rows):
         logits = logits.clone()
@@ -226,12 +227,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
     if plain:
         index = torch.tensor(plain, device=logits.device)
         temperatures = torch.tensor([rows[i].params.temperature for i in plain], device=logits.device)
-        compiled = kernels.for_tensors(logits.device, logits.dtype)
-        if compiled is not None:  # one pass per row: no probability tensor, no cumulative sum
-            chosen[index] = compiled.sample(logits, index, temperatures, uniforms([rows[i] for i in plain]))
-        else:
-            probs = (logits[index] / temperatures[:, None]).softmax(dim=-1)
-            chosen[index] = draw(probs, [rows[i] for i in plain])
+        backend = choose_backend(logits.device, logits.dtype) if backend is None else backend
+        chosen[index] = backend.sample(logits, index, temperatures, uniforms([rows[i] for i in plain]))
     if filtered:
         index = torch.tensor(filtered, device=logits.device)
         params = [rows[i].params for i in filtered]

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from realizar import kernels
+from realizar.backends import matmul_threads
 from realizar.config import EngineConfig, ModelConfig
 from realizar.engine.errors import EngineDead, EngineOverloaded, InvalidRequest, RequestTooLong
 from realizar.engine.runner import ModelRunner, StepResult
 from realizar.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput, Sequence
 from realizar.engine.stats import EngineStats, LatencyObservations, StatsRecorder
 from realizar.kv_cache import BlockAllocator, KVCache
-from realizar.model.linear import matmul_threads
 from realizar.model.llama import LlamaModel
 from realizar.request import FinishReason, Logprob, Request, SamplingParams, StructuredSpec, TokenOutput
 from realizar.sampling import Penalties, SamplingRow, make_generator

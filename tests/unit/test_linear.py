@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from realizar import kernels
-from realizar.model.linear import Linear, _openblas_setters, matmul_threads
+from realizar.backends import LinearLayer, choose_backend, matmul_threads
+from realizar.backends.cpu_kernels import PackedLinear
+from realizar.backends.torch_backend import TorchLinear, openblas_setters
 
 
 @pytest.fixture(autouse=True, params=["kernels", "openblas"])
@@ -18,6 +20,16 @@ def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     elif kernels.load() is None:
         pytest.skip("no C compiler: only the OpenBLAS path exists here")
     return str(request.param)
+
+
+def Linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> LinearLayer:  # noqa: N802
+    """The layer the backend for the weight's device and dtype builds."""
+    return choose_backend(weight.device, weight.dtype).linear([weight], bias)
+
+
+def test_each_path_builds_its_own_layer(cpu_path: str) -> None:
+    layer = Linear(torch.randn(4, 3))
+    assert isinstance(layer, PackedLinear if cpu_path == "kernels" else TorchLinear)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 70])
@@ -50,7 +62,7 @@ def test_half_precision_falls_back_to_torch() -> None:
 def test_matmul_threads_sizes_both_pools(cpu_path: str) -> None:
     np_config = pytest.importorskip("numpy").show_config(mode="dicts")
     if "openblas" in str(np_config.get("Build Dependencies", {}).get("blas", {})).lower():
-        assert _openblas_setters(), "numpy's OpenBLAS was not found to size"
+        assert openblas_setters(), "numpy's OpenBLAS was not found to size"
     compiled = kernels.load()
     for threads in (1, 2):
         matmul_threads(threads)

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
 from realizar import kernels
+from realizar.backends import CpuKernelsBackend, TorchBackend, choose_backend
+from realizar.backends.cpu_kernels import QuantLinear
+from realizar.backends.torch_backend import TorchLinear
 from realizar.kv_cache import KVCache
 from realizar.loading import load_model, quants
 from realizar.loading.tiny import TinySpec, random_blocks, write_tiny_gguf
-from realizar.model.linear import Linear, QuantLinear, make_linear
 from realizar.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
 
 KERNEL_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
@@ -177,7 +179,7 @@ def test_layer_of_mixed_types_matches_f_linear(cpu_kernels: kernels.CpuKernels) 
     """Fused q/k/v of a Q4_K_M file: Q4_K, Q4_K and Q6_K parts, with a bias."""
     parts = [quantized(QT.Q4_K, 48, 256, 1), quantized(QT.Q4_K, 16, 256, 2), quantized(QT.Q6_K, 21, 256, 3)]
     bias = torch.randn(85)
-    layer = make_linear(list(parts), torch.device("cpu"), torch.float32, bias)
+    layer = CpuKernelsBackend(cpu_kernels).linear(list(parts), bias)
     assert isinstance(layer, QuantLinear) and len(layer.parts) == 2 and layer.out_features == 85
     dense = torch.cat([p.dequantize() for p in parts])
     x = torch.randn(5, 256)
@@ -189,8 +191,10 @@ def test_layer_of_mixed_types_matches_f_linear(cpu_kernels: kernels.CpuKernels) 
 def test_float_weights_or_no_kernels_give_a_float_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     weight = quantized(QT.Q4_1, 32, 64)
     monkeypatch.setenv("REALIZAR_KERNELS", "0")
-    layer = make_linear([weight], torch.device("cpu"), torch.float32)
-    assert isinstance(layer, Linear)
+    backend = choose_backend(torch.device("cpu"), torch.float32)
+    assert isinstance(backend, TorchBackend)
+    layer = backend.linear([weight])
+    assert isinstance(layer, TorchLinear)
     x = torch.randn(2, 64)
     assert_close_to_max(layer(x), x @ weight.dequantize().T)
     assert not kernels.quantized_weights(torch.device("cpu"), torch.float32)
@@ -287,7 +291,7 @@ def test_fast_layout_rows_dequantize_bit_for_bit(qtype: QT) -> None:
 
 def test_fast_layer_of_mixed_types(cpu_kernels: kernels.CpuKernels) -> None:
     parts = [quantized(QT.Q4_K, 48, 256, 1), quantized(QT.Q6_K, 21, 256, 3)]
-    layer = make_linear(list(parts), torch.device("cpu"), torch.float32, fast=True)
+    layer = CpuKernelsBackend(cpu_kernels).linear(list(parts), fast=True)
     assert isinstance(layer, QuantLinear) and all(isinstance(p, kernels.FastPacked) for p in layer.parts)
     dense = torch.cat([p.dequantize() for p in parts])
     x = torch.randn(5, 256)

@@ -1,0 +1,191 @@
+"""The CPU-kernel backend: float32 on the CPU, every operation in the compiled kernels
+(``realizar.kernels``), which read and write the paged KV cache in place.
+
+- **Linear layers, float32 weights** (:class:`PackedLinear`): the weight is packed once into
+  16-column panels and multiplied by ``packed_gemm.c``. A BLAS sgemm repacks the weight on
+  every call; at the 1-64 rows of a decode step that costs as much as the arithmetic, and the
+  packed product measured 1.2-2.1x numpy's OpenBLAS there (``benchmarks/matmul.py``). Each
+  output is one multiply-add chain in a fixed order, so a row's result does not depend on the
+  other rows of the batch.
+- **GGUF block-quantized weights** (:class:`QuantLinear`): kept in their blocks, repacked once
+  into ``quant_gemm.c``'s records, dequantized exactly in the kernel. A decode step then reads
+  0.6-1.1 bytes per weight instead of 4. Its fast class (``fast=True``: int8 activations and
+  integer dot products) is not exact and is never chosen by default; ``benchmarks/quality.py``
+  is its quality gate.
+- **RMSNorm, RoPE, SiLU-and-multiply** (``pointwise.c``): one pass each.
+- **Attention** (``paged_attention.c``, ``prefill_attention.c``): all of a step's queries in one
+  call that reads the pages directly; each query row, decode or prompt token, attends to its own
+  prefix of its sequence's cache.
+- **Sampling** (``sampling.c``): one pass per row, without a probability tensor.
+
+All compute the float32 sums of the torch backend (``realizar.backends.torch_backend``) up to
+rounding order, which the golden tests bound against transformers. The kernels keep their own
+thread pool, sized by ``matmul_threads``, apart from torch's OpenMP pool: the matmuls use every
+core while torch's many small ops stay on one thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from realizar import kernels
+from realizar.backends.backend import AttentionMetadata, LinearLayer
+from realizar.backends.torch_backend import float_weight
+from realizar.kv_cache import KVCache
+from realizar.loading.quants import QuantizedTensor
+
+
+class PackedLinear:
+    """A fixed float32 weight ``[out, in]`` (and optional bias ``[out]``) applied to ``x [T, in]`` by
+    ``packed_gemm.c``, over the weight packed once into panels."""
+
+    def __init__(self, weight: torch.Tensor, compiled: kernels.CpuKernels, bias: torch.Tensor | None = None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        self.kernels = compiled
+        self._packed = compiled.pack(weight)  # [panels, in, 16]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernels.gemm(x, self._packed, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``W`` ``[len(ids), in]``: the embedding lookup when embeddings are tied."""
+        return self._packed[ids // kernels.PANEL, :, ids % kernels.PANEL]
+
+
+class QuantLinear:
+    """A block-quantized weight ``[out, in]`` (and optional bias) applied to ``x [T, in]`` by the
+    compiled kernels, exactly as :class:`Linear` applies its dequantized float32 weight.
+
+    The weight may come in parts stacked along ``out`` (the fused q/k/v or gate/up projections)
+    of different GGUF types, as Q4_K_M files mix Q4_K and Q6_K: parts of one type are
+    concatenated, and each remaining part writes its own columns of the output.
+    """
+
+    def __init__(self, parts: list[QuantizedTensor], compiled: kernels.CpuKernels,
+                 bias: torch.Tensor | None = None, fast: bool = False) -> None:
+        self.kernels = compiled
+        self.bias = bias
+        self.fast = fast
+        self.in_features = parts[0].shape[1]
+        assert all(p.shape[1] == self.in_features for p in parts)
+        runs: list[list[QuantizedTensor]] = []
+        for part in parts:
+            if runs and runs[-1][0].qtype == part.qtype:
+                runs[-1].append(part)
+            else:
+                runs.append([part])
+        self.formats = tuple(run[0].qtype.name for run in runs)  # the GGUF types, e.g. ("Q4_K", "Q6_K")
+        self.parts: list[kernels.QuantPacked | kernels.FastPacked] = []
+        for run in runs:
+            ints = QuantizedTensor.cat(run).integers() if len(run) > 1 else run[0].integers()
+            if fast:
+                self.parts.append(kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset,
+                                                    ints.group))
+                continue
+            # float16 scales where that is exact: fewer bytes to read, the same floats
+            fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group,
+                                       kernels.exact_in_half(ints.scales, ints.mins))
+            assert fmt is not None, f"no kernel format for {run[0].qtype.name}"
+            self.parts.append(kernels.pack_quantized(ints.q, ints.scales, ints.mins, fmt))
+        self.out_features = sum(p.n for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def _product(self, x: torch.Tensor, part: kernels.QuantPacked | kernels.FastPacked,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(part, kernels.FastPacked):
+            return self.kernels.quant_gemm_fast(x, part, out)
+        return self.kernels.quant_gemm(x, part, out)
+
+    def _rows(self, part: kernels.QuantPacked | kernels.FastPacked, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(part, kernels.FastPacked):
+            if bool(((ids < 0) | (ids >= part.n)).any()):
+                raise IndexError(f"a row id is outside [0, {part.n})")
+            return part.rows(ids)
+        return self.kernels.quant_rows(part, ids)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1:
+            y = self._product(x, self.parts[0])
+        else:
+            y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+            start = 0
+            for part in self.parts:
+                self._product(x, part, y[:, start:start + part.n])
+                start += part.n
+        return y if self.bias is None else y + self.bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``W`` ``[len(ids), in]``, dequantized exactly: the embedding lookup."""
+        if len(self.parts) == 1:
+            return self._rows(self.parts[0], ids)
+        if bool(((ids < 0) | (ids >= self.out_features)).any()):
+            raise IndexError(f"a row id is outside [0, {self.out_features})")
+        out = torch.empty(ids.shape[0], self.in_features, dtype=torch.float32)
+        start = 0
+        for part in self.parts:
+            mine = (ids >= start) & (ids < start + part.n)
+            if bool(mine.any()):
+                out[mine] = self._rows(part, ids[mine] - start)
+            start += part.n
+        return out
+
+
+
+class CpuKernelsBackend:
+    """Every operation of the forward pass in the compiled kernels: float32 on the CPU only."""
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, compiled: kernels.CpuKernels) -> None:
+        self.kernels = compiled
+
+    def linear(self, parts: Sequence[torch.Tensor | QuantizedTensor], bias: torch.Tensor | None = None,
+               fast: bool = False) -> LinearLayer:
+        """:class:`QuantLinear` when the parts are all quantized, else :class:`PackedLinear` over the
+        float weights. ``fast`` picks the quantized layer's fast class (int8 activations), which is
+        not exact."""
+        quantized = [p for p in parts if isinstance(p, QuantizedTensor)]
+        if len(quantized) == len(parts):
+            return QuantLinear(quantized, self.kernels, bias, fast)
+        return PackedLinear(float_weight(parts, self.device, self.dtype), self.kernels, bias)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.kernels.rms_norm(x, weight, eps)
+
+    def rope(self, qkv: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor,
+             cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.kernels.rope(qkv, heads, head_dim, positions, cos, sin)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.kernels.silu_mul(gate_up)
+
+    def write_kv(self, cache: KVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.kernels.write_kv(cache.keys[layer], cache.values[layer], slots, k, v)
+
+    def attention(self, q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata,
+                  scale: float) -> torch.Tensor:
+        tables, rows, lens = meta.query_rows(cache.block_size)
+        return self.kernels.paged_attention(q, cache.keys[layer], cache.values[layer], tables, lens,
+                                            cache.block_size, scale, rows)
+
+    def sample(self, logits: torch.Tensor, rows: torch.Tensor, temperatures: torch.Tensor,
+               uniforms: torch.Tensor) -> torch.Tensor:
+        return self.kernels.sample(logits, rows, temperatures, uniforms)
+
+    def describe(self, linears: Sequence[LinearLayer]) -> str:
+        """The kernels' ISA, the weights' format and the activations' type."""
+        quantized = [lin for lin in linears if isinstance(lin, QuantLinear)]
+        if not quantized:
+            return f"cpu kernels {kernels.isa()}, float32 weights and activations"
+        formats = sorted({f for lin in quantized for f in lin.formats})
+        activations = "int8 activations (fast)" if any(lin.fast for lin in quantized) else "float32 activations"
+        kept = "" if len(quantized) == len(linears) else f", {len(linears) - len(quantized)} float32 layers"
+        return f"cpu kernels {kernels.isa()}, {'+'.join(formats)} weights kept quantized{kept}, {activations}"
