@@ -9,9 +9,9 @@
   other rows of the batch.
 - **GGUF block-quantized weights** (:class:`QuantLinear`): kept in their blocks, repacked once
   into ``quant_gemm.c``'s records, dequantized exactly in the kernel. A decode step then reads
-  0.6-1.1 bytes per weight instead of 4. Its fast class (``fast=True``: int8 activations and
-  integer dot products) is not exact and is never chosen by default; ``benchmarks/quality.py``
-  is its quality gate.
+  0.6-1.1 bytes per weight instead of 4. Its fast class (``fast=True``: each activation as two
+  int8 terms, integer dot products) is not exact but passes the quality gate
+  (``benchmarks/quality.py``); ``auto`` times both classes at load and keeps the faster.
 - **RMSNorm, RoPE, SiLU-and-multiply** (``pointwise.c``): one pass each.
 - **Attention** (``paged_attention.c``, ``prefill_attention.c``): all of a step's queries in one
   call that reads the pages directly; each query row, decode or prompt token, attends to its own
@@ -150,8 +150,8 @@ class CpuKernelsBackend:
     def linear(self, parts: Sequence[torch.Tensor | QuantizedTensor], bias: torch.Tensor | None = None,
                fast: bool = False) -> LinearLayer:
         """:class:`QuantLinear` when the parts are all quantized, else :class:`PackedLinear` over the
-        float weights. ``fast`` picks the quantized layer's fast class (int8 activations), which is
-        not exact."""
+        float weights. ``fast`` picks the quantized layer's fast class (two int8 terms per
+        activation), which is not exact."""
         quantized = [p for p in parts if isinstance(p, QuantizedTensor)]
         if len(quantized) == len(parts):
             return QuantLinear(quantized, self.kernels, bias, fast)
@@ -186,6 +186,7 @@ class CpuKernelsBackend:
         if not quantized:
             return f"cpu kernels {kernels.isa()}, float32 weights and activations"
         formats = sorted({f for lin in quantized for f in lin.formats})
-        activations = "int8 activations (fast)" if any(lin.fast for lin in quantized) else "float32 activations"
+        activations = ("2 x int8 activations (fast class)" if any(lin.fast for lin in quantized)
+                       else "float32 activations (exact class)")
         kept = "" if len(quantized) == len(linears) else f", {len(linears) - len(quantized)} float32 layers"
         return f"cpu kernels {kernels.isa()}, {'+'.join(formats)} weights kept quantized{kept}, {activations}"

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from realizar.engine.runner import ModelRunner, StepResult
 from realizar.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput, Sequence
 from realizar.engine.stats import EngineStats, LatencyObservations, StatsRecorder
 from realizar.kv_cache import BlockAllocator, KVCache
-from realizar.model.llama import LlamaModel
+from realizar.model.llama import AttentionMetadata, LlamaModel
+from realizar.model.quality import QUANTIZED_CLASSES_PASSING_GATE
 from realizar.request import FinishReason, Logprob, Request, SamplingParams, StructuredSpec, TokenOutput
 from realizar.sampling import Penalties, SamplingRow, make_generator
 from realizar.structured import StructuredCompiler
@@ -119,11 +121,60 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
         tokenizer = Tokenizer.from_gguf_metadata(loaded.metadata)
     else:
         tokenizer = Tokenizer.from_pretrained_dir(loaded.path)
-    model = LlamaModel(loaded.config, loaded.tensors, device, dtype, loaded.quantized, kernels.fast_quantized())
+    model = choose_quantized_class(
+        lambda fast: LlamaModel(loaded.config, loaded.tensors, device, dtype, loaded.quantized, fast),
+        bool(loaded.quantized) and kernels.for_tensors(device, dtype) is not None,
+        exact=config.dtype == "float32")
     del loaded.tensors, loaded.quantized
     _return_free_heap()
     return EngineModel(model, tokenizer, loaded.config, loaded.config.name, loaded.path, loaded.format,
                        time.perf_counter() - start)
+
+
+def decode_step_seconds(model: LlamaModel, sequences: int, repeats: int = 3) -> float:
+    """The best of ``repeats`` timed decode steps of ``sequences`` one-token sequences (after one
+    untimed step), each in its own block of a scratch cache."""
+    c = model.config
+    block = 16
+    cache = KVCache(c.num_layers, sequences, block, c.num_kv_heads, c.head_dim, model.device, model.dtype)
+    seqs = torch.arange(sequences)
+    meta = AttentionMetadata(slot_mapping=seqs * block, num_decodes=sequences, decode_block_tables=seqs[:, None],
+                             decode_context_lens=torch.ones(sequences, dtype=torch.long), prefills=[])
+    ids, positions = (seqs * 7919 + 11) % c.vocab_size, torch.zeros(sequences, dtype=torch.long)
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        model.forward(ids, positions, meta, cache, seqs)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def choose_quantized_class(build: Callable[[bool], LlamaModel], quantized: bool, exact: bool = False) -> LlamaModel:
+    """The model ``build(fast)`` in the class of quantized products ``REALIZAR_QUANTIZED`` asks for
+    (``exact``: ``--dtype float32`` asked for float32 arithmetic, so the exact class); with ``auto``
+    (the default), the faster of the classes that pass the quality gate
+    (``QUANTIZED_CLASSES_PASSING_GATE``), timed here on this CPU: a decode step of 1 sequence plus
+    one of 16, the two ends of what a server runs. The timings are logged."""
+    wanted = "exact" if exact else kernels.quantized_class()
+    if not quantized or wanted != "auto":
+        return build(wanted == "fast")
+    candidates = [name for name, passed in QUANTIZED_CLASSES_PASSING_GATE.items() if passed]
+    if len(candidates) < 2:
+        return build(candidates == ["fast"])
+    timings: dict[str, float] = {}
+    chosen: tuple[str, LlamaModel] | None = None
+    for name in candidates:
+        model = build(name == "fast")
+        timings[name] = decode_step_seconds(model, 1) + decode_step_seconds(model, 16)
+        if chosen is None or timings[name] < timings[chosen[0]]:
+            chosen = (name, model)
+        del model
+        gc.collect()
+    assert chosen is not None
+    log.info("quantized products: %s (auto; a decode step of 1 + 16 sequences: %s)", chosen[0],
+             ", ".join(f"{n} {t * 1000:.1f} ms" for n, t in timings.items()))
+    return chosen[1]
 
 
 def attention_context(mc: ModelConfig) -> int:

@@ -10,9 +10,10 @@
   costs as much as the arithmetic.
 - ``quant_gemm.c``: the same products over GGUF's block-quantized weights, kept quantized
   (repacked once into 16-row records) and dequantized exactly on the fly: a decode step
-  reads 0.6-1.1 bytes per weight instead of 4. Its fast class (int8 activations, integer
-  dot products: AVX512-VNNI, AVX2, or plain C, by the build's feature macros) is not exact
-  and only runs when asked for (``REALIZAR_QUANTIZED=fast``).
+  reads 0.6-1.1 bytes per weight instead of 4. Its fast class (each activation as two int8
+  terms, integer dot products: AVX512-VNNI, AVX2, or plain C, by the build's feature macros)
+  is not exact but passes the quality gate; ``REALIZAR_QUANTIZED`` picks ``exact``, ``fast``
+  or ``auto`` (the default: the faster, timed at load).
 - ``pointwise.c``: RMSNorm, SiLU-and-multiply and RoPE, one pass
   each instead of several torch ops with a temporary apiece.
 - ``sampling.c``: draws from softmax(logits / temperature) in one pass per row, without
@@ -502,7 +503,9 @@ def quantized_weights(device: torch.device, dtype: torch.dtype) -> bool:
     return quantized and for_tensors(device, dtype) is not None
 
 
-def fast_quantized() -> bool:
-    """Whether ``REALIZAR_QUANTIZED=fast`` asks for the fast class (int8 activations, integer dot
-    products): never the default, since it is not exact (``benchmarks/quality.py`` is its gate)."""
-    return os.environ.get("REALIZAR_QUANTIZED", "").lower() == "fast"
+def quantized_class() -> str:
+    """The class of the quantized products ``REALIZAR_QUANTIZED`` asks for: ``exact`` (dequantized in
+    float32), ``fast`` (two int8 terms per activation, integer dot products), or ``auto`` (the
+    default: the faster of those that pass the quality gate, timed at load)."""
+    value = os.environ.get("REALIZAR_QUANTIZED", "auto").lower()
+    return value if value in ("exact", "fast") else "auto"

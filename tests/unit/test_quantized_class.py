@@ -1,0 +1,65 @@
+"""``auto``'s choice of the quantized products' class: the faster of the classes that pass the
+quality gate, never one the gate rejects (realizar.engine.engine.choose_quantized_class)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from realizar.engine import engine as engine_module
+from realizar.engine.engine import choose_quantized_class
+
+
+class Built:
+    """What the builder made: a stand-in for the model, timed by the patched step timer."""
+
+    def __init__(self, fast: bool) -> None:
+        self.fast = fast
+
+
+@pytest.fixture
+def timings(monkeypatch: pytest.MonkeyPatch) -> dict[bool, float]:
+    """Step seconds per class (keyed by ``fast``), returned by the patched timer."""
+    table = {False: 0.010, True: 0.004}
+    monkeypatch.setattr(engine_module, "decode_step_seconds", lambda model, n: table[model.fast] * n)
+    monkeypatch.delenv("REALIZAR_QUANTIZED", raising=False)
+    return table
+
+
+def choose(quantized: bool = True, exact: bool = False) -> Any:
+    return choose_quantized_class(Built, quantized, exact)  # type: ignore[arg-type]
+
+
+def test_auto_takes_the_faster_class_that_passes(timings: dict[bool, float]) -> None:
+    assert choose().fast
+    timings[True] = 0.02
+    assert not choose().fast
+
+
+def test_auto_never_takes_a_class_the_gate_rejects(timings: dict[bool, float],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(engine_module.QUANTIZED_CLASSES_PASSING_GATE, "fast", False)
+    timings[True] = 1e-9  # however fast it is
+    for _ in range(3):
+        assert not choose().fast
+
+
+def test_explicit_choices_are_kept(timings: dict[bool, float], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not choose(exact=True).fast  # --dtype float32 means float32 arithmetic
+    assert not choose(quantized=False).fast  # nothing quantized: nothing to choose
+    monkeypatch.setenv("REALIZAR_QUANTIZED", "exact")
+    assert not choose().fast
+    monkeypatch.setenv("REALIZAR_QUANTIZED", "fast")
+    assert choose().fast
+
+
+def test_a_real_decode_step_is_timed() -> None:
+    """The timer runs the real model: a positive time for 1 and for 3 sequences."""
+    from realizar.config import EngineConfig
+    from realizar.engine.engine import decode_step_seconds, load_engine_model
+    from realizar.loading import default_model_path
+
+    served = load_engine_model(default_model_path(), EngineConfig(device="cpu", dtype="float32"))
+    assert decode_step_seconds(served.model, 1, repeats=1) > 0
+    assert decode_step_seconds(served.model, 3, repeats=1) > 0
