@@ -169,7 +169,7 @@ def _tokenizer_fields(source: Path) -> list[tuple[str, Any, GGUFValueType, GGUFV
     from realizar.loading.gguf import GGUFFile
 
     reader = GGUFFile(source)
-    out = []
+    out: list[tuple[str, Any, GGUFValueType, GGUFValueType | None]] = []
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
