@@ -264,6 +264,8 @@ class Engine:
             self.step()
         self.stats = StatsRecorder()
         self.scheduler.prefix_cache_queries = self.scheduler.prefix_cache_hits = 0
+        if self.allocator.num_used == 0 and self.allocator.num_cached == 0:
+            self.runner.cache.release_memory()  # nothing in the cache is worth its pages
 
     # -- admission -------------------------------------------------------------------------
 

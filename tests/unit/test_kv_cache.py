@@ -130,3 +130,13 @@ def test_a_second_block_with_a_registered_prefix_stays_unregistered() -> None:
     alloc.free(second)
     alloc.free(first)
     assert alloc.num_cached == 1 and alloc.num_free == 4
+
+
+def test_released_memory_reads_as_zeros_and_the_cache_still_works() -> None:
+    cache = KVCache(2, 4, 16, 3, 64, torch.device("cpu"), torch.float32)
+    kv = torch.ones(2, 3, 64)
+    cache.write(1, torch.tensor([0, 17]), kv, 2 * kv)
+    cache.release_memory()
+    assert not cache.keys[1].any() and not cache.values[1].any()
+    cache.write(1, torch.tensor([5]), kv[:1], kv[:1])
+    assert cache.keys[1][0, :, 5].eq(1).all() and cache.keys[1].sum().item() == 3 * 64
