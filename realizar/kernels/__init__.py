@@ -50,7 +50,21 @@ SOURCES = [Path(__file__).with_name(name)
            for name in ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "prefill_attention.c", "pointwise.c",
                         "sampling.c", "quant_gemm.c")]
 HEADER = Path(__file__).with_name("cpu_kernels.h")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+FLAGS = ["-O3", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+# REALIZAR_KERNELS_ISA builds for less than this CPU has, so each code path can be tested and timed
+# on one machine: ``avx2`` (Haswell's AVX2, FMA and F16C, no AVX-512) or ``generic`` (x86-64's SSE2).
+TARGETS = {"native": "-march=native", "avx2": "-march=haswell", "generic": "-march=x86-64"}
+
+
+def target() -> str:
+    """The instruction set the kernels are built for: ``native`` (this CPU's), or what
+    ``REALIZAR_KERNELS_ISA`` asks for on x86-64."""
+    wanted = os.environ.get("REALIZAR_KERNELS_ISA", "native").lower()
+    return wanted if wanted in TARGETS and platform.machine() in ("x86_64", "AMD64") else "native"
+
+
+def _flags() -> list[str]:
+    return [*FLAGS, TARGETS[target()]]
 PANEL = 16  # output columns per packed weight panel (NR in packed_gemm.c)
 QUANT_BLOCK = 32  # terms of the sums per quantized record (QK in quant_gemm.c)
 
@@ -264,8 +278,11 @@ def _cpu_signature() -> str:
 
 
 def isa() -> str:
-    """The instruction set the kernels are built for (``-march=native``), as users name it:
-    ``avx512`` with its ``vnni`` and ``bf16`` extensions where present, ``avx2``, or ``generic``."""
+    """The instruction set the kernels are built for (``-march=native`` unless ``REALIZAR_KERNELS_ISA``
+    asks for less), as users name it: ``avx512`` with its ``vnni`` and ``bf16`` extensions where
+    present, ``avx2``, or ``generic``."""
+    if target() != "native":
+        return target()
     flags = set(_cpu_signature().split())
     if "avx512f" in flags:
         extras = [name for flag, name in (("avx512_vnni", "vnni"), ("avx512_bf16", "bf16"), ("amx_tile", "amx"))
@@ -289,14 +306,14 @@ def _build() -> Path | None:
         log.info("no C compiler found; the CPU engine uses its pure-torch path")
         return None
     digest = hashlib.sha256(b"".join(source.read_bytes() for source in [HEADER, *SOURCES])
-                            + " ".join(FLAGS).encode() + _cpu_signature().encode())
+                            + " ".join(_flags()).encode() + _cpu_signature().encode())
     target = _cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"],
+        result = subprocess.run([compiler, *_flags(), *map(str, SOURCES), "-o", str(built), "-lm"],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             log.warning("building the CPU kernels failed; using the pure-torch path:\n%s", result.stderr[-2000:])

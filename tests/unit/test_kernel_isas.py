@@ -1,0 +1,36 @@
+"""The kernels' narrower code paths, built on this CPU with ``REALIZAR_KERNELS_ISA``: the AVX2 build
+(maddubs dot products, two 8-lane halves per vector, F16C conversions) and the generic x86-64 build
+(plain C loops) must give the same products as the native build's tests demand. Each runs the
+quantized-product tests in a child process, where the build is chosen before the kernels load."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CPU_FLAGS = set(next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
+                     "").split()) if Path("/proc/cpuinfo").exists() else set()
+
+
+@pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"}), ("generic", set())])
+def test_quantized_products_on_a_narrower_build(isa: str, needs: set[str], tmp_path: Path) -> None:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("REALIZAR_KERNELS_ISA builds x86-64 targets")
+    missing = needs - CPU_FLAGS
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}")
+    env = {**os.environ, "REALIZAR_KERNELS_ISA": isa, "PYTHONPATH": str(ROOT)}
+    check = subprocess.run([sys.executable, "-c", "from realizar import kernels; print(kernels.isa())"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert check.stdout.strip() == isa, check.stderr
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/unit/test_quant_gemm.py", "-k", "product or fast_class or float16 or rows"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
