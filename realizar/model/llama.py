@@ -67,6 +67,9 @@ class LlamaModel:
         self.dtype = dtype
         # what computes every operation, chosen once: the CPU kernels in float32 on the CPU, torch elsewhere
         self.backend = backend if backend is not None else choose_backend(device, dtype)
+        if (self.backend.device.type, self.backend.dtype) != (device.type, dtype):
+            raise ValueError(f"a backend for {self.backend.device.type} {self.backend.dtype} cannot compute a "
+                             f"{device.type} {dtype} model")
         quantized = quantized or {}
 
         def take(name: str) -> torch.Tensor:

@@ -200,6 +200,15 @@ def test_float_weights_or_no_kernels_give_a_float_layer(monkeypatch: pytest.Monk
     assert not kernels.quantized_weights(torch.device("cpu"), torch.float32)
 
 
+def test_a_model_refuses_a_backend_of_another_dtype(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, TinySpec(), QT.Q8_0)
+    loaded = load_model(path)
+    with pytest.raises(ValueError, match="cannot compute"):
+        LlamaModel(loaded.config, loaded.tensors, torch.device("cpu"), torch.float32,
+                   backend=TorchBackend(torch.device("cpu"), torch.bfloat16))
+
+
 def tiny_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     cache = KVCache(model.config.num_layers, 4, 16, model.config.num_kv_heads, model.config.head_dim,
                     model.device, model.dtype)
