@@ -159,7 +159,13 @@ class ShareRunner:
 
     def run(self, start_at: float, report: Progress | None = None) -> ShareResult:
         """Run the prepared share from ``start_at`` (wall-clock seconds, ``time.time()``)."""
-        return run_sync(lambda: self._run(start_at, report))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return run_sync(lambda: self._run(start_at, report))
+        # a Ray actor's method thread already runs an event loop: the load gets a thread and loop of its own
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loadtest-share") as pool:
+            return pool.submit(run_sync, lambda: self._run(start_at, report)).result()
 
     async def _run(self, start_at: float, report: Progress | None) -> ShareResult:
         job, prepared = self._job, self._prepared
@@ -223,6 +229,7 @@ class ProcessPool:
         self.start_lead_s = start_lead_s
         self._procs: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[Connection] = []
+        self._broken = False
         # one thread per worker blocks in recv(), so no worker ever waits on a full pipe
         self._io = ThreadPoolExecutor(max_workers=size, thread_name_prefix="loadtest-worker-io")
 
@@ -284,6 +291,15 @@ class ProcessPool:
     async def run(self, jobs: list[ShareJob], progress: Progress) -> tuple[list[ShareResult], float]:
         if not self._procs:
             raise WorkerError("the worker pool is not started")
+        if self._broken:
+            raise WorkerError("a load worker failed earlier; this pool's workers are out of step")
+        try:
+            return await self._run(jobs, progress)
+        except BaseException:
+            self._broken = True  # answers may still be in flight: never read them as the next phase's
+            raise
+
+    async def _run(self, jobs: list[ShareJob], progress: Progress) -> tuple[list[ShareResult], float]:
         workers = [job.share.index for job in jobs]
         await asyncio.gather(*(self._send(k, ("prepare", job)) for k, job in zip(workers, jobs, strict=True)))
         for k in workers:
@@ -408,7 +424,7 @@ class RayPool:
                 break
             counts = await asyncio.gather(*(self._get(a.progress.remote()) for a in actors))
             progress(sum(c[0] for c in counts), sum(c[1] for c in counts))
-        return [r.result() for r in runs], t0
+        return list(await asyncio.gather(*runs)), t0
 
 
 def make_pool(workers: int, ray_address: str | None) -> WorkerPool | None:
