@@ -42,6 +42,8 @@ class CalibrationResult:
     workers: int = 1
     # per worker (with --workers): its requests/s, or events/s for the SSE measure
     worker_rates: tuple[float, ...] = ()
+    # workers (0-based) that fell well behind the others: the total is held back by them
+    workers_behind: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,10 +110,13 @@ async def calibrate(url: str, *, duration: float, concurrency: int, stream_concu
             lat = s.itl if (what == "sse_events" and s.itl is not None) else s.latency
             # a worker's events/s are its requests/s times the events in each stream
             per = events_per_stream if what == "sse_events" else 1
-            rates = tuple(round(w["achieved_rps"] * per, 1) for w in result.client_health.workers)
+            rows = result.client_health.workers
+            rates = tuple(round(w["achieved_rps"] * per, 1) for w in rows)
+            behind = tuple(w["worker"] for w in rows if w["behind"])
             out.append(CalibrationResult(client, what, conc, s.duration_s, s.total_requests,
                                          round(count / s.duration_s, 1), lat.p50_ms, lat.p99_ms, s.failures,
-                                         result.client_health.cpu_max_pct, pool.size if pool else 1, rates))
+                                         result.client_health.cpu_max_pct, pool.size if pool else 1, rates,
+                                         behind))
     return out
 
 
@@ -126,5 +131,8 @@ def format_calibration(results: list[CalibrationResult]) -> str:
         if r.worker_rates:
             lines.append(f"{'':<10}{f'{r.workers} workers:':<20}"
                          + ", ".join(f"{rate:,.0f}" for rate in r.worker_rates) + f" {unit} each")
+        if r.workers_behind:
+            lines.append(f"{'':<10}worker(s) {', '.join(str(k + 1) for k in r.workers_behind)} fell well behind "
+                         "the others (a starved CPU?): the total understates the ceiling")
     lines.append("A server measured close to these rates is limited by this client, not by itself.")
     return "\n".join(lines) + "\n"

@@ -504,9 +504,11 @@ def _worker_rows(phase: PhaseResult, shares: list[ShareResult], limits: Saturati
                                   f"(> {limits.dispatch_lag_p99_ms:g} ms)")
         others = [x for j, x in enumerate(ratios) if j != idx and x is not None]
         ratio = ratios[idx]
+        row["behind"] = False
         if others and ratio is not None and r.collector.completed >= limits.min_worker_requests:
             best = max(others)
             if ratio < limits.worker_rate_fraction * best:
+                row["behind"] = True
                 row["reasons"].append(f"achieved {100 * ratio:.0f}% of its expected rate "
                                       f"({row['achieved_rps']:.1f} req/s) while another worker achieved "
                                       f"{100 * best:.0f}%: this worker was the bottleneck")

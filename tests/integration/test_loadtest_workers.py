@@ -116,7 +116,9 @@ def test_two_workers_give_the_report_of_one(noop_url: str, tmp_path: Path) -> No
         assert code == 0, workers
         docs[workers] = read_json(out)
         assert validate_report(docs[workers]) == []
-        assert "data:image/png;base64," in html.read_text()
+        page = html.read_text()
+        assert "data:image/png;base64," in page
+        assert ("<th>achieved req/s</th>" in page) == (workers > 1)  # the per-worker table
     one, two = docs[1], docs[2]
     assert _shape(one) == _shape(two)
     assert one["environment"]["load_workers"] == {"count": 1, "kind": "in-process"}

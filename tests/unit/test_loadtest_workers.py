@@ -242,6 +242,7 @@ def test_a_worker_far_behind_the_others_is_flagged() -> None:
     assert len(health.reasons) == 1 and health.reasons[0].startswith("worker 2/2: achieved")
     rows = {row["worker"]: row for row in health.workers}
     assert rows[0]["saturated"] is False and rows[1]["saturated"] is True
+    assert rows[0]["behind"] is False and rows[1]["behind"] is True
     assert rows[0]["achieved_rps"] == 1000.0 and rows[1]["achieved_rps"] == 400.0
     assert rows[1]["rate_ratio"] < 0.75 * rows[0]["rate_ratio"]
 
