@@ -12,11 +12,12 @@ exit 4 (argparse's default is 2, which here means "regression").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from realizar.loadtest.client import ClientKind
 from realizar.loadtest.config import DEFAULT_URL, LoadTestConfig
@@ -31,6 +32,9 @@ from realizar.loadtest.runner import (
 )
 from realizar.loadtest.scenarios import EXTRA_SCENARIO_NAMES, SCENARIO_NAMES, Scenario, seed_scenarios
 from realizar.loadtest.targets import Targets, TargetsError
+
+if TYPE_CHECKING:
+    from realizar.loadtest.workers import WorkerPool
 
 EXIT_OK, EXIT_TARGET_FAILED, EXIT_REGRESSION, EXIT_INVALID, EXIT_USAGE = 0, 1, 2, 3, 4
 SUBCOMMANDS = ("compare", "llm", "calibrate")
@@ -80,6 +84,17 @@ def _common_output(p: argparse.ArgumentParser) -> None:
                    help="load client: raw asyncio+httptools (auto for http://) or aiohttp (auto for https://)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar on stderr")
     p.add_argument("--no-metrics", action="store_true", help="do not scrape the server's /metrics")
+    _worker_options(p)
+
+
+def _worker_options(p: argparse.ArgumentParser, ray: bool = True) -> None:
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                   help="spread the load client over N worker processes (one schedule, one report; "
+                        "default 1: this process)")
+    if ray:
+        p.add_argument("--ray-address", metavar="ADDR",
+                       help="run the N workers as Ray actors on this cluster instead ('auto': the running "
+                            "cluster, 'local': start one here, ray://host:port; needs ray installed)")
 
 
 def build_parser(prog: str = "realizar loadtest") -> _Parser:
@@ -175,6 +190,9 @@ def build_calibrate_parser(prog: str = "realizar loadtest calibrate") -> _Parser
     p.add_argument("--events", type=_positive_int, default=2000, help="SSE events per stream")
     p.add_argument("--client", choices=("both", "raw", "aiohttp"), default="both")
     p.add_argument("--json", metavar="FILE")
+    _worker_options(p, ray=False)
+    p.add_argument("--server-processes", type=_positive_int, metavar="N",
+                   help="no-op server processes sharing the port (default: as many as --workers)")
     return p
 
 
@@ -191,6 +209,26 @@ def _close_progress(progress: ProgressSink) -> None:
     close = getattr(progress, "close", None)
     if close is not None:
         close()
+
+
+@contextlib.contextmanager
+def _pool(args: argparse.Namespace) -> Iterator[WorkerPool | None]:
+    """The load workers ``--workers``/``--ray-address`` ask for, started, and stopped on exit."""
+    from realizar.loadtest.workers import make_pool
+
+    pool = make_pool(args.workers, getattr(args, "ray_address", None))
+    if pool is None:
+        yield None
+        return
+    pool.start()
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def _workers_info(pool: WorkerPool | None) -> dict[str, Any] | None:
+    return pool.describe() if pool is not None else None
 
 
 def _note(message: str) -> None:
@@ -282,26 +320,35 @@ def run_suite(args: argparse.Namespace) -> int:
     except TargetsError as exc:
         raise UsageError(str(exc)) from None
     baseline = _read_report(args.baseline) if args.baseline else None
-    progress = _progress(args)
-    options = RunOptions(client=args.client, scrape_metrics=not args.no_metrics, progress=progress)
+    from realizar.loadtest.workers import WorkerError
 
-    async def go() -> tuple[str | None, list[ScenarioResult]]:
+    progress = _progress(args)
+    workers: dict[str, Any] | None = None
+
+    async def go(options: RunOptions) -> tuple[str | None, list[ScenarioResult]]:
         unreachable = await probe(args.url)
         if unreachable:
             return unreachable, []
         return None, [await run_scenario(sc, options) for sc in scenarios]
 
     try:
-        unreachable, results = run_sync(go)
+        with _pool(args) as pool:
+            workers = _workers_info(pool)
+            options = RunOptions(client=args.client, scrape_metrics=not args.no_metrics, progress=progress,
+                                 pool=pool)
+            unreachable, results = run_sync(lambda: go(options))
+    except WorkerError as exc:
+        unreachable, results = f"load workers: {exc}", []
     finally:
         _close_progress(progress)
     config = {"scale": args.scale, "client": args.client,
               "scenarios": {sc.name: sc.describe() for sc in scenarios}, "targets": targets.to_dict()}
     if unreachable:
         _note(f"error: {unreachable}")
-        _note("Start a server (realizar serve --demo) or pass --url.")
+        if not unreachable.startswith("load workers:"):
+            _note("Start a server (realizar serve --demo) or pass --url.")
         doc = build_report([], [], kind="suite", base_url=args.url, config=config, client=args.client,
-                           exit_code=EXIT_INVALID, invalid_reasons=[unreachable])
+                           exit_code=EXIT_INVALID, invalid_reasons=[unreachable], workers=workers)
         return _finish(doc, args, None, EXIT_INVALID)
     target_results = [verdict for r in results for verdict in targets.check(r)]
     out = sys.stdout
@@ -311,7 +358,7 @@ def run_suite(args: argparse.Namespace) -> int:
     out.write(format_validity(results))
     code = _exit_code(results, all(t.passed for t in target_results))
     doc = build_report(results, target_results, kind="suite", base_url=args.url, config=config,
-                       client=args.client, exit_code=code)
+                       client=args.client, exit_code=code, workers=workers)
     code = _finish(doc, args, baseline, code)
     out.flush()
     return code
@@ -415,10 +462,12 @@ def run_llm(args: argparse.Namespace) -> int:
                                  arrival=args.arrival, burstiness=args.burstiness, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    progress = _progress(args)
-    options = RunOptions(client=args.client, scrape_metrics=not args.no_metrics, progress=progress)
+    from realizar.loadtest.workers import WorkerError
 
-    async def go() -> tuple[str | None, str, list[LlmRun]]:
+    progress = _progress(args)
+    workers: dict[str, Any] | None = None
+
+    async def go(options: RunOptions) -> tuple[str | None, str, list[LlmRun]]:
         unreachable = await probe(args.url, "/v1/models")
         if unreachable:
             return unreachable, "", []
@@ -436,7 +485,13 @@ def run_llm(args: argparse.Namespace) -> int:
         return None, model, [LlmRun(result, metrics, meets_slo(metrics, result, args.slo_attainment), cfg.rate)]
 
     try:
-        problem, model, runs = run_sync(go)
+        with _pool(args) as pool:
+            workers = _workers_info(pool)
+            options = RunOptions(client=args.client, scrape_metrics=not args.no_metrics, progress=progress,
+                                 pool=pool)
+            problem, model, runs = run_sync(lambda: go(options))
+    except WorkerError as exc:
+        problem, model, runs = f"load workers: {exc}", "", []
     finally:
         _close_progress(progress)
     config = {"mode": "sweep" if args.sweep else ("rate" if args.rate else "concurrency"),
@@ -449,7 +504,7 @@ def run_llm(args: argparse.Namespace) -> int:
     if problem:
         _note(f"error: {problem}")
         doc = build_report([], [], kind="llm", base_url=args.url, config=config, client=args.client,
-                           exit_code=EXIT_INVALID, invalid_reasons=[problem])
+                           exit_code=EXIT_INVALID, invalid_reasons=[problem], workers=workers)
         return _finish(doc, args, None, EXIT_INVALID)
     for run in runs:
         sys.stdout.write("\n" + format_llm(run.metrics, run.result.scenario.title))
@@ -475,7 +530,7 @@ def run_llm(args: argparse.Namespace) -> int:
     results = [run.result for run in runs]
     code = EXIT_INVALID if any(not r.valid for r in results) else (EXIT_OK if passed else EXIT_TARGET_FAILED)
     doc = build_report(results, [], kind="llm", base_url=args.url, config=config, client=args.client,
-                       exit_code=code, extra=extra)
+                       exit_code=code, extra=extra, workers=workers)
     return _finish(doc, args, baseline, code)
 
 
@@ -494,20 +549,24 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from realizar.loadtest.report import environment, write_json
 
     clients: tuple[ClientKind, ...] = ("raw", "aiohttp") if args.client == "both" else (args.client,)
+    if args.concurrency < args.workers:
+        raise UsageError(f"--concurrency {args.concurrency} gives {args.workers} workers less than a connection each")
     _note("starting the no-op server and measuring the client ...")
+    workers: dict[str, Any] | None = None
     try:
-        with noop_server() as url:
+        with noop_server(args.server_processes or args.workers) as url, _pool(args) as pool:
+            workers = _workers_info(pool)
             results = run_sync(lambda: calibrate(url, duration=args.duration, concurrency=args.concurrency,
                                                  stream_concurrency=args.stream_concurrency,
-                                                 events_per_stream=args.events, clients=clients))
-    except RuntimeError as exc:
+                                                 events_per_stream=args.events, clients=clients, pool=pool))
+    except RuntimeError as exc:  # WorkerError included
         _note(f"error: {exc}")
         return EXIT_INVALID
     sys.stdout.write(format_calibration(results))
     if args.json:
         from realizar.loadtest.report import SCHEMA_VERSION, TOOL_NAME, tool_version
         write_json({"schema_version": SCHEMA_VERSION, "tool": {"name": TOOL_NAME, "version": tool_version()},
-                    "kind": "calibrate", "environment": environment(args.client),
+                    "kind": "calibrate", "environment": environment(args.client, workers),
                     "results": [r.to_dict() for r in results]}, args.json)
     return EXIT_OK
 

@@ -96,3 +96,36 @@ class LoadTestConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def split(self, workers: int) -> list[Share]:
+        """This load cut into one share per load worker (fewer when the phase has fewer
+        connections or requests than workers). Combined, the shares send exactly the
+        requests of one process, on the same global schedule."""
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        active = min(workers, self.concurrency)
+        if self.request_count:  # 0: unbounded, until the duration ends
+            active = min(active, self.request_count)
+        base, extra = divmod(self.concurrency, active)
+        return [Share(k, active, base + (1 if k < extra else 0)) for k in range(active)]
+
+
+@dataclass(frozen=True)
+class Share:
+    """One load worker's part of a phase: the requests ``index, index + count, ...`` of the
+    phase's single global schedule (round robin, so the shares' arrivals together are the
+    one-process schedule), over ``concurrency`` of the phase's connections (0: all of them)."""
+
+    index: int = 0
+    count: int = 1
+    concurrency: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"share index {self.index} not in [0, {self.count})")
+        if self.concurrency < 0:
+            raise ValueError(f"share concurrency must be >= 0, got {self.concurrency}")
+
+    def requests(self, n: int) -> int:
+        """How many of a phase's ``n`` requests fall in this share."""
+        return len(range(self.index, n, self.count))

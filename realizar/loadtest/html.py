@@ -192,10 +192,32 @@ def render_html(doc: dict[str, Any]) -> str:
         parts.append(f"<p class='meta'>client: loop lag p99 {health.get('loop_lag_p99_ms', 0):.1f} ms, "
                      f"dispatch lag p99 {health.get('dispatch_lag_p99_ms', 0):.1f} ms, "
                      f"CPU max {health.get('cpu_max_pct', 0):.0f}%</p>")
+        if health.get("workers"):
+            parts.append(_workers_table(health["workers"]))
         parts.append(f"<img alt='charts for {html.escape(name)}' src='data:image/png;base64,"
                      f"{scenario_figure(sc)}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _workers_table(rows: list[dict[str, Any]]) -> str:
+    """One row per load worker and phase: what it was given, what it achieved, how it fared."""
+    def num(v: Any, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    head = ("<table><tr><th>phase</th><th>worker</th><th>host:pid</th><th>conns</th><th>requests</th>"
+            "<th>scheduled req/s</th><th>achieved req/s</th><th>start late</th><th>loop lag p99</th>"
+            "<th>CPU max</th><th>check</th></tr>")
+    body = []
+    for r in rows:
+        verdict = "<span class='fail'>" + html.escape("; ".join(r["reasons"])) + "</span>" if r["reasons"] \
+            else "<span class='pass'>OK</span>"
+        body.append(f"<tr><td>{html.escape(str(r['phase']))}</td><td>{r['worker'] + 1}/{r['workers']}</td>"
+                    f"<td>{html.escape(str(r['host']))}:{r['pid']}</td><td>{r['concurrency']}</td>"
+                    f"<td>{r['requests']}</td><td>{num(r['scheduled_rps'], '.1f')}</td>"
+                    f"<td>{num(r['achieved_rps'], '.1f')}</td><td>{r['start_late_ms']:.1f} ms</td>"
+                    f"<td>{r['loop_lag_p99_ms']:.1f} ms</td><td>{r['cpu_max_pct']:.0f}%</td><td>{verdict}</td></tr>")
+    return head + "".join(body) + "</table>"
 
 
 def write_html(doc: dict[str, Any], path: str | Path) -> None:

@@ -141,24 +141,36 @@ JSON_SCHEMAS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 
 
-def make_validator(schema: dict[str, Any], *, check_schema: bool = HAVE_JSONSCHEMA) -> Validate:
+class SchemaValidator:
     """Judges a response's text: not JSON, JSON breaking ``schema``, valid; or, with ``check_schema``
-    false (jsonschema absent), JSON whose schema went unchecked."""
-    checker = None
-    if check_schema:
-        if jsonschema is None:
-            raise RuntimeError("check_schema needs the jsonschema package")
-        checker = jsonschema.Draft202012Validator(schema)
+    false (jsonschema absent), JSON whose schema went unchecked. A class, not a closure, so that
+    prompts pickle to load workers; the compiled checker is rebuilt on the other side."""
 
-    def validate(text: str) -> Validity:
+    def __init__(self, schema: dict[str, Any], *, check_schema: bool = HAVE_JSONSCHEMA) -> None:
+        if check_schema and jsonschema is None:
+            raise RuntimeError("check_schema needs the jsonschema package")
+        self.schema = schema
+        self.check_schema = check_schema
+        self._checker: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"schema": self.schema, "check_schema": self.check_schema, "_checker": None}
+
+    def __call__(self, text: str) -> Validity:
         try:
             obj = json.loads(text)
         except ValueError:  # JSONDecodeError, and the empty text
             return Validity.NOT_JSON
-        if checker is None:
+        if not self.check_schema or jsonschema is None:  # a worker without jsonschema: syntax only
             return Validity.JSON_ONLY
-        return Validity.VALID if checker.is_valid(obj) else Validity.SCHEMA_MISMATCH
-    return validate
+        if self._checker is None:
+            self._checker = jsonschema.Draft202012Validator(self.schema)
+        return Validity.VALID if self._checker.is_valid(obj) else Validity.SCHEMA_MISMATCH
+
+
+def make_validator(schema: dict[str, Any], *, check_schema: bool = HAVE_JSONSCHEMA) -> Validate:
+    """A ``SchemaValidator`` for ``schema``."""
+    return SchemaValidator(schema, check_schema=check_schema)
 
 
 def json_schema_prompts(n: int, *, seed: int = 0, check_schema: bool = HAVE_JSONSCHEMA) -> list[Prompt]:
@@ -242,13 +254,23 @@ class LlmWorkload:
         return json_request("POST", path, body, None, ResponseKind.SSE_OPENAI, headers, prompt.validate)
 
 
+@dataclass(frozen=True)
+class TurnOf:
+    """Request index -> its conversation's turn (a picklable ``Scenario.group``)."""
+
+    turns: tuple[int, ...]
+
+    def __call__(self, i: int) -> int:
+        return self.turns[i % len(self.turns)]
+
+
 def llm_scenario(workload: LlmWorkload, config: LoadTestConfig, slo: Slo, name: str = "llm") -> Scenario:
     mode = (f"{config.arrival} arrivals at {config.rate:g} req/s" if config.open_loop and config.rate
             else f"{config.concurrency} concurrent streams")
     title = f"LLM serving: {workload.endpoint}, {mode}"
     prompts = workload.prompts
-    turns = [p.turn or 0 for p in prompts]
-    group = (lambda i: turns[i % len(turns)]) if any(turns) else None
+    turns = tuple(p.turn or 0 for p in prompts)
+    group = TurnOf(turns) if any(turns) else None
     return Scenario(name, title, f"model {workload.model}, {len(prompts)} prompts",
                     (Phase("main", title, config),), workload.request, slo, group=group)
 

@@ -32,6 +32,10 @@ class SaturationLimits:
     cpu_pct: float = 95.0
     cpu_busy_fraction: float = 0.5
     min_cpu_samples: int = 3
+    # with several load workers: one whose achieved rate, relative to its schedule (or its
+    # share of the connections), falls below this fraction of the best other worker's
+    worker_rate_fraction: float = 0.75
+    min_worker_requests: int = 100  # fewer requests than this in a share: too noisy to judge
 
 
 @dataclass
@@ -44,6 +48,8 @@ class ClientHealth:
     cpu_max_pct: float = 0.0
     saturated: bool = False
     reasons: list[str] = field(default_factory=list)
+    # one row per load worker and phase when the load was spread over workers (empty in one process)
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,8 @@ bodies as fast as it can: ``realizar loadtest calibrate`` measures the client's
 own ceiling against it, and tests use it as a stand-in server.
 
 Run: ``python -m realizar.loadtest.noop_server --port 0`` prints
-``LISTENING <port>`` once it accepts connections.
+``LISTENING <port>`` once it accepts connections; with ``--reuse-port`` several
+processes share that port, so it keeps up with several load workers.
 
 Routes: GET /health, GET /metrics, POST /tokenize, /generate, /batch/tokenize,
 /batch/generate, /stream/generate (SSE, ``max_tokens`` events), GET /sse?n=N
@@ -216,8 +217,10 @@ class NoopServer:
         self.loop = asyncio.get_running_loop()
         self.streams = 0
 
-    async def serve(self, host: str, port: int, ready: asyncio.Future[int] | None = None) -> None:
-        server = await self.loop.create_server(lambda: NoopProtocol(self), host, port, backlog=1024)
+    async def serve(self, host: str, port: int, ready: asyncio.Future[int] | None = None, *,
+                    reuse_port: bool = False) -> None:
+        server = await self.loop.create_server(lambda: NoopProtocol(self), host, port, backlog=1024,
+                                               reuse_port=reuse_port or None)
         bound = int(server.sockets[0].getsockname()[1])
         if ready is not None:
             ready.set_result(bound)
@@ -231,10 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m realizar.loadtest.noop_server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="bind with SO_REUSEPORT, so several of these processes share one port "
+                             "(the kernel spreads connections over them)")
     args = parser.parse_args(argv)
 
     with contextlib.suppress(KeyboardInterrupt):
-        run_sync(lambda: NoopServer().serve(args.host, args.port))
+        run_sync(lambda: NoopServer().serve(args.host, args.port, reuse_port=args.reuse_port))
     return 0
 
 

@@ -135,7 +135,9 @@ def format_validity(results: list[ScenarioResult]) -> str:
 
 # ---------------------------------------------------------------- JSON
 
-def environment(client: str) -> dict[str, Any]:
+def environment(client: str, workers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where the load came from. ``workers``: the load workers' ``describe()`` (default: this
+    one process)."""
     def ver(pkg: str) -> str | None:
         try:
             return version(pkg)
@@ -155,6 +157,7 @@ def environment(client: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "load_average": load,
         "client": client,
+        "load_workers": workers or {"count": 1, "kind": "in-process"},
         "event_loop": f"uvloop {ver('uvloop')}" if ver("uvloop") else "asyncio",
         "aiohttp": ver("aiohttp"),
         "httptools": ver("httptools"),
@@ -216,8 +219,10 @@ def _blocks(result: ScenarioResult) -> list[dict[str, float]]:
 
 def build_report(results: list[ScenarioResult], target_results: list[TargetResult], *, kind: str,
                  base_url: str, config: dict[str, Any], client: str, exit_code: int,
-                 invalid_reasons: list[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The versioned JSON document (``schema_version``) that compare and the HTML read."""
+                 invalid_reasons: list[str] | None = None, extra: dict[str, Any] | None = None,
+                 workers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The versioned JSON document (``schema_version``) that compare and the HTML read
+    (``workers``: how the load was spread, see ``environment``)."""
     reasons = list(invalid_reasons or [])
     for r in results:
         reasons.extend(f"{r.scenario.name}: {why}" for why in r.client_health.reasons)
@@ -229,7 +234,7 @@ def build_report(results: list[ScenarioResult], target_results: list[TargetResul
         "base_url": base_url,
         "config": config,
         "config_hash": config_hash(config),
-        "environment": environment(client),
+        "environment": environment(client, workers),
         "valid": not reasons,
         "invalid_reasons": reasons,
         "scenarios": {r.scenario.name: scenario_doc(r, [t for t in target_results if t.scenario == r.scenario.name])

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from realizar.loadtest.client import Client, ClientKind, PreparedRequest, Target, make_client
-from realizar.loadtest.config import LoadTestConfig
+from realizar.loadtest.client import Client, ClientKind, PreparedRequest, Target, make_client, prepare
+from realizar.loadtest.config import LoadTestConfig, Share
 from realizar.loadtest.monitor import (
     ClientHealth,
     ClientMonitor,
@@ -23,6 +24,9 @@ from realizar.loadtest.monitor import (
 from realizar.loadtest.scenarios import Phase, Scenario
 from realizar.loadtest.stats import Collector, RequestRecord, Summary
 from realizar.loadtest.workload import RequestSpec, arrival_offsets
+
+if TYPE_CHECKING:
+    from realizar.loadtest.workers import WorkerPool
 
 T = TypeVar("T")
 _perf = time.perf_counter
@@ -56,6 +60,7 @@ class PhaseResult:
     summary: Summary
     start_s: float  # from the scenario's start
     end_s: float
+    start_late_s: float = 0.0  # how late the load began after its agreed start (load workers)
 
 
 @dataclass
@@ -87,6 +92,8 @@ class RunOptions:
     scrape_metrics: bool = True
     metrics_path: str = "/metrics"
     progress: ProgressSink = field(default_factory=NoProgress)
+    # spread each phase over these load workers (processes or Ray actors); None: this process
+    pool: WorkerPool | None = None
 
 
 class _Tally:
@@ -98,14 +105,20 @@ class _Tally:
 
 
 async def _phase_load(client: Client, prepared: list[PreparedRequest], cfg: LoadTestConfig,
-                      collector: Collector, monitor: ClientMonitor, tally: _Tally) -> None:
-    """Send one phase's requests with its load model; returns when all have finished."""
+                      collector: Collector, monitor: ClientMonitor, tally: _Tally, share: Share = Share()) -> None:
+    """Send one phase's requests (``share``'s part of them) with its load model; returns
+    when all have finished. Request ``i`` keeps its place ``offsets[i]`` in the phase's one
+    global schedule, so the shares of several workers add up to the one-process schedule."""
     n = cfg.request_count
     pool = len(prepared)
     t0 = collector.t0
     rate = cfg.send_rate
+    concurrency = share.concurrency or cfg.concurrency
     offsets = arrival_offsets(n, rate, cfg.arrival, seed=cfg.seed, burstiness=cfg.burstiness) \
         if (rate is not None and n) else None
+    # one iterator shared by this process's workers: each takes the next index of the share
+    indices: Iterator[int] = iter(range(share.index, n, share.count)) if n \
+        else itertools.count(share.index, share.count)
 
     async def one(i: int, intended: float) -> None:
         monitor.in_flight += 1
@@ -117,16 +130,12 @@ async def _phase_load(client: Client, prepared: list[PreparedRequest], cfg: Load
             tally.failed += 1
 
     if not cfg.open_loop:
-        next_index = 0
         stop_at = t0 + cfg.duration if (cfg.duration is not None and n == 0) else math.inf
 
         async def worker() -> None:
-            nonlocal next_index
-            while True:
-                i = next_index
-                if (n and i >= n) or _perf() >= stop_at:
+            for i in indices:
+                if _perf() >= stop_at:
                     return
-                next_index += 1
                 if offsets is not None:
                     target = t0 + offsets[i]
                     delay = target - _perf()
@@ -139,11 +148,11 @@ async def _phase_load(client: Client, prepared: list[PreparedRequest], cfg: Load
                 else:
                     await one(i, _perf())
 
-        await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
         return
 
     assert offsets is not None
-    slots = asyncio.Semaphore(cfg.concurrency)
+    slots = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task[None]] = set()
 
     async def capped(i: int, intended: float) -> None:
@@ -153,12 +162,12 @@ async def _phase_load(client: Client, prepared: list[PreparedRequest], cfg: Load
             slots.release()
 
     ready = t0  # when the dispatcher last got a free slot
-    for i, offset in enumerate(offsets):
-        target = t0 + offset
+    for sent, i in enumerate(indices):
+        target = t0 + offsets[i]
         delay = target - _perf()
         if delay > 0:
             await asyncio.sleep(delay)
-        elif i % 64 == 0:
+        elif sent % 64 == 0:
             await asyncio.sleep(0)  # behind schedule: still let responses in
         # the client's own lateness; time spent waiting for a slot under the in-flight
         # cap is the server's, and shows in latency from the intended start instead
@@ -178,21 +187,40 @@ async def _ticker(progress: ProgressSink, tally: _Tally) -> None:
         await asyncio.sleep(0.1)
 
 
+def prepare_phase(scenario: Scenario, phase: Phase) -> list[PreparedRequest]:
+    """The phase's requests, encoded once, before its clock starts."""
+    target = Target.parse(phase.config.base_url)
+    return [prepare(spec, target) for spec in scenario.requests(phase.config.request_count)]
+
+
 async def run_phase(scenario: Scenario, phase: Phase, monitor: ClientMonitor, options: RunOptions,
-                    scenario_t0: float) -> PhaseResult:
+                    scenario_t0: float, *, share: Share = Share(), start_at: float | None = None,
+                    prepared: list[PreparedRequest] | None = None) -> PhaseResult:
+    """Run ``share``'s part of one phase. With ``start_at`` (a ``perf_counter`` time, the
+    common start that a coordinator gave every load worker) the phase's clock starts
+    exactly then, however late this process gets there."""
     cfg = phase.config
-    client = make_client(options.client, cfg.base_url, max_connections=cfg.concurrency, timeout=cfg.timeout,
-                         connect_timeout=cfg.connect_timeout)
-    prepared = [client.prepare(spec) for spec in scenario.requests(cfg.request_count)]
-    collector = Collector(slo=scenario.slo, seed=cfg.seed, group=scenario.group)
+    client = make_client(options.client, cfg.base_url, max_connections=share.concurrency or cfg.concurrency,
+                         timeout=cfg.timeout, connect_timeout=cfg.connect_timeout)
+    if prepared is None:
+        prepared = prepare_phase(scenario, phase)
+    collector = Collector(slo=scenario.slo, seed=cfg.seed + share.index, group=scenario.group)
     tally = _Tally()
     label = scenario.title if len(scenario.phases) == 1 else f"{scenario.title}: {phase.title}"
-    options.progress.begin(label, cfg.request_count or None)
+    options.progress.begin(label, share.requests(cfg.request_count) or None)
     ticker = asyncio.get_running_loop().create_task(_ticker(options.progress, tally))
-    t0 = _perf()
+    late = 0.0
+    if start_at is None:
+        t0 = _perf()
+    else:
+        # timers may fire up to a millisecond early: wait until the start has truly come
+        while (wait := start_at - _perf()) > 0:
+            await asyncio.sleep(wait)
+        t0 = start_at
+        late = max(0.0, _perf() - start_at)
     collector.start(t0)
     try:
-        await _phase_load(client, prepared, cfg, collector, monitor, tally)
+        await _phase_load(client, prepared, cfg, collector, monitor, tally, share)
         collector.t_end = max(collector.t_end, _perf())
     finally:
         ticker.cancel()
@@ -201,7 +229,7 @@ async def run_phase(scenario: Scenario, phase: Phase, monitor: ClientMonitor, op
         options.progress.update(tally.done, tally.failed)
         options.progress.end()
         await client.aclose()
-    return PhaseResult(phase, collector, collector.summary(), t0 - scenario_t0, collector.t_end - scenario_t0)
+    return PhaseResult(phase, collector, collector.summary(), t0 - scenario_t0, collector.t_end - scenario_t0, late)
 
 
 def recovery_time(baseline: PhaseResult, spike: PhaseResult, recovery: PhaseResult,
@@ -225,8 +253,12 @@ def recovery_time(baseline: PhaseResult, spike: PhaseResult, recovery: PhaseResu
 
 
 async def run_scenario(scenario: Scenario, options: RunOptions | None = None) -> ScenarioResult:
-    """Run every phase of ``scenario`` back to back."""
+    """Run every phase of ``scenario`` back to back (spread over ``options.pool``'s load
+    workers when there is one)."""
     options = options or RunOptions()
+    if options.pool is not None:
+        from realizar.loadtest.workers import run_distributed  # the workers module builds on this one
+        return await run_distributed(scenario, options, options.pool)
     monitor = ClientMonitor(options.limits)
     target = Target.parse(scenario.phases[0].config.base_url)
     scraper = MetricsScraper(target.url(options.metrics_path)) if options.scrape_metrics else None
@@ -241,6 +273,12 @@ async def run_scenario(scenario: Scenario, options: RunOptions | None = None) ->
     finally:
         health = await monitor.stop()
         metrics = await scraper.stop() if scraper is not None else ServerMetrics()
+    return assemble(scenario, phases, health, metrics)
+
+
+def assemble(scenario: Scenario, phases: list[PhaseResult], health: ClientHealth,
+             metrics: ServerMetrics) -> ScenarioResult:
+    """A scenario's result from its phases: the overall numbers and the spike's recovery."""
     if len(phases) == 1:
         overall_collector = phases[0].collector
         overall = phases[0].summary

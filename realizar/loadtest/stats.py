@@ -201,6 +201,19 @@ class LatencyRecorder:
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # HdrHistogram's ctypes counts do not pickle; its own compressed encoding is lossless
+        state = dict(self.__dict__)
+        state["_sorted"] = None
+        if self._hdr is not None:
+            state["_hdr"] = self._hdr.encode()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state.get("_hdr") is not None:
+            state["_hdr"] = HdrHistogram.decode(state["_hdr"])
+        self.__dict__.update(state)
+
     def percentile(self, p: float) -> float:
         """The p-th percentile in seconds (0 when empty)."""
         if self.count == 0:
@@ -524,6 +537,78 @@ class Collector:
         self.streaming = self.streaming or other.streaming
         self._ends = self._lats = None  # timelines of different phases do not concatenate
         self._seconds = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ``group`` may be a lambda; a worker's collector has already applied it, and the
+        # coordinator's collector that absorbs it has its own
+        return {**self.__dict__, "group": None}
+
+    def rebase(self, t0: float) -> None:
+        """Move this phase onto another clock whose phase start is ``t0`` (times kept
+        relative to the start stay as they are)."""
+        self.t_end += t0 - self.t0
+        self.t0 = t0
+
+    def merge_worker(self, other: Collector) -> None:
+        """Fold in what another load worker recorded of the same phase, on the same clock
+        (``other.t0 == self.t0``; see ``rebase``). Counts add; exact samples stay exact
+        while the union fits ``exact_limit`` and HDR histograms add otherwise, so every
+        percentile is the one of all the requests pooled; per-second buckets, groups and
+        the completion-order timeline combine as if one process had seen every request."""
+        if abs(other.t0 - self.t0) > 1e-9:
+            raise ValueError("merge_worker needs collectors of the same phase on one clock (rebase first)")
+        self.t_end = max(self.t_end, other.t_end)
+        for mine, theirs in ((self.latency, other.latency), (self.service, other.service),
+                             (self.ttft, other.ttft), (self.tpot, other.tpot),
+                             (self.itl, other.itl), (self.e2el, other.e2el)):
+            mine.merge(theirs)
+        self.failures.update(other.failures)
+        self.completed += other.completed
+        self.successes += other.successes
+        self.output_tokens += other.output_tokens
+        self.input_tokens += other.input_tokens
+        self.good += other.good
+        self.validity.update(other.validity)
+        self.streaming = self.streaming or other.streaming
+        for key, theirs_group in other._groups.items():
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(self.exact_limit)
+            group.requests += theirs_group.requests
+            group.ttft.merge(theirs_group.ttft)
+            group.input_tokens += theirs_group.input_tokens
+            group.cached_tokens += theirs_group.cached_tokens
+            group.cached_reports += theirs_group.cached_reports
+        for t, sec in other._seconds.items():
+            self._merge_second(t, sec)
+        if self._ends is None or self._lats is None or other._ends is None or other._lats is None \
+                or len(self._ends) + len(other._ends) > self.exact_limit:
+            self._ends = self._lats = None  # one process would have dropped it past the limit too
+        else:
+            pairs = sorted(zip(list(self._ends) + list(other._ends), list(self._lats) + list(other._lats),
+                               strict=True), key=lambda pair: pair[0])
+            self._ends = array("d", (end for end, _ in pairs))
+            self._lats = array("d", (lat for _, lat in pairs))
+
+    def _merge_second(self, t: int, other: _Second) -> None:
+        sec = self._seconds.get(t)
+        if sec is None:
+            self._seconds[t] = _Second(other.completed, other.successes, other.tokens, other.max_latency,
+                                       other.seen, list(other.sample))
+            return
+        sec.completed += other.completed
+        sec.successes += other.successes
+        sec.tokens += other.tokens
+        sec.max_latency = max(sec.max_latency, other.max_latency)
+        if len(sec.sample) + len(other.sample) <= _RESERVOIR:
+            sec.sample.extend(other.sample)
+        else:
+            # two uniform reservoirs -> one uniform reservoir of the union: draw from each
+            # in proportion to the requests it stands for
+            mine = round(_RESERVOIR * sec.seen / (sec.seen + other.seen))
+            mine = min(max(mine, _RESERVOIR - len(other.sample)), len(sec.sample))
+            sec.sample = self._rng.sample(sec.sample, mine) + self._rng.sample(other.sample, _RESERVOIR - mine)
+        sec.seen += other.seen
 
     @property
     def duration(self) -> float:
