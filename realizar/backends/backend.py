@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
+from realizar.config import ModelConfig
 from realizar.kv_cache import KVCache
 from realizar.loading.quants import QuantizedTensor
 
@@ -95,6 +96,22 @@ class LinearLayer(Protocol):
         ...
 
 
+class LayerStack(Protocol):
+    """What a backend reads to run a model's decoder layers (``realizar.model.llama.LlamaModel``):
+    its layers' weights, its shape, the RoPE tables, and the per-operation definition of the layers,
+    which any backend may run instead of a fused form of its own."""
+
+    config: ModelConfig
+    layers: Sequence[Any]  # LayerWeights: attn_norm, qkv, o, mlp_norm, gate_up, down
+    cos: torch.Tensor
+    sin: torch.Tensor
+    scale: float
+
+    def layers_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       cache: KVCache) -> torch.Tensor:
+        ...
+
+
 class Backend(Protocol):
     """What computes the model: every operation the forward pass and the sampler need."""
 
@@ -129,6 +146,12 @@ class Backend(Protocol):
                   scale: float) -> torch.Tensor:
         """Queries ``q [T, H, hd]`` over the cache (already holding this step's K/V) -> ``[T, H, hd]``:
         each decode query over its sequence's context, each prompt token causally over its prefix."""
+        ...
+
+    def run_layers(self, model: LayerStack, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                   cache: KVCache) -> torch.Tensor:
+        """``model``'s decoder layers over ``x [T, D]``: its own per-operation ``layers_forward``, or a
+        fused form of the same operations in the same order (equal bit for bit)."""
         ...
 
     def sample(self, logits: torch.Tensor, rows: torch.Tensor, temperatures: torch.Tensor,

@@ -26,12 +26,14 @@ core while torch's many small ops stay on one thread.
 
 from __future__ import annotations
 
+import ctypes
+import weakref
 from collections.abc import Sequence
 
 import torch
 
 from realizar import kernels
-from realizar.backends.backend import AttentionMetadata, LinearLayer
+from realizar.backends.backend import AttentionMetadata, LayerStack, LinearLayer
 from realizar.backends.torch_backend import float_weight
 from realizar.kv_cache import KVCache
 from realizar.loading.quants import QuantizedTensor
@@ -138,6 +140,29 @@ class QuantLinear:
 
 
 
+def _describe(linear: LinearLayer) -> kernels.DecoderLinear:
+    """A layer of this backend as ``decoder.c``'s ``struct realizar_linear`` (TypeError for any other)."""
+    d = kernels.DecoderLinear(in_features=linear.in_features, out_features=linear.out_features)
+    if isinstance(linear, PackedLinear):
+        d.parts, d.weights[0], d.rows[0], d.kind[0] = 1, linear._packed.data_ptr(), linear.out_features, \
+            kernels.LINEAR_PACKED
+    elif isinstance(linear, QuantLinear) and len(linear.parts) <= kernels.MAX_LINEAR_PARTS:
+        d.parts = len(linear.parts)
+        for i, part in enumerate(linear.parts):
+            d.weights[i], d.rows[i] = part.records.data_ptr(), part.n
+            if isinstance(part, kernels.FastPacked):
+                d.kind[i], d.format[i], d.offset[i] = kernels.LINEAR_FAST, part.kind, part.c
+            else:
+                d.kind[i], d.format[i] = kernels.LINEAR_QUANT, part.fmt.code
+    else:
+        raise TypeError(f"{type(linear).__name__} has no decoder.c form")
+    bias = getattr(linear, "bias", None)
+    if bias is not None:
+        assert bias.is_contiguous() and bias.dtype == torch.float32
+        d.bias = bias.data_ptr()
+    return d
+
+
 class CpuKernelsBackend:
     """Every operation of the forward pass in the compiled kernels: float32 on the CPU only."""
 
@@ -146,6 +171,8 @@ class CpuKernelsBackend:
 
     def __init__(self, compiled: kernels.CpuKernels) -> None:
         self.kernels = compiled
+        # each model's layers as decoder.c reads them, by id (the weak reference tells a reused id)
+        self._layers: dict[int, tuple[weakref.ref[LayerStack], ctypes.Array[kernels.DecoderLayer] | None]] = {}
 
     def linear(self, parts: Sequence[torch.Tensor | QuantizedTensor], bias: torch.Tensor | None = None,
                fast: bool = False) -> LinearLayer:
@@ -175,6 +202,44 @@ class CpuKernelsBackend:
         tables, rows, lens = meta.query_rows(cache.block_size)
         return self.kernels.paged_attention(q, cache.keys[layer], cache.values[layer], tables, lens,
                                             cache.block_size, scale, rows)
+
+    def run_layers(self, model: LayerStack, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                   cache: KVCache) -> torch.Tensor:
+        """Every layer in one kernel call (``decoder.c``): the same kernels in the same order as
+        ``model.layers_forward``, without the ~450 Python calls and allocations between them."""
+        layers = self._described(model)
+        if layers is None:  # a layer the fused call cannot describe
+            return model.layers_forward(x, positions, meta, cache)
+        for i in range(len(layers)):
+            layers[i].key_cache, layers[i].value_cache = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
+        c = model.config
+        tables, rows, lens = meta.query_rows(cache.block_size)
+        positions, slots = positions.contiguous(), meta.slot_mapping.contiguous()
+        step = kernels.DecoderStep(
+            positions=positions.data_ptr(), slots=slots.data_ptr(), tables=tables.data_ptr(), rows=rows.data_ptr(),
+            lens=lens.data_ptr(), cos=model.cos.data_ptr(), sin=model.sin.data_ptr(), max_blocks=tables.shape[1],
+            block_size=cache.block_size, heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+            hidden=c.hidden_size, intermediate=c.intermediate_size, eps=c.rms_norm_eps, scale=model.scale)
+        x = x.contiguous()
+        self.kernels.decoder_layers(x, layers, step)
+        return x
+
+    def _described(self, model: LayerStack) -> ctypes.Array[kernels.DecoderLayer] | None:
+        """The model's layers as ``decoder.c`` reads them, built once per model (None where a layer is
+        not one of this backend's)."""
+        cached = self._layers.get(id(model))
+        if cached is not None and cached[0]() is model:
+            return cached[1]
+        try:
+            described = (kernels.DecoderLayer * len(model.layers))(*(
+                kernels.DecoderLayer(attn_norm=layer.attn_norm.data_ptr(), mlp_norm=layer.mlp_norm.data_ptr(),
+                                     qkv=_describe(layer.qkv), o=_describe(layer.o),
+                                     gate_up=_describe(layer.gate_up), down=_describe(layer.down))
+                for layer in model.layers))
+        except TypeError:
+            described = None
+        self._layers[id(model)] = (weakref.ref(model), described)
+        return described
 
     def sample(self, logits: torch.Tensor, rows: torch.Tensor, temperatures: torch.Tensor,
                uniforms: torch.Tensor) -> torch.Tensor:

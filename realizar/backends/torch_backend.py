@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from realizar.backends.backend import AttentionMetadata, LinearLayer, PrefillChunk
+from realizar.backends.backend import AttentionMetadata, LayerStack, LinearLayer, PrefillChunk
 from realizar.kv_cache import KVCache
 from realizar.loading.quants import QuantizedTensor
 
@@ -149,6 +149,10 @@ class TorchBackend:
             mask = k_pos[None, :] <= q_pos[:, None]  # [n, L]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         return out.transpose(0, 1)  # [n, H, hd]
+
+    def run_layers(self, model: LayerStack, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                   cache: KVCache) -> torch.Tensor:
+        return model.layers_forward(x, positions, meta, cache)
 
     def sample(self, logits: torch.Tensor, rows: torch.Tensor, temperatures: torch.Tensor,
                uniforms: torch.Tensor) -> torch.Tensor:

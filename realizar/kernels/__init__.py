@@ -48,7 +48,7 @@ log = logging.getLogger("realizar.kernels")
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "prefill_attention.c", "pointwise.c",
-                        "sampling.c", "quant_gemm.c")]
+                        "sampling.c", "quant_gemm.c", "decoder.c")]
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 FLAGS = ["-O3", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 # REALIZAR_KERNELS_ISA builds for less than this CPU has, so each code path can be tested and timed
@@ -322,6 +322,38 @@ def _build() -> Path | None:
     return target
 
 
+LINEAR_PACKED, LINEAR_QUANT, LINEAR_FAST = 0, 1, 2  # decoder.c's kinds of linear layer
+MAX_LINEAR_PARTS = 4
+
+
+class DecoderLinear(ctypes.Structure):
+    """decoder.c's ``struct realizar_linear``: one linear layer's weight as the kernels hold it."""
+
+    _fields_ = [("parts", ctypes.c_int64), ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64),
+                ("weights", ctypes.c_void_p * MAX_LINEAR_PARTS), ("rows", ctypes.c_int64 * MAX_LINEAR_PARTS),
+                ("kind", ctypes.c_int32 * MAX_LINEAR_PARTS), ("format", ctypes.c_int32 * MAX_LINEAR_PARTS),
+                ("offset", ctypes.c_int32 * MAX_LINEAR_PARTS), ("bias", ctypes.c_void_p)]
+
+
+class DecoderLayer(ctypes.Structure):
+    """decoder.c's ``struct realizar_layer``."""
+
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", DecoderLinear),
+                ("o", DecoderLinear), ("gate_up", DecoderLinear), ("down", DecoderLinear),
+                ("key_cache", ctypes.c_void_p), ("value_cache", ctypes.c_void_p)]
+
+
+class DecoderStep(ctypes.Structure):
+    """decoder.c's ``struct realizar_step``: what one step's layers read besides their weights."""
+
+    _fields_ = [("positions", ctypes.c_void_p), ("slots", ctypes.c_void_p), ("tables", ctypes.c_void_p),
+                ("rows", ctypes.c_void_p), ("lens", ctypes.c_void_p), ("cos", ctypes.c_void_p),
+                ("sin", ctypes.c_void_p), ("max_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64),
+                ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+                ("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float)]
+
+
 class CpuKernels:
     """ctypes bindings of the compiled kernels; the calls release the GIL."""
 
@@ -347,6 +379,8 @@ class CpuKernels:
         self._quant_gemm = bind("realizar_quant_gemm", i32, p, i64, p, i32, p, i64, i64, i64, i64)
         self._quant_rows = bind("realizar_quant_rows", i32, p, i32, p, i64, i64, i64, p)
         self._quant_gemm_fast = bind("realizar_quant_gemm_fast", i32, p, i64, p, i32, i32, p, i64, i64, i64, i64)
+        self._decoder_layers = bind("realizar_decoder_layers", i32, p, i64, p, i64, p, p)
+        self._decoder_workspace = bind("realizar_decoder_workspace", i64, p, i64)
         self.path = path
 
     def set_threads(self, threads: int) -> int:
@@ -464,6 +498,16 @@ class CpuKernels:
         positions = positions.contiguous()
         self._rope(x.data_ptr(), x.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                    x.shape[0], heads, head_dim)
+
+    def decoder_layers(self, x: torch.Tensor, layers: ctypes.Array[DecoderLayer], step: DecoderStep) -> None:
+        """Every layer of ``layers`` over the packed tokens ``x [T, D]`` (contiguous; updated in place),
+        in one call (``decoder.c``)."""
+        assert x.is_contiguous() and x.dtype == torch.float32
+        t = x.shape[0]
+        workspace = torch.empty(int(self._decoder_workspace(ctypes.byref(step), t)), dtype=torch.float32)
+        if t and self._decoder_layers(x.data_ptr(), t, layers, len(layers), ctypes.byref(step),
+                                      workspace.data_ptr()) != 0:
+            raise MemoryError("a decoder layer's kernel could not allocate its buffers")
 
     def sample(self, logits: torch.Tensor, rows: torch.Tensor, temperatures: torch.Tensor,
                uniforms: torch.Tensor) -> torch.Tensor:

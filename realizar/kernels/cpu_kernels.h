@@ -90,4 +90,22 @@ void realizar_pack_x(const float *x, int64_t ldx, int64_t M, int64_t K, float *a
 void realizar_gemm_panels(const float *a, int64_t rows, int64_t K, int64_t k0, int64_t kc, const float *panels,
                           int64_t pstride, int group, int64_t cols, float *y, int64_t ldy, int accumulate);
 
+/* The kernels decoder.c runs a step's layers through (defined in their own files). */
+int realizar_gemm(const float *x, int64_t ldx, const float *packed, float *y, int64_t M, int64_t N, int64_t K);
+int realizar_quant_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, float *y, int64_t ldy,
+                        int64_t M, int64_t N, int64_t K);
+int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
+                             int64_t M, int64_t N, int64_t K);
+void realizar_rms_norm(const float *x, int64_t ldx, const float *w, float *y, int64_t T, int64_t D, float eps);
+void realizar_silu_mul(const float *gate_up, int64_t ld, float *y, int64_t T, int64_t I);
+void realizar_rope(float *x, int64_t ld, const int64_t *positions, const float *cos, const float *sin,
+                   int64_t T, int64_t heads, int64_t hd);
+void realizar_write_kv(float *key_cache, float *value_cache, const float *k, const float *v,
+                       int64_t k_row_stride, int64_t v_row_stride, const int64_t *slots, int64_t num_tokens,
+                       int64_t kv_heads, int64_t block_size, int64_t head_dim);
+int realizar_paged_attention(const float *q_all, int64_t q_stride, const float *key_cache, const float *value_cache,
+                             const int64_t *block_tables, const int64_t *row_tables, const int64_t *context_lens,
+                             float *out_all, int64_t num_rows, int64_t max_blocks, int64_t block_size,
+                             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale);
+
 #endif

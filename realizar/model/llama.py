@@ -120,14 +120,20 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
         """Logits [len(logits_indices), V] in float32 for the selected packed tokens."""
+        x = self.embed.rows(input_ids)  # [T, D]
+        x = self.backend.run_layers(self, x, positions, meta, cache)  # layers_forward, or a fused form of it
+        h = self.backend.rms_norm(x[logits_indices], self.final_norm, self.config.rms_norm_eps)
+        return self.lm_head(h).float()
+
+    def layers_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       cache: KVCache) -> torch.Tensor:
+        """The decoder layers over the packed tokens ``x [T, D]``, one backend operation at a time."""
         norm = self.backend.rms_norm
         eps = self.config.rms_norm_eps
-        x = self.embed.rows(input_ids)  # [T, D]
         for index, layer in enumerate(self.layers):
             x = x + self.attention(layer, index, norm(x, layer.attn_norm, eps), positions, meta, cache)
             x = x + self.mlp(layer, norm(x, layer.mlp_norm, eps))
-        h = norm(x[logits_indices], self.final_norm, eps)
-        return self.lm_head(h).float()
+        return x
 
     def mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         gate_up = layer.gate_up(x)  # [T, 2I]
