@@ -28,11 +28,11 @@ from realizar.engine.errors import EngineDead, EngineOverloaded, InvalidRequest
 from realizar.engine.runner import StepResult
 from realizar.engine.scheduler import SchedulerOutput
 from realizar.loading import load_model
-from realizar.loading.tiny import TinySpec, write_tiny_gguf
 from realizar.model.llama import LlamaModel
 from realizar.request import FinishReason, GrammarError, Request, SamplingParams, StructuredSpec, TokenOutput
 from realizar.sampling import SamplingRow
 from realizar.tokenizer import Tokenizer
+from tests.tiny_model import TinySpec, write_tiny_gguf
 
 VOCAB = 64
 EOS = 2  # the tiny model's end-of-sequence id
