@@ -112,9 +112,9 @@ class ServerProcess:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM the process group, then SIGKILL whatever is left; the leader's exit status
-        (None when it was never started)."""
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM the process group, then SIGKILL whatever is left after ``timeout`` s (longer than a
+        realizar server's default drain); the leader's exit status (None when it was never started)."""
         proc = self.proc
         _LIVE.discard(self)
         if proc is None:
