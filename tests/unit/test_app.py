@@ -264,6 +264,28 @@ def test_completion_stream_framing_usage_and_done(engine: ScriptedEngine) -> Non
     assert len({c["id"] for c in chunks}) == 1
 
 
+def test_a_stream_of_several_choices_interleaves_them_by_index(engine: ScriptedEngine) -> None:
+    tok = engine.tokenizer
+    other = " Lyon is not."
+    engine.script(Script.text(tok, ANSWER), Script.text(tok, other))
+    r = request(make_app(engine), "POST", "/v1/completions",
+                json={"prompt": "Hi", "max_tokens": 40, "stream": True, "n": 2,
+                      "stream_options": {"include_usage": True}})
+    assert r.status_code == 200
+    *text_chunks, usage = sse_data(r.text)
+    texts: dict[int, str] = {0: "", 1: ""}
+    finishes: dict[int, str] = {}
+    for chunk in text_chunks:
+        [choice] = chunk["choices"]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"] is not None:
+            assert choice["index"] not in finishes  # each choice finishes once
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert sorted(texts.values()) == sorted([ANSWER, other]) and finishes == {0: "stop", 1: "stop"}
+    assert usage["usage"]["completion_tokens"] == len(answer_ids(tok)) + len(answer_ids(tok, other))
+    assert len(engine.submitted) == 2
+
+
 def test_chat_completion_renders_the_template(engine: ScriptedEngine) -> None:
     tok = engine.tokenizer
     engine.script(Script.text(tok, ANSWER))
