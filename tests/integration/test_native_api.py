@@ -1,4 +1,4 @@
-"""The native realizar API (API.md) against a real `realizar serve --demo` process."""
+"""The native realizar API (docs/api.md) against a real `realizar serve --demo` process."""
 
 from __future__ import annotations
 
