@@ -31,8 +31,11 @@ typecheck: setup
 unit: setup
 	$(PY) -m pytest -q tests/unit
 
+# the coverage of the engine and the server, their real-process tests' servers included
+COV := --cov=realizar.engine --cov=realizar.server --cov-report=term-missing:skip-covered
+
 test: lint typecheck
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(COV) tests
 
 load-test: setup
 	./scripts/load_test.sh --port $(PORT)

@@ -1,5 +1,5 @@
-"""Shared plumbing for the benchmark scripts: managed server processes and a
-streaming ``/v1/completions`` load client.
+"""Shared plumbing for the benchmark scripts: managed server processes and
+closed-loop streaming ``/v1/completions`` load.
 
 Not a script. The other files in ``benchmarks/`` import it; run them from the
 repository root with the project's venv, e.g.::
@@ -8,8 +8,9 @@ repository root with the project's venv, e.g.::
 
 Servers
     ``realizar_spec`` / ``llamacpp_spec`` / ``vllm_spec`` describe how to start a
-    server; ``ManagedServer`` starts one on a free 127.0.0.1 port in its own
-    process group, waits until it answers, and always stops the whole group
+    server; ``ManagedServer`` starts one on a free 127.0.0.1 port through
+    ``realizar.loadtest.server_process.ServerProcess`` (the tests' helper too): in its
+    own process group, ready once it answers, and the whole group always stopped
     (context-manager exit, ``atexit``, and SIGTERM/SIGHUP turned into
     ``SystemExit`` by ``install_signal_handlers``).
 
@@ -40,40 +41,46 @@ Peer configurations
 Load client
     ``run_closed_loop`` keeps ``concurrency`` streaming ``/v1/completions``
     requests in flight until ``num_requests`` are done, and measures them the way
-    ``vllm bench serve`` does: TTFT = send to the first chunk that carries
-    text, ITL = gaps between such chunks, E2E = send to the end of the stream;
-    output tokens come from the server's ``usage`` when it sends one, otherwise
-    from the number of chunks with text (one token each on every server here). Aggregate output tok/s = all output tokens / wall
-    time from the first send to the last completion.
+    ``vllm bench serve`` does, with the load tester's own client, records and
+    nearest-rank percentiles (``realizar.loadtest``): TTFT = send to the first chunk
+    that carries text, ITL = gaps between such chunks, E2E = send to the end of the
+    stream; output tokens come from the server's ``usage`` when it sends one, otherwise
+    from the number of chunks with text (one token each on every server here).
+    Aggregate output tok/s = all output tokens / wall time from the first send to the
+    last completion.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import functools
+import itertools
 import json
 import os
 import random
 import re
 import signal
-import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import numpy as np
 import psutil
+
+from realizar.loadtest.client import AiohttpClient
+from realizar.loadtest.server_process import ServerProcess, ServerStartError, free_port
+from realizar.loadtest.stats import RequestRecord, nearest_rank
+from realizar.loadtest.workload import ResponseKind, json_request
+
+__all__ = ["ServerStartError", "free_port"]  # re-exported for the scripts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = Path(os.environ.get("REALIZAR_PEERS_DIR", REPO_ROOT / ".peers"))
@@ -100,13 +107,6 @@ _WORDS = (
 
 # ------------------------------------------------------------------ utilities
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def default_gguf() -> Path:
     """The default model's GGUF file (imported lazily: realizar.loading pulls in torch)."""
     from realizar.loading import default_model_path
@@ -115,10 +115,8 @@ def default_gguf() -> Path:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default), ``None`` for no data."""
-    if not values:
-        return None
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+    """The nearest-rank percentile the load tester reports, ``None`` for no data."""
+    return nearest_rank(sorted(values), q) if values else None
 
 
 def prompt_text(i: int, words: int, seed: int = 0) -> str:
@@ -470,17 +468,6 @@ def _dist_version(python: Path, dist: str) -> str:
     return out.stdout.strip()
 
 
-_LIVE: set[ManagedServer] = set()
-
-
-def _stop_all_live() -> None:
-    for server in list(_LIVE):
-        server.stop()
-
-
-atexit.register(_stop_all_live)
-
-
 def install_signal_handlers() -> None:
     """Turn SIGTERM and SIGHUP into ``SystemExit`` so that ``with`` blocks (and so
     the server processes) are cleaned up when the benchmark itself is killed."""
@@ -491,12 +478,10 @@ def install_signal_handlers() -> None:
         signal.signal(sig, handler)
 
 
-class ServerStartError(RuntimeError):
-    """The server exited or did not become ready; the message ends with its log tail."""
-
-
 class ManagedServer:
-    """A server process in its own session (so its children die with it).
+    """A server of ``spec`` as a :class:`ServerProcess` (in its own session, so its children die
+    with it), or one someone else started (:meth:`attach`), with what the reports need: the model
+    name to send, its resident memory, the load time it printed.
 
     >>> with ManagedServer(realizar_spec()) as server:
     ...     print(server.url, server.ready_s, server.rss_mib())
@@ -504,14 +489,14 @@ class ManagedServer:
 
     def __init__(self, spec: ServerSpec, log_dir: Path | None = None) -> None:
         self.spec = spec
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._attached_pid: int | None = None
-        self._attached_url: str | None = None
-        self.ready_s: float | None = None
         self.model: str | None = spec.model
         log_dir = log_dir or Path(tempfile.gettempdir())
         safe = re.sub(r"[^a-zA-Z0-9]+", "-", spec.name)
-        self.log_path = log_dir / f"bench-{safe}-{spec.port}.log"
+        self.process = ServerProcess(spec.argv, spec.port, log_dir / f"bench-{safe}-{spec.port}.log", name=spec.name,
+                                     env=spec.env, ready_path=spec.ready_path,
+                                     startup_timeout_s=spec.startup_timeout_s)
+        self._attached_pid: int | None = None
+        self._attached_url: str | None = None
 
     @classmethod
     def attach(cls, url: str, pid: int | None = None, name: str = "realizar",
@@ -530,79 +515,51 @@ class ManagedServer:
         return self._attached_url or self.spec.url
 
     @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    @property
+    def ready_s(self) -> float | None:
+        return self.process.ready_s
+
+    @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else self._attached_pid
+        proc = self.process.proc
+        return proc.pid if proc is not None else self._attached_pid
 
     def __enter__(self) -> ManagedServer:
         if self._attached_url is None:
-            self.start()
+            self.process.start()
+            if self.model is None:
+                try:
+                    self.model = self._first_model()
+                except BaseException:
+                    self.stop()
+                    raise
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
 
-    def start(self) -> None:
-        env = {**os.environ, **self.spec.env}
-        t0 = time.perf_counter()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.spec.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        _LIVE.add(self)
-        try:
-            self._wait_ready(t0)
-            if self.model is None:
-                self.model = self._first_model()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:  # noqa: S310 (127.0.0.1)
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, b""
-        except (urllib.error.URLError, OSError, TimeoutError):
-            return 0, b""
-
-    def _wait_ready(self, t0: float) -> None:
-        assert self.proc is not None
-        deadline = t0 + self.spec.startup_timeout_s
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerStartError(f"{self.spec.name} exited with status {self.proc.returncode} "
-                                       f"before it was ready:\n{self.log_tail()}")
-            status, _ = self._get(self.spec.ready_path)
-            if status == 200:
-                self.ready_s = time.perf_counter() - t0
-                return
-            time.sleep(0.25)
-        raise ServerStartError(f"{self.spec.name} not ready after {self.spec.startup_timeout_s:.0f} s:\n"
-                               f"{self.log_tail()}")
-
     def _first_model(self) -> str:
-        status, body = self._get("/v1/models", timeout=10.0)
-        if status == 200:
-            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
-                return str(json.loads(body)["data"][0]["id"])
-        return "default"
+        try:
+            with urllib.request.urlopen(self.url + "/v1/models", timeout=10) as resp:  # noqa: S310 (127.0.0.1)
+                return str(json.loads(resp.read())["data"][0]["id"])
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return "default"
 
     def log_tail(self, lines: int = 40) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
+        return self.process.log_tail(lines)
 
     def reported_load_s(self) -> float | None:
         """The load time the server printed itself (realizar's banner), if any."""
-        with contextlib.suppress(OSError):
-            m = re.search(r"loaded in ([0-9.]+) s", self.log_path.read_text(errors="replace"))
-            if m:
-                return float(m.group(1))
-        return None
+        m = re.search(r"loaded in ([0-9.]+) s", self.process.log())
+        return float(m.group(1)) if m else None
 
     def processes(self) -> list[psutil.Process]:
         pid = self.pid
-        if pid is None or (self.proc is not None and self.proc.poll() is not None):
+        proc = self.process.proc
+        if pid is None or (proc is not None and proc.poll() is not None):
             return []
         try:
             root = psutil.Process(pid)
@@ -619,21 +576,9 @@ class ManagedServer:
         return total / 2**20
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left."""
-        proc, self.proc = self.proc, None
-        _LIVE.discard(self)
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout)
-        # the group may outlive its leader (vLLM's engine core), so always sweep it
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
+        """SIGTERM the process group, then SIGKILL whatever is left (an attached server is left alone)."""
+        if self._attached_url is None:
+            self.process.stop(timeout)
 
 
 @contextlib.contextmanager
@@ -643,30 +588,19 @@ def serve(spec: ServerSpec, log_dir: Path | None = None) -> Iterator[ManagedServ
 
 
 # ------------------------------------------------------------------ load client
+#
+# The load tester's own client, records and percentiles (realizar.loadtest), so that a benchmark
+# and `realizar loadtest` measure a request the same way.
 
-@dataclass
-class RequestRecord:
-    """One streamed request, times in seconds."""
+def ttft_s(rec: RequestRecord) -> float | None:
+    """Send to the first chunk that carries text."""
+    return None if rec.first_token is None else rec.first_token - rec.sent
 
-    ok: bool
-    start_s: float = 0.0
-    end_s: float = 0.0
-    ttft_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)
-    chunks: int = 0  # chunks that carry a choice
-    text_chunks: int = 0  # of those, chunks with text (llama-cpp-python ends on an empty one)
-    usage_tokens: int | None = None
-    prompt_tokens: int | None = None
-    finish_reason: str | None = None
-    error: str = ""
 
-    @property
-    def e2e_s(self) -> float:
-        return self.end_s - self.start_s
-
-    @property
-    def output_tokens(self) -> int:
-        return self.usage_tokens if self.usage_tokens is not None else self.text_chunks
+def itl_s(rec: RequestRecord) -> list[float]:
+    """The gaps between the chunks that carry text (vLLM's ITL)."""
+    times = rec.chunk_times or []
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 @dataclass
@@ -692,11 +626,11 @@ class LoadResult:
         return self.output_tokens / self.duration_s if self.duration_s > 0 else 0.0
 
     def summary(self) -> dict[str, Any]:
-        """Flat numbers: throughput, TTFT / ITL / E2E percentiles (ms), output lengths."""
+        """Flat numbers: throughput, TTFT / ITL / E2E percentiles (ms, nearest rank), output lengths."""
         ok = self.ok
-        ttft = [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
-        itl = [g * 1e3 for r in ok for g in r.itl_s]
-        e2e = [r.e2e_s * 1e3 for r in ok]
+        ttft = [t * 1e3 for r in ok if (t := ttft_s(r)) is not None]
+        itl = [g * 1e3 for r in ok for g in itl_s(r)]
+        e2e = [r.service_latency * 1e3 for r in ok]
         lengths = [r.output_tokens for r in ok]
         out: dict[str, Any] = {
             "concurrency": self.concurrency, "requests": len(self.records), "failed": self.failures,
@@ -705,16 +639,14 @@ class LoadResult:
             "request_s": len(ok) / self.duration_s if self.duration_s > 0 else 0.0,
             "output_len_min": min(lengths) if lengths else None,
             "output_len_max": max(lengths) if lengths else None,
-            "output_len_mean": float(np.mean(lengths)) if lengths else None,
-            "tokens_from": ("usage" if ok and all(r.usage_tokens is not None for r in ok) else "text chunks"),
-            "chunks_mean": float(np.mean([r.chunks for r in ok])) if ok else None,
-            "text_chunks_mean": float(np.mean([r.text_chunks for r in ok])) if ok else None,
-            "prompt_tokens_mean": (float(np.mean([r.prompt_tokens for r in ok if r.prompt_tokens is not None]))
-                                   if any(r.prompt_tokens is not None for r in ok) else None),
+            "output_len_mean": statistics.fmean(lengths) if lengths else None,
+            # a stream's usage carries its prompt tokens, and then its completion tokens are counted from it
+            "tokens_from": "usage" if ok and all(r.input_tokens > 0 for r in ok) else "text chunks",
+            "prompt_tokens_mean": statistics.fmean(r.input_tokens for r in ok) if ok else None,
             "errors": sorted({r.error for r in self.records if r.error})[:5],
         }
         for name, values in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
-            out[f"{name}_mean_ms"] = float(np.mean(values)) if values else None
+            out[f"{name}_mean_ms"] = statistics.fmean(values) if values else None
             for q in (50, 90, 99):
                 out[f"{name}_p{q}_ms"] = percentile(values, q)
         return out
@@ -733,14 +665,19 @@ class CompletionWorkload:
     seed: int = 0
 
     def body(self, i: int, max_tokens: int | None = None) -> dict[str, Any]:
-        n = max_tokens or self.output_len
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt_text(i, self.prompt_len, self.seed),
-                                "max_tokens": n, "temperature": self.temperature, "stream": True,
-                                "stream_options": {"include_usage": True}}
-        for key, value in self.fixed_length_fields.items():
-            # the length fields follow a shorter max_tokens (warm-up requests)
-            body[key] = n if key in ("min_tokens", "n_predict") else value
-        return body
+        return completion_body(self.model, prompt_text(i, self.prompt_len, self.seed), max_tokens or self.output_len,
+                               self.fixed_length_fields, temperature=self.temperature)
+
+
+def completion_body(model: str, prompt: str, max_tokens: int, fixed_length_fields: Mapping[str, Any], *,
+                    temperature: float = 0.0) -> dict[str, Any]:
+    """A streaming ``/v1/completions`` body that asks for usage; the server's length fields follow
+    ``max_tokens`` (warm-up requests are shorter)."""
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+                            "stream": True, "stream_options": {"include_usage": True}}
+    for key, value in fixed_length_fields.items():
+        body[key] = max_tokens if key in ("min_tokens", "n_predict") else value
+    return body
 
 
 def workload_for(server: ManagedServer, *, prompt_len: int, output_len: int, seed: int = 0,
@@ -751,58 +688,19 @@ def workload_for(server: ManagedServer, *, prompt_len: int, output_len: int, see
                               temperature=temperature, seed=seed)
 
 
-async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-                            timeout_s: float, stop: asyncio.Event | None = None) -> RequestRecord:
-    """POST one streaming completion and time its chunks. Once ``stop`` is set, the next chunk
-    ends the stream: the connection is closed (the server aborts the request) and what was
-    timed so far is the record."""
-    rec = RequestRecord(ok=False)
-    rec.start_s = time.perf_counter()
-    last = rec.start_s
-    try:
-        async with session.post(url + "/v1/completions", json=body,
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            if resp.status != 200:
-                text = (await resp.text())[:200]
-                rec.error = f"HTTP {resp.status}: {text}"
-                rec.end_s = time.perf_counter()
-                return rec
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]" or (stop is not None and stop.is_set()):
-                    break
-                now = time.perf_counter()
-                try:
-                    event = json.loads(data)
-                except ValueError:
-                    continue
-                if "error" in event:
-                    rec.error = str(event["error"])[:200]
-                choices = event.get("choices") or []
-                if choices:
-                    rec.chunks += 1
-                    rec.finish_reason = choices[0].get("finish_reason") or rec.finish_reason
-                    # token times from chunks with text, so that an empty closing
-                    # chunk (finish_reason only) is not counted as a token
-                    if choices[0].get("text"):
-                        rec.text_chunks += 1
-                        if rec.ttft_s is None:
-                            rec.ttft_s = now - rec.start_s
-                        else:
-                            rec.itl_s.append(now - last)
-                        last = now
-                usage = event.get("usage")
-                if usage:
-                    rec.usage_tokens = usage.get("completion_tokens", rec.usage_tokens)
-                    rec.prompt_tokens = usage.get("prompt_tokens", rec.prompt_tokens)
-            rec.ok = not rec.error and rec.text_chunks > 0
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        rec.error = f"{type(exc).__name__}: {exc}"[:200]
-    rec.end_s = time.perf_counter()
-    return rec
+def completion_client(url: str, max_connections: int, timeout_s: float) -> AiohttpClient:
+    """The load tester's aiohttp client, with a connection per request: llama-server closes idle
+    keep-alive connections, and a request written to one fails."""
+    return AiohttpClient(url, max_connections=max_connections, timeout=timeout_s, keep_alive=False)
+
+
+async def stream_completion(client: AiohttpClient, body: dict[str, Any], index: int = 0,
+                            stop: asyncio.Event | None = None) -> RequestRecord:
+    """POST one streaming completion through the load tester's client and time its chunks. Once
+    ``stop`` is set, the next chunk ends the stream (the server aborts the request); the record
+    is then a truncated one with what was timed so far."""
+    req = client.prepare(json_request("POST", "/v1/completions", body, None, ResponseKind.SSE_OPENAI))
+    return await client.send(req, index, time.perf_counter(), stop=stop)
 
 
 async def run_closed_loop(url: str, workload: CompletionWorkload, concurrency: int, num_requests: int,
@@ -812,20 +710,19 @@ async def run_closed_loop(url: str, workload: CompletionWorkload, concurrency: i
     until ``num_requests`` are done (or ``stop`` is set: no new request starts then)."""
     counter = iter(range(first_index, first_index + num_requests))
     records: list[RequestRecord] = []
-    # a connection per request: llama-server closes idle keep-alive connections,
-    # and a request written to one of those fails
-    connector = aiohttp.TCPConnector(limit=concurrency + 4, force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    client = completion_client(url, concurrency + 4, workload.timeout_s)
+    try:
         async def worker() -> None:
             for i in counter:
                 if stop is not None and stop.is_set():
                     return
-                records.append(await stream_completion(session, url, workload.body(i, max_tokens),
-                                                       workload.timeout_s))
+                records.append(await stream_completion(client, workload.body(i, max_tokens), i))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
         duration = time.perf_counter() - t0
+    finally:
+        await client.aclose()
     return LoadResult(concurrency, records, duration)
 
 

@@ -16,7 +16,7 @@ that neither the load client's event loop nor its GIL adds to the latency. Print
 p99 and max for both phases, and the generation throughput during the probe
 window as proof that the load was on.
 
-The design target (DESIGN.md, step 5): /health answers in about a millisecond
+The design target (docs/architecture.md, the two threads): /health answers in about a millisecond
 while the engine is saturated, because the event loop never blocks on the model.
 """
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 import time
@@ -43,13 +44,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from common import (
     LLAMA_SERVER_BIN,
     ManagedServer,
-    RequestRecord,
     ServerSpec,
     ServerStartError,
+    completion_body,
+    completion_client,
     fmt,
     install_signal_handlers,
     llamacpp_spec,
@@ -62,9 +63,12 @@ from common import (
     server_lines,
     stream_completion,
     table_head,
+    ttft_s,
     warm_up,
     workload_for,
 )
+
+from realizar.loadtest.stats import FailureClass, RequestRecord
 
 MAX_STREAM_TOKENS = 4096  # realizar's max_tokens limit; streams are closed once the long prompt has its first token
 SHORT_TOKENS = 4
@@ -147,68 +151,59 @@ def long_prompts(url: str, args: argparse.Namespace) -> list[str]:
 
 def body(server: ManagedServer, prompt: str, max_tokens: int) -> dict[str, Any]:
     """A streaming completion of exactly ``max_tokens`` tokens (the server's own length fields)."""
-    out: dict[str, Any] = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                           "stream": True, "stream_options": {"include_usage": True}}
-    for key, value in server.spec.fixed_length_fields.items():
-        out[key] = max_tokens if key in ("min_tokens", "n_predict") else value
-    return out
-
-
-def token_times(rec: RequestRecord) -> list[float]:
-    """Arrival time of each token of a stream (perf_counter seconds)."""
-    if rec.ttft_s is None:
-        return []
-    times = [rec.start_s + rec.ttft_s]
-    for gap in rec.itl_s:
-        times.append(times[-1] + gap)
-    return times
+    assert server.model is not None
+    return completion_body(server.model, prompt, max_tokens, server.spec.fixed_length_fields)
 
 
 def gaps_between(records: list[RequestRecord], start: float, end: float) -> list[float]:
     """The inter-token gaps (ms) of ``records`` that ended in [start, end)."""
     out = []
     for rec in records:
-        times = token_times(rec)
-        out += [(b - a) * 1e3 for a, b in zip(times, times[1:], strict=False) if start <= b < end]
+        times = rec.chunk_times or []
+        out += [(b - a) * 1e3 for a, b in itertools.pairwise(times) if start <= b < end]
     return out
 
 
 def _record(rec: RequestRecord) -> dict[str, Any]:
-    return {"ok": rec.ok, "ttft_s": rec.ttft_s, "prompt_tokens": rec.prompt_tokens,
+    return {"ok": rec.ok, "ttft_s": ttft_s(rec), "prompt_tokens": rec.input_tokens or None,
             "output_tokens": rec.output_tokens, "error": rec.error}
 
 
 async def prefill_alone(server: ManagedServer, prompt: str) -> RequestRecord:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
-        return await stream_completion(session, server.url, body(server, prompt, LONG_TOKENS), LONG_TIMEOUT_S)
+    client = completion_client(server.url, 1, LONG_TIMEOUT_S)
+    try:
+        return await stream_completion(client, body(server, prompt, LONG_TOKENS))
+    finally:
+        await client.aclose()
 
 
 async def prefill_under_load(server: ManagedServer, prompt: str, args: argparse.Namespace) -> dict[str, Any]:
     """(b) and (c): two streams, then the long prompt, then short requests while it prefills."""
     stop = asyncio.Event()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16, force_close=True)) as session:
+    client = completion_client(server.url, 16, LONG_TIMEOUT_S)
+    try:
         streams = [asyncio.create_task(stream_completion(
-            session, server.url, body(server, prompt_text(20_000 + i, args.short_len), stream_tokens(args)),
-            LONG_TIMEOUT_S, stop=stop)) for i in range(2)]
+            client, body(server, prompt_text(20_000 + i, args.short_len), stream_tokens(args)), i, stop=stop))
+            for i in range(2)]
         await asyncio.sleep(args.baseline)
         long_sent = time.perf_counter()
-        long_task = asyncio.create_task(stream_completion(session, server.url, body(server, prompt, LONG_TOKENS),
-                                                          LONG_TIMEOUT_S))
+        long_task = asyncio.create_task(stream_completion(client, body(server, prompt, LONG_TOKENS), 2))
         shorts: list[RequestRecord] = []
         await asyncio.sleep(args.short_delay)
         while len(shorts) < args.short_requests and not long_task.done():
             shorts.append(await stream_completion(
-                session, server.url, body(server, prompt_text(30_000 + len(shorts), args.short_len), SHORT_TOKENS),
-                LONG_TIMEOUT_S))
+                client, body(server, prompt_text(30_000 + len(shorts), args.short_len), SHORT_TOKENS), 3 + len(shorts)))
             if not long_task.done():
                 await asyncio.sleep(args.short_delay)
         long_rec = await long_task
         stop.set()
         stream_recs = list(await asyncio.gather(*streams))
-    long_first = long_rec.start_s + (long_rec.ttft_s or long_rec.e2e_s)
+    finally:
+        await client.aclose()
+    long_first = long_rec.first_token if long_rec.first_token is not None else long_rec.end
     before = gaps_between(stream_recs, 0.0, long_sent)
     during = gaps_between(stream_recs, long_sent, long_first)
-    short_ttft = [r.ttft_s for r in shorts if r.ttft_s is not None]
+    short_ttft = [t for r in shorts if (t := ttft_s(r)) is not None]
     return {
         "long": _record(long_rec), "shorts": [_record(r) for r in shorts], "streams": [_record(r) for r in stream_recs],
         "short_ttft_max_s": max(short_ttft) if short_ttft else None,
@@ -217,7 +212,9 @@ async def prefill_under_load(server: ManagedServer, prompt: str, args: argparse.
         "itl_during_p50_ms": percentile(during, 50), "itl_during_p99_ms": percentile(during, 99),
         "itl_during_max_ms": max(during) if during else None,
         "gaps_unloaded": len(before), "gaps_during": len(during),
-        "failed": sum(not r.ok for r in [long_rec, *shorts, *stream_recs]),
+        # the streams are cut on purpose (a truncated record): only another failure counts
+        "failed": sum(not r.ok for r in [long_rec, *shorts])
+                  + sum(r.failure not in (None, FailureClass.TRUNCATED_STREAM) for r in stream_recs),
     }
 
 
@@ -233,10 +230,11 @@ def measure(spec: ServerSpec, args: argparse.Namespace, texts: list[str] | None)
             print(f"[{spec.name}] (a) one {args.prompt_len}-token prompt alone ...", file=sys.stderr, flush=True)
             alone: RequestRecord = run(prefill_alone(server, texts[0]))
             out["alone"] = _record(alone)
-            if alone.ok and alone.ttft_s:
-                out["prefill_s"] = alone.ttft_s
-                out["prefill_tok_s"] = (alone.prompt_tokens or args.prompt_len) / alone.ttft_s
-            print(f"[{spec.name}] (a) TTFT {fmt(alone.ttft_s, 2)} s, {alone.prompt_tokens} prompt tokens "
+            alone_ttft = ttft_s(alone)
+            if alone.ok and alone_ttft:
+                out["prefill_s"] = alone_ttft
+                out["prefill_tok_s"] = (alone.input_tokens or args.prompt_len) / alone_ttft
+            print(f"[{spec.name}] (a) TTFT {fmt(alone_ttft, 2)} s, {alone.input_tokens} prompt tokens "
                   f"{alone.error}", file=sys.stderr, flush=True)
             print(f"[{spec.name}] (b, c) the same length again, with 2 streams and short requests ...",
                   file=sys.stderr, flush=True)

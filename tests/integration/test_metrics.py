@@ -1,4 +1,4 @@
-"""GET /metrics: the series API.md names, fed by the generation routes, valid for promtool."""
+"""GET /metrics: the series docs/api.md names, fed by the generation routes, valid for promtool."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ OUTCOMES = {  # how generation requests ended other than success or server failu
     "realizar_http_connections": "gauge",
     "realizar_connections_rejected_total": "counter",
 }
-# The one name promtool's linter objects to ("abbreviated units"); API.md keeps it from the original server.
+# The one name promtool's linter objects to ("abbreviated units"); docs/api.md keeps it from the original server.
 KNOWN_LINT = "realizar_avg_latency_ms metric names should not contain abbreviated units"
 
 

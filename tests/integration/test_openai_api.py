@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
-
-from tests.conftest import start_server
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name a colour."}]
@@ -574,23 +571,3 @@ def test_tokenize_and_detokenize_in_vllms_shape(model: str, server_url: str) -> 
         assert r.status_code == status, (path, r.text)
         if param is not None:
             assert param in r.json()["error"]
-
-
-@pytest.fixture(scope="module")
-def aliased_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = start_server(tmp_path_factory.mktemp("aliased"), "--served-model-name", "my-model", "alias-b")
-    yield server.url
-    server.stop()
-
-
-def test_served_model_names_are_the_ids_and_aliases(aliased_url: str) -> None:
-    with OpenAI(base_url=aliased_url + "/v1", api_key="unused", max_retries=0, timeout=180) as c:
-        [listed] = c.models.list().data
-        assert listed.id == "my-model"
-        for name in ("my-model", "alias-b"):
-            r = c.chat.completions.create(model=name, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
-            assert r.model == "my-model"
-        with pytest.raises(openai.NotFoundError):
-            c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
-    assert httpx.get(aliased_url + "/health").json()["model"] == "my-model"
-    assert httpx.post(aliased_url + "/tokenize", json={"text": "x", "model_id": "alias-b"}).status_code == 200

@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +171,14 @@ def test_batch_and_max_tokens_limits(guarded: ServerProcess) -> None:
 def test_request_timeout_aborts_and_answers_504(guarded: ServerProcess) -> None:
     long = {"prompt": "Tell me a story.", "max_tokens": 4000, "ignore_eos": True}
     started = time.monotonic()
-    r = httpx.post(guarded.url + "/v1/completions", json=long, headers=AUTH, timeout=120)
+    # whole and streamed at once: each waits out the same --request-timeout
+    with ThreadPoolExecutor(2) as pool:
+        whole, streamed = pool.map(lambda body: httpx.post(guarded.url + "/v1/completions", json=body, headers=AUTH,
+                                                           timeout=120), [long, {**long, "stream": True}])
+    r = whole
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     assert time.monotonic() - started < 60
-    r = httpx.post(guarded.url + "/v1/completions", json={**long, "stream": True}, headers=AUTH, timeout=120)
+    r = streamed
     assert r.status_code == 200
     assert sse_data(r.text)[-1]["error"]["code"] == "timeout"
     assert r.text.endswith("data: [DONE]\n\n")

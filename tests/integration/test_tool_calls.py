@@ -5,7 +5,10 @@ gives a well-formed response whatever the model chooses; bad tool fields are 400
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -39,8 +42,10 @@ CHOICES: list[Any] = ["required", {"type": "function", "function": {"name": "get
 
 
 
-def _tool_calls(client: OpenAI, model: str, stream: bool, **kwargs: Any) -> tuple[list[dict[str, Any]], str | None,
-                                                                                   str | None]:
+Answer = tuple[list[dict[str, Any]], str | None, str | None]  # (tool_calls, finish_reason, content)
+
+
+def _tool_calls(client: OpenAI, model: str, stream: bool, **kwargs: Any) -> Answer:
     """(tool_calls as OpenAI's message holds them, finish_reason, content) of one chat completion; a stream's
     deltas are put together the way OpenAI's documentation says to (by index; fragments appended)."""
     if not stream:
@@ -78,41 +83,88 @@ def _check_call(call: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
     return arguments
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-@pytest.mark.parametrize("tool_choice", CHOICES, ids=["required", "named-weather", "named-time"])
-def test_a_forced_call_parses_and_the_conversation_goes_on(client: OpenAI, model: str, tool_choice: Any,
-                                                          stream: bool) -> None:
+CHOICE_IDS = ("required", "named-weather", "named-time")
+STREAMS = {"whole": False, "stream": True}
+
+
+def _all_at_once(jobs: dict[Any, Callable[[], Answer]]) -> dict[Any, Answer]:
+    """Run the jobs concurrently: the server batches them, so the whole set costs about as many engine
+    steps as its longest answer instead of the sum of all of them."""
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = {key: pool.submit(job) for key, job in jobs.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def sampled(client: OpenAI, model: str) -> dict[Any, Answer]:
+    """Every sampled tool-call request of this module, sent together; the tests below judge them one by one."""
+    jobs: dict[Any, Callable[[], Answer]] = {}
+    for choice_id, tool_choice in zip(CHOICE_IDS, CHOICES, strict=True):
+        for stream_id, stream in STREAMS.items():
+            for seed in range(2):
+                # room for the most calls the grammar allows (MAX_PARALLEL_CALLS): the demo model often repeats
+                # its call
+                jobs["forced", choice_id, stream_id, seed] = functools.partial(
+                    _tool_calls, client, model, stream, messages=QUESTION, tools=TOOLS, tool_choice=tool_choice,
+                    max_tokens=300, temperature=0.8, seed=seed)
+    for seed in range(3):
+        jobs["one", seed] = functools.partial(
+            _tool_calls, client, model, False, messages=QUESTION, tools=TOOLS, tool_choice="required",
+            parallel_tool_calls=False, max_tokens=120, temperature=1.0, seed=seed)
+        for stream_id, stream in STREAMS.items():
+            jobs["auto", stream_id, seed] = functools.partial(
+                _tool_calls, client, model, stream, messages=QUESTION, tools=TOOLS, max_tokens=60, temperature=1.0,
+                seed=seed)
+    return _all_at_once(jobs)
+
+
+def _answer_to(client: OpenAI, model: str, call: dict[str, Any]) -> Answer:
+    """The call and its result go back to the model, which answers (the template renders both)."""
+    follow_up: list[Any] = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},
+                            {"role": "tool", "tool_call_id": call["id"],
+                             "content": json.dumps({"result": "sunny, 21 C"})}]
+    answer = client.chat.completions.create(model=model, messages=follow_up, max_tokens=30, temperature=0)
+    [choice] = answer.choices
+    return [], choice.finish_reason, choice.message.content if choice.message.tool_calls is None else None
+
+
+@pytest.fixture(scope="module")
+def follow_ups(client: OpenAI, model: str, sampled: dict[Any, Answer]) -> dict[Any, Answer]:
+    """The answer to each forced case's first call of its last seed, all sent together."""
+    return _all_at_once({(choice_id, stream_id): functools.partial(_answer_to, client, model,
+                                                                   sampled["forced", choice_id, stream_id, 1][0][0])
+                         for choice_id in CHOICE_IDS for stream_id in STREAMS
+                         if sampled["forced", choice_id, stream_id, 1][0]})
+
+
+@pytest.mark.parametrize("stream_id", STREAMS)
+@pytest.mark.parametrize("choice_id", CHOICE_IDS)
+def test_a_forced_call_parses_and_the_conversation_goes_on(sampled: dict[Any, Answer], follow_ups: dict[Any, Answer],
+                                                          choice_id: str, stream_id: str) -> None:
+    tool_choice = CHOICES[CHOICE_IDS.index(choice_id)]
     named = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
     for seed in range(2):
-        # room for the most calls the grammar allows (MAX_PARALLEL_CALLS): the demo model often repeats its call
-        calls, finish, _ = _tool_calls(client, model, stream, messages=QUESTION, tools=TOOLS, tool_choice=tool_choice,
-                                       max_tokens=300, temperature=0.8, seed=seed)
+        calls, finish, _ = sampled["forced", choice_id, stream_id, seed]
         assert finish == "tool_calls"
         assert calls, "a forced tool choice always calls"
         for call in calls:
             _check_call(call, {named} if named else set(SCHEMAS))
-    # the call and its result go back to the model, which answers (the template renders both)
-    call = calls[0]
-    follow_up: list[Any] = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},
-                 {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"result": "sunny, 21 C"})}]
-    answer = client.chat.completions.create(model=model, messages=follow_up, max_tokens=30, temperature=0)
-    assert answer.choices[0].finish_reason in ("stop", "length")
-    assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
+    _, finish, content = follow_ups[choice_id, stream_id]
+    assert finish in ("stop", "length")
+    assert content  # text, and no tool call
 
 
-def test_parallel_tool_calls_false_gives_one_call(client: OpenAI, model: str) -> None:
+def test_parallel_tool_calls_false_gives_one_call(sampled: dict[Any, Answer]) -> None:
     for seed in range(3):
-        calls, finish, _ = _tool_calls(client, model, False, messages=QUESTION, tools=TOOLS, tool_choice="required",
-                                       parallel_tool_calls=False, max_tokens=120, temperature=1.0, seed=seed)
+        calls, finish, _ = sampled["one", seed]
         assert finish == "tool_calls" and len(calls) == 1
         _check_call(calls[0], set(SCHEMAS))
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_auto_is_well_formed_whatever_the_model_chooses(client: OpenAI, model: str, stream: bool) -> None:
+@pytest.mark.parametrize("stream_id", STREAMS)
+def test_auto_is_well_formed_whatever_the_model_chooses(sampled: dict[Any, Answer], stream_id: str) -> None:
     for seed in range(3):
-        calls, finish, content = _tool_calls(client, model, stream, messages=QUESTION, tools=TOOLS, max_tokens=60,
-                                             temperature=1.0, seed=seed)
+        calls, finish, content = sampled["auto", stream_id, seed]
         if calls:
             assert finish == "tool_calls"
             for call in calls:

@@ -24,15 +24,15 @@ from realizar.engine.engine import (
     EngineModel,
     RequestStream,
 )
-from realizar.engine.errors import EngineDead, EngineOverloaded, InvalidRequest
+from realizar.engine.errors import EngineDead, EngineOverloaded, InvalidRequest, RequestTooLong
 from realizar.engine.runner import StepResult
 from realizar.engine.scheduler import SchedulerOutput
 from realizar.loading import load_model
-from realizar.loading.tiny import TinySpec, write_tiny_gguf
 from realizar.model.llama import LlamaModel
 from realizar.request import FinishReason, GrammarError, Request, SamplingParams, StructuredSpec, TokenOutput
 from realizar.sampling import SamplingRow
 from realizar.tokenizer import Tokenizer
+from tests.tiny_model import TinySpec, write_tiny_gguf
 
 VOCAB = 64
 EOS = 2  # the tiny model's end-of-sequence id
@@ -343,6 +343,66 @@ def test_queued_requests_count_the_inbox_and_the_waiting_queue_together(served: 
             await until(lambda: not engine.engine.has_work() and not engine.num_in_flight)
         finally:
             await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_async_engine_lifecycle_stats_drain_and_shutdown(served: EngineModel) -> None:
+    async def main() -> None:
+        engine = AsyncEngine(served, config())
+        await engine.start()
+        try:
+            # a prompt scored for nothing (max_tokens 0) finishes at once, without a step
+            [done] = await asyncio.wait_for(collect(engine.submit(Request(prompt(0), greedy(0)))), 30)
+            assert done.finish_reason is FinishReason.LENGTH and done.token_id is None
+            assert done.num_prompt_tokens == len(prompt(0))
+            with pytest.raises(RequestTooLong, match="maximum context length"):
+                engine.submit(Request(prompt(1), greedy(engine.engine.max_model_len)))
+            events = await asyncio.wait_for(collect(engine.submit(Request(prompt(2), greedy(5)))), 30)
+            assert len(tokens(events)) == 5
+            stats = engine.stats()
+            assert stats.healthy and stats.generation_tokens_total >= 5 and stats.num_running == 0
+            observed = engine.drain_observations()
+            assert FinishReason.LENGTH.value in observed.finished and len(observed.ttft) >= 1
+            assert engine.drain_observations().finished == []  # drained once
+            # drain waits for what was admitted, and gives up at its timeout
+            long = engine.submit(Request(prompt(3), greedy(2000)))
+            assert await engine.drain(0.05) is False
+            await long.aclose()
+            assert await engine.drain(30) is True
+            await until(lambda: not engine.engine.live)  # the engine thread has taken the abort
+            engine.begin_shutdown()
+            with pytest.raises(EngineDead, match="shutting down"):
+                engine.submit(Request(prompt(4), greedy(4)))
+        finally:
+            await engine.stop()
+        assert_no_leak(engine.engine)
+
+    asyncio.run(main())
+
+
+def test_a_reader_cancelled_while_waiting_aborts_its_request(served: EngineModel) -> None:
+    async def main() -> None:
+        engine = AsyncEngine(served, config(max_num_seqs=1))
+        await engine.start()
+        try:
+            seat = engine.submit(Request(prompt(5), greedy(2000)))  # holds the only seat
+            await until(lambda: len(engine.engine.scheduler.running) == 1)
+            queued = engine.submit(Request(prompt(6), greedy(4)))
+            await until(lambda: len(engine.engine.scheduler.waiting) == 1)
+            reader = asyncio.ensure_future(queued.__anext__())
+            await asyncio.sleep(0.05)
+            assert not reader.done()  # no token can come while the seat is held
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+            # nobody reads the rest, so the queued request is aborted
+            await until(lambda: not engine.engine.scheduler.waiting)
+            await seat.aclose()
+            await until(lambda: not engine.engine.has_work() and not engine.num_in_flight)
+        finally:
+            await engine.stop()
+        assert_no_leak(engine.engine)
 
     asyncio.run(main())
 

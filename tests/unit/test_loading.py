@@ -24,7 +24,7 @@ from realizar.loading import (
 from realizar.loading.gguf import GGUFFile, llama3_rope_factors, unpermute_qk
 from realizar.loading.gguf_metadata import read_metadata
 from realizar.loading.names import expected_shapes, gguf_to_hf
-from realizar.loading.tiny import (
+from tests.tiny_model import (
     TinySpec,
     llama_cpp_permute,
     tiny_weights,

@@ -293,3 +293,22 @@ def test_make_client_picks_by_scheme() -> None:
         return type(a), type(b)
 
     assert run_sync(go) == (RawClient, AiohttpClient)
+
+
+def test_a_stopped_stream_ends_at_its_next_chunk_with_what_arrived() -> None:
+    """The benchmarks close their background streams this way (``AiohttpClient.send(stop=...)``)."""
+    async def go() -> RequestRecord:
+        async with faulty_server() as base:
+            client = AiohttpClient(base, max_connections=2, timeout=20.0, keep_alive=False)
+            try:
+                stop = asyncio.Event()
+                stop.set()  # the stream stalls after its first token: only the stop can end it early
+                req = client.prepare(RequestSpec("GET", "/sse_stall", None, ResponseKind.SSE_NATIVE))
+                return await client.send(req, 0, time.perf_counter(), stop=stop)
+            finally:
+                await client.aclose()
+
+    rec = run_sync(go)
+    # truncated, not a total timeout: the stop ended it, with the one token that had arrived
+    assert rec.failure is FailureClass.TRUNCATED_STREAM
+    assert rec.chunk_times is not None and len(rec.chunk_times) == 1 and rec.output_tokens == 1

@@ -147,7 +147,8 @@ def test_loadtest_never_imports_the_engine() -> None:
     import sys
 
     code = ("import sys, realizar.loadtest, realizar.loadtest.cli, realizar.loadtest.html, "
-            "realizar.loadtest.llm, realizar.loadtest.calibrate, realizar.loadtest.compare\n"
+            "realizar.loadtest.llm, realizar.loadtest.calibrate, realizar.loadtest.compare, "
+            "realizar.loadtest.server_process\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith(("
             "'realizar.engine', 'realizar.model', 'realizar.server', 'realizar.tokenizer')))\n"
             "print(bad)\nsys.exit(1 if bad else 0)")

@@ -21,8 +21,8 @@ from realizar.backends.cpu_kernels import QuantLinear
 from realizar.backends.torch_backend import TorchLinear
 from realizar.kv_cache import KVCache
 from realizar.loading import load_model, quants
-from realizar.loading.tiny import TinySpec, random_blocks, write_tiny_gguf
 from realizar.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
+from tests.tiny_model import TinySpec, random_blocks, write_tiny_gguf
 
 KERNEL_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 QUANTIZABLE = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)

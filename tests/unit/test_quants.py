@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from realizar.loading import ModelLoadError, load_model, quants
-from realizar.loading.tiny import TinySpec, hf_to_gguf_name, random_blocks, tiny_weights, write_tiny_gguf
+from tests.tiny_model import TinySpec, hf_to_gguf_name, random_blocks, tiny_weights, write_tiny_gguf
 
 BLOCK_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 ALL_TYPES = [QT.F32, QT.F16, QT.BF16, *BLOCK_TYPES]

@@ -73,8 +73,8 @@ def ours(smollm_path: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def reference(smollm_path: Path) -> Any:
-    return transformers.AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
+def reference(hf_demo_tokenizer: Any) -> Any:
+    return hf_demo_tokenizer  # the same file as smollm_path: the demo model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tiny random Llama-family checkpoints (GGUF or safetensors) for tests.
+"""Tiny random Llama-family checkpoints (GGUF or safetensors), written by the tests that need a model file.
 
 The GGUF writer does what llama.cpp's converter does: it permutes Q/K of llama-arch models and
 stores 2-D weights in the requested GGML type. For types ``gguf.quants.quantize`` cannot produce

@@ -1,0 +1,151 @@
+"""A server under test as a child process: started on a port, ready once a path answers 200, stopped as a group.
+
+The test suite's real-process tests and the benchmark scripts start their servers (realizar, llama.cpp,
+vLLM) through :class:`ServerProcess`, so both wait for readiness, keep logs and clean up the same way.
+It starts commands and speaks HTTP; it imports nothing from the engine.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["ServerProcess", "ServerStartError", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become ready; the message ends with its log tail."""
+
+
+class ServerProcess:
+    """One server command in its own session (so that the children it starts die with it).
+
+    Its output goes to ``log_path``. :meth:`start` returns once ``GET ready_path`` answers 200, or
+    raises :class:`ServerStartError`; :meth:`stop` sends SIGTERM to the whole group, waits, then
+    SIGKILLs what is left. Servers still running when the interpreter exits are stopped too.
+    """
+
+    def __init__(self, argv: Sequence[str], port: int, log_path: Path, *, name: str = "server",
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None, ready_path: str = "/health",
+                 startup_timeout_s: float = 300.0, preexec_fn: Callable[[], None] | None = None) -> None:
+        self.argv = tuple(argv)
+        self.port = port
+        self.log_path = log_path
+        self.name = name
+        self.env = dict(env or {})
+        self.cwd = cwd
+        self.ready_path = ready_path
+        self.startup_timeout_s = startup_timeout_s
+        self.preexec_fn = preexec_fn
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_s: float | None = None  # wall time from the start to the first 200
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def start(self, wait_ready: bool = True) -> ServerProcess:
+        t0 = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, cwd=self.cwd,
+                                         start_new_session=True, preexec_fn=self.preexec_fn)
+        _LIVE.add(self)
+        if wait_ready:
+            try:
+                self._wait_ready(t0)
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        """``GET path``: (status, body); status 0 when nothing answered."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:  # noqa: S310 (127.0.0.1)
+                return int(resp.status), resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, b""
+        except (urllib.error.URLError, OSError, TimeoutError):
+            return 0, b""
+
+    def _wait_ready(self, t0: float) -> None:
+        assert self.proc is not None
+        deadline = t0 + self.startup_timeout_s
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError(f"{self.name} exited with status {self.proc.returncode} "
+                                       f"before it was ready:\n{self.log_tail()}")
+            if self.get(self.ready_path)[0] == 200:
+                self.ready_s = time.perf_counter() - t0
+                return
+            time.sleep(0.25)
+        raise ServerStartError(f"{self.name} not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM the process group, then SIGKILL whatever is left after ``timeout`` s (longer than a
+        realizar server's default drain); the leader's exit status (None when it was never started)."""
+        proc = self.proc
+        _LIVE.discard(self)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+        # the group may outlive its leader (vLLM's engine core), so always sweep it
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        return proc.returncode
+
+    def __repr__(self) -> str:
+        if self.proc is None:
+            state = "not started"
+        else:
+            code = self.proc.poll()
+            state = "running" if code is None else f"exited {code}"
+        return f"ServerProcess({self.name!r}, {self.url}, {state})"
+
+
+_LIVE: set[ServerProcess] = set()
+
+
+def _stop_all_live() -> None:
+    for server in list(_LIVE):
+        server.stop()
+
+
+atexit.register(_stop_all_live)
