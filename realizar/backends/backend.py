@@ -102,10 +102,14 @@ class LayerStack(Protocol):
     which any backend may run instead of a fused form of its own."""
 
     config: ModelConfig
-    layers: Sequence[Any]  # LayerWeights: attn_norm, qkv, o, mlp_norm, gate_up, down
     cos: torch.Tensor
     sin: torch.Tensor
     scale: float
+
+    @property
+    def layers(self) -> Sequence[Any]:
+        """LayerWeights: attn_norm, qkv, o, mlp_norm, gate_up, down."""
+        ...
 
     def layers_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                        cache: KVCache) -> torch.Tensor:
