@@ -523,6 +523,12 @@ class Collector:
         else:
             self.t0 = min(self.t0, other.t0)
             self.t_end = max(self.t_end, other.t_end)
+        self._add_counts(other)
+        self._ends = self._lats = None  # timelines of different phases do not concatenate
+        self._seconds = {}
+
+    def _add_counts(self, other: Collector) -> None:
+        """Add ``other``'s distributions, counts and failures to this collector's."""
         for mine, theirs in ((self.latency, other.latency), (self.service, other.service),
                              (self.ttft, other.ttft), (self.tpot, other.tpot),
                              (self.itl, other.itl), (self.e2el, other.e2el)):
@@ -535,8 +541,6 @@ class Collector:
         self.good += other.good
         self.validity.update(other.validity)
         self.streaming = self.streaming or other.streaming
-        self._ends = self._lats = None  # timelines of different phases do not concatenate
-        self._seconds = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # ``group`` may be a lambda; a worker's collector has already applied it, and the
@@ -558,18 +562,7 @@ class Collector:
         if abs(other.t0 - self.t0) > 1e-9:
             raise ValueError("merge_worker needs collectors of the same phase on one clock (rebase first)")
         self.t_end = max(self.t_end, other.t_end)
-        for mine, theirs in ((self.latency, other.latency), (self.service, other.service),
-                             (self.ttft, other.ttft), (self.tpot, other.tpot),
-                             (self.itl, other.itl), (self.e2el, other.e2el)):
-            mine.merge(theirs)
-        self.failures.update(other.failures)
-        self.completed += other.completed
-        self.successes += other.successes
-        self.output_tokens += other.output_tokens
-        self.input_tokens += other.input_tokens
-        self.good += other.good
-        self.validity.update(other.validity)
-        self.streaming = self.streaming or other.streaming
+        self._add_counts(other)
         for key, theirs_group in other._groups.items():
             group = self._groups.get(key)
             if group is None:
