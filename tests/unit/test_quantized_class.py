@@ -12,10 +12,19 @@ from realizar.engine.engine import choose_quantized_class
 
 
 class Built:
-    """What the builder made: a stand-in for the model, timed by the patched step timer."""
+    """What the builder made: a stand-in for the model, timed by the patched step timer. ``alive``
+    counts the instances not yet collected, and ``most_alive`` the most at one time."""
+
+    alive = 0
+    most_alive = 0
 
     def __init__(self, fast: bool) -> None:
         self.fast = fast
+        Built.alive += 1
+        Built.most_alive = max(Built.most_alive, Built.alive)
+
+    def __del__(self) -> None:
+        Built.alive -= 1
 
 
 @pytest.fixture
@@ -32,9 +41,11 @@ def choose(quantized: bool = True, exact: bool = False) -> Any:
 
 
 def test_auto_takes_the_faster_class_that_passes(timings: dict[bool, float]) -> None:
+    Built.most_alive = Built.alive
     assert choose().fast
     timings[True] = 0.02
     assert not choose().fast
+    assert Built.most_alive <= Built.alive + 1  # one class's weights in memory at a time
 
 
 def test_auto_never_takes_a_class_the_gate_rejects(timings: dict[bool, float],
