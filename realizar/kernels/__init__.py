@@ -314,7 +314,7 @@ def _build() -> Path | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run([compiler, *_flags(), *map(str, SOURCES), "-o", str(built), "-lm"],
-                                capture_output=True, text=True, timeout=120)
+                                capture_output=True, text=True, timeout=600)  # a generic x86-64 build takes ~2 min
         if result.returncode != 0:
             log.warning("building the CPU kernels failed; using the pure-torch path:\n%s", result.stderr[-2000:])
             return None

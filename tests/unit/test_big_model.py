@@ -89,7 +89,7 @@ def test_the_engine_model_keeps_it_quantized(tiny: tuple[Path, object, dict]) ->
     if kernels.load() is None:
         pytest.skip("no C compiler: the quantized kernels are not built")
     served = load_engine_model(path, EngineConfig(device="cpu", dtype="auto", threads=1))
-    assert "Q4_K+Q6_K weights kept quantized, float32 activations" in served.model.compute_path
+    assert "Q4_K+Q6_K weights kept quantized, " in served.model.compute_path  # either class, as auto timed them
     assert "float32 layers" not in served.model.compute_path
 
 
