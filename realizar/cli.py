@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target-ongoing-requests", type=float, default=None, metavar="N",
                    help="autoscaling target of requests per replica, running and queued (default: half of "
                         "--max-num-seqs)")
+    r.add_argument("--upscale-delay", type=float, default=5.0, metavar="S",
+                   help="seconds of load over the target before a replica is added (default %(default)s)")
+    r.add_argument("--downscale-delay", type=float, default=60.0, metavar="S",
+                   help="seconds of load under the target before a replica is removed (default %(default)s)")
     r.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="join this Ray cluster ('auto': the one this machine belongs to) instead of starting one")
     r.add_argument("--replica-cpus", type=float, default=None, metavar="N",
@@ -251,6 +255,7 @@ def _serve_cluster(args: argparse.Namespace, path: Path, econfig: EngineConfig, 
             replicas=None if autoscale else (args.replicas or 1),
             min_replicas=low, max_replicas=args.max_replicas if args.max_replicas is not None else max(low, 1),
             target_ongoing_requests=args.target_ongoing_requests or max(1.0, econfig.max_num_seqs / 2),
+            upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay,
             replica_cpus=args.replica_cpus if args.replica_cpus is not None else float(econfig.threads or 1))
     except ValueError as exc:
         raise CLIError(f"Invalid cluster setting: {exc}.") from None
