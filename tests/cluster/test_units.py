@@ -73,3 +73,18 @@ def test_fleet_metrics_label_each_replica_and_sum_the_fleet() -> None:
                                                                ("status", "200")))
     assert samples[bucket] == 2
     assert families["realizar_requests"].type == "counter"
+
+
+def test_app_builder_reads_the_serve_config_arguments() -> None:
+    import pytest
+
+    pytest.importorskip("ray.serve", reason="the application builder needs the 'ray' extra")
+    from ray import serve
+
+    from realizar.cluster.launch import app_builder
+
+    app = app_builder({"model": "/models/m.gguf", "replicas": "none", "min_replicas": "1", "max_replicas": "3",
+                       "threads": "2", "enable_prefix_caching": "false", "metrics_compat": "vllm"})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(ValueError, match="min_replicas"):
+        app_builder({"model": "/m.gguf", "replicas": "none", "min_replicas": "3", "max_replicas": "1"})
