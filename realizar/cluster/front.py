@@ -45,6 +45,9 @@ OPEN_ROUTES = frozenset({"/health", "/ready"})
 REPLICA_HEADER = b"x-realizar-replica"
 SESSION_HEADER = b"x-session-id"
 HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length"})
+# Ray's proxy sets X-Request-Id on the request (the client's own when it sent a sane one) and on the
+# response; the replica echoes it too, so the replica's copy is dropped rather than sent twice.
+DROPPED_RESPONSE_HEADERS = frozenset({b"x-request-id"})
 
 
 @dataclass(frozen=True)
@@ -230,8 +233,9 @@ class Front:
                         raise _ReplicaFailed(replica)  # another replica may have room
                     sse_stream = any(k == b"content-type" and v.startswith(b"text/event-stream")
                                      for k, v in part.headers)
+                    headers = [(k, v) for k, v in part.headers if k not in DROPPED_RESPONSE_HEADERS]
                     await send({"type": "http.response.start", "status": part.status,
-                                "headers": [*part.headers, (REPLICA_HEADER, replica.encode())]})
+                                "headers": [*headers, (REPLICA_HEADER, replica.encode())]})
                     started = True
                 await send({"type": "http.response.body", "body": part.body, "more_body": part.more_body})
         except RayActorError as exc:

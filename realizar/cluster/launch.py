@@ -33,7 +33,8 @@ log = logging.getLogger("realizar.cluster")
 APP_NAME = "realizar"
 REPLICA_DEPLOYMENT = "Replica"
 FRONT_DEPLOYMENT = "Front"
-STATS_PERIOD_S = 1.0  # how often each replica's readiness, queue and /metrics reach the front
+STATS_PERIOD_S = 1.0
+LOOK_BACK_S = 12.0  # how often each replica's readiness, queue and /metrics reach the front
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def build_application(spec: ReplicaSpec, options: ClusterOptions, api_key: str |
             initial_replicas=max(1, options.min_replicas),
             target_ongoing_requests=options.target_ongoing_requests,
             upscale_delay_s=options.upscale_delay_s, downscale_delay_s=options.downscale_delay_s,
-            look_back_period_s=min(10.0, max(1.0, options.upscale_delay_s)))}
+            # Ray averages the ongoing requests over this window; it must outlast Ray's metrics push (10 s)
+            look_back_period_s=LOOK_BACK_S)}
     router: dict[str, Any] = {
         "request_router_class": PrefixAffinityRouter,
         "request_router_kwargs": {"imbalance": options.imbalance},

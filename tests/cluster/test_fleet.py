@@ -118,6 +118,9 @@ def test_the_front_keeps_the_edge_contract(fleet: ServerProcess, single: ServerP
         assert health.status_code == 200 and health.json()["status"] == "healthy"
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert httpx.get(fleet.url + "/health").json()["replicas"] == {"ready": 2, "total": 2}
+    for url in (single.url, fleet.url):  # a client's request id comes back once
+        r = send(url, "POST", "/tokenize", {"text": "a"}, {"X-Request-Id": "client-id-7"})
+        assert r.headers.get_list("x-request-id") == ["client-id-7"]
     big = b'{"prompt": "' + b"a" * (1 << 20) + b'"}'
     for url in (single.url, fleet.url):
         r = httpx.post(url + "/generate", content=big, headers=AUTH)
