@@ -92,6 +92,7 @@ def build_application(spec: ReplicaSpec, options: ClusterOptions, api_key: str |
         ray_actor_options={"num_cpus": options.replica_cpus},
         request_router_config=RequestRouterConfig(**router),
         health_check_period_s=2.0,
+        logging_config={"enable_access_log": False},  # the replica's app logs each request (realizar.access)
         health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=spec.server.shutdown_timeout,
         graceful_shutdown_wait_loop_s=0.5,
@@ -99,6 +100,7 @@ def build_application(spec: ReplicaSpec, options: ClusterOptions, api_key: str |
     )(Replica)
     front = serve.deployment(
         name=FRONT_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+        logging_config={"enable_access_log": False},
         max_ongoing_requests=options.most_replicas * (engine.max_num_seqs + engine.max_queued_requests + 16) + 64,
         graceful_shutdown_timeout_s=spec.server.shutdown_timeout)(Front)
     config = FrontConfig(api_key=api_key, max_body_bytes=spec.server.max_body_bytes, app_name=APP_NAME,

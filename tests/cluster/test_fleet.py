@@ -29,7 +29,7 @@ VOLATILE = frozenset({"id", "created", "system_fingerprint"})  # differ between 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_fleet(tmp_path_factory.mktemp("fleet"), "--replicas", "2", "--api-key", API_KEY,
-                         "--metrics-compat", "vllm")
+                         "--metrics-compat", "vllm", "--max-queued-requests", "4")
     try:
         wait_replicas(server.url, 2)
         yield server
@@ -192,6 +192,42 @@ def test_sessions_stay_on_one_replica_and_keep_the_cache_hit_rate(fleet: ServerP
     single_rate, fleet_rate = rates
     assert single_rate > 0.3, rates
     assert fleet_rate >= 0.8 * single_rate, rates
+
+
+def test_a_client_that_leaves_aborts_its_generation_on_the_replica(fleet: ServerProcess) -> None:
+    def aborted() -> float:  # engine requests finished by an abort, fleet-wide (no series before the first)
+        text = send(fleet.url, "GET", "/metrics", None).text
+        return metric(text, "realizar_request_success_total", finished_reason="abort") \
+            if 'finished_reason="abort"' in text else 0.0
+
+    before = aborted()
+    body = {"prompt": "Tell a very long story", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", fleet.url + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        lines = r.iter_lines()
+        assert sum(1 for _, line in zip(range(4), lines, strict=False) if line.startswith("data: ")) >= 1
+    deadline = time.monotonic() + 20
+    while aborted() <= before:  # the front's cancel reaches the replica, whose app aborts the engine request
+        assert time.monotonic() < deadline, "the generation was not aborted"
+        time.sleep(0.5)
+
+
+def test_overload_is_a_503_with_retry_after_as_on_one_server(fleet: ServerProcess) -> None:
+    async def burst() -> list[tuple[int, str, str | None]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as session:
+            async def one(i: int) -> tuple[int, str, str | None]:
+                body = {"prompt": f"Burst {i}: write a list of fruits", "max_tokens": 12, "ignore_eos": True}
+                async with session.post(fleet.url + "/generate", json=body, headers=AUTH) as r:
+                    return r.status, await r.text(), r.headers.get("retry-after")
+            return await asyncio.gather(*(one(i) for i in range(40)))
+
+    before = metric(send(fleet.url, "GET", "/metrics", None).text, "realizar_cluster_retries_total")
+    results = asyncio.run(burst())  # 40 at once against 2 x (4 running + 4 queued)
+    refused = [(body, retry) for status, body, retry in results if status == 503]
+    assert {status for status, _, _ in results} == {200, 503}, results[:3]
+    for body, retry in refused:
+        assert json.loads(body)["error"].startswith("Server overloaded") and retry is not None
+    after = metric(send(fleet.url, "GET", "/metrics", None).text, "realizar_cluster_retries_total")
+    assert after > before  # a full replica's refusal was first tried on the other one
 
 
 async def _stream(session: aiohttp.ClientSession, url: str, i: int, out: dict[int, dict[str, Any]]) -> None:
