@@ -19,7 +19,7 @@ import dataclasses
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +32,9 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from realizar.cluster import fleet
-from realizar.cluster.messages import Accepted, ForwardedRequest, ResponseHead
+from realizar.cluster.messages import Accepted, ForwardedRequest, Reply, ResponseHead
 from realizar.cluster.prefix import block_hashes, prompt_text
-from realizar.cluster.router import _ROUTERS, fleet_view
+from realizar.cluster.router import fleet_view, router_for
 from realizar.metrics import CONTENT_TYPE
 from realizar.server.errors import APIError, error_body, error_response, is_openai_path
 from realizar.server.generation import sse
@@ -180,7 +180,7 @@ class Front:
         extra += fleet.gauge("realizar_cluster_replica_failures",
                              "Forwarded requests whose replica died under them", [({}, self.replica_failures)],
                              kind="counter")
-        router = _ROUTERS.get(f"{self.config.app_name}#{self.config.replica_deployment}")
+        router = router_for(self.config.app_name, self.config.replica_deployment)
         if router is not None:
             extra += fleet.gauge("realizar_cluster_routed", "Requests placed by the router, by rule",
                                  [({"rule": k}, v) for k, v in router.routed.items()], kind="counter")
@@ -225,9 +225,10 @@ class Front:
         sse_stream = False
         try:
             first = await asyncio.wait_for(gen.__anext__(), self.config.route_timeout)
-            assert isinstance(first, Accepted)
             replica = first.replica_id
-            async for part in gen:
+            async for part in _chain(first, gen):
+                if isinstance(part, Accepted):
+                    continue
                 if isinstance(part, ResponseHead):
                     if not last and _overloaded(part):
                         raise _ReplicaFailed(replica)  # another replica may have room
@@ -249,6 +250,12 @@ class Front:
         except BaseException:
             gen.cancel()  # the client left (the proxy cancelled us), or the routing timed out
             raise
+
+
+async def _chain(first: Reply, rest: DeploymentResponseGenerator[Any]) -> AsyncIterator[Reply]:
+    yield first
+    async for part in rest:
+        yield part
 
 
 def _overloaded(head: ResponseHead) -> bool:

@@ -178,9 +178,11 @@ def serve_cluster(spec: ReplicaSpec, options: ClusterOptions, *, api_key: str | 
         print(f"realizar: draining in-flight requests for up to {spec.server.shutdown_timeout:g} s", flush=True)
         if not handle.drain.remote(spec.server.shutdown_timeout).result():
             log.warning("the shutdown timeout passed with requests in flight")
+        print("realizar: stopping the replicas", flush=True)
         serve.delete(APP_NAME)
         return 0
     finally:
         if local:
             serve.shutdown()
             ray.shutdown()
+            print("realizar: Ray stopped", flush=True)

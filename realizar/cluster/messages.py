@@ -21,7 +21,8 @@ class ForwardedRequest:
 
 @dataclass(frozen=True)
 class Accepted:
-    """First item of every reply: the replica has the request (its id, for the retry and the header)."""
+    """First item of a reply whose head is not ready at once: the replica has the request (its id, for the
+    retry and the header). A reply whose head is ready at once starts with the head, one item fewer."""
 
     replica_id: str
 
@@ -35,6 +36,7 @@ class ResponseHead:
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
     more_body: bool
+    replica_id: str
 
 
 @dataclass(frozen=True)

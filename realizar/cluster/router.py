@@ -48,10 +48,15 @@ MODULE = "realizar.cluster.router"
 _ROUTERS: dict[str, PrefixAffinityRouter] = {}
 
 
+def router_for(app_name: str, deployment_name: str) -> PrefixAffinityRouter | None:
+    """The router this process's handle built for the deployment, once it has."""
+    return _ROUTERS.get(f"{app_name}#{deployment_name}")
+
+
 def fleet_view(app_name: str, deployment_name: str) -> list[tuple[str, dict[str, Any]]]:
     """The live replicas this process routes to, as (replica id, its latest routing stats); empty until the
     front's handle has built its router and heard of replicas."""
-    router = _ROUTERS.get(f"{app_name}#{deployment_name}")
+    router = router_for(app_name, deployment_name)
     if router is None:
         return []
     return [(rid.unique_id, dict(r.routing_stats or {})) for rid, r in list(router.curr_replicas.items())]
