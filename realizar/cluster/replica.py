@@ -135,8 +135,9 @@ class Replica:
     async def ping(self) -> str:
         return self.replica_id
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        """What the router and the front know of this replica (Ray Serve polls it every few seconds)."""
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """What the router and the front know of this replica (Ray Serve polls it every second or so).
+        A coroutine, so it runs on the event loop that owns the server state, as /metrics does."""
         stats = self.engine.stats()
         ready = self.state.ready()
         return {
@@ -147,7 +148,7 @@ class Replica:
             "pid": os.getpid(),
         }
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Ray Serve's health check: an engine that stopped after a fatal error gets its replica replaced."""
         if not self.engine.healthy:
             raise RuntimeError(f"the engine stopped: {self.engine.fatal_error}")
