@@ -239,6 +239,8 @@ class Front:
                                 "headers": [*headers, (REPLICA_HEADER, replica.encode())]})
                     started = True
                 await send({"type": "http.response.body", "body": part.body, "more_body": part.more_body})
+            if not started:  # the replica's app ended without a response (a bug there): as if it died
+                raise _ReplicaFailed(replica)
         except RayActorError as exc:
             self.replica_failures += 1
             log.warning("replica %s died under %s %s (%s)", replica, request.method, request.path,

@@ -107,7 +107,12 @@ class Replica:
                         accepted = True
                         yield Accepted(self.replica_id)
                         continue
-                if message is None:
+                if message is None:  # the app returned without finishing its response: end what was begun
+                    if head is not None:
+                        yield ResponseHead(head["status"], tuple(head.get("headers", ())), b"".join(held), False,
+                                           self.replica_id)
+                    elif accepted and held:
+                        yield ResponseBody(b"".join(held), False)
                     break
                 if message["type"] == "http.response.start":
                     head = message
