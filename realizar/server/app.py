@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("realizar.server")
 access_log = logging.getLogger("realizar.access")
 
-OPEN_ROUTES = frozenset({"/health"})  # no API key needed
-ALWAYS_SERVED = frozenset({"/health", "/metrics"})  # answered while loading and draining too
+OPEN_ROUTES = frozenset({"/health", "/ready"})  # no API key needed (probes carry none)
+ALWAYS_SERVED = frozenset({"/health", "/ready", "/metrics"})  # answered while loading and draining too
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "other"
 OBSERVATIONS_PERIOD_S = 1.0  # how often engine timings move into the histograms
 # After --request-timeout the engine work is aborted and the error sent; a response still not
@@ -64,11 +64,15 @@ def build_app(engine: EngineClient | None, config: ServerConfig) -> Starlette:
     async def health(request: Request) -> Response:
         return state.health()
 
+    async def ready(request: Request) -> Response:
+        return state.ready()
+
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *native.routes(),
         *openai.routes(),

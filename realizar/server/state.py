@@ -81,6 +81,8 @@ class ServerState:
         self.engine = engine
         self.metrics.attach(engine)
         self.model_names = self.config.served_model_names or (engine.model_id,)
+        if self.config.metrics_compat is not None and self.phase is Phase.LOADING:
+            self.metrics.add_compat(self.config.metrics_compat, self.model_id)
         self._healthy_body = orjson.dumps({
             "status": "healthy", "version": __version__, "model": self.model_id,
             "compute_mode": engine.compute_mode, "compute_path": engine.compute_path,
@@ -114,6 +116,17 @@ class ServerState:
             return json_response({"status": "unhealthy", "model": self.model_id,
                                   "error": "the engine stopped after a fatal error"}, 503)
         return json_response({"status": self.phase.value}, 503)
+
+    def ready(self) -> Response:
+        """``/ready``: 200 once the model is loaded and warmed (the engine warms up before it is attached)
+        and while it serves; 503 while loading, draining, failed or after a fatal engine error, so that a
+        load balancer or Kubernetes readiness probe sends traffic only where it will be served."""
+        engine = self.engine
+        if self.phase is Phase.READY and engine is not None and engine.healthy:
+            return json_response({"status": "ready", "model": self.model_id})
+        status = "unhealthy" if self.phase is Phase.READY else self.phase.value
+        return Response(orjson.dumps({"status": status}), status_code=503, media_type="application/json",
+                        headers={"Retry-After": "1"})
 
     def abort_all(self, error: APIError) -> None:
         """End every generation in flight with ``error`` (the shutdown deadline passed)."""

@@ -1,0 +1,46 @@
+"""Fleets for the Ray tests: `realizar serve --demo --replicas N` processes (each starts its own local Ray),
+and a single server with the same engine settings to compare them with."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from tests.conftest import ServerProcess, start_server
+
+# float32 and one thread per replica: the same numbers in every process, and two replicas fit two cores
+ENGINE_ARGS = ("--dtype", "float32", "--threads", "1", "--max-num-seqs", "4", "--no-access-log")
+API_KEY = "cluster-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def start_fleet(tmp_dir: Any, *args: str) -> ServerProcess:
+    """A fleet, returned once its front answers /health (one replica ready)."""
+    return start_server(tmp_dir, *args, *ENGINE_ARGS, timeout=300)
+
+
+def wait_replicas(url: str, count: int, timeout: float = 180.0) -> float:
+    """Wait until /ready reports ``count`` ready replicas; returns the seconds it took."""
+    started = time.monotonic()
+    last: Any = None
+    while time.monotonic() - started < timeout:
+        try:
+            last = httpx.get(url + "/ready", timeout=5).json()
+            if last.get("replicas") == count:
+                return time.monotonic() - started
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not reach {count} ready replicas in {timeout} s (last /ready: {last})")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one series in a Prometheus exposition (the unlabeled one, at the front: the fleet's sum)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    series = f"{name}{{{want}}}" if want else name
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not in the exposition")
