@@ -491,6 +491,7 @@ class ManagedServer:
         self.spec = spec
         self.model: str | None = spec.model
         log_dir = log_dir or Path(tempfile.gettempdir())
+        log_dir.mkdir(parents=True, exist_ok=True)
         safe = re.sub(r"[^a-zA-Z0-9]+", "-", spec.name)
         self.process = ServerProcess(spec.argv, spec.port, log_dir / f"bench-{safe}-{spec.port}.log", name=spec.name,
                                      env=spec.env, ready_path=spec.ready_path,

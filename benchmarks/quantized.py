@@ -1,4 +1,5 @@
-"""The default model with its weights kept quantized (``quant_gemm.c``; exact, and the fast class
+"""The default model with its weights kept quantized (``quant_gemm.c``; the exact class
+``REALIZAR_QUANTIZED=exact``, and the fast class
 ``REALIZAR_QUANTIZED=fast``, not exact) against float32 weights dequantized at load
 (``REALIZAR_QUANTIZED=0``), in-process, each mode in a fresh process.
 
@@ -94,7 +95,7 @@ def main() -> None:
           "| 16-seq step ms | CPU ms per 16-seq step | 512-token prefill ms |")
     print("|---|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
-        env = dict(os.environ, REALIZAR_QUANTIZED={"quantized": "1", "fast": "fast"}.get(mode, "0"))
+        env = dict(os.environ, REALIZAR_QUANTIZED={"quantized": "exact", "fast": "fast"}.get(mode, "0"))
         out = subprocess.run([sys.executable, __file__, "--worker", "--tokens", str(args.tokens),
                               "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])

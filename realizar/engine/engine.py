@@ -13,6 +13,8 @@ import collections
 import contextlib
 import ctypes
 import gc
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -124,7 +126,7 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
     model = choose_quantized_class(
         lambda fast: LlamaModel(loaded.config, loaded.tensors, device, dtype, loaded.quantized, fast),
         bool(loaded.quantized) and kernels.for_tensors(device, dtype) is not None,
-        exact=config.dtype == "float32")
+        exact=config.dtype == "float32", remember=_choice_key(Path(path)))
     del loaded.tensors, loaded.quantized
     _return_free_heap()
     return EngineModel(model, tokenizer, loaded.config, loaded.config.name, loaded.path, loaded.format,
@@ -150,18 +152,63 @@ def decode_step_seconds(model: LlamaModel, sequences: int, repeats: int = 3) -> 
     return best
 
 
-def choose_quantized_class(build: Callable[[bool], LlamaModel], quantized: bool, exact: bool = False) -> LlamaModel:
+def _choice_key(path: Path) -> str | None:
+    """What ``auto``'s timed choice depends on: the model file and the kernels' build (their sources,
+    flags and this CPU). None when the model cannot be identified."""
+    compiled = kernels.load()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    if compiled is None:
+        return None
+    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{compiled.path.name}|{sorted(QUANTIZED_CLASSES_PASSING_GATE.items())}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def _choices_file() -> Path:
+    return kernels.cache_dir() / "quantized-class-choices.json"
+
+
+def _remembered(key: str) -> str | None:
+    with contextlib.suppress(OSError, ValueError):
+        choice = json.loads(_choices_file().read_text()).get(key)
+        if choice in QUANTIZED_CLASSES_PASSING_GATE and QUANTIZED_CLASSES_PASSING_GATE[choice]:
+            return str(choice)
+    return None
+
+
+def _remember(key: str, choice: str) -> None:
+    """Keep ``auto``'s choice for the next start (best effort: a read-only cache just times again)."""
+    with contextlib.suppress(OSError, ValueError):
+        path = _choices_file()
+        choices = json.loads(path.read_text()) if path.exists() else {}
+        choices[key] = choice
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(choices))
+        os.replace(tmp, path)
+
+
+def choose_quantized_class(build: Callable[[bool], LlamaModel], quantized: bool, exact: bool = False,
+                           remember: str | None = None) -> LlamaModel:
     """The model ``build(fast)`` in the class of quantized products ``REALIZAR_QUANTIZED`` asks for
     (``exact``: ``--dtype float32`` asked for float32 arithmetic, so the exact class); with ``auto``
     (the default), the faster of the classes that pass the quality gate
     (``QUANTIZED_CLASSES_PASSING_GATE``), timed here on this CPU: a decode step of 1 sequence plus
-    one of 16, the two ends of what a server runs. The timings are logged."""
+    one of 16, the two ends of what a server runs. The timings are logged. With ``remember`` (a key of
+    the model file and the kernels' build) the choice is kept in the cache directory, and a later
+    start with the same key takes it without timing (about 1 s less to a healthy server)."""
     wanted = "exact" if exact else kernels.quantized_class()
     if not quantized or wanted != "auto":
         return build(wanted == "fast")
     candidates = [name for name, passed in QUANTIZED_CLASSES_PASSING_GATE.items() if passed]
     if len(candidates) < 2:
         return build(candidates == ["fast"])
+    known = _remembered(remember) if remember else None
+    if known is not None:
+        log.info("quantized products: %s (auto, timed at an earlier start on this CPU)", known)
+        return build(known == "fast")
     timings: dict[str, float] = {}
     model: LlamaModel | None = None
     for name in candidates:
@@ -172,6 +219,8 @@ def choose_quantized_class(build: Callable[[bool], LlamaModel], quantized: bool,
     best = min(timings, key=lambda name: timings[name])
     log.info("quantized products: %s (auto; a decode step of 1 + 16 sequences: %s)", best,
              ", ".join(f"{n} {t * 1000:.1f} ms" for n, t in timings.items()))
+    if remember:
+        _remember(remember, best)
     if best != candidates[-1] or model is None:
         model = None
         gc.collect()

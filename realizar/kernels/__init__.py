@@ -260,11 +260,16 @@ def pack_quantized(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | N
     return QuantPacked(records, fmt, n, k)
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where realizar keeps what it builds or measures once per machine (``REALIZAR_CACHE_DIR``)."""
     if "REALIZAR_CACHE_DIR" in os.environ:
-        return Path(os.environ["REALIZAR_CACHE_DIR"]) / "kernels"
+        return Path(os.environ["REALIZAR_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "realizar" / "kernels"
+    return Path(base) / "realizar"
+
+
+def _cache_dir() -> Path:
+    return cache_dir() / "kernels"
 
 
 def _cpu_signature() -> str:

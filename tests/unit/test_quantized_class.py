@@ -3,6 +3,7 @@ quality gate, never one the gate rejects (realizar.engine.engine.choose_quantize
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -74,3 +75,22 @@ def test_a_real_decode_step_is_timed() -> None:
     served = load_engine_model(default_model_path(), EngineConfig(device="cpu", dtype="float32"))
     assert decode_step_seconds(served.model, 1, repeats=1) > 0
     assert decode_step_seconds(served.model, 3, repeats=1) > 0
+
+
+def test_a_timed_choice_is_remembered_for_the_next_start(timings: dict[bool, float], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REALIZAR_CACHE_DIR", str(tmp_path))
+    timed: list[bool] = []
+    monkeypatch.setattr(engine_module, "decode_step_seconds",
+                        lambda model, n: timed.append(model.fast) or timings[model.fast] * n)
+    assert choose_quantized_class(Built, True, remember="key-1").fast  # type: ignore[arg-type]
+    assert timed and (tmp_path / "quantized-class-choices.json").exists()
+    timed.clear()
+    timings[True] = 1.0  # slower now, but the remembered choice is taken without timing
+    assert choose_quantized_class(Built, True, remember="key-1").fast  # type: ignore[arg-type]
+    assert not timed
+    assert not choose_quantized_class(Built, True, remember="key-2").fast  # type: ignore[arg-type]
+    assert timed  # another model or build: timed again
+    # a remembered class the gate now rejects is not taken
+    monkeypatch.setitem(engine_module.QUANTIZED_CLASSES_PASSING_GATE, "fast", False)
+    assert not choose_quantized_class(Built, True, remember="key-1").fast  # type: ignore[arg-type]
