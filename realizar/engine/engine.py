@@ -16,6 +16,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -123,10 +124,17 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
         tokenizer = Tokenizer.from_gguf_metadata(loaded.metadata)
     else:
         tokenizer = Tokenizer.from_pretrained_dir(loaded.path)
+    def build(kind: str) -> LlamaModel:
+        if kind == "float32":  # the reference: every weight dequantized at load
+            floats = {**loaded.tensors, **{n: q.dequantize() for n, q in loaded.quantized.items()}}
+            return LlamaModel(loaded.config, floats, device, dtype)
+        return LlamaModel(loaded.config, loaded.tensors, device, dtype, loaded.quantized, kind == "fast")
+
+    float_bytes = 4 * sum(math.prod(q.shape) for q in loaded.quantized.values())
     model = choose_quantized_class(
-        lambda fast: LlamaModel(loaded.config, loaded.tensors, device, dtype, loaded.quantized, fast),
-        bool(loaded.quantized) and kernels.for_tensors(device, dtype) is not None,
-        exact=config.dtype == "float32", remember=_choice_key(Path(path)))
+        build, bool(loaded.quantized) and kernels.for_tensors(device, dtype) is not None,
+        exact=config.dtype == "float32", remember=_choice_key(Path(path)),
+        float32_allowed=float_bytes <= FLOAT32_CANDIDATE_BYTES)
     del loaded.tensors, loaded.quantized
     _return_free_heap()
     return EngineModel(model, tokenizer, loaded.config, loaded.config.name, loaded.path, loaded.format,
@@ -190,31 +198,38 @@ def _remember(key: str, choice: str) -> None:
         os.replace(tmp, path)
 
 
-def choose_quantized_class(build: Callable[[bool], LlamaModel], quantized: bool, exact: bool = False,
-                           remember: str | None = None) -> LlamaModel:
-    """The model ``build(fast)`` in the class of quantized products ``REALIZAR_QUANTIZED`` asks for
+# auto also times float32 weights (dequantized at load) where they take at most this much: a safety
+# net for a CPU whose quantized kernels are slow (the AVX2 build's, measured), never a 4 GiB model
+FLOAT32_CANDIDATE_BYTES = 1 << 30
+
+
+def choose_quantized_class(build: Callable[[str], LlamaModel], quantized: bool, exact: bool = False,
+                           remember: str | None = None, float32_allowed: bool = False) -> LlamaModel:
+    """The model ``build(kind)`` in the class of quantized products ``REALIZAR_QUANTIZED`` asks for
     (``exact``: ``--dtype float32`` asked for float32 arithmetic, so the exact class); with ``auto``
-    (the default), the faster of the classes that pass the quality gate
-    (``QUANTIZED_CLASSES_PASSING_GATE``), timed here on this CPU: a decode step of 1 sequence plus
-    one of 16, the two ends of what a server runs. The timings are logged. With ``remember`` (a key of
-    the model file and the kernels' build) the choice is kept in the cache directory, and a later
-    start with the same key takes it without timing (about 1 s less to a healthy server)."""
+    (the default), the fastest of the classes that pass the quality gate
+    (``QUANTIZED_CLASSES_PASSING_GATE``; ``float32`` weights only when ``float32_allowed``), timed
+    here on this CPU: a decode step of 1 sequence plus one of 16, the two ends of what a server runs.
+    The timings are logged. With ``remember`` (a key of the model file and the kernels' build) the
+    choice is kept in the cache directory, and a later start with the same key takes it without
+    timing (about 1 s less to a healthy server)."""
     wanted = "exact" if exact else kernels.quantized_class()
     if not quantized or wanted != "auto":
-        return build(wanted == "fast")
-    candidates = [name for name, passed in QUANTIZED_CLASSES_PASSING_GATE.items() if passed]
+        return build("exact" if wanted == "auto" else wanted)
+    candidates = [name for name, passed in QUANTIZED_CLASSES_PASSING_GATE.items()
+                  if passed and (name != "float32" or float32_allowed)]
     if len(candidates) < 2:
-        return build(candidates == ["fast"])
+        return build(candidates[0] if candidates else "exact")
     known = _remembered(remember) if remember else None
-    if known is not None:
+    if known is not None and known in candidates:
         log.info("quantized products: %s (auto, timed at an earlier start on this CPU)", known)
-        return build(known == "fast")
+        return build(known)
     timings: dict[str, float] = {}
     model: LlamaModel | None = None
     for name in candidates:
         model = None
         gc.collect()  # one class's weights in memory at a time: a 1B model's are 0.8 GiB
-        model = build(name == "fast")
+        model = build(name)
         timings[name] = decode_step_seconds(model, 1) + decode_step_seconds(model, 16)
     best = min(timings, key=lambda name: timings[name])
     log.info("quantized products: %s (auto; a decode step of 1 + 16 sequences: %s)", best,
@@ -224,7 +239,7 @@ def choose_quantized_class(build: Callable[[bool], LlamaModel], quantized: bool,
     if best != candidates[-1] or model is None:
         model = None
         gc.collect()
-        model = build(best == "fast")
+        model = build(best)
     return model
 
 

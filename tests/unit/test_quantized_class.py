@@ -19,8 +19,9 @@ class Built:
     alive = 0
     most_alive = 0
 
-    def __init__(self, fast: bool) -> None:
-        self.fast = fast
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.fast = kind == "fast"
         Built.alive += 1
         Built.most_alive = max(Built.most_alive, Built.alive)
 
@@ -32,13 +33,14 @@ class Built:
 def timings(monkeypatch: pytest.MonkeyPatch) -> dict[bool, float]:
     """Step seconds per class (keyed by ``fast``), returned by the patched timer."""
     table = {False: 0.010, True: 0.004}
-    monkeypatch.setattr(engine_module, "decode_step_seconds", lambda model, n: table[model.fast] * n)
+    monkeypatch.setattr(engine_module, "decode_step_seconds",
+                        lambda model, n: (0.05 if model.kind == "float32" else table[model.fast]) * n)
     monkeypatch.delenv("REALIZAR_QUANTIZED", raising=False)
     return table
 
 
-def choose(quantized: bool = True, exact: bool = False) -> Any:
-    return choose_quantized_class(Built, quantized, exact)  # type: ignore[arg-type]
+def choose(quantized: bool = True, exact: bool = False, float32_allowed: bool = False) -> Any:
+    return choose_quantized_class(Built, quantized, exact, float32_allowed=float32_allowed)  # type: ignore[arg-type]
 
 
 def test_auto_takes_the_faster_class_that_passes(timings: dict[bool, float]) -> None:
@@ -82,7 +84,7 @@ def test_a_timed_choice_is_remembered_for_the_next_start(timings: dict[bool, flo
     monkeypatch.setenv("REALIZAR_CACHE_DIR", str(tmp_path))
     timed: list[bool] = []
     monkeypatch.setattr(engine_module, "decode_step_seconds",
-                        lambda model, n: timed.append(model.fast) or timings[model.fast] * n)
+                        lambda model, n: timed.append(model.fast) or timings[model.fast] * n)  # type: ignore[func-returns-value]
     assert choose_quantized_class(Built, True, remember="key-1").fast  # type: ignore[arg-type]
     assert timed and (tmp_path / "quantized-class-choices.json").exists()
     timed.clear()
@@ -94,3 +96,11 @@ def test_a_timed_choice_is_remembered_for_the_next_start(timings: dict[bool, flo
     # a remembered class the gate now rejects is not taken
     monkeypatch.setitem(engine_module.QUANTIZED_CLASSES_PASSING_GATE, "fast", False)
     assert not choose_quantized_class(Built, True, remember="key-1").fast  # type: ignore[arg-type]
+
+
+def test_float32_weights_are_a_candidate_only_where_allowed(timings: dict[bool, float],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU whose quantized kernels are slow gets float32 weights, if the model is small enough."""
+    timings[False] = timings[True] = 1.0
+    assert choose(float32_allowed=True).kind == "float32"
+    assert choose(float32_allowed=False).kind != "float32"
