@@ -112,16 +112,21 @@ class ServerProcess:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
 
-    def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM the process group, then SIGKILL whatever is left after ``timeout`` s (longer than a
-        realizar server's default drain); the leader's exit status (None when it was never started)."""
+    def stop(self, timeout: float = 60.0, whole_group: bool = True) -> int | None:
+        """SIGTERM the process group (only the leader unless ``whole_group``: a realizar fleet stops
+        its local Ray itself, and Ray's daemons share the group), then SIGKILL whatever is left after
+        ``timeout`` s (longer than a realizar server's default drain); the leader's exit status (None
+        when it was never started)."""
         proc = self.proc
         _LIVE.discard(self)
         if proc is None:
             return None
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)
+                if whole_group:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                else:
+                    proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)
         # the group may outlive its leader (vLLM's engine core), so always sweep it

@@ -22,7 +22,7 @@ def autoscaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
     try:
         yield server
     finally:
-        assert server.stop(90) == 0, server.log()[-3000:]
+        assert server.stop(90, whole_group=False) == 0, server.log()[-3000:]
 
 
 def test_scales_up_under_load_and_back_down(autoscaled: ServerProcess) -> None:

@@ -34,7 +34,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         wait_replicas(server.url, 2)
         yield server
     finally:
-        assert server.stop(90) == 0, server.log()[-3000:]
+        assert server.stop(90, whole_group=False) == 0, server.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
