@@ -36,7 +36,7 @@ unit: setup
 COV := --cov=realizar.engine --cov=realizar.server --cov-report=term-missing:skip-covered
 
 test: lint typecheck
-	$(PY) -m pytest -q $(COV) tests
+	$(PY) -m pytest -q --durations=15 $(COV) tests
 
 load-test: setup
 	./scripts/load_test.sh --port $(PORT)
