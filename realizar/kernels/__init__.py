@@ -425,9 +425,9 @@ class CpuKernels:
         return y
 
     def quant_gemm_fast(self, x: torch.Tensor, weight: FastPacked, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [M, K] @ W.T`` approximately, the fast class: x quantized to int8 per row and 32 terms
-        (as llama.cpp's Q8_1), integer dot products with the weights' integers. ``out`` as in
-        :meth:`quant_gemm`."""
+        """``x [M, K] @ W.T`` approximately, the fast class: x as two int8 terms per row and 32 terms
+        (``quant_gemm.c``'s quantize_rows), integer dot products with the weights' integers. ``out``
+        as in :meth:`quant_gemm`."""
         x = _unit_stride(x)
         m, k = x.shape
         assert k == weight.k, (k, weight.k)

@@ -40,10 +40,8 @@ def steps() -> list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]:
 @pytest.mark.parametrize("qtype,fast,bias", [(QT.F32, False, False), (QT.Q4_1, False, False), (QT.Q4_1, True, False),
                                              (QT.Q6_K, True, False), (QT.Q8_0, False, True)],
                          ids=["float32", "q4_1-exact", "q4_1-fast", "q6_k-fast", "q8_0-bias"])
-def test_fused_layers_equal_the_per_operation_forward(tmp_path: Path, qtype: QT, fast: bool, bias: bool) -> None:
-    compiled = kernels.load()
-    if compiled is None:
-        pytest.skip("no C compiler: no CPU kernels")
+def test_fused_layers_equal_the_per_operation_forward(cpu_kernels: kernels.CpuKernels, tmp_path: Path, qtype: QT,
+                                                     fast: bool, bias: bool) -> None:
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, TinySpec(arch="qwen2" if bias else "llama"), qtype)
     loaded = load_model(path, keep_quantized=qtype != QT.F32)

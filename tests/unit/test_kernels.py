@@ -5,7 +5,6 @@ pool they share."""
 from __future__ import annotations
 
 import multiprocessing
-import shutil
 import threading
 
 import numpy as np
@@ -14,16 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from realizar import kernels
-
-
-@pytest.fixture(scope="module")
-def cpu_kernels() -> kernels.CpuKernels:
-    loaded = kernels.load()
-    if loaded is None:
-        # a machine with a C compiler must build them; only a compiler-less one may skip
-        assert not any(shutil.which(c) for c in ("cc", "gcc", "clang")), "the kernels failed to build"
-        pytest.skip("no C compiler: the engine uses its pure-torch path")
-    return loaded
 
 
 def at_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,6 @@ reference dequantization, and a tiny model kept quantized against the same model
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import gguf
@@ -27,14 +26,6 @@ from tests.tiny_model import TinySpec, random_blocks, write_tiny_gguf
 KERNEL_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 QUANTIZABLE = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)
 
-
-@pytest.fixture(scope="module")
-def cpu_kernels() -> kernels.CpuKernels:
-    loaded = kernels.load()
-    if loaded is None:
-        assert not any(shutil.which(c) for c in ("cc", "gcc", "clang")), "the kernels failed to build"
-        pytest.skip("no C compiler: quantized weights are dequantized at load")
-    return loaded
 
 
 def quantized(qtype: QT, n: int, k: int, seed: int = 0) -> quants.QuantizedTensor:
