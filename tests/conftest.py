@@ -40,6 +40,8 @@ def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None,
     is what ``python -m`` runs (a test launcher that wraps the CLI, e.g. ``tests.faulty_server``)."""
     port = free_port()
     cmd = [sys.executable, "-m", module, "serve", "--demo", "--port", str(port), *args]
+    # a crash in native code (a kernel, uvloop) leaves the Python stacks of every thread in the log
+    env = {"PYTHONFAULTHANDLER": "1", **(env or {})}
     server = ServerProcess(cmd, port, tmp_dir / f"server-{port}.log", name=module, env=env, cwd=ROOT,
                            startup_timeout_s=timeout, preexec_fn=preexec_fn)
     return server.start(wait_ready)
