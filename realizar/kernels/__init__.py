@@ -179,11 +179,20 @@ class FastPacked:
 
 
 def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, offset: int,
-              group: int) -> FastPacked:
+              group: int, wide_bytes: bool = False) -> FastPacked:
     """Repack a quantized weight for ``realizar_quant_gemm_fast`` (``quant_gemm.c`` has the layout);
     the arguments are those of :func:`pack_quantized`. Scales are float16 where each is one exactly,
-    and a record holds a second d (16-term groups) or a min only where the format has them."""
+    and a record holds a second d (16-term groups) or a min only where the format has them.
+
+    With ``wide_bytes`` (the build's dot products take unsigned bytes up to 255:
+    :attr:`CpuKernels.wide_bytes`), signed 8-bit integers are stored plus 128, as unsigned bytes with
+    an offset of 128: the same integers, without the sign trick signed bytes need."""
     n, k = q.shape
+    if bits == 8 and offset == 0 and wide_bytes:
+        q, offset = q ^ 0x80, 128  # int8 v as the byte v + 128
+        unsigned_bytes = True
+    else:
+        unsigned_bytes = False
     assert k % QUANT_BLOCK == 0 and q.dtype == torch.uint8 and group in (16, 32)
     panels, blocks = -(-n // PANEL), k // QUANT_BLOCK
     pad = panels * PANEL - n
@@ -200,7 +209,7 @@ def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, 
         kind = 0
     else:
         ints = u
-        kind = 2 if bits == 8 else 1
+        kind = 2 if bits == 8 and not unsigned_bytes else 1
     kind |= (FAST_TWO_D if per_block == 2 else 0) | (0 if mins is None else FAST_MIN)
     stacked = f.view(panels, PANEL, blocks, -1).permute(0, 2, 3, 1).contiguous()  # [panels, blocks, vectors, 16]
     if exact_in_half(stacked):
@@ -384,6 +393,12 @@ class CpuKernels:
         self._quant_gemm = bind("realizar_quant_gemm", i32, p, i64, p, i32, p, i64, i64, i64, i64)
         self._quant_rows = bind("realizar_quant_rows", i32, p, i32, p, i64, i64, i64, p)
         self._quant_gemm_fast = bind("realizar_quant_gemm_fast", i32, p, i64, p, i32, i32, p, i64, i64, i64, i64)
+        # the fast class's dot products take unsigned bytes up to 255 (not AVX2's saturating maddubs)
+        self._fast_wide_bytes = bind("realizar_fast_wide_bytes", i32)
+        self.wide_bytes = bool(self._fast_wide_bytes())
+        # the most rows quant_gemm_fast multiplies with integer dot products; more take the exact path
+        self._fast_max_rows = bind("realizar_fast_max_rows", i32)
+        self.fast_max_rows = int(self._fast_max_rows())
         self._decoder_layers = bind("realizar_decoder_layers", i32, p, i64, p, i64, p, p)
         self._decoder_workspace = bind("realizar_decoder_workspace", i64, p, i64)
         self.path = path
@@ -426,8 +441,9 @@ class CpuKernels:
 
     def quant_gemm_fast(self, x: torch.Tensor, weight: FastPacked, out: torch.Tensor | None = None) -> torch.Tensor:
         """``x [M, K] @ W.T`` approximately, the fast class: x as two int8 terms per row and 32 terms
-        (``quant_gemm.c``'s quantize_rows), integer dot products with the weights' integers. ``out``
-        as in :meth:`quant_gemm`."""
+        (``quant_gemm.c``'s quantize_rows), integer dot products with the weights' integers, for up
+        to :attr:`fast_max_rows` rows; more rows are multiplied exactly, as :meth:`quant_gemm` does.
+        ``out`` as in :meth:`quant_gemm`."""
         x = _unit_stride(x)
         m, k = x.shape
         assert k == weight.k, (k, weight.k)

@@ -207,6 +207,9 @@ static void dequantize_records(int f, const uint8_t *rec, int64_t count, float *
     }
 }
 
+int64_t realizar_fast_record_bytes(int kind);
+static void dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t count, float *out);
+
 /* A buffer of this thread's, of at least `floats` floats (kept for later calls), or NULL. */
 static float *scratch(int64_t floats) {
     static __thread float *buffer;
@@ -225,6 +228,7 @@ struct qjob {
     float *y;
     int64_t M, N, K, ldy;
     int fmt, group;           /* group: panels per tile, as in packed_gemm.c */
+    int fast, c;              /* fast records (fmt is then their kind) with integer offset c */
     int64_t chunk;            /* panels per unit, a multiple of group */
     int64_t pass;             /* records per pass over the sums */
     _Atomic int failed;       /* a thread could not allocate its buffer */
@@ -238,7 +242,7 @@ static void run_unit(const void *arg, int64_t unit) {
     const int64_t chunks = (panels + j->chunk - 1) / j->chunk;
     const int64_t m0 = unit / chunks * MC, p0 = unit % chunks * j->chunk;
     const int64_t m1 = j->M - m0 < MC ? j->M : m0 + MC, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
-    const int64_t size = realizar_quant_record_bytes(j->fmt);
+    const int64_t size = j->fast ? realizar_fast_record_bytes(j->fmt) : realizar_quant_record_bytes(j->fmt);
     float *buffer = scratch(j->group * j->pass * QK * NR);
     if (!buffer) {
         j->failed = 1;
@@ -252,9 +256,13 @@ static void run_unit(const void *arg, int64_t unit) {
         for (int64_t b0 = 0; b0 < blocks; b0 += j->pass) {
             const int64_t count = blocks - b0 < j->pass ? blocks - b0 : j->pass, kc = count * QK;
             const int64_t next = blocks - b0 - count < j->pass ? blocks - b0 - count : j->pass;
-            for (int g = 0; g < G; g++)
-                dequantize_records(j->fmt, j->w + ((p + g) * blocks + b0) * size, count, buffer + g * kc * NR,
-                                   next * size);
+            for (int g = 0; g < G; g++) {
+                const uint8_t *rec = j->w + ((p + g) * blocks + b0) * size;
+                if (j->fast)
+                    dequantize_fast_records(j->fmt, j->c, rec, count, buffer + g * kc * NR);
+                else
+                    dequantize_records(j->fmt, rec, count, buffer + g * kc * NR, next * size);
+            }
             realizar_gemm_panels(j->a + m0 * K, m1 - m0, K, b0 * QK, kc, buffer, kc * NR, G, cols,
                                  j->y + m0 * j->ldy + p * NR, j->ldy, b0 > 0);
         }
@@ -273,6 +281,11 @@ static void run_unit(const void *arg, int64_t unit) {
 #define DIRECT_ROWS 2     /* 16 registers of 8 floats: 8 accumulators */
 #define DIRECT_PANELS 2
 #endif
+/* Up to this many rows take the direct tiles, DIRECT_ROWS at a time over each pass's records (from
+ * cache after the first): below it, dequantizing every weight into the buffer costs more than
+ * dequantizing it again in registers for each group of rows (a decode step of 8 sequences
+ * of the demo model, one thread: 38.6 -> 34.3 ms). */
+#define DIRECT_MAX_ROWS 8
 
 static inline __attribute__((always_inline)) void direct_tile(const int F, const int R, const int G, const float *x,
                                                               int64_t ldx, const uint8_t *rec, int64_t pstride,
@@ -391,21 +404,14 @@ static void run_direct_unit(const void *arg, int64_t unit) {
     }
 }
 
-/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) times the records `w` of a weight
- * [N, K] in format `fmt`. Returns 0, or -1 when a buffer could not be allocated. */
-int realizar_quant_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, float *y, int64_t ldy,
-                        int64_t M, int64_t N, int64_t K) {
+/* y = x W^T through the buffer: the weights of each pass dequantized exactly (from the exact
+ * records of format `fmt`, or with `fast` from the fast records of kind `fmt` and offset c, to the
+ * same floats), then packed_gemm.c's tiles. Returns 0, or -1 when a buffer could not be allocated. */
+static int buffered_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, int fast, int c, float *y,
+                         int64_t ldy, int64_t M, int64_t N, int64_t K) {
     const int64_t blocks = K / QK, panels = (N + NR - 1) / NR;
     const int64_t passes = (blocks + PASS_BLOCKS - 1) / PASS_BLOCKS, pass = (blocks + passes - 1) / passes;
     const int64_t threads = realizar_threads(), units_per_thread = 4;
-    if (M <= DIRECT_ROWS) {
-        int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
-        chunk = (chunk + DIRECT_PANELS - 1) / DIRECT_PANELS * DIRECT_PANELS;
-        const struct djob d = {.x = x, .ldx = ldx, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
-                               .fmt = fmt, .chunk = chunk, .pass = pass};
-        realizar_parallel(run_direct_unit, &d, (panels + chunk - 1) / chunk);
-        return 0;
-    }
     static __thread float *packed_x;
     static __thread int64_t capacity;
     const int64_t need = realizar_packed_x_floats(M, K);
@@ -421,9 +427,27 @@ int realizar_quant_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, 
     int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
     chunk = (chunk + group - 1) / group * group;
     struct qjob j = {.a = packed_x, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy, .fmt = fmt,
-                     .group = group, .chunk = chunk, .pass = pass, .failed = 0};
+                     .group = group, .fast = fast, .c = c, .chunk = chunk, .pass = pass, .failed = 0};
     realizar_parallel(run_unit, &j, (M + MC - 1) / MC * ((panels + chunk - 1) / chunk));
     return j.failed ? -1 : 0;
+}
+
+/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) times the records `w` of a weight
+ * [N, K] in format `fmt`. Returns 0, or -1 when a buffer could not be allocated. */
+int realizar_quant_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, float *y, int64_t ldy,
+                        int64_t M, int64_t N, int64_t K) {
+    const int64_t blocks = K / QK, panels = (N + NR - 1) / NR;
+    const int64_t passes = (blocks + PASS_BLOCKS - 1) / PASS_BLOCKS, pass = (blocks + passes - 1) / passes;
+    const int64_t threads = realizar_threads(), units_per_thread = 4;
+    if (M <= DIRECT_MAX_ROWS) {
+        int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
+        chunk = (chunk + DIRECT_PANELS - 1) / DIRECT_PANELS * DIRECT_PANELS;
+        const struct djob d = {.x = x, .ldx = ldx, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
+                               .fmt = fmt, .chunk = chunk, .pass = pass};
+        realizar_parallel(run_direct_unit, &d, (panels + chunk - 1) / chunk);
+        return 0;
+    }
+    return buffered_gemm(x, ldx, w, fmt, 0, 0, y, ldy, M, N, K);
 }
 
 struct rows_job {
@@ -535,6 +559,19 @@ static inline i32x16 dot4(i32x16 acc, u8x64 w, int32_t x4) {
 #endif
 }
 
+/* Whether dot4 takes unsigned bytes up to 255 (AVX2's maddubs pairs would saturate): realizar's
+ * packing then stores Q8_0's signed bytes plus 128, with an offset of 128, for dot4 rather than
+ * dot4_signed and its four extra operations per product. */
+int realizar_fast_wide_bytes(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    return 1;
+#elif defined(__AVX2__)
+    return 0;
+#else
+    return 1;
+#endif
+}
+
 /* The same for signed weights (Q8_0): |w| times x with w's sign, so the unsigned operand stays
  * below 129 (maddubs pairs cannot saturate). */
 static inline i32x16 dot4_signed(i32x16 acc, u8x64 w, int32_t x4) {
@@ -563,6 +600,55 @@ static inline i32x16 dot4_signed(i32x16 acc, u8x64 w, int32_t x4) {
 #endif
 }
 
+/* The 32 x 16 weights of one fast record, k-major (out[k * 16 + j] = W[row j][term k]), as the
+ * exact class dequantizes them: (u - c) * d, rounded, then + min. The integers of term 4t + i sit
+ * in byte i of every 32-bit lane of vector t (nibbles: terms 4t + i and 16 + 4t + i), so a lane
+ * shift gives a term for all 16 rows. */
+static inline __attribute__((always_inline)) void dequantize_fast(const int KIND, int c, const uint8_t *rec,
+                                                                  float *out) {
+    const int nibbles = (KIND & FAST_KIND) == FAST_NIBBLES;
+    f32x16 d0, d1, min;
+    fast_scales(KIND, rec + (nibbles ? 256 : 512), &d0, &d1, &min);
+#pragma GCC unroll 8
+    for (int t = 0; t < (nibbles ? 4 : 8); t++) {
+        i32x16 v;
+        memcpy(&v, rec + 64 * t, sizeof v);
+        for (int i = 0; i < 4; i++) {
+            for (int h = 0; h < (nibbles ? 2 : 1); h++) {
+                const int k = nibbles ? 16 * h + 4 * t + i : 4 * t + i;
+                i32x16 u;
+                if (nibbles) u = (v >> (8 * i + 4 * h)) & 15;
+                else if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) u = (v << (24 - 8 * i)) >> 24;
+                else u = (v >> (8 * i)) & 255;
+                f32x16 w = __builtin_convertvector(u - c, f32x16) * (k < 16 ? d0 : d1);
+                if (KIND & FAST_MIN) w = rounded(w) + min;
+                memcpy(out + 16 * k, &w, sizeof w);
+            }
+        }
+    }
+}
+
+#define FAST_DEQUANTIZE_CASE(K_) \
+    case K_: dequantize_fast(K_, c, rec, out); break
+
+static void dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t count, float *out) {
+    const int64_t size = realizar_fast_record_bytes(kind);
+    for (int64_t b = 0; b < count; b++, rec += size, out += QK * NR) {
+        switch (kind) {
+            FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_HALF);
+            FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN);
+            FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_MIN);
+            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_HALF);
+            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_HALF | FAST_MIN);
+            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_MIN);
+            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_TWO_D);
+            FAST_DEQUANTIZE_CASE(FAST_SIGNED_BYTES | FAST_HALF);
+            FAST_DEQUANTIZE_CASE(FAST_SIGNED_BYTES);
+            default: dequantize_fast(kind, c, rec, out); break;
+        }
+    }
+}
+
 struct fjob {
     const int8_t *xq;         /* [M, K] */
     const float *dx;          /* [M, K / 32] */
@@ -576,6 +662,7 @@ struct fjob {
 
 #define FAST_ROWS 4
 #define FAST_PANELS 2
+#define FAST_MAX_ROWS 8   /* more rows go through the exact, buffered path: see realizar_quant_gemm_fast */
 
 static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int G,
                                                             const struct fjob *j, int64_t m, int64_t p,
@@ -619,7 +706,8 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
                         }
                     }
                 }
-                /* x = d_x (256 a + b): |sums| < 2^18 per half, so 256 a + b stays well inside int32 */
+                /* x = d_x (256 a + b): |sums| < 2^19 per half (16 terms of |u| <= 255 by |a| <= 127), so
+                 * 256 a + b and c S stay well inside int32 */
                 const i32x16 lo = (lo_a << 8) + lo_b, hi = (hi_a << 8) + hi_b;
                 const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
                 const float dx = j->dx[(m + r) * blocks + b];
@@ -710,10 +798,22 @@ static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int
     }
 }
 
+/* The most rows realizar_quant_gemm_fast multiplies with integer dot products: the quality gate
+ * runs the fast class in steps of this many rows, so that it measures those products on every row. */
+int realizar_fast_max_rows(void) { return FAST_MAX_ROWS; }
+
 /* y [M, N] (row stride ldy) ~= x [M, K] times the fast records `w` of kind `kind` with integer
- * offset c. Returns 0, or -1 when a buffer could not be allocated. */
+ * offset c. Returns 0, or -1 when a buffer could not be allocated.
+ *
+ * Integer dot products only for up to FAST_MAX_ROWS rows (a decode step of a few sequences), where
+ * they cost less than dequantizing: each row pays for its own integer products, while the exact
+ * path dequantizes a weight once for all its rows (into the buffer, as realizar_quant_gemm does
+ * beyond DIRECT_ROWS) and beyond a few rows is the faster of the two, as well as exact. A row's
+ * result then depends on how many rows come with it, but each is either the exact product or the
+ * fast one, and the quality gate measures the fast one on every row. */
 int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
                              int64_t M, int64_t N, int64_t K) {
+    if (M > FAST_MAX_ROWS) return buffered_gemm(x, ldx, w, kind, 1, c, y, ldy, M, N, K);
     static __thread uint8_t *buffer;
     static __thread int64_t capacity;
     const int64_t need = 2 * M * K + M * (K / QK) * 4 + M * (K / 16) * 4 + 64;

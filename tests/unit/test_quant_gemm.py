@@ -4,6 +4,7 @@ reference dequantization, and a tiny model kept quantized against the same model
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -256,20 +257,27 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
     return ((256 * a + b) * d).view(m, k)
 
 
-def fast_packed(weight: quants.QuantizedTensor) -> kernels.FastPacked:
+def fast_packed(weight: quants.QuantizedTensor, wide_bytes: bool = False) -> kernels.FastPacked:
     ints = weight.integers()
-    return kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset, ints.group)
+    return kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset, ints.group, wide_bytes)
+
+
+def byte_layouts(cpu_kernels: kernels.CpuKernels) -> list[bool]:
+    """The ways this build may store 8-bit integers: signed, and also offset by 128 where its dot
+    products take unsigned bytes up to 255 (VNNI)."""
+    return [False, True] if cpu_kernels.wide_bytes else [False]
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_fast_class_is_the_product_with_int8_activations(cpu_kernels: kernels.CpuKernels, qtype: QT) -> None:
-    """The fast class equals (to float32 rounding) the exact product of the dequantized weights
-    with x rounded to two int8 terms per 32-term block; ragged N, M of 1, 3, 17 and 64."""
-    for n, k in zip((37, 16, 100), widths(qtype), strict=True):
+    """Up to ``fast_max_rows`` rows, the fast class equals (to float32 rounding) the exact product of
+    the dequantized weights with x rounded to two int8 terms per 32-term block; ragged N, M of 1, 3
+    and the most rows it takes."""
+    for (n, k), wide in itertools.product(zip((37, 16, 100), widths(qtype), strict=True), byte_layouts(cpu_kernels)):
         weight = quantized(qtype, n, k, seed=n + k)
-        w, p = weight.dequantize().double(), fast_packed(weight)
+        w, p = weight.dequantize().double(), fast_packed(weight, wide)
         gen = torch.Generator().manual_seed(k)
-        for m in (1, 3, 17, 64):
+        for m in sorted({1, 3, cpu_kernels.fast_max_rows}):
             x = torch.randn(m, k, generator=gen)
             if k > 32:
                 x[0, :32] = 0  # an all-zero block has d = 0
@@ -283,10 +291,24 @@ def test_fast_class_is_the_product_with_int8_activations(cpu_kernels: kernels.Cp
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_fast_class_beyond_its_rows_is_the_exact_product(cpu_kernels: kernels.CpuKernels, qtype: QT) -> None:
+    """More rows than ``fast_max_rows`` are multiplied exactly from the fast records: the exact class's
+    products bit for bit (ragged N, two widths, both byte layouts)."""
+    for (n, k), wide in itertools.product(zip((37, 100), widths(qtype)[1:], strict=True), byte_layouts(cpu_kernels)):
+        weight = quantized(qtype, n, k, seed=n + k)
+        gen = torch.Generator().manual_seed(k)
+        for m in (cpu_kernels.fast_max_rows + 1, 70):
+            x = torch.randn(m, k, generator=gen)
+            exact = cpu_kernels.quant_gemm(x, packed(weight))
+            assert torch.equal(cpu_kernels.quant_gemm_fast(x, fast_packed(weight, wide)), exact), (n, k, m, wide)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_fast_layout_rows_dequantize_bit_for_bit(qtype: QT) -> None:
     weight = quantized(qtype, 37, widths(qtype)[1], seed=4)
     ids = torch.tensor([36, 0, 17, 5, 5])
-    assert torch.equal(fast_packed(weight).rows(ids), weight.dequantize()[ids])
+    for wide in (False, True):  # Q8_0's bytes signed, or offset by 128
+        assert torch.equal(fast_packed(weight, wide).rows(ids), weight.dequantize()[ids])
 
 
 def test_fast_layer_of_mixed_types(cpu_kernels: kernels.CpuKernels) -> None:
