@@ -782,14 +782,20 @@ static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int
             for (int k = 0; k < QK; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
             const float coarse = amax / 127.0f, d = coarse / 256.0f;
             const float id_coarse = coarse > 0.0f ? 1.0f / coarse : 0.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-            int32_t s0 = 0, s1 = 0;
+            int32_t terms[QK];
+            /* rintf, not lrintf: the same rounding (to nearest, even), and it vectorizes */
             for (int k = 0; k < QK; k++) {
-                const int32_t a = (int32_t)lrintf(v[k] * id_coarse);
-                int32_t fine = (int32_t)lrintf((v[k] - (float)a * coarse) * id);
-                fine = fine > 127 ? 127 : fine < -127 ? -127 : fine;
-                xq[m * K + b * QK + k] = (int8_t)a;
-                xq[(M + m) * K + b * QK + k] = (int8_t)fine;
-                if (k < 16) s0 += 256 * a + fine; else s1 += 256 * a + fine;
+                const float a = rintf(v[k] * id_coarse);
+                float fine = rintf((v[k] - a * coarse) * id);
+                fine = fine > 127.0f ? 127.0f : fine < -127.0f ? -127.0f : fine;
+                xq[m * K + b * QK + k] = (int8_t)(int32_t)a;
+                xq[(M + m) * K + b * QK + k] = (int8_t)(int32_t)fine;
+                terms[k] = 256 * (int32_t)a + (int32_t)fine;
+            }
+            int32_t s0 = 0, s1 = 0;
+            for (int k = 0; k < 16; k++) {
+                s0 += terms[k];
+                s1 += terms[16 + k];
             }
             dx[m * (K / QK) + b] = d;
             sx[m * (K / 16) + 2 * b] = s0;
