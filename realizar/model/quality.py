@@ -21,7 +21,8 @@ MAX_PERPLEXITY_RATIO = 0.01
 
 # The gate's verdict on each class of the quantized kernels, as ``benchmarks/quality.py`` measured
 # it on the default model over 2,048 tokens: exact 100 % agreement, perplexity x1.0000; fast (two
-# int8 terms per activation) 99.95 %, x1.0000. Only a class marked True may be chosen by ``auto``;
+# int8 terms per activation, every position through the integer products) 99.90 %, x1.0000. Only a
+# class marked True may be chosen by ``auto``;
 # tests/golden/test_quality.py re-measures each one marked True on a shorter text, so a kernel
 # change that breaks the gate fails the suite rather than reaching a default.
 # ``float32`` (weights dequantized at load) is the reference itself.
