@@ -55,6 +55,7 @@ class ServerProcess:
         self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_s: float | None = None  # wall time from the start to the first 200
+        self._started_at = 0.0
 
     @property
     def url(self) -> str:
@@ -67,18 +68,26 @@ class ServerProcess:
         self.stop()
 
     def start(self, wait_ready: bool = True) -> ServerProcess:
-        t0 = time.perf_counter()
+        """Start the command; with ``wait_ready``, return once it is ready (see :meth:`wait_until_ready`)."""
+        self._started_at = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, cwd=self.cwd,
                                          start_new_session=True, preexec_fn=self.preexec_fn)
         _LIVE.add(self)
-        if wait_ready:
-            try:
-                self._wait_ready(t0)
-            except BaseException:
-                self.stop()
-                raise
+        return self.wait_until_ready() if wait_ready else self
+
+    def wait_until_ready(self) -> ServerProcess:
+        """Wait for ``GET ready_path`` to answer 200, within ``startup_timeout_s`` of the start; on failure
+        stop the server and raise :class:`ServerStartError`. Lets a caller start several servers before
+        waiting for any of them."""
+        if self.ready_s is not None:
+            return self
+        try:
+            self._wait_ready(self._started_at)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:

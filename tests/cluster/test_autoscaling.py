@@ -15,10 +15,17 @@ pytest.importorskip("ray.serve", reason="the Ray tests need the 'ray' extra: pip
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+# Ray Serve's replicas and handles report their ongoing requests to the autoscaler every 10 s by default;
+# every second here, so that the test waits on the scaling decision rather than on the next report. The
+# policy itself (target, delays, look-back window) is the one a user's fleet runs.
+FAST_METRICS = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+
+
 @pytest.fixture(scope="module")
 def autoscaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_fleet(tmp_path_factory.mktemp("autoscaled"), "--min-replicas", "1", "--max-replicas", "2",
-                         "--target-ongoing-requests", "1", "--upscale-delay", "1", "--downscale-delay", "3")
+                         "--target-ongoing-requests", "1", "--upscale-delay", "1", "--downscale-delay", "3", env=FAST_METRICS)
     try:
         yield server
     finally:

@@ -27,21 +27,30 @@ VOLATILE = frozenset({"id", "created", "system_fingerprint"})  # differ between 
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_fleet(tmp_path_factory.mktemp("fleet"), "--replicas", "2", "--api-key", API_KEY,
-                         "--metrics-compat", "vllm", "--max-queued-requests", "4")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """The fleet and the single server, started together: each spends much of its start-up waiting
+    (Ray's daemons, the replicas' placement), which the other's start-up fills."""
+    fleet = start_fleet(tmp_path_factory.mktemp("fleet"), "--replicas", "2", "--api-key", API_KEY,
+                        "--metrics-compat", "vllm", "--max-queued-requests", "4", wait_ready=False)
+    single = start_server(tmp_path_factory.mktemp("single"), "--api-key", API_KEY, *ENGINE_ARGS, wait_ready=False)
     try:
-        wait_replicas(server.url, 2)
-        yield server
+        single.wait_until_ready()
+        fleet.wait_until_ready()
+        wait_replicas(fleet.url, 2)
+        yield fleet, single
     finally:
-        assert server.stop(90, whole_group=False) == 0, server.log()[-3000:]
+        single.stop()
+        assert fleet.stop(90, whole_group=False) == 0, fleet.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_server(tmp_path_factory.mktemp("single"), "--api-key", API_KEY, *ENGINE_ARGS)
-    yield server
-    server.stop()
+def fleet(servers: tuple[ServerProcess, ServerProcess]) -> ServerProcess:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def single(servers: tuple[ServerProcess, ServerProcess]) -> ServerProcess:
+    return servers[1]
 
 
 def normalized(body: Any) -> Any:
