@@ -15,11 +15,13 @@ pytest.importorskip("ray.serve", reason="the Ray tests need the 'ray' extra: pip
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-# Ray Serve's replicas and handles report their ongoing requests to the autoscaler every 10 s by default;
-# every second here, so that the test waits on the scaling decision rather than on the next report. The
-# policy itself (target, delays, look-back window) is the one a user's fleet runs.
+# Ray Serve's replicas and handles report their ongoing requests to the autoscaler every 10 s by default,
+# so realizar averages them over 12 s (LOOK_BACK_S); here they report every second, averaged over 4 s, so
+# that the test waits on the scaling decisions rather than on the reports. The policy (the target of one
+# ongoing request per replica, the delays, the limits) is the one given on the command line.
 FAST_METRICS = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                "REALIZAR_AUTOSCALING_LOOK_BACK_S": "4"}  # realizar.cluster.launch.LOOK_BACK_ENV
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +52,12 @@ def test_scales_up_under_load_and_back_down(autoscaled: ServerProcess) -> None:
     for w in workers:
         w.start()
     try:
-        wait_replicas(url, 2, timeout=150)  # four requests ongoing against a target of one per replica
+        print('UP', wait_replicas(url, 2, timeout=150))  # four requests ongoing against a target of one per replica
     finally:
         stop.set()
         for w in workers:
             w.join(120)
     assert not errors, errors[:3]
-    wait_replicas(url, 1, timeout=120)  # idle again: back to --min-replicas
+    print('DOWN', wait_replicas(url, 1, timeout=120))  # idle again: back to --min-replicas
     r = httpx.post(url + "/generate", json={"prompt": "still there?", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -152,9 +153,9 @@ def test_fleet_metrics_label_replicas_and_add_vllm_names(fleet: ServerProcess) -
 
 
 def run_sessions(url: str, sessions: int, turns: int, use_session_header: bool) -> list[set[str]]:
-    """Multi-turn chats (each turn resends the conversation); returns the replicas each session saw."""
-    seen: list[set[str]] = []
-    for k in range(sessions):
+    """Multi-turn chats (each turn resends the conversation), the sessions side by side as a fleet's
+    clients are (the server batches them); returns the replicas each session saw."""
+    def session(k: int) -> set[str]:
         history = [{"role": "system", "content": f"Session {k}. You are a terse assistant who answers "
                                                  "in a few words about geography and history."}]
         replicas: set[str] = set()
@@ -165,8 +166,10 @@ def run_sessions(url: str, sessions: int, turns: int, use_session_header: bool) 
             assert r.status_code == 200, r.text
             replicas.add(r.headers.get("x-realizar-replica", "single"))
             history.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
-        seen.append(replicas)
-    return seen
+        return replicas
+
+    with ThreadPoolExecutor(max_workers=sessions) as pool:
+        return list(pool.map(session, range(sessions)))
 
 
 def cache_counters(url: str) -> tuple[float, float, float]:
