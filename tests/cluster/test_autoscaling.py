@@ -52,12 +52,12 @@ def test_scales_up_under_load_and_back_down(autoscaled: ServerProcess) -> None:
     for w in workers:
         w.start()
     try:
-        print('UP', wait_replicas(url, 2, timeout=150))  # four requests ongoing against a target of one per replica
+        wait_replicas(url, 2, timeout=150)  # four requests ongoing against a target of one per replica
     finally:
         stop.set()
         for w in workers:
             w.join(120)
     assert not errors, errors[:3]
-    print('DOWN', wait_replicas(url, 1, timeout=120))  # idle again: back to --min-replicas
+    wait_replicas(url, 1, timeout=120)  # idle again: back to --min-replicas
     r = httpx.post(url + "/generate", json={"prompt": "still there?", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
