@@ -107,10 +107,30 @@ def hf_demo_tokenizer() -> Any:
                         transformers.AutoTokenizer.from_pretrained)
 
 
+_started_early: dict[str, ServerProcess] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_server_started_with_the_session(request: pytest.FixtureRequest,
+                                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """When a collected test uses the shared demo server, start it with the session, without waiting: it
+    loads beside the first tests (idle once loaded), and the first test that needs it does not wait for
+    its start-up."""
+    if any("demo_server" in item.fixturenames for item in request.session.items):
+        _started_early["demo"] = start_server(tmp_path_factory.mktemp("demo"), wait_ready=False)
+    yield
+    for server in _started_early.values():
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One shared demo server for the HTTP tests that do not change server flags."""
-    server = start_server(tmp_path_factory.mktemp("demo"))
+    server = _started_early.pop("demo", None)
+    if server is None:
+        server = start_server(tmp_path_factory.mktemp("demo"))
+    else:
+        server.wait_until_ready()
     yield server
     server.stop()
 
