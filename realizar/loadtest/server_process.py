@@ -54,7 +54,7 @@ class ServerProcess:
         self.startup_timeout_s = startup_timeout_s
         self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen[bytes] | None = None
-        self.ready_s: float | None = None  # wall time from the start to the first 200
+        self.ready_s: float | None = None  # wall time from the start to the first 200 seen
         self._started_at = 0.0
 
     @property
@@ -78,9 +78,9 @@ class ServerProcess:
         return self.wait_until_ready() if wait_ready else self
 
     def wait_until_ready(self) -> ServerProcess:
-        """Wait for ``GET ready_path`` to answer 200, within ``startup_timeout_s`` of the start; on failure
-        stop the server and raise :class:`ServerStartError`. Lets a caller start several servers before
-        waiting for any of them."""
+        """Wait for ``GET ready_path`` to answer 200, within ``startup_timeout_s`` of the start (a server
+        that answers when this is called passes, however late); on failure stop the server and raise
+        :class:`ServerStartError`. Lets a caller start several servers before waiting for any of them."""
         if self.ready_s is not None:
             return self
         try:
@@ -103,15 +103,17 @@ class ServerProcess:
     def _wait_ready(self, t0: float) -> None:
         assert self.proc is not None
         deadline = t0 + self.startup_timeout_s
-        while time.perf_counter() < deadline:
+        while True:  # asks at least once: a server waited for long after its start may be ready by now
             if self.proc.poll() is not None:
                 raise ServerStartError(f"{self.name} exited with status {self.proc.returncode} "
                                        f"before it was ready:\n{self.log_tail()}")
             if self.get(self.ready_path)[0] == 200:
                 self.ready_s = time.perf_counter() - t0
                 return
+            if time.perf_counter() >= deadline:
+                raise ServerStartError(f"{self.name} not ready after {self.startup_timeout_s:.0f} s:\n"
+                                       f"{self.log_tail()}")
             time.sleep(0.25)
-        raise ServerStartError(f"{self.name} not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
 
     def log(self) -> str:
         with contextlib.suppress(OSError):

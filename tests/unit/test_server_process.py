@@ -4,6 +4,7 @@ start several servers at once."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,24 @@ def test_start_then_wait_until_ready(tmp_path: Path) -> None:
     finally:
         server.stop(10)
     assert server.proc is not None and server.proc.poll() is not None
+
+
+def test_a_server_waited_for_after_its_startup_timeout_is_ready_if_it_answers(tmp_path: Path) -> None:
+    """A server started early (the shared demo server starts with the session) may be waited for long
+    after its startup timeout: it is ready when it answers then."""
+    port = free_port()
+    server = ServerProcess([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)], port,
+                           tmp_path / "http.log", ready_path="/", startup_timeout_s=0.5)
+    try:
+        server.start(wait_ready=False)
+        deadline = time.monotonic() + 60
+        while server.get("/")[0] != 200:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.1)
+        time.sleep(0.6)  # past startup_timeout_s since the start
+        assert server.wait_until_ready().ready_s is not None
+    finally:
+        server.stop(10)
 
 
 def test_a_server_that_exits_before_it_is_ready_is_an_error(tmp_path: Path) -> None:
