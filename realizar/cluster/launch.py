@@ -33,8 +33,23 @@ log = logging.getLogger("realizar.cluster")
 APP_NAME = "realizar"
 REPLICA_DEPLOYMENT = "Replica"
 FRONT_DEPLOYMENT = "Front"
-STATS_PERIOD_S = 1.0
-LOOK_BACK_S = 12.0  # how often each replica's readiness, queue and /metrics reach the front
+STATS_PERIOD_S = 1.0  # how often each replica's readiness, queue and /metrics reach the front
+LOOK_BACK_S = 12.0  # the window Ray averages the ongoing requests over; it must outlast Ray's metrics push (10 s)
+LOOK_BACK_ENV = "REALIZAR_AUTOSCALING_LOOK_BACK_S"
+
+
+def look_back_s() -> float:
+    """The autoscaling window: ``LOOK_BACK_S``, or ``$REALIZAR_AUTOSCALING_LOOK_BACK_S`` for a Ray whose
+    replicas and handles push their metrics more often than every 10 s (Ray's
+    ``RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S`` and ``..._HANDLE_...``), where a shorter window
+    reacts sooner (the Ray tests push every second and average over a few)."""
+    value = os.environ.get(LOOK_BACK_ENV)
+    if not value:
+        return LOOK_BACK_S
+    seconds = float(value)
+    if not seconds > 0:
+        raise ValueError(f"{LOOK_BACK_ENV} must be a positive number of seconds, not {value!r}")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -77,8 +92,7 @@ def build_application(spec: ReplicaSpec, options: ClusterOptions, api_key: str |
             initial_replicas=max(1, options.min_replicas),
             target_ongoing_requests=options.target_ongoing_requests,
             upscale_delay_s=options.upscale_delay_s, downscale_delay_s=options.downscale_delay_s,
-            # Ray averages the ongoing requests over this window; it must outlast Ray's metrics push (10 s)
-            look_back_period_s=LOOK_BACK_S)}
+            look_back_period_s=look_back_s())}
     router: dict[str, Any] = {
         "request_router_class": PrefixAffinityRouter,
         "request_router_kwargs": {"imbalance": options.imbalance},

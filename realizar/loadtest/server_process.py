@@ -54,7 +54,8 @@ class ServerProcess:
         self.startup_timeout_s = startup_timeout_s
         self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen[bytes] | None = None
-        self.ready_s: float | None = None  # wall time from the start to the first 200
+        self.ready_s: float | None = None  # wall time from the start to the first 200 seen
+        self._started_at = 0.0
 
     @property
     def url(self) -> str:
@@ -67,18 +68,26 @@ class ServerProcess:
         self.stop()
 
     def start(self, wait_ready: bool = True) -> ServerProcess:
-        t0 = time.perf_counter()
+        """Start the command; with ``wait_ready``, return once it is ready (see :meth:`wait_until_ready`)."""
+        self._started_at = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, cwd=self.cwd,
                                          start_new_session=True, preexec_fn=self.preexec_fn)
         _LIVE.add(self)
-        if wait_ready:
-            try:
-                self._wait_ready(t0)
-            except BaseException:
-                self.stop()
-                raise
+        return self.wait_until_ready() if wait_ready else self
+
+    def wait_until_ready(self) -> ServerProcess:
+        """Wait for ``GET ready_path`` to answer 200, within ``startup_timeout_s`` of the start (a server
+        that answers when this is called passes, however late); on failure stop the server and raise
+        :class:`ServerStartError`. Lets a caller start several servers before waiting for any of them."""
+        if self.ready_s is not None:
+            return self
+        try:
+            self._wait_ready(self._started_at)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -94,15 +103,17 @@ class ServerProcess:
     def _wait_ready(self, t0: float) -> None:
         assert self.proc is not None
         deadline = t0 + self.startup_timeout_s
-        while time.perf_counter() < deadline:
+        while True:  # asks at least once: a server waited for long after its start may be ready by now
             if self.proc.poll() is not None:
                 raise ServerStartError(f"{self.name} exited with status {self.proc.returncode} "
                                        f"before it was ready:\n{self.log_tail()}")
             if self.get(self.ready_path)[0] == 200:
                 self.ready_s = time.perf_counter() - t0
                 return
+            if time.perf_counter() >= deadline:
+                raise ServerStartError(f"{self.name} not ready after {self.startup_timeout_s:.0f} s:\n"
+                                       f"{self.log_tail()}")
             time.sleep(0.25)
-        raise ServerStartError(f"{self.name} not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
 
     def log(self) -> str:
         with contextlib.suppress(OSError):

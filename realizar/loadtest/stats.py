@@ -130,6 +130,32 @@ def _new_hdr() -> HdrHistogram:
     return HdrHistogram(_HDR_LOWEST_US, _HDR_HIGHEST_US, 3)
 
 
+def _recorded(hdr: HdrHistogram) -> list[tuple[int, int]]:
+    """(highest equivalent value, count) of each non-empty bucket, in value order: what
+    ``hdr.get_recorded_iterator()`` yields, without its Python loop's many steps through every empty
+    bucket below the largest value (about 870,000 steps for 600 samples: 0.1 s per pass)."""
+    out = []
+    for index in range(hdr.counts_len):
+        count = hdr.get_count_at_index(index)
+        if count:
+            out.append((hdr.get_highest_equivalent_value(hdr.get_value_from_index(index)), count))
+    return out
+
+
+def _hdr_stddev(hdr: HdrHistogram) -> float:
+    """``hdr.get_stddev()`` over the non-empty buckets (``_recorded``): the same sums in the same order,
+    so the same float, at a fraction of the library's two iterator passes."""
+    if not hdr.total_count:
+        return 0.0
+    buckets = [(hdr._hdr_median_equiv_value(value), count) for value, count in _recorded(hdr)]
+    mean = float(sum(count * median for median, count in buckets)) / hdr.total_count
+    total = 0.0
+    for median, count in buckets:
+        dev = (median * 1.0) - mean
+        total += (dev * dev) * count
+    return math.sqrt(total / hdr.total_count)
+
+
 def _to_us(seconds: float) -> int:
     return min(_HDR_HIGHEST_US, max(_HDR_LOWEST_US, round(seconds * 1e6)))
 
@@ -236,7 +262,7 @@ class LatencyRecorder:
             mean = self.mean
             return math.sqrt(sum((x - mean) ** 2 for x in self._exact) / (self.count - 1))
         assert self._hdr is not None
-        return float(self._hdr.get_stddev()) / 1e6
+        return _hdr_stddev(self._hdr) / 1e6
 
     def histogram(self, bins: int = 40) -> dict[str, list[float]]:
         """Log-spaced bucket edges (ms) and counts, for the report's histogram chart."""
@@ -260,8 +286,8 @@ class LatencyRecorder:
                 add(value * 1e3, 1)
         else:
             assert self._hdr is not None
-            for item in self._hdr.get_recorded_iterator():
-                add(item.value_iterated_to / 1e3, int(item.count_at_value_iterated_to))
+            for value, count in _recorded(self._hdr):
+                add(value / 1e3, int(count))
         return {"edges_ms": [round(e, 4) for e in edges], "counts": [float(c) for c in counts]}
 
 

@@ -16,9 +16,10 @@ API_KEY = "cluster-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def start_fleet(tmp_dir: Any, *args: str) -> ServerProcess:
-    """A fleet, returned once its front answers /health (one replica ready)."""
-    return start_server(tmp_dir, *args, *ENGINE_ARGS, timeout=300)
+def start_fleet(tmp_dir: Any, *args: str, env: dict[str, str] | None = None, wait_ready: bool = True) -> ServerProcess:
+    """A fleet, returned once its front answers /health (one replica ready), or at once without ``wait_ready``
+    (then ``server.wait_ready()`` before using it)."""
+    return start_server(tmp_dir, *args, *ENGINE_ARGS, env=env, wait_ready=wait_ready, timeout=300)
 
 
 def wait_replicas(url: str, count: int, timeout: float = 180.0) -> float:

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -27,21 +28,30 @@ VOLATILE = frozenset({"id", "created", "system_fingerprint"})  # differ between 
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_fleet(tmp_path_factory.mktemp("fleet"), "--replicas", "2", "--api-key", API_KEY,
-                         "--metrics-compat", "vllm", "--max-queued-requests", "4")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """The fleet and the single server, started together: each spends much of its start-up waiting
+    (Ray's daemons, the replicas' placement), which the other's start-up fills."""
+    fleet = start_fleet(tmp_path_factory.mktemp("fleet"), "--replicas", "2", "--api-key", API_KEY,
+                        "--metrics-compat", "vllm", "--max-queued-requests", "4", wait_ready=False)
+    single = start_server(tmp_path_factory.mktemp("single"), "--api-key", API_KEY, *ENGINE_ARGS, wait_ready=False)
     try:
-        wait_replicas(server.url, 2)
-        yield server
+        single.wait_until_ready()
+        fleet.wait_until_ready()
+        wait_replicas(fleet.url, 2)
+        yield fleet, single
     finally:
-        assert server.stop(90, whole_group=False) == 0, server.log()[-3000:]
+        single.stop()
+        assert fleet.stop(90, whole_group=False) == 0, fleet.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_server(tmp_path_factory.mktemp("single"), "--api-key", API_KEY, *ENGINE_ARGS)
-    yield server
-    server.stop()
+def fleet(servers: tuple[ServerProcess, ServerProcess]) -> ServerProcess:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def single(servers: tuple[ServerProcess, ServerProcess]) -> ServerProcess:
+    return servers[1]
 
 
 def normalized(body: Any) -> Any:
@@ -143,9 +153,9 @@ def test_fleet_metrics_label_replicas_and_add_vllm_names(fleet: ServerProcess) -
 
 
 def run_sessions(url: str, sessions: int, turns: int, use_session_header: bool) -> list[set[str]]:
-    """Multi-turn chats (each turn resends the conversation); returns the replicas each session saw."""
-    seen: list[set[str]] = []
-    for k in range(sessions):
+    """Multi-turn chats (each turn resends the conversation), the sessions side by side as a fleet's
+    clients are (the server batches them); returns the replicas each session saw."""
+    def session(k: int) -> set[str]:
         history = [{"role": "system", "content": f"Session {k}. You are a terse assistant who answers "
                                                  "in a few words about geography and history."}]
         replicas: set[str] = set()
@@ -156,8 +166,10 @@ def run_sessions(url: str, sessions: int, turns: int, use_session_header: bool) 
             assert r.status_code == 200, r.text
             replicas.add(r.headers.get("x-realizar-replica", "single"))
             history.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
-        seen.append(replicas)
-    return seen
+        return replicas
+
+    with ThreadPoolExecutor(max_workers=sessions) as pool:
+        return list(pool.map(session, range(sessions)))
 
 
 def cache_counters(url: str) -> tuple[float, float, float]:

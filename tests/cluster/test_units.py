@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from realizar.cluster.fleet import merge
@@ -76,8 +77,6 @@ def test_fleet_metrics_label_each_replica_and_sum_the_fleet() -> None:
 
 
 def test_app_builder_reads_the_serve_config_arguments() -> None:
-    import pytest
-
     pytest.importorskip("ray.serve", reason="the application builder needs the 'ray' extra")
     from ray import serve
 
@@ -88,3 +87,17 @@ def test_app_builder_reads_the_serve_config_arguments() -> None:
     assert isinstance(app, serve.Application)
     with pytest.raises(ValueError, match="min_replicas"):
         app_builder({"model": "/m.gguf", "replicas": "none", "min_replicas": "3", "max_replicas": "1"})
+
+
+def test_the_autoscaling_window_may_be_shortened_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ray.serve", reason="the launcher needs the 'ray' extra")
+    from realizar.cluster.launch import LOOK_BACK_ENV, LOOK_BACK_S, look_back_s
+
+    monkeypatch.delenv(LOOK_BACK_ENV, raising=False)
+    assert look_back_s() == LOOK_BACK_S
+    monkeypatch.setenv(LOOK_BACK_ENV, "4")
+    assert look_back_s() == 4.0
+    for bad in ("0", "-1", "nan"):
+        monkeypatch.setenv(LOOK_BACK_ENV, bad)
+        with pytest.raises(ValueError, match=LOOK_BACK_ENV):
+            look_back_s()

@@ -1,7 +1,10 @@
-"""Fixtures for the golden tests: our engine and the transformers reference, loaded once."""
+"""Fixtures for the golden tests: our engine and the transformers reference, loaded once (the reference's
+conversion from the GGUF is kept across sessions: tests/conftest.py's ``hf_converted``)."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +16,7 @@ from realizar.kv_cache import KVCache
 from realizar.loading import default_model_path
 from realizar.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
 from realizar.request import Request, SamplingParams
+from tests.conftest import hf_converted
 
 GOLDEN_PROMPTS = [
     "The capital of France is",
@@ -32,10 +36,27 @@ def ours_f32() -> EngineModel:
 def reference(hf_demo_tokenizer: Any) -> Any:
     transformers = pytest.importorskip("transformers")
     path = default_model_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32)
+    auto = transformers.AutoModelForCausalLM
+    model = hf_converted(path, "model-float32",
+                         lambda: auto.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32),
+                         lambda directory: auto.from_pretrained(directory, dtype=torch.float32), save_dequantized)
     model.eval()
     return model, hf_demo_tokenizer
+
+
+def save_dequantized(model: Any, directory: Path) -> None:
+    """A model transformers read from a GGUF, as a plain float32 checkpoint. ``save_pretrained`` refuses it
+    (its config still names the GGUF quantizer, although the weights it holds are dequantized floats), so
+    the config goes without that entry, and the weights as they are (tied ones once)."""
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    save_model(model, str(directory / "model.safetensors"))
 
 
 def prompt_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:

@@ -13,7 +13,6 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,11 +25,35 @@ LIMIT_FLAGS = ("--idle-timeout", "1", "--header-timeout", "1", "--body-timeout",
 BIG_TEXT = "\u9f98" * 600_000  # 1.8 MB of JSON in, ~3.6 MB of token ids out: more than the socket buffers hold
 
 
+def _low_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_server(tmp_path_factory.mktemp("limited"), *LIMIT_FLAGS)
-    yield server
-    server.stop()
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    """The module's servers, started together (a start-up is mostly one core's work: imports and the
+    model load) and all ready before the first test, so that no start-up competes with a test.
+
+    limited: small limits, for most tests. low_fds: 256 file descriptors. stuck_readers: a short shutdown
+    timeout and a long request timeout, for the SIGTERM test (which ends it)."""
+    started = {
+        "limited": start_server(tmp_path_factory.mktemp("limited"), *LIMIT_FLAGS, wait_ready=False),
+        "low_fds": start_server(tmp_path_factory.mktemp("low_fds"), preexec_fn=_low_fd_limit, wait_ready=False),
+        "stuck_readers": start_server(tmp_path_factory.mktemp("stuck_readers"), "--shutdown-timeout", "3",
+                                      "--request-timeout", "600", "--max-body-bytes", "4000000", wait_ready=False),
+    }
+    try:
+        for server in started.values():
+            server.wait_until_ready()
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def limited(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["limited"]
 
 
 def connect(server: ServerProcess, rcvbuf: int | None = None) -> socket.socket:
@@ -151,11 +174,8 @@ def test_connections_over_the_cap_get_503_and_the_server_recovers(limited: Serve
     assert metric(limited, 'realizar_connections_rejected_total{reason="max_connections"}') >= 1
 
 
-def test_the_cap_stays_below_the_file_descriptor_limit(tmp_path: Path) -> None:
-    def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-
-    server = start_server(tmp_path, preexec_fn=low_limit)
+def test_the_cap_stays_below_the_file_descriptor_limit(servers: dict[str, ServerProcess]) -> None:
+    server = servers["low_fds"]
     try:
         assert "using 128" in server.log()
         held = []
@@ -204,9 +224,8 @@ def test_a_stream_nobody_reads_ends_at_the_timeout(limited: ServerProcess) -> No
 # -- SIGTERM with clients that never read ----------------------------------------------------------------
 
 
-def test_sigterm_with_stuck_readers_exits_cleanly(tmp_path: Path) -> None:
-    server = start_server(tmp_path, "--shutdown-timeout", "3", "--request-timeout", "600",
-                          "--max-body-bytes", "4000000")
+def test_sigterm_with_stuck_readers_exits_cleanly(servers: dict[str, ServerProcess]) -> None:
+    server = servers["stuck_readers"]
     stream = {"prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     socks = [connect(server, rcvbuf=4096), connect(server, rcvbuf=4096)]
     try:

@@ -30,23 +30,39 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """API key, tight limits, a short request timeout and one CORS origin."""
-    server = start_server(tmp_path_factory.mktemp("guarded"), "--api-key", API_KEY, "--max-body-bytes", "4096",
-                          "--max-batch-size", "4", "--max-tokens-limit", "4000", "--request-timeout", "4",
-                          "--cors-origin", "http://allowed.example")
-    yield server
-    server.stop()
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    """The module's own servers, started together (a start-up is mostly one core's work: imports and the
+    model load) and all ready before the first test, so that no start-up competes with a test.
+
+    overload: four running and four queued at most. guarded: an API key, tight limits, a short request
+    timeout and one CORS origin. faulty: tests.faulty_server (requests seeded FAULT_SEED fail in the engine
+    step), with a long shutdown timeout for the drain test."""
+    started = {
+        "overload": start_server(tmp_path_factory.mktemp("overload"), "--max-num-seqs", "4",
+                                 "--max-queued-requests", "4", wait_ready=False),
+        "guarded": start_server(tmp_path_factory.mktemp("guarded"), "--api-key", API_KEY, "--max-body-bytes", "4096",
+                                "--max-batch-size", "4", "--max-tokens-limit", "4000", "--request-timeout", "4",
+                                "--cors-origin", "http://allowed.example", wait_ready=False),
+        "faulty": start_server(tmp_path_factory.mktemp("faulty"), "--shutdown-timeout", "120",
+                               module="tests.faulty_server", wait_ready=False),
+    }
+    try:
+        for server in started.values():
+            server.wait_until_ready()
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
 
 
 @pytest.fixture(scope="module")
-def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The server under tests.faulty_server (requests seeded FAULT_SEED fail in the engine step),
-    with a long shutdown timeout for the drain test."""
-    server = start_server(tmp_path_factory.mktemp("faulty"), "--shutdown-timeout", "120",
-                          module="tests.faulty_server")
-    yield server
-    server.stop()
+def guarded(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["guarded"]
+
+
+@pytest.fixture(scope="module")
+def faulty(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["faulty"]
 
 
 def metric(url: str, name: str) -> float:
@@ -76,8 +92,8 @@ def sse_data(body: str) -> list[Any]:
 # -- overload ---------------------------------------------------------------------------------------
 
 
-def test_overload_is_refused_at_once_and_the_server_recovers(tmp_path: Path) -> None:
-    server = start_server(tmp_path, "--max-num-seqs", "4", "--max-queued-requests", "4")
+def test_overload_is_refused_at_once_and_the_server_recovers(servers: dict[str, ServerProcess]) -> None:
+    server = servers["overload"]
     try:
         results = asyncio.run(_flood(server.url, 200))
         # Refusals are counted as refusals, not as server failures.

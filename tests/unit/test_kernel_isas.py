@@ -28,12 +28,13 @@ def test_quantized_products_on_a_narrower_build(isa: str, needs: set[str], tmp_p
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}")
     env = {**os.environ, "REALIZAR_KERNELS_ISA": isa, "PYTHONPATH": str(ROOT)}
-    check = subprocess.run([sys.executable, "-c", "from realizar import kernels; print(kernels.isa())"],
-                           env=env, capture_output=True, text=True, timeout=300)
-    assert check.stdout.strip() == isa, check.stderr
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/unit/test_quant_gemm.py", "-k",
-                             "product_matches or fast_class_is or float16_scales"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    # one child process (a second one would import torch again): it reports the build the kernels loaded,
+    # then runs the quantized-product tests on that build
+    code = ("import sys\nfrom realizar import kernels\nprint('isa:', kernels.isa(), flush=True)\nimport pytest\n"
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/unit/test_quant_gemm.py', '-k', "
+            "'product_matches or fast_class_is or float16_scales']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.stdout.startswith(f"isa: {isa}\n"), result.stdout[-3000:] + result.stderr[-2000:]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import random
 
 import pytest
@@ -210,3 +211,32 @@ def test_collector_groups_ttft_and_cached_tokens_by_turn() -> None:
     assert (first.mean_input_tokens, second.mean_input_tokens) == (10, 11)
     assert (first.mean_cached_tokens, second.mean_cached_tokens) == (0, 100)  # over those reported
     assert Collector().group_summaries() == []
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_the_hdr_standard_deviation_and_histogram_are_the_librarys(seed: int) -> None:
+    """stats walks only the non-empty buckets; the numbers are HdrHistogram's own, to the last bit,
+    also after a merge and a trip through pickle (the workers' path). (The library's own walk is the
+    slow part of this test: two seeds.)"""
+    rng = random.Random(seed)
+    recorder, other = LatencyRecorder(exact_limit=10), LatencyRecorder(exact_limit=10)
+    for _ in range(600 + 2400 * seed):
+        recorder.record(rng.choice([rng.lognormvariate(-4, 1), rng.uniform(0, 0.001), rng.uniform(1, 100)]))
+    for _ in range(30):
+        other.record(rng.lognormvariate(-2, 2))
+    shipped = pickle.loads(pickle.dumps(recorder))
+    shipped.merge(other)
+    for rec in (recorder, shipped):
+        hdr = rec._hdr
+        assert rec.method == HDR_METHOD and hdr is not None
+        assert rec.stdev() == hdr.get_stddev() / 1e6
+        histogram = rec.histogram()
+        lo = max(rec.min * 1e3, 1e-3)
+        assert len(histogram["edges_ms"]) == 41 and histogram["edges_ms"][0] == round(lo, 4)
+        ratio = (max(rec.max * 1e3, lo * 1.001) / lo) ** (1 / 40)
+        from_library = [0.0] * 40
+        for item in hdr.get_recorded_iterator():
+            ms = item.value_iterated_to / 1e3
+            k = 0 if ms <= lo else min(39, int(math.log(ms / lo) / math.log(ratio)))
+            from_library[k] += item.count_at_value_iterated_to
+        assert histogram["counts"] == from_library
