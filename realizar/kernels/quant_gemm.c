@@ -121,6 +121,29 @@ static inline i32x16 widen(i8x16 v) {
     return r;
 }
 
+/* AVX2 without AVX-512 has 16 registers of 8 floats: a 16-row panel is two halves of 8 lanes
+ * (rows 0-7, rows 8-15), one register each. The 64-byte vectors above, split by the compiler,
+ * went through the stack there (a Q4_1 [3072 x 576] product at one row: 3.1 ms, against 0.12
+ * with AVX-512), so these builds have tiles of their own, with accumulators that fit in the
+ * registers. Each lane computes the same float32 operations in the same order, so the results
+ * are the same floats. Other builds (plain C, NEON) keep the 16-lane code. */
+#if defined(__AVX2__) && defined(__F16C__) && !defined(__AVX512F__)
+#define YMM 1
+
+/* 8 bytes at p as 8 int32, zero- or sign-extended (one vpmovzxbd / vpmovsxbd from memory). */
+static inline vi8 zext8(const uint8_t *p) { return (vi8)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline vi8 sext8(const uint8_t *p) { return (vi8)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+
+/* 8 float16 at p as float32. */
+static inline v8 halves8(const uint8_t *p) { return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* as `rounded`, for one register */
+static inline v8 rounded8(v8 v) {
+    __asm__("" : "+x"(v));
+    return v;
+}
+#endif
+
 static inline int fmt_base(int f) { return f & (HALF - 1); }
 static inline int fmt_bits(int f) {
     f = fmt_base(f);
@@ -172,14 +195,52 @@ static inline f32x16 scale16(const int F, const uint8_t *p) {
     const f32x16 d1 = fmt_two_d(F) ? scale16(F, scales_ + 16 * scale_bytes(F)) : d0;          \
     const f32x16 min = fmt_has_min(F) ? scale16(F, scales_ + 16 * scale_bytes(F)) : (f32x16){0}
 
+#if defined(YMM)
+/* `term` for rows 8h .. 8h + 7 of the record (h = 0 or 1): the same operations on 8 lanes, the
+ * integers widened to int32 straight from memory and their nibbles and bits picked there. */
+static inline __attribute__((always_inline)) v8 term8(const int F, const uint8_t *rec, const int k, const int h,
+                                                      v8 d0, v8 d1, v8 min) {
+    const int bits = fmt_bits(F);
+    vi8 q;
+    if (bits == 8) {
+        q = sext8(rec + 16 * k + 8 * h);
+    } else {
+        const vi8 nib = zext8(rec + 16 * (k & 15) + 8 * h);
+        q = k < 16 ? nib & 15 : nib >> 4;
+        if (bits == 5) q |= ((zext8(rec + 256 + 16 * (k & 3) + 8 * h) >> (2 * ((k & 15) >> 2) + (k >> 4))) & 1) << 4;
+        if (bits == 6) q |= ((zext8(rec + 256 + 16 * (k & 7) + 8 * h) >> (2 * (k >> 3))) & 3) << 4;
+    }
+    v8 w = __builtin_convertvector(q - fmt_offset(F), v8) * (k < 16 ? d0 : d1);
+    if (fmt_has_min(F)) w = rounded8(w) + min;
+    return w;
+}
+
+static inline v8 scale8(const int F, const uint8_t *p) { return (F & HALF) ? halves8(p) : load8((const float *)p); }
+
+/* SCALES for rows 8h .. 8h + 7 */
+#define SCALES8(F, rec, h, d0, d1, min)                                                          \
+    const uint8_t *scales_ = (rec) + int_bytes(F) + 8 * (h) * scale_bytes(F);                    \
+    const v8 d0 = scale8(F, scales_);                                                            \
+    const v8 d1 = fmt_two_d(F) ? scale8(F, scales_ + 16 * scale_bytes(F)) : d0;                  \
+    const v8 min = fmt_has_min(F) ? scale8(F, scales_ + 16 * scale_bytes(F)) : (v8){0}
+#endif
+
 /* The 32 x 16 weights of one record, k-major (out[k * 16 + j] = W[row j][term k]). */
 static inline __attribute__((always_inline)) void dequantize(const int F, const uint8_t *rec, float *out) {
+#if defined(YMM)
+    for (int h = 0; h < 2; h++) {
+        SCALES8(F, rec, h, d0, d1, min);
+#pragma GCC unroll 32
+        for (int k = 0; k < QK; k++) store8(out + 16 * k + 8 * h, term8(F, rec, k, h, d0, d1, min));
+    }
+#else
     SCALES(F, rec, d0, d1, min);
 #pragma GCC unroll 8
     for (int k = 0; k < QK; k++) {
         const f32x16 w = term(F, rec, k, d0, d1, min);
         memcpy(out + 16 * k, &w, sizeof w);
     }
+#endif
 }
 
 /* Records [0, count) of one panel into `out` (count * 32 terms, k-major, 16 per term), while
@@ -269,9 +330,68 @@ static void run_unit(const void *arg, int64_t unit) {
 #if defined(__AVX512F__)
 #define DIRECT_ROWS 4     /* 32 vector registers: 16 accumulators, 8 scales */
 #define DIRECT_PANELS 4
+#define DIRECT_WIDE(R) DIRECT_PANELS
+#elif defined(YMM)
+/* 16 registers of 8 floats: 8 accumulators (R rows by G panels by 2 halves), the scales read
+ * from memory by the multiplies; one row takes 4 panels (4 memory streams), 2 rows 2, more 1 */
+#define DIRECT_ROWS 4
+#define DIRECT_PANELS 4
+#define DIRECT_WIDE(R) ((R) == 1 ? 4 : (R) == 2 ? 2 : 1)
 #else
 #define DIRECT_ROWS 2     /* 16 registers of 8 floats: 8 accumulators */
 #define DIRECT_PANELS 2
+#define DIRECT_WIDE(R) DIRECT_PANELS
+#endif
+
+#if defined(YMM)
+/* direct_tile in halves of 8 lanes: acc[(r * G + g) * 2 + h] holds rows 8h .. 8h + 7 of panel g
+ * for row r of x. */
+static inline __attribute__((always_inline)) void direct_tile8(const int F, const int R, const int G, const float *x,
+                                                               int64_t ldx, const uint8_t *rec, int64_t pstride,
+                                                               int64_t count, float *y, int64_t ldy, int64_t cols,
+                                                               int accumulate, int64_t ahead) {
+    const int64_t size = realizar_quant_record_bytes(F);
+    v8 acc[DIRECT_ROWS * DIRECT_PANELS * 2];
+    for (int i = 0; i < R * G * 2; i++) acc[i] = (v8){0};
+    for (int64_t b = 0; b < count; b++, rec += size, x += QK) {
+        for (int g = 0; g < G; g++)
+            for (int64_t l = b * ahead / count; l < (b + 1) * ahead / count; l += 64)
+                __builtin_prefetch(rec + g * pstride + (count - b) * size + l);
+#pragma GCC unroll 32
+        for (int k = 0; k < QK; k++) {
+            for (int g = 0; g < G; g++) {
+                for (int h = 0; h < 2; h++) {
+                    SCALES8(F, rec + g * pstride, h, d0, d1, min);
+                    const v8 w = term8(F, rec + g * pstride, k, h, d0, d1, min);
+                    for (int r = 0; r < R; r++) acc[(r * G + g) * 2 + h] += x[r * ldx + k] * w;
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        for (int g = 0; g < G; g++) {
+            float *dst = y + r * ldy + g * NR;
+            v8 lo = acc[(r * G + g) * 2], hi = acc[(r * G + g) * 2 + 1];
+            if (cols == NR) {
+                if (accumulate) {
+                    lo += load8(dst);
+                    hi += load8(dst + 8);
+                }
+                store8(dst, lo);
+                store8(dst + 8, hi);
+            } else {  /* the last panel of an N that is not a multiple of 16 (G is 1) */
+                float out[NR] = {0};
+                if (accumulate) memcpy(out, dst, (size_t)cols * sizeof(float));
+                store8(out, lo + load8(out));
+                store8(out + 8, hi + load8(out + 8));
+                memcpy(dst, out, (size_t)cols * sizeof(float));
+            }
+        }
+    }
+}
+#define DIRECT_TILE direct_tile8
+#else
+#define DIRECT_TILE direct_tile
 #endif
 
 static inline __attribute__((always_inline)) void direct_tile(const int F, const int R, const int G, const float *x,
@@ -330,7 +450,7 @@ struct djob {
 };
 
 #define DIRECT_CASE(F_, R_, G_) \
-    case F_: direct_tile(F_, R_, G_, x, j->ldx, rec, pstride, count, y, j->ldy, cols, acc, ahead); break
+    case F_: DIRECT_TILE(F_, R_, G_, x, j->ldx, rec, pstride, count, y, j->ldy, cols, acc, ahead); break
 
 #define DIRECT_FORMATS(R_, G_)                 \
     switch (j->fmt) {                          \
@@ -355,7 +475,9 @@ static void run_direct_unit(const void *arg, int64_t unit) {
     const int64_t p0 = unit * j->chunk, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
     const int64_t size = realizar_quant_record_bytes(j->fmt), pstride = blocks * size;
     for (int64_t p = p0; p < p1;) {
-        const int G = p + DIRECT_PANELS <= (p1 < full ? p1 : full) ? DIRECT_PANELS : 1;
+        /* the tiles' panels: M <= DIRECT_ROWS, so every tile of this call has M rows */
+        const int wide = DIRECT_WIDE(j->M);
+        const int G = p + wide <= (p1 < full ? p1 : full) ? wide : 1;
         const int64_t cols = p < full ? NR : j->N - p * NR;
         for (int64_t b0 = 0; b0 < blocks; b0 += j->pass) {
             const int64_t count = blocks - b0 < j->pass ? blocks - b0 : j->pass;
@@ -366,14 +488,14 @@ static void run_direct_unit(const void *arg, int64_t unit) {
             const int acc = b0 > 0;
             for (int64_t m = 0; m < j->M; m += DIRECT_ROWS, x += DIRECT_ROWS * j->ldx, y += DIRECT_ROWS * j->ldy) {
                 const int64_t R = j->M - m < DIRECT_ROWS ? j->M - m : DIRECT_ROWS;
-                if (G == DIRECT_PANELS) {
+                if (G > 1) {
                     switch (R) {
-                        case 1: DIRECT_FORMATS(1, DIRECT_PANELS); break;
+                        case 1: DIRECT_FORMATS(1, DIRECT_WIDE(1)); break;
 #if DIRECT_ROWS > 2
-                        case 3: DIRECT_FORMATS(3, DIRECT_PANELS); break;
-                        case 4: DIRECT_FORMATS(4, DIRECT_PANELS); break;
+                        case 3: DIRECT_FORMATS(3, DIRECT_WIDE(3)); break;
+                        case 4: DIRECT_FORMATS(4, DIRECT_WIDE(4)); break;
 #endif
-                        default: DIRECT_FORMATS(2, DIRECT_PANELS); break;
+                        default: DIRECT_FORMATS(2, DIRECT_WIDE(2)); break;
                     }
                 } else {
                     switch (R) {
