@@ -137,6 +137,12 @@ static inline vi8 sext8(const uint8_t *p) { return (vi8)_mm256_cvtepi8_epi32(_mm
 /* 8 float16 at p as float32. */
 static inline v8 halves8(const uint8_t *p) { return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
+/* Hides where *p points from the compiler. Terms k and k + 16 are the two nibbles of the same
+ * bytes: without this, GCC loads them once for both and keeps 16 vectors per panel half alive
+ * from term k to term k + 16, on the stack. Loading them twice (from L1) is cheaper. */
+static inline void forget(const uint8_t **p) { __asm__("" : "+r"(*p)); }
+static inline void forget_floats(const float **p) { __asm__("" : "+r"(*p)); }
+
 /* as `rounded`, for one register */
 static inline v8 rounded8(v8 v) {
     __asm__("" : "+x"(v));
@@ -230,8 +236,12 @@ static inline __attribute__((always_inline)) void dequantize(const int F, const 
 #if defined(YMM)
     for (int h = 0; h < 2; h++) {
         SCALES8(F, rec, h, d0, d1, min);
+        const uint8_t *ints = rec;
 #pragma GCC unroll 32
-        for (int k = 0; k < QK; k++) store8(out + 16 * k + 8 * h, term8(F, rec, k, h, d0, d1, min));
+        for (int k = 0; k < QK; k++) {
+            if (k == 16) forget(&ints);
+            store8(out + 16 * k + 8 * h, term8(F, ints, k, h, d0, d1, min));
+        }
     }
 #else
     SCALES(F, rec, d0, d1, min);
@@ -353,16 +363,35 @@ static inline __attribute__((always_inline)) void direct_tile8(const int F, cons
     const int64_t size = realizar_quant_record_bytes(F);
     v8 acc[DIRECT_ROWS * DIRECT_PANELS * 2];
     for (int i = 0; i < R * G * 2; i++) acc[i] = (v8){0};
+    /* the next pass's lines, a share per record (two divisions per record cost 10 % at one row) */
+    const int64_t lines = (ahead + 63) / 64, per_record = (lines + count - 1) / count;
     for (int64_t b = 0; b < count; b++, rec += size, x += QK) {
         for (int g = 0; g < G; g++)
-            for (int64_t l = b * ahead / count; l < (b + 1) * ahead / count; l += 64)
-                __builtin_prefetch(rec + g * pstride + (count - b) * size + l);
+            for (int64_t l = b * per_record; l < (b + 1) * per_record && l < lines; l++)
+                __builtin_prefetch(rec + g * pstride + (count - b) * size + l * 64);
+        /* The scales as float32 on the stack, [g][h][d0, d1, min][8], read from there by every
+         * term: kept in registers (up to 24 of them), they pushed the accumulators to the stack. */
+        float scales[DIRECT_PANELS * 2 * 3 * 8] __attribute__((aligned(32)));
+        for (int g = 0; g < G; g++) {
+            for (int h = 0; h < 2; h++) {
+                SCALES8(F, rec + g * pstride, h, d0, d1, min);
+                store8(scales + (g * 2 + h) * 24, d0);
+                if (fmt_two_d(F)) store8(scales + (g * 2 + h) * 24 + 8, d1);
+                if (fmt_has_min(F)) store8(scales + (g * 2 + h) * 24 + 16, min);
+            }
+        }
+        const float *sc = scales;
+        const uint8_t *ints = rec;
 #pragma GCC unroll 32
         for (int k = 0; k < QK; k++) {
+            if (k == 16) forget(&ints);
+            forget_floats(&sc);
             for (int g = 0; g < G; g++) {
                 for (int h = 0; h < 2; h++) {
-                    SCALES8(F, rec + g * pstride, h, d0, d1, min);
-                    const v8 w = term8(F, rec + g * pstride, k, h, d0, d1, min);
+                    const v8 d0 = load8(sc + (g * 2 + h) * 24);
+                    const v8 d1 = fmt_two_d(F) ? load8(sc + (g * 2 + h) * 24 + 8) : d0;
+                    const v8 min = fmt_has_min(F) ? load8(sc + (g * 2 + h) * 24 + 16) : (v8){0};
+                    const v8 w = term8(F, ints + g * pstride, k, h, d0, d1, min);
                     for (int r = 0; r < R; r++) acc[(r * G + g) * 2 + h] += x[r * ldx + k] * w;
                 }
             }
