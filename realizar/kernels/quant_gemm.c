@@ -726,7 +726,11 @@ struct fjob {
 };
 
 #define FAST_ROWS 4
+#if defined(YMM)
+#define FAST_PANELS 1  /* R rows by 2 halves of float accumulators; the integer sums need the rest */
+#else
 #define FAST_PANELS 2
+#endif
 
 static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int G,
                                                             const struct fjob *j, int64_t m, int64_t p,
@@ -785,9 +789,109 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
             memcpy(j->y + (m + r) * j->ldy + (p + g) * NR, &acc[r * G + g], (size_t)(G == 1 ? cols : NR) * sizeof(float));
 }
 
+#if defined(YMM)
+/* fast_scales for rows 8h .. 8h + 7 */
+static inline __attribute__((always_inline)) void fast_scales8(const int kind, const uint8_t *p, const int h, v8 *d0,
+                                                               v8 *d1, v8 *min) {
+    const int64_t step = (kind & FAST_HALF) ? 32 : 64;
+    p += h * step / 2;
+#define FAST_SCALE8(q) ((kind & FAST_HALF) ? halves8(q) : load8((const float *)(q)))
+    *d0 = FAST_SCALE8(p);
+    if (kind & FAST_TWO_D) p += step;
+    *d1 = FAST_SCALE8(p);
+    *min = (kind & FAST_MIN) ? FAST_SCALE8(p + step) : (v8){0};
+#undef FAST_SCALE8
+}
+
+static inline __m256i ints32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* fast_tile in halves of 8 lanes (one panel: FAST_PANELS is 1): the integer dot products with
+ * maddubs (u8 x s8 pairs to int16) and madd (int16 pairs to int32). The int16 sums of several
+ * maddubs are added before one madd where they cannot overflow: nibbles (u < 16) four of them,
+ * 2 * 4 * 15 * 127 < 2^15, 5- and 6-bit bytes (u < 64) two, Q8_0's signed bytes none (its |w| *
+ * x reaches 2 * 128 * 127). The integer sums are exact, so this changes no result. */
+static inline __attribute__((always_inline)) void fast_tile8(const int KIND, const int R, const struct fjob *j,
+                                                             int64_t m, int64_t p, int64_t cols) {
+    const int64_t K = j->K, blocks = K / QK, size = realizar_fast_record_bytes(KIND);
+    const int ints = (KIND & FAST_KIND) == FAST_NIBBLES ? 256 : 512;
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
+    v8 acc[FAST_ROWS * 2];
+    for (int i = 0; i < R * 2; i++) acc[i] = (v8){0};
+    const uint8_t *rec = j->w + p * blocks * size;
+    for (int64_t b = 0; b < blocks; b++, rec += size) {
+        for (int h = 0; h < 2; h++) {
+            v8 d0, d1, min;
+            fast_scales8(KIND, rec + ints, h, &d0, &d1, &min);
+            /* rows 8h .. 8h + 7 of the weights: w[t] terms 4t .. 4t + 3, w[4 + t] terms 16 + 4t .. */
+            __m256i w[8], sign[8];
+            for (int t = 0; t < 4; t++) {
+                if ((KIND & FAST_KIND) == FAST_NIBBLES) {
+                    const __m256i v = ints32(rec + 64 * t + 32 * h);
+                    w[t] = _mm256_and_si256(v, low);
+                    w[4 + t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                } else {
+                    w[t] = ints32(rec + 64 * t + 32 * h);
+                    w[4 + t] = ints32(rec + 64 * (4 + t) + 32 * h);
+                }
+            }
+            if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
+                /* |w| (-128 stays 0x80, read unsigned as 128) times x with w's sign */
+                for (int t = 0; t < 8; t++) {
+                    sign[t] = w[t];
+                    w[t] = _mm256_sign_epi8(w[t], w[t]);
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights */
+                const int32_t *xa = (const int32_t *)(j->xq + (m + r) * K + b * QK);
+                const int32_t *xb = (const int32_t *)(j->xq + (j->M + m + r) * K + b * QK);
+                __m256i sums[4];  /* int32: terms 0-15 of a, 16-31 of a, 0-15 of b, 16-31 of b */
+                for (int s = 0; s < 4; s++) {
+                    const int32_t *x4 = (s < 2 ? xa : xb) + 4 * (s & 1);
+                    __m256i part[4];
+                    for (int t = 0; t < 4; t++) {
+                        __m256i xs = _mm256_set1_epi32(x4[t]);
+                        if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) xs = _mm256_sign_epi8(xs, sign[4 * (s & 1) + t]);
+                        part[t] = _mm256_maddubs_epi16(w[4 * (s & 1) + t], xs);
+                    }
+                    if ((KIND & FAST_KIND) == FAST_NIBBLES) {
+                        const __m256i all = _mm256_add_epi16(_mm256_add_epi16(part[0], part[1]),
+                                                             _mm256_add_epi16(part[2], part[3]));
+                        sums[s] = _mm256_madd_epi16(all, ones);
+                    } else if ((KIND & FAST_KIND) == FAST_BYTES) {
+                        sums[s] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(part[0], part[1]), ones),
+                                                   _mm256_madd_epi16(_mm256_add_epi16(part[2], part[3]), ones));
+                    } else {
+                        sums[s] = _mm256_add_epi32(
+                            _mm256_add_epi32(_mm256_madd_epi16(part[0], ones), _mm256_madd_epi16(part[1], ones)),
+                            _mm256_add_epi32(_mm256_madd_epi16(part[2], ones), _mm256_madd_epi16(part[3], ones)));
+                    }
+                }
+                /* x = d_x (256 a + b), as fast_tile */
+                const vi8 lo = ((vi8)sums[0] << 8) + (vi8)sums[2], hi = ((vi8)sums[1] << 8) + (vi8)sums[3];
+                const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
+                const float dx = j->dx[(m + r) * blocks + b];
+                const v8 i0 = __builtin_convertvector(lo - j->c * s0, v8);
+                const v8 i1 = __builtin_convertvector(hi - j->c * s1, v8);
+                acc[r * 2 + h] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float out[NR];
+        store8(out, acc[r * 2]);
+        store8(out + 8, acc[r * 2 + 1]);
+        memcpy(j->y + (m + r) * j->ldy + p * NR, out, (size_t)cols * sizeof(float));
+    }
+}
+#define FAST_TILE(K_, R_, G_) fast_tile8(K_, R_, j, m, p, cols)
+#else
+#define FAST_TILE(K_, R_, G_) fast_tile(K_, R_, G_, j, m, p, cols)
+#endif
+
 /* Each layout of the GGUF types, compiled with its scales' layout known (Q4_0, Q4_1, Q4_K;
  * Q5_0, Q5_1, Q5_K, Q6_K; Q8_0); any other combination of flags takes the generic case. */
-#define FAST_CASE(K_, R_, G_) case K_: fast_tile(K_, R_, G_, j, m, p, cols); break
+#define FAST_CASE(K_, R_, G_) case K_: FAST_TILE(K_, R_, G_); break
 #define FAST_KINDS(R_, G_)                                                          \
     switch (j->kind) {                                                              \
         FAST_CASE(FAST_NIBBLES | FAST_HALF, R_, G_);                                \
@@ -799,7 +903,7 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
         FAST_CASE(FAST_BYTES | FAST_TWO_D, R_, G_);                                 \
         FAST_CASE(FAST_SIGNED_BYTES | FAST_HALF, R_, G_);                           \
         FAST_CASE(FAST_SIGNED_BYTES, R_, G_);                                       \
-        default: fast_tile(j->kind, R_, G_, j, m, p, cols); break;                  \
+        default: FAST_TILE(j->kind, R_, G_); break;                                 \
     }
 
 static void run_fast_unit(const void *arg, int64_t unit) {
@@ -819,12 +923,14 @@ static void run_fast_unit(const void *arg, int64_t unit) {
                     default: FAST_KINDS(4, FAST_PANELS); break;
                 }
             } else {
+#if FAST_PANELS > 1
                 switch (R) {
                     case 1: FAST_KINDS(1, 1); break;
                     case 2: FAST_KINDS(2, 1); break;
                     case 3: FAST_KINDS(3, 1); break;
                     default: FAST_KINDS(4, 1); break;
                 }
+#endif
             }
         }
         p += G;
