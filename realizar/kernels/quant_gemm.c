@@ -517,10 +517,10 @@ static void run_direct_unit(const void *arg, int64_t unit) {
             const int acc = b0 > 0;
             for (int64_t m = 0; m < j->M; m += DIRECT_ROWS, x += DIRECT_ROWS * j->ldx, y += DIRECT_ROWS * j->ldy) {
                 const int64_t R = j->M - m < DIRECT_ROWS ? j->M - m : DIRECT_ROWS;
-                if (G > 1) {
+                if (G > 1) {  /* (the shapes that have more than one panel) */
                     switch (R) {
                         case 1: DIRECT_FORMATS(1, DIRECT_WIDE(1)); break;
-#if DIRECT_ROWS > 2
+#if DIRECT_ROWS > 2 && DIRECT_WIDE(3) > 1
                         case 3: DIRECT_FORMATS(3, DIRECT_WIDE(3)); break;
                         case 4: DIRECT_FORMATS(4, DIRECT_WIDE(4)); break;
 #endif
