@@ -359,7 +359,7 @@ static void run_unit(const void *arg, int64_t unit) {
 static inline __attribute__((always_inline)) void direct_tile8(const int F, const int R, const int G, const float *x,
                                                                int64_t ldx, const uint8_t *rec, int64_t pstride,
                                                                int64_t count, float *y, int64_t ldy, int64_t cols,
-                                                               int accumulate, int64_t ahead) {
+                                                               int accumulate, int64_t ahead, int64_t next) {
     const int64_t size = realizar_quant_record_bytes(F);
     v8 acc[DIRECT_ROWS * DIRECT_PANELS * 2];
     for (int i = 0; i < R * G * 2; i++) acc[i] = (v8){0};
@@ -368,7 +368,7 @@ static inline __attribute__((always_inline)) void direct_tile8(const int F, cons
     for (int64_t b = 0; b < count; b++, rec += size, x += QK) {
         for (int g = 0; g < G; g++)
             for (int64_t l = b * per_record; l < (b + 1) * per_record && l < lines; l++)
-                __builtin_prefetch(rec + g * pstride + (count - b) * size + l * 64);
+                __builtin_prefetch(rec + g * pstride + next - b * size + l * 64);
         /* The scales as float32 on the stack, [g][h][d0, d1, min][8], read from there by every
          * term: kept in registers (up to 24 of them), they pushed the accumulators to the stack. */
         float scales[DIRECT_PANELS * 2 * 3 * 8] __attribute__((aligned(32)));
@@ -420,7 +420,8 @@ static inline __attribute__((always_inline)) void direct_tile8(const int F, cons
 }
 #define DIRECT_TILE direct_tile8
 #else
-#define DIRECT_TILE direct_tile
+#define DIRECT_TILE(F, R, G, x, ldx, rec, pstride, count, y, ldy, cols, acc, ahead, next) \
+    direct_tile(F, R, G, x, ldx, rec, pstride, count, y, ldy, cols, acc, ahead)
 #endif
 
 static inline __attribute__((always_inline)) void direct_tile(const int F, const int R, const int G, const float *x,
@@ -479,7 +480,7 @@ struct djob {
 };
 
 #define DIRECT_CASE(F_, R_, G_) \
-    case F_: DIRECT_TILE(F_, R_, G_, x, j->ldx, rec, pstride, count, y, j->ldy, cols, acc, ahead); break
+    case F_: DIRECT_TILE(F_, R_, G_, x, j->ldx, rec, pstride, count, y, j->ldy, cols, acc, ahead, next); break
 
 #define DIRECT_FORMATS(R_, G_)                 \
     switch (j->fmt) {                          \
@@ -510,7 +511,17 @@ static void run_direct_unit(const void *arg, int64_t unit) {
         const int64_t cols = p < full ? NR : j->N - p * NR;
         for (int64_t b0 = 0; b0 < blocks; b0 += j->pass) {
             const int64_t count = blocks - b0 < j->pass ? blocks - b0 : j->pass;
-            const int64_t ahead = (blocks - b0 - count < j->pass ? blocks - b0 - count : j->pass) * size;
+            int64_t ahead = (blocks - b0 - count < j->pass ? blocks - b0 - count : j->pass) * size;
+            /* where the bytes to prefetch start, from this pass's records: the next pass of these
+             * panels; after their last pass (AVX2), the first pass of the next panels (a Q4_1 gate_up
+             * product at one row, 30 layers' weights from memory: 7.2 -> 4.9 ms) */
+            int64_t next = count * size;
+#if defined(YMM)
+            if (!ahead && p + G < panels) {
+                ahead = (blocks < j->pass ? blocks : j->pass) * size;
+                next = G * pstride - b0 * size;
+            }
+#endif
             const uint8_t *rec = j->w + p * pstride + b0 * size;
             const float *x = j->x + b0 * QK;
             float *y = j->y + p * NR;
