@@ -380,6 +380,12 @@ static inline __attribute__((always_inline)) void direct_tile8(const int F, cons
                 if (fmt_has_min(F)) store8(scales + (g * 2 + h) * 24 + 16, min);
             }
         }
+        /* this record's terms of x at fixed stack addresses: R row pointers (x + r * ldx) took
+         * general registers the tile did not have (reloaded for every term) */
+        float copy[QK * DIRECT_ROWS] __attribute__((aligned(32)));
+        for (int r = 1; r < R; r++) memcpy(copy + r * QK, x + r * ldx, QK * sizeof(float));
+        const float *xs[DIRECT_ROWS];
+        for (int r = 0; r < R; r++) xs[r] = r ? copy + r * QK : x;
         const float *sc = scales;
         const uint8_t *ints = rec;
 #pragma GCC unroll 32
@@ -392,7 +398,7 @@ static inline __attribute__((always_inline)) void direct_tile8(const int F, cons
                     const v8 d1 = fmt_two_d(F) ? load8(sc + (g * 2 + h) * 24 + 8) : d0;
                     const v8 min = fmt_has_min(F) ? load8(sc + (g * 2 + h) * 24 + 16) : (v8){0};
                     const v8 w = term8(F, ints + g * pstride, k, h, d0, d1, min);
-                    for (int r = 0; r < R; r++) acc[(r * G + g) * 2 + h] += x[r * ldx + k] * w;
+                    for (int r = 0; r < R; r++) acc[(r * G + g) * 2 + h] += xs[r][k] * w;
                 }
             }
         }
