@@ -49,6 +49,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="compute every prompt in full instead of reusing the cached K/V of a prefix an "
                         "earlier request computed (prefix caching is on by default)")
+    p.add_argument("--prefix-cache-mib", type=int, default=-1 if d.prefix_cache_bytes is None else d.prefix_cache_bytes >> 20,
+                   metavar="MIB", help="CPU memory the cached K/V of prefixes no running request holds may keep; "
+                        "past it the least recently used are evicted rather than new memory touched, and given "
+                        "back when the server is idle; -1: no bound (default %(default)s)")
     _threads_arg(p)
 
 
@@ -178,6 +182,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                  "enable_prefix_caching"):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
+    if getattr(args, "prefix_cache_mib", None) is not None:
+        mib = args.prefix_cache_mib
+        if mib < -1:
+            raise CLIError("Invalid engine setting: --prefix-cache-mib must be >= 0, or -1 for no bound.")
+        fields["prefix_cache_bytes"] = None if mib == -1 else mib << 20
     try:
         return EngineConfig(**fields)  # type: ignore[arg-type]
     except ValueError as exc:

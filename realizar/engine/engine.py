@@ -285,7 +285,11 @@ class Engine:
         if num_blocks < blocks_per_seq:
             # a full-length sequence must fit in the cache, or it could never finish
             self.max_model_len = num_blocks * config.block_size
-        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        idle_cached = None  # a CUDA cache is allocated up front: nothing to bound
+        if model.device.type == "cpu" and config.prefix_cache_bytes is not None:
+            idle_cached = config.prefix_cache_bytes // per_block
+        self.allocator = BlockAllocator(num_blocks, config.block_size, idle_cached)
+        self._memory_in_use = True  # blocks may have been touched since the last release_idle_memory
         cache = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
                         model.device, model.dtype)
         self.runner = ModelRunner(model, cache)
@@ -330,8 +334,17 @@ class Engine:
             self.step()
         self.stats = StatsRecorder()
         self.scheduler.prefix_cache_queries = self.scheduler.prefix_cache_hits = 0
-        if self.allocator.num_used == 0 and self.allocator.num_cached == 0:
-            self.runner.cache.release_memory()  # nothing in the cache is worth its pages
+        # the warm-up touched a 2 MiB huge page of every layer's K and V (120 MiB of idle RSS for
+        # the demo model's float32 cache) for blocks no one needs
+        self.release_idle_memory()
+
+    def release_idle_memory(self) -> None:
+        """Between bursts of work: give back the CPU pages of every KV block that no sequence holds,
+        except the cached prefixes within ``prefix_cache_bytes`` (``BlockAllocator.release_idle``).
+        A no-op until a step has run since the last call."""
+        if self._memory_in_use and not self.has_work():
+            self.runner.cache.release_blocks(self.allocator.release_idle())
+            self._memory_in_use = False
 
     # -- admission -------------------------------------------------------------------------
 
@@ -402,6 +415,7 @@ class Engine:
         and counts the step toward ``FATAL_AFTER_CONSECUTIVE_FAILURES``).
         """
         output = self.scheduler.schedule()
+        self._memory_in_use = True
         if output.empty:
             return []
         now = time.monotonic()
@@ -768,4 +782,5 @@ class AsyncEngine:
                 self._publish(self._admit() + engine.fail_all("engine is dead"))
                 self._wake.wait(0.1)
             elif not engine.has_work() and not self._inbox and not self._aborts:
+                engine.release_idle_memory()  # RSS follows the load: a few ms, once per burst
                 self._wake.wait(0.5)

@@ -511,6 +511,44 @@ def test_a_cached_prefix_is_not_computed_again(served: EngineModel) -> None:
     assert_no_leak(engine)
 
 
+def test_idle_release_keeps_the_bounded_prefix_cache_and_its_tokens(served: EngineModel) -> None:
+    """Between bursts the engine gives back every block's memory but the held and cached ones within
+    ``prefix_cache_bytes``; the prefix kept still serves its K/V, and the greedy tokens do not change."""
+    system = prompt(45, 96)  # 6 full blocks
+    per_block = served.model.config.num_layers * 2 * 16 * served.model.config.num_kv_heads * \
+        served.model.config.head_dim * 4
+    engine = Engine(served, config(prefix_cache_bytes=8 * per_block))
+    assert engine.allocator.max_idle_cached == 8
+    engine.add(Request(system + prompt(1, 10), greedy(4), request_id="a"))
+    run(engine)
+    for i in range(2, 6):  # other prompts push the cached blocks past the bound
+        engine.add(Request(prompt(i, 40), greedy(4), request_id=f"other{i}"))
+    engine.add(Request(system + prompt(6, 10), greedy(4), request_id="b"))  # the system prompt, most recent
+    run(engine)
+    engine.release_idle_memory()
+    assert engine.allocator.num_cached <= 8 and engine.allocator.num_touched <= 8
+    engine.add(Request(system + prompt(7, 10), greedy(6), request_id="c"))
+    events = run(engine)["c"]
+    assert events[-1].num_cached_tokens == 96
+    assert tokens(events) == generate_alone(served, system + prompt(7, 10), greedy(6))
+    assert_no_leak(engine)
+
+
+def test_prefix_cache_mib_reaches_the_config() -> None:
+    from realizar.cli import CLIError, build_parser, engine_config
+
+    def parsed(*argv: str) -> EngineConfig:
+        return engine_config(build_parser().parse_args(["serve", "--demo", *argv]))
+
+    assert parsed().prefix_cache_bytes == 128 << 20
+    assert parsed("--prefix-cache-mib", "0").prefix_cache_bytes == 0
+    assert parsed("--prefix-cache-mib", "-1").prefix_cache_bytes is None
+    with pytest.raises(CLIError, match="prefix-cache-mib"):
+        parsed("--prefix-cache-mib", "-2")
+    with pytest.raises(ValueError, match="prefix_cache_bytes"):
+        EngineConfig(prefix_cache_bytes=-1)
+
+
 def test_prefix_caching_survives_preemption_with_few_blocks(served: EngineModel) -> None:
     system = prompt(42, 40)
     assert_preemption_keeps_greedy_tokens(served, [system + prompt(i, 10) for i in range(5)], 12)
