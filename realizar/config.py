@@ -10,6 +10,8 @@ from typing import Literal
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+KVCacheDType = Literal["auto", "float32", "float16"]
+KV_CACHE_DTYPES = ("auto", "float32", "float16")
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -83,6 +85,10 @@ class EngineConfig:
 
     device: Device = "auto"
     dtype: DType = "auto"
+    # what the KV cache stores (--kv-cache-dtype, vLLM's flag): auto is float16 on the CPU kernels, which
+    # passed the quality gate (realizar.model.quality), and the model's dtype elsewhere and with
+    # --dtype float32 (the exact configuration: float32 everywhere)
+    kv_cache_dtype: KVCacheDType = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from max_num_seqs * max_model_len
     max_num_seqs: int = 64
@@ -106,6 +112,8 @@ class EngineConfig:
     prefix_cache_bytes: int | None = 128 << 20
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}")
         if self.threads is not None and self.threads <= 0:
             raise ValueError("threads must be > 0")
         if self.block_size <= 0:

@@ -189,7 +189,8 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Per-layer K and V tensors addressed by slot (block * block_size + offset)."""
+    """Per-layer K and V tensors addressed by slot (block * block_size + offset), of ``dtype``: the
+    model's own, or float16 where it computes in float32 (``--kv-cache-dtype``)."""
 
     _host_area: mmap.mmap | None = None  # the CPU tensors' one mapping
     _host_offsets: tuple[int, ...] = ()  # where each CPU tensor starts in it, bytes
@@ -243,11 +244,11 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values [T, KV, hd] at ``slots`` [T] by torch indexing (the CPU kernels write
-        the same places themselves: ``realizar.backends``)."""
+        """Store new keys/values [T, KV, hd] at ``slots`` [T] by torch indexing, in the cache's dtype (the
+        CPU kernels write the same places themselves: ``realizar.backends``)."""
         place = self._places(slots)
-        self.keys[layer][place] = k
-        self.values[layer][place] = v
+        self.keys[layer][place] = k.to(self.dtype)
+        self.values[layer][place] = v.to(self.dtype)
 
     def gather_blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, KV, max_blocks * block_size, hd] for block tables [B, max_blocks]."""

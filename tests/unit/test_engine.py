@@ -534,6 +534,41 @@ def test_idle_release_keeps_the_bounded_prefix_cache_and_its_tokens(served: Engi
     assert_no_leak(engine)
 
 
+def test_the_kv_cache_dtype_follows_the_flag_and_auto_is_float16_only_on_the_kernels(served: EngineModel) -> None:
+    from realizar import kernels
+    from realizar.cli import build_parser
+    from realizar.cli import engine_config as from_args
+    from realizar.engine.engine import resolve_kv_cache_dtype
+
+    cpu = torch.device("cpu")
+    on_kernels = kernels.for_tensors(cpu, torch.float32) is not None
+    auto = EngineConfig(device="cpu")
+    assert resolve_kv_cache_dtype(auto, cpu, torch.float32) == (torch.float16 if on_kernels else torch.float32)
+    # --dtype float32 is the exact configuration: float32 everywhere, the cache too
+    assert resolve_kv_cache_dtype(config(), cpu, torch.float32) == torch.float32
+    # torch's path (bfloat16 here) keeps the model's dtype unless asked
+    assert resolve_kv_cache_dtype(auto, cpu, torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype(config(kv_cache_dtype="float16"), cpu, torch.float32) == torch.float16  # type: ignore[arg-type]
+    assert resolve_kv_cache_dtype(EngineConfig(kv_cache_dtype="float32"), cpu, torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp8")  # type: ignore[arg-type]
+    args = build_parser().parse_args(["serve", "--demo", "--kv-cache-dtype", "float16"])
+    assert from_args(args).kv_cache_dtype == "float16"
+    assert from_args(build_parser().parse_args(["generate", "--demo", "hi"])).kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--demo", "--kv-cache-dtype", "int8"])
+    engine = Engine(served, config(kv_cache_dtype="float16"))  # type: ignore[arg-type]
+    assert engine.kv_dtype == torch.float16 and engine.runner.cache.keys[0].dtype == torch.float16
+    engine.add(Request(prompt(1, 20), greedy(5), request_id="x"))
+    assert len(tokens(run(engine)["x"])) == 5
+
+
+def test_the_compute_path_names_the_kv_cache_dtype(served: EngineModel) -> None:
+    engine = AsyncEngine(served, config(kv_cache_dtype="float16"))  # type: ignore[arg-type]
+    assert engine.kv_cache_dtype == "float16" and engine.compute_path.endswith(", float16 KV cache")
+    assert AsyncEngine(served, config()).compute_path.endswith(", float32 KV cache")
+
+
 def test_prefix_cache_mib_reaches_the_config() -> None:
     from realizar.cli import CLIError, build_parser, engine_config
 

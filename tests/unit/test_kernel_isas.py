@@ -18,10 +18,8 @@ CPU_FLAGS = set(next((line for line in Path("/proc/cpuinfo").read_text().splitli
                      "").split()) if Path("/proc/cpuinfo").exists() else set()
 
 
-# The generic x86-64 build (plain C loops) is left out: GCC takes about 2 minutes to scalarize its
-# 512-bit vector code, too long for the suite.
-@pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"})])
-def test_quantized_products_on_a_narrower_build(isa: str, needs: set[str], tmp_path: Path) -> None:
+def run_on_build(isa: str, needs: set[str], *pytest_args: str) -> None:
+    """``pytest pytest_args`` in a child process whose kernels are built for ``isa``."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("REALIZAR_KERNELS_ISA builds x86-64 targets")
     missing = needs - CPU_FLAGS
@@ -31,9 +29,22 @@ def test_quantized_products_on_a_narrower_build(isa: str, needs: set[str], tmp_p
     check = subprocess.run([sys.executable, "-c", "from realizar import kernels; print(kernels.isa())"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert check.stdout.strip() == isa, check.stderr
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/unit/test_quant_gemm.py", "-k",
-                             "product_matches or fast_class_is or float16_scales"],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+
+
+# The generic x86-64 build (plain C loops) is left out: GCC takes about 2 minutes to scalarize its
+# 512-bit vector code, too long for the suite.
+@pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"})])
+def test_quantized_products_on_a_narrower_build(isa: str, needs: set[str]) -> None:
+    run_on_build(isa, needs, "tests/unit/test_quant_gemm.py", "-k",
+                 "product_matches or fast_class_is or float16_scales")
+
+
+@pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"})])
+def test_float16_kv_attention_on_a_narrower_build(isa: str, needs: set[str]) -> None:
+    """The float16 KV cache's F16C conversions (vcvtph2ps/vcvtps2ph on 8 lanes) and the prompt tiles
+    of one query head at a time (16 registers)."""
+    run_on_build(isa, needs, "tests/unit/test_kv_half.py")
