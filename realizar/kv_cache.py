@@ -57,8 +57,8 @@ class BlockAllocator:
     never written (lowest id first, so that the touched part of the cache stays one compact range).
     Without that bound a run of distinct prompts would register every full block and keep touching
     new ones, until the whole pool was resident. When the engine has nothing to do,
-    :meth:`release_idle` trims the cached blocks to the bound and names the blocks whose memory
-    must stay (``KVCache.release_blocks`` gives back the rest)."""
+    :meth:`release_idle` trims the cached blocks to the bound, packs them at the lowest ids and names
+    the blocks whose memory must stay (``KVCache.release_blocks`` gives back the rest)."""
 
     def __init__(self, num_blocks: int, block_size: int, max_idle_cached: int | None = None) -> None:
         if num_blocks <= 0 or block_size <= 0:
@@ -155,17 +155,38 @@ class BlockAllocator:
             self.free(block)
         blocks.clear()
 
-    def release_idle(self) -> list[int]:
-        """Evict the least recently freed cached blocks beyond ``max_idle_cached``, count every block
-        neither held nor cached as never written from now on, and return the held and cached blocks
-        in increasing order: the only ones whose memory must be kept (``KVCache.release_blocks``
-        gives back the rest)."""
+    def release_idle(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """Between bursts of work: evict the least recently freed cached blocks beyond
+        ``max_idle_cached``, move the cached blocks that stay into the lowest ids no sequence holds,
+        and count every other block as never written from now on.
+
+        Returns the held and cached blocks in increasing order, the only ones whose memory must be
+        kept (``KVCache.release_blocks`` gives back the rest), and the moves ``(from, to)`` whose K/V
+        the caller copies first (``KVCache.copy_blocks``). Without the moves the kept blocks would lie
+        scattered among the freed ones (a sequence's blocks interleave with its batch's), and the
+        pages they share with freed blocks, up to twice their own size, would stay."""
         while self._over_budget():
-            self._reused.append(self._evict())
-        for block in self._reused:
-            heapq.heappush(self._fresh, block)
+            self._evict()
+        moves: list[tuple[int, int]] = []
+        if self.max_idle_cached is not None:  # else the memory is allocated up front: nothing to pack
+            # the lowest ids no sequence holds, as many as there are cached blocks: those already
+            # there stay, the others move into the rest of them
+            free = [block for block in range(self.num_blocks) if not self._refs[block]]
+            targets = set(free[:len(self._evictable)])
+            spots = sorted(targets.difference(self._evictable))
+            moves = list(zip([block for block in self._evictable if block not in targets], spots, strict=True))
+        for block, spot in moves:
+            key = self._hash_of[block]
+            assert key is not None
+            self._hash_of[spot], self._hash_of[block] = key, None
+            self._cached[key] = spot
+        renamed = dict(moves)
+        self._evictable = OrderedDict((renamed.get(block, block), None) for block in self._evictable)  # same order
         self._reused.clear()
-        return [block for block in range(self.num_blocks) if self._refs[block] or block in self._evictable]
+        keep = [block for block in range(self.num_blocks) if self._refs[block] or block in self._evictable]
+        kept = set(keep)
+        self._fresh = [block for block in range(self.num_blocks) if block not in kept]  # sorted: a heap
+        return keep, moves
 
     def ref_count(self, block: int) -> int:
         return self._refs[block]
@@ -214,6 +235,16 @@ class KVCache:
         cache whose contents no one needs any more."""
         if self._host_area is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._host_area.madvise(mmap.MADV_DONTNEED)
+
+    def copy_blocks(self, moves: Sequence[tuple[int, int]]) -> None:
+        """Copy the K/V of block ``a`` into block ``b`` for each ``(a, b)`` of ``moves``, every layer (no
+        ``b`` may be an ``a``)."""
+        if not moves:
+            return
+        source = torch.tensor([a for a, _ in moves], device=self.keys[0].device)
+        target = torch.tensor([b for _, b in moves], device=self.keys[0].device)
+        for tensor in (*self.keys, *self.values):
+            tensor.index_copy_(0, target, tensor.index_select(0, source))
 
     def release_blocks(self, keep: Sequence[int]) -> None:
         """Give back the pages of a CPU cache that hold no block of ``keep`` (increasing block ids);

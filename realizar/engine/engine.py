@@ -369,7 +369,9 @@ class Engine:
         except the cached prefixes within ``prefix_cache_bytes`` (``BlockAllocator.release_idle``).
         A no-op until a step has run since the last call."""
         if self._memory_in_use and not self.has_work():
-            self.runner.cache.release_blocks(self.allocator.release_idle())
+            keep, moves = self.allocator.release_idle()
+            self.runner.cache.copy_blocks(moves)  # the cached prefixes kept, packed at the lowest ids
+            self.runner.cache.release_blocks(keep)
             self._memory_in_use = False
 
     # -- admission -------------------------------------------------------------------------

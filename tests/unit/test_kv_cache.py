@@ -204,24 +204,55 @@ def test_a_run_of_distinct_prompts_touches_at_most_its_peak_plus_the_bound(bound
     assert alloc.num_free == 2048
 
 
-def test_release_idle_trims_the_cache_to_its_bound_and_names_the_blocks_to_keep() -> None:
+def test_release_idle_trims_the_cache_to_its_bound_packs_it_low_and_names_the_blocks_to_keep() -> None:
     alloc = BlockAllocator(16, 4, max_idle_cached=3)
-    old = register_run(alloc, 3, seed=1)
-    held = register_run(alloc, 2, seed=2)
-    plain = [alloc.allocate() for _ in range(2)]
+    old = register_run(alloc, 3, seed=1)  # blocks 0-2
+    held = register_run(alloc, 2, seed=2)  # 3-4
+    plain = [alloc.allocate() for _ in range(2)]  # 5-6
     alloc.free_all(old[:])  # cached, least recently freed
-    recent = register_run(alloc, 3, seed=3)
+    recent = register_run(alloc, 3, seed=3)  # 7-9
     alloc.free_all(recent[:])  # cached, most recently freed
     alloc.free_all(plain[:])
-    assert alloc.num_touched == 10
-    keep = alloc.release_idle()
-    # the held blocks and the 3 most recently freed cached ones stay; the older 3 are evicted
-    assert keep == sorted(held + recent)
-    assert alloc.num_cached == 2 + 3 and all(alloc.lookup(hash_block(None, [s, 0])) is None for s in (1,))
-    assert alloc.lookup(hash_block(None, [3, 0])) in recent
-    # what was released counts as never written: the lowest ids go first again
-    assert alloc.num_touched == len(keep)
-    assert alloc.allocate() == min(set(range(16)) - set(keep))
+    assert (old, held, plain, recent) == ([0, 1, 2], [3, 4], [5, 6], [7, 8, 9]) and alloc.num_touched == 10
+    keep, moves = alloc.release_idle()
+    # the 3 older cached blocks are evicted; the 3 recent ones move into the lowest ids nobody holds
+    assert sorted(moves) == [(7, 2), (8, 1), (9, 0)]  # freed last first: 9 is the least recently freed
+    assert keep == [0, 1, 2, 3, 4] and alloc.num_cached == 2 + 3
+    key = None
+    for i, block in enumerate((2, 1, 0)):  # the recent run's prefix keys follow its blocks
+        key = hash_block(key, [3, i])
+        assert alloc.lookup(key) == block and alloc.block_hash(block) == key
+    assert all(alloc.block_hash(b) is None for b in range(5, 16)) and alloc.lookup(hash_block(None, [1, 0])) is None
+    # held blocks are untouched; what was released counts as never written: the lowest ids go first
+    assert alloc.ref_count(3) == alloc.ref_count(4) == 1 and alloc.num_touched == 5
+    assert alloc.allocate() == 5
+    # the order of eviction survives the move: the least recently freed goes first
+    for block in held:
+        alloc.free(block)
+    alloc.max_idle_cached = 0
+    while alloc.num_cached:
+        alloc.allocate()
+    assert alloc.num_touched == 6
+
+
+def test_without_a_bound_release_idle_moves_nothing() -> None:
+    alloc = BlockAllocator(8, 4)
+    table = register_run(alloc, 4, seed=1)
+    alloc.free_all(table[2:])
+    keep, moves = alloc.release_idle()
+    assert moves == [] and keep == [0, 1, 2, 3] and alloc.num_cached == 4
+
+
+def test_copied_blocks_carry_their_keys_and_values() -> None:
+    cache = page_block_cache(8)
+    for layer in range(2):
+        for block in range(8):
+            cache.keys[layer][block] = block
+            cache.values[layer][block] = -block
+    cache.copy_blocks([(6, 1), (7, 0)])
+    for layer in range(2):
+        assert cache.keys[layer][0].eq(7).all() and cache.values[layer][1].eq(-6).all()
+        assert cache.keys[layer][6].eq(6).all() and cache.keys[layer][2].eq(2).all()
 
 
 def page_block_cache(num_blocks: int) -> KVCache:
