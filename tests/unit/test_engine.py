@@ -563,6 +563,22 @@ def test_the_kv_cache_dtype_follows_the_flag_and_auto_is_float16_only_on_the_ker
     assert len(tokens(run(engine)["x"])) == 5
 
 
+def test_the_torch_path_casts_what_it_writes_to_and_reads_from_a_float16_cache(served: EngineModel) -> None:
+    """A bfloat16 model (torch's path, as on CUDA) over an asked-for float16 cache: K/V are cast on the way
+    in and out, and this prompt's greedy tokens are those of the model's own bfloat16 cache."""
+    path = served.path
+    loaded = load_model(path, dtype=torch.bfloat16)
+    model = LlamaModel(loaded.config, loaded.tensors, torch.device("cpu"), torch.bfloat16)
+    bf16 = EngineModel(model, served.tokenizer, loaded.config, "tiny-bf16", path, "gguf", 0.0)
+    runs = {}
+    for kv in ("auto", "float16"):
+        engine = Engine(bf16, EngineConfig(device="cpu", dtype="bfloat16", kv_cache_dtype=kv))  # type: ignore[arg-type]
+        assert engine.runner.cache.keys[0].dtype == (torch.bfloat16 if kv == "auto" else torch.float16)
+        engine.add(Request(prompt(3, 20), greedy(8), request_id="x"))
+        runs[kv] = tokens(run(engine)["x"])
+    assert len(runs["float16"]) == 8 and runs["float16"] == runs["auto"], runs
+
+
 def test_the_compute_path_names_the_kv_cache_dtype(served: EngineModel) -> None:
     engine = AsyncEngine(served, config(kv_cache_dtype="float16"))  # type: ignore[arg-type]
     assert engine.kv_cache_dtype == "float16" and engine.compute_path.endswith(", float16 KV cache")
