@@ -241,10 +241,13 @@ class KVCache:
         ``b`` may be an ``a``)."""
         if not moves:
             return
-        source = torch.tensor([a for a, _ in moves], device=self.keys[0].device)
-        target = torch.tensor([b for _, b in moves], device=self.keys[0].device)
+        source, target = [a for a, _ in moves], [b for _, b in moves]
         for tensor in (*self.keys, *self.values):
-            tensor.index_copy_(0, target, tensor.index_select(0, source))
+            if tensor.device.type == "cpu":  # numpy's fancy indexing over the bytes: half torch's time
+                rows = tensor.view(torch.uint8).numpy()
+                rows[target] = rows[source]
+            else:
+                tensor[target] = tensor[source]
 
     def release_blocks(self, keep: Sequence[int]) -> None:
         """Give back the pages of a CPU cache that hold no block of ``keep`` (increasing block ids);

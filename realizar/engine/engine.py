@@ -370,8 +370,12 @@ class Engine:
         A no-op until a step has run since the last call."""
         if self._memory_in_use and not self.has_work():
             keep, moves = self.allocator.release_idle()
-            self.runner.cache.copy_blocks(moves)  # the cached prefixes kept, packed at the lowest ids
-            self.runner.cache.release_blocks(keep)
+            cache = self.runner.cache
+            # the blocks neither kept nor still to be copied go first (most of the memory, at once),
+            # then the cached prefixes kept are packed at the lowest ids, then their old places go
+            cache.release_blocks(sorted({*keep, *(a for a, _ in moves)}))
+            cache.copy_blocks(moves)
+            cache.release_blocks(keep)
             self._memory_in_use = False
 
     # -- admission -------------------------------------------------------------------------

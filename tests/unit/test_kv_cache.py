@@ -243,8 +243,9 @@ def test_without_a_bound_release_idle_moves_nothing() -> None:
     assert moves == [] and keep == [0, 1, 2, 3] and alloc.num_cached == 4
 
 
-def test_copied_blocks_carry_their_keys_and_values() -> None:
-    cache = page_block_cache(8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_copied_blocks_carry_their_keys_and_values(dtype: torch.dtype) -> None:
+    cache = KVCache(2, 8, 16, 1, 64, torch.device("cpu"), dtype)
     for layer in range(2):
         for block in range(8):
             cache.keys[layer][block] = block
