@@ -369,6 +369,7 @@ class Engine:
         except the cached prefixes within ``prefix_cache_bytes`` (``BlockAllocator.release_idle``).
         A no-op until a step has run since the last call."""
         if self._memory_in_use and not self.has_work():
+            start = time.perf_counter()
             keep, moves = self.allocator.release_idle()
             cache = self.runner.cache
             # the blocks neither kept nor still to be copied go first (most of the memory, at once),
@@ -377,6 +378,8 @@ class Engine:
             cache.copy_blocks(moves)
             cache.release_blocks(keep)
             self._memory_in_use = False
+            log.debug("idle: KV blocks kept %d (%d moved), the rest given back, in %.1f ms", len(keep), len(moves),
+                      (time.perf_counter() - start) * 1000)
 
     # -- admission -------------------------------------------------------------------------
 

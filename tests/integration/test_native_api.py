@@ -63,6 +63,8 @@ def test_health(client: httpx.Client) -> None:
     if body["compute_mode"] == "cpu" and "kernels" in body["compute_path"]:
         assert "Q4_1" in body["compute_path"] and "Q8_0" in body["compute_path"], body
         assert "float32 activations" in body["compute_path"]
+    # and what the KV cache stores (float16 on the CPU kernels unless --dtype float32)
+    assert body["compute_path"].endswith((", float16 KV cache", ", float32 KV cache", ", bfloat16 KV cache")), body
     assert r.headers["x-request-id"]
 
 
