@@ -230,6 +230,12 @@ class KVCache:
             storage = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2 * num_layers)]
         self.keys, self.values = storage[:num_layers], storage[num_layers:]
 
+    @property
+    def on_host(self) -> bool:
+        """Whether the tensors live in the CPU mapping whose pages :meth:`release_blocks` can give back
+        (a CUDA cache is allocated up front)."""
+        return self._host_area is not None
+
     def release_memory(self) -> None:
         """Give the pages of a CPU cache back to the OS; they read as zeros when next touched. For a
         cache whose contents no one needs any more."""

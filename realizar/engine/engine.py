@@ -368,7 +368,7 @@ class Engine:
         """Between bursts of work: give back the CPU pages of every KV block that no sequence holds,
         except the cached prefixes within ``prefix_cache_bytes`` (``BlockAllocator.release_idle``).
         A no-op until a step has run since the last call."""
-        if self._memory_in_use and not self.has_work():
+        if self._memory_in_use and not self.has_work() and self.runner.cache.on_host:
             start = time.perf_counter()
             keep, moves = self.allocator.release_idle()
             cache = self.runner.cache
