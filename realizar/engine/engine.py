@@ -127,6 +127,12 @@ def _return_free_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
     from realizar.loading import load_model  # heavy imports stay out of module import time
 
@@ -377,6 +383,7 @@ class Engine:
             cache.release_blocks(sorted({*keep, *(a for a, _ in moves)}))
             cache.copy_blocks(moves)
             cache.release_blocks(keep)
+            _trim_heap()  # what the burst's requests allocated and freed, kept by glibc otherwise
             self._memory_in_use = False
             log.debug("idle: KV blocks kept %d (%d moved), the rest given back, in %.1f ms", len(keep), len(moves),
                       (time.perf_counter() - start) * 1000)
