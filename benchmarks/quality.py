@@ -1,5 +1,6 @@
-"""The quality gate of the quantized fast class (int8 activations, integer dot products) and,
-for comparison, of the exact quantized class, against float32 weights, on the default model.
+"""The quality gate of the paths that trade exactness for speed or memory, against float32 on the
+default model: the quantized fast class (int8 activations, integer dot products), the exact quantized
+class for comparison, and the float16 KV cache (``--kv-cache-dtype float16``) with each of them.
 
 Usage (from the repository root)::
 
@@ -7,9 +8,10 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/quality.py --tokens 4096 --text some.txt
 
 Teacher-forced over the first ``--tokens`` tokens of ``--text`` (default: the frozen copy of the
-architecture notes in ``benchmarks/data/quality_text.md``, repeated if it is shorter): argmax
-agreement with float32 (>= 99 % required) and perplexity within 1 % of float32's
-(``realizar.model.quality``). Exits 1 when the fast class fails the gate.
+architecture notes in ``benchmarks/data/quality_text.md``, repeated if it is shorter), in prefill
+chunks of ``--chunk`` tokens that attend to the earlier ones through the paged cache: argmax agreement
+with float32 weights and a float32 cache (>= 99 % required) and perplexity within 1 % of theirs
+(``realizar.model.quality``). Exits 1 when a configuration ``auto`` may choose fails the gate.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from realizar import kernels
 from realizar.loading import default_model_path, load_model
 from realizar.model.llama import LlamaModel
-from realizar.model.quality import compare, teacher_forced
+from realizar.model.quality import KV_CACHE_DTYPES_PASSING_GATE, compare, teacher_forced
 from realizar.tokenizer import Tokenizer
 
 TEXT = Path(__file__).with_name("data") / "quality_text.md"
@@ -33,6 +35,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=2048, help="tokens of the text (default 2048)")
     p.add_argument("--text", type=Path, default=TEXT)
+    p.add_argument("--chunk", type=int, default=256, help="prefill chunk (default 256)")
     args = p.parse_args()
     cpu = torch.device("cpu")
     compiled = kernels.load()
@@ -45,19 +48,26 @@ def main() -> int:
         ids = ids + ids
     ids = ids[:args.tokens]
     floats = {**loaded.tensors, **{name: q.dequantize() for name, q in loaded.quantized.items()}}
-    reference = teacher_forced(LlamaModel(loaded.config, floats, cpu, torch.float32), ids)
+    float_model = LlamaModel(loaded.config, floats, cpu, torch.float32)
+    reference = teacher_forced(float_model, ids, args.chunk)
     print(f"{len(ids)} tokens; float32 perplexity {reference.perplexity:.4f}")
-    print("| weights | argmax agreement | perplexity | ratio to float32 | gate |")
-    print("|---|---|---|---|---|")
+    print("| weights | KV cache | argmax agreement | perplexity | ratio to float32 | gate |")
+    print("|---|---|---|---|---|---|")
     failed = False
-    for name, fast in (("quantized exact", False), ("quantized fast", True)):
-        model = LlamaModel(loaded.config, loaded.tensors, cpu, torch.float32, loaded.quantized, fast)
+    models = {"float32": float_model,
+              "quantized exact": LlamaModel(loaded.config, loaded.tensors, cpu, torch.float32, loaded.quantized),
+              "quantized fast": LlamaModel(loaded.config, loaded.tensors, cpu, torch.float32, loaded.quantized, True)}
+    runs = [("quantized exact", torch.float32), ("quantized fast", torch.float32), ("float32", torch.float16),
+            ("quantized exact", torch.float16), ("quantized fast", torch.float16)]
+    for name, kv in runs:
         # the fast class multiplies only a few rows at a time with integer products (more exactly):
         # steps of that many rows put every position through them
-        report = compare(teacher_forced(model, ids, chunk=compiled.fast_max_rows if fast else 256), reference)
-        failed |= fast and not report.passed
-        print(f"| {name} | {report.agreement:.2%} | {report.perplexity:.4f} | {report.perplexity_ratio:.4f} "
-              f"| {'pass' if report.passed else 'FAIL'} |")
+        chunk = min(args.chunk, compiled.fast_max_rows) if name == "quantized fast" else args.chunk
+        report = compare(teacher_forced(models[name], ids, chunk, kv), reference)
+        choosable = name == "quantized fast" or (kv == torch.float16 and KV_CACHE_DTYPES_PASSING_GATE["float16"])
+        failed |= choosable and not report.passed
+        print(f"| {name} | {str(kv).removeprefix('torch.')} | {report.agreement:.2%} | {report.perplexity:.4f} "
+              f"| {report.perplexity_ratio:.4f} | {'pass' if report.passed else 'FAIL'} |", flush=True)
     return 1 if failed else 0
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from realizar import __version__
-from realizar.config import DEFAULT_MAX_TOKENS, EngineConfig, ServerConfig
+from realizar.config import DEFAULT_MAX_TOKENS, KV_CACHE_DTYPES, EngineConfig, ServerConfig
 
 
 class CLIError(Exception):
@@ -25,6 +25,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="auto: measured at start-up (float32 on CPUs without native bf16)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="what the KV cache stores. auto: float16 on the CPU kernels (half the memory; passed the "
+                        "quality gate against float32), except with --dtype float32, which is float32 throughout; "
+                        "the model's dtype elsewhere (default %(default)s)")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +53,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="compute every prompt in full instead of reusing the cached K/V of a prefix an "
                         "earlier request computed (prefix caching is on by default)")
+    p.add_argument("--prefix-cache-mib", type=int, default=-1 if d.prefix_cache_bytes is None else d.prefix_cache_bytes >> 20,
+                   metavar="MIB", help="CPU memory the cached K/V of prefixes no running request holds may keep; "
+                        "past it the least recently used are evicted rather than new memory touched, and given "
+                        "back when the server is idle; -1: no bound (default %(default)s)")
     _threads_arg(p)
 
 
@@ -172,12 +180,17 @@ def resolve_model_path(args: argparse.Namespace) -> Path:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    fields = dict(device=args.device, dtype=args.dtype)
+    fields = dict(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
     for name in ("max_num_seqs", "max_num_batched_tokens", "long_prefill_token_threshold",
                  "max_queued_requests", "max_queued_tokens", "max_model_len", "num_kv_blocks", "threads",
                  "enable_prefix_caching"):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
+    if getattr(args, "prefix_cache_mib", None) is not None:
+        mib = args.prefix_cache_mib
+        if mib < -1:
+            raise CLIError("Invalid engine setting: --prefix-cache-mib must be >= 0, or -1 for no bound.")
+        fields["prefix_cache_bytes"] = None if mib == -1 else mib << 20
     try:
         return EngineConfig(**fields)  # type: ignore[arg-type]
     except ValueError as exc:
@@ -328,6 +341,10 @@ def cmd_info() -> int:
     quantized = "GGUF weights kept quantized" if kernels.quantized_weights(torch.device("cpu"), torch.float32) \
         else "GGUF weights dequantized to float32"
     print(f"cpu kernels: {kernels.isa() + ', ' + quantized if compiled else 'not built (pure-torch path)'}")
+    from realizar.engine.engine import dtype_name, resolve_kv_cache_dtype
+
+    kv = dtype_name(resolve_kv_cache_dtype(EngineConfig(), torch.device("cpu"), torch.float32))
+    print(f"kv cache on the cpu: {kv} (--kv-cache-dtype auto; float32 with --dtype float32)")
     if torch.cuda.is_available():
         print(f"cuda: {torch.cuda.get_device_name(0)}")
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import contextlib
 import hashlib
+import heapq
 import mmap
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -46,15 +47,31 @@ class BlockAllocator:
     With prefix caching, a full block whose K/V are computed is registered under its
     :func:`hash_block` key. A registered block whose last reference goes stays cached: it counts as
     free, and :meth:`share` revives it for a sequence with the same prefix until :meth:`allocate`
-    needs it for new tokens, which evicts cached blocks least recently freed first (never-cached free
-    blocks go before any of them), dropping their keys."""
+    needs it for new tokens, which evicts cached blocks least recently freed first, dropping their
+    keys.
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    On the CPU a block costs memory only once it is first written (``KVCache``'s pages are mapped on
+    first touch), so :meth:`allocate` prefers blocks whose memory is already in use: a plain free
+    block that held tokens before (the most recently freed first), then, once ``max_idle_cached``
+    cached blocks nobody holds are kept, the least recently freed of those, and only then a block
+    never written (lowest id first, so that the touched part of the cache stays one compact range).
+    Without that bound a run of distinct prompts would register every full block and keep touching
+    new ones, until the whole pool was resident. When the engine has nothing to do,
+    :meth:`release_idle` trims the cached blocks to the bound, packs them at the lowest ids and names
+    the blocks whose memory must stay (``KVCache.release_blocks`` gives back the rest)."""
+
+    def __init__(self, num_blocks: int, block_size: int, max_idle_cached: int | None = None) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be > 0")
+        if max_idle_cached is not None and max_idle_cached < 0:
+            raise ValueError("max_idle_cached must be >= 0")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives low ids first
+        # cached blocks nobody holds that may keep their memory before eviction beats touching a new
+        # block (None: no bound, every never-written block goes first: memory allocated up front)
+        self.max_idle_cached = max_idle_cached
+        self._fresh: list[int] = list(range(num_blocks))  # never written (or released): a min-heap
+        self._reused: list[int] = []  # free, not cached, written before: a stack, last freed on top
         self._refs = [0] * num_blocks
         # cached blocks nobody holds, least recently freed first (the dict keeps insertion order)
         self._evictable: OrderedDict[int, None] = OrderedDict()
@@ -63,8 +80,8 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
-        """Blocks that :meth:`allocate` can hand out: never-cached free blocks and evictable cached ones."""
-        return len(self._free) + len(self._evictable)
+        """Blocks that :meth:`allocate` can hand out: plain free blocks and evictable cached ones."""
+        return len(self._fresh) + len(self._reused) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
@@ -76,6 +93,11 @@ class BlockAllocator:
         return len(self._cached)
 
     @property
+    def num_touched(self) -> int:
+        """Blocks whose memory may be in use: held, cached, or freed since the last :meth:`release_idle`."""
+        return self.num_blocks - len(self._fresh)
+
+    @property
     def usage(self) -> float:
         return self.num_used / self.num_blocks
 
@@ -85,15 +107,24 @@ class BlockAllocator:
     def can_allocate(self, count: int) -> bool:
         return count <= self.num_free
 
+    def _over_budget(self) -> bool:
+        return self.max_idle_cached is not None and len(self._evictable) > self.max_idle_cached
+
+    def _evict(self) -> int:
+        block, _ = self._evictable.popitem(last=False)
+        key = self._hash_of[block]
+        assert key is not None
+        del self._cached[key]
+        self._hash_of[block] = None
+        return block
+
     def allocate(self) -> int:
-        if self._free:
-            block = self._free.pop()
-        elif self._evictable:
-            block, _ = self._evictable.popitem(last=False)
-            key = self._hash_of[block]
-            assert key is not None
-            del self._cached[key]
-            self._hash_of[block] = None
+        if self._reused:
+            block = self._reused.pop()
+        elif self._evictable and (not self._fresh or self._over_budget()):
+            block = self._evict()
+        elif self._fresh:
+            block = heapq.heappop(self._fresh)
         else:
             raise OutOfBlocks("no free KV-cache block")
         self._refs[block] = 1
@@ -115,7 +146,7 @@ class BlockAllocator:
             if self._hash_of[block] is not None:
                 self._evictable[block] = None  # the most recently freed: evicted last
             else:
-                self._free.append(block)
+                self._reused.append(block)
 
     def free_all(self, blocks: list[int]) -> None:
         """Free a sequence's blocks, its last first: a prefix's tail is evicted before its head,
@@ -123,6 +154,39 @@ class BlockAllocator:
         for block in reversed(blocks):
             self.free(block)
         blocks.clear()
+
+    def release_idle(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """Between bursts of work: evict the least recently freed cached blocks beyond
+        ``max_idle_cached``, move the cached blocks that stay into the lowest ids no sequence holds,
+        and count every other block as never written from now on.
+
+        Returns the held and cached blocks in increasing order, the only ones whose memory must be
+        kept (``KVCache.release_blocks`` gives back the rest), and the moves ``(from, to)`` whose K/V
+        the caller copies first (``KVCache.copy_blocks``). Without the moves the kept blocks would lie
+        scattered among the freed ones (a sequence's blocks interleave with its batch's), and the
+        pages they share with freed blocks, up to twice their own size, would stay."""
+        while self._over_budget():
+            self._evict()
+        moves: list[tuple[int, int]] = []
+        if self.max_idle_cached is not None:  # else the memory is allocated up front: nothing to pack
+            # the lowest ids no sequence holds, as many as there are cached blocks: those already
+            # there stay, the others move into the rest of them
+            free = [block for block in range(self.num_blocks) if not self._refs[block]]
+            targets = set(free[:len(self._evictable)])
+            spots = sorted(targets.difference(self._evictable))
+            moves = list(zip([block for block in self._evictable if block not in targets], spots, strict=True))
+        for block, spot in moves:
+            key = self._hash_of[block]
+            assert key is not None
+            self._hash_of[spot], self._hash_of[block] = key, None
+            self._cached[key] = spot
+        renamed = dict(moves)
+        self._evictable = OrderedDict((renamed.get(block, block), None) for block in self._evictable)  # same order
+        self._reused.clear()
+        keep = [block for block in range(self.num_blocks) if self._refs[block] or block in self._evictable]
+        kept = set(keep)
+        self._fresh = [block for block in range(self.num_blocks) if block not in kept]  # sorted: a heap
+        return keep, moves
 
     def ref_count(self, block: int) -> int:
         return self._refs[block]
@@ -146,26 +210,72 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Per-layer K and V tensors addressed by slot (block * block_size + offset)."""
+    """Per-layer K and V tensors addressed by slot (block * block_size + offset), of ``dtype``: the
+    model's own, or float16 where it computes in float32 (``--kv-cache-dtype``)."""
 
     _host_area: mmap.mmap | None = None  # the CPU tensors' one mapping
+    _host_offsets: tuple[int, ...] = ()  # where each CPU tensor starts in it, bytes
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
         self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.dtype = dtype
         shape = (num_blocks, num_kv_heads, block_size, head_dim)
+        self._block_bytes = num_kv_heads * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
         if device.type == "cpu":
-            storage, self._host_area = _host_zeros(2 * num_layers, shape, dtype)
+            storage, self._host_area, self._host_offsets = _host_zeros(2 * num_layers, shape, dtype)
+            self._host_stride = self._host_offsets[1] - self._host_offsets[0] if num_layers else 0
         else:
             storage = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2 * num_layers)]
         self.keys, self.values = storage[:num_layers], storage[num_layers:]
 
+    @property
+    def on_host(self) -> bool:
+        """Whether the tensors live in the CPU mapping whose pages :meth:`release_blocks` can give back
+        (a CUDA cache is allocated up front)."""
+        return self._host_area is not None
+
     def release_memory(self) -> None:
         """Give the pages of a CPU cache back to the OS; they read as zeros when next touched. For a
-        cache whose contents no one needs any more (after the warm-up step, which touched a 2 MiB
-        huge page of every layer's K and V: 120 MiB of idle RSS for the demo model)."""
+        cache whose contents no one needs any more."""
         if self._host_area is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._host_area.madvise(mmap.MADV_DONTNEED)
+
+    def copy_blocks(self, moves: Sequence[tuple[int, int]]) -> None:
+        """Copy the K/V of block ``a`` into block ``b`` for each ``(a, b)`` of ``moves``, every layer (no
+        ``b`` may be an ``a``)."""
+        if not moves:
+            return
+        source, target = [a for a, _ in moves], [b for _, b in moves]
+        for tensor in (*self.keys, *self.values):
+            if tensor.device.type == "cpu":  # numpy's fancy indexing over the bytes: half torch's time
+                rows = tensor.view(torch.uint8).numpy()
+                rows[target] = rows[source]
+            else:
+                tensor[target] = tensor[source]
+
+    def release_blocks(self, keep: Sequence[int]) -> None:
+        """Give back the pages of a CPU cache that hold no block of ``keep`` (increasing block ids);
+        the other blocks read as zeros when next touched. Every free block's pages go, written or
+        not: a block's first write maps a whole 2 MiB huge page around it, hundreds of blocks, and
+        this splits such a page and frees all of it but the kept blocks' pages. A page shared with a
+        kept block stays."""
+        if self._host_area is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        gaps, start = [], 0  # runs [a, b) of blocks to give back
+        for block in [*keep, self.num_blocks]:
+            if block > start:
+                gaps.append((start, block))
+            start = block + 1
+        page, size = mmap.PAGESIZE, self._block_bytes
+        for offset in self._host_offsets:
+            for a, b in gaps:
+                first = -(-(offset + a * size) // page) * page  # whole pages only
+                # the last run takes the padding up to the next tensor too, which a huge page may hold
+                end = offset + self._host_stride if b == self.num_blocks else (offset + b * size) // page * page
+                if end > first:
+                    self._host_area.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -174,11 +284,11 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values [T, KV, hd] at ``slots`` [T] by torch indexing (the CPU kernels write
-        the same places themselves: ``realizar.backends``)."""
+        """Store new keys/values [T, KV, hd] at ``slots`` [T] by torch indexing, in the cache's dtype (the
+        CPU kernels write the same places themselves: ``realizar.backends``)."""
         place = self._places(slots)
-        self.keys[layer][place] = k
-        self.values[layer][place] = v
+        self.keys[layer][place] = k.to(self.dtype)
+        self.values[layer][place] = v.to(self.dtype)
 
     def gather_blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, KV, max_blocks * block_size, hd] for block tables [B, max_blocks]."""
@@ -202,8 +312,9 @@ class KVCache:
 HUGE_PAGE = 2 << 20
 
 
-def _host_zeros(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[list[torch.Tensor], mmap.mmap]:
-    """``count`` zeroed CPU tensors of ``shape`` in one anonymous mapping.
+def _host_zeros(count: int, shape: tuple[int, ...],
+                dtype: torch.dtype) -> tuple[list[torch.Tensor], mmap.mmap, tuple[int, ...]]:
+    """``count`` zeroed CPU tensors of ``shape`` in one anonymous mapping, and where each starts in it.
 
     Its pages cost no memory until a block is first written, so RSS follows the cache's real
     use. Where the kernel allows it, the mapping is advised as transparent huge pages and each
@@ -219,5 +330,5 @@ def _host_zeros(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple
             area.madvise(mmap.MADV_HUGEPAGE)
     whole = np.frombuffer(area, dtype=np.uint8)
     start = -whole.ctypes.data % HUGE_PAGE
-    return [torch.from_numpy(whole[start + i * stride: start + i * stride + size]).view(dtype).view(shape)
-            for i in range(count)], area
+    offsets = tuple(start + i * stride for i in range(count))
+    return [torch.from_numpy(whole[at: at + size]).view(dtype).view(shape) for at in offsets], area, offsets

@@ -220,7 +220,8 @@ class CpuKernelsBackend:
             positions=positions.data_ptr(), slots=slots.data_ptr(), tables=tables.data_ptr(), rows=rows.data_ptr(),
             lens=lens.data_ptr(), cos=model.cos.data_ptr(), sin=model.sin.data_ptr(), max_blocks=tables.shape[1],
             block_size=cache.block_size, heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-            hidden=c.hidden_size, intermediate=c.intermediate_size, eps=c.rms_norm_eps, scale=model.scale)
+            hidden=c.hidden_size, intermediate=c.intermediate_size, eps=c.rms_norm_eps, scale=model.scale,
+            kv_half=kernels.kv_half(cache.keys[0], cache.values[0]))
         x = x.contiguous()
         self.kernels.decoder_layers(x, layers, step)
         return x

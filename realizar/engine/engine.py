@@ -35,7 +35,7 @@ from realizar.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOut
 from realizar.engine.stats import EngineStats, LatencyObservations, StatsRecorder
 from realizar.kv_cache import BlockAllocator, KVCache
 from realizar.model.llama import AttentionMetadata, LlamaModel
-from realizar.model.quality import QUANTIZED_CLASSES_PASSING_GATE
+from realizar.model.quality import KV_CACHE_DTYPES_PASSING_GATE, QUANTIZED_CLASSES_PASSING_GATE
 from realizar.request import FinishReason, Logprob, Request, SamplingParams, StructuredSpec, TokenOutput
 from realizar.sampling import Penalties, SamplingRow, make_generator
 from realizar.structured import StructuredCompiler
@@ -70,6 +70,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def resolve_kv_cache_dtype(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """What the KV cache stores for ``--kv-cache-dtype``. ``auto``: float16 where the CPU kernels compute
+    (float32 on the CPU, compiled), which halves the cache's memory and the bytes attention reads and
+    passed the quality gate (``KV_CACHE_DTYPES_PASSING_GATE``), except with ``--dtype float32``, the
+    exact configuration; the model's own dtype anywhere else (torch's path). An explicit dtype is
+    taken as asked: the torch backend casts what it reads and writes."""
+    if config.kv_cache_dtype != "auto":
+        return {"float32": torch.float32, "float16": torch.float16}[config.kv_cache_dtype]
+    if (config.dtype != "float32" and KV_CACHE_DTYPES_PASSING_GATE["float16"]
+            and kernels.for_tensors(device, dtype) is not None):
+        return torch.float16
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,12 @@ def _return_free_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
     from realizar.loading import load_model  # heavy imports stay out of module import time
 
@@ -119,6 +143,7 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
         matmul_threads(matmul)
         torch.set_num_threads(torch_threads)
     dtype = resolve_dtype(config.dtype, device)
+    kv_dtype = resolve_kv_cache_dtype(config, device, dtype)
     loaded = load_model(path, dtype=dtype, keep_quantized=kernels.quantized_weights(device, dtype))
     if loaded.format == "gguf":
         tokenizer = Tokenizer.from_gguf_metadata(loaded.metadata)
@@ -133,20 +158,22 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
     float_bytes = 4 * sum(math.prod(q.shape) for q in loaded.quantized.values())
     model = choose_quantized_class(
         build, bool(loaded.quantized) and kernels.for_tensors(device, dtype) is not None,
-        exact=config.dtype == "float32", remember=_choice_key(Path(path)),
-        float32_allowed=float_bytes <= FLOAT32_CANDIDATE_BYTES)
+        exact=config.dtype == "float32", remember=_choice_key(Path(path), kv_dtype),
+        float32_allowed=float_bytes <= FLOAT32_CANDIDATE_BYTES, kv_dtype=kv_dtype)
     del loaded.tensors, loaded.quantized
     _return_free_heap()
     return EngineModel(model, tokenizer, loaded.config, loaded.config.name, loaded.path, loaded.format,
                        time.perf_counter() - start)
 
 
-def decode_step_seconds(model: LlamaModel, sequences: int, repeats: int = 3) -> float:
+def decode_step_seconds(model: LlamaModel, sequences: int, repeats: int = 3,
+                        kv_dtype: torch.dtype | None = None) -> float:
     """The best of ``repeats`` timed decode steps of ``sequences`` one-token sequences (after one
-    untimed step), each in its own block of a scratch cache."""
+    untimed step), each in its own block of a scratch cache of ``kv_dtype`` (default: the model's)."""
     c = model.config
     block = 16
-    cache = KVCache(c.num_layers, sequences, block, c.num_kv_heads, c.head_dim, model.device, model.dtype)
+    cache = KVCache(c.num_layers, sequences, block, c.num_kv_heads, c.head_dim, model.device,
+                    kv_dtype or model.dtype)
     seqs = torch.arange(sequences)
     meta = AttentionMetadata(slot_mapping=seqs * block, num_decodes=sequences, decode_block_tables=seqs[:, None],
                              decode_context_lens=torch.ones(sequences, dtype=torch.long), prefills=[])
@@ -160,9 +187,9 @@ def decode_step_seconds(model: LlamaModel, sequences: int, repeats: int = 3) -> 
     return best
 
 
-def _choice_key(path: Path) -> str | None:
-    """What ``auto``'s timed choice depends on: the model file and the kernels' build (their sources,
-    flags and this CPU). None when the model cannot be identified."""
+def _choice_key(path: Path, kv_dtype: torch.dtype) -> str | None:
+    """What ``auto``'s timed choice depends on: the model file, the KV cache's dtype and the kernels'
+    build (their sources, flags and this CPU). None when the model cannot be identified."""
     compiled = kernels.load()
     try:
         stat = path.stat()
@@ -170,7 +197,8 @@ def _choice_key(path: Path) -> str | None:
         return None
     if compiled is None:
         return None
-    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{compiled.path.name}|{sorted(QUANTIZED_CLASSES_PASSING_GATE.items())}"
+    ident = (f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{compiled.path.name}|"
+             f"{sorted(QUANTIZED_CLASSES_PASSING_GATE.items())}|{dtype_name(kv_dtype)}")
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
@@ -204,14 +232,15 @@ FLOAT32_CANDIDATE_BYTES = 1 << 30
 
 
 def choose_quantized_class(build: Callable[[str], LlamaModel], quantized: bool, exact: bool = False,
-                           remember: str | None = None, float32_allowed: bool = False) -> LlamaModel:
+                           remember: str | None = None, float32_allowed: bool = False,
+                           kv_dtype: torch.dtype | None = None) -> LlamaModel:
     """The model ``build(kind)`` in the class of quantized products ``REALIZAR_QUANTIZED`` asks for
     (``exact``: ``--dtype float32`` asked for float32 arithmetic, so the exact class); with ``auto``
     (the default), the fastest of the classes that pass the quality gate
     (``QUANTIZED_CLASSES_PASSING_GATE``; ``float32`` weights only when ``float32_allowed``), timed
     here on this CPU: a decode step of 1 sequence and one of 16, the two ends of what a server runs,
-    each relative to the fastest class there.
-    The timings are logged. With ``remember`` (a key of the model file and the kernels' build) the
+    each relative to the fastest class there. The timings, over a KV cache of ``kv_dtype`` (None: the
+    model's dtype), are logged. With ``remember`` (a key of the model file and the kernels' build) the
     choice is kept in the cache directory, and a later start with the same key takes it without
     timing (about 1 s less to a healthy server)."""
     wanted = "exact" if exact else kernels.quantized_class()
@@ -231,7 +260,8 @@ def choose_quantized_class(build: Callable[[str], LlamaModel], quantized: bool, 
         model = None
         gc.collect()  # one class's weights in memory at a time: a 1B model's are 0.8 GiB
         model = build(name)
-        timings[name] = decode_step_seconds(model, 1), decode_step_seconds(model, 16)
+        timings[name] = (decode_step_seconds(model, 1, kv_dtype=kv_dtype),
+                         decode_step_seconds(model, 16, kv_dtype=kv_dtype))
     # each class's time at each end relative to the best there, summed: both ends weigh the same,
     # though a step of 16 sequences takes several times one of 1
     fastest = [min(t[i] for t in timings.values()) for i in range(2)]
@@ -277,8 +307,9 @@ class Engine:
         model = served.model
         self.max_model_len = min(config.max_model_len or min(mc.max_position_embeddings, MAX_DEFAULT_MODEL_LEN),
                                  mc.max_position_embeddings)
+        self.kv_dtype = resolve_kv_cache_dtype(config, model.device, model.dtype)
         per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim,
-                                            model.dtype)
+                                            self.kv_dtype)
         blocks_per_seq = -(-self.max_model_len // config.block_size)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
@@ -289,9 +320,13 @@ class Engine:
         if num_blocks < blocks_per_seq:
             # a full-length sequence must fit in the cache, or it could never finish
             self.max_model_len = num_blocks * config.block_size
-        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        idle_cached = None  # a CUDA cache is allocated up front: nothing to bound
+        if model.device.type == "cpu" and config.prefix_cache_bytes is not None:
+            idle_cached = config.prefix_cache_bytes // per_block
+        self.allocator = BlockAllocator(num_blocks, config.block_size, idle_cached)
+        self._memory_in_use = True  # blocks may have been touched since the last release_idle_memory
         cache = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
-                        model.device, model.dtype)
+                        model.device, self.kv_dtype)
         self.runner = ModelRunner(model, cache)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.long_prefill_token_threshold, attention_context(mc),
@@ -334,8 +369,27 @@ class Engine:
             self.step()
         self.stats = StatsRecorder()
         self.scheduler.prefix_cache_queries = self.scheduler.prefix_cache_hits = 0
-        if self.allocator.num_used == 0 and self.allocator.num_cached == 0:
-            self.runner.cache.release_memory()  # nothing in the cache is worth its pages
+        # the warm-up touched a 2 MiB huge page of every layer's K and V (120 MiB of idle RSS for
+        # the demo model's float32 cache) for blocks no one needs
+        self.release_idle_memory()
+
+    def release_idle_memory(self) -> None:
+        """Between bursts of work: give back the CPU pages of every KV block that no sequence holds,
+        except the cached prefixes within ``prefix_cache_bytes`` (``BlockAllocator.release_idle``).
+        A no-op until a step has run since the last call."""
+        if self._memory_in_use and not self.has_work() and self.runner.cache.on_host:
+            start = time.perf_counter()
+            keep, moves = self.allocator.release_idle()
+            cache = self.runner.cache
+            # the blocks neither kept nor still to be copied go first (most of the memory, at once),
+            # then the cached prefixes kept are packed at the lowest ids, then their old places go
+            cache.release_blocks(sorted({*keep, *(a for a, _ in moves)}))
+            cache.copy_blocks(moves)
+            cache.release_blocks(keep)
+            _trim_heap()  # what the burst's requests allocated and freed, kept by glibc otherwise
+            self._memory_in_use = False
+            log.debug("idle: KV blocks kept %d (%d moved), the rest given back, in %.1f ms", len(keep), len(moves),
+                      (time.perf_counter() - start) * 1000)
 
     # -- admission -------------------------------------------------------------------------
 
@@ -406,6 +460,7 @@ class Engine:
         and counts the step toward ``FATAL_AFTER_CONSECUTIVE_FAILURES``).
         """
         output = self.scheduler.schedule()
+        self._memory_in_use = True
         if output.empty:
             return []
         now = time.monotonic()
@@ -614,8 +669,9 @@ class AsyncEngine:
         self.model_id = served.model_id
         self.model_format = served.format
         self.compute_mode = served.model.device.type
-        self.compute_path = served.model.compute_path
-        self.dtype = str(served.model.dtype).removeprefix("torch.")
+        self.kv_cache_dtype = dtype_name(self.engine.kv_dtype)
+        self.compute_path = f"{served.model.compute_path}, {self.kv_cache_dtype} KV cache"
+        self.dtype = dtype_name(served.model.dtype)
         self.load_seconds = served.load_seconds
         self.max_model_len = self.engine.max_model_len
         self.healthy = True
@@ -772,4 +828,5 @@ class AsyncEngine:
                 self._publish(self._admit() + engine.fail_all("engine is dead"))
                 self._wake.wait(0.1)
             elif not engine.has_work() and not self._inbox and not self._aborts:
+                engine.release_idle_memory()  # RSS follows the load: a few ms, once per burst
                 self._wake.wait(0.5)

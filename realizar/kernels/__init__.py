@@ -365,7 +365,7 @@ class DecoderStep(ctypes.Structure):
                 ("sin", ctypes.c_void_p), ("max_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64),
                 ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
                 ("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float),
-                ("scale", ctypes.c_float)]
+                ("scale", ctypes.c_float), ("kv_half", ctypes.c_int64)]
 
 
 class CpuKernels:
@@ -384,8 +384,8 @@ class CpuKernels:
         self.threads = bind("realizar_threads", i32)  # the pool's size, the caller included
         self._gemm = bind("realizar_gemm", i32, p, i64, p, p, i64, i64, i64)
         self._attention = bind("realizar_paged_attention", i32, p, i64, p, p, p, p, p, p,
-                               i64, i64, i64, i64, i64, i64, f32)
-        self._write = bind("realizar_write_kv", None, p, p, p, p, i64, i64, p, i64, i64, i64, i64)
+                               i64, i64, i64, i64, i64, i64, f32, i32)
+        self._write = bind("realizar_write_kv", None, p, p, p, p, i64, i64, p, i64, i64, i64, i64, i32)
         self._rms_norm = bind("realizar_rms_norm", None, p, i64, p, p, i64, i64, f32)
         self._silu_mul = bind("realizar_silu_mul", None, p, i64, p, i64, i64)
         self._rope = bind("realizar_rope", None, p, i64, p, p, p, i64, i64, i64)
@@ -469,7 +469,8 @@ class CpuKernels:
     def paged_attention(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                         scale: float, row_tables: torch.Tensor | None = None) -> torch.Tensor:
-        """Query rows ``q [R, H, hd]`` over the paged caches ``[blocks, KV, bs, hd]`` -> ``[R, H, hd]``.
+        """Query rows ``q [R, H, hd]`` over the paged caches ``[blocks, KV, bs, hd]`` (float32 or
+        float16) -> ``[R, H, hd]`` float32.
 
         Row r attends to the first ``context_lens[r]`` tokens of block table
         ``block_tables[row_tables[r]]`` (``block_tables[r]`` without ``row_tables``)."""
@@ -481,19 +482,22 @@ class CpuKernels:
         status = self._attention(q.data_ptr(), q.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
                                  tables.data_ptr(), None if row_ptr is None else row_ptr.data_ptr(),
                                  lens.data_ptr(), out.data_ptr(), rows, tables.shape[1], block_size,
-                                 heads, key_cache.shape[1], head_dim, scale)
+                                 heads, key_cache.shape[1], head_dim, scale, kv_half(key_cache, value_cache))
         if status != 0:
             raise MemoryError("paged attention could not allocate its score buffer")
         return out
 
     def write_kv(self, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keys and values ``[T, KV, hd]`` (contiguous rows) into the caches ``[blocks, KV, bs, hd]``
-        at ``slots`` (block * bs + offset)."""
+        """Keys and values ``[T, KV, hd]`` float32 (contiguous rows) into the caches ``[blocks, KV, bs, hd]``
+        at ``slots`` (block * bs + offset); a float16 cache gets them rounded to nearest even."""
         _blocks, kv_heads, block_size, head_dim = key_cache.shape
         k, v = _rows(k), _rows(v)
+        assert k.dtype == v.dtype == torch.float32
+        slots = slots.contiguous()
         self._write(key_cache.data_ptr(), value_cache.data_ptr(), k.data_ptr(), v.data_ptr(),
-                    k.stride(0), v.stride(0), slots.data_ptr(), slots.shape[0], kv_heads, block_size, head_dim)
+                    k.stride(0), v.stride(0), slots.data_ptr(), slots.shape[0], kv_heads, block_size, head_dim,
+                    kv_half(key_cache, value_cache))
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """``rms_norm(x) * weight`` of ``x [T, D]``."""
@@ -540,6 +544,17 @@ class CpuKernels:
         self._sample(logits.data_ptr(), logits.stride(0), logits.shape[1], rows.data_ptr(), temperatures.data_ptr(),
                      uniforms.data_ptr(), out.data_ptr(), rows.shape[0])
         return out
+
+
+KV_DTYPES = (torch.float32, torch.float16)  # the caches the attention kernels read
+
+
+def kv_half(key_cache: torch.Tensor, value_cache: torch.Tensor) -> int:
+    """The kernels' flag for a pair of caches: 1 for float16, 0 for float32 (anything else is an error)."""
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in KV_DTYPES:
+        raise TypeError(f"the CPU kernels read float32 or float16 caches, not {key_cache.dtype}/{value_cache.dtype}")
+    assert key_cache.is_contiguous() and value_cache.is_contiguous()
+    return int(key_cache.dtype == torch.float16)
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,54 @@ static inline float exp_nonpositive(float x) {
 
 typedef int32_t vi8 __attribute__((vector_size(32)));
 
+/* float16 K/V (--kv-cache-dtype float16): stored as IEEE binary16 (rounded to nearest even, as
+ * torch's .half() rounds), read into float32 registers, computed in float32. F16C's
+ * vcvtph2ps/vcvtps2ph where the build has them (AVX2 and AVX-512 CPUs); elsewhere the compiler's
+ * _Float16 conversions, which round the same way. */
+typedef _Float16 h8 __attribute__((vector_size(16)));
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+static inline v8 load8h(const _Float16 *p) {
+#if defined(__F16C__)
+    const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    v8 r;
+    memcpy(&r, &x, sizeof r);
+    return r;
+#else
+    h8 x;
+    memcpy(&x, p, sizeof x);
+    return __builtin_convertvector(x, v8);
+#endif
+}
+
+static inline void store8h(_Float16 *p, v8 x) {
+#if defined(__F16C__)
+    __m256 f;
+    memcpy(&f, &x, sizeof f);
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    const h8 h = __builtin_convertvector(x, h8);
+    memcpy(p, &h, sizeof h);
+#endif
+}
+
+/* Eight K/V values at element `at` of a cache of float32 (half = 0) or float16 (half = 1); called
+ * with a constant `half`, so each caller compiles to one kind of load. */
+static inline __attribute__((always_inline)) v8 load8kv(const int half, const void *cache, int64_t at) {
+    return half ? load8h((const _Float16 *)cache + at) : load8((const float *)cache + at);
+}
+
+static inline __attribute__((always_inline)) float loadkv(const int half, const void *cache, int64_t at) {
+    return half ? (float)((const _Float16 *)cache)[at] : ((const float *)cache)[at];
+}
+
+/* The address of element `at` of such a cache, for prefetches. */
+static inline __attribute__((always_inline)) const char *kv_at(const int half, const void *cache, int64_t at) {
+    return (const char *)cache + at * (half ? 2 : 4);
+}
+
 /* exp_nonpositive of 8 values at once, in vector arithmetic the compiler cannot fail to
  * vectorize (the scalar version above vectorizes only inside some loops). */
 static inline v8 exp8_nonpositive(v8 x) {
@@ -58,11 +106,13 @@ struct attention_tile { int64_t first, rows, longest; };
 /* A paged-attention call (paged_attention.c), shared with the prompt tiles of
  * prefill_attention.c. */
 struct paged_attention {
-    const float *q_all, *key_cache, *value_cache;
+    const float *q_all;
+    const void *key_cache, *value_cache;  /* float32, or float16 when half */
     const int64_t *block_tables, *row_tables, *context_lens;
     float *out_all;
     int64_t q_stride, max_blocks, bs, heads, kv_heads, group, hd, row;
     float scale;
+    int half;  /* the caches hold float16 */
     _Atomic int failed;
     /* how the call's work is split: tiles of prompt rows, then single rows */
     const struct attention_tile *tiles;  /* [num_tiles] */
@@ -102,12 +152,12 @@ void realizar_rms_norm(const float *x, int64_t ldx, const float *w, float *y, in
 void realizar_silu_mul(const float *gate_up, int64_t ld, float *y, int64_t T, int64_t I);
 void realizar_rope(float *x, int64_t ld, const int64_t *positions, const float *cos, const float *sin,
                    int64_t T, int64_t heads, int64_t hd);
-void realizar_write_kv(float *key_cache, float *value_cache, const float *k, const float *v,
+void realizar_write_kv(void *key_cache, void *value_cache, const float *k, const float *v,
                        int64_t k_row_stride, int64_t v_row_stride, const int64_t *slots, int64_t num_tokens,
-                       int64_t kv_heads, int64_t block_size, int64_t head_dim);
-int realizar_paged_attention(const float *q_all, int64_t q_stride, const float *key_cache, const float *value_cache,
+                       int64_t kv_heads, int64_t block_size, int64_t head_dim, int half);
+int realizar_paged_attention(const float *q_all, int64_t q_stride, const void *key_cache, const void *value_cache,
                              const int64_t *block_tables, const int64_t *row_tables, const int64_t *context_lens,
                              float *out_all, int64_t num_rows, int64_t max_blocks, int64_t block_size,
-                             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale);
+                             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int half);
 
 #endif

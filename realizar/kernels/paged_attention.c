@@ -1,4 +1,4 @@
-/* Paged-KV kernels for the CPU engine, float32.
+/* Paged-KV kernels for the CPU engine, float32 arithmetic over a float32 or float16 cache.
  *
  * The KV cache of one layer is a [num_blocks, num_kv_heads, block_size, head_dim] array: one
  * KV head's tokens of a block are one contiguous run. A sequence's tokens live in the blocks of
@@ -18,6 +18,12 @@
  * prefill_attention.c, which reads the context once per tile rather than once per row.
  *
  * write_kv: the keys and values of new tokens into their slots.
+ *
+ * A float16 cache (half = 1) holds half the bytes; its values are converted to float32 in registers
+ * as they are loaded (cpu_kernels.h's load8h), and everything after the load is the float32 code:
+ * attention over a float16 cache is float32 attention over the rounded values, to within the order
+ * of roundings (the compiler fuses a multiply and an add into one FMA in some loops of one kind of
+ * cache and not of the other: a few ulp).
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -52,20 +58,22 @@ static inline void sum4x8(const v8 a[4], float scale, float *out) {
 
 /* scores[j, t] = scale * q_j . k_t for the NH query heads j that share one KV head (q_j at
  * q + j * hd, scores at s + j * len), four keys at a time: each key row is loaded once for
- * all NH heads, and the 4 x NH sums are independent multiply-add chains. hd % 8 == 0. */
-static inline __attribute__((always_inline)) void group_scores(const int NH, const float *q, const float *kh,
-                                                               const int64_t *offsets, int64_t len, int64_t hd,
-                                                               float scale, float *s) {
+ * all NH heads, and the 4 x NH sums are independent multiply-add chains. hd % 8 == 0. The
+ * keys are float32, or float16 when H. */
+static inline __attribute__((always_inline)) void group_scores(const int NH, const int H, const float *q,
+                                                               const void *kh, const int64_t *offsets, int64_t len,
+                                                               int64_t hd, float scale, float *s) {
+    const int64_t line = H ? 32 : 16;  /* elements per 64-byte line */
     int64_t t = 0;
     for (; t + 4 <= len; t += 4) {
-        const float *k0 = kh + offsets[t], *k1 = kh + offsets[t + 1];
-        const float *k2 = kh + offsets[t + 2], *k3 = kh + offsets[t + 3];
+        const int64_t k0 = offsets[t], k1 = offsets[t + 1], k2 = offsets[t + 2], k3 = offsets[t + 3];
         if (t + AHEAD + 4 <= len)
             for (int u = 0; u < 4; u++)
-                for (int64_t i = 0; i < hd; i += 16) __builtin_prefetch(kh + offsets[t + AHEAD + u] + i);
+                for (int64_t i = 0; i < hd; i += line) __builtin_prefetch(kv_at(H, kh, offsets[t + AHEAD + u] + i));
         v8 acc[HEADS_AT_ONCE][4] = {{{0}}};
         for (int64_t i = 0; i < hd; i += 8) {
-            const v8 x0 = load8(k0 + i), x1 = load8(k1 + i), x2 = load8(k2 + i), x3 = load8(k3 + i);
+            const v8 x0 = load8kv(H, kh, k0 + i), x1 = load8kv(H, kh, k1 + i);
+            const v8 x2 = load8kv(H, kh, k2 + i), x3 = load8kv(H, kh, k3 + i);
             for (int j = 0; j < NH; j++) {
                 const v8 qj = load8(q + j * hd + i);
                 acc[j][0] += qj * x0;
@@ -77,19 +85,19 @@ static inline __attribute__((always_inline)) void group_scores(const int NH, con
         for (int j = 0; j < NH; j++) sum4x8(acc[j], scale, s + j * len + t);
     }
     for (; t < len; t++) {
-        const float *k = kh + offsets[t];
+        const int64_t k = offsets[t];
         for (int j = 0; j < NH; j++) {
             v8 acc = {0};
-            for (int64_t i = 0; i < hd; i += 8) acc += load8(q + j * hd + i) * load8(k + i);
+            for (int64_t i = 0; i < hd; i += 8) acc += load8(q + j * hd + i) * load8kv(H, kh, k + i);
             s[j * len + t] = scale * sum8(acc);
         }
     }
 }
 
-/* acc[j] += p[j, t] v[0:16] for the NH query heads j of one KV group. */
-static inline __attribute__((always_inline)) void add_value(const int NH, const float *p, int64_t len, int64_t t,
-                                                            const float *v, v8 acc[][2]) {
-    const v8 x0 = load8(v), x1 = load8(v + 8);
+/* acc[j] += p[j, t] v[0:16] for the NH query heads j of one KV group; v is element `at` of vh. */
+static inline __attribute__((always_inline)) void add_value(const int NH, const int H, const float *p, int64_t len,
+                                                            int64_t t, const void *vh, int64_t at, v8 acc[][2]) {
+    const v8 x0 = load8kv(H, vh, at), x1 = load8kv(H, vh, at + 8);
     for (int j = 0; j < NH; j++) {
         const float w = p[j * len + t];
         acc[j][0] += w * x0;
@@ -101,30 +109,30 @@ static inline __attribute__((always_inline)) void add_value(const int NH, const 
  * y + j * hd): each value row is loaded once for all NH heads, 16 columns at a time, then 8
  * at a time. The even and odd t go to separate sums, so that twelve independent chains of
  * multiply-adds are in flight and the sums, weights and values fit in the 16 AVX registers.
- * hd % 8 == 0. */
-static inline __attribute__((always_inline)) void group_values(const int NH, const float *p, const float *vh,
-                                                               const int64_t *offsets, int64_t len, int64_t hd,
-                                                               float *y) {
+ * hd % 8 == 0. The values are float32, or float16 when H. */
+static inline __attribute__((always_inline)) void group_values(const int NH, const int H, const float *p,
+                                                               const void *vh, const int64_t *offsets, int64_t len,
+                                                               int64_t hd, float *y) {
     int64_t c = 0;
     for (; c + 16 <= hd; c += 16) {
         v8 even[HEADS_AT_ONCE][2] = {{{0}}}, odd[HEADS_AT_ONCE][2] = {{{0}}};
         int64_t t = 0;
         for (; t + 2 <= len; t += 2) {
             if (t + AHEAD + 2 <= len) {
-                __builtin_prefetch(vh + offsets[t + AHEAD] + c);
-                __builtin_prefetch(vh + offsets[t + AHEAD + 1] + c);
+                __builtin_prefetch(kv_at(H, vh, offsets[t + AHEAD] + c));
+                __builtin_prefetch(kv_at(H, vh, offsets[t + AHEAD + 1] + c));
             }
-            add_value(NH, p, len, t, vh + offsets[t] + c, even);
-            add_value(NH, p, len, t + 1, vh + offsets[t + 1] + c, odd);
+            add_value(NH, H, p, len, t, vh, offsets[t] + c, even);
+            add_value(NH, H, p, len, t + 1, vh, offsets[t + 1] + c, odd);
         }
-        if (t < len) add_value(NH, p, len, t, vh + offsets[t] + c, even);
+        if (t < len) add_value(NH, H, p, len, t, vh, offsets[t] + c, even);
         for (int j = 0; j < NH; j++)
             for (int u = 0; u < 2; u++) store8(y + j * hd + c + 8 * u, even[j][u] + odd[j][u]);
     }
     for (; c < hd; c += 8) {
         v8 acc[HEADS_AT_ONCE] = {{0}};
         for (int64_t t = 0; t < len; t++) {
-            const v8 x = load8(vh + offsets[t] + c);
+            const v8 x = load8kv(H, vh, offsets[t] + c);
             for (int j = 0; j < NH; j++) acc[j] += p[j * len + t] * x;
         }
         for (int j = 0; j < NH; j++) store8(y + j * hd + c, acc[j]);
@@ -138,22 +146,51 @@ static inline int64_t heads_from(int64_t h0, int64_t group) {
 }
 
 /* The same two products for any head size, one head at a time, in plain loops. */
-static void head_scores_scalar(const float *q, const float *kh, const int64_t *offsets, int64_t len,
+static void head_scores_scalar(const int H, const float *q, const void *kh, const int64_t *offsets, int64_t len,
                                int64_t hd, float scale, float *s) {
     for (int64_t t = 0; t < len; t++) {
-        const float *k = kh + offsets[t];
         float dot = 0.0f;
-        for (int64_t i = 0; i < hd; i++) dot += q[i] * k[i];
+        for (int64_t i = 0; i < hd; i++) dot += q[i] * loadkv(H, kh, offsets[t] + i);
         s[t] = scale * dot;
     }
 }
 
-static void head_values_scalar(const float *p, const float *vh, const int64_t *offsets, int64_t len,
+static void head_values_scalar(const int H, const float *p, const void *vh, const int64_t *offsets, int64_t len,
                                int64_t hd, float *y) {
     for (int64_t c = 0; c < hd; c++) {
         float acc = 0.0f;
-        for (int64_t t = 0; t < len; t++) acc += p[t] * vh[offsets[t] + c];
+        for (int64_t t = 0; t < len; t++) acc += p[t] * loadkv(H, vh, offsets[t] + c);
         y[c] = acc;
+    }
+}
+
+/* Scores, then values, of the n query heads of one KV group that attend together, for a cache
+ * of float32 (H = 0) or float16 (H = 1): each (n, H) compiles to its own loops. */
+static inline __attribute__((always_inline)) void heads_scores(const int H, int64_t n, int vector, const float *qh,
+                                                               const void *kh, const int64_t *slots, int64_t len,
+                                                               int64_t hd, float scale, float *s) {
+    if (!vector) {
+        for (int64_t j = 0; j < n; j++) head_scores_scalar(H, qh + j * hd, kh, slots, len, hd, scale, s + j * len);
+    } else if (n == 3) {
+        group_scores(3, H, qh, kh, slots, len, hd, scale, s);
+    } else if (n == 2) {
+        group_scores(2, H, qh, kh, slots, len, hd, scale, s);
+    } else {
+        group_scores(1, H, qh, kh, slots, len, hd, scale, s);
+    }
+}
+
+static inline __attribute__((always_inline)) void heads_values(const int H, int64_t n, int vector, const float *p,
+                                                               const void *vh, const int64_t *slots, int64_t len,
+                                                               int64_t hd, float *y) {
+    if (!vector) {
+        for (int64_t j = 0; j < n; j++) head_values_scalar(H, p + j * len, vh, slots, len, hd, y + j * hd);
+    } else if (n == 3) {
+        group_values(3, H, p, vh, slots, len, hd, y);
+    } else if (n == 2) {
+        group_values(2, H, p, vh, slots, len, hd, y);
+    } else {
+        group_values(1, H, p, vh, slots, len, hd, y);
     }
 }
 
@@ -220,34 +257,26 @@ static void attend_row(const struct paged_attention *A, int64_t b) {
     /* scores[h, t] = scale * q_h . k_t[h / group] */
     for (int64_t h0 = 0, n; h0 < heads; h0 += n) {
         n = heads_from(h0, group);
-        const float *qh = q + h0 * hd, *kh = A->key_cache + h0 / group * bs * hd;
+        const float *qh = q + h0 * hd;
+        const int64_t at = h0 / group * bs * hd;
         float *s = buffer + h0 * len;
-        if (!vector) {
-            for (int64_t j = 0; j < n; j++) head_scores_scalar(qh + j * hd, kh, slots, len, hd, scale, s + j * len);
-        } else if (n == 3) {
-            group_scores(3, qh, kh, slots, len, hd, scale, s);
-        } else if (n == 2) {
-            group_scores(2, qh, kh, slots, len, hd, scale, s);
-        } else {
-            group_scores(1, qh, kh, slots, len, hd, scale, s);
-        }
+        if (A->half)
+            heads_scores(1, n, vector, qh, (const _Float16 *)A->key_cache + at, slots, len, hd, scale, s);
+        else
+            heads_scores(0, n, vector, qh, (const float *)A->key_cache + at, slots, len, hd, scale, s);
     }
     /* softmax over t, per query head */
     for (int64_t h = 0; h < heads; h++) softmax(buffer + h * len, len);
     /* out_h = sum_t p[h, t] v_t[h / group] */
     for (int64_t h0 = 0, n; h0 < heads; h0 += n) {
         n = heads_from(h0, group);
-        const float *p = buffer + h0 * len, *vh = A->value_cache + h0 / group * bs * hd;
+        const float *p = buffer + h0 * len;
+        const int64_t at = h0 / group * bs * hd;
         float *y = out + h0 * hd;
-        if (!vector) {
-            for (int64_t j = 0; j < n; j++) head_values_scalar(p + j * len, vh, slots, len, hd, y + j * hd);
-        } else if (n == 3) {
-            group_values(3, p, vh, slots, len, hd, y);
-        } else if (n == 2) {
-            group_values(2, p, vh, slots, len, hd, y);
-        } else {
-            group_values(1, p, vh, slots, len, hd, y);
-        }
+        if (A->half)
+            heads_values(1, n, vector, p, (const _Float16 *)A->value_cache + at, slots, len, hd, y);
+        else
+            heads_values(0, n, vector, p, (const float *)A->value_cache + at, slots, len, hd, y);
     }
 }
 
@@ -298,14 +327,14 @@ static void plan(const int64_t *row_tables, const int64_t *context_lens, int64_t
 int realizar_paged_attention(
     const float *q_all,          /* [R, H, hd], rows q_stride floats apart */
     int64_t q_stride,
-    const float *key_cache,      /* [blocks, KV, bs, hd] */
-    const float *value_cache,    /* [blocks, KV, bs, hd] */
+    const void *key_cache,       /* [blocks, KV, bs, hd] float32, or float16 when half */
+    const void *value_cache,     /* [blocks, KV, bs, hd] */
     const int64_t *block_tables, /* [S, max_blocks] */
     const int64_t *row_tables,   /* [R] or NULL */
     const int64_t *context_lens, /* [R] tokens each query attends to, itself included */
     float *out_all,              /* [R, H, hd] */
     int64_t num_rows, int64_t max_blocks, int64_t block_size,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale)
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int half)
 {
     if (num_rows <= 0) return 0;
     struct attention_tile *tiles = malloc(sizeof *tiles * (size_t)num_rows);
@@ -320,7 +349,8 @@ int realizar_paged_attention(
         .block_tables = block_tables, .row_tables = row_tables, .context_lens = context_lens,
         .out_all = out_all, .max_blocks = max_blocks, .bs = block_size, .heads = num_heads,
         .kv_heads = num_kv_heads, .group = num_heads / num_kv_heads, .hd = head_dim,
-        .row = num_kv_heads * head_dim, .scale = scale, .failed = 0, .tiles = tiles, .singles = singles};
+        .row = num_kv_heads * head_dim, .scale = scale, .half = half, .failed = 0, .tiles = tiles,
+        .singles = singles};
     plan(row_tables, context_lens, num_rows, tiles, &A.num_tiles, singles, &A.num_singles);
     realizar_parallel(attend_unit, &A, A.num_tiles * num_kv_heads + A.num_singles);
     free(tiles);
@@ -328,19 +358,32 @@ int realizar_paged_attention(
     return atomic_load(&A.failed) ? -1 : 0;
 }
 
+/* hd floats at x as float16 at y, rounded to nearest even. */
+static void to_half(_Float16 *y, const float *x, int64_t hd) {
+    int64_t i = 0;
+    for (; i + 8 <= hd; i += 8) store8h(y + i, load8(x + i));
+    for (; i < hd; i++) y[i] = (_Float16)x[i];
+}
+
 void realizar_write_kv(
-    float *key_cache, float *value_cache,  /* [blocks, KV, bs, hd] */
-    const float *k, const float *v,        /* [T, KV, hd] (rows may be strided) */
+    void *key_cache, void *value_cache,  /* [blocks, KV, bs, hd] float32, or float16 when half */
+    const float *k, const float *v,      /* [T, KV, hd] (rows may be strided) */
     int64_t k_row_stride, int64_t v_row_stride,
-    const int64_t *slots, int64_t num_tokens, int64_t kv_heads, int64_t block_size, int64_t head_dim)
+    const int64_t *slots, int64_t num_tokens, int64_t kv_heads, int64_t block_size, int64_t head_dim, int half)
 {
     const size_t bytes = sizeof(float) * (size_t)head_dim;
     for (int64_t t = 0; t < num_tokens; t++) {
         const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
         for (int64_t g = 0; g < kv_heads; g++) {
             const int64_t at = ((block * kv_heads + g) * block_size + offset) * head_dim;
-            memcpy(key_cache + at, k + t * k_row_stride + g * head_dim, bytes);
-            memcpy(value_cache + at, v + t * v_row_stride + g * head_dim, bytes);
+            const float *kt = k + t * k_row_stride + g * head_dim, *vt = v + t * v_row_stride + g * head_dim;
+            if (half) {
+                to_half((_Float16 *)key_cache + at, kt, head_dim);
+                to_half((_Float16 *)value_cache + at, vt, head_dim);
+            } else {
+                memcpy((float *)key_cache + at, kt, bytes);
+                memcpy((float *)value_cache + at, vt, bytes);
+            }
         }
     }
 }

@@ -23,6 +23,10 @@
  * Register budget: with AVX-512 (32 vector registers) the query heads of a KV group are done
  * HEADS at a time, 3, sharing each broadcast element; with 16 registers (AVX2, NEON) one at a
  * time, so that the 8 sums stay in registers. The code is the same, in GCC vector extensions.
+ *
+ * A float16 cache's block is converted to float32 once per tile and KV head (its 16 tokens' keys
+ * and values: 2k conversions against the tile's 50k multiply-adds), and the float32 code runs on
+ * that copy: the same results, bit for bit, as a float32 cache holding the rounded values.
  */
 #include <math.h>
 #include <stdint.h>
@@ -103,11 +107,12 @@ static inline __attribute__((always_inline)) void tile_values(const int NH, cons
 /* One update of NH heads' running (m, l, o) by the nt tokens t0.. of one block, whose keys
  * and values are rows hd apart at k and v. Lanes whose length `lens` is at or below a token
  * get no weight from it (only when `masked`: some lane ends inside this run). The same rows
- * AHEAD blocks on, at ak and av (NULL: none), are prefetched a few lines per value pass. */
+ * AHEAD blocks on, `ahead_bytes` at ak and av (NULL: none), are prefetched a few lines per
+ * value pass. */
 static inline __attribute__((always_inline)) void tile_step(const int NH, const float *qt, const float *k,
                                                             const float *v, int nt, int64_t t0, int masked,
                                                             vi8 lens, int64_t hd, float scale, float *o, v8 *m, v8 *l,
-                                                            const float *ak, const float *av) {
+                                                            const char *ak, const char *av, int64_t ahead_bytes) {
     v8 s[HEADS][STEP];
     for (int t = 0; t < nt; t += TK) {
         const float *rows[TK];  /* past nt: the last key again, masked below */
@@ -137,11 +142,11 @@ static inline __attribute__((always_inline)) void tile_step(const int NH, const 
         l[j] = l[j] * alpha[j] + sum;
         m[j] = next;
     }
-    const int64_t passes = hd / CC, span = nt * hd;
+    const int64_t passes = hd / CC, span = ahead_bytes;
     int64_t c = 0;
     for (int64_t pass = 0; c + CC <= hd; c += CC, pass++) {
         if (ak)  /* lines [pass, pass + 1) * span / passes of each run, 64 bytes apart */
-            for (int64_t i = pass * span / passes / 16 * 16; i < (pass + 1) * span / passes; i += 16) {
+            for (int64_t i = pass * span / passes / 64 * 64; i < (pass + 1) * span / passes; i += 64) {
                 __builtin_prefetch(ak + i, 0, 2);
                 __builtin_prefetch(av + i, 0, 2);
             }
@@ -152,17 +157,19 @@ static inline __attribute__((always_inline)) void tile_step(const int NH, const 
 
 static void tile_steps(int64_t nh, const float *qt, const float *k, const float *v, int nt, int64_t t0,
                        int masked, vi8 lens, int64_t hd, float scale, float *o, v8 *m, v8 *l,
-                       const float *ak, const float *av) {
+                       const char *ak, const char *av, int64_t ahead_bytes) {
     for (int64_t j = 0; j < nh; j += HEADS) {
         const int64_t n = nh - j < HEADS ? nh - j : HEADS;
         const float *q = qt + j * hd * 8;
         float *oj = o + j * hd * 8;
         if (HEADS >= 3 && n == 3)
-            tile_step(HEADS >= 3 ? 3 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av);
+            tile_step(HEADS >= 3 ? 3 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av,
+                      ahead_bytes);
         else if (HEADS >= 2 && n == 2)
-            tile_step(HEADS >= 2 ? 2 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av);
+            tile_step(HEADS >= 2 ? 2 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av,
+                      ahead_bytes);
         else
-            tile_step(1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av);
+            tile_step(1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av, ahead_bytes);
         ak = av = NULL;  /* once per step */
     }
 }
@@ -173,7 +180,7 @@ void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t
     const int64_t group = A->group, hd = A->hd, bs = A->bs;
     static __thread float *buffer;
     static __thread int64_t capacity;
-    const int64_t need = 2 * group * hd * 8 + 2 * group * 8;
+    const int64_t need = 2 * group * hd * 8 + 2 * group * 8 + (A->half ? 2 * bs * hd : 0);
     if (need > capacity) {
         free(buffer);
         buffer = aligned_alloc(64, sizeof(float) * (size_t)((need + 15) / 16 * 16));
@@ -185,6 +192,7 @@ void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t
     }
     float *const qt = buffer, *const o = buffer + group * hd * 8;  /* [group][hd][8] each */
     v8 *const m = (v8 *)(o + group * hd * 8), *const l = m + group;
+    float *const kf = (float *)(l + group), *const vf = kf + bs * hd;  /* a float16 block as float32 */
 
     int32_t len[TILE];
     int64_t shortest = INT64_MAX, longest = 0;
@@ -207,20 +215,40 @@ void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t
     memset(o, 0, sizeof(float) * (size_t)(group * hd * 8));
 
     const int64_t *table = A->block_tables + A->row_tables[row0] * A->max_blocks;
+    const int64_t element = A->half ? 2 : 4;
     for (int64_t t0 = 0, blk = 0; t0 < longest; t0 += bs, blk++) {
         const int64_t at = (table[blk] * A->kv_heads + g) * bs * hd;
-        const float *kb = A->key_cache + at, *vb = A->value_cache + at;
-        const float *ak = NULL, *av = NULL;  /* scattered blocks, which no hardware prefetcher can follow */
+        const float *kb, *vb;
+        if (A->half) {
+            const int64_t count = (longest - t0 < bs ? longest - t0 : bs) * hd;
+            const _Float16 *kh = (const _Float16 *)A->key_cache + at, *vh = (const _Float16 *)A->value_cache + at;
+            int64_t i = 0;
+            for (; i + 8 <= count; i += 8) {
+                store8(kf + i, load8h(kh + i));
+                store8(vf + i, load8h(vh + i));
+            }
+            for (; i < count; i++) {
+                kf[i] = (float)kh[i];
+                vf[i] = (float)vh[i];
+            }
+            kb = kf;
+            vb = vf;
+        } else {
+            kb = (const float *)A->key_cache + at;
+            vb = (const float *)A->value_cache + at;
+        }
+        const char *ak = NULL, *av = NULL;  /* scattered blocks, which no hardware prefetcher can follow */
         if (t0 + AHEAD * bs < longest) {
-            const int64_t ahead = (table[blk + AHEAD] * A->kv_heads + g) * bs * hd;
-            ak = A->key_cache + ahead;
-            av = A->value_cache + ahead;
+            const int64_t ahead = (table[blk + AHEAD] * A->kv_heads + g) * bs * hd * element;
+            ak = (const char *)A->key_cache + ahead;
+            av = (const char *)A->value_cache + ahead;
         }
         for (int64_t off = 0; off < bs && t0 + off < longest; off += STEP) {
             int64_t nt = bs - off < STEP ? bs - off : STEP;
             nt = longest - (t0 + off) < nt ? longest - (t0 + off) : nt;
             tile_steps(group, qt, kb + off * hd, vb + off * hd, (int)nt, t0 + off, t0 + off + nt > shortest, lens, hd,
-                       A->scale, o, m, l, ak ? ak + off * hd : NULL, av ? av + off * hd : NULL);
+                       A->scale, o, m, l, ak ? ak + off * hd * element : NULL, av ? av + off * hd * element : NULL,
+                       nt * hd * element);
         }
     }
     for (int64_t j = 0; j < group; j++) {

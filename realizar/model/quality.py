@@ -28,6 +28,12 @@ MAX_PERPLEXITY_RATIO = 0.01
 # ``float32`` (weights dequantized at load) is the reference itself.
 QUANTIZED_CLASSES_PASSING_GATE = {"exact": True, "fast": True, "float32": True}
 
+# The gate's verdict on each KV-cache dtype the CPU kernels may store instead of float32, measured by
+# ``benchmarks/quality.py`` with each quantized class (float32 reference: float32 weights and KV). Only
+# a dtype marked True may be ``--kv-cache-dtype auto``'s choice; tests/golden/test_quality.py
+# re-measures it.
+KV_CACHE_DTYPES_PASSING_GATE = {"float16": True}
+
 
 @dataclass(frozen=True)
 class TeacherForced:
@@ -58,13 +64,16 @@ class QualityReport:
         return self.agreement >= MIN_AGREEMENT and abs(self.perplexity_ratio - 1) <= MAX_PERPLEXITY_RATIO
 
 
-def teacher_forced(model: LlamaModel, ids: list[int], chunk: int = 256) -> TeacherForced:
-    """Run ``ids`` through ``model`` as prefill chunks of ``chunk`` tokens over one paged cache, so
-    the logits of only one chunk ``[chunk, V]`` exist at a time."""
+def teacher_forced(model: LlamaModel, ids: list[int], chunk: int = 256,
+                   kv_dtype: torch.dtype | None = None) -> TeacherForced:
+    """Run ``ids`` through ``model`` as prefill chunks of ``chunk`` tokens over one paged cache of
+    ``kv_dtype`` (default: the model's dtype), so the logits of only one chunk ``[chunk, V]`` exist at
+    a time. Every chunk after the first attends to the earlier ones through the cache, so a cache
+    that stores less than float32 is measured as a server uses it."""
     block = 16
     blocks = -(-len(ids) // block)
     c = model.config
-    cache = KVCache(c.num_layers, blocks, block, c.num_kv_heads, c.head_dim, model.device, model.dtype)
+    cache = KVCache(c.num_layers, blocks, block, c.num_kv_heads, c.head_dim, model.device, kv_dtype or model.dtype)
     tokens = torch.tensor(ids)
     argmax, nll = [], []
     for start in range(0, len(ids) - 1, chunk):

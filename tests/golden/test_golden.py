@@ -87,3 +87,26 @@ def test_compiled_kernels_and_the_pure_torch_path_agree(ours_f32: EngineModel) -
     finally:
         model.backend = saved
     assert compiled == pure_torch
+
+
+def test_a_float16_kv_cache_on_the_kernels_and_on_the_torch_path_agree(ours_f32: EngineModel) -> None:
+    """``--kv-cache-dtype float16``: the C kernels (converting in registers) and torch's SDPA path (casting
+    the gathered cache) compute float32 attention over the same rounded K/V, so greedy output agrees;
+    and for these prompts it is float32's too."""
+    model = ours_f32.model
+    if not isinstance(model.backend, CpuKernelsBackend):
+        pytest.skip("the compiled kernels are not in use on this machine")
+    prompts = [ours_f32.tokenizer.encode(t, parse_special=True) for t in GOLDEN_PROMPTS]
+    config = EngineConfig(device="cpu", dtype="float32", kv_cache_dtype="float16")
+    engine = Engine(ours_f32, config)
+    assert engine.runner.cache.keys[0].dtype == torch.float16
+    compiled = greedy(engine, prompts, 24)
+    saved = model.backend
+    try:
+        model.backend = TorchBackend(model.device, model.dtype)
+        pure_torch = greedy(Engine(ours_f32, config), prompts, 24)
+    finally:
+        model.backend = saved
+    assert compiled == pure_torch
+    assert [c[:8] for c in compiled] == greedy(Engine(ours_f32, EngineConfig(device="cpu", dtype="float32")),
+                                               prompts, 8)

@@ -65,6 +65,8 @@ def test_health(client: httpx.Client) -> None:
         assert "Q4_1" in body["compute_path"] and "Q8_0" in body["compute_path"], body
         # and the activations' type with the class of quantized products (auto's choice on this CPU)
         assert re.search(r"(float32|int8) activations.*\((exact|fast) class\)", body["compute_path"]), body
+    # and what the KV cache stores (float16 on the CPU kernels unless --dtype float32)
+    assert body["compute_path"].endswith((", float16 KV cache", ", float32 KV cache", ", bfloat16 KV cache")), body
     assert r.headers["x-request-id"]
 
 

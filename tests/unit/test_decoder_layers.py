@@ -40,8 +40,9 @@ def steps() -> list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]:
 @pytest.mark.parametrize("qtype,fast,bias", [(QT.F32, False, False), (QT.Q4_1, False, False), (QT.Q4_1, True, False),
                                              (QT.Q6_K, True, False), (QT.Q8_0, False, True)],
                          ids=["float32", "q4_1-exact", "q4_1-fast", "q6_k-fast", "q8_0-bias"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["kv-float32", "kv-float16"])
 def test_fused_layers_equal_the_per_operation_forward(cpu_kernels: kernels.CpuKernels, tmp_path: Path, qtype: QT,
-                                                     fast: bool, bias: bool) -> None:
+                                                     fast: bool, bias: bool, kv_dtype: torch.dtype) -> None:
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, TinySpec(arch="qwen2" if bias else "llama"), qtype)
     loaded = load_model(path, keep_quantized=qtype != QT.F32)
@@ -49,7 +50,7 @@ def test_fused_layers_equal_the_per_operation_forward(cpu_kernels: kernels.CpuKe
     assert isinstance(model.backend, CpuKernelsBackend)
     assert model.backend._described(model) is not None  # the fused call runs, not the per-operation fallback
     c = model.config
-    fused_cache, plain_cache = (KVCache(c.num_layers, 8, 16, c.num_kv_heads, c.head_dim, CPU, torch.float32)
+    fused_cache, plain_cache = (KVCache(c.num_layers, 8, 16, c.num_kv_heads, c.head_dim, CPU, kv_dtype)
                                 for _ in range(2))
     for ids, positions, meta in steps():
         x = model.embed.rows(ids)

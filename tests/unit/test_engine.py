@@ -511,6 +511,95 @@ def test_a_cached_prefix_is_not_computed_again(served: EngineModel) -> None:
     assert_no_leak(engine)
 
 
+def test_idle_release_keeps_the_bounded_prefix_cache_and_its_tokens(served: EngineModel) -> None:
+    """Between bursts the engine gives back every block's memory but the held and cached ones within
+    ``prefix_cache_bytes``; the prefix kept still serves its K/V, and the greedy tokens do not change."""
+    system = prompt(45, 96)  # 6 full blocks
+    per_block = served.model.config.num_layers * 2 * 16 * served.model.config.num_kv_heads * \
+        served.model.config.head_dim * 4
+    engine = Engine(served, config(prefix_cache_bytes=8 * per_block))
+    assert engine.allocator.max_idle_cached == 8
+    engine.add(Request(system + prompt(1, 10), greedy(4), request_id="a"))
+    run(engine)
+    for i in range(2, 6):  # other prompts push the cached blocks past the bound
+        engine.add(Request(prompt(i, 40), greedy(4), request_id=f"other{i}"))
+    engine.add(Request(system + prompt(6, 10), greedy(4), request_id="b"))  # the system prompt, most recent
+    run(engine)
+    engine.release_idle_memory()
+    assert engine.allocator.num_cached <= 8 and engine.allocator.num_touched <= 8
+    engine.add(Request(system + prompt(7, 10), greedy(6), request_id="c"))
+    events = run(engine)["c"]
+    assert events[-1].num_cached_tokens == 96
+    assert tokens(events) == generate_alone(served, system + prompt(7, 10), greedy(6))
+    assert_no_leak(engine)
+
+
+def test_the_kv_cache_dtype_follows_the_flag_and_auto_is_float16_only_on_the_kernels(served: EngineModel) -> None:
+    from realizar import kernels
+    from realizar.cli import build_parser
+    from realizar.cli import engine_config as from_args
+    from realizar.engine.engine import resolve_kv_cache_dtype
+
+    cpu = torch.device("cpu")
+    on_kernels = kernels.for_tensors(cpu, torch.float32) is not None
+    auto = EngineConfig(device="cpu")
+    assert resolve_kv_cache_dtype(auto, cpu, torch.float32) == (torch.float16 if on_kernels else torch.float32)
+    # --dtype float32 is the exact configuration: float32 everywhere, the cache too
+    assert resolve_kv_cache_dtype(config(), cpu, torch.float32) == torch.float32
+    # torch's path (bfloat16 here) keeps the model's dtype unless asked
+    assert resolve_kv_cache_dtype(auto, cpu, torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype(config(kv_cache_dtype="float16"), cpu, torch.float32) == torch.float16  # type: ignore[arg-type]
+    assert resolve_kv_cache_dtype(EngineConfig(kv_cache_dtype="float32"), cpu, torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp8")  # type: ignore[arg-type]
+    args = build_parser().parse_args(["serve", "--demo", "--kv-cache-dtype", "float16"])
+    assert from_args(args).kv_cache_dtype == "float16"
+    assert from_args(build_parser().parse_args(["generate", "--demo", "hi"])).kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--demo", "--kv-cache-dtype", "int8"])
+    engine = Engine(served, config(kv_cache_dtype="float16"))  # type: ignore[arg-type]
+    assert engine.kv_dtype == torch.float16 and engine.runner.cache.keys[0].dtype == torch.float16
+    engine.add(Request(prompt(1, 20), greedy(5), request_id="x"))
+    assert len(tokens(run(engine)["x"])) == 5
+
+
+def test_the_torch_path_casts_what_it_writes_to_and_reads_from_a_float16_cache(served: EngineModel) -> None:
+    """A bfloat16 model (torch's path, as on CUDA) over an asked-for float16 cache: K/V are cast on the way
+    in and out, and this prompt's greedy tokens are those of the model's own bfloat16 cache."""
+    path = served.path
+    loaded = load_model(path, dtype=torch.bfloat16)
+    model = LlamaModel(loaded.config, loaded.tensors, torch.device("cpu"), torch.bfloat16)
+    bf16 = EngineModel(model, served.tokenizer, loaded.config, "tiny-bf16", path, "gguf", 0.0)
+    runs = {}
+    for kv in ("auto", "float16"):
+        engine = Engine(bf16, EngineConfig(device="cpu", dtype="bfloat16", kv_cache_dtype=kv))  # type: ignore[arg-type]
+        assert engine.runner.cache.keys[0].dtype == (torch.bfloat16 if kv == "auto" else torch.float16)
+        engine.add(Request(prompt(3, 20), greedy(8), request_id="x"))
+        runs[kv] = tokens(run(engine)["x"])
+    assert len(runs["float16"]) == 8 and runs["float16"] == runs["auto"], runs
+
+
+def test_the_compute_path_names_the_kv_cache_dtype(served: EngineModel) -> None:
+    engine = AsyncEngine(served, config(kv_cache_dtype="float16"))  # type: ignore[arg-type]
+    assert engine.kv_cache_dtype == "float16" and engine.compute_path.endswith(", float16 KV cache")
+    assert AsyncEngine(served, config()).compute_path.endswith(", float32 KV cache")
+
+
+def test_prefix_cache_mib_reaches_the_config() -> None:
+    from realizar.cli import CLIError, build_parser, engine_config
+
+    def parsed(*argv: str) -> EngineConfig:
+        return engine_config(build_parser().parse_args(["serve", "--demo", *argv]))
+
+    assert parsed().prefix_cache_bytes == 128 << 20
+    assert parsed("--prefix-cache-mib", "0").prefix_cache_bytes == 0
+    assert parsed("--prefix-cache-mib", "-1").prefix_cache_bytes is None
+    with pytest.raises(CLIError, match="prefix-cache-mib"):
+        parsed("--prefix-cache-mib", "-2")
+    with pytest.raises(ValueError, match="prefix_cache_bytes"):
+        EngineConfig(prefix_cache_bytes=-1)
+
+
 def test_prefix_caching_survives_preemption_with_few_blocks(served: EngineModel) -> None:
     system = prompt(42, 40)
     assert_preemption_keeps_greedy_tokens(served, [system + prompt(i, 10) for i in range(5)], 12)

@@ -19,10 +19,8 @@ CPU_FLAGS = set(next((line for line in Path("/proc/cpuinfo").read_text().splitli
                      "").split()) if Path("/proc/cpuinfo").exists() else set()
 
 
-# The generic x86-64 build (plain C loops) is left out: GCC takes about 2 minutes to scalarize its
-# 512-bit vector code, too long for the suite.
-@pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"})])
-def test_quantized_products_on_a_narrower_build(isa: str, needs: set[str], tmp_path: Path) -> None:
+def run_on_build(isa: str, needs: set[str], *pytest_args: str) -> None:
+    """``pytest pytest_args`` in a child process whose kernels are built for ``isa``."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("REALIZAR_KERNELS_ISA builds x86-64 targets")
     missing = needs - CPU_FLAGS
@@ -30,12 +28,26 @@ def test_quantized_products_on_a_narrower_build(isa: str, needs: set[str], tmp_p
         pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}")
     env = {**os.environ, "REALIZAR_KERNELS_ISA": isa, "PYTHONPATH": str(ROOT)}
     # one child process (a second one would import torch again): it reports the build the kernels loaded,
-    # then runs the quantized-product tests on that build
+    # then runs the tests on that build
     code = ("import sys\nfrom realizar import kernels\nprint('isa:', kernels.isa(), flush=True)\nimport pytest\n"
-            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/unit/test_quant_gemm.py', '-k', "
-            "'product_matches or fast_class or float16_scales or depend_on_the_batch']))")
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', *{list(pytest_args)!r}]))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.stdout.startswith(f"isa: {isa}\n"), result.stdout[-3000:] + result.stderr[-2000:]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+
+
+# The generic x86-64 build (plain C loops) is left out: GCC takes about 2 minutes to scalarize its
+# 512-bit vector code, too long for the suite.
+@pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"})])
+def test_quantized_products_on_a_narrower_build(isa: str, needs: set[str]) -> None:
+    run_on_build(isa, needs, "tests/unit/test_quant_gemm.py", "-k",
+                 "product_matches or fast_class or float16_scales or depend_on_the_batch")
+
+
+@pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"})])
+def test_float16_kv_attention_on_a_narrower_build(isa: str, needs: set[str]) -> None:
+    """The float16 KV cache's F16C conversions (vcvtph2ps/vcvtps2ph on 8 lanes) and the prompt tiles
+    of one query head at a time (16 registers)."""
+    run_on_build(isa, needs, "tests/unit/test_kv_half.py")

@@ -3,6 +3,8 @@ allocator's prefix cache (hash chain, reference counts, LRU eviction)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -140,3 +142,150 @@ def test_released_memory_reads_as_zeros_and_the_cache_still_works() -> None:
     assert not cache.keys[1].any() and not cache.values[1].any()
     cache.write(1, torch.tensor([5]), kv[:1], kv[:1])
     assert cache.keys[1][0, :, 5].eq(1).all() and cache.keys[1].sum().item() == 3 * 64
+
+
+# -- what the allocator touches, and what it gives back ------------------------------------------
+
+
+def test_a_freed_block_is_reused_before_a_never_written_one() -> None:
+    alloc = BlockAllocator(8, 4)
+    first = [alloc.allocate() for _ in range(3)]
+    assert first == [0, 1, 2] and alloc.num_touched == 3  # never-written blocks lowest id first
+    alloc.free(first[0])
+    alloc.free(first[2])
+    assert alloc.allocate() == first[2] and alloc.allocate() == first[0]  # the last freed first
+    assert alloc.num_touched == 3
+    assert alloc.allocate() == 3 and alloc.num_touched == 4
+
+
+def register_run(alloc: BlockAllocator, count: int, seed: int) -> list[int]:
+    """A sequence's ``count`` full blocks, each registered under its own prefix key."""
+    table, key = [], None
+    for i in range(count):
+        key = hash_block(key, [seed, i])
+        table.append(alloc.allocate())
+        alloc.register(table[-1], key)
+    return table
+
+
+def test_cached_blocks_past_the_bound_are_evicted_before_a_new_block_is_touched() -> None:
+    alloc = BlockAllocator(16, 4, max_idle_cached=2)
+    alloc.free_all(register_run(alloc, 4, seed=1))  # 4 cached blocks nobody holds: over the bound
+    assert alloc.num_cached == 4 and alloc.num_touched == 4
+    head = alloc.lookup(hash_block(None, [1, 0]))
+    # the least recently freed (the tail: a sequence is freed last block first) is evicted, not block 4 touched
+    assert [alloc.allocate(), alloc.allocate()] == [3, 2]
+    assert alloc.num_touched == 4 and alloc.num_cached == 2
+    # 2 cached blocks may keep their memory: a never-written block rather than one of them
+    assert alloc.allocate() == 4 and alloc.lookup(hash_block(None, [1, 0])) == head
+
+
+def test_without_a_bound_cached_blocks_stay_until_the_pool_runs_out() -> None:
+    alloc = BlockAllocator(16, 4)  # max_idle_cached=None: memory allocated up front (CUDA)
+    alloc.free_all(register_run(alloc, 4, seed=1))
+    assert [alloc.allocate() for _ in range(12)] == list(range(4, 16))
+    assert alloc.num_cached == 4 and alloc.allocate() == 3  # only now one is evicted
+
+
+@pytest.mark.parametrize("bound", [None, 0, 8])
+def test_a_run_of_distinct_prompts_touches_at_most_its_peak_plus_the_bound(bound: int | None) -> None:
+    """64 waves of 4 sequences of 5 registered blocks each (distinct prompts): an unbounded prefix
+    cache walks over the whole pool; a bounded one keeps reusing what the first waves touched."""
+    alloc = BlockAllocator(2048, 16, max_idle_cached=bound)
+    for wave in range(64):
+        tables = [register_run(alloc, 5, seed=wave * 4 + s) for s in range(4)]
+        for table in tables:
+            alloc.free_all(table)
+    if bound is None:
+        assert alloc.num_touched == 64 * 4 * 5  # every block ever written is still cached
+    else:
+        assert alloc.num_touched <= 4 * 5 + bound
+        assert alloc.num_cached <= 4 * 5 + bound
+    assert alloc.num_free == 2048
+
+
+def test_release_idle_trims_the_cache_to_its_bound_packs_it_low_and_names_the_blocks_to_keep() -> None:
+    alloc = BlockAllocator(16, 4, max_idle_cached=3)
+    old = register_run(alloc, 3, seed=1)  # blocks 0-2
+    held = register_run(alloc, 2, seed=2)  # 3-4
+    plain = [alloc.allocate() for _ in range(2)]  # 5-6
+    alloc.free_all(old[:])  # cached, least recently freed
+    recent = register_run(alloc, 3, seed=3)  # 7-9
+    alloc.free_all(recent[:])  # cached, most recently freed
+    alloc.free_all(plain[:])
+    assert (old, held, plain, recent) == ([0, 1, 2], [3, 4], [5, 6], [7, 8, 9]) and alloc.num_touched == 10
+    keep, moves = alloc.release_idle()
+    # the 3 older cached blocks are evicted; the 3 recent ones move into the lowest ids nobody holds
+    assert sorted(moves) == [(7, 2), (8, 1), (9, 0)]  # freed last first: 9 is the least recently freed
+    assert keep == [0, 1, 2, 3, 4] and alloc.num_cached == 2 + 3
+    key = None
+    for i, block in enumerate((2, 1, 0)):  # the recent run's prefix keys follow its blocks
+        key = hash_block(key, [3, i])
+        assert alloc.lookup(key) == block and alloc.block_hash(block) == key
+    assert all(alloc.block_hash(b) is None for b in range(5, 16)) and alloc.lookup(hash_block(None, [1, 0])) is None
+    # held blocks are untouched; what was released counts as never written: the lowest ids go first
+    assert alloc.ref_count(3) == alloc.ref_count(4) == 1 and alloc.num_touched == 5
+    assert alloc.allocate() == 5
+    # the order of eviction survives the move: the least recently freed goes first
+    for block in held:
+        alloc.free(block)
+    alloc.max_idle_cached = 0
+    while alloc.num_cached:
+        alloc.allocate()
+    assert alloc.num_touched == 6
+
+
+def test_without_a_bound_release_idle_moves_nothing() -> None:
+    alloc = BlockAllocator(8, 4)
+    table = register_run(alloc, 4, seed=1)
+    alloc.free_all(table[2:])
+    keep, moves = alloc.release_idle()
+    assert moves == [] and keep == [0, 1, 2, 3] and alloc.num_cached == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_copied_blocks_carry_their_keys_and_values(dtype: torch.dtype) -> None:
+    cache = KVCache(2, 8, 16, 1, 64, torch.device("cpu"), dtype)
+    for layer in range(2):
+        for block in range(8):
+            cache.keys[layer][block] = block
+            cache.values[layer][block] = -block
+    cache.copy_blocks([(6, 1), (7, 0)])
+    for layer in range(2):
+        assert cache.keys[layer][0].eq(7).all() and cache.values[layer][1].eq(-6).all()
+        assert cache.keys[layer][6].eq(6).all() and cache.keys[layer][2].eq(2).all()
+
+
+def page_block_cache(num_blocks: int) -> KVCache:
+    """A CPU cache whose block is one 4 KiB page per tensor (1 head x 16 tokens x 64 floats)."""
+    return KVCache(2, num_blocks, 16, 1, 64, torch.device("cpu"), torch.float32)
+
+
+def test_released_blocks_read_as_zeros_and_the_kept_ones_keep_their_contents() -> None:
+    cache = page_block_cache(64)
+    for layer in range(2):
+        cache.keys[layer][:] = 1.0
+        cache.values[layer][:] = 2.0
+    keep = [0, 5, 6, 63]
+    cache.release_blocks(keep)
+    for layer in range(2):
+        for tensor, value in ((cache.keys[layer], 1.0), (cache.values[layer], 2.0)):
+            assert tensor[keep].eq(value).all()
+            assert not tensor[[b for b in range(64) if b not in keep]].any()
+    cache.keys[1][7] = 3.0  # a released block works again
+    assert cache.keys[1][7].eq(3.0).all() and cache.keys[1][6].eq(1.0).all()
+
+
+def anon_kib() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssAnon")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")
+def test_released_blocks_leave_resident_memory() -> None:
+    cache = page_block_cache(8192)  # 2 x 2 tensors of 32 MiB
+    for tensor in cache.keys + cache.values:
+        tensor.fill_(1.0)
+    before = anon_kib()
+    cache.release_blocks(list(range(0, 8192, 1024)))  # 8 blocks of each tensor stay
+    assert before - anon_kib() > 100 * 1024  # of 128 MiB written

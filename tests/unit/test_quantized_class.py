@@ -34,7 +34,7 @@ def timings(monkeypatch: pytest.MonkeyPatch) -> dict[bool, float]:
     """Step seconds per class (keyed by ``fast``), returned by the patched timer."""
     table = {False: 0.010, True: 0.004}
     monkeypatch.setattr(engine_module, "decode_step_seconds",
-                        lambda model, n: (0.05 if model.kind == "float32" else table[model.fast]) * n)
+                        lambda model, n, **_kw: (0.05 if model.kind == "float32" else table[model.fast]) * n)
     monkeypatch.delenv("REALIZAR_QUANTIZED", raising=False)
     return table
 
@@ -84,7 +84,7 @@ def test_a_timed_choice_is_remembered_for_the_next_start(timings: dict[bool, flo
     monkeypatch.setenv("REALIZAR_CACHE_DIR", str(tmp_path))
     timed: list[bool] = []
     monkeypatch.setattr(engine_module, "decode_step_seconds",
-                        lambda model, n: timed.append(model.fast) or timings[model.fast] * n)  # type: ignore[func-returns-value]
+                        lambda model, n, **_kw: timed.append(model.fast) or timings[model.fast] * n)  # type: ignore[func-returns-value]
     assert choose_quantized_class(Built, True, remember="key-1").fast  # type: ignore[arg-type]
     assert timed and (tmp_path / "quantized-class-choices.json").exists()
     timed.clear()
