@@ -41,6 +41,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +149,13 @@ def measure_server(name: str, args: argparse.Namespace) -> dict[str, Any]:
             for c in args.concurrency:
                 n = max(args.min_requests, args.waves * c)
                 print(f"[{name}] concurrency {c}: {n} requests ...", file=sys.stderr, flush=True)
-                result = run(run_closed_loop(server.url, workload, c, n, first_index=first))
+                with RssPeak(server) as peak:
+                    result = run(run_closed_loop(server.url, workload, c, n, first_index=first))
                 first += n
                 summary = result.summary()
                 summary["length_warning"] = check_lengths(summary, args.output_len)
+                summary["rss_peak_mib"] = peak.mib
+                time.sleep(SETTLE_S)  # what the server keeps once the level is over, not what it frees on its way
                 summary["rss_mib"] = server.rss_mib()
                 out["levels"][c] = summary
                 print(f"[{name}] concurrency {c}: {summary['output_tok_s']:.1f} output tok/s, "
@@ -203,7 +208,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     if any(s.get("length_warning") for r in results for s in r["levels"].values()):
         lines += ["", "(!) output lengths were not all exactly the requested length; see the details."]
     lines += ["", "| server | c | requests | failed | out len min..max | TTFT p50 / p99 ms | ITL p50 / p99 ms "
-              "| E2E p50 ms | RSS MiB |",
+              f"| E2E p50 ms | RSS MiB peak / {SETTLE_S:g} s after |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for c in args.concurrency:
@@ -213,11 +218,39 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             lines.append(
                 f"| {r['server']} | {c} | {s['requests']} | {s['failed']} | {s['output_len_min']}..{s['output_len_max']}"
                 f" ({s['tokens_from']}) | {fmt(s['ttft_p50_ms'], 0)} / {fmt(s['ttft_p99_ms'], 0)} "
-                f"| {fmt(s['itl_p50_ms'])} / {fmt(s['itl_p99_ms'])} | {fmt(s['e2e_p50_ms'], 0)} | {fmt(s['rss_mib'], 0)} |")
+                f"| {fmt(s['itl_p50_ms'])} / {fmt(s['itl_p99_ms'])} | {fmt(s['e2e_p50_ms'], 0)} "
+                f"| {fmt(s.get('rss_peak_mib'), 0)} / {fmt(s['rss_mib'], 0)} |")
     errors = [(r["server"], c, s["errors"]) for r in results for c, s in r["levels"].items() if s["errors"]]
     for name, c, errs in errors:
         lines.append(f"\n{name} at concurrency {c}: errors {errs}")
     return "\n".join(lines) + "\n"
+
+
+SETTLE_S = 1.0  # seconds between the end of a level and the RSS read after it
+
+
+class RssPeak:
+    """The largest RSS of a server (and its children) sampled every 0.2 s while the block runs."""
+
+    def __init__(self, server: ManagedServer) -> None:
+        self.server, self.mib = server, 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.mib = max(self.mib, self.server.rss_mib())
+            if self._done.wait(0.2):
+                return
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.mib = max(self.mib, self.server.rss_mib())
 
 
 def plot(results: list[dict[str, Any]], args: argparse.Namespace, path: Path) -> None:

@@ -765,12 +765,57 @@ static inline i32x16 dot4_signed(i32x16 acc, u8x64 w, int32_t x4) {
 #endif
 }
 
+#if defined(YMM)
+static inline __attribute__((always_inline)) void fast_scales8(const int kind, const uint8_t *p, const int h, v8 *d0,
+                                                               v8 *d1, v8 *min) {
+    const int64_t step = (kind & FAST_HALF) ? 32 : 64;
+    p += h * step / 2;
+#define FAST_SCALE8(q) ((kind & FAST_HALF) ? halves8(q) : load8((const float *)(q)))
+    *d0 = FAST_SCALE8(p);
+    if (kind & FAST_TWO_D) p += step;
+    *d1 = FAST_SCALE8(p);
+    *min = (kind & FAST_MIN) ? FAST_SCALE8(p + step) : (v8){0};
+#undef FAST_SCALE8
+}
+
+/* dequantize_fast in halves of 8 rows: 8-lane vectors, as AVX2's 16 registers want (the 16-lane
+ * form spills there: a 16-row step of the demo model took 92 ms against the exact class's 31) */
+static inline __attribute__((always_inline)) void dequantize_fast8(const int KIND, int c, const uint8_t *rec,
+                                                                   float *out) {
+    const int nibbles = (KIND & FAST_KIND) == FAST_NIBBLES;
+    for (int h = 0; h < 2; h++) {
+        v8 d0, d1, min;
+        fast_scales8(KIND, rec + (nibbles ? 256 : 512), h, &d0, &d1, &min);
+#pragma GCC unroll 8
+        for (int t = 0; t < (nibbles ? 4 : 8); t++) {
+            vi8 v;
+            memcpy(&v, rec + 64 * t + 32 * h, sizeof v);
+            for (int i = 0; i < 4; i++) {
+                for (int s = 0; s < (nibbles ? 2 : 1); s++) {
+                    const int k = nibbles ? 16 * s + 4 * t + i : 4 * t + i;
+                    vi8 u;
+                    if (nibbles) u = (v >> (8 * i + 4 * s)) & 15;
+                    else if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) u = (v << (24 - 8 * i)) >> 24;
+                    else u = (v >> (8 * i)) & 255;
+                    v8 w = __builtin_convertvector(u - c, v8) * (k < 16 ? d0 : d1);
+                    if (KIND & FAST_MIN) w = rounded8(w) + min;
+                    store8(out + 16 * k + 8 * h, w);
+                }
+            }
+        }
+    }
+}
+#endif
+
 /* The 32 x 16 weights of one fast record, k-major (out[k * 16 + j] = W[row j][term k]), as the
  * exact class dequantizes them: (u - c) * d, rounded, then + min. The integers of term 4t + i sit
  * in byte i of every 32-bit lane of vector t (nibbles: terms 4t + i and 16 + 4t + i), so a lane
  * shift gives a term for all 16 rows. */
 static inline __attribute__((always_inline)) void dequantize_fast(const int KIND, int c, const uint8_t *rec,
                                                                   float *out) {
+#if defined(YMM)
+    dequantize_fast8(KIND, c, rec, out);
+#else
     const int nibbles = (KIND & FAST_KIND) == FAST_NIBBLES;
     f32x16 d0, d1, min;
     fast_scales(KIND, rec + (nibbles ? 256 : 512), &d0, &d1, &min);
@@ -791,6 +836,7 @@ static inline __attribute__((always_inline)) void dequantize_fast(const int KIND
             }
         }
     }
+#endif
 }
 
 #define FAST_DEQUANTIZE_CASE(K_) \
@@ -901,18 +947,6 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
 
 #if defined(YMM)
 /* fast_scales for rows 8h .. 8h + 7 */
-static inline __attribute__((always_inline)) void fast_scales8(const int kind, const uint8_t *p, const int h, v8 *d0,
-                                                               v8 *d1, v8 *min) {
-    const int64_t step = (kind & FAST_HALF) ? 32 : 64;
-    p += h * step / 2;
-#define FAST_SCALE8(q) ((kind & FAST_HALF) ? halves8(q) : load8((const float *)(q)))
-    *d0 = FAST_SCALE8(p);
-    if (kind & FAST_TWO_D) p += step;
-    *d1 = FAST_SCALE8(p);
-    *min = (kind & FAST_MIN) ? FAST_SCALE8(p + step) : (v8){0};
-#undef FAST_SCALE8
-}
-
 static inline __m256i ints32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
 /* fast_tile in halves of 8 lanes (one panel: FAST_PANELS is 1): the integer dot products with
