@@ -253,7 +253,9 @@ class CpuKernelsBackend:
         if not quantized:
             return f"cpu kernels {kernels.isa()}, float32 weights and activations"
         formats = sorted({f for lin in quantized for f in lin.formats})
-        activations = (f"2 x int8 activations up to {self.kernels.fast_max_rows} rows, float32 beyond (fast class)"
-                       if any(lin.fast for lin in quantized) else "float32 activations (exact class)")
+        rows = self.kernels.fast_max_rows
+        int8 = "2 x int8 activations" + (f" up to {rows} rows, float32 beyond" if rows < 1 << 20 else "")
+        exact = "float32 activations (exact class)"
+        activations = f"{int8} (fast class)" if any(lin.fast for lin in quantized) else exact
         kept = "" if len(quantized) == len(linears) else f", {len(linears) - len(quantized)} float32 layers"
         return f"cpu kernels {kernels.isa()}, {'+'.join(formats)} weights kept quantized{kept}, {activations}"

@@ -277,7 +277,7 @@ def test_fast_class_is_the_product_with_int8_activations(cpu_kernels: kernels.Cp
         weight = quantized(qtype, n, k, seed=n + k)
         w, p = weight.dequantize().double(), fast_packed(weight, wide)
         gen = torch.Generator().manual_seed(k)
-        for m in sorted({1, 3, cpu_kernels.fast_max_rows}):
+        for m in sorted({1, 3, min(cpu_kernels.fast_max_rows, 70)}):
             x = torch.randn(m, k, generator=gen)
             if k > 32:
                 x[0, :32] = 0  # an all-zero block has d = 0
@@ -294,6 +294,8 @@ def test_fast_class_is_the_product_with_int8_activations(cpu_kernels: kernels.Cp
 def test_fast_class_beyond_its_rows_is_the_exact_product(cpu_kernels: kernels.CpuKernels, qtype: QT) -> None:
     """More rows than ``fast_max_rows`` are multiplied exactly from the fast records: the exact class's
     products bit for bit (ragged N, two widths, both byte layouts)."""
+    if cpu_kernels.fast_max_rows >= 70:
+        pytest.skip(f"this build ({kernels.isa()}) multiplies every row with integer products")
     for (n, k), wide in itertools.product(zip((37, 100), widths(qtype)[1:], strict=True), byte_layouts(cpu_kernels)):
         weight = quantized(qtype, n, k, seed=n + k)
         gen = torch.Generator().manual_seed(k)
