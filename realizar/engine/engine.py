@@ -227,7 +227,8 @@ def _remember(key: str, choice: str) -> None:
 
 
 # auto also times float32 weights (dequantized at load) where they take at most this much: a safety
-# net for a CPU whose quantized kernels are slow (the AVX2 build's, measured), never a 4 GiB model
+# net for a CPU whose quantized kernels are slow (a generic x86-64 build's; the AVX2 build's were, 20x,
+# before their 8-lane tiles), never a 4 GiB model
 FLOAT32_CANDIDATE_BYTES = 1 << 30
 
 
