@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -15,7 +16,7 @@ import pytest
 
 from realizar.loadtest.server_process import ServerProcess, free_port
 
-__all__ = ["ROOT", "ServerProcess", "free_port", "hf_converted", "start_server"]
+__all__ = ["ROOT", "ServerProcess", "free_port", "hf_converted", "servers_together", "start_server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +33,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "load" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def servers_together(started: dict[str, ServerProcess]) -> Iterator[dict[str, ServerProcess]]:
+    """Servers started with ``wait_ready=False``, all ready before the block, all stopped after it:
+    their start-ups overlap instead of queueing."""
+    try:
+        for server in started.values():
+            server.wait_until_ready()
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
 
 
 def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None,

@@ -12,6 +12,24 @@ typedef float v8 __attribute__((vector_size(32)));  /* 8 floats: one AVX registe
 
 static inline v8 load8(const float *p) { v8 x; memcpy(&x, p, sizeof x); return x; }
 static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+/* A 16-column panel of one output row, its two 8-lane halves: stored, or added to what is there
+ * (`accumulate`); only the first `cols` columns where the panel is the last, partial one of N. */
+static inline void store_panel(float *dst, v8 lo, v8 hi, int64_t cols, int accumulate) {
+    if (cols == 16) {
+        if (accumulate) {
+            lo += load8(dst);
+            hi += load8(dst + 8);
+        }
+        store8(dst, lo);
+        store8(dst + 8, hi);
+    } else {
+        float out[16] = {0};
+        if (accumulate) memcpy(out, dst, (size_t)cols * sizeof(float));
+        store8(out, lo + load8(out));
+        store8(out + 8, hi + load8(out + 8));
+        memcpy(dst, out, (size_t)cols * sizeof(float));
+    }
+}
 static inline float sum8(v8 x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
 
 /* exp(x) for x <= 0 to about 1 ulp, in plain arithmetic so loops over it vectorize:

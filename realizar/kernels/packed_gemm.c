@@ -59,21 +59,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int G,
     for (int r = 0; r < R; r++) {
         for (int g = 0; g < G; g++) {
             float *dst = y + r * ldy + g * NR;
-            v8 lo = acc[r * 2 * G + 2 * g], hi = acc[r * 2 * G + 2 * g + 1];
-            if (cols == NR) {
-                if (accumulate) {
-                    lo += load8(dst);
-                    hi += load8(dst + 8);
-                }
-                store8(dst, lo);
-                store8(dst + 8, hi);
-            } else {  /* the last panel of an N that is not a multiple of 16 (G is 1) */
-                float out[NR] = {0};
-                if (accumulate) memcpy(out, dst, (size_t)cols * sizeof(float));
-                store8(out, lo + load8(out));
-                store8(out + 8, hi + load8(out + 8));
-                memcpy(dst, out, (size_t)cols * sizeof(float));
-            }
+            store_panel(dst, acc[r * 2 * G + 2 * g], acc[r * 2 * G + 2 * g + 1], cols, accumulate);
         }
     }
 }

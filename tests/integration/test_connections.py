@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, servers_together, start_server
 
 LIMIT_FLAGS = ("--idle-timeout", "1", "--header-timeout", "1", "--body-timeout", "1", "--max-connections", "16",
                "--max-header-bytes", "8192", "--max-headers", "20", "--request-timeout", "3",
@@ -42,13 +42,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         "stuck_readers": start_server(tmp_path_factory.mktemp("stuck_readers"), "--shutdown-timeout", "3",
                                       "--request-timeout", "600", "--max-body-bytes", "4000000", wait_ready=False),
     }
-    try:
-        for server in started.values():
-            server.wait_until_ready()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    with servers_together(started) as ready:
+        yield ready
 
 
 @pytest.fixture(scope="module")

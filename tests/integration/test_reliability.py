@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, servers_together, start_server
 from tests.faulty_server import FAULT_SEED
 
 API_KEY = "test-secret-key"
@@ -46,13 +46,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         "faulty": start_server(tmp_path_factory.mktemp("faulty"), "--shutdown-timeout", "120",
                                module="tests.faulty_server", wait_ready=False),
     }
-    try:
-        for server in started.values():
-            server.wait_until_ready()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    with servers_together(started) as ready:
+        yield ready
 
 
 @pytest.fixture(scope="module")
