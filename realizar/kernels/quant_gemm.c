@@ -850,6 +850,8 @@ struct fjob {
     const int8_t *xq;         /* [M, K] */
     const float *dx;          /* [M, K / 32] */
     const int32_t *sx;        /* [M, K / 16]: sums of x_q over each half block */
+    const float *dxs;         /* [M, K / 32]: d_x times the block's sum of x_q (the min's factor) */
+    const int32_t *cs;        /* [M, K / 32]: c times the block's sum of x_q */
     const uint8_t *w;
     float *y;
     int64_t M, N, K, ldy;
@@ -921,15 +923,16 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
                 }
                 /* x = d_x (256 a + b): |sums| < 2^20 per block (32 terms of |u| <= 255 by |a| <= 127), so
                  * 256 a + b and c S stay well inside int32 */
-                const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
                 const float dx = j->dx[(m + r) * blocks + b];
                 if (KIND & FAST_TWO_D) {
+                    const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
                     const f32x16 i0 = __builtin_convertvector((lo_a << 8) + lo_b - j->c * s0, f32x16);
                     const f32x16 i1 = __builtin_convertvector((hi_a << 8) + hi_b - j->c * s1, f32x16);
                     acc[r * G + g] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
-                } else {
-                    const f32x16 i = __builtin_convertvector((lo_a << 8) + lo_b - j->c * (s0 + s1), f32x16);
-                    acc[r * G + g] += (dx * d0) * i + min * (dx * (float)(s0 + s1));
+                } else {  /* the row's per-block factors, computed once for all panels */
+                    const int64_t at = (m + r) * blocks + b;
+                    const f32x16 i = __builtin_convertvector((lo_a << 8) + lo_b - j->cs[at], f32x16);
+                    acc[r * G + g] += (dx * d0) * i + min * j->dxs[at];
                 }
             }
         }
@@ -1129,7 +1132,7 @@ int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int 
     if (M > FAST_MAX_ROWS) return buffered_gemm(x, ldx, w, kind, 1, c, y, ldy, M, N, K);
     static __thread uint8_t *buffer;
     static __thread int64_t capacity;
-    const int64_t need = 2 * M * K + M * (K / QK) * 4 + M * (K / 16) * 4 + 64;
+    const int64_t need = 2 * M * K + 3 * M * (K / QK) * 4 + M * (K / 16) * 4 + 64;
     if (need > capacity) {
         free(buffer);
         buffer = aligned_alloc(64, (size_t)((need + 63) / 64 * 64));
@@ -1138,12 +1141,19 @@ int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int 
     }
     float *dx = (float *)buffer;
     int32_t *sx = (int32_t *)(buffer + M * (K / QK) * 4);
-    int8_t *xq = (int8_t *)(buffer + M * (K / QK) * 4 + M * (K / 16) * 4);
+    float *dxs = (float *)(buffer + M * (K / QK) * 4 + M * (K / 16) * 4);
+    int32_t *cs = (int32_t *)(buffer + 2 * M * (K / QK) * 4 + M * (K / 16) * 4);
+    int8_t *xq = (int8_t *)(buffer + 3 * M * (K / QK) * 4 + M * (K / 16) * 4);
     quantize_rows(x, ldx, M, K, xq, dx, sx);
+    for (int64_t i = 0; i < M * (K / QK); i++) {
+        const int32_t sum = sx[2 * i] + sx[2 * i + 1];
+        dxs[i] = dx[i] * (float)sum;
+        cs[i] = c * sum;
+    }
     const int64_t panels = (N + NR - 1) / NR, threads = realizar_threads(), units_per_thread = 4;
     int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
     chunk = (chunk + FAST_PANELS - 1) / FAST_PANELS * FAST_PANELS;
-    const struct fjob j = {.xq = xq, .dx = dx, .sx = sx, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
+    const struct fjob j = {.xq = xq, .dx = dx, .sx = sx, .dxs = dxs, .cs = cs, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
                            .kind = kind, .c = c, .chunk = chunk};
     realizar_parallel(run_fast_unit, &j, (panels + chunk - 1) / chunk);
     return 0;
