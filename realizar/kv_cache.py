@@ -222,7 +222,8 @@ class KVCache:
         self.num_blocks = num_blocks
         self.dtype = dtype
         shape = (num_blocks, num_kv_heads, block_size, head_dim)
-        self._block_bytes = num_kv_heads * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
+        # one block of one layer's K (or V): bytes_per_block counts K and V of every layer
+        self._block_bytes = self.bytes_per_block(1, block_size, num_kv_heads, head_dim, dtype) // 2
         if device.type == "cpu":
             storage, self._host_area, self._host_offsets = _host_zeros(2 * num_layers, shape, dtype)
             self._host_stride = self._host_offsets[1] - self._host_offsets[0] if num_layers else 0
@@ -235,12 +236,6 @@ class KVCache:
         """Whether the tensors live in the CPU mapping whose pages :meth:`release_blocks` can give back
         (a CUDA cache is allocated up front)."""
         return self._host_area is not None
-
-    def release_memory(self) -> None:
-        """Give the pages of a CPU cache back to the OS; they read as zeros when next touched. For a
-        cache whose contents no one needs any more."""
-        if self._host_area is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._host_area.madvise(mmap.MADV_DONTNEED)
 
     def copy_blocks(self, moves: Sequence[tuple[int, int]]) -> None:
         """Copy the K/V of block ``a`` into block ``b`` for each ``(a, b)`` of ``moves``, every layer (no

@@ -10,8 +10,8 @@
 - **GGUF block-quantized weights** (:class:`QuantLinear`): kept in their blocks, repacked once
   into ``quant_gemm.c``'s records, dequantized exactly in the kernel. A decode step then reads
   0.6-1.1 bytes per weight instead of 4. Its fast class (``fast=True``: each activation as two
-  int8 terms, integer dot products, for steps of a few rows; the exact products for more) is not
-  exact but passes the quality gate
+  int8 terms, integer dot products: every row with VNNI, up to ``fast_max_rows`` rows elsewhere and
+  the exact products for more) is not exact but passes the quality gate
   (``benchmarks/quality.py``); ``auto`` times both classes at load and keeps the faster.
 - **RMSNorm, RoPE, SiLU-and-multiply** (``pointwise.c``): one pass each.
 - **Attention** (``paged_attention.c``, ``prefill_attention.c``): all of a step's queries in one
@@ -254,7 +254,7 @@ class CpuKernelsBackend:
             return f"cpu kernels {kernels.isa()}, float32 weights and activations"
         formats = sorted({f for lin in quantized for f in lin.formats})
         rows = self.kernels.fast_max_rows
-        int8 = "2 x int8 activations" + (f" up to {rows} rows, float32 beyond" if rows < 1 << 20 else "")
+        int8 = "2 x int8 activations" + (f" up to {rows} rows, float32 beyond" if rows < kernels.FAST_EVERY_ROW else "")
         exact = "float32 activations (exact class)"
         activations = f"{int8} (fast class)" if any(lin.fast for lin in quantized) else exact
         kept = "" if len(quantized) == len(linears) else f", {len(linears) - len(quantized)} float32 layers"

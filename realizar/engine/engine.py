@@ -118,19 +118,18 @@ def resolve_threads(threads: int | None) -> tuple[int, int]:
     return matmul, max(1, matmul - 1)
 
 
-def _return_free_heap() -> None:
-    """Give the heap that loading freed back to the OS (glibc keeps it otherwise, much of it in
-    the load threads' malloc arenas): idle RSS then holds the model, not the load's peak (23 MiB
-    less for the demo model with quantized weights)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL(None).malloc_trim(0)
-
-
 def _trim_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere)."""
+    """Give the heap's free pages back to the OS (glibc keeps them otherwise, much of it in other
+    threads' malloc arenas; not glibc: nothing to trim)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def _return_free_heap() -> None:
+    """Give the heap that loading freed back to the OS: idle RSS then holds the model, not the load's
+    peak (23 MiB less for the demo model with quantized weights)."""
+    gc.collect()
+    _trim_heap()
 
 
 def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:

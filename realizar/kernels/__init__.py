@@ -124,6 +124,7 @@ class QuantPacked:
 
 
 FAST_HALF, FAST_TWO_D, FAST_MIN = 8, 16, 32  # quant_gemm.c's flags of a fast record's scales
+FAST_EVERY_ROW = 1 << 30  # quant_gemm.c's FAST_MAX_ROWS where every row takes the integer products (VNNI)
 
 
 @dataclass(frozen=True)

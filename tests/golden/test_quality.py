@@ -3,6 +3,7 @@ class and each KV-cache dtype that ``auto`` may choose passes it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from realizar import kernels
 from realizar.engine.engine import EngineModel
-from realizar.loading import default_model_path, load_model
+from realizar.loading import LoadedModel, default_model_path, load_model
 from realizar.model.llama import LlamaModel
 from realizar.model.quality import (
     KV_CACHE_DTYPES_PASSING_GATE,
@@ -22,14 +23,29 @@ from realizar.model.quality import (
 TEXT = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "quality_text.md"
 
 
-def test_quantized_classes_against_float32_on_a_short_text(ours_f32: EngineModel) -> None:
+@dataclass(frozen=True)
+class Setup:
+    compiled: kernels.CpuKernels
+    loaded: LoadedModel
+    ids: list[int]
+    floats: dict[str, torch.Tensor]  # every weight dequantized: the float32 reference's
+
+
+@pytest.fixture(scope="module")
+def setup(ours_f32: EngineModel) -> Setup:
+    """The default model kept quantized, 320 tokens of the fixed text, and its weights in float32."""
     compiled = kernels.load()
     if compiled is None:
-        pytest.skip("no C compiler: no quantized kernels")
-    cpu = torch.device("cpu")
+        pytest.skip("no C compiler: no quantized kernels (and the torch path keeps the model's dtype for the cache)")
     loaded = load_model(default_model_path(), keep_quantized=True)
     ids = ours_f32.tokenizer.encode(TEXT.read_text())[:320]
     floats = {**loaded.tensors, **{name: q.dequantize() for name, q in loaded.quantized.items()}}
+    return Setup(compiled, loaded, ids, floats)
+
+
+def test_quantized_classes_against_float32_on_a_short_text(setup: Setup) -> None:
+    compiled, loaded, ids, floats = setup.compiled, setup.loaded, setup.ids, setup.floats
+    cpu = torch.device("cpu")
     reference = teacher_forced(LlamaModel(loaded.config, floats, cpu, torch.float32), ids, chunk=128)
     exact = compare(teacher_forced(LlamaModel(loaded.config, loaded.tensors, cpu, torch.float32,
                                               loaded.quantized), ids, chunk=128), reference)
@@ -46,16 +62,11 @@ def test_quantized_classes_against_float32_on_a_short_text(ours_f32: EngineModel
     assert fast.agreement >= 0.9 and abs(fast.perplexity_ratio - 1) <= 0.03
 
 
-def test_a_float16_kv_cache_against_float32_on_a_short_text(ours_f32: EngineModel) -> None:
+def test_a_float16_kv_cache_against_float32_on_a_short_text(setup: Setup) -> None:
     """float16 K/V with float32 weights and with each quantized class (``auto`` may pair any class with
     it), in prefill chunks of 64 that attend to the earlier chunks through the cache."""
-    compiled = kernels.load()
-    if compiled is None:
-        pytest.skip("no C compiler: the torch path keeps the model's dtype for the cache")
+    compiled, loaded, ids, floats = setup.compiled, setup.loaded, setup.ids, setup.floats
     cpu = torch.device("cpu")
-    loaded = load_model(default_model_path(), keep_quantized=True)
-    ids = ours_f32.tokenizer.encode(TEXT.read_text())[:320]
-    floats = {**loaded.tensors, **{name: q.dequantize() for name, q in loaded.quantized.items()}}
     float_model = LlamaModel(loaded.config, floats, cpu, torch.float32)
     reference = teacher_forced(float_model, ids, chunk=64)
     models = {"float32": float_model,
