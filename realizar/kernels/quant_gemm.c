@@ -688,6 +688,18 @@ static inline __attribute__((always_inline)) void fast_scales(const int kind, co
 
 /* acc[j] + sum over i < 4 of w[4j + i] * x[i], w unsigned (< 128 on AVX2, whose maddubs would
  * saturate beyond), x the 4 signed bytes of x4. */
+/* dot4 with x4 read from memory: with VNNI, the broadcast folds into the dot product's operand
+ * (GCC keeps a separate broadcast for each _mm512_set1_epi32) */
+static inline i32x16 dot4(i32x16 acc, u8x64 w, int32_t x4);
+static inline __attribute__((always_inline)) i32x16 dot4_at(i32x16 acc, u8x64 w, const int32_t *x4) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x4));
+    return acc;
+#else
+    return dot4(acc, w, *x4);
+#endif
+}
+
 static inline i32x16 dot4(i32x16 acc, u8x64 w, int32_t x4) {
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
     __m512i r = _mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, _mm512_set1_epi32(x4));
@@ -889,49 +901,58 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
             /* no software prefetch: the hardware streams these records better (about 8 % less time at one row) */
             f32x16 d0, d1, min;
             fast_scales(KIND, rec + ((KIND & FAST_KIND) == FAST_NIBBLES ? 256 : 512), &d0, &d1, &min);
-            for (int r = 0; r < R; r++) {
-                /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights */
-                const int32_t *xa = (const int32_t *)(j->xq + (m + r) * K + b * QK);
-                const int32_t *xb = (const int32_t *)(j->xq + (j->M + m + r) * K + b * QK);
-                i32x16 lo_a = {0}, hi_a = {0}, lo_b = {0}, hi_b = {0};
-                /* one d for all 32 terms (no FAST_TWO_D): the halves' integer sums add exactly, so both
-                 * halves go into one sum (fewer operations after the dot products) */
-                i32x16 *const ha = KIND & FAST_TWO_D ? &hi_a : &lo_a, *const hb = KIND & FAST_TWO_D ? &hi_b : &lo_b;
+            /* the block's weights, unpacked once for all rows: w[t] terms 4t .. 4t + 3, w[4 + t] terms
+             * 16 + 4t .. (nibbles: the low and high nibbles of the same bytes) */
+            u8x64 w[8];
+            for (int t = 0; t < 4; t++) {
                 if ((KIND & FAST_KIND) == FAST_NIBBLES) {
-                    for (int t = 0; t < 4; t++) {
-                        const u8x64 v = bytes64(rec + 64 * t), v_lo = v & 15, v_hi = v >> 4;
-                        lo_a = dot4(lo_a, v_lo, xa[t]);
-                        *ha = dot4(*ha, v_hi, xa[4 + t]);
-                        lo_b = dot4(lo_b, v_lo, xb[t]);
-                        *hb = dot4(*hb, v_hi, xb[4 + t]);
-                    }
+                    const u8x64 v = bytes64(rec + 64 * t);
+                    w[t] = v & 15;
+                    w[4 + t] = v >> 4;
                 } else {
-                    for (int t = 0; t < 4; t++) {
-                        const u8x64 w0 = bytes64(rec + 64 * t), w1 = bytes64(rec + 64 * (4 + t));
-                        if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
-                            lo_a = dot4_signed(lo_a, w0, xa[t]);
-                            *ha = dot4_signed(*ha, w1, xa[4 + t]);
-                            lo_b = dot4_signed(lo_b, w0, xb[t]);
-                            *hb = dot4_signed(*hb, w1, xb[4 + t]);
-                        } else {
-                            lo_a = dot4(lo_a, w0, xa[t]);
-                            *ha = dot4(*ha, w1, xa[4 + t]);
-                            lo_b = dot4(lo_b, w0, xb[t]);
-                            *hb = dot4(*hb, w1, xb[4 + t]);
-                        }
+                    w[t] = bytes64(rec + 64 * t);
+                    w[4 + t] = bytes64(rec + 64 * (4 + t));
+                }
+            }
+            /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights; the rows'
+             * sums interleaved, so that 4 R independent chains of dot products keep the unit busy (one
+             * row's chains alone wait on the dot product's latency) */
+            i32x16 lo_a[FAST_ROWS], hi_a[FAST_ROWS], lo_b[FAST_ROWS], hi_b[FAST_ROWS];
+            for (int r = 0; r < R; r++) lo_a[r] = hi_a[r] = lo_b[r] = hi_b[r] = (i32x16){0};
+            for (int t = 0; t < 8; t++) {
+                for (int r = 0; r < R; r++) {
+                    const int32_t *xa = (const int32_t *)(j->xq + (m + r) * K + b * QK);
+                    const int32_t *xb = (const int32_t *)(j->xq + (j->M + m + r) * K + b * QK);
+                    /* one d for all 32 terms (no FAST_TWO_D): the halves' integer sums add exactly, so
+                     * both halves go into one sum (fewer operations after the dot products) */
+                    i32x16 *const sa = t < 4 || !(KIND & FAST_TWO_D) ? &lo_a[r] : &hi_a[r];
+                    i32x16 *const sb = t < 4 || !(KIND & FAST_TWO_D) ? &lo_b[r] : &hi_b[r];
+                    if ((KIND & FAST_TWO_D) && t < 4) {
+                        lo_a[r] = (KIND & FAST_KIND) == FAST_SIGNED_BYTES ? dot4_signed(lo_a[r], w[t], xa[t])
+                                                                          : dot4_at(lo_a[r], w[t], xa + t);
+                        lo_b[r] = (KIND & FAST_KIND) == FAST_SIGNED_BYTES ? dot4_signed(lo_b[r], w[t], xb[t])
+                                                                          : dot4_at(lo_b[r], w[t], xb + t);
+                    } else if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
+                        *sa = dot4_signed(*sa, w[t], xa[t]);
+                        *sb = dot4_signed(*sb, w[t], xb[t]);
+                    } else {
+                        *sa = dot4_at(*sa, w[t], xa + t);
+                        *sb = dot4_at(*sb, w[t], xb + t);
                     }
                 }
+            }
+            for (int r = 0; r < R; r++) {
                 /* x = d_x (256 a + b): |sums| < 2^20 per block (32 terms of |u| <= 255 by |a| <= 127), so
                  * 256 a + b and c S stay well inside int32 */
                 const float dx = j->dx[(m + r) * blocks + b];
                 if (KIND & FAST_TWO_D) {
                     const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
-                    const f32x16 i0 = __builtin_convertvector((lo_a << 8) + lo_b - j->c * s0, f32x16);
-                    const f32x16 i1 = __builtin_convertvector((hi_a << 8) + hi_b - j->c * s1, f32x16);
+                    const f32x16 i0 = __builtin_convertvector((lo_a[r] << 8) + lo_b[r] - j->c * s0, f32x16);
+                    const f32x16 i1 = __builtin_convertvector((hi_a[r] << 8) + hi_b[r] - j->c * s1, f32x16);
                     acc[r * G + g] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
                 } else {  /* the row's per-block factors, computed once for all panels */
                     const int64_t at = (m + r) * blocks + b;
-                    const f32x16 i = __builtin_convertvector((lo_a << 8) + lo_b - j->cs[at], f32x16);
+                    const f32x16 i = __builtin_convertvector((lo_a[r] << 8) + lo_b[r] - j->cs[at], f32x16);
                     acc[r * G + g] += (dx * d0) * i + min * j->dxs[at];
                 }
             }
@@ -1150,7 +1171,7 @@ int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int 
         dxs[i] = dx[i] * (float)sum;
         cs[i] = c * sum;
     }
-    const int64_t panels = (N + NR - 1) / NR, threads = realizar_threads(), units_per_thread = 4;
+    const int64_t panels = (N + NR - 1) / NR, threads = realizar_threads(), units_per_thread = 8;
     int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
     chunk = (chunk + FAST_PANELS - 1) / FAST_PANELS * FAST_PANELS;
     const struct fjob j = {.xq = xq, .dx = dx, .sx = sx, .dxs = dxs, .cs = cs, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
