@@ -148,36 +148,6 @@ class FastPacked:
     def _int_bytes(self) -> int:
         return 256 if self.kind & 3 == 0 else 512
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``ids`` of ``W`` dequantized exactly, ``[len(ids), k]`` (an embedding lookup), in torch:
-        ``(u - c) * d`` rounded, then ``+ min``, as the reference dequantization rounds."""
-        ids = ids.to(torch.int64)
-        n, blocks = ids.shape[0], self.k // QUANT_BLOCK
-        rec = self.records[ids // PANEL]  # [n, blocks, bytes]
-        lane = (ids % PANEL).view(n, 1, 1, 1, 1)
-        int_bytes = self._int_bytes
-        groups = 4 if self.kind & 3 == 0 else 8
-        ints = rec[:, :, :int_bytes].reshape(n, blocks, groups, PANEL, 4)
-        mine = ints.gather(3, lane.expand(n, blocks, groups, 1, 4)).view(n, blocks, groups * 4)
-        if self.kind & 3 == 0:
-            u = torch.cat([mine & 15, mine >> 4], dim=2).to(torch.int32)  # terms 0-15, then 16-31
-        elif self.kind & 3 == 2:
-            u = mine.view(torch.int8).to(torch.int32)
-        else:
-            u = mine.to(torch.int32)
-        vectors = 1 + bool(self.kind & FAST_TWO_D) + bool(self.kind & FAST_MIN)
-        scale_type = torch.float16 if self.kind & FAST_HALF else torch.float32
-        scale_bytes = vectors * PANEL * (2 if self.kind & FAST_HALF else 4)
-        floats = rec[:, :, int_bytes:int_bytes + scale_bytes].contiguous().view(scale_type).float()
-        floats = floats.view(n, blocks, vectors, PANEL)
-        f = floats.gather(3, (ids % PANEL).view(n, 1, 1, 1).expand(n, blocks, vectors, 1)).view(n, blocks, vectors)
-        two_d = 2 if self.kind & FAST_TWO_D else 1
-        d = f[:, :, :two_d].repeat_interleave(32 // two_d, dim=2)  # [n, blocks, 32]
-        w = (u - self.c).to(torch.float32).mul_(d)
-        if self.kind & FAST_MIN:
-            w.add_(f[:, :, two_d:])
-        return w.reshape(n, self.k)
-
 
 def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, offset: int,
               group: int, wide_bytes: bool = False) -> FastPacked:
@@ -393,6 +363,7 @@ class CpuKernels:
         self._sample = bind("realizar_sample", None, p, i64, i64, p, p, p, p, i64)
         self._quant_gemm = bind("realizar_quant_gemm", i32, p, i64, p, i32, p, i64, i64, i64, i64)
         self._quant_rows = bind("realizar_quant_rows", i32, p, i32, p, i64, i64, i64, p)
+        self._fast_rows = bind("realizar_fast_rows", i32, p, i32, i32, p, i64, i64, i64, p)
         self._quant_gemm_fast = bind("realizar_quant_gemm_fast", i32, p, i64, p, i32, i32, p, i64, i64, i64, i64)
         # the fast class's dot products take unsigned bytes up to 255 (not AVX2's saturating maddubs)
         self._fast_wide_bytes = bind("realizar_fast_wide_bytes", i32)
@@ -461,6 +432,18 @@ class CpuKernels:
         out = torch.empty(ids.shape[0], weight.k, dtype=torch.float32)
         status = self._quant_rows(weight.records.data_ptr(), weight.fmt.code, ids.data_ptr(), ids.shape[0],
                                   weight.n, weight.k, out.data_ptr())
+        if status == -2:
+            raise IndexError(f"a row id is outside [0, {weight.n})")
+        if status != 0:
+            raise MemoryError("dequantizing rows could not allocate its buffer")
+        return out
+
+    def fast_rows(self, weight: FastPacked, ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`quant_rows` for fast records: the same floats, as the exact class dequantizes them."""
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty(ids.shape[0], weight.k, dtype=torch.float32)
+        status = self._fast_rows(weight.records.data_ptr(), weight.kind, weight.c, ids.data_ptr(), ids.shape[0],
+                                 weight.n, weight.k, out.data_ptr())
         if status == -2:
             raise IndexError(f"a row id is outside [0, {weight.n})")
         if status != 0:

@@ -858,6 +858,41 @@ static void dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t
     }
 }
 
+struct fast_rows_job {
+    const uint8_t *w;
+    const int64_t *ids;
+    float *out;
+    int64_t K;
+    int kind, c;
+    _Atomic int failed;
+};
+
+static void run_fast_row(const void *arg, int64_t i) {
+    struct fast_rows_job *j = (struct fast_rows_job *)arg;
+    float *buffer = scratch(QK * NR);
+    if (!buffer) {
+        j->failed = 1;
+        return;
+    }
+    const int64_t blocks = j->K / QK, size = realizar_fast_record_bytes(j->kind);
+    const int64_t p = j->ids[i] / NR, r = j->ids[i] % NR;
+    for (int64_t b = 0; b < blocks; b++) {
+        dequantize_fast_records(j->kind, j->c, j->w + (p * blocks + b) * size, 1, buffer);
+        for (int k = 0; k < QK; k++) j->out[i * j->K + b * QK + k] = buffer[k * NR + r];
+    }
+}
+
+/* realizar_quant_rows for fast records of kind `kind` with integer offset c: the same floats, as the
+ * exact class dequantizes them. */
+int realizar_fast_rows(const uint8_t *w, int kind, int c, const int64_t *ids, int64_t n, int64_t N, int64_t K,
+                       float *out) {
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= N) return -2;
+    struct fast_rows_job j = {.w = w, .ids = ids, .out = out, .K = K, .kind = kind, .c = c, .failed = 0};
+    realizar_parallel(run_fast_row, &j, n);
+    return j.failed ? -1 : 0;
+}
+
 struct fjob {
     const int8_t *xq;         /* [M, K] */
     const float *dx;          /* [M, K / 32] */

@@ -306,11 +306,13 @@ def test_fast_class_beyond_its_rows_is_the_exact_product(cpu_kernels: kernels.Cp
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
-def test_fast_layout_rows_dequantize_bit_for_bit(qtype: QT) -> None:
+def test_fast_layout_rows_dequantize_bit_for_bit(cpu_kernels: kernels.CpuKernels, qtype: QT) -> None:
     weight = quantized(qtype, 37, widths(qtype)[1], seed=4)
     ids = torch.tensor([36, 0, 17, 5, 5])
     for wide in (False, True):  # Q8_0's bytes signed, or offset by 128
-        assert torch.equal(fast_packed(weight, wide).rows(ids), weight.dequantize()[ids])
+        assert torch.equal(cpu_kernels.fast_rows(fast_packed(weight, wide), ids), weight.dequantize()[ids])
+        with pytest.raises(IndexError, match="outside"):
+            cpu_kernels.fast_rows(fast_packed(weight, wide), torch.tensor([37]))
 
 
 def test_fast_layer_of_mixed_types(cpu_kernels: kernels.CpuKernels) -> None:
