@@ -1134,6 +1134,26 @@ static void run_fast_unit(const void *arg, int64_t unit) {
     }
 }
 
+/* rintf of each lane, for |v| < 2^22: adding and taking away 1.5 * 2^23 leaves the integer part, rounded
+ * to nearest, even (the default rounding mode), as rintf does. The barrier keeps the compiler from fusing
+ * the product that made v into the addition, which would round it once less. */
+static inline f32x16 rint16(f32x16 v) {
+    const f32x16 magic = (f32x16){0} + 12582912.0f;
+    __asm__("" : "+v"(v));
+    return (v + magic) - magic;
+}
+
+/* lane-wise min and max (C has no ?: on vectors) */
+static inline f32x16 min16(f32x16 a, f32x16 b) {
+    const i32x16 less = a < b;
+    return (f32x16)(((i32x16)a & less) | ((i32x16)b & ~less));
+}
+
+static inline f32x16 max16(f32x16 a, f32x16 b) {
+    const i32x16 more = a > b;
+    return (f32x16)(((i32x16)a & more) | ((i32x16)b & ~more));
+}
+
 /* Rows m0 .. m0 + rows of an M-row x (x points at row m0; row stride ldx; dx and sx at its
  * entries) to two int8 terms per 32-term block, x ~= d (256 a + b): a = round(x /
  * (256 d)) with 256 d = max |x| / 127, as llama.cpp's Q8_1, and b = round(the remainder / d),
@@ -1148,25 +1168,33 @@ static void quantize_rows(const float *x, int64_t ldx, int64_t rows, int64_t M, 
     for (int64_t m = 0; m < rows; m++) {
         for (int64_t b = 0; b < K / QK; b++) {
             const float *v = x + m * ldx + b * QK;
+            f32x16 v0, v1;
+            memcpy(&v0, v, sizeof v0);
+            memcpy(&v1, v + 16, sizeof v1);
+            const i32x16 magnitude = (i32x16){0} + 0x7fffffff;
+            const f32x16 most = max16((f32x16)((i32x16)v0 & magnitude), (f32x16)((i32x16)v1 & magnitude));
             float amax = 0.0f;
-            for (int k = 0; k < QK; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
+            for (int k = 0; k < 16; k++) amax = most[k] > amax ? most[k] : amax;
             const float coarse = amax / 127.0f, d = coarse / 256.0f;
             const float id_coarse = coarse > 0.0f ? 1.0f / coarse : 0.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-            int32_t terms[QK];
-            /* rintf, not lrintf: the same rounding (to nearest, even), and it vectorizes */
-            for (int k = 0; k < QK; k++) {
-                const float a = rintf(v[k] * id_coarse);
-                float fine = rintf((v[k] - a * coarse) * id);
-                fine = fine > 127.0f ? 127.0f : fine < -127.0f ? -127.0f : fine;
-                xq[m * K + b * QK + k] = (int8_t)(int32_t)a;
-                xq[(M + m) * K + b * QK + k] = (int8_t)(int32_t)fine;
-                terms[k] = 256 * (int32_t)a + (int32_t)fine;
+            /* 16 lanes at a time; rint16 rounds as rintf (to nearest, even) */
+            int32_t sums[2];
+            for (int h = 0; h < 2; h++) {
+                f32x16 u;
+                memcpy(&u, v + 16 * h, sizeof u);
+                const f32x16 a = rint16(u * id_coarse);
+                f32x16 fine = rint16((u - a * coarse) * id);
+                fine = max16(min16(fine, (f32x16){0} + 127.0f), (f32x16){0} - 127.0f);
+                const i32x16 ia = __builtin_convertvector(a, i32x16), ib = __builtin_convertvector(fine, i32x16);
+                const i8x16 na = __builtin_convertvector(ia, i8x16), nb = __builtin_convertvector(ib, i8x16);
+                memcpy(xq + m * K + b * QK + 16 * h, &na, sizeof na);
+                memcpy(xq + (M + m) * K + b * QK + 16 * h, &nb, sizeof nb);
+                const i32x16 terms = (ia << 8) + ib;
+                int32_t sum = 0;
+                for (int k = 0; k < 16; k++) sum += terms[k];
+                sums[h] = sum;
             }
-            int32_t s0 = 0, s1 = 0;
-            for (int k = 0; k < 16; k++) {
-                s0 += terms[k];
-                s1 += terms[16 + k];
-            }
+            const int32_t s0 = sums[0], s1 = sums[1];
             dx[m * (K / QK) + b] = d;
             sx[m * (K / 16) + 2 * b] = s0;
             sx[m * (K / 16) + 2 * b + 1] = s1;
