@@ -112,6 +112,10 @@ static void *worker(void *start) {
 
 void realizar_parallel(realizar_task task, const void *arg, int64_t units) {
     if (units <= 0) return;
+    if (units == 1) {  /* the caller's alone: publishing it would only send spinning workers after it */
+        task(arg, 0);
+        return;
+    }
     pthread_mutex_lock(&pool.lock);
     const uint32_t generation = atomic_load(&pool.generation) + 1;
     pool.task = task;
