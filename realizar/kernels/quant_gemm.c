@@ -893,9 +893,17 @@ int realizar_fast_rows(const uint8_t *w, int kind, int c, const int64_t *ids, in
     return j.failed ? -1 : 0;
 }
 
+/* The quantized activations in groups of XG rows, so that a tile reads its rows' terms at fixed
+ * offsets from one pointer (8 rows' pointers had spilled the general registers): for each group and
+ * block, the a terms of its XG rows (32 bytes each), then their b terms. The per-block factors (dx,
+ * dxs, cs) likewise, XG rows of a block together. Tiles never cross a group. */
+#define XG 8
+static inline int64_t x_at(int64_t m, int64_t b, int64_t blocks) { return ((m / XG) * blocks + b) * (2 * XG * QK) + (m % XG) * QK; }
+static inline int64_t f_at(int64_t m, int64_t b, int64_t blocks) { return ((m / XG) * blocks + b) * XG + m % XG; }
+
 struct fjob {
-    const int8_t *xq;         /* [M, K] */
-    const float *dx;          /* [M, K / 32] */
+    const int8_t *xq;         /* two int8 terms per row and 32-term block, laid out by x_at */
+    const float *dx;          /* [M, K / 32], laid out by f_at, as dxs and cs */
     const int32_t *sx;        /* [M, K / 16]: sums of x_q over each half block */
     const float *dxs;         /* [M, K / 32]: d_x times the block's sum of x_q (the min's factor) */
     const int32_t *cs;        /* [M, K / 32]: c times the block's sum of x_q */
@@ -906,7 +914,11 @@ struct fjob {
     int64_t chunk;            /* panels per unit, a multiple of FAST_PANELS */
 };
 
-#define FAST_ROWS 4
+/* Rows per tile: 8 sums and 8 float accumulators beside the block's 8 weight vectors (one thread, 64
+ * rows of the demo model's gate_up: 4-row tiles with two sums per row took 8 % longer); the kinds with a
+ * d for each 16 terms keep two sums per term and row, and AVX2 has 16 registers, so 4 rows there. */
+#define FAST_ROWS 8
+#define FAST_ROWS_TWO_D 4
 /* One panel per tile: one stream of records, which the hardware prefetches best. Two panels at a
  * time (two streams 5.8 KB apart) read 30 layers' Q4_1 gate_up records at one row from memory at
  * 8.5 GB/s where one reads them at 17.8 (AVX-512; the Q8_0 LM head at one row: 3.0 -> 1.75 ms), at
@@ -950,45 +962,56 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
                 }
             }
             /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights; the rows'
-             * sums interleaved, so that 4 R independent chains of dot products keep the unit busy (one
-             * row's chains alone wait on the dot product's latency) */
-            i32x16 lo_a[FAST_ROWS], hi_a[FAST_ROWS], lo_b[FAST_ROWS], hi_b[FAST_ROWS];
-            for (int r = 0; r < R; r++) lo_a[r] = hi_a[r] = lo_b[r] = hi_b[r] = (i32x16){0};
-            for (int t = 0; t < 8; t++) {
-                for (int r = 0; r < R; r++) {
-                    const int32_t *xa = (const int32_t *)(j->xq + (m + r) * K + b * QK);
-                    const int32_t *xb = (const int32_t *)(j->xq + (j->M + m + r) * K + b * QK);
-                    /* one d for all 32 terms (no FAST_TWO_D): the halves' integer sums add exactly, so
-                     * both halves go into one sum (fewer operations after the dot products) */
-                    i32x16 *const sa = t < 4 || !(KIND & FAST_TWO_D) ? &lo_a[r] : &hi_a[r];
-                    i32x16 *const sb = t < 4 || !(KIND & FAST_TWO_D) ? &lo_b[r] : &hi_b[r];
-                    if ((KIND & FAST_TWO_D) && t < 4) {
-                        lo_a[r] = (KIND & FAST_KIND) == FAST_SIGNED_BYTES ? dot4_signed(lo_a[r], w[t], xa[t])
-                                                                          : dot4_at(lo_a[r], w[t], xa + t);
-                        lo_b[r] = (KIND & FAST_KIND) == FAST_SIGNED_BYTES ? dot4_signed(lo_b[r], w[t], xb[t])
-                                                                          : dot4_at(lo_b[r], w[t], xb + t);
-                    } else if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
-                        *sa = dot4_signed(*sa, w[t], xa[t]);
-                        *sb = dot4_signed(*sb, w[t], xb[t]);
-                    } else {
-                        *sa = dot4_at(*sa, w[t], xa + t);
-                        *sb = dot4_at(*sb, w[t], xb + t);
+             * sums interleaved, so that R independent chains of dot products keep the unit busy (one
+             * row's chain alone waits on the dot product's latency) */
+            if (KIND & FAST_TWO_D) {  /* a d for each 16 terms: sums of the halves apart */
+                i32x16 lo_a[FAST_ROWS], hi_a[FAST_ROWS], lo_b[FAST_ROWS], hi_b[FAST_ROWS];  /* R <= FAST_ROWS_TWO_D */
+                for (int r = 0; r < R; r++) lo_a[r] = hi_a[r] = lo_b[r] = hi_b[r] = (i32x16){0};
+                const int8_t *const xg = j->xq + x_at(m, b, blocks);
+                for (int t = 0; t < 8; t++) {
+                    for (int r = 0; r < R; r++) {
+                        const int32_t *xa = (const int32_t *)(xg + r * QK), *xb = (const int32_t *)(xg + (XG + r) * QK);
+                        i32x16 *const sa = t < 4 ? &lo_a[r] : &hi_a[r], *const sb = t < 4 ? &lo_b[r] : &hi_b[r];
+                        if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
+                            *sa = dot4_signed(*sa, w[t], xa[t]);
+                            *sb = dot4_signed(*sb, w[t], xb[t]);
+                        } else {
+                            *sa = dot4_at(*sa, w[t], xa + t);
+                            *sb = dot4_at(*sb, w[t], xb + t);
+                        }
                     }
                 }
-            }
-            for (int r = 0; r < R; r++) {
-                /* x = d_x (256 a + b): |sums| < 2^20 per block (32 terms of |u| <= 255 by |a| <= 127), so
-                 * 256 a + b and c S stay well inside int32 */
-                const float dx = j->dx[(m + r) * blocks + b];
-                if (KIND & FAST_TWO_D) {
+                /* x = d_x (256 a + b): |sums| < 2^20 per block (32 terms of |u| <= 255 by |a| <= 127),
+                 * so 256 a + b and c S stay well inside int32 */
+                for (int r = 0; r < R; r++) {
+                    const float dx = j->dx[f_at(m, b, blocks) + r];
                     const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
                     const f32x16 i0 = __builtin_convertvector((lo_a[r] << 8) + lo_b[r] - j->c * s0, f32x16);
                     const f32x16 i1 = __builtin_convertvector((hi_a[r] << 8) + hi_b[r] - j->c * s1, f32x16);
                     acc[r * G + g] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
-                } else {  /* the row's per-block factors, computed once for all panels */
-                    const int64_t at = (m + r) * blocks + b;
-                    const f32x16 i = __builtin_convertvector((lo_a[r] << 8) + lo_b[r] - j->cs[at], f32x16);
-                    acc[r * G + g] += (dx * d0) * i + min * j->dxs[at];
+                }
+            } else {
+                /* one d for all 32 terms: one integer sum per row, the a terms' dot products, times 256
+                 * (exact, as above), then the b terms' */
+                i32x16 sum[FAST_ROWS];
+                for (int r = 0; r < R; r++) sum[r] = (i32x16){0};
+                const int8_t *const xg = j->xq + x_at(m, b, blocks);
+                for (int half = 0; half < 2; half++) {
+                    for (int t = 0; t < 8; t++) {
+                        for (int r = 0; r < R; r++) {
+                            const int32_t *x4 = (const int32_t *)(xg + (half * XG + r) * QK);
+                            sum[r] = (KIND & FAST_KIND) == FAST_SIGNED_BYTES ? dot4_signed(sum[r], w[t], x4[t])
+                                                                             : dot4_at(sum[r], w[t], x4 + t);
+                        }
+                    }
+                    if (!half)
+                        for (int r = 0; r < R; r++) sum[r] <<= 8;
+                }
+                const int64_t at0 = f_at(m, b, blocks);
+                for (int r = 0; r < R; r++) {  /* the row's per-block factors, computed once for all panels */
+                    const int64_t at = at0 + r;
+                    const f32x16 i = __builtin_convertvector(sum[r] - j->cs[at], f32x16);
+                    acc[r * G + g] += (j->dx[at] * d0) * i + min * j->dxs[at];
                 }
             }
         }
@@ -1040,8 +1063,8 @@ static inline __attribute__((always_inline)) void fast_tile8(const int KIND, con
             }
             for (int r = 0; r < R; r++) {
                 /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights */
-                const int32_t *xa = (const int32_t *)(j->xq + (m + r) * K + b * QK);
-                const int32_t *xb = (const int32_t *)(j->xq + (j->M + m + r) * K + b * QK);
+                const int8_t *const xg = j->xq + x_at(m, b, blocks);
+                const int32_t *xa = (const int32_t *)(xg + r * QK), *xb = (const int32_t *)(xg + (XG + r) * QK);
                 __m256i sums[4];  /* int32: terms 0-15 of a, 16-31 of a, 0-15 of b, 16-31 of b */
                 for (int s = 0; s < 4; s++) {
                     const int32_t *x4 = (s < 2 ? xa : xb) + 4 * (s & 1);
@@ -1067,7 +1090,7 @@ static inline __attribute__((always_inline)) void fast_tile8(const int KIND, con
                 /* x = d_x (256 a + b), as fast_tile */
                 const vi8 lo = ((vi8)sums[0] << 8) + (vi8)sums[2], hi = ((vi8)sums[1] << 8) + (vi8)sums[3];
                 const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
-                const float dx = j->dx[(m + r) * blocks + b];
+                const float dx = j->dx[f_at(m, b, blocks) + r];
                 const v8 i0 = __builtin_convertvector(lo - j->c * s0, v8);
                 const v8 i1 = __builtin_convertvector(hi - j->c * s1, v8);
                 acc[r * 2 + h] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
@@ -1103,34 +1126,50 @@ static inline __attribute__((always_inline)) void fast_tile8(const int KIND, con
         default: FAST_TILE(j->kind, R_, G_); break;                                 \
     }
 
+/* FAST_KINDS for the kinds with one d per 32 terms, which take 8-row tiles */
+#define FAST_KINDS_ONE_D(R_)                                                        \
+    switch (j->kind) {                                                              \
+        FAST_CASE(FAST_NIBBLES | FAST_HALF, R_, 1);                                 \
+        FAST_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN, R_, 1);                      \
+        FAST_CASE(FAST_NIBBLES | FAST_MIN, R_, 1);                                  \
+        FAST_CASE(FAST_BYTES | FAST_HALF, R_, 1);                                   \
+        FAST_CASE(FAST_BYTES | FAST_HALF | FAST_MIN, R_, 1);                        \
+        FAST_CASE(FAST_BYTES | FAST_MIN, R_, 1);                                    \
+        FAST_CASE(FAST_SIGNED_BYTES | FAST_HALF, R_, 1);                            \
+        FAST_CASE(FAST_SIGNED_BYTES, R_, 1);                                        \
+        default: FAST_TILE(j->kind, R_, 1); break;                                  \
+    }
+
+#if defined(YMM)
+#define FAST_WIDE_TILES 0
+#else
+#define FAST_WIDE_TILES (FAST_ROWS == 8)
+#endif
+
 static void run_fast_unit(const void *arg, int64_t unit) {
     const struct fjob *j = (const struct fjob *)arg;
     const int64_t panels = (j->N + NR - 1) / NR, full = j->N / NR;
     const int64_t p0 = unit * j->chunk, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
-    for (int64_t p = p0; p < p1;) {
-        const int G = p + FAST_PANELS <= (p1 < full ? p1 : full) ? FAST_PANELS : 1;
+    const int wide = FAST_WIDE_TILES && !(j->kind & FAST_TWO_D);
+    for (int64_t p = p0; p < p1; p++) {
         const int64_t cols = p < full ? NR : j->N - p * NR;
-        for (int64_t m = 0; m < j->M; m += FAST_ROWS) {
-            const int64_t R = j->M - m < FAST_ROWS ? j->M - m : FAST_ROWS;
-            if (G == FAST_PANELS) {
-                switch (R) {
-                    case 1: FAST_KINDS(1, FAST_PANELS); break;
-                    case 2: FAST_KINDS(2, FAST_PANELS); break;
-                    case 3: FAST_KINDS(3, FAST_PANELS); break;
-                    default: FAST_KINDS(4, FAST_PANELS); break;
-                }
-            } else {
-#if FAST_PANELS > 1
-                switch (R) {
-                    case 1: FAST_KINDS(1, 1); break;
-                    case 2: FAST_KINDS(2, 1); break;
-                    case 3: FAST_KINDS(3, 1); break;
-                    default: FAST_KINDS(4, 1); break;
-                }
+        for (int64_t m = 0; m < j->M;) {
+            if (wide && j->M - m >= 8) {
+#if FAST_WIDE_TILES
+                FAST_KINDS_ONE_D(8);
 #endif
+                m += 8;
+                continue;
             }
+            const int64_t R = j->M - m < 4 ? j->M - m : 4;
+            switch (R) {
+                case 1: FAST_KINDS(1, 1); break;
+                case 2: FAST_KINDS(2, 1); break;
+                case 3: FAST_KINDS(3, 1); break;
+                default: FAST_KINDS(4, 1); break;
+            }
+            m += R;
         }
-        p += G;
     }
 }
 
@@ -1139,7 +1178,15 @@ static void run_fast_unit(const void *arg, int64_t unit) {
  * the product that made v into the addition, which would round it once less. */
 static inline f32x16 rint16(f32x16 v) {
     const f32x16 magic = (f32x16){0} + 12582912.0f;
+#if defined(__AVX512F__)
     __asm__("" : "+v"(v));
+#elif defined(__x86_64__)
+    typedef float f32x4 __attribute__((vector_size(16)));  /* v in four 16-byte registers */
+    f32x4 part[4];
+    memcpy(part, &v, sizeof part);
+    __asm__("" : "+x"(part[0]), "+x"(part[1]), "+x"(part[2]), "+x"(part[3]));
+    memcpy(&v, part, sizeof part);
+#endif
     return (v + magic) - magic;
 }
 
@@ -1154,20 +1201,20 @@ static inline f32x16 max16(f32x16 a, f32x16 b) {
     return (f32x16)(((i32x16)a & more) | ((i32x16)b & ~more));
 }
 
-/* Rows m0 .. m0 + rows of an M-row x (x points at row m0; row stride ldx; dx and sx at its
- * entries) to two int8 terms per 32-term block, x ~= d (256 a + b): a = round(x /
+/* Rows m0 .. m0 + rows of x (x points at row m0; row stride ldx) to two int8 terms per 32-term block, x ~= d (256 a + b): a = round(x /
  * (256 d)) with 256 d = max |x| / 127, as llama.cpp's Q8_1, and b = round(the remainder / d),
  * |b| <= 128 clamped to 127. The error is at most d / 2 = max |x| / 65024 per term, about 256
  * times less than a alone (which failed the quality gate: 95.7 % argmax agreement), for twice the
- * integer dot products and no more weight reads. xq holds every row's a, then every row's b;
- * sx the sums of 256 a + b over each 16 terms. A single int8 term fails the gate in every kind of
+ * integer dot products and no more weight reads. xq and dx are laid out by x_at and f_at; sx
+ * [M, K / 16] holds the sums of 256 a + b over each 16 terms. A single int8 term fails the gate in every kind of
  * layer alone, too (by emulation: down projections 98.05 %, the LM head 97.22 %). */
-static void quantize_rows(const float *x, int64_t ldx, int64_t rows, int64_t M, int64_t m0, int64_t K, int8_t *xq,
+static void quantize_rows(const float *x, int64_t ldx, int64_t rows, int64_t m0, int64_t K, int8_t *xq,
                           float *dx, int32_t *sx) {
-    xq += m0 * K;  /* the a terms of rows m0 .. m0 + rows; their b terms M rows on */
+    const int64_t blocks = K / QK;
     for (int64_t m = 0; m < rows; m++) {
-        for (int64_t b = 0; b < K / QK; b++) {
+        for (int64_t b = 0; b < blocks; b++) {
             const float *v = x + m * ldx + b * QK;
+            int8_t *const xa = xq + x_at(m0 + m, b, blocks), *const xb = xa + XG * QK;
             f32x16 v0, v1;
             memcpy(&v0, v, sizeof v0);
             memcpy(&v1, v + 16, sizeof v1);
@@ -1187,17 +1234,17 @@ static void quantize_rows(const float *x, int64_t ldx, int64_t rows, int64_t M, 
                 fine = max16(min16(fine, (f32x16){0} + 127.0f), (f32x16){0} - 127.0f);
                 const i32x16 ia = __builtin_convertvector(a, i32x16), ib = __builtin_convertvector(fine, i32x16);
                 const i8x16 na = __builtin_convertvector(ia, i8x16), nb = __builtin_convertvector(ib, i8x16);
-                memcpy(xq + m * K + b * QK + 16 * h, &na, sizeof na);
-                memcpy(xq + (M + m) * K + b * QK + 16 * h, &nb, sizeof nb);
+                memcpy(xa + 16 * h, &na, sizeof na);
+                memcpy(xb + 16 * h, &nb, sizeof nb);
                 const i32x16 terms = (ia << 8) + ib;
                 int32_t sum = 0;
                 for (int k = 0; k < 16; k++) sum += terms[k];
                 sums[h] = sum;
             }
             const int32_t s0 = sums[0], s1 = sums[1];
-            dx[m * (K / QK) + b] = d;
-            sx[m * (K / 16) + 2 * b] = s0;
-            sx[m * (K / 16) + 2 * b + 1] = s1;
+            dx[f_at(m0 + m, b, blocks)] = d;
+            sx[(m0 + m) * (K / 16) + 2 * b] = s0;
+            sx[(m0 + m) * (K / 16) + 2 * b + 1] = s1;
         }
     }
 }
@@ -1219,11 +1266,14 @@ static void run_quantize_unit(const void *arg, int64_t unit) {
     const struct quantize_job *q = (const struct quantize_job *)arg;
     const int64_t m0 = unit * QUANTIZE_ROWS, rows = q->M - m0 < QUANTIZE_ROWS ? q->M - m0 : QUANTIZE_ROWS;
     const int64_t K = q->K, blocks = K / QK;
-    quantize_rows(q->x + m0 * q->ldx, q->ldx, rows, q->M, m0, K, q->xq, q->dx + m0 * blocks, q->sx + m0 * (K / 16));
-    for (int64_t i = m0 * blocks; i < (m0 + rows) * blocks; i++) {
-        const int32_t sum = q->sx[2 * i] + q->sx[2 * i + 1];
-        q->dxs[i] = q->dx[i] * (float)sum;
-        q->cs[i] = q->c * sum;
+    quantize_rows(q->x + m0 * q->ldx, q->ldx, rows, m0, K, q->xq, q->dx, q->sx);
+    for (int64_t m = m0; m < m0 + rows; m++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t i = f_at(m, b, blocks);
+            const int32_t sum = q->sx[m * (K / 16) + 2 * b] + q->sx[m * (K / 16) + 2 * b + 1];
+            q->dxs[i] = q->dx[i] * (float)sum;
+            q->cs[i] = q->c * sum;
+        }
     }
 }
 
@@ -1245,7 +1295,8 @@ int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int 
     if (M > FAST_MAX_ROWS) return buffered_gemm(x, ldx, w, kind, 1, c, y, ldy, M, N, K);
     static __thread uint8_t *buffer;
     static __thread int64_t capacity;
-    const int64_t need = 2 * M * K + 3 * M * (K / QK) * 4 + M * (K / 16) * 4 + 64;
+    const int64_t Mg = (M + XG - 1) / XG * XG;  /* rows in whole groups of the layout */
+    const int64_t need = 2 * Mg * K + 3 * Mg * (K / QK) * 4 + M * (K / 16) * 4 + 64;
     if (need > capacity) {
         free(buffer);
         buffer = aligned_alloc(64, (size_t)((need + 63) / 64 * 64));
@@ -1253,10 +1304,10 @@ int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int 
         if (!buffer) return -1;
     }
     float *dx = (float *)buffer;
-    int32_t *sx = (int32_t *)(buffer + M * (K / QK) * 4);
-    float *dxs = (float *)(buffer + M * (K / QK) * 4 + M * (K / 16) * 4);
-    int32_t *cs = (int32_t *)(buffer + 2 * M * (K / QK) * 4 + M * (K / 16) * 4);
-    int8_t *xq = (int8_t *)(buffer + 3 * M * (K / QK) * 4 + M * (K / 16) * 4);
+    int32_t *sx = (int32_t *)(buffer + Mg * (K / QK) * 4);
+    float *dxs = (float *)(buffer + Mg * (K / QK) * 4 + M * (K / 16) * 4);
+    int32_t *cs = (int32_t *)(buffer + 2 * Mg * (K / QK) * 4 + M * (K / 16) * 4);
+    int8_t *xq = (int8_t *)(buffer + 3 * Mg * (K / QK) * 4 + M * (K / 16) * 4);
     const struct quantize_job q = {.x = x, .ldx = ldx, .M = M, .K = K, .c = c, .xq = xq, .dx = dx, .sx = sx, .dxs = dxs, .cs = cs};
     /* in units of QUANTIZE_ROWS rows, on every thread: one thread alone kept the others waiting for 6 %
      * of a 64-sequence decode step */
