@@ -159,6 +159,8 @@ def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, 
     :attr:`CpuKernels.wide_bytes`), signed 8-bit integers are stored plus 128, as unsigned bytes with
     an offset of 128: the same integers, without the sign trick signed bytes need."""
     n, k = q.shape
+    if mins is not None and offset != 0:  # the kernel leaves c S out where there is a min
+        raise ValueError("a quantized format with a min and an integer offset has no fast layout")
     if bits == 8 and offset == 0 and wide_bytes:
         q, offset = q ^ 0x80, 128  # int8 v as the byte v + 128
         unsigned_bytes = True

@@ -648,7 +648,8 @@ int realizar_quant_rows(const uint8_t *w, int fmt, const int64_t *ids, int64_t n
  *   nibbles (4 bits)   4 vectors; vector t, byte 4j + i = u[j][4t + i] | u[j][16 + 4t + i] << 4
  *   bytes (5-8 bits)   8 vectors; vector t, byte 4j + i = u[j][4t + i]
  *   then [16] d (of terms 0-15 with FAST_TWO_D), [16] d of terms 16-31 (FAST_TWO_D only),
- *   [16] min (FAST_MIN only), as float32, or float16 with FAST_HALF (where that is exact),
+ *   [16] min (FAST_MIN only: the formats with a min have no integer offset, c = 0), as float32,
+ *   or float16 with FAST_HALF (where that is exact),
  *   then zeros to a multiple of 64 bytes
  *
  * with u the stored integers (5/6-bit: unsigned; Q8_0: signed) and the weight
@@ -1010,7 +1011,8 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
                 const int64_t at0 = f_at(m, b, blocks);
                 for (int r = 0; r < R; r++) {  /* the row's per-block factors, computed once for all panels */
                     const int64_t at = at0 + r;
-                    const f32x16 i = __builtin_convertvector(sum[r] - j->cs[at], f32x16);
+                    /* c S is 0 where the format has a min (c = 0): one operation less per row and block */
+                    const f32x16 i = __builtin_convertvector(KIND & FAST_MIN ? sum[r] : sum[r] - j->cs[at], f32x16);
                     acc[r * G + g] += (j->dx[at] * d0) * i + min * j->dxs[at];
                 }
             }
