@@ -326,3 +326,12 @@ def test_fast_layer_of_mixed_types(cpu_kernels: kernels.CpuKernels) -> None:
     assert torch.equal(layer.rows(ids), dense[ids])
     with pytest.raises(IndexError, match="outside"):
         layer.rows(torch.tensor([69]))
+
+
+def test_fast_layout_refuses_a_min_with_an_integer_offset() -> None:
+    # the fast tile leaves the offset's term out where a format has a min (every GGUF one has c = 0)
+    q = torch.zeros(16, 32, dtype=torch.uint8)
+    scales, mins = torch.ones(16, 1), torch.zeros(16, 1)
+    with pytest.raises(ValueError, match="min and an integer offset"):
+        kernels.pack_fast(q, scales, mins, 4, 8, 32)
+    assert kernels.pack_fast(q, scales, mins, 4, 0, 32).kind & kernels.FAST_MIN
