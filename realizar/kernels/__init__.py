@@ -38,6 +38,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -430,24 +431,23 @@ class CpuKernels:
 
     def quant_rows(self, weight: QuantPacked, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of a quantized ``W`` dequantized exactly, ``[len(ids), K]``: an embedding lookup."""
-        ids = ids.to(torch.int64).contiguous()
-        out = torch.empty(ids.shape[0], weight.k, dtype=torch.float32)
-        status = self._quant_rows(weight.records.data_ptr(), weight.fmt.code, ids.data_ptr(), ids.shape[0],
-                                  weight.n, weight.k, out.data_ptr())
-        if status == -2:
-            raise IndexError(f"a row id is outside [0, {weight.n})")
-        if status != 0:
-            raise MemoryError("dequantizing rows could not allocate its buffer")
-        return out
+        return self._rows(lambda i, out: self._quant_rows(weight.records.data_ptr(), weight.fmt.code, i.data_ptr(),
+                                                          i.shape[0], weight.n, weight.k, out.data_ptr()),
+                          ids, weight.n, weight.k)
 
     def fast_rows(self, weight: FastPacked, ids: torch.Tensor) -> torch.Tensor:
         """:meth:`quant_rows` for fast records: the same floats, as the exact class dequantizes them."""
+        return self._rows(lambda i, out: self._fast_rows(weight.records.data_ptr(), weight.kind, weight.c, i.data_ptr(),
+                                                         i.shape[0], weight.n, weight.k, out.data_ptr()),
+                          ids, weight.n, weight.k)
+
+    @staticmethod
+    def _rows(call: Callable[[torch.Tensor, torch.Tensor], int], ids: torch.Tensor, n: int, k: int) -> torch.Tensor:
         ids = ids.to(torch.int64).contiguous()
-        out = torch.empty(ids.shape[0], weight.k, dtype=torch.float32)
-        status = self._fast_rows(weight.records.data_ptr(), weight.kind, weight.c, ids.data_ptr(), ids.shape[0],
-                                 weight.n, weight.k, out.data_ptr())
+        out = torch.empty(ids.shape[0], k, dtype=torch.float32)
+        status = call(ids, out)
         if status == -2:
-            raise IndexError(f"a row id is outside [0, {weight.n})")
+            raise IndexError(f"a row id is outside [0, {n})")
         if status != 0:
             raise MemoryError("dequantizing rows could not allocate its buffer")
         return out

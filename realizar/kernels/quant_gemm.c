@@ -606,7 +606,7 @@ struct rows_job {
     const int64_t *ids;
     float *out;
     int64_t K;
-    int fmt;
+    int fmt, fast, c;  /* fast: fmt is a fast record's kind, c its integer offset */
     _Atomic int failed;
 };
 
@@ -617,23 +617,33 @@ static void run_row(const void *arg, int64_t i) {
         j->failed = 1;
         return;
     }
-    const int64_t blocks = j->K / QK, size = realizar_quant_record_bytes(j->fmt);
+    const int64_t blocks = j->K / QK;
+    const int64_t size = j->fast ? realizar_fast_record_bytes(j->fmt) : realizar_quant_record_bytes(j->fmt);
     const int64_t p = j->ids[i] / NR, r = j->ids[i] % NR;
     for (int64_t b = 0; b < blocks; b++) {
-        dequantize_records(j->fmt, j->w + (p * blocks + b) * size, 1, buffer, 0);
+        const uint8_t *rec = j->w + (p * blocks + b) * size;
+        if (j->fast)
+            dequantize_fast_records(j->fmt, j->c, rec, 1, buffer);
+        else
+            dequantize_records(j->fmt, rec, 1, buffer, 0);
         for (int k = 0; k < QK; k++) j->out[i * j->K + b * QK + k] = buffer[k * NR + r];
     }
+}
+
+static int rows(const uint8_t *w, int fmt, int fast, int c, const int64_t *ids, int64_t n, int64_t N, int64_t K,
+                float *out) {
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= N) return -2;
+    struct rows_job j = {.w = w, .ids = ids, .out = out, .K = K, .fmt = fmt, .fast = fast, .c = c, .failed = 0};
+    realizar_parallel(run_row, &j, n);
+    return j.failed ? -1 : 0;
 }
 
 /* out [n, K] = rows ids[0 .. n) of the weight (the embedding lookup of a tied LM head), dequantized
  * exactly. Returns 0, -1 when a buffer could not be allocated, -2 when an id is outside [0, N). */
 int realizar_quant_rows(const uint8_t *w, int fmt, const int64_t *ids, int64_t n, int64_t N, int64_t K,
                         float *out) {
-    for (int64_t i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= N) return -2;
-    struct rows_job j = {.w = w, .ids = ids, .out = out, .K = K, .fmt = fmt, .failed = 0};
-    realizar_parallel(run_row, &j, n);
-    return j.failed ? -1 : 0;
+    return rows(w, fmt, 0, 0, ids, n, N, K, out);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -859,39 +869,11 @@ static void dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t
     }
 }
 
-struct fast_rows_job {
-    const uint8_t *w;
-    const int64_t *ids;
-    float *out;
-    int64_t K;
-    int kind, c;
-    _Atomic int failed;
-};
-
-static void run_fast_row(const void *arg, int64_t i) {
-    struct fast_rows_job *j = (struct fast_rows_job *)arg;
-    float *buffer = scratch(QK * NR);
-    if (!buffer) {
-        j->failed = 1;
-        return;
-    }
-    const int64_t blocks = j->K / QK, size = realizar_fast_record_bytes(j->kind);
-    const int64_t p = j->ids[i] / NR, r = j->ids[i] % NR;
-    for (int64_t b = 0; b < blocks; b++) {
-        dequantize_fast_records(j->kind, j->c, j->w + (p * blocks + b) * size, 1, buffer);
-        for (int k = 0; k < QK; k++) j->out[i * j->K + b * QK + k] = buffer[k * NR + r];
-    }
-}
-
 /* realizar_quant_rows for fast records of kind `kind` with integer offset c: the same floats, as the
  * exact class dequantizes them. */
 int realizar_fast_rows(const uint8_t *w, int kind, int c, const int64_t *ids, int64_t n, int64_t N, int64_t K,
                        float *out) {
-    for (int64_t i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= N) return -2;
-    struct fast_rows_job j = {.w = w, .ids = ids, .out = out, .K = K, .kind = kind, .c = c, .failed = 0};
-    realizar_parallel(run_fast_row, &j, n);
-    return j.failed ? -1 : 0;
+    return rows(w, kind, 1, c, ids, n, N, K, out);
 }
 
 /* The quantized activations in groups of XG rows, so that a tile reads its rows' terms at fixed
