@@ -894,7 +894,7 @@ struct fjob {
     float *y;
     int64_t M, N, K, ldy;
     int kind, c;
-    int64_t chunk;            /* panels per unit, a multiple of FAST_PANELS */
+    int64_t chunk;            /* panels per unit */
 };
 
 /* Rows per tile: 8 sums and 8 float accumulators beside the block's 8 weight vectors (one thread, 64
@@ -902,12 +902,11 @@ struct fjob {
  * d for each 16 terms keep two sums per term and row, and AVX2 has 16 registers, so 4 rows there. */
 #define FAST_ROWS 8
 #define FAST_ROWS_TWO_D 4
-/* One panel per tile: one stream of records, which the hardware prefetches best. Two panels at a
+/* One panel (16 outputs) per tile: one stream of records, which the hardware prefetches best. Two panels at a
  * time (two streams 5.8 KB apart) read 30 layers' Q4_1 gate_up records at one row from memory at
  * 8.5 GB/s where one reads them at 17.8 (AVX-512; the Q8_0 LM head at one row: 3.0 -> 1.75 ms), at
  * the cost of 4 us (10 %) when the records are in cache. With AVX2's 16 registers, R rows by 2
  * halves of float accumulators leave the rest to the integer sums. */
-#define FAST_PANELS 1
 /* More rows go through the exact, buffered path (see realizar_quant_gemm_fast). With VNNI every row
  * takes the integer products: after one-panel tiles they beat dequantizing even at a 512-token
  * prompt (demo model, one thread: a 16-sequence decode step 43.6 against 55.3 ms, a 512-token prefill
@@ -918,98 +917,94 @@ struct fjob {
 #define FAST_MAX_ROWS 8
 #endif
 
-static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int G,
+static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R,
                                                             const struct fjob *j, int64_t m, int64_t p,
                                                             int64_t cols) {
     const int64_t K = j->K, blocks = K / QK, size = realizar_fast_record_bytes(KIND), pstride = blocks * size;
-    f32x16 acc[FAST_ROWS * FAST_PANELS];
-    for (int i = 0; i < R * G; i++) acc[i] = (f32x16){0};
+    f32x16 acc[FAST_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = (f32x16){0};
     const uint8_t *base = j->w + p * pstride;
     for (int64_t b = 0; b < blocks; b++) {
-        for (int g = 0; g < G; g++) {
-            const uint8_t *rec = base + g * pstride + b * size;
-            /* no software prefetch: the hardware streams these records better (about 8 % less time at one row) */
-            f32x16 d0, d1, min;
-            fast_scales(KIND, rec + ((KIND & FAST_KIND) == FAST_NIBBLES ? 256 : 512), &d0, &d1, &min);
-            /* the block's weights, unpacked once for all rows: w[t] terms 4t .. 4t + 3, w[4 + t] terms
-             * 16 + 4t .. (nibbles: the low and high nibbles of the same bytes) */
-            u8x64 w[8];
-            for (int t = 0; t < 4; t++) {
-                if ((KIND & FAST_KIND) == FAST_NIBBLES) {
-                    const u8x64 v = bytes64(rec + 64 * t);
-                    w[t] = v & 15;
-                    w[4 + t] = v >> 4;
-                } else {
-                    w[t] = bytes64(rec + 64 * t);
-                    w[4 + t] = bytes64(rec + 64 * (4 + t));
+        const uint8_t *rec = base + b * size;
+        /* no software prefetch: the hardware streams these records better (about 8 % less time at one row) */
+        f32x16 d0, d1, min;
+        fast_scales(KIND, rec + ((KIND & FAST_KIND) == FAST_NIBBLES ? 256 : 512), &d0, &d1, &min);
+        /* the block's weights, unpacked once for all rows: w[t] terms 4t .. 4t + 3, w[4 + t] terms
+         * 16 + 4t .. (nibbles: the low and high nibbles of the same bytes) */
+        u8x64 w[8];
+        for (int t = 0; t < 4; t++) {
+            if ((KIND & FAST_KIND) == FAST_NIBBLES) {
+                const u8x64 v = bytes64(rec + 64 * t);
+                w[t] = v & 15;
+                w[4 + t] = v >> 4;
+            } else {
+                w[t] = bytes64(rec + 64 * t);
+                w[4 + t] = bytes64(rec + 64 * (4 + t));
+            }
+        }
+        /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights; the rows'
+         * sums interleaved, so that R independent chains of dot products keep the unit busy (one
+         * row's chain alone waits on the dot product's latency) */
+        if (KIND & FAST_TWO_D) {  /* a d for each 16 terms: sums of the halves apart */
+            i32x16 lo_a[FAST_ROWS], hi_a[FAST_ROWS], lo_b[FAST_ROWS], hi_b[FAST_ROWS];  /* R <= FAST_ROWS_TWO_D */
+            for (int r = 0; r < R; r++) lo_a[r] = hi_a[r] = lo_b[r] = hi_b[r] = (i32x16){0};
+            const int8_t *const xg = j->xq + x_at(m, b, blocks);
+            for (int t = 0; t < 8; t++) {
+                for (int r = 0; r < R; r++) {
+                    const int32_t *xa = (const int32_t *)(xg + r * QK), *xb = (const int32_t *)(xg + (XG + r) * QK);
+                    i32x16 *const sa = t < 4 ? &lo_a[r] : &hi_a[r], *const sb = t < 4 ? &lo_b[r] : &hi_b[r];
+                    if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
+                        *sa = dot4_signed(*sa, w[t], xa[t]);
+                        *sb = dot4_signed(*sb, w[t], xb[t]);
+                    } else {
+                        *sa = dot4_at(*sa, w[t], xa + t);
+                        *sb = dot4_at(*sb, w[t], xb + t);
+                    }
                 }
             }
-            /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights; the rows'
-             * sums interleaved, so that R independent chains of dot products keep the unit busy (one
-             * row's chain alone waits on the dot product's latency) */
-            if (KIND & FAST_TWO_D) {  /* a d for each 16 terms: sums of the halves apart */
-                i32x16 lo_a[FAST_ROWS], hi_a[FAST_ROWS], lo_b[FAST_ROWS], hi_b[FAST_ROWS];  /* R <= FAST_ROWS_TWO_D */
-                for (int r = 0; r < R; r++) lo_a[r] = hi_a[r] = lo_b[r] = hi_b[r] = (i32x16){0};
-                const int8_t *const xg = j->xq + x_at(m, b, blocks);
+            /* x = d_x (256 a + b): |sums| < 2^20 per block (32 terms of |u| <= 255 by |a| <= 127),
+             * so 256 a + b and c S stay well inside int32 */
+            for (int r = 0; r < R; r++) {
+                const float dx = j->dx[f_at(m, b, blocks) + r];
+                const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
+                const f32x16 i0 = __builtin_convertvector((lo_a[r] << 8) + lo_b[r] - j->c * s0, f32x16);
+                const f32x16 i1 = __builtin_convertvector((hi_a[r] << 8) + hi_b[r] - j->c * s1, f32x16);
+                acc[r] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
+            }
+        } else {
+            /* one d for all 32 terms: one integer sum per row, the a terms' dot products, times 256
+             * (exact, as above), then the b terms' */
+            i32x16 sum[FAST_ROWS];
+            for (int r = 0; r < R; r++) sum[r] = (i32x16){0};
+            const int8_t *const xg = j->xq + x_at(m, b, blocks);
+            for (int half = 0; half < 2; half++) {
                 for (int t = 0; t < 8; t++) {
                     for (int r = 0; r < R; r++) {
-                        const int32_t *xa = (const int32_t *)(xg + r * QK), *xb = (const int32_t *)(xg + (XG + r) * QK);
-                        i32x16 *const sa = t < 4 ? &lo_a[r] : &hi_a[r], *const sb = t < 4 ? &lo_b[r] : &hi_b[r];
-                        if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
-                            *sa = dot4_signed(*sa, w[t], xa[t]);
-                            *sb = dot4_signed(*sb, w[t], xb[t]);
-                        } else {
-                            *sa = dot4_at(*sa, w[t], xa + t);
-                            *sb = dot4_at(*sb, w[t], xb + t);
-                        }
+                        const int32_t *x4 = (const int32_t *)(xg + (half * XG + r) * QK);
+                        sum[r] = (KIND & FAST_KIND) == FAST_SIGNED_BYTES ? dot4_signed(sum[r], w[t], x4[t])
+                                                                         : dot4_at(sum[r], w[t], x4 + t);
                     }
                 }
-                /* x = d_x (256 a + b): |sums| < 2^20 per block (32 terms of |u| <= 255 by |a| <= 127),
-                 * so 256 a + b and c S stay well inside int32 */
-                for (int r = 0; r < R; r++) {
-                    const float dx = j->dx[f_at(m, b, blocks) + r];
-                    const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
-                    const f32x16 i0 = __builtin_convertvector((lo_a[r] << 8) + lo_b[r] - j->c * s0, f32x16);
-                    const f32x16 i1 = __builtin_convertvector((hi_a[r] << 8) + hi_b[r] - j->c * s1, f32x16);
-                    acc[r * G + g] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
-                }
-            } else {
-                /* one d for all 32 terms: one integer sum per row, the a terms' dot products, times 256
-                 * (exact, as above), then the b terms' */
-                i32x16 sum[FAST_ROWS];
-                for (int r = 0; r < R; r++) sum[r] = (i32x16){0};
-                const int8_t *const xg = j->xq + x_at(m, b, blocks);
-                for (int half = 0; half < 2; half++) {
-                    for (int t = 0; t < 8; t++) {
-                        for (int r = 0; r < R; r++) {
-                            const int32_t *x4 = (const int32_t *)(xg + (half * XG + r) * QK);
-                            sum[r] = (KIND & FAST_KIND) == FAST_SIGNED_BYTES ? dot4_signed(sum[r], w[t], x4[t])
-                                                                             : dot4_at(sum[r], w[t], x4 + t);
-                        }
-                    }
-                    if (!half)
-                        for (int r = 0; r < R; r++) sum[r] <<= 8;
-                }
-                const int64_t at0 = f_at(m, b, blocks);
-                for (int r = 0; r < R; r++) {  /* the row's per-block factors, computed once for all panels */
-                    const int64_t at = at0 + r;
-                    /* c S is 0 where the format has a min (c = 0): one operation less per row and block */
-                    const f32x16 i = __builtin_convertvector(KIND & FAST_MIN ? sum[r] : sum[r] - j->cs[at], f32x16);
-                    acc[r * G + g] += (j->dx[at] * d0) * i + min * j->dxs[at];
-                }
+                if (!half)
+                    for (int r = 0; r < R; r++) sum[r] <<= 8;
+            }
+            const int64_t at0 = f_at(m, b, blocks);
+            for (int r = 0; r < R; r++) {  /* the row's per-block factors, computed once for all panels */
+                const int64_t at = at0 + r;
+                /* c S is 0 where the format has a min (c = 0): one operation less per row and block */
+                const f32x16 i = __builtin_convertvector(KIND & FAST_MIN ? sum[r] : sum[r] - j->cs[at], f32x16);
+                acc[r] += (j->dx[at] * d0) * i + min * j->dxs[at];
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int g = 0; g < G; g++)
-            memcpy(j->y + (m + r) * j->ldy + (p + g) * NR, &acc[r * G + g], (size_t)(G == 1 ? cols : NR) * sizeof(float));
+    for (int r = 0; r < R; r++) memcpy(j->y + (m + r) * j->ldy + p * NR, &acc[r], (size_t)cols * sizeof(float));
 }
 
 #if defined(YMM)
 /* fast_scales for rows 8h .. 8h + 7 */
 static inline __m256i ints32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
-/* fast_tile in halves of 8 lanes (one panel: FAST_PANELS is 1): the integer dot products with
+/* fast_tile in halves of 8 lanes: the integer dot products with
  * maddubs (u8 x s8 pairs to int16) and madd (int16 pairs to int32). The int16 sums of several
  * maddubs are added before one madd where they cannot overflow: nibbles (u < 16) four of them,
  * 2 * 4 * 15 * 127 < 2^15, 5- and 6-bit bytes (u < 64) two, Q8_0's signed bytes none (its |w| *
@@ -1088,40 +1083,40 @@ static inline __attribute__((always_inline)) void fast_tile8(const int KIND, con
         memcpy(j->y + (m + r) * j->ldy + p * NR, out, (size_t)cols * sizeof(float));
     }
 }
-#define FAST_TILE(K_, R_, G_) fast_tile8(K_, R_, j, m, p, cols)
+#define FAST_TILE(K_, R_) fast_tile8(K_, R_, j, m, p, cols)
 #else
-#define FAST_TILE(K_, R_, G_) fast_tile(K_, R_, G_, j, m, p, cols)
+#define FAST_TILE(K_, R_) fast_tile(K_, R_, j, m, p, cols)
 #endif
 
 /* Each layout of the GGUF types, compiled with its scales' layout known (Q4_0, Q4_1, Q4_K;
  * Q5_0, Q5_1, Q5_K, Q6_K; Q8_0); any other combination of flags takes the generic case. */
-#define FAST_CASE(K_, R_, G_) case K_: FAST_TILE(K_, R_, G_); break
-#define FAST_KINDS(R_, G_)                                                          \
+#define FAST_CASE(K_, R_) case K_: FAST_TILE(K_, R_); break
+#define FAST_KINDS(R_)                                                              \
     switch (j->kind) {                                                              \
-        FAST_CASE(FAST_NIBBLES | FAST_HALF, R_, G_);                                \
-        FAST_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN, R_, G_);                     \
-        FAST_CASE(FAST_NIBBLES | FAST_MIN, R_, G_);                                 \
-        FAST_CASE(FAST_BYTES | FAST_HALF, R_, G_);                                  \
-        FAST_CASE(FAST_BYTES | FAST_HALF | FAST_MIN, R_, G_);                       \
-        FAST_CASE(FAST_BYTES | FAST_MIN, R_, G_);                                   \
-        FAST_CASE(FAST_BYTES | FAST_TWO_D, R_, G_);                                 \
-        FAST_CASE(FAST_SIGNED_BYTES | FAST_HALF, R_, G_);                           \
-        FAST_CASE(FAST_SIGNED_BYTES, R_, G_);                                       \
-        default: FAST_TILE(j->kind, R_, G_); break;                                 \
+        FAST_CASE(FAST_NIBBLES | FAST_HALF, R_);                                    \
+        FAST_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN, R_);                         \
+        FAST_CASE(FAST_NIBBLES | FAST_MIN, R_);                                     \
+        FAST_CASE(FAST_BYTES | FAST_HALF, R_);                                      \
+        FAST_CASE(FAST_BYTES | FAST_HALF | FAST_MIN, R_);                           \
+        FAST_CASE(FAST_BYTES | FAST_MIN, R_);                                       \
+        FAST_CASE(FAST_BYTES | FAST_TWO_D, R_);                                     \
+        FAST_CASE(FAST_SIGNED_BYTES | FAST_HALF, R_);                               \
+        FAST_CASE(FAST_SIGNED_BYTES, R_);                                           \
+        default: FAST_TILE(j->kind, R_); break;                                     \
     }
 
 /* FAST_KINDS for the kinds with one d per 32 terms, which take 8-row tiles */
 #define FAST_KINDS_ONE_D(R_)                                                        \
     switch (j->kind) {                                                              \
-        FAST_CASE(FAST_NIBBLES | FAST_HALF, R_, 1);                                 \
-        FAST_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN, R_, 1);                      \
-        FAST_CASE(FAST_NIBBLES | FAST_MIN, R_, 1);                                  \
-        FAST_CASE(FAST_BYTES | FAST_HALF, R_, 1);                                   \
-        FAST_CASE(FAST_BYTES | FAST_HALF | FAST_MIN, R_, 1);                        \
-        FAST_CASE(FAST_BYTES | FAST_MIN, R_, 1);                                    \
-        FAST_CASE(FAST_SIGNED_BYTES | FAST_HALF, R_, 1);                            \
-        FAST_CASE(FAST_SIGNED_BYTES, R_, 1);                                        \
-        default: FAST_TILE(j->kind, R_, 1); break;                                  \
+        FAST_CASE(FAST_NIBBLES | FAST_HALF, R_);                                    \
+        FAST_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN, R_);                         \
+        FAST_CASE(FAST_NIBBLES | FAST_MIN, R_);                                     \
+        FAST_CASE(FAST_BYTES | FAST_HALF, R_);                                      \
+        FAST_CASE(FAST_BYTES | FAST_HALF | FAST_MIN, R_);                           \
+        FAST_CASE(FAST_BYTES | FAST_MIN, R_);                                       \
+        FAST_CASE(FAST_SIGNED_BYTES | FAST_HALF, R_);                               \
+        FAST_CASE(FAST_SIGNED_BYTES, R_);                                           \
+        default: FAST_TILE(j->kind, R_); break;                                     \
     }
 
 #if defined(YMM)
@@ -1147,10 +1142,10 @@ static void run_fast_unit(const void *arg, int64_t unit) {
             }
             const int64_t R = j->M - m < 4 ? j->M - m : 4;
             switch (R) {
-                case 1: FAST_KINDS(1, 1); break;
-                case 2: FAST_KINDS(2, 1); break;
-                case 3: FAST_KINDS(3, 1); break;
-                default: FAST_KINDS(4, 1); break;
+                case 1: FAST_KINDS(1); break;
+                case 2: FAST_KINDS(2); break;
+                case 3: FAST_KINDS(3); break;
+                default: FAST_KINDS(4); break;
             }
             m += R;
         }
@@ -1298,7 +1293,6 @@ int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int 
     realizar_parallel(run_quantize_unit, &q, (M + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS);
     const int64_t panels = (N + NR - 1) / NR, threads = realizar_threads(), units_per_thread = 8;
     int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
-    chunk = (chunk + FAST_PANELS - 1) / FAST_PANELS * FAST_PANELS;
     const struct fjob j = {.xq = xq, .dx = dx, .sx = sx, .dxs = dxs, .cs = cs, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
                            .kind = kind, .c = c, .chunk = chunk};
     realizar_parallel(run_fast_unit, &j, (panels + chunk - 1) / chunk);
