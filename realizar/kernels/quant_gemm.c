@@ -1091,31 +1091,27 @@ static inline __attribute__((always_inline)) void fast_tile8(const int KIND, con
 /* Each layout of the GGUF types, compiled with its scales' layout known (Q4_0, Q4_1, Q4_K;
  * Q5_0, Q5_1, Q5_K, Q6_K; Q8_0); any other combination of flags takes the generic case. */
 #define FAST_CASE(K_, R_) case K_: FAST_TILE(K_, R_); break
-#define FAST_KINDS(R_)                                                              \
-    switch (j->kind) {                                                              \
+#define FAST_ONE_D_CASES(R_)                                                        \
         FAST_CASE(FAST_NIBBLES | FAST_HALF, R_);                                    \
         FAST_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN, R_);                         \
         FAST_CASE(FAST_NIBBLES | FAST_MIN, R_);                                     \
         FAST_CASE(FAST_BYTES | FAST_HALF, R_);                                      \
         FAST_CASE(FAST_BYTES | FAST_HALF | FAST_MIN, R_);                           \
         FAST_CASE(FAST_BYTES | FAST_MIN, R_);                                       \
-        FAST_CASE(FAST_BYTES | FAST_TWO_D, R_);                                     \
         FAST_CASE(FAST_SIGNED_BYTES | FAST_HALF, R_);                               \
-        FAST_CASE(FAST_SIGNED_BYTES, R_);                                           \
+        FAST_CASE(FAST_SIGNED_BYTES, R_);
+
+#define FAST_KINDS(R_)                                                              \
+    switch (j->kind) {                                                              \
+        FAST_ONE_D_CASES(R_)                                                        \
+        FAST_CASE(FAST_BYTES | FAST_TWO_D, R_);                                     \
         default: FAST_TILE(j->kind, R_); break;                                     \
     }
 
 /* FAST_KINDS for the kinds with one d per 32 terms, which take 8-row tiles */
 #define FAST_KINDS_ONE_D(R_)                                                        \
     switch (j->kind) {                                                              \
-        FAST_CASE(FAST_NIBBLES | FAST_HALF, R_);                                    \
-        FAST_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN, R_);                         \
-        FAST_CASE(FAST_NIBBLES | FAST_MIN, R_);                                     \
-        FAST_CASE(FAST_BYTES | FAST_HALF, R_);                                      \
-        FAST_CASE(FAST_BYTES | FAST_HALF | FAST_MIN, R_);                           \
-        FAST_CASE(FAST_BYTES | FAST_MIN, R_);                                       \
-        FAST_CASE(FAST_SIGNED_BYTES | FAST_HALF, R_);                               \
-        FAST_CASE(FAST_SIGNED_BYTES, R_);                                           \
+        FAST_ONE_D_CASES(R_)                                                        \
         default: FAST_TILE(j->kind, R_); break;                                     \
     }
 
