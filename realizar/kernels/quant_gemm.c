@@ -1176,52 +1176,29 @@ static inline f32x16 max16(f32x16 a, f32x16 b) {
     return (f32x16)(((i32x16)a & more) | ((i32x16)b & ~more));
 }
 
-/* Rows m0 .. m0 + rows of x (x points at row m0; row stride ldx) to two int8 terms per 32-term block, x ~= d (256 a + b): a = round(x /
- * (256 d)) with 256 d = max |x| / 127, as llama.cpp's Q8_1, and b = round(the remainder / d),
- * |b| <= 128 clamped to 127. The error is at most d / 2 = max |x| / 65024 per term, about 256
- * times less than a alone (which failed the quality gate: 95.7 % argmax agreement), for twice the
- * integer dot products and no more weight reads. xq and dx are laid out by x_at and f_at; sx
- * [M, K / 16] holds the sums of 256 a + b over each 16 terms. A single int8 term fails the gate in every kind of
- * layer alone, too (by emulation: down projections 98.05 %, the LM head 97.22 %). */
-static void quantize_rows(const float *x, int64_t ldx, int64_t rows, int64_t m0, int64_t K, int8_t *xq,
-                          float *dx, int32_t *sx) {
-    const int64_t blocks = K / QK;
-    for (int64_t m = 0; m < rows; m++) {
-        for (int64_t b = 0; b < blocks; b++) {
-            const float *v = x + m * ldx + b * QK;
-            int8_t *const xa = xq + x_at(m0 + m, b, blocks), *const xb = xa + XG * QK;
-            f32x16 v0, v1;
-            memcpy(&v0, v, sizeof v0);
-            memcpy(&v1, v + 16, sizeof v1);
-            const i32x16 magnitude = (i32x16){0} + 0x7fffffff;
-            const f32x16 most = max16((f32x16)((i32x16)v0 & magnitude), (f32x16)((i32x16)v1 & magnitude));
-            float amax = 0.0f;
-            for (int k = 0; k < 16; k++) amax = most[k] > amax ? most[k] : amax;
-            const float coarse = amax / 127.0f, d = coarse / 256.0f;
-            const float id_coarse = coarse > 0.0f ? 1.0f / coarse : 0.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-            /* 16 lanes at a time; rint16 rounds as rintf (to nearest, even) */
-            int32_t sums[2];
-            for (int h = 0; h < 2; h++) {
-                f32x16 u;
-                memcpy(&u, v + 16 * h, sizeof u);
-                const f32x16 a = rint16(u * id_coarse);
-                f32x16 fine = rint16((u - a * coarse) * id);
-                fine = max16(min16(fine, (f32x16){0} + 127.0f), (f32x16){0} - 127.0f);
-                const i32x16 ia = __builtin_convertvector(a, i32x16), ib = __builtin_convertvector(fine, i32x16);
-                const i8x16 na = __builtin_convertvector(ia, i8x16), nb = __builtin_convertvector(ib, i8x16);
-                memcpy(xa + 16 * h, &na, sizeof na);
-                memcpy(xb + 16 * h, &nb, sizeof nb);
-                const i32x16 terms = (ia << 8) + ib;
-                int32_t sum = 0;
-                for (int k = 0; k < 16; k++) sum += terms[k];
-                sums[h] = sum;
-            }
-            const int32_t s0 = sums[0], s1 = sums[1];
-            dx[f_at(m0 + m, b, blocks)] = d;
-            sx[(m0 + m) * (K / 16) + 2 * b] = s0;
-            sx[(m0 + m) * (K / 16) + 2 * b + 1] = s1;
-        }
-    }
+/* The largest lane of v, and the sum of v's lanes. */
+static float max_lane(f32x16 v) {
+#if defined(__AVX512F__)
+    __m512 r;
+    memcpy(&r, &v, sizeof r);
+    return _mm512_reduce_max_ps(r);
+#else
+    float m = v[0];
+    for (int k = 1; k < 16; k++) m = v[k] > m ? v[k] : m;
+    return m;
+#endif
+}
+
+static int32_t sum_lanes(i32x16 v) {
+#if defined(__AVX512F__)
+    __m512i r;
+    memcpy(&r, &v, sizeof r);
+    return _mm512_reduce_add_epi32(r);
+#else
+    int32_t sum = 0;
+    for (int k = 0; k < 16; k++) sum += v[k];
+    return sum;
+#endif
 }
 
 #define QUANTIZE_ROWS 8
@@ -1235,21 +1212,71 @@ struct quantize_job {
     int32_t *sx, *cs;
 };
 
-/* Rows [8u, 8u + 8) of quantize_rows' work, and their per-block factors: d_x times the block's
- * sum of x_q (the min's factor), and c times it. */
-static void run_quantize_unit(const void *arg, int64_t unit) {
-    const struct quantize_job *q = (const struct quantize_job *)arg;
-    const int64_t m0 = unit * QUANTIZE_ROWS, rows = q->M - m0 < QUANTIZE_ROWS ? q->M - m0 : QUANTIZE_ROWS;
+/* Rows m0 .. m0 + rows of the job's x [M, K] to two int8 terms per 32-term block, x ~= d (256 a + b):
+ * a = round(x / (256 d)) with 256 d = max |x| / 127, as llama.cpp's Q8_1, and b = round(the remainder / d),
+ * |b| <= 128 clamped to 127. The error is at most d / 2 = max |x| / 65024 per term, about 256
+ * times less than a alone (which failed the quality gate: 95.7 % argmax agreement), for twice the
+ * integer dot products and no more weight reads. xq, dx and the per-block factors (dxs: d times
+ * the block's sum of 256 a + b, the min's factor; cs: c times that sum) are laid out by x_at and
+ * f_at; sx [M, K / 16] holds the sums over each 16 terms. A single int8 term fails the gate in
+ * every kind of layer alone, too (by emulation: down projections 98.05 %, the LM head 97.22 %). */
+static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows) {
     const int64_t K = q->K, blocks = K / QK;
-    quantize_rows(q->x + m0 * q->ldx, q->ldx, rows, m0, K, q->xq, q->dx, q->sx);
     for (int64_t m = m0; m < m0 + rows; m++) {
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t i = f_at(m, b, blocks);
-            const int32_t sum = q->sx[m * (K / 16) + 2 * b] + q->sx[m * (K / 16) + 2 * b + 1];
-            q->dxs[i] = q->dx[i] * (float)sum;
-            q->cs[i] = q->c * sum;
+        const float *row = q->x + m * q->ldx;
+        int8_t *const xa0 = q->xq + x_at(m, 0, blocks);  /* block b's a terms at xa0 + b * 2 XG QK */
+        const int64_t f0 = f_at(m, 0, blocks);           /* block b's factors at f0 + b * XG */
+        for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+            /* the scales of 16 blocks at once: their divisions are one vector division each, where
+             * a block's own four divisions had been a chain every block waited on */
+            const int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
+            f32x16 amax = {0};
+            for (int i = 0; i < n; i++) {
+                const float *v = row + (b0 + i) * QK;
+                f32x16 v0, v1;
+                memcpy(&v0, v, sizeof v0);
+                memcpy(&v1, v + 16, sizeof v1);
+                const i32x16 magnitude = (i32x16){0} + 0x7fffffff;
+                amax[i] = max_lane(max16((f32x16)((i32x16)v0 & magnitude), (f32x16)((i32x16)v1 & magnitude)));
+            }
+            const f32x16 coarse = amax / 127.0f, d = coarse / 256.0f;
+            const i32x16 zero_c = coarse > 0.0f, zero_d = d > 0.0f;  /* -1 where the scale is not 0 */
+            const f32x16 id_coarse = (f32x16)((i32x16)(1.0f / coarse) & zero_c), id = (f32x16)((i32x16)(1.0f / d) & zero_d);
+            for (int i = 0; i < n; i++) {
+                const int64_t b = b0 + i;
+                const float *v = row + b * QK;
+                int8_t *const xa = xa0 + b * (2 * XG * QK), *const xb = xa + XG * QK;
+                /* 16 lanes at a time; rint16 rounds as rintf (to nearest, even) */
+                int32_t sums[2];
+                for (int h = 0; h < 2; h++) {
+                    f32x16 u;
+                    memcpy(&u, v + 16 * h, sizeof u);
+                    const f32x16 a = rint16(u * id_coarse[i]);
+                    f32x16 fine = rint16((u - a * coarse[i]) * id[i]);
+                    fine = max16(min16(fine, (f32x16){0} + 127.0f), (f32x16){0} - 127.0f);
+                    const i32x16 ia = __builtin_convertvector(a, i32x16), ib = __builtin_convertvector(fine, i32x16);
+                    const i8x16 na = __builtin_convertvector(ia, i8x16), nb = __builtin_convertvector(ib, i8x16);
+                    memcpy(xa + 16 * h, &na, sizeof na);
+                    memcpy(xb + 16 * h, &nb, sizeof nb);
+                    sums[h] = sum_lanes((ia << 8) + ib);
+                }
+                const int32_t sum = sums[0] + sums[1];
+                const int64_t at = f0 + b * XG;
+                q->dx[at] = d[i];
+                q->dxs[at] = d[i] * (float)sum;  /* the min's factor */
+                q->cs[at] = q->c * sum;
+                q->sx[m * (K / 16) + 2 * b] = sums[0];
+                q->sx[m * (K / 16) + 2 * b + 1] = sums[1];
+            }
         }
     }
+}
+
+/* Rows [8u, 8u + 8) of the activations (see quantize_rows). */
+static void run_quantize_unit(const void *arg, int64_t unit) {
+    const struct quantize_job *q = (const struct quantize_job *)arg;
+    const int64_t m0 = unit * QUANTIZE_ROWS;
+    quantize_rows(q, m0, q->M - m0 < QUANTIZE_ROWS ? q->M - m0 : QUANTIZE_ROWS);
 }
 
 /* The most rows realizar_quant_gemm_fast multiplies with integer dot products: the quality gate
