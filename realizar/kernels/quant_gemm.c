@@ -901,7 +901,7 @@ struct fjob {
  * rows of the demo model's gate_up: 4-row tiles with two sums per row took 8 % longer); the kinds with a
  * d for each 16 terms keep two sums per term and row, and AVX2 has 16 registers, so 4 rows there. */
 #define FAST_ROWS 8
-#define FAST_ROWS_TWO_D 4
+#define FAST_NARROW_ROWS 4  /* the switch in run_fast_unit takes 1 .. 4 */
 /* One panel (16 outputs) per tile: one stream of records, which the hardware prefetches best. Two panels at a
  * time (two streams 5.8 KB apart) read 30 layers' Q4_1 gate_up records at one row from memory at
  * 8.5 GB/s where one reads them at 17.8 (AVX-512; the Q8_0 LM head at one row: 3.0 -> 1.75 ms), at
@@ -946,7 +946,7 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
          * sums interleaved, so that R independent chains of dot products keep the unit busy (one
          * row's chain alone waits on the dot product's latency) */
         if (KIND & FAST_TWO_D) {  /* a d for each 16 terms: sums of the halves apart */
-            i32x16 lo_a[FAST_ROWS], hi_a[FAST_ROWS], lo_b[FAST_ROWS], hi_b[FAST_ROWS];  /* R <= FAST_ROWS_TWO_D */
+            i32x16 lo_a[FAST_ROWS], hi_a[FAST_ROWS], lo_b[FAST_ROWS], hi_b[FAST_ROWS];  /* R <= FAST_NARROW_ROWS */
             for (int r = 0; r < R; r++) lo_a[r] = hi_a[r] = lo_b[r] = hi_b[r] = (i32x16){0};
             const int8_t *const xg = j->xq + x_at(m, b, blocks);
             for (int t = 0; t < 8; t++) {
@@ -1129,14 +1129,14 @@ static void run_fast_unit(const void *arg, int64_t unit) {
     for (int64_t p = p0; p < p1; p++) {
         const int64_t cols = p < full ? NR : j->N - p * NR;
         for (int64_t m = 0; m < j->M;) {
-            if (wide && j->M - m >= 8) {
+            if (wide && j->M - m >= FAST_ROWS) {
 #if FAST_WIDE_TILES
-                FAST_KINDS_ONE_D(8);
+                FAST_KINDS_ONE_D(FAST_ROWS);
 #endif
-                m += 8;
+                m += FAST_ROWS;
                 continue;
             }
-            const int64_t R = j->M - m < 4 ? j->M - m : 4;
+            const int64_t R = j->M - m < FAST_NARROW_ROWS ? j->M - m : FAST_NARROW_ROWS;
             switch (R) {
                 case 1: FAST_KINDS(1); break;
                 case 2: FAST_KINDS(2); break;
