@@ -10,10 +10,11 @@
   costs as much as the arithmetic.
 - ``quant_gemm.c``: the same products over GGUF's block-quantized weights, kept quantized
   (repacked once into 16-row records) and dequantized exactly on the fly: a decode step
-  reads 0.6-1.1 bytes per weight instead of 4. Its fast class (each activation as two int8
-  terms, integer dot products: AVX512-VNNI, AVX2, or plain C, by the build's feature macros)
-  is not exact but passes the quality gate; ``REALIZAR_QUANTIZED`` picks ``exact``, ``fast``
-  or ``auto`` (the default: the faster, timed at load).
+  reads 0.6-1.1 bytes per weight instead of 4. ``quant_fast.c`` holds their fast class (each
+  activation as two int8 terms, integer dot products: AVX512-VNNI, AVX2, or plain C, by the build's
+  feature macros), not exact but passing the quality gate; ``quant_blocks.h`` what the two
+  share. ``REALIZAR_QUANTIZED`` picks ``exact``, ``fast`` or ``auto`` (the default: the faster,
+  timed at load).
 - ``pointwise.c``: RMSNorm, SiLU-and-multiply and RoPE, one pass
   each instead of several torch ops with a temporary apiece.
 - ``sampling.c``: draws from softmax(logits / temperature) in one pass per row, without
@@ -49,8 +50,8 @@ log = logging.getLogger("realizar.kernels")
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "prefill_attention.c", "pointwise.c",
-                        "sampling.c", "quant_gemm.c", "decoder.c")]
-HEADER = Path(__file__).with_name("cpu_kernels.h")
+                        "sampling.c", "quant_gemm.c", "quant_fast.c", "decoder.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "quant_blocks.h")]
 FLAGS = ["-O3", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 # REALIZAR_KERNELS_ISA builds for less than this CPU has, so each code path can be tested and timed
 # on one machine: ``avx2`` (Haswell's AVX2, FMA and F16C, no AVX-512) or ``generic`` (x86-64's SSE2).
@@ -124,13 +125,13 @@ class QuantPacked:
         return self.records.numel()
 
 
-FAST_HALF, FAST_TWO_D, FAST_MIN = 8, 16, 32  # quant_gemm.c's flags of a fast record's scales
-FAST_EVERY_ROW = 1 << 30  # quant_gemm.c's FAST_MAX_ROWS where every row takes the integer products (VNNI)
+FAST_HALF, FAST_TWO_D, FAST_MIN = 8, 16, 32  # quant_fast.c's flags of a fast record's scales
+FAST_EVERY_ROW = 1 << 30  # quant_fast.c's FAST_MAX_ROWS where every row takes the integer products (VNNI)
 
 
 @dataclass(frozen=True)
 class FastPacked:
-    """A quantized weight ``[n, k]`` in ``quant_gemm.c``'s records for integer dot products (the fast
+    """A quantized weight ``[n, k]`` in ``quant_fast.c``'s records for integer dot products (the fast
     class): ``records [panels, k / 32, bytes]``, ``kind`` (bits 0-1: 0 nibbles, 1 unsigned bytes, 2
     signed bytes; then the FAST_* flags of the scales' layout) and ``c``, the integer offset taken
     off the stored integers."""
@@ -152,7 +153,7 @@ class FastPacked:
 
 def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, offset: int,
               group: int, wide_bytes: bool = False) -> FastPacked:
-    """Repack a quantized weight for ``realizar_quant_gemm_fast`` (``quant_gemm.c`` has the layout);
+    """Repack a quantized weight for ``realizar_quant_gemm_fast`` (``quant_fast.c`` has the layout);
     the arguments are those of :func:`pack_quantized`. Scales are float16 where each is one exactly,
     and a record holds a second d (16-term groups) or a min only where the format has them.
 
@@ -288,12 +289,15 @@ def _compiler() -> str | None:
     return None
 
 
+BUILD_TIMEOUT_S = 600  # a generic x86-64 build takes ~2 min
+
+
 def _build() -> Path | None:
     compiler = _compiler()
     if compiler is None:
         log.info("no C compiler found; the CPU engine uses its pure-torch path")
         return None
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in [HEADER, *SOURCES])
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in [*HEADERS, *SOURCES])
                             + " ".join(_flags()).encode() + _cpu_signature().encode())
     target = _cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
@@ -301,13 +305,33 @@ def _build() -> Path | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *_flags(), *map(str, SOURCES), "-o", str(built), "-lm"],
-                                capture_output=True, text=True, timeout=600)  # a generic x86-64 build takes ~2 min
-        if result.returncode != 0:
-            log.warning("building the CPU kernels failed; using the pure-torch path:\n%s", result.stderr[-2000:])
+        objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
+        # every source at once (the cores share them): the two quantized-product files are most of the time
+        compiles = [subprocess.Popen([compiler, *_flags(), "-c", str(source), "-o", str(obj)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    for source, obj in zip(SOURCES, objects, strict=True)]
+        failures = [_finished(compile_, source) for compile_, source in zip(compiles, SOURCES, strict=True)]
+        if not any(failures):
+            link = subprocess.run([compiler, *_flags(), *map(str, objects), "-o", str(built), "-lm"],
+                                  capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            failures.append(link.stderr if link.returncode else "")
+        if any(failures):
+            log.warning("building the CPU kernels failed; using the pure-torch path:\n%s",
+                        "".join(failures)[-2000:])
             return None
         os.replace(built, target)  # atomic, so concurrent builders never load a half-written file
     return target
+
+
+def _finished(compile_: subprocess.Popen[str], source: Path) -> str:
+    """'' when the compile ended well, else its errors (killed past BUILD_TIMEOUT_S)."""
+    try:
+        _out, errors = compile_.communicate(timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        compile_.kill()
+        compile_.communicate()
+        return f"{source.name}: no result after {BUILD_TIMEOUT_S} s\n"
+    return f"{source.name}: {errors}" if compile_.returncode else ""
 
 
 LINEAR_PACKED, LINEAR_QUANT, LINEAR_FAST = 0, 1, 2  # decoder.c's kinds of linear layer
@@ -416,7 +440,7 @@ class CpuKernels:
 
     def quant_gemm_fast(self, x: torch.Tensor, weight: FastPacked, out: torch.Tensor | None = None) -> torch.Tensor:
         """``x [M, K] @ W.T`` approximately, the fast class: x as two int8 terms per row and 32 terms
-        (``quant_gemm.c``'s quantize_rows), integer dot products with the weights' integers, for up
+        (``quant_fast.c``'s quantize_rows), integer dot products with the weights' integers, for up
         to :attr:`fast_max_rows` rows; more rows are multiplied exactly, as :meth:`quant_gemm` does.
         ``out`` as in :meth:`quant_gemm`."""
         x = _unit_stride(x)

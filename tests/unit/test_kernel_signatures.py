@@ -79,7 +79,7 @@ def spelled_types(prototype: Prototype) -> list[str]:
 def c_prototypes() -> dict[str, Prototype]:
     """The prototypes of every kernel source and the header; a function declared twice must agree."""
     merged: dict[str, Prototype] = {}
-    for path in [kernels.HEADER, *kernels.SOURCES]:
+    for path in [*kernels.HEADERS, *kernels.SOURCES]:
         for name, proto in prototypes(path.read_text()).items():
             # parameter names may differ between a declaration and the definition; types may not
             assert name not in merged or spelled_types(merged[name]) == spelled_types(proto), \

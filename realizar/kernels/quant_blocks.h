@@ -1,0 +1,144 @@
+/* What quant_gemm.c (the exact class) and quant_fast.c (the fast class) share: the record
+ * formats, the vector types and loads, and the two functions each takes from the other. Two
+ * files, so that the two classes compile in parallel (each is most of a build's time). */
+#ifndef REALIZAR_QUANT_BLOCKS_H
+#define REALIZAR_QUANT_BLOCKS_H
+
+#include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define NR 16             /* output rows per panel, as in packed_gemm.c */
+#define QK 32             /* terms per record */
+#define PASS_BLOCKS 8     /* records per pass over the sums: 256 terms, 16 KiB of floats per panel */
+#define MC 96             /* rows of x per unit, as in packed_gemm.c */
+
+/* Formats; realizar/kernels/__init__.py has the same codes. A format | HALF has float16 scales. */
+enum { Q4_OFFSET, Q4_MIN, Q5_OFFSET, Q5_MIN, Q6_OFFSET, Q8, HALF = 8 };
+
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef float f32x16 __attribute__((vector_size(64)));
+
+static inline u8x16 bytes16(const uint8_t *p) { u8x16 v; memcpy(&v, p, sizeof v); return v; }
+static inline f32x16 floats16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
+
+typedef _Float16 f16x16 __attribute__((vector_size(32)));
+
+/* 16 float16 at p as float32: one vcvtph2ps with AVX-512, two with F16C (GCC 12 converts a
+ * _Float16 vector element by element, which made the fast class 2x slower). */
+static inline f32x16 halves16(const uint8_t *p) {
+    f32x16 r;
+#if defined(__AVX512F__)
+    const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    memcpy(&r, &v, sizeof r);
+#elif defined(__AVX2__) && defined(__F16C__)
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+    memcpy(&r, &lo, sizeof lo);
+    memcpy((char *)&r + sizeof lo, &hi, sizeof hi);
+#else
+    f16x16 v;
+    memcpy(&v, p, sizeof v);
+    r = __builtin_convertvector(v, f32x16);
+#endif
+    return r;
+}
+
+/* v, rounded to float32 here: the compiler may not fuse the product that made it with the
+ * addition that follows, which would round once where the reference rounds twice. */
+static inline f32x16 rounded(f32x16 v) {
+#if defined(__AVX512F__)
+    __asm__("" : "+v"(v));
+#elif defined(__AVX__)
+    v8 lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (char *)&v + sizeof lo, sizeof hi);
+    __asm__("" : "+x"(lo), "+x"(hi));
+    memcpy(&v, &lo, sizeof lo);
+    memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
+#elif defined(__aarch64__)
+    __asm__("" : "+w"(v));
+#endif
+    return v;
+}
+
+/* The 16 signed bytes of v as 16 int32. GCC scalarizes __builtin_convertvector here, so the
+ * x86 sign extensions are named. */
+static inline i32x16 widen(i8x16 v) {
+    i32x16 r;
+#if defined(__AVX512F__)
+    const __m512i w = _mm512_cvtepi8_epi32((__m128i)v);
+    memcpy(&r, &w, sizeof r);
+#elif defined(__AVX2__)
+    const __m256i lo = _mm256_cvtepi8_epi32((__m128i)v);
+    const __m256i hi = _mm256_cvtepi8_epi32(_mm_unpackhi_epi64((__m128i)v, (__m128i)v));
+    memcpy(&r, &lo, sizeof lo);
+    memcpy((char *)&r + sizeof lo, &hi, sizeof hi);
+#else
+    for (int i = 0; i < 16; i++) r[i] = v[i];
+#endif
+    return r;
+}
+
+/* AVX2 without AVX-512 has 16 registers of 8 floats: a 16-row panel is two halves of 8 lanes
+ * (rows 0-7, rows 8-15), one register each. The 64-byte vectors above, split by the compiler,
+ * went through the stack there (a Q4_1 [3072 x 576] product at one row: 3.1 ms, against 0.12
+ * with AVX-512), so these builds have tiles of their own, with accumulators that fit in the
+ * registers. Each lane computes the same float32 operations in the same order, so the results
+ * are the same floats. Other builds (plain C, NEON) keep the 16-lane code. */
+#if defined(__AVX2__) && defined(__F16C__) && !defined(__AVX512F__)
+#define YMM 1
+
+/* 8 bytes at p as 8 int32, zero- or sign-extended (one vpmovzxbd / vpmovsxbd from memory). */
+static inline vi8 zext8(const uint8_t *p) { return (vi8)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline vi8 sext8(const uint8_t *p) { return (vi8)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+
+/* 8 float16 at p as float32. */
+static inline v8 halves8(const uint8_t *p) { return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* Hides where *p points from the compiler. Terms k and k + 16 are the two nibbles of the same
+ * bytes: without this, GCC loads them once for both and keeps 16 vectors per panel half alive
+ * from term k to term k + 16, on the stack. Loading them twice (from L1) is cheaper. */
+static inline void forget(const uint8_t **p) { __asm__("" : "+r"(*p)); }
+static inline void forget_floats(const float **p) { __asm__("" : "+r"(*p)); }
+
+/* as `rounded`, for one register */
+static inline v8 rounded8(v8 v) {
+    __asm__("" : "+x"(v));
+    return v;
+}
+#endif
+
+static inline int fmt_base(int f) { return f & (HALF - 1); }
+static inline int fmt_bits(int f) {
+    f = fmt_base(f);
+    return f <= Q4_MIN ? 4 : f <= Q5_MIN ? 5 : f == Q6_OFFSET ? 6 : 8;
+}
+static inline int fmt_offset(int f) {
+    f = fmt_base(f);
+    return f == Q4_OFFSET ? 8 : f == Q5_OFFSET ? 16 : f == Q6_OFFSET ? 32 : 0;
+}
+static inline int fmt_has_min(int f) { return fmt_base(f) == Q4_MIN || fmt_base(f) == Q5_MIN; }
+static inline int fmt_two_d(int f) { return fmt_base(f) == Q6_OFFSET; }  /* a d per 16 terms */
+static inline int64_t int_bytes(int f) { return fmt_bits(f) == 8 ? 512 : 256 + (fmt_bits(f) - 4) * 64; }
+static inline int64_t scale_bytes(int f) { return (f & HALF) ? 2 : 4; }
+
+/* Bytes of one fast record of kind `kind` (quant_fast.c). */
+int64_t realizar_fast_record_bytes(int kind);
+/* Records [0, count) of fast kind `kind` and integer offset c into `out`, the floats the exact class
+ * gives (quant_fast.c). */
+void realizar_dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t count, float *out);
+/* y = x W^T through a buffer of exactly dequantized weights (quant_gemm.c; `fast`: fast records). */
+int realizar_buffered_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, int fast, int c, float *y,
+                           int64_t ldy, int64_t M, int64_t N, int64_t K);
+
+#endif

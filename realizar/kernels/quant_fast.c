@@ -1,0 +1,669 @@
+/* Matrix products over quantized weights, the fast class (quant_gemm.c holds the exact one): x
+ * quantized per row and 32-term block to two int8 terms, x ~= d_x (256 a + b) (see quantize_rows), times the weights' integers with integer dot products, the scales applied
+ * per block in float32. Not exact, but within about 1e-5 of the block's largest |x|: a quality
+ * gate (benchmarks/quality.py) measures it against float32 before `auto` may time and choose it.
+ *
+ * Records of 16 rows by 32 terms again, in a layout for 4-byte dot products: 32-bit lane j of
+ * a 64-byte vector holds 4 consecutive terms of row j,
+ *
+ *   nibbles (4 bits)   4 vectors; vector t, byte 4j + i = u[j][4t + i] | u[j][16 + 4t + i] << 4
+ *   bytes (5-8 bits)   8 vectors; vector t, byte 4j + i = u[j][4t + i]
+ *   then [16] d (of terms 0-15 with FAST_TWO_D), [16] d of terms 16-31 (FAST_TWO_D only),
+ *   [16] min (FAST_MIN only: the formats with a min have no integer offset, c = 0), as float32,
+ *   or float16 with FAST_HALF (where that is exact),
+ *   then zeros to a multiple of 64 bytes
+ *
+ * with u the stored integers (5/6-bit: unsigned; Q8_0: signed) and the weight
+ * (u - c) * d (+ min). Per block, with x_q = 256 a + b, I_h = sum over half h of u * x_q and S_h
+ * that of x_q,
+ *
+ *   y += d_x * (d_0 (I_0 - c S_0) + d_1 (I_1 - c S_1)) + min * d_x * (S_0 + S_1)
+ */
+#include "quant_blocks.h"
+
+enum { FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_KIND = 3,  /* the integers' kind */
+       FAST_HALF = 8, FAST_TWO_D = 16, FAST_MIN = 32 };                  /* flags of the scales */
+
+typedef uint8_t u8x64 __attribute__((vector_size(64)));
+typedef int8_t i8x64 __attribute__((vector_size(64)));
+
+static inline u8x64 bytes64(const uint8_t *p) { u8x64 v; memcpy(&v, p, sizeof v); return v; }
+static inline i32x16 ints16(int32_t v) { return (i32x16){0} + v; }
+
+/* Records are padded to whole cache lines: a 64-byte load that straddles two lines made the
+ * Q8_0 LM head 2.7x slower with 544-byte records than with 576. */
+int64_t realizar_fast_record_bytes(int kind) {
+    const int64_t vectors = 1 + !!(kind & FAST_TWO_D) + !!(kind & FAST_MIN);
+    const int64_t bytes = ((kind & FAST_KIND) == FAST_NIBBLES ? 256 : 512) + vectors * 16 * ((kind & FAST_HALF) ? 2 : 4);
+    return (bytes + 63) / 64 * 64;
+}
+
+/* A fast record's scales, at `p`, laid out as the flags in `kind` say. */
+static inline __attribute__((always_inline)) void fast_scales(const int kind, const uint8_t *p, f32x16 *d0,
+                                                              f32x16 *d1, f32x16 *min) {
+    const int64_t step = (kind & FAST_HALF) ? 32 : 64;
+#define FAST_SCALE(q) ((kind & FAST_HALF) ? halves16(q) : floats16((const float *)(q)))
+    *d0 = FAST_SCALE(p);
+    if (kind & FAST_TWO_D) p += step;
+    *d1 = FAST_SCALE(p);
+    *min = (kind & FAST_MIN) ? FAST_SCALE(p + step) : (f32x16){0};
+#undef FAST_SCALE
+}
+
+/* acc[j] + sum over i < 4 of w[4j + i] * x[i], w unsigned (< 128 on AVX2, whose maddubs would
+ * saturate beyond), x the 4 signed bytes of x4. */
+/* dot4 with x4 read from memory: with VNNI, the broadcast folds into the dot product's operand
+ * (GCC keeps a separate broadcast for each _mm512_set1_epi32) */
+static inline i32x16 dot4(i32x16 acc, u8x64 w, int32_t x4);
+static inline __attribute__((always_inline)) i32x16 dot4_at(i32x16 acc, u8x64 w, const int32_t *x4) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x4));
+    return acc;
+#else
+    return dot4(acc, w, *x4);
+#endif
+}
+
+static inline i32x16 dot4(i32x16 acc, u8x64 w, int32_t x4) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    __m512i r = _mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, _mm512_set1_epi32(x4));
+    return (i32x16)r;
+#elif defined(__AVX2__)
+    __m256i halves[2], sums[2];
+    memcpy(halves, &w, sizeof halves);
+    const __m256i xs = _mm256_set1_epi32(x4), ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++)
+        sums[h] = _mm256_madd_epi16(_mm256_maddubs_epi16(halves[h], xs), ones);
+    i32x16 r;
+    memcpy(&r, sums, sizeof r);
+    return acc + r;
+#else
+    int8_t x[4];
+    memcpy(x, &x4, 4);
+    for (int j = 0; j < 16; j++)
+        for (int i = 0; i < 4; i++) acc[j] += (int32_t)w[4 * j + i] * x[i];
+    return acc;
+#endif
+}
+
+/* Whether dot4 takes unsigned bytes up to 255 (AVX2's maddubs pairs would saturate): realizar's
+ * packing then stores Q8_0's signed bytes plus 128, with an offset of 128, for dot4 rather than
+ * dot4_signed and its four extra operations per product. */
+int realizar_fast_wide_bytes(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    return 1;
+#elif defined(__AVX2__)
+    return 0;
+#else
+    return 1;
+#endif
+}
+
+/* The same for signed weights (Q8_0): |w| times x with w's sign, so the unsigned operand stays
+ * below 129 (maddubs pairs cannot saturate). */
+static inline i32x16 dot4_signed(i32x16 acc, u8x64 w, int32_t x4) {
+    const i8x64 s = (i8x64)w;
+    const i8x64 x = (i8x64)(ints16(x4));
+    const i8x64 neg = s < 0;  /* -1 where w is negative */
+    const i8x64 magnitude = (s ^ neg) - neg;  /* |w|; -128 stays 0x80, read unsigned as 128 */
+    const i8x64 signed_x = (x ^ neg) - neg;
+    /* each lane's 4 bytes of signed_x differ from x4 only in signs, so dot each lane on its own */
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    __m512i r = _mm512_dpbusd_epi32((__m512i)acc, (__m512i)magnitude, (__m512i)signed_x);
+    return (i32x16)r;
+#elif defined(__AVX2__)
+    __m256i m[2], sx[2], sums[2];
+    memcpy(m, &magnitude, sizeof m);
+    memcpy(sx, &signed_x, sizeof sx);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) sums[h] = _mm256_madd_epi16(_mm256_maddubs_epi16(m[h], sx[h]), ones);
+    i32x16 r;
+    memcpy(&r, sums, sizeof r);
+    return acc + r;
+#else
+    for (int j = 0; j < 16; j++)
+        for (int i = 0; i < 4; i++) acc[j] += (int32_t)s[4 * j + i] * ((const int8_t *)&x4)[i];
+    return acc;
+#endif
+}
+
+#if defined(YMM)
+static inline __attribute__((always_inline)) void fast_scales8(const int kind, const uint8_t *p, const int h, v8 *d0,
+                                                               v8 *d1, v8 *min) {
+    const int64_t step = (kind & FAST_HALF) ? 32 : 64;
+    p += h * step / 2;
+#define FAST_SCALE8(q) ((kind & FAST_HALF) ? halves8(q) : load8((const float *)(q)))
+    *d0 = FAST_SCALE8(p);
+    if (kind & FAST_TWO_D) p += step;
+    *d1 = FAST_SCALE8(p);
+    *min = (kind & FAST_MIN) ? FAST_SCALE8(p + step) : (v8){0};
+#undef FAST_SCALE8
+}
+
+/* dequantize_fast in halves of 8 rows: 8-lane vectors, as AVX2's 16 registers want (the 16-lane
+ * form spills there: a 16-row step of the demo model took 92 ms against the exact class's 31) */
+static inline __attribute__((always_inline)) void dequantize_fast8(const int KIND, int c, const uint8_t *rec,
+                                                                   float *out) {
+    const int nibbles = (KIND & FAST_KIND) == FAST_NIBBLES;
+    for (int h = 0; h < 2; h++) {
+        v8 d0, d1, min;
+        fast_scales8(KIND, rec + (nibbles ? 256 : 512), h, &d0, &d1, &min);
+#pragma GCC unroll 8
+        for (int t = 0; t < (nibbles ? 4 : 8); t++) {
+            vi8 v;
+            memcpy(&v, rec + 64 * t + 32 * h, sizeof v);
+            for (int i = 0; i < 4; i++) {
+                for (int s = 0; s < (nibbles ? 2 : 1); s++) {
+                    const int k = nibbles ? 16 * s + 4 * t + i : 4 * t + i;
+                    vi8 u;
+                    if (nibbles) u = (v >> (8 * i + 4 * s)) & 15;
+                    else if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) u = (v << (24 - 8 * i)) >> 24;
+                    else u = (v >> (8 * i)) & 255;
+                    v8 w = __builtin_convertvector(u - c, v8) * (k < 16 ? d0 : d1);
+                    if (KIND & FAST_MIN) w = rounded8(w) + min;
+                    store8(out + 16 * k + 8 * h, w);
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* The 32 x 16 weights of one fast record, k-major (out[k * 16 + j] = W[row j][term k]), as the
+ * exact class dequantizes them: (u - c) * d, rounded, then + min. The integers of term 4t + i sit
+ * in byte i of every 32-bit lane of vector t (nibbles: terms 4t + i and 16 + 4t + i), so a lane
+ * shift gives a term for all 16 rows. */
+static inline __attribute__((always_inline)) void dequantize_fast(const int KIND, int c, const uint8_t *rec,
+                                                                  float *out) {
+#if defined(YMM)
+    dequantize_fast8(KIND, c, rec, out);
+#else
+    const int nibbles = (KIND & FAST_KIND) == FAST_NIBBLES;
+    f32x16 d0, d1, min;
+    fast_scales(KIND, rec + (nibbles ? 256 : 512), &d0, &d1, &min);
+#pragma GCC unroll 8
+    for (int t = 0; t < (nibbles ? 4 : 8); t++) {
+        i32x16 v;
+        memcpy(&v, rec + 64 * t, sizeof v);
+        for (int i = 0; i < 4; i++) {
+            for (int h = 0; h < (nibbles ? 2 : 1); h++) {
+                const int k = nibbles ? 16 * h + 4 * t + i : 4 * t + i;
+                i32x16 u;
+                if (nibbles) u = (v >> (8 * i + 4 * h)) & 15;
+                else if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) u = (v << (24 - 8 * i)) >> 24;
+                else u = (v >> (8 * i)) & 255;
+                f32x16 w = __builtin_convertvector(u - c, f32x16) * (k < 16 ? d0 : d1);
+                if (KIND & FAST_MIN) w = rounded(w) + min;
+                memcpy(out + 16 * k, &w, sizeof w);
+            }
+        }
+    }
+#endif
+}
+
+#define FAST_DEQUANTIZE_CASE(K_) \
+    case K_: dequantize_fast(K_, c, rec, out); break
+
+void realizar_dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t count, float *out) {
+    const int64_t size = realizar_fast_record_bytes(kind);
+    for (int64_t b = 0; b < count; b++, rec += size, out += QK * NR) {
+        switch (kind) {
+            FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_HALF);
+            FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN);
+            FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_MIN);
+            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_HALF);
+            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_HALF | FAST_MIN);
+            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_MIN);
+            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_TWO_D);
+            FAST_DEQUANTIZE_CASE(FAST_SIGNED_BYTES | FAST_HALF);
+            FAST_DEQUANTIZE_CASE(FAST_SIGNED_BYTES);
+            default: dequantize_fast(kind, c, rec, out); break;
+        }
+    }
+}
+
+/* The quantized activations in groups of XG rows, so that a tile reads its rows' terms at fixed
+ * offsets from one pointer (8 rows' pointers had spilled the general registers): for each group and
+ * block, the a terms of its XG rows (32 bytes each), then their b terms. The per-block factors (dx,
+ * dxs, cs) likewise, XG rows of a block together. Tiles never cross a group. */
+#define XG 8
+static inline int64_t x_at(int64_t m, int64_t b, int64_t blocks) { return ((m / XG) * blocks + b) * (2 * XG * QK) + (m % XG) * QK; }
+static inline int64_t f_at(int64_t m, int64_t b, int64_t blocks) { return ((m / XG) * blocks + b) * XG + m % XG; }
+
+struct fjob {
+    const int8_t *xq;         /* two int8 terms per row and 32-term block, laid out by x_at */
+    const float *dx;          /* [M, K / 32], laid out by f_at, as dxs and cs */
+    const int32_t *sx;        /* [M, K / 16]: sums of x_q over each half block */
+    const float *dxs;         /* [M, K / 32]: d_x times the block's sum of x_q (the min's factor) */
+    const int32_t *cs;        /* [M, K / 32]: c times the block's sum of x_q */
+    const uint8_t *w;
+    float *y;
+    int64_t M, N, K, ldy;
+    int kind, c;
+    int64_t chunk;            /* panels per unit */
+};
+
+/* Rows per tile: 8 sums and 8 float accumulators beside the block's 8 weight vectors (one thread, 64
+ * rows of the demo model's gate_up: 4-row tiles with two sums per row took 8 % longer); the kinds with a
+ * d for each 16 terms keep two sums per term and row, and AVX2 has 16 registers, so 4 rows there. */
+#define FAST_ROWS 8
+#define FAST_NARROW_ROWS 4  /* the switch in run_fast_unit takes 1 .. 4 */
+/* One panel (16 outputs) per tile: one stream of records, which the hardware prefetches best. Two panels at a
+ * time (two streams 5.8 KB apart) read 30 layers' Q4_1 gate_up records at one row from memory at
+ * 8.5 GB/s where one reads them at 17.8 (AVX-512; the Q8_0 LM head at one row: 3.0 -> 1.75 ms), at
+ * the cost of 4 us (10 %) when the records are in cache. With AVX2's 16 registers, R rows by 2
+ * halves of float accumulators leave the rest to the integer sums. */
+/* More rows go through the exact, buffered path (see realizar_quant_gemm_fast). With VNNI every row
+ * takes the integer products: after one-panel tiles they beat dequantizing even at a 512-token
+ * prompt (demo model, one thread: a 16-sequence decode step 43.6 against 55.3 ms, a 512-token prefill
+ * 1041 against 1222 ms). AVX2's byte multiply-adds lose from about 16 rows. */
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define FAST_MAX_ROWS (1 << 30)  /* every row; kernels.FAST_EVERY_ROW says the same */
+#else
+#define FAST_MAX_ROWS 8
+#endif
+
+static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R,
+                                                            const struct fjob *j, int64_t m, int64_t p,
+                                                            int64_t cols) {
+    const int64_t K = j->K, blocks = K / QK, size = realizar_fast_record_bytes(KIND), pstride = blocks * size;
+    f32x16 acc[FAST_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = (f32x16){0};
+    const uint8_t *base = j->w + p * pstride;
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *rec = base + b * size;
+        /* no software prefetch: the hardware streams these records better (about 8 % less time at one row) */
+        f32x16 d0, d1, min;
+        fast_scales(KIND, rec + ((KIND & FAST_KIND) == FAST_NIBBLES ? 256 : 512), &d0, &d1, &min);
+        /* the block's weights, unpacked once for all rows: w[t] terms 4t .. 4t + 3, w[4 + t] terms
+         * 16 + 4t .. (nibbles: the low and high nibbles of the same bytes) */
+        u8x64 w[8];
+        for (int t = 0; t < 4; t++) {
+            if ((KIND & FAST_KIND) == FAST_NIBBLES) {
+                const u8x64 v = bytes64(rec + 64 * t);
+                w[t] = v & 15;
+                w[4 + t] = v >> 4;
+            } else {
+                w[t] = bytes64(rec + 64 * t);
+                w[4 + t] = bytes64(rec + 64 * (4 + t));
+            }
+        }
+        /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights; the rows'
+         * sums interleaved, so that R independent chains of dot products keep the unit busy (one
+         * row's chain alone waits on the dot product's latency) */
+        if (KIND & FAST_TWO_D) {  /* a d for each 16 terms: sums of the halves apart */
+            i32x16 lo_a[FAST_ROWS], hi_a[FAST_ROWS], lo_b[FAST_ROWS], hi_b[FAST_ROWS];  /* R <= FAST_NARROW_ROWS */
+            for (int r = 0; r < R; r++) lo_a[r] = hi_a[r] = lo_b[r] = hi_b[r] = (i32x16){0};
+            const int8_t *const xg = j->xq + x_at(m, b, blocks);
+            for (int t = 0; t < 8; t++) {
+                for (int r = 0; r < R; r++) {
+                    const int32_t *xa = (const int32_t *)(xg + r * QK), *xb = (const int32_t *)(xg + (XG + r) * QK);
+                    i32x16 *const sa = t < 4 ? &lo_a[r] : &hi_a[r], *const sb = t < 4 ? &lo_b[r] : &hi_b[r];
+                    if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
+                        *sa = dot4_signed(*sa, w[t], xa[t]);
+                        *sb = dot4_signed(*sb, w[t], xb[t]);
+                    } else {
+                        *sa = dot4_at(*sa, w[t], xa + t);
+                        *sb = dot4_at(*sb, w[t], xb + t);
+                    }
+                }
+            }
+            /* x = d_x (256 a + b): |sums| < 2^20 per block (32 terms of |u| <= 255 by |a| <= 127),
+             * so 256 a + b and c S stay well inside int32 */
+            for (int r = 0; r < R; r++) {
+                const float dx = j->dx[f_at(m, b, blocks) + r];
+                const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
+                const f32x16 i0 = __builtin_convertvector((lo_a[r] << 8) + lo_b[r] - j->c * s0, f32x16);
+                const f32x16 i1 = __builtin_convertvector((hi_a[r] << 8) + hi_b[r] - j->c * s1, f32x16);
+                acc[r] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
+            }
+        } else {
+            /* one d for all 32 terms: one integer sum per row, the a terms' dot products, times 256
+             * (exact, as above), then the b terms' */
+            i32x16 sum[FAST_ROWS];
+            for (int r = 0; r < R; r++) sum[r] = (i32x16){0};
+            const int8_t *const xg = j->xq + x_at(m, b, blocks);
+            for (int half = 0; half < 2; half++) {
+                for (int t = 0; t < 8; t++) {
+                    for (int r = 0; r < R; r++) {
+                        const int32_t *x4 = (const int32_t *)(xg + (half * XG + r) * QK);
+                        sum[r] = (KIND & FAST_KIND) == FAST_SIGNED_BYTES ? dot4_signed(sum[r], w[t], x4[t])
+                                                                         : dot4_at(sum[r], w[t], x4 + t);
+                    }
+                }
+                if (!half)
+                    for (int r = 0; r < R; r++) sum[r] <<= 8;
+            }
+            const int64_t at0 = f_at(m, b, blocks);
+            for (int r = 0; r < R; r++) {  /* the row's per-block factors, computed once for all panels */
+                const int64_t at = at0 + r;
+                /* c S is 0 where the format has a min (c = 0): one operation less per row and block */
+                const f32x16 i = __builtin_convertvector(KIND & FAST_MIN ? sum[r] : sum[r] - j->cs[at], f32x16);
+                acc[r] += (j->dx[at] * d0) * i + min * j->dxs[at];
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) memcpy(j->y + (m + r) * j->ldy + p * NR, &acc[r], (size_t)cols * sizeof(float));
+}
+
+#if defined(YMM)
+/* fast_scales for rows 8h .. 8h + 7 */
+static inline __m256i ints32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* fast_tile in halves of 8 lanes: the integer dot products with
+ * maddubs (u8 x s8 pairs to int16) and madd (int16 pairs to int32). The int16 sums of several
+ * maddubs are added before one madd where they cannot overflow: nibbles (u < 16) four of them,
+ * 2 * 4 * 15 * 127 < 2^15, 5- and 6-bit bytes (u < 64) two, Q8_0's signed bytes none (its |w| *
+ * x reaches 2 * 128 * 127). The integer sums are exact, so this changes no result. */
+static inline __attribute__((always_inline)) void fast_tile8(const int KIND, const int R, const struct fjob *j,
+                                                             int64_t m, int64_t p, int64_t cols) {
+    const int64_t K = j->K, blocks = K / QK, size = realizar_fast_record_bytes(KIND);
+    const int ints = (KIND & FAST_KIND) == FAST_NIBBLES ? 256 : 512;
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
+    v8 acc[FAST_ROWS * 2];
+    for (int i = 0; i < R * 2; i++) acc[i] = (v8){0};
+    const uint8_t *rec = j->w + p * blocks * size;
+    for (int64_t b = 0; b < blocks; b++, rec += size) {
+        for (int h = 0; h < 2; h++) {
+            v8 d0, d1, min;
+            fast_scales8(KIND, rec + ints, h, &d0, &d1, &min);
+            /* rows 8h .. 8h + 7 of the weights: w[t] terms 4t .. 4t + 3, w[4 + t] terms 16 + 4t .. */
+            __m256i w[8], sign[8];
+            for (int t = 0; t < 4; t++) {
+                if ((KIND & FAST_KIND) == FAST_NIBBLES) {
+                    const __m256i v = ints32(rec + 64 * t + 32 * h);
+                    w[t] = _mm256_and_si256(v, low);
+                    w[4 + t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                } else {
+                    w[t] = ints32(rec + 64 * t + 32 * h);
+                    w[4 + t] = ints32(rec + 64 * (4 + t) + 32 * h);
+                }
+            }
+            if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
+                /* |w| (-128 stays 0x80, read unsigned as 128) times x with w's sign */
+                for (int t = 0; t < 8; t++) {
+                    sign[t] = w[t];
+                    w[t] = _mm256_sign_epi8(w[t], w[t]);
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights */
+                const int8_t *const xg = j->xq + x_at(m, b, blocks);
+                const int32_t *xa = (const int32_t *)(xg + r * QK), *xb = (const int32_t *)(xg + (XG + r) * QK);
+                __m256i sums[4];  /* int32: terms 0-15 of a, 16-31 of a, 0-15 of b, 16-31 of b */
+                for (int s = 0; s < 4; s++) {
+                    const int32_t *x4 = (s < 2 ? xa : xb) + 4 * (s & 1);
+                    __m256i part[4];
+                    for (int t = 0; t < 4; t++) {
+                        __m256i xs = _mm256_set1_epi32(x4[t]);
+                        if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) xs = _mm256_sign_epi8(xs, sign[4 * (s & 1) + t]);
+                        part[t] = _mm256_maddubs_epi16(w[4 * (s & 1) + t], xs);
+                    }
+                    if ((KIND & FAST_KIND) == FAST_NIBBLES) {
+                        const __m256i all = _mm256_add_epi16(_mm256_add_epi16(part[0], part[1]),
+                                                             _mm256_add_epi16(part[2], part[3]));
+                        sums[s] = _mm256_madd_epi16(all, ones);
+                    } else if ((KIND & FAST_KIND) == FAST_BYTES) {
+                        sums[s] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(part[0], part[1]), ones),
+                                                   _mm256_madd_epi16(_mm256_add_epi16(part[2], part[3]), ones));
+                    } else {
+                        sums[s] = _mm256_add_epi32(
+                            _mm256_add_epi32(_mm256_madd_epi16(part[0], ones), _mm256_madd_epi16(part[1], ones)),
+                            _mm256_add_epi32(_mm256_madd_epi16(part[2], ones), _mm256_madd_epi16(part[3], ones)));
+                    }
+                }
+                /* x = d_x (256 a + b), as fast_tile */
+                const vi8 lo = ((vi8)sums[0] << 8) + (vi8)sums[2], hi = ((vi8)sums[1] << 8) + (vi8)sums[3];
+                const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
+                const float dx = j->dx[f_at(m, b, blocks) + r];
+                const v8 i0 = __builtin_convertvector(lo - j->c * s0, v8);
+                const v8 i1 = __builtin_convertvector(hi - j->c * s1, v8);
+                acc[r * 2 + h] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float out[NR];
+        store8(out, acc[r * 2]);
+        store8(out + 8, acc[r * 2 + 1]);
+        memcpy(j->y + (m + r) * j->ldy + p * NR, out, (size_t)cols * sizeof(float));
+    }
+}
+#define FAST_TILE(K_, R_) fast_tile8(K_, R_, j, m, p, cols)
+#else
+#define FAST_TILE(K_, R_) fast_tile(K_, R_, j, m, p, cols)
+#endif
+
+/* Each layout of the GGUF types, compiled with its scales' layout known (Q4_0, Q4_1, Q4_K;
+ * Q5_0, Q5_1, Q5_K, Q6_K; Q8_0); any other combination of flags takes the generic case. */
+#define FAST_CASE(K_, R_) case K_: FAST_TILE(K_, R_); break
+#define FAST_ONE_D_CASES(R_)                                                        \
+        FAST_CASE(FAST_NIBBLES | FAST_HALF, R_);                                    \
+        FAST_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN, R_);                         \
+        FAST_CASE(FAST_NIBBLES | FAST_MIN, R_);                                     \
+        FAST_CASE(FAST_BYTES | FAST_HALF, R_);                                      \
+        FAST_CASE(FAST_BYTES | FAST_HALF | FAST_MIN, R_);                           \
+        FAST_CASE(FAST_BYTES | FAST_MIN, R_);                                       \
+        FAST_CASE(FAST_SIGNED_BYTES | FAST_HALF, R_);                               \
+        FAST_CASE(FAST_SIGNED_BYTES, R_);
+
+#define FAST_KINDS(R_)                                                              \
+    switch (j->kind) {                                                              \
+        FAST_ONE_D_CASES(R_)                                                        \
+        FAST_CASE(FAST_BYTES | FAST_TWO_D, R_);                                     \
+        default: FAST_TILE(j->kind, R_); break;                                     \
+    }
+
+/* FAST_KINDS for the kinds with one d per 32 terms, which take 8-row tiles */
+#define FAST_KINDS_ONE_D(R_)                                                        \
+    switch (j->kind) {                                                              \
+        FAST_ONE_D_CASES(R_)                                                        \
+        default: FAST_TILE(j->kind, R_); break;                                     \
+    }
+
+#if defined(YMM)
+#define FAST_WIDE_TILES 0
+#else
+#define FAST_WIDE_TILES (FAST_ROWS == 8)
+#endif
+
+static void run_fast_unit(const void *arg, int64_t unit) {
+    const struct fjob *j = (const struct fjob *)arg;
+    const int64_t panels = (j->N + NR - 1) / NR, full = j->N / NR;
+    const int64_t p0 = unit * j->chunk, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
+    const int wide = FAST_WIDE_TILES && !(j->kind & FAST_TWO_D);
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t cols = p < full ? NR : j->N - p * NR;
+        for (int64_t m = 0; m < j->M;) {
+            if (wide && j->M - m >= FAST_ROWS) {
+#if FAST_WIDE_TILES
+                FAST_KINDS_ONE_D(FAST_ROWS);
+#endif
+                m += FAST_ROWS;
+                continue;
+            }
+            const int64_t R = j->M - m < FAST_NARROW_ROWS ? j->M - m : FAST_NARROW_ROWS;
+            switch (R) {
+                case 1: FAST_KINDS(1); break;
+                case 2: FAST_KINDS(2); break;
+                case 3: FAST_KINDS(3); break;
+                default: FAST_KINDS(4); break;
+            }
+            m += R;
+        }
+    }
+}
+
+/* rintf of each lane, for |v| < 2^22: adding and taking away 1.5 * 2^23 leaves the integer part, rounded
+ * to nearest, even (the default rounding mode), as rintf does. The barrier keeps the compiler from fusing
+ * the product that made v into the addition, which would round it once less. */
+static inline f32x16 rint16(f32x16 v) {
+    const f32x16 magic = (f32x16){0} + 12582912.0f;
+#if defined(__AVX512F__)
+    __asm__("" : "+v"(v));
+#elif defined(__x86_64__)
+    typedef float f32x4 __attribute__((vector_size(16)));  /* v in four 16-byte registers */
+    f32x4 part[4];
+    memcpy(part, &v, sizeof part);
+    __asm__("" : "+x"(part[0]), "+x"(part[1]), "+x"(part[2]), "+x"(part[3]));
+    memcpy(&v, part, sizeof part);
+#endif
+    return (v + magic) - magic;
+}
+
+/* lane-wise min and max (C has no ?: on vectors) */
+static inline f32x16 min16(f32x16 a, f32x16 b) {
+    const i32x16 less = a < b;
+    return (f32x16)(((i32x16)a & less) | ((i32x16)b & ~less));
+}
+
+static inline f32x16 max16(f32x16 a, f32x16 b) {
+    const i32x16 more = a > b;
+    return (f32x16)(((i32x16)a & more) | ((i32x16)b & ~more));
+}
+
+/* The largest lane of v, and the sum of v's lanes. */
+static float max_lane(f32x16 v) {
+#if defined(__AVX512F__)
+    __m512 r;
+    memcpy(&r, &v, sizeof r);
+    return _mm512_reduce_max_ps(r);
+#else
+    float m = v[0];
+    for (int k = 1; k < 16; k++) m = v[k] > m ? v[k] : m;
+    return m;
+#endif
+}
+
+static int32_t sum_lanes(i32x16 v) {
+#if defined(__AVX512F__)
+    __m512i r;
+    memcpy(&r, &v, sizeof r);
+    return _mm512_reduce_add_epi32(r);
+#else
+    int32_t sum = 0;
+    for (int k = 0; k < 16; k++) sum += v[k];
+    return sum;
+#endif
+}
+
+#define QUANTIZE_ROWS 8
+
+struct quantize_job {
+    const float *x;
+    int64_t ldx, M, K;
+    int c;
+    int8_t *xq;
+    float *dx, *dxs;
+    int32_t *sx, *cs;
+};
+
+/* Rows m0 .. m0 + rows of the job's x [M, K] to two int8 terms per 32-term block, x ~= d (256 a + b):
+ * a = round(x / (256 d)) with 256 d = max |x| / 127, as llama.cpp's Q8_1, and b = round(the remainder / d),
+ * |b| <= 128 clamped to 127. The error is at most d / 2 = max |x| / 65024 per term, about 256
+ * times less than a alone (which failed the quality gate: 95.7 % argmax agreement), for twice the
+ * integer dot products and no more weight reads. xq, dx and the per-block factors (dxs: d times
+ * the block's sum of 256 a + b, the min's factor; cs: c times that sum) are laid out by x_at and
+ * f_at; sx [M, K / 16] holds the sums over each 16 terms. A single int8 term fails the gate in
+ * every kind of layer alone, too (by emulation: down projections 98.05 %, the LM head 97.22 %). */
+static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows) {
+    const int64_t K = q->K, blocks = K / QK;
+    for (int64_t m = m0; m < m0 + rows; m++) {
+        const float *row = q->x + m * q->ldx;
+        int8_t *const xa0 = q->xq + x_at(m, 0, blocks);  /* block b's a terms at xa0 + b * 2 XG QK */
+        const int64_t f0 = f_at(m, 0, blocks);           /* block b's factors at f0 + b * XG */
+        for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+            /* the scales of 16 blocks at once: their divisions are one vector division each, where
+             * a block's own four divisions had been a chain every block waited on */
+            const int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
+            f32x16 amax = {0};
+            for (int i = 0; i < n; i++) {
+                const float *v = row + (b0 + i) * QK;
+                f32x16 v0, v1;
+                memcpy(&v0, v, sizeof v0);
+                memcpy(&v1, v + 16, sizeof v1);
+                const i32x16 magnitude = (i32x16){0} + 0x7fffffff;
+                amax[i] = max_lane(max16((f32x16)((i32x16)v0 & magnitude), (f32x16)((i32x16)v1 & magnitude)));
+            }
+            const f32x16 coarse = amax / 127.0f, d = coarse / 256.0f;
+            const i32x16 zero_c = coarse > 0.0f, zero_d = d > 0.0f;  /* -1 where the scale is not 0 */
+            const f32x16 id_coarse = (f32x16)((i32x16)(1.0f / coarse) & zero_c), id = (f32x16)((i32x16)(1.0f / d) & zero_d);
+            for (int i = 0; i < n; i++) {
+                const int64_t b = b0 + i;
+                const float *v = row + b * QK;
+                int8_t *const xa = xa0 + b * (2 * XG * QK), *const xb = xa + XG * QK;
+                /* 16 lanes at a time; rint16 rounds as rintf (to nearest, even) */
+                int32_t sums[2];
+                for (int h = 0; h < 2; h++) {
+                    f32x16 u;
+                    memcpy(&u, v + 16 * h, sizeof u);
+                    const f32x16 a = rint16(u * id_coarse[i]);
+                    f32x16 fine = rint16((u - a * coarse[i]) * id[i]);
+                    fine = max16(min16(fine, (f32x16){0} + 127.0f), (f32x16){0} - 127.0f);
+                    const i32x16 ia = __builtin_convertvector(a, i32x16), ib = __builtin_convertvector(fine, i32x16);
+                    const i8x16 na = __builtin_convertvector(ia, i8x16), nb = __builtin_convertvector(ib, i8x16);
+                    memcpy(xa + 16 * h, &na, sizeof na);
+                    memcpy(xb + 16 * h, &nb, sizeof nb);
+                    sums[h] = sum_lanes((ia << 8) + ib);
+                }
+                const int32_t sum = sums[0] + sums[1];
+                const int64_t at = f0 + b * XG;
+                q->dx[at] = d[i];
+                q->dxs[at] = d[i] * (float)sum;  /* the min's factor */
+                q->cs[at] = q->c * sum;
+                q->sx[m * (K / 16) + 2 * b] = sums[0];
+                q->sx[m * (K / 16) + 2 * b + 1] = sums[1];
+            }
+        }
+    }
+}
+
+/* Rows [8u, 8u + 8) of the activations (see quantize_rows). */
+static void run_quantize_unit(const void *arg, int64_t unit) {
+    const struct quantize_job *q = (const struct quantize_job *)arg;
+    const int64_t m0 = unit * QUANTIZE_ROWS;
+    quantize_rows(q, m0, q->M - m0 < QUANTIZE_ROWS ? q->M - m0 : QUANTIZE_ROWS);
+}
+
+/* The most rows realizar_quant_gemm_fast multiplies with integer dot products: the quality gate
+ * runs the fast class in steps of this many rows, so that it measures those products on every row. */
+int realizar_fast_max_rows(void) { return FAST_MAX_ROWS; }
+
+/* y [M, N] (row stride ldy) ~= x [M, K] times the fast records `w` of kind `kind` with integer
+ * offset c. Returns 0, or -1 when a buffer could not be allocated.
+ *
+ * Integer dot products for up to FAST_MAX_ROWS rows (every row with VNNI; a decode step of a few
+ * sequences with AVX2), where they cost less than dequantizing: each row pays for its own integer
+ * products, while the exact path dequantizes a weight once for all its rows (into the buffer, as
+ * realizar_quant_gemm does beyond DIRECT_MAX_ROWS), which AVX2's byte multiply-adds cannot beat from
+ * about 16 rows. A row's result then depends on how many rows come with it, but each is either the
+ * exact product or the fast one, and the quality gate measures the fast one on every row. */
+int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
+                             int64_t M, int64_t N, int64_t K) {
+    if (M > FAST_MAX_ROWS) return realizar_buffered_gemm(x, ldx, w, kind, 1, c, y, ldy, M, N, K);
+    static __thread uint8_t *buffer;
+    static __thread int64_t capacity;
+    const int64_t Mg = (M + XG - 1) / XG * XG;  /* rows in whole groups of the layout */
+    const int64_t need = 2 * Mg * K + 3 * Mg * (K / QK) * 4 + M * (K / 16) * 4 + 64;
+    if (need > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (size_t)((need + 63) / 64 * 64));
+        capacity = buffer ? need : 0;
+        if (!buffer) return -1;
+    }
+    float *dx = (float *)buffer;
+    int32_t *sx = (int32_t *)(buffer + Mg * (K / QK) * 4);
+    float *dxs = (float *)(buffer + Mg * (K / QK) * 4 + M * (K / 16) * 4);
+    int32_t *cs = (int32_t *)(buffer + 2 * Mg * (K / QK) * 4 + M * (K / 16) * 4);
+    int8_t *xq = (int8_t *)(buffer + 3 * Mg * (K / QK) * 4 + M * (K / 16) * 4);
+    const struct quantize_job q = {.x = x, .ldx = ldx, .M = M, .K = K, .c = c, .xq = xq, .dx = dx, .sx = sx, .dxs = dxs, .cs = cs};
+    /* in units of QUANTIZE_ROWS rows, on every thread: one thread alone kept the others waiting for 6 %
+     * of a 64-sequence decode step */
+    realizar_parallel(run_quantize_unit, &q, (M + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS);
+    const int64_t panels = (N + NR - 1) / NR, threads = realizar_threads(), units_per_thread = 8;
+    int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
+    const struct fjob j = {.xq = xq, .dx = dx, .sx = sx, .dxs = dxs, .cs = cs, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
+                           .kind = kind, .c = c, .chunk = chunk};
+    realizar_parallel(run_fast_unit, &j, (panels + chunk - 1) / chunk);
+    return 0;
+}
