@@ -35,8 +35,12 @@ unit: setup
 # the coverage of the engine and the server, their real-process tests' servers included
 COV := --cov=realizar.engine --cov=realizar.server --cov-report=term-missing:skip-covered
 
+# test files run on TEST_WORKERS processes (pytest-xdist), a file's tests together in one (their module
+# servers are started once); much of the suite waits on servers, sockets and timeouts, which then overlap
+TEST_WORKERS ?= 2
+
 test: lint typecheck
-	$(PY) -m pytest -q --durations=15 $(COV) tests
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile $(COV) tests
 
 load-test: setup
 	./scripts/load_test.sh --port $(PORT)
