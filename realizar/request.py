@@ -174,6 +174,13 @@ class SamplingParams:
             or self.repetition_penalty != 1
 
     @property
+    def reads_every_logit(self) -> bool:
+        """Whether the request reads logits beyond the largest few: logprobs it returns, or logits that a
+        bias, a penalty or a grammar's mask reorders before sampling (``LlamaModel.forward``'s
+        ``exact_logits``)."""
+        return self.logprobs is not None or self.penalized or self.structured is not None
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 

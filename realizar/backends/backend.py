@@ -95,6 +95,11 @@ class LinearLayer(Protocol):
         """Rows ``ids`` of ``W``, ``[len(ids), in]``: the embedding lookup."""
         ...
 
+    def ranked(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` where only each row's largest outputs need the layer's precision (an LM head's
+        logits): a layer with a cheaper way to compute the others approximately may take it."""
+        ...
+
 
 class LayerStack(Protocol):
     """What a backend reads to run a model's decoder layers (``realizar.model.llama.LlamaModel``):

@@ -58,6 +58,14 @@ class PackedLinear:
         """Rows of ``W`` ``[len(ids), in]``: the embedding lookup when embeddings are tied."""
         return self._packed[ids // kernels.PANEL, :, ids % kernels.PANEL]
 
+    def ranked(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)  # float32 weights: no cheaper way
+
+
+# Logits computed again with both terms per row of a ranked LM head (16 each): the greedy token and
+# what sampling draws from are among them (quality gate: benchmarks/quality.py)
+RANKED_PANELS = 8
+
 
 class QuantLinear:
     """A block-quantized weight ``[out, in]`` (and optional bias) applied to ``x [T, in]`` by the
@@ -121,6 +129,15 @@ class QuantLinear:
                 self._product(x, part, y[:, start:start + part.n])
                 start += part.n
         return y if self.bias is None else y + self.bias
+
+    def ranked(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` for an LM head: with the fast class, each row's ``RANKED_PANELS`` panels of 16
+        logits with the largest values as ``self(x)`` gives them, the others from the activations'
+        coarse int8 term alone (``CpuKernels.quant_gemm_fast_ranked``); the exact class, as ``self(x)``."""
+        part = self.parts[0]
+        if len(self.parts) == 1 and self.bias is None and isinstance(part, kernels.FastPacked):
+            return self.kernels.quant_gemm_fast_ranked(x, part, RANKED_PANELS)
+        return self(x)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ``W`` ``[len(ids), in]``, dequantized exactly: the embedding lookup."""

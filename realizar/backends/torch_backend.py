@@ -54,6 +54,9 @@ class TorchLinear:
         assert self.weight is not None
         return F.embedding(ids, self.weight)
 
+    def ranked(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)  # no cheaper way
+
 
 def float_weight(parts: Sequence[torch.Tensor | QuantizedTensor], device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:

@@ -101,11 +101,16 @@ class ModelRunner:
             decode_context_lens=context_lens,
             prefills=prefills,
         )
+        # every logit of a row exact where its request reads more than the largest (SamplingParams.reads_every_logit)
+        # or scores a prompt; the others' approximate below their row's largest (LlamaModel.forward)
+        exact = [rows[item.seq.request_id].params.reads_every_logit for item in sampling]
+        exact += [True] * len(score_indices)
         logits = self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
             meta, self.cache,
             torch.tensor(logits_indices + score_indices, dtype=torch.long, device=self.device),
+            torch.tensor(exact, dtype=torch.bool, device=self.device) if any(exact) else None,
         )
         tokens = self._sample(logits[: len(sampling)], [rows[item.seq.request_id] for item in sampling])
         return StepResult([(item.seq, token) for item, token in zip(sampling, tokens, strict=True)],

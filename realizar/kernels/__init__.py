@@ -391,13 +391,17 @@ class CpuKernels:
         self._quant_gemm = bind("realizar_quant_gemm", i32, p, i64, p, i32, p, i64, i64, i64, i64)
         self._quant_rows = bind("realizar_quant_rows", i32, p, i32, p, i64, i64, i64, p)
         self._fast_rows = bind("realizar_fast_rows", i32, p, i32, i32, p, i64, i64, i64, p)
-        self._quant_gemm_fast = bind("realizar_quant_gemm_fast", i32, p, i64, p, i32, i32, p, i64, i64, i64, i64)
+        self._quant_gemm_fast_ranked = bind("realizar_quant_gemm_fast_ranked", i32, p, i64, p, i32, i32, p, i64, i64,
+                                            i64, i64, i64)
         # the fast class's dot products take unsigned bytes up to 255 (not AVX2's saturating maddubs)
         self._fast_wide_bytes = bind("realizar_fast_wide_bytes", i32)
         self.wide_bytes = bool(self._fast_wide_bytes())
         # the most rows quant_gemm_fast multiplies with integer dot products; more take the exact path
         self._fast_max_rows = bind("realizar_fast_max_rows", i32)
         self.fast_max_rows = int(self._fast_max_rows())
+        self._fast_ranked_rows = bind("realizar_fast_ranked_rows", i32)
+        # the fewest rows quant_gemm_fast_ranked ranks (0: this build never does)
+        self.ranked_rows = int(self._fast_ranked_rows())
         self._decoder_layers = bind("realizar_decoder_layers", i32, p, i64, p, i64, p, p)
         self._decoder_workspace = bind("realizar_decoder_workspace", i64, p, i64)
         self.path = path
@@ -443,13 +447,22 @@ class CpuKernels:
         (``quant_fast.c``'s quantize_rows), integer dot products with the weights' integers, for up
         to :attr:`fast_max_rows` rows; more rows are multiplied exactly, as :meth:`quant_gemm` does.
         ``out`` as in :meth:`quant_gemm`."""
+        return self.quant_gemm_fast_ranked(x, weight, 0, out)
+
+    def quant_gemm_fast_ranked(self, x: torch.Tensor, weight: FastPacked, top: int,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`quant_gemm_fast` where only each row's largest outputs need its precision (an LM head's
+        logits): from 8 rows, every output first from the activations' coarse int8 term alone (half the
+        dot products), then the ``top`` panels of 16 outputs (at most 16) with the largest of them again
+        with both terms, the floats :meth:`quant_gemm_fast` gives; the rest keep the coarse term's error.
+        ``top`` = 0, fewer rows, a d per 16 terms or a build without 8-row tiles: :meth:`quant_gemm_fast`."""
         x = _unit_stride(x)
         m, k = x.shape
         assert k == weight.k, (k, weight.k)
         y = torch.empty(m, weight.n, dtype=torch.float32) if out is None else out
         assert y.stride(-1) == 1 and y.shape[0] == m and y.dtype == torch.float32
-        if m and self._quant_gemm_fast(x.data_ptr(), x.stride(0), weight.records.data_ptr(), weight.kind, weight.c,
-                                       y.data_ptr(), y.stride(0), m, weight.n, k) != 0:
+        if m and self._quant_gemm_fast_ranked(x.data_ptr(), x.stride(0), weight.records.data_ptr(), weight.kind,
+                                              weight.c, y.data_ptr(), y.stride(0), m, weight.n, k, top) != 0:
             raise MemoryError("the quantized matrix product could not allocate its buffers")
         return y
 

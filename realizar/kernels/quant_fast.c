@@ -236,10 +236,12 @@ struct fjob {
     const int32_t *sx;        /* [M, K / 16]: sums of x_q over each half block */
     const float *dxs;         /* [M, K / 32]: d_x times the block's sum of x_q (the min's factor) */
     const int32_t *cs;        /* [M, K / 32]: c times the block's sum of x_q */
+    const int32_t *cs1;       /* [M, K / 32]: c times the block's sum of the a terms (terms = 1) */
     const uint8_t *w;
     float *y;
     int64_t M, N, K, ldy;
     int kind, c;
+    int terms;                /* 2, or 1 where the 8-row tiles take the a terms alone (ranked products) */
     int64_t chunk;            /* panels per unit */
 };
 
@@ -263,7 +265,7 @@ struct fjob {
 #define FAST_MAX_ROWS 8
 #endif
 
-static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R,
+static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int TERMS,
                                                             const struct fjob *j, int64_t m, int64_t p,
                                                             int64_t cols) {
     const int64_t K = j->K, blocks = K / QK, size = realizar_fast_record_bytes(KIND), pstride = blocks * size;
@@ -319,11 +321,11 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
             }
         } else {
             /* one d for all 32 terms: one integer sum per row, the a terms' dot products, times 256
-             * (exact, as above), then the b terms' */
+             * (exact, as above), then the b terms' (with TERMS = 1, the a terms' alone: x ~= 256 d_x a) */
             i32x16 sum[FAST_ROWS];
             for (int r = 0; r < R; r++) sum[r] = (i32x16){0};
             const int8_t *const xg = j->xq + x_at(m, b, blocks);
-            for (int half = 0; half < 2; half++) {
+            for (int half = 0; half < TERMS; half++) {
                 for (int t = 0; t < 8; t++) {
                     for (int r = 0; r < R; r++) {
                         const int32_t *x4 = (const int32_t *)(xg + (half * XG + r) * QK);
@@ -331,15 +333,21 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
                                                                          : dot4_at(sum[r], w[t], x4 + t);
                     }
                 }
-                if (!half)
+                if (!half && TERMS == 2)
                     for (int r = 0; r < R; r++) sum[r] <<= 8;
             }
             const int64_t at0 = f_at(m, b, blocks);
+            const f32x16 d = TERMS == 2 ? d0 : d0 * 256.0f;  /* the a terms alone: x ~= 256 d_x a */
+            const int32_t *const cs = TERMS == 2 ? j->cs : j->cs1;
             for (int r = 0; r < R; r++) {  /* the row's per-block factors, computed once for all panels */
                 const int64_t at = at0 + r;
-                /* c S is 0 where the format has a min (c = 0): one operation less per row and block */
-                const f32x16 i = __builtin_convertvector(KIND & FAST_MIN ? sum[r] : sum[r] - j->cs[at], f32x16);
-                acc[r] += (j->dx[at] * d0) * i + min * j->dxs[at];
+                /* c S is 0 where the format has a min (c = 0), and the min's term 0 where it has none: one
+                 * operation less per row and block either way */
+                const f32x16 i = __builtin_convertvector(KIND & FAST_MIN ? sum[r] : sum[r] - cs[at], f32x16);
+                if (KIND & FAST_MIN)
+                    acc[r] += (j->dx[at] * d) * i + min * j->dxs[at];
+                else
+                    acc[r] += (j->dx[at] * d) * i;
             }
         }
     }
@@ -431,34 +439,36 @@ static inline __attribute__((always_inline)) void fast_tile8(const int KIND, con
 }
 #define FAST_TILE(K_, R_) fast_tile8(K_, R_, j, m, p, cols)
 #else
-#define FAST_TILE(K_, R_) fast_tile(K_, R_, j, m, p, cols)
+#define FAST_TILE(K_, R_) fast_tile(K_, R_, 2, j, m, p, cols)
+#define FAST_TILE_A(K_, R_) fast_tile(K_, R_, 1, j, m, p, cols)  /* the a terms alone */
 #endif
 
 /* Each layout of the GGUF types, compiled with its scales' layout known (Q4_0, Q4_1, Q4_K;
  * Q5_0, Q5_1, Q5_K, Q6_K; Q8_0); any other combination of flags takes the generic case. */
-#define FAST_CASE(K_, R_) case K_: FAST_TILE(K_, R_); break
-#define FAST_ONE_D_CASES(R_)                                                        \
-        FAST_CASE(FAST_NIBBLES | FAST_HALF, R_);                                    \
-        FAST_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN, R_);                         \
-        FAST_CASE(FAST_NIBBLES | FAST_MIN, R_);                                     \
-        FAST_CASE(FAST_BYTES | FAST_HALF, R_);                                      \
-        FAST_CASE(FAST_BYTES | FAST_HALF | FAST_MIN, R_);                           \
-        FAST_CASE(FAST_BYTES | FAST_MIN, R_);                                       \
-        FAST_CASE(FAST_SIGNED_BYTES | FAST_HALF, R_);                               \
-        FAST_CASE(FAST_SIGNED_BYTES, R_);
+#define FAST_CASE(TILE_, K_, R_) case K_: TILE_(K_, R_); break
+#define FAST_ONE_D_CASES(TILE_, R_)                                                 \
+        FAST_CASE(TILE_, FAST_NIBBLES | FAST_HALF, R_);                             \
+        FAST_CASE(TILE_, FAST_NIBBLES | FAST_HALF | FAST_MIN, R_);                  \
+        FAST_CASE(TILE_, FAST_NIBBLES | FAST_MIN, R_);                              \
+        FAST_CASE(TILE_, FAST_BYTES | FAST_HALF, R_);                               \
+        FAST_CASE(TILE_, FAST_BYTES | FAST_HALF | FAST_MIN, R_);                    \
+        FAST_CASE(TILE_, FAST_BYTES | FAST_MIN, R_);                                \
+        FAST_CASE(TILE_, FAST_SIGNED_BYTES | FAST_HALF, R_);                        \
+        FAST_CASE(TILE_, FAST_SIGNED_BYTES, R_);
 
 #define FAST_KINDS(R_)                                                              \
     switch (j->kind) {                                                              \
-        FAST_ONE_D_CASES(R_)                                                        \
-        FAST_CASE(FAST_BYTES | FAST_TWO_D, R_);                                     \
+        FAST_ONE_D_CASES(FAST_TILE, R_)                                             \
+        FAST_CASE(FAST_TILE, FAST_BYTES | FAST_TWO_D, R_);                          \
         default: FAST_TILE(j->kind, R_); break;                                     \
     }
 
-/* FAST_KINDS for the kinds with one d per 32 terms, which take 8-row tiles */
-#define FAST_KINDS_ONE_D(R_)                                                        \
+/* FAST_KINDS for the kinds with one d per 32 terms, which take 8-row tiles (TILE_: FAST_TILE, or
+ * FAST_TILE_A for the a terms alone) */
+#define FAST_KINDS_ONE_D(TILE_, R_)                                                 \
     switch (j->kind) {                                                              \
-        FAST_ONE_D_CASES(R_)                                                        \
-        default: FAST_TILE(j->kind, R_); break;                                     \
+        FAST_ONE_D_CASES(TILE_, R_)                                                 \
+        default: TILE_(j->kind, R_); break;                                         \
     }
 
 #if defined(YMM)
@@ -477,7 +487,11 @@ static void run_fast_unit(const void *arg, int64_t unit) {
         for (int64_t m = 0; m < j->M;) {
             if (wide && j->M - m >= FAST_ROWS) {
 #if FAST_WIDE_TILES
-                FAST_KINDS_ONE_D(FAST_ROWS);
+                if (j->terms == 1) {
+                    FAST_KINDS_ONE_D(FAST_TILE_A, FAST_ROWS);
+                } else {
+                    FAST_KINDS_ONE_D(FAST_TILE, FAST_ROWS);
+                }
 #endif
                 m += FAST_ROWS;
                 continue;
@@ -556,6 +570,7 @@ struct quantize_job {
     int8_t *xq;
     float *dx, *dxs;
     int32_t *sx, *cs;
+    int32_t *cs1;  /* c times the block's sum of the a terms, for the a terms alone; NULL: not wanted */
 };
 
 /* Rows m0 .. m0 + rows of the job's x [M, K] to two int8 terms per 32-term block, x ~= d (256 a + b):
@@ -593,7 +608,7 @@ static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows
                 const float *v = row + b * QK;
                 int8_t *const xa = xa0 + b * (2 * XG * QK), *const xb = xa + XG * QK;
                 /* 16 lanes at a time; rint16 rounds as rintf (to nearest, even) */
-                int32_t sums[2];
+                int32_t sums[2], a_sum = 0;
                 for (int h = 0; h < 2; h++) {
                     f32x16 u;
                     memcpy(&u, v + 16 * h, sizeof u);
@@ -605,12 +620,14 @@ static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows
                     memcpy(xa + 16 * h, &na, sizeof na);
                     memcpy(xb + 16 * h, &nb, sizeof nb);
                     sums[h] = sum_lanes((ia << 8) + ib);
+                    if (q->cs1) a_sum += sum_lanes(ia);
                 }
                 const int32_t sum = sums[0] + sums[1];
                 const int64_t at = f0 + b * XG;
                 q->dx[at] = d[i];
                 q->dxs[at] = d[i] * (float)sum;  /* the min's factor */
                 q->cs[at] = q->c * sum;
+                if (q->cs1) q->cs1[at] = q->c * a_sum;
                 q->sx[m * (K / 16) + 2 * b] = sums[0];
                 q->sx[m * (K / 16) + 2 * b + 1] = sums[1];
             }
@@ -638,13 +655,62 @@ int realizar_fast_max_rows(void) { return FAST_MAX_ROWS; }
  * realizar_quant_gemm does beyond DIRECT_MAX_ROWS), which AVX2's byte multiply-adds cannot beat from
  * about 16 rows. A row's result then depends on how many rows come with it, but each is either the
  * exact product or the fast one, and the quality gate measures the fast one on every row. */
-int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
-                             int64_t M, int64_t N, int64_t K) {
+/* Rows m of a ranked product: the `top` panels with the largest outputs of row m from the a terms
+ * alone, multiplied again with both terms. */
+struct ranked_job {
+    const struct fjob *j;  /* the products, with terms = 2 */
+    int64_t top;
+};
+
+#define MOST_RANKED 16
+
+static void run_ranked_row(const void *arg, int64_t row) {
+    const struct ranked_job *r = (const struct ranked_job *)arg;
+    const struct fjob *const j = r->j;
+    const int64_t m = row, panels = (j->N + NR - 1) / NR, full = j->N / NR;
+    const float *y = j->y + m * j->ldy;
+    int64_t best[MOST_RANKED];
+    float best_max[MOST_RANKED];
+    int64_t kept = 0;
+    for (int64_t q = 0; q < panels; q++) {
+        float top;
+        if (q < full) {
+            top = max_lane(floats16(y + q * NR));
+        } else {
+            top = -INFINITY;
+            for (int64_t i = q * NR; i < j->N; i++) top = y[i] > top ? y[i] : top;
+        }
+        if (kept == r->top && !(top > best_max[kept - 1])) continue;  /* NaN ranks last */
+        int64_t at = kept < r->top ? kept++ : kept - 1;
+        for (; at > 0 && top > best_max[at - 1]; at--) {
+            best_max[at] = best_max[at - 1];
+            best[at] = best[at - 1];
+        }
+        best_max[at] = top;
+        best[at] = q;
+    }
+    for (int64_t i = 0; i < kept; i++) {
+        const int64_t p = best[i], cols = p < full ? NR : j->N - p * NR;
+        FAST_KINDS(1);
+    }
+}
+
+/* The fewest rows realizar_quant_gemm_fast_ranked ranks: those of an 8-row tile (0 where the build has
+ * none, and never ranks). */
+int realizar_fast_ranked_rows(void) { return FAST_WIDE_TILES ? FAST_ROWS : 0; }
+
+/* realizar_quant_gemm_fast, whose outputs are exact to its own class only where they rank among the
+ * largest of their row, with `top` = 0 as realizar_quant_gemm_fast itself. See
+ * realizar_quant_gemm_fast_ranked. */
+static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
+                         int64_t M, int64_t N, int64_t K, int64_t top) {
     if (M > FAST_MAX_ROWS) return realizar_buffered_gemm(x, ldx, w, kind, 1, c, y, ldy, M, N, K);
+    const int ranked = realizar_fast_ranked_rows() && top > 0 && !(kind & FAST_TWO_D) && M >= realizar_fast_ranked_rows();
     static __thread uint8_t *buffer;
     static __thread int64_t capacity;
     const int64_t Mg = (M + XG - 1) / XG * XG;  /* rows in whole groups of the layout */
-    const int64_t need = 2 * Mg * K + 3 * Mg * (K / QK) * 4 + M * (K / 16) * 4 + 64;
+    const int64_t factors = Mg * (K / QK) * 4;  /* bytes of one array of per-block factors */
+    const int64_t need = 2 * Mg * K + 4 * factors + M * (K / 16) * 4 + 64;
     if (need > capacity) {
         free(buffer);
         buffer = aligned_alloc(64, (size_t)((need + 63) / 64 * 64));
@@ -652,18 +718,43 @@ int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int 
         if (!buffer) return -1;
     }
     float *dx = (float *)buffer;
-    int32_t *sx = (int32_t *)(buffer + Mg * (K / QK) * 4);
-    float *dxs = (float *)(buffer + Mg * (K / QK) * 4 + M * (K / 16) * 4);
-    int32_t *cs = (int32_t *)(buffer + 2 * Mg * (K / QK) * 4 + M * (K / 16) * 4);
-    int8_t *xq = (int8_t *)(buffer + 3 * Mg * (K / QK) * 4 + M * (K / 16) * 4);
-    const struct quantize_job q = {.x = x, .ldx = ldx, .M = M, .K = K, .c = c, .xq = xq, .dx = dx, .sx = sx, .dxs = dxs, .cs = cs};
+    int32_t *sx = (int32_t *)(buffer + factors);
+    float *dxs = (float *)(buffer + factors + M * (K / 16) * 4);
+    int32_t *cs = (int32_t *)(buffer + 2 * factors + M * (K / 16) * 4);
+    int32_t *cs1 = (int32_t *)(buffer + 3 * factors + M * (K / 16) * 4);
+    int8_t *xq = (int8_t *)(buffer + 4 * factors + M * (K / 16) * 4);
+    const struct quantize_job q = {.x = x, .ldx = ldx, .M = M, .K = K, .c = c, .xq = xq, .dx = dx, .sx = sx,
+                                   .dxs = dxs, .cs = cs, .cs1 = ranked ? cs1 : NULL};
     /* in units of QUANTIZE_ROWS rows, on every thread: one thread alone kept the others waiting for 6 %
      * of a 64-sequence decode step */
     realizar_parallel(run_quantize_unit, &q, (M + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS);
     const int64_t panels = (N + NR - 1) / NR, threads = realizar_threads(), units_per_thread = 8;
     int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
-    const struct fjob j = {.xq = xq, .dx = dx, .sx = sx, .dxs = dxs, .cs = cs, .w = w, .y = y, .M = M, .N = N, .K = K, .ldy = ldy,
-                           .kind = kind, .c = c, .chunk = chunk};
+    struct fjob j = {.xq = xq, .dx = dx, .sx = sx, .dxs = dxs, .cs = cs, .cs1 = cs1, .w = w, .y = y, .M = M, .N = N,
+                     .K = K, .ldy = ldy, .kind = kind, .c = c, .terms = ranked ? 1 : 2, .chunk = chunk};
     realizar_parallel(run_fast_unit, &j, (panels + chunk - 1) / chunk);
+    if (ranked) {
+        j.terms = 2;
+        const struct ranked_job r = {.j = &j, .top = top < MOST_RANKED ? top : MOST_RANKED};
+        realizar_parallel(run_ranked_row, &r, M);
+    }
     return 0;
+}
+
+int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
+                             int64_t M, int64_t N, int64_t K) {
+    return fast_products(x, ldx, w, kind, c, y, ldy, M, N, K, 0);
+}
+
+/* realizar_quant_gemm_fast for a product whose largest outputs per row are what matters (an LM head's
+ * logits, of which sampling keeps the top and the argmax is the greedy token): from 8 rows, where the
+ * products are bound by the dot products rather than by reading the weights, every output first from
+ * x's a terms alone (x ~= 256 d_x a, half the dot products), then the `top` panels (16 outputs each,
+ * at most 16 panels) with the largest such outputs of each row again with both terms, the same floats as
+ * realizar_quant_gemm_fast gives them. The other outputs of the row keep the a terms' error, about 256
+ * times the fast class's. Kinds with a d per 16 terms, builds without 8-row tiles and fewer rows: as
+ * realizar_quant_gemm_fast. Returns 0, or -1 when a buffer could not be allocated. */
+int realizar_quant_gemm_fast_ranked(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y,
+                                    int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t top) {
+    return fast_products(x, ldx, w, kind, c, y, ldy, M, N, K, top);
 }

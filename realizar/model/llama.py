@@ -118,12 +118,19 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                cache: KVCache, logits_indices: torch.Tensor) -> torch.Tensor:
-        """Logits [len(logits_indices), V] in float32 for the selected packed tokens."""
+                cache: KVCache, logits_indices: torch.Tensor,
+                exact_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(logits_indices), V] in float32 for the selected packed tokens. Each row's largest
+        logits are the model's own, the others may be approximate (``LinearLayer.ranked``: sampling
+        draws from the largest), except in the rows where ``exact_logits`` (bool) is set, whose every
+        logit is (a request's logprobs, a prompt's scores)."""
         x = self.embed.rows(input_ids)  # [T, D]
         x = self.backend.run_layers(self, x, positions, meta, cache)  # layers_forward, or a fused form of it
         h = self.backend.rms_norm(x[logits_indices], self.final_norm, self.config.rms_norm_eps)
-        return self.lm_head(h).float()
+        logits = self.lm_head.ranked(h)
+        if exact_logits is not None and bool(exact_logits.any()):
+            logits[exact_logits] = self.lm_head(h[exact_logits])
+        return logits.float()
 
     def layers_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                        cache: KVCache) -> torch.Tensor:

@@ -11,8 +11,9 @@ import torch
 
 from realizar import kernels
 from realizar.engine.engine import EngineModel
+from realizar.kv_cache import KVCache
 from realizar.loading import LoadedModel, default_model_path, load_model
-from realizar.model.llama import LlamaModel
+from realizar.model.llama import AttentionMetadata, LlamaModel, PrefillChunk
 from realizar.model.quality import (
     KV_CACHE_DTYPES_PASSING_GATE,
     QUANTIZED_CLASSES_PASSING_GATE,
@@ -81,3 +82,35 @@ def test_a_float16_kv_cache_against_float32_on_a_short_text(setup: Setup) -> Non
         if KV_CACHE_DTYPES_PASSING_GATE["float16"] and QUANTIZED_CLASSES_PASSING_GATE[name]:
             assert report.passed, (name, report)
         assert report.agreement >= 0.9 and abs(report.perplexity_ratio - 1) <= 0.03, (name, report)
+
+
+def test_ranked_logits_are_the_fast_class_s_where_sampling_reads_them(setup: Setup) -> None:
+    """The fast class's LM head ranks (``LinearLayer.ranked``): each row's largest logits are the fast
+    class's own, so the greedy token is too; the rows ``exact_logits`` marks (logprobs, penalties, a
+    grammar, a prompt's scores) have every logit the fast class's."""
+    compiled, loaded, ids = setup.compiled, setup.loaded, setup.ids[:48]
+    model = LlamaModel(loaded.config, loaded.tensors, torch.device("cpu"), torch.float32, loaded.quantized, fast=True)
+
+    def logits(exact: torch.Tensor | None) -> torch.Tensor:
+        n = len(ids)
+        cache = KVCache(model.config.num_layers, 3, 16, model.config.num_kv_heads, model.config.head_dim,
+                        model.device, torch.float32)
+        meta = AttentionMetadata(slot_mapping=torch.arange(n), num_decodes=0,
+                                 decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
+                                 decode_context_lens=torch.zeros(0, dtype=torch.long),
+                                 prefills=[PrefillChunk(0, n, torch.arange(3), 0)])
+        return model.forward(torch.tensor(ids), torch.arange(n), meta, cache, torch.arange(n), exact)
+
+    every = logits(torch.ones(len(ids), dtype=torch.bool))
+    ranked = logits(None)
+    mixed = torch.zeros(len(ids), dtype=torch.bool)
+    mixed[::3] = True
+    some = logits(mixed)
+    assert torch.equal(ranked.argmax(1), every.argmax(1))
+    assert torch.equal(ranked.max(1).values, every.max(1).values)
+    assert torch.equal(some[mixed], every[mixed]) and torch.equal(some[~mixed], ranked[~mixed])
+    if compiled.ranked_rows and len(ids) >= compiled.ranked_rows:  # the tail of each row: approximate
+        assert not torch.equal(ranked, every)
+        assert ((ranked - every).abs().max() / every.abs().max()).item() < 0.05
+    else:
+        assert torch.equal(ranked, every)

@@ -784,3 +784,32 @@ def test_constrained_rows_survive_preemption(json_served: EngineModel) -> None:
         text = json_served.tokenizer.decode(tokens(events[f"r{i}"]), skip_special_tokens=True)
         assert re.fullmatch(pattern, text), text
     assert_no_leak(engine)
+
+
+def test_rows_that_read_more_than_the_largest_logits_ask_for_every_logit_exact(
+        served: EngineModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner asks the model for every logit of a row (``exact_logits``) where its request reads more
+    than the largest: logprobs, a bias or penalty, a grammar, or a prompt's scores; plain sampling rows
+    may take the ranked LM head's approximate tail (LlamaModel.forward)."""
+    engine = Engine(served, config())
+    seen: list[list[bool] | None] = []
+    forward = served.model.forward
+
+    def spy(*args: object) -> torch.Tensor:
+        exact = args[5] if len(args) > 5 else None
+        seen.append(None if exact is None else exact.tolist())  # type: ignore[attr-defined]
+        return forward(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(served.model, "forward", spy)
+    params = [greedy(2), greedy(2, logprobs=1), greedy(2, presence_penalty=0.5), greedy(2, prompt_logprobs=0),
+              greedy(2)]
+    for i, p in enumerate(params):
+        engine.add(Request(prompt(i), p, request_id=f"r{i}"))
+    run(engine)
+    # the first step: five prompts, each sampling its row; then the prompt scores of r3's five tokens
+    assert seen[0] == [False, True, True, False, False, True, True, True, True, True]
+    assert seen[1] == [False, True, True, False, False]  # decode rows: nothing scores a prompt now
+    engine.add(Request(prompt(9), greedy(2), request_id="plain"))
+    seen.clear()
+    run(engine)
+    assert seen == [None, None]  # no row asks: no mask at all

@@ -315,6 +315,56 @@ def test_fast_layout_rows_dequantize_bit_for_bit(cpu_kernels: kernels.CpuKernels
             cpu_kernels.fast_rows(fast_packed(weight, wide), torch.tensor([37]))
 
 
+def coarse_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the ranked products' first pass sees it: the coarse int8 term alone, x ~= 256 d a."""
+    m, k = x.shape
+    blocks = x.view(m, k // 32, 32)
+    coarse = blocks.abs().amax(-1, keepdim=True) / 127.0
+    return (torch.round(blocks * torch.where(coarse > 0, 1.0 / coarse, torch.zeros_like(coarse))) * coarse).view(m, k)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+def test_ranked_products_keep_the_fast_class_where_a_row_is_largest(cpu_kernels: kernels.CpuKernels,
+                                                                    qtype: QT) -> None:
+    """An LM head's ranked products: in each row, the ``top`` panels (16 outputs each) that are largest
+    from the coarse term alone hold the fast class's own floats, bit for bit, so the argmax and what
+    sampling draws from are the fast class's; the other outputs are the coarse term's product. Under
+    ``ranked_rows`` rows (a build without 8-row tiles: always), with top 0 or a d per 16 terms (Q6_K):
+    the fast class."""
+    n, k = 16 * 40 + 5, 256
+    gen = torch.Generator().manual_seed(7)
+    for wide in byte_layouts(cpu_kernels):
+        weight = quantized(qtype, n, k, seed=3)
+        w, p = weight.dequantize().double(), fast_packed(weight, wide)
+        for m, top in ((1, 4), (7, 4), (13, 4), (64, 3), (64, 0), (20, 40)):
+            x = torch.randn(m, k, generator=gen)
+            fast = cpu_kernels.quant_gemm_fast(x, p)
+            got = cpu_kernels.quant_gemm_fast_ranked(x, p, top)
+            if not cpu_kernels.ranked_rows or m < cpu_kernels.ranked_rows or top == 0 or qtype is QT.Q6_K:
+                assert torch.equal(got, fast), (m, top)
+                continue
+            assert torch.equal(got.argmax(1), fast.argmax(1)), (m, top)
+            mins = weight.integers().mins
+            if mins is None:
+                coarse = (coarse_activations(x).double() @ w.T).float()
+            else:  # the min's term takes x's sums from both terms
+                m_w = mins.double().repeat_interleave(32, dim=1)
+                coarse = (coarse_activations(x).double() @ (w - m_w).T + int8_activations(x).double() @ m_w.T).float()
+            kept = min(top, 16)
+            pad = (0, -n % 16)
+            for row in range(m - m % 8):  # rows in 8-row tiles; the rest take both terms throughout
+                # the panels the kernel multiplied again: their every output is the fast class's
+                same = torch.nn.functional.pad(got[row] == fast[row], pad, value=True).view(-1, 16).all(1)
+                assert int(same.sum()) >= kept, (m, top, row)
+                # they are the panels whose largest coarse output ranks among the `kept` largest (up to
+                # float32 rounding of the ranking between the two computations)
+                panel_max = torch.nn.functional.pad(coarse[row], pad, value=-float("inf")).view(-1, 16).amax(1)
+                threshold = panel_max.topk(kept).values[-1]
+                assert bool(same[panel_max > threshold + 1e-4 * panel_max.abs().max()].all()), (m, top, row)
+                outside = ~same.repeat_interleave(16)[:n]
+                assert_close_to_max(got[row, outside], coarse[row, outside], rel=1e-4)
+
+
 def test_fast_layer_of_mixed_types(cpu_kernels: kernels.CpuKernels) -> None:
     parts = [quantized(QT.Q4_K, 48, 256, 1), quantized(QT.Q6_K, 21, 256, 3)]
     layer = CpuKernelsBackend(cpu_kernels).linear(list(parts), fast=True)
