@@ -127,10 +127,14 @@ class LlamaModel:
         x = self.embed.rows(input_ids)  # [T, D]
         x = self.backend.run_layers(self, x, positions, meta, cache)  # layers_forward, or a fused form of it
         h = self.backend.rms_norm(x[logits_indices], self.final_norm, self.config.rms_norm_eps)
-        logits = self.lm_head.ranked(h)
-        if exact_logits is not None and bool(exact_logits.any()):
-            logits[exact_logits] = self.lm_head(h[exact_logits])
-        return logits.float()
+        if exact_logits is None or not bool(exact_logits.any()):
+            return self.lm_head.ranked(h).float()
+        if bool(exact_logits.all()):
+            return self.lm_head(h).float()
+        logits = torch.empty(h.shape[0], self.lm_head.out_features, dtype=torch.float32, device=h.device)
+        logits[exact_logits] = self.lm_head(h[exact_logits]).float()
+        logits[~exact_logits] = self.lm_head.ranked(h[~exact_logits]).float()
+        return logits
 
     def layers_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                        cache: KVCache) -> torch.Tensor:
