@@ -646,24 +646,15 @@ static void run_quantize_unit(const void *arg, int64_t unit) {
  * runs the fast class in steps of this many rows, so that it measures those products on every row. */
 int realizar_fast_max_rows(void) { return FAST_MAX_ROWS; }
 
-/* y [M, N] (row stride ldy) ~= x [M, K] times the fast records `w` of kind `kind` with integer
- * offset c. Returns 0, or -1 when a buffer could not be allocated.
- *
- * Integer dot products for up to FAST_MAX_ROWS rows (every row with VNNI; a decode step of a few
- * sequences with AVX2), where they cost less than dequantizing: each row pays for its own integer
- * products, while the exact path dequantizes a weight once for all its rows (into the buffer, as
- * realizar_quant_gemm does beyond DIRECT_MAX_ROWS), which AVX2's byte multiply-adds cannot beat from
- * about 16 rows. A row's result then depends on how many rows come with it, but each is either the
- * exact product or the fast one, and the quality gate measures the fast one on every row. */
-/* Rows m of a ranked product: the `top` panels with the largest outputs of row m from the a terms
- * alone, multiplied again with both terms. */
 struct ranked_job {
     const struct fjob *j;  /* the products, with terms = 2 */
-    int64_t top;
+    int64_t top;           /* panels per row, at most MOST_RANKED */
 };
 
 #define MOST_RANKED 16
 
+/* Row m of a ranked product: the `top` panels with the largest outputs of the row from the a terms
+ * alone, multiplied again with both terms. */
 static void run_ranked_row(const void *arg, int64_t row) {
     const struct ranked_job *r = (const struct ranked_job *)arg;
     const struct fjob *const j = r->j;
@@ -741,6 +732,15 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
     return 0;
 }
 
+/* y [M, N] (row stride ldy) ~= x [M, K] times the fast records `w` of kind `kind` with integer
+ * offset c. Returns 0, or -1 when a buffer could not be allocated.
+ *
+ * Integer dot products for up to FAST_MAX_ROWS rows (every row with VNNI; a decode step of a few
+ * sequences with AVX2), where they cost less than dequantizing: each row pays for its own integer
+ * products, while the exact path dequantizes a weight once for all its rows (into the buffer, as
+ * realizar_quant_gemm does beyond DIRECT_MAX_ROWS), which AVX2's byte multiply-adds cannot beat from
+ * about 16 rows. A row's result then depends on how many rows come with it, but each is either the
+ * exact product or the fast one, and the quality gate measures the fast one on every row. */
 int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
                              int64_t M, int64_t N, int64_t K) {
     return fast_products(x, ldx, w, kind, c, y, ldy, M, N, K, 0);
