@@ -696,7 +696,8 @@ int realizar_fast_ranked_rows(void) { return FAST_WIDE_TILES ? FAST_ROWS : 0; }
 static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
                          int64_t M, int64_t N, int64_t K, int64_t top) {
     if (M > FAST_MAX_ROWS) return realizar_buffered_gemm(x, ldx, w, kind, 1, c, y, ldy, M, N, K);
-    const int ranked = realizar_fast_ranked_rows() && top > 0 && !(kind & FAST_TWO_D) && M >= realizar_fast_ranked_rows();
+    const int64_t fewest = realizar_fast_ranked_rows();
+    const int ranked = fewest && top > 0 && !(kind & FAST_TWO_D) && M >= fewest;
     static __thread uint8_t *buffer;
     static __thread int64_t capacity;
     const int64_t Mg = (M + XG - 1) / XG * XG;  /* rows in whole groups of the layout */
@@ -727,7 +728,8 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
     if (ranked) {
         j.terms = 2;
         const struct ranked_job r = {.j = &j, .top = top < MOST_RANKED ? top : MOST_RANKED};
-        realizar_parallel(run_ranked_row, &r, M);
+        /* the rows of 8-row tiles: the last M % 8 took both terms throughout (run_fast_unit) */
+        realizar_parallel(run_ranked_row, &r, M - M % FAST_ROWS);
     }
     return 0;
 }

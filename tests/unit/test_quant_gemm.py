@@ -245,16 +245,22 @@ def test_types_without_a_kernel_are_dequantized_with_a_log_line(tmp_path: Path,
     assert "Q2_K" in caplog.text and "dequantized" in caplog.text
 
 
-def int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as the fast class sees it, per row and 32 terms: two int8 terms, x ~= d (256 a + b), with
-    256 d = max |x| / 127, a = round(x / (256 d)) and b the remainder in units of d (|b| <= 127)."""
+def coarse_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row and 32 terms of ``x [m, k]``: the blocks ``[m, k / 32, 32]``, the coarse scale 256 d =
+    max |x| / 127 and the coarse int8 term a = round(x / (256 d))."""
     m, k = x.shape
     blocks = x.view(m, k // 32, 32)
     coarse = blocks.abs().amax(-1, keepdim=True) / 127.0
+    return blocks, coarse, torch.round(blocks * torch.where(coarse > 0, 1.0 / coarse, torch.zeros_like(coarse)))
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the fast class sees it, per row and 32 terms: two int8 terms, x ~= d (256 a + b), with
+    256 d = max |x| / 127, a = round(x / (256 d)) and b the remainder in units of d (|b| <= 127)."""
+    blocks, coarse, a = coarse_terms(x)
     d = coarse / 256.0
-    a = torch.round(blocks * torch.where(coarse > 0, 1.0 / coarse, torch.zeros_like(coarse)))
     b = torch.round((blocks - a * coarse) * torch.where(d > 0, 1.0 / d, torch.zeros_like(d))).clamp(-127, 127)
-    return ((256 * a + b) * d).view(m, k)
+    return ((256 * a + b) * d).view(x.shape)
 
 
 def fast_packed(weight: quants.QuantizedTensor, wide_bytes: bool = False) -> kernels.FastPacked:
@@ -317,10 +323,8 @@ def test_fast_layout_rows_dequantize_bit_for_bit(cpu_kernels: kernels.CpuKernels
 
 def coarse_activations(x: torch.Tensor) -> torch.Tensor:
     """``x`` as the ranked products' first pass sees it: the coarse int8 term alone, x ~= 256 d a."""
-    m, k = x.shape
-    blocks = x.view(m, k // 32, 32)
-    coarse = blocks.abs().amax(-1, keepdim=True) / 127.0
-    return (torch.round(blocks * torch.where(coarse > 0, 1.0 / coarse, torch.zeros_like(coarse))) * coarse).view(m, k)
+    _blocks, coarse, a = coarse_terms(x)
+    return (a * coarse).view(x.shape)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
