@@ -20,6 +20,9 @@ from realizar.loadtest.report import read_json, validate_report
 from realizar.loadtest.scenarios import SCENARIO_NAMES
 from realizar.loadtest.server_process import free_port
 
+# the suite's load client checks its own health (event-loop lag): it runs alone (make test)
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "load_test.sh"
 

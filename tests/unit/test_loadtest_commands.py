@@ -28,6 +28,7 @@ def _dead_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+@pytest.mark.serial  # a valid run: the load client's own health is checked, so it runs alone (make test)
 def test_suite_passes_and_writes_reports(noop_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_json, out_html = tmp_path / "r.json", tmp_path / "r.html"
     code = main(["--url", noop_url, "--scale", "0.05", "--scenario", "health", "--scenario", "tokenize",
