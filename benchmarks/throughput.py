@@ -14,6 +14,9 @@ Usage (from the repository root)::
     # a quick smoke run: one wave per level, short prompts
     .venv/bin/python benchmarks/throughput.py --concurrency 1,4 --waves 1 --min-requests 2 --prompt-len 32
 
+    # a realizar server you started yourself (its RSS is read only with --pid)
+    .venv/bin/python benchmarks/throughput.py --url http://127.0.0.1:8080 --pid 12345
+
 Each server is started on a free port (one at a time, so they never share the
 CPU), warmed up, then driven by a closed loop of streaming ``/v1/completions``
 requests at each concurrency level: ``max(min_requests, waves * concurrency)``
@@ -106,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "bf16, else float32; see common.vllm_config)")
     p.add_argument("--realizar-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for realizar serve (repeatable, e.g. --realizar-arg=--max-num-seqs=64)")
+    p.add_argument("--url", help="measure this running realizar server instead of starting one (the peers are "
+                   "still started); the load goes to it as to a started one")
+    p.add_argument("--pid", type=int, help="with --url: the server's pid, for its RSS")
     p.add_argument("--log-dir", type=Path, default=None, help="keep server logs here (default: the temp dir)")
     p.add_argument("--json", type=Path, help="write every measurement here as JSON")
     p.add_argument("--plot", type=Path, help="draw tok/s against concurrency for every server into this PNG")
@@ -129,17 +135,20 @@ def spec_for(name: str, args: argparse.Namespace) -> ServerSpec:
 
 
 def measure_server(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Start one server, run every level, stop it. Never raises for a peer that cannot run."""
+    """Start one server (or attach to realizar's ``--url``), run every level, stop it. Never raises for a
+    peer that cannot run."""
     out: dict[str, Any] = {"server": name, "levels": {}}
+    attached = name == "realizar" and args.url
     try:
         spec = spec_for(name, args)
     except FileNotFoundError as exc:
         out["error"] = str(exc)
         return out
-    out["note"] = spec.note
-    out["config"] = dict(spec.config)
+    out["note"] = f"attached to {args.url}" if attached else spec.note
+    out["config"] = {"url": args.url} if attached else dict(spec.config)
     try:
-        with ManagedServer(spec, args.log_dir) as server:
+        with (ManagedServer.attach(args.url, args.pid, output_len=args.output_len) if attached
+              else ManagedServer(spec, args.log_dir)) as server:
             out["ready_s"] = server.ready_s
             out["model"] = server.model
             workload = workload_for(server, prompt_len=args.prompt_len, output_len=args.output_len,
