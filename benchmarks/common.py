@@ -218,11 +218,16 @@ def realizar_spec(*, port: int | None = None, dtype: str = "auto", model: str | 
                       config={"dtype": dtype, "threads": threads or "default (one per core)"})
 
 
+def add_url_options(p: argparse.ArgumentParser, url_help: str) -> None:
+    """``--url`` (a realizar server someone else started, measured and never stopped) and ``--pid``."""
+    p.add_argument("--url", help=url_help)
+    p.add_argument("--pid", type=int, help="with --url: the server's pid, for its RSS")
+
+
 def add_server_options(p: argparse.ArgumentParser, verb: str) -> None:
     """The options of a script that measures one realizar server: start ``--demo`` or attach
     to ``--url``; ``verb`` says what the script does to it ("soak", "measure")."""
-    p.add_argument("--url", help=f"{verb} this running server instead of starting realizar --demo")
-    p.add_argument("--pid", type=int, help="with --url: the server's pid, for its RSS")
+    add_url_options(p, f"{verb} this running server instead of starting realizar --demo")
     p.add_argument("--realizar-threads", type=int, default=None, metavar="N",
                    help="realizar's --threads (default: realizar's own, one per core)")
     p.add_argument("--dtype", default="auto")

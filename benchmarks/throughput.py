@@ -54,6 +54,7 @@ from common import (
     ManagedServer,
     ServerSpec,
     ServerStartError,
+    add_url_options,
     check_lengths,
     default_threads,
     fmt,
@@ -109,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "bf16, else float32; see common.vllm_config)")
     p.add_argument("--realizar-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for realizar serve (repeatable, e.g. --realizar-arg=--max-num-seqs=64)")
-    p.add_argument("--url", help="measure this running realizar server instead of starting one (the peers are "
-                   "still started); the load goes to it as to a started one")
-    p.add_argument("--pid", type=int, help="with --url: the server's pid, for its RSS")
+    add_url_options(p, "measure this running realizar server instead of starting one (the peers are still started)")
     p.add_argument("--log-dir", type=Path, default=None, help="keep server logs here (default: the temp dir)")
     p.add_argument("--json", type=Path, help="write every measurement here as JSON")
     p.add_argument("--plot", type=Path, help="draw tok/s against concurrency for every server into this PNG")
