@@ -268,17 +268,16 @@ def _cpu_signature() -> str:
 
 def isa() -> str:
     """The instruction set the kernels are built for (``-march=native`` unless ``REALIZAR_KERNELS_ISA``
-    asks for less), as users name it: ``avx512`` with its ``vnni`` and ``bf16`` extensions where
-    present, ``avx2``, or ``generic``."""
+    asks for less), as users name it: ``avx512``, with ``(vnni)`` where its integer dot products run
+    (``quant_fast.c``), ``avx2``, or ``generic``. Only what the kernels use is named: they have no code for
+    AVX512-BF16, AVX-VNNI or AMX, so a CPU's flags for those change nothing here."""
     if target() != "native":
         return target()
     flags = set(_cpu_signature().split())
     if "avx512f" in flags:
-        extras = [name for flag, name in (("avx512_vnni", "vnni"), ("avx512_bf16", "bf16"), ("amx_tile", "amx"))
-                  if flag in flags]
-        return "avx512" + (f" ({', '.join(extras)})" if extras else "")
+        return "avx512" + (" (vnni)" if "avx512_vnni" in flags else "")
     if "avx2" in flags:
-        return "avx2" + (" (vnni)" if "avx_vnni" in flags else "")
+        return "avx2"
     return "generic"
 
 

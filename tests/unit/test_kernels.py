@@ -335,3 +335,17 @@ def test_a_forked_child_runs_the_kernels_on_its_own(cpu_kernels: kernels.CpuKern
     if alive:
         child.kill()
     assert not alive and child.exitcode == 0 and queue.get(timeout=5) is True
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    ("fpu sse2 avx2 avx512f avx512_vnni avx512_bf16 amx_tile amx_int8", "avx512 (vnni)"),
+    ("fpu sse2 avx2 avx512f", "avx512"),
+    ("fpu sse2 avx2 avx_vnni", "avx2"),
+    ("fpu sse2", "generic"),
+])
+def test_the_isa_names_only_what_the_kernels_use(monkeypatch: pytest.MonkeyPatch, flags: str, named: str) -> None:
+    """The banner and /health name the path in use: a CPU's bf16, AVX-VNNI or AMX flags name nothing the
+    kernels run."""
+    monkeypatch.delenv("REALIZAR_KERNELS_ISA", raising=False)
+    monkeypatch.setattr(kernels, "_cpu_signature", lambda: f"x86_64 x86_64 flags : {flags}")
+    assert kernels.isa() == named
