@@ -47,6 +47,7 @@ def _scenario(cfg: LoadTestConfig, path: str) -> Scenario:
     return Scenario("t", "T", "", (Phase("main", "T", cfg),), lambda _i: RequestSpec("GET", path))
 
 
+@pytest.mark.serial  # the load client's own health is checked, so it runs alone (make test)
 def test_open_loop_sends_on_schedule_and_charges_waiting_to_latency() -> None:
     """Open loop at 40 req/s against a server that takes 100 ms, capped at 2 in flight:
     the cap makes requests wait, which latency from the intended start must show
@@ -68,6 +69,7 @@ def test_open_loop_sends_on_schedule_and_charges_waiting_to_latency() -> None:
     assert p99_intended > p50_service + 300
 
 
+@pytest.mark.serial  # the load client's own health is checked, so it runs alone (make test)
 def test_open_loop_without_a_cap_keeps_the_rate() -> None:
     async def go() -> tuple[float, bool, float]:
         async with slow_server(0.05) as url:
@@ -118,6 +120,7 @@ def test_monitor_flags_a_blocked_event_loop() -> None:
     assert seconds >= 1
 
 
+@pytest.mark.serial  # the load client's own health is checked, so it runs alone (make test)
 def test_monitor_is_quiet_for_an_idle_client() -> None:
     async def go() -> bool:
         monitor = ClientMonitor()
