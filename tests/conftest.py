@@ -16,7 +16,7 @@ import pytest
 
 from realizar.loadtest.server_process import ServerProcess, free_port
 
-__all__ = ["ROOT", "ServerProcess", "free_port", "hf_converted", "servers_together", "start_server"]
+__all__ = ["NOT_MEASURED", "ROOT", "ServerProcess", "free_port", "hf_converted", "servers_together", "start_server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +24,41 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-load", action="store_true", default=False,
                      help="run the opt-in load tests (marker 'load'); REALIZAR_LOAD_TESTS=1 does the same")
+
+
+UNIT_TESTS = ROOT / "tests" / "unit"
+# Under xdist (make test's parallel pass) every engine a test starts, in its own process or in a server, takes
+# one kernel thread unless told otherwise. With more busy processes than cores, a step's threads wait at every
+# barrier for a partner the scheduler has put aside, and an idle partner spins: the golden batch-invariance
+# test took 10 s beside the other worker, against 0.9 s alone. The serial pass keeps the default, a thread
+# per core, for its servers.
+ONE_THREAD_EACH = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+# The environment of a process the coverage report need not measure (make test): coverage starts in every
+# Python process that inherits its variable, and an empty value leaves it untraced (its .pth file tests the
+# value for truth).
+NOT_MEASURED = {"COVERAGE_PROCESS_CONFIG": ""}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Coverage (make test) traces the pytest process only in the unit tests, which drive the engine and the
+    routes in-process. The other suites reach them in the servers they start, which are measured there
+    (tool.coverage.run's patch); their own Python (transformers' reference, the fuzzers, the HTTP clients)
+    ran up to 1.5x slower under the tracer for no line of the report."""
+    try:
+        from coverage import Coverage
+    except ImportError:
+        yield
+        return
+    paused: list[Coverage] = []  # an xdist worker runs two: pytest-cov's, and the one its .pth file started
+    while not item.path.is_relative_to(UNIT_TESTS) and (cov := Coverage.current()) is not None:
+        cov.stop()  # and the one beneath takes over, until none is left
+        paused.append(cov)
+    try:
+        yield
+    finally:
+        for cov in reversed(paused):
+            cov.start()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,6 +91,8 @@ def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None,
     ``preexec_fn`` runs in the child before it starts (e.g. to lower a resource limit); ``module``
     is what ``python -m`` runs (a test launcher that wraps the CLI, e.g. ``tests.faulty_server``)."""
     port = free_port()
+    if ONE_THREAD_EACH and "--threads" not in args:
+        args = (*args, "--threads", "1")
     cmd = [sys.executable, "-m", module, "serve", "--demo", "--port", str(port), *args]
     # a crash in native code (a kernel, uvloop) leaves the Python stacks of every thread in the log
     env = {"PYTHONFAULTHANDLER": "1", **(env or {})}
@@ -119,6 +156,21 @@ def hf_demo_tokenizer() -> Any:
     return hf_converted(path, "tokenizer",
                         lambda: transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name),
                         transformers.AutoTokenizer.from_pretrained)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _in_process_engines_on_one_thread() -> Iterator[None]:
+    """See ONE_THREAD_EACH: an engine built in the test process takes one kernel thread unless its config
+    names a count."""
+    if not ONE_THREAD_EACH:
+        yield
+        return
+    from realizar.engine import engine
+
+    resolve = engine.resolve_threads
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "resolve_threads", lambda threads: resolve(1 if threads is None else threads))
+        yield
 
 
 _started_early: dict[str, ServerProcess] = {}

@@ -23,6 +23,14 @@ from realizar.loadtest.runner import RunOptions, ScenarioResult, run_scenario, r
 from realizar.loadtest.scenarios import Phase, Scenario, health_request
 from realizar.loadtest.workers import ProcessPool, RayPool, WorkerError
 from realizar.loadtest.workload import RequestSpec
+from tests.conftest import NOT_MEASURED
+
+
+@pytest.fixture(autouse=True)
+def _workers_not_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load workers (processes, Ray's daemons and actors) run nothing the coverage report holds."""
+    for name, value in NOT_MEASURED.items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture(scope="module")
