@@ -73,6 +73,25 @@ def prompt_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     return model.forward(torch.tensor(ids), torch.arange(len(ids)), meta, cache, torch.arange(len(ids)))
 
 
+def reference_greedy(hf_model: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, up to and with its EOS. One batched ``generate``,
+    the prompts padded on the left and masked: the tokens of one ``generate`` per prompt (checked when this
+    was written), in a third of the time."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    eos = hf_model.generation_config.eos_token_id
+    stops = set(eos) if isinstance(eos, list) else {eos}
+    with torch.no_grad():
+        out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=0)
+    continuations = []
+    for row in out[:, width:].tolist():
+        ends = [i for i, token in enumerate(row) if token in stops]
+        continuations.append(row[: ends[0] + 1] if ends else row)  # after its EOS, a row holds padding
+    return continuations
+
+
 def greedy(engine: Engine, prompts: list[list[int]], max_tokens: int, ignore_eos: bool = True) -> list[list[int]]:
     """Run prompts together through the synchronous engine; the generated ids of each."""
     requests = [Request(p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos))
