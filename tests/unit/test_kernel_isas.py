@@ -41,13 +41,9 @@ def run_on_build(isa: str, needs: set[str], *pytest_args: str) -> None:
 # The generic x86-64 build (plain C loops) is left out: GCC takes about 2 minutes to scalarize its
 # 512-bit vector code, too long for the suite.
 @pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"})])
-def test_quantized_products_on_a_narrower_build(isa: str, needs: set[str]) -> None:
-    run_on_build(isa, needs, "tests/unit/test_quant_gemm.py", "-k",
-                 "product_matches or fast_class or float16_scales or depend_on_the_batch")
-
-
-@pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"})])
-def test_float16_kv_attention_on_a_narrower_build(isa: str, needs: set[str]) -> None:
-    """The float16 KV cache's F16C conversions (vcvtph2ps/vcvtps2ph on 8 lanes) and the prompt tiles
-    of one query head at a time (16 registers)."""
-    run_on_build(isa, needs, "tests/unit/test_kv_half.py")
+def test_quantized_products_and_float16_kv_attention_on_a_narrower_build(isa: str, needs: set[str]) -> None:
+    """The quantized products, and the float16 KV cache's F16C conversions (vcvtph2ps/vcvtps2ph on 8 lanes)
+    and the prompt tiles of one query head at a time (16 registers); in one child process, which imports
+    torch and collects once."""
+    run_on_build(isa, needs, "tests/unit/test_quant_gemm.py", "tests/unit/test_kv_half.py", "-k",
+                 "product_matches or fast_class or float16_scales or depend_on_the_batch or test_kv_half")
