@@ -38,12 +38,14 @@ COV := --cov=realizar.engine --cov=realizar.server
 # test files run on TEST_WORKERS processes (pytest-xdist), a file's tests together in one (their module
 # servers are started once); much of the suite waits on servers, sockets and timeouts, which then overlap.
 # The tests marked serial run after them, alone: their load client checks its own health, which a busy
-# neighbour on the same cores would fail.
+# neighbour on the same cores would fail. That pass collects only the files that mark some (collecting
+# the whole suite again took about 6 s), tests/unit's first, while the demo server the others use starts.
 TEST_WORKERS ?= 2
+SERIAL_FILES = $(shell grep -rl --include='*.py' 'pytest.mark.serial' tests | sort -r)
 
 test: lint typecheck
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(COV) --cov-report= tests
-	$(PY) -m pytest -q -m serial $(COV) --cov-append --cov-report=term-missing:skip-covered tests
+	$(PY) -m pytest -q -m serial $(COV) --cov-append --cov-report=term-missing:skip-covered $(or $(SERIAL_FILES),tests)
 
 load-test: setup
 	./scripts/load_test.sh --port $(PORT)
