@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import os
 import shutil
 import sys
@@ -39,19 +40,33 @@ ONE_THREAD_EACH = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 NOT_MEASURED = {"COVERAGE_PROCESS_CONFIG": ""}
 
 
+@functools.cache
+def _drives_measured_code(module: Any, measured: tuple[str, ...]) -> bool:
+    """Whether a unit-test module calls into the measured packages itself (or through the scripted engine
+    client, into the routes): it holds a function, class or module of theirs."""
+    for value in vars(module).values():
+        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name.startswith((*measured, "tests.scripted_engine")):
+            return True
+    return False
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    """Coverage (make test) traces the pytest process only in the unit tests, which drive the engine and the
+    """Coverage (make test) traces the pytest process only in the unit tests that drive the engine or the
     routes in-process. The other suites reach them in the servers they start, which are measured there
-    (tool.coverage.run's patch); their own Python (transformers' reference, the fuzzers, the HTTP clients)
-    ran up to 1.5x slower under the tracer for no line of the report."""
+    (tool.coverage.run's patch); the rest of their Python (transformers' reference, the fuzzers, the HTTP
+    clients, the kernel tests' reference products) ran slower under the tracer for no line of the report."""
     try:
         from coverage import Coverage
     except ImportError:
         yield
         return
+    module = getattr(item, "module", None)
+    packages = tuple(item.config.getoption("cov_source", None) or ())  # pytest-cov's --cov (make test's COV)
+    measured = item.path.is_relative_to(UNIT_TESTS) and module is not None and _drives_measured_code(module, packages)
     paused: list[Coverage] = []  # an xdist worker runs two: pytest-cov's, and the one its .pth file started
-    while not item.path.is_relative_to(UNIT_TESTS) and (cov := Coverage.current()) is not None:
+    while not measured and (cov := Coverage.current()) is not None:
         cov.stop()  # and the one beneath takes over, until none is left
         paused.append(cov)
     try:

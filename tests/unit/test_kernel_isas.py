@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import NOT_MEASURED, ROOT
+
 CPU_FLAGS = set(next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
                      "").split()) if Path("/proc/cpuinfo").exists() else set()
 
@@ -26,7 +27,7 @@ def run_on_build(isa: str, needs: set[str], *pytest_args: str) -> None:
     missing = needs - CPU_FLAGS
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}")
-    env = {**os.environ, "REALIZAR_KERNELS_ISA": isa, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **NOT_MEASURED, "REALIZAR_KERNELS_ISA": isa, "PYTHONPATH": str(ROOT)}
     # one child process (a second one would import torch again): it reports the build the kernels loaded,
     # then runs the tests on that build
     code = ("import sys\nfrom realizar import kernels\nprint('isa:', kernels.isa(), flush=True)\nimport pytest\n"
