@@ -6,7 +6,8 @@ is forwarded, body and headers as received, to a replica chosen by ``PrefixAffin
 response is relayed as it streams, with an ``x-realizar-replica`` header naming the replica.
 
 When a replica dies (``SIGKILL``, a lost node), a request it had not begun answering (no body bytes relayed:
-replicas hold them back until the first token) is retried once on another replica; a response already
+replicas hold them back until the first token) is retried once on another replica, where it waits for room
+(``route_timeout`` s, backing off) if that one's queue is full: the fleet had accepted it; a response already
 streaming ends with an SSE error event in its API's shape (502 ``replica_failed``), and a response not
 yet begun whose retry failed too gets a JSON 502. Nothing waits forever: routing that finds no replica
 within ``route_timeout`` s answers 503 with ``Retry-After``.
@@ -60,10 +61,16 @@ class FrontConfig:
     max_retries: int = 1  # of a request whose replica died before answering
 
 
+ROOM_BACKOFF_S = 0.2  # between tries of a request that waits for room after its replica died
+
+
 class _ReplicaFailed(Exception):
-    def __init__(self, replica_id: str | None) -> None:
+    """The replica died before answering, or (``overloaded``) refused the request with a full queue."""
+
+    def __init__(self, replica_id: str | None, overloaded: bool = False) -> None:
         super().__init__(replica_id)
         self.replica_id = replica_id
+        self.overloaded = overloaded
 
 
 @serve.ingress()
@@ -199,16 +206,26 @@ class Front:
         request = ForwardedRequest(scope["method"], path, scope.get("query_string", b""), headers, body,
                                    block_hashes(text) if text else (), session)
         tried: set[str] = set()
-        for attempt in range(self.config.max_retries + 1):
-            if attempt:
-                self.retries += 1
+        retries = self.config.max_retries
+        room_until: float | None = None  # once a replica died holding the request: until when it waits for room
+        while True:
+            waits = room_until is not None and time.monotonic() < room_until
             try:
                 await self._relay(dataclasses.replace(request, exclude=frozenset(tried)), send,
-                                  last=attempt == self.config.max_retries)
+                                  last=retries == 0 and not waits)
                 return
             except _ReplicaFailed as failed:
+                if failed.overloaded and waits:  # an accepted request is not refused for its replica's death
+                    await asyncio.sleep(ROOM_BACKOFF_S)
+                    continue
+                if retries == 0:
+                    break
+                retries -= 1
+                self.retries += 1
                 if failed.replica_id:
                     tried.add(failed.replica_id)
+                if not failed.overloaded and room_until is None:
+                    room_until = time.monotonic() + self.config.route_timeout
             except (asyncio.TimeoutError, BackPressureError, DeploymentUnavailableError):
                 await error_response(path, APIError(503, "No replica has room for the request", code="overloaded",
                                                     headers={"Retry-After": "1"}))(scope, receive, send)
@@ -217,8 +234,8 @@ class Front:
                                             code="replica_failed"))(scope, receive, send)
 
     async def _relay(self, request: ForwardedRequest, send: Send, last: bool) -> None:
-        """Forward once; raises _ReplicaFailed when the replica died (or refused as overloaded) before any
-        byte reached the client, which the caller may retry elsewhere."""
+        """Forward once; raises _ReplicaFailed when the replica died (or, unless ``last``, refused as overloaded)
+        before any byte reached the client, which the caller may retry elsewhere."""
         gen: DeploymentResponseGenerator[Any] = self.replicas.handle.remote(request)  # type: ignore[assignment]
         replica: str | None = None
         started = False
@@ -231,7 +248,7 @@ class Front:
                     continue
                 if isinstance(part, ResponseHead):
                     if not last and _overloaded(part):
-                        raise _ReplicaFailed(replica)  # another replica may have room
+                        raise _ReplicaFailed(replica, overloaded=True)  # another replica, or later, may have room
                     sse_stream = any(k == b"content-type" and v.startswith(b"text/event-stream")
                                      for k, v in part.headers)
                     headers = [(k, v) for k, v in part.headers if k not in DROPPED_RESPONSE_HEADERS]
