@@ -244,7 +244,7 @@ def test_overload_is_a_503_with_retry_after_as_on_one_server(fleet: ServerProces
 
 async def _stream(session: aiohttp.ClientSession, url: str, i: int, out: dict[int, dict[str, Any]]) -> None:
     body = {"prompt": f"Story {i}: in a small village by the sea there lived an old fisherman who",
-            "max_tokens": 160, "ignore_eos": True, "stream": True}
+            "max_tokens": 320, "ignore_eos": True, "stream": True}
     record: dict[str, Any] = {"replica": None, "events": 0, "done": False, "error": None, "finish": None}
     out[i] = record
     async with session.post(url + "/v1/completions", json=body, headers=AUTH) as r:
@@ -271,7 +271,9 @@ def test_a_replica_killed_under_load_fails_only_its_own_streams(fleet: ServerPro
             retries0 = metric(await (await session.get(fleet.url + "/metrics", headers=AUTH)).text(),
                               "realizar_cluster_retries_total")
             tasks = [asyncio.create_task(_stream(session, fleet.url, i, out)) for i in range(12)]
-            # a victim that is streaming (its running requests) and has a queue (requests not begun)
+            # a victim that is streaming (its running requests) and has a queue (requests not begun); the
+            # first of them begins only after a running stream's 320 tokens (several seconds), and the /metrics
+            # read may be a second old: with 160 a replica without coverage's tracer had begun them by the kill
             victim, pid = "", 0
             while not pid:
                 await asyncio.sleep(0.5)
