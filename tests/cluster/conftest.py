@@ -13,7 +13,6 @@ from tests.conftest import NOT_MEASURED, ServerProcess, start_server
 # float32 and one thread per replica: the same numbers in every process, and two replicas fit two cores
 ENGINE_ARGS = ("--dtype", "float32", "--threads", "1", "--max-num-seqs", "4", "--no-access-log")
 API_KEY = "cluster-test-key"
-
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
