@@ -40,11 +40,19 @@ COV := --cov=realizar.engine --cov=realizar.server
 # The tests marked serial run after them, alone: their load client checks its own health, which a busy
 # neighbour on the same cores would fail. That pass collects only the files that mark some (collecting
 # the whole suite again took about 6 s), tests/unit's first, while the demo server the others use starts.
+# Files go to the workers in the order pytest collects them (--no-loadscope-reorder), not most tests first:
+# that order starts the two Ray modules, the longest, one on each worker, and ends with tests/unit's short
+# files, which even out the workers' last minute (most tests first had left one worker idle for 45 s).
 TEST_WORKERS ?= 2
 SERIAL_FILES = $(shell grep -rl --include='*.py' 'pytest.mark.serial' tests | sort -r)
 
+# Python keeps its compiled modules (and pytest its assertion-rewritten tests) where the environment has
+# turned that off: every server the tests start, and each pytest process's collection, compiles them again
+# without (about 2 s per collection).
+test: export PYTHONDONTWRITEBYTECODE :=
 test: lint typecheck
-	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(COV) --cov-report= tests
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" \
+		$(COV) --cov-report= tests
 	$(PY) -m pytest -q -m serial $(COV) --cov-append --cov-report=term-missing:skip-covered $(or $(SERIAL_FILES),tests)
 
 load-test: setup

@@ -17,13 +17,13 @@ from starlette.responses import Response
 from realizar import __version__
 from realizar.config import ServerConfig
 from realizar.metrics import Metrics
+from realizar.server.engine_client import EngineClient  # the engine's interface, not its module (torch)
 from realizar.server.errors import APIError
 from realizar.server.generation import Generation
 from realizar.server.http import RequestContext, json_response
 
-if TYPE_CHECKING:  # the server needs only the engine's interface, not the module (which imports torch)
+if TYPE_CHECKING:
     from realizar.server.connection import ConnectionHandle
-    from realizar.server.engine_client import EngineClient
 
 
 T = TypeVar("T")

@@ -10,8 +10,10 @@ import httpx
 
 from tests.conftest import NOT_MEASURED, ServerProcess, start_server
 
-# float32 and one thread per replica: the same numbers in every process, and two replicas fit two cores
-ENGINE_ARGS = ("--dtype", "float32", "--threads", "1", "--max-num-seqs", "4", "--no-access-log")
+# one thread per replica, and the fast class of quantized products named rather than timed (auto could choose
+# differently in two processes): the same numbers in every process, and two replicas fit two cores
+ENGINE_ARGS = ("--threads", "1", "--max-num-seqs", "4", "--no-access-log")
+ENGINE_ENV = {"REALIZAR_QUANTIZED": "fast"}
 API_KEY = "cluster-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -20,7 +22,7 @@ def start_fleet(tmp_dir: Any, *args: str, env: dict[str, str] | None = None, wai
     """A fleet, returned once its front answers /health (one replica ready), or at once without ``wait_ready``
     (then ``server.wait_ready()`` before using it). Coverage leaves it out: its Ray workers run the engine and
     routes that the single servers' measure covers."""
-    return start_server(tmp_dir, *args, *ENGINE_ARGS, env={**NOT_MEASURED, **(env or {})}, wait_ready=wait_ready,
+    return start_server(tmp_dir, *args, *ENGINE_ARGS, env={**NOT_MEASURED, **ENGINE_ENV, **(env or {})}, wait_ready=wait_ready,
                         timeout=300)
 
 

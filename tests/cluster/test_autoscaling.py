@@ -16,18 +16,18 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 # Ray Serve's replicas and handles report their ongoing requests to the autoscaler every 10 s by default,
-# so realizar averages them over 12 s (LOOK_BACK_S); here they report every second, averaged over 4 s, so
+# so realizar averages them over 12 s (LOOK_BACK_S); here they report every half second, averaged over 2 s, so
 # that the test waits on the scaling decisions rather than on the reports. The policy (the target of one
 # ongoing request per replica, the delays, the limits) is the one given on the command line.
-FAST_METRICS = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-                "REALIZAR_AUTOSCALING_LOOK_BACK_S": "4"}  # realizar.cluster.launch.LOOK_BACK_ENV
+FAST_METRICS = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+                "REALIZAR_AUTOSCALING_LOOK_BACK_S": "2"}  # realizar.cluster.launch.LOOK_BACK_ENV
 
 
 @pytest.fixture(scope="module")
 def autoscaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_fleet(tmp_path_factory.mktemp("autoscaled"), "--min-replicas", "1", "--max-replicas", "2",
-                         "--target-ongoing-requests", "1", "--upscale-delay", "1", "--downscale-delay", "3", env=FAST_METRICS)
+                         "--target-ongoing-requests", "1", "--upscale-delay", "1", "--downscale-delay", "1", env=FAST_METRICS)
     try:
         yield server
     finally:

@@ -17,7 +17,7 @@ import aiohttp
 import httpx
 import pytest
 
-from tests.cluster.conftest import API_KEY, AUTH, ENGINE_ARGS, metric, start_fleet, wait_replicas
+from tests.cluster.conftest import API_KEY, AUTH, ENGINE_ARGS, ENGINE_ENV, metric, start_fleet, wait_replicas
 from tests.conftest import ServerProcess, start_server
 
 pytest.importorskip("ray.serve", reason="the Ray tests need the 'ray' extra: pip install 'realizar[ray]'")
@@ -33,7 +33,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPr
     (Ray's daemons, the replicas' placement), which the other's start-up fills."""
     fleet = start_fleet(tmp_path_factory.mktemp("fleet"), "--replicas", "2", "--api-key", API_KEY,
                         "--metrics-compat", "vllm", "--max-queued-requests", "4", wait_ready=False)
-    single = start_server(tmp_path_factory.mktemp("single"), "--api-key", API_KEY, *ENGINE_ARGS, wait_ready=False)
+    single = start_server(tmp_path_factory.mktemp("single"), "--api-key", API_KEY, *ENGINE_ARGS, env=ENGINE_ENV,
+                          wait_ready=False)
     try:
         single.wait_until_ready()
         fleet.wait_until_ready()
@@ -242,12 +243,15 @@ def test_overload_is_a_503_with_retry_after_as_on_one_server(fleet: ServerProces
     assert after > before  # a full replica's refusal was first tried on the other one
 
 
-async def _stream(session: aiohttp.ClientSession, url: str, i: int, out: dict[int, dict[str, Any]]) -> None:
-    body = {"prompt": f"Story {i}: in a small village by the sea there lived an old fisherman who",
-            "max_tokens": 320, "ignore_eos": True, "stream": True}
+async def _stream(session: aiohttp.ClientSession, url: str, key: str, out: dict[str, dict[str, Any]],
+                  tokens: int, pinned_to: str) -> None:
+    """One streamed completion of ``tokens`` tokens, its session pinned (``x-session-id``) with the others of
+    ``pinned_to``; what it saw goes to ``out[key]``."""
+    body = {"prompt": f"Story {key}: in a small village by the sea there lived an old fisherman who",
+            "max_tokens": tokens, "ignore_eos": True, "stream": True}
     record: dict[str, Any] = {"replica": None, "events": 0, "done": False, "error": None, "finish": None}
-    out[i] = record
-    async with session.post(url + "/v1/completions", json=body, headers=AUTH) as r:
+    out[key] = record
+    async with session.post(url + "/v1/completions", json=body, headers={**AUTH, "x-session-id": pinned_to}) as r:
         record["status"] = r.status
         record["replica"] = r.headers.get("x-realizar-replica")
         async for line in r.content:
@@ -264,42 +268,56 @@ async def _stream(session: aiohttp.ClientSession, url: str, i: int, out: dict[in
 
 
 def test_a_replica_killed_under_load_fails_only_its_own_streams(fleet: ServerProcess) -> None:
-    async def scenario() -> tuple[dict[int, dict[str, Any]], str, float, float]:
-        out: dict[int, dict[str, Any]] = {}
-        timeout = aiohttp.ClientTimeout(total=240)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            retries0 = metric(await (await session.get(fleet.url + "/metrics", headers=AUTH)).text(),
-                              "realizar_cluster_retries_total")
-            tasks = [asyncio.create_task(_stream(session, fleet.url, i, out)) for i in range(12)]
-            # a victim that is streaming (its running requests) and has a queue (requests not begun); the
-            # first of them begins only after a running stream's 320 tokens (several seconds), and the /metrics
-            # read may be a second old: with 160 a replica without coverage's tracer had begun them by the kill
-            victim, pid = "", 0
-            while not pid:
-                await asyncio.sleep(0.5)
-                text = await (await session.get(fleet.url + "/metrics", headers=AUTH)).text()
-                streaming = {r["replica"] for r in out.values() if r["replica"]}
-                for line in text.splitlines():
-                    if line.startswith("realizar_cluster_replica_info{"):
-                        rid = line.split('replica="')[1].split('"')[0]
-                        if rid in streaming and metric(text, "realizar_num_requests_waiting", replica=rid) > 0:
-                            victim, pid = rid, int(line.split('pid="')[1].split('"')[0])
+    """The victim holds 4 long streams, running (its --max-num-seqs), and 2 short requests queued behind them;
+    the other replica 2 short streams. Sessions place them: the victim's first stream picks a replica, the
+    rest of its session follows. Its queued requests stay queued until a long stream ends, long after the
+    kill, so the kill never races the queue; and what is left after it is short."""
+    long, short = 1000, 48
+
+    async def started(out: dict[str, dict[str, Any]], keys: list[str]) -> None:
+        while not all(out.get(k, {}).get("replica") for k in keys):  # its response began: admitted, running
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> tuple[dict[str, dict[str, Any]], str, float, float]:
+        out: dict[str, dict[str, Any]] = {}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=240)) as session:
+            async def replica_metrics() -> str:
+                return await (await session.get(fleet.url + "/metrics", headers=AUTH)).text()
+
+            retries0 = metric(await replica_metrics(), "realizar_cluster_retries_total")
+            tasks = [asyncio.create_task(_stream(session, fleet.url, "running-0", out, long, "victim"))]
+            await started(out, ["running-0"])
+            victim = out["running-0"]["replica"]
+            tasks += [asyncio.create_task(_stream(session, fleet.url, f"running-{i}", out, long, "victim"))
+                      for i in (1, 2, 3)]
+            await started(out, [f"running-{i}" for i in (1, 2, 3)])
+            tasks += [asyncio.create_task(_stream(session, fleet.url, f"queued-{i}", out, short, "victim"))
+                      for i in (0, 1)]
+            tasks += [asyncio.create_task(_stream(session, fleet.url, f"other-{i}", out, short, "other"))
+                      for i in (0, 1)]
+            pid = 0
+            while not pid:  # the victim's queue as its /metrics shows it (the front's view is a second old)
+                await asyncio.sleep(0.25)
+                text = await replica_metrics()
+                if metric(text, "realizar_num_requests_waiting", replica=victim) > 0:
+                    info = next(line for line in text.splitlines()
+                                if line.startswith("realizar_cluster_replica_info{") and f'replica="{victim}"' in line)
+                    pid = int(info.split('pid="')[1].split('"')[0])
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             await asyncio.gather(*tasks)  # the client timeout turns a hang into a failure
-            text = await (await session.get(fleet.url + "/metrics", headers=AUTH)).text()
-            return out, victim, killed_at, metric(text, "realizar_cluster_retries_total") - retries0
+            return out, victim, killed_at, metric(await replica_metrics(), "realizar_cluster_retries_total") - retries0
 
     out, victim, killed_at, retried = asyncio.run(scenario())
-    failed = [r for r in out.values() if r["error"] is not None]
-    finished = [r for r in out.values() if r["error"] is None]
-    assert failed, "the victim's running streams end with an error event"
-    for r in failed:
-        assert r["replica"] == victim and r["status"] == 200 and r["done"]
-        assert r["error"]["code"] == "replica_failed"
-    for r in finished:  # the other replica's streams, and the victim's queued requests, retried
-        assert r["status"] == 200 and r["done"] and r["finish"] == "length" and r["replica"] != victim, r
-    assert retried >= 1, "the victim's queued requests were retried"
+    for key, r in out.items():
+        if key.startswith("running-"):  # the victim's running streams end with an error event
+            assert r["replica"] == victim and r["status"] == 200 and r["done"], r
+            assert r["error"] is not None and r["error"]["code"] == "replica_failed", r
+            assert r["events"] < long, r
+        else:  # the victim's queued requests, retried on the other replica, and that replica's own streams
+            assert r["error"] is None and r["status"] == 200 and r["done"], r
+            assert r["finish"] == "length" and r["replica"] != victim, r
+    assert retried >= 2, "the victim's queued requests were retried"
     wait_replicas(fleet.url, 2, timeout=120)  # Ray replaces the dead replica
     assert time.monotonic() > killed_at
     r = send(fleet.url, "POST", "/generate", {"prompt": PROMPT, "max_tokens": 2})
