@@ -546,7 +546,7 @@ def parallel_tensors() -> Iterator[ThreadPoolExecutor]:
 
 def _keep_quantized(path: Path, tensor: gguf.ReaderTensor, shape: tuple[int, ...]) -> quants.QuantizedTensor:
     try:
-        return quants.keep_quantized(tensor.data, tensor.tensor_type, shape)
+        return quants.keep_quantized(tensor.data, tensor.tensor_type, shape, mapped=True)
     except ModelLoadError as exc:
         raise ModelLoadError(
             f"{path}: tensor {tensor.name!r} (data at byte offset {tensor.data_offset}): {exc}"

@@ -77,8 +77,13 @@ class LlamaModel:
 
         def linear(*names: str, bias: torch.Tensor | None = None) -> LinearLayer:
             """The weights ``names`` stacked along ``out``, kept quantized where they were loaded so
-            (``fast``: multiplied by the fast, not exact, class)."""
-            return self.backend.linear([quantized[n] if n in quantized else tensors[n] for n in names], bias, fast)
+            (``fast``: multiplied by the fast, not exact, class). The backend keeps its own copy: the
+            file's pages of a quantized weight leave memory as it is packed, not all at the end."""
+            layer = self.backend.linear([quantized[n] if n in quantized else tensors[n] for n in names], bias, fast)
+            for n in names:
+                if n in quantized:
+                    quantized[n].release_pages()
+            return layer
 
         self.lm_head = linear("lm_head.weight" if not config.tie_word_embeddings
                               else "model.embed_tokens.weight")  # [V, D]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import gguf
@@ -10,7 +12,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from realizar.loading import ModelLoadError, load_model, quants
+from realizar.loading import ModelLoadError, default_model_path, load_model, quants
 from tests.tiny_model import TinySpec, hf_to_gguf_name, random_blocks, tiny_weights, write_tiny_gguf
 
 BLOCK_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
@@ -152,3 +154,36 @@ def test_quantized_weights_approximate_the_originals(tmp_path: Path, qtype: QT) 
         err = np.abs(got - original).max() / np.abs(original).max()
         assert err < 0.2, (name, err)  # 4-bit types: ~1/15 of the range; the permutation must be undone
 
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are released through Linux's madvise")
+def test_released_pages_leave_memory_and_read_back_the_same() -> None:
+    """A weight kept quantized is a view of the file's map: once packed, its pages leave the process, and
+    a later read (an `auto` timing's second build) gets the same bytes from the file again."""
+    loaded = load_model(default_model_path(), keep_quantized=True)
+    # all but the q and k projections, whose rows the loader un-permutes into memory of its own
+    assert sum(q.mapped for q in loaded.quantized.values()) == len(loaded.quantized) - 2 * loaded.config.num_layers
+    weights = [q for q in loaded.quantized.values() if q.mapped and q.raw.nbytes >= 1 << 20]
+    copies = [q.raw.clone() for q in weights]  # reading every byte makes the pages resident
+    before = _rss_bytes()
+    for q in weights:
+        q.release_pages()
+    released = before - _rss_bytes()
+    assert released >= sum(q.raw.nbytes for q in weights) // 2, (released, before)
+    for q, copy in zip(weights, copies, strict=True):
+        assert torch.equal(q.raw, copy)
+
+
+def test_weights_in_memory_are_never_released() -> None:
+    """Only a file's unwritten pages may be dropped: bytes in memory would be lost."""
+    raw = blocks_for(QT.Q8_0, 256, 1024)
+    q = quants.keep_quantized(raw, QT.Q8_0, (256, 1024), mapped=False)
+    kept = q.raw.clone()
+    q.release_pages()
+    assert not q.mapped and torch.equal(q.raw, kept)
+    assert not quants.QuantizedTensor.cat([q, q]).mapped
