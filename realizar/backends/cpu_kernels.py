@@ -95,7 +95,7 @@ class QuantLinear:
             ints = QuantizedTensor.cat(run).integers() if len(run) > 1 else run[0].integers()
             if fast:
                 self.parts.append(kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset,
-                                                    ints.group, compiled.wide_bytes))
+                                                    ints.group, compiled.wide_bytes, ints.factored))
                 continue
             # float16 scales where that is exact: fewer bytes to read, the same floats
             fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group,

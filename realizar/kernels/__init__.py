@@ -42,7 +42,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -125,7 +125,8 @@ class QuantPacked:
         return self.records.numel()
 
 
-FAST_HALF, FAST_TWO_D, FAST_MIN = 8, 16, 32  # quant_fast.c's flags of a fast record's scales
+FAST_HALF, FAST_TWO_D, FAST_MIN, FAST_SUPER = 8, 16, 32, 64  # quant_fast.c's flags of a fast record's scales
+SUPER_BLOCKS = 8  # blocks of 32 terms in a k-quant's super-block
 FAST_EVERY_ROW = 1 << 30  # quant_fast.c's FAST_MAX_ROWS where every row takes the integer products (VNNI)
 
 
@@ -151,15 +152,58 @@ class FastPacked:
         return 256 if self.kind & 3 == 0 else 512
 
 
+class FactoredScales(Protocol):
+    """A k-quant's scales as stored (``realizar.loading.quants.FactoredScales``): ``scales = d * ints`` and
+    ``mins = neg_dmin * min_ints``, per 256-term super-block d."""
+
+    @property
+    def scales(self) -> torch.Tensor: ...  # [n, k // group] uint8 or int8
+
+    @property
+    def mins(self) -> torch.Tensor | None: ...  # uint8 [n, k // 32]
+
+    @property
+    def d(self) -> torch.Tensor: ...  # float16 [n, k // 256]
+
+    @property
+    def neg_dmin(self) -> torch.Tensor | None: ...  # float16 [n, k // 256]
+
+
+def _factored_areas(f: FactoredScales, n: int, blocks: int, panels: int) -> torch.Tensor:
+    """The FAST_SUPER scale areas ``[panels, blocks, 64]``, which lead their records (quant_fast.c has the layout): two vectors of
+    16 small integers (a scale and a min per block, or the scales of its two halves), then 16 float16
+    factors of the block's super-block (with a min: d in an even block's record, -dmin in an odd one's)."""
+    superblock = torch.arange(blocks) // SUPER_BLOCKS
+    if f.mins is not None:
+        assert f.neg_dmin is not None
+        first, second = f.scales.view(torch.uint8), f.mins
+        factor = torch.where(torch.arange(blocks) % 2 == 0, f.d[:, superblock], f.neg_dmin[:, superblock])
+    else:
+        halves = f.scales.view(torch.uint8).reshape(n, blocks, 2)
+        first, second, factor = halves[:, :, 0], halves[:, :, 1], f.d[:, superblock]
+    pad = panels * PANEL - n
+
+    def lanes(t: torch.Tensor) -> torch.Tensor:  # [n, blocks] -> [panels, blocks, 16 (row j)] bytes
+        if pad:
+            t = torch.cat([t, t.new_zeros(pad, blocks)])
+        return t.view(panels, PANEL, blocks).transpose(1, 2).contiguous().view(torch.uint8).reshape(panels, blocks, -1)
+
+    return torch.cat([lanes(first), lanes(second), lanes(factor)], dim=2)
+
+
 def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, offset: int,
-              group: int, wide_bytes: bool = False) -> FastPacked:
+              group: int, wide_bytes: bool = False, factored: FactoredScales | None = None) -> FastPacked:
     """Repack a quantized weight for ``realizar_quant_gemm_fast`` (``quant_fast.c`` has the layout);
     the arguments are those of :func:`pack_quantized`. Scales are float16 where each is one exactly,
     and a record holds a second d (16-term groups) or a min only where the format has them.
 
     With ``wide_bytes`` (the build's dot products take unsigned bytes up to 255:
     :attr:`CpuKernels.wide_bytes`), signed 8-bit integers are stored plus 128, as unsigned bytes with
-    an offset of 128: the same integers, without the sign trick signed bytes need."""
+    an offset of 128: the same integers, without the sign trick signed bytes need.
+
+    With ``factored`` (a k-quant's scales as its file stores them), the records keep those small integers
+    and their super-blocks' float16 factors, which the kernel multiplies out to the same float32 scales
+    and mins: a Q4_K record takes 320 bytes rather than 384, Q5_K's and Q6_K's 576 rather than 640."""
     n, k = q.shape
     if mins is not None and offset != 0:  # the kernel leaves c S out where there is a min
         raise ValueError("a quantized format with a min and an integer offset has no fast layout")
@@ -186,6 +230,11 @@ def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, 
         ints = u
         kind = 2 if bits == 8 and not unsigned_bytes else 1
     kind |= (FAST_TWO_D if per_block == 2 else 0) | (0 if mins is None else FAST_MIN)
+    if factored is not None:
+        assert k % (SUPER_BLOCKS * QUANT_BLOCK) == 0
+        areas = _factored_areas(factored, n, blocks, panels)
+        return FastPacked(torch.cat([areas, ints.reshape(panels, blocks, -1)], dim=2).contiguous(),
+                          kind | FAST_SUPER, offset, n, k)
     stacked = f.view(panels, PANEL, blocks, -1).permute(0, 2, 3, 1).contiguous()  # [panels, blocks, vectors, 16]
     if exact_in_half(stacked):
         stacked, kind = stacked.half(), kind | FAST_HALF

@@ -134,9 +134,9 @@ static inline int64_t scale_bytes(int f) { return (f & HALF) ? 2 : 4; }
 
 /* Bytes of one fast record of kind `kind` (quant_fast.c). */
 int64_t realizar_fast_record_bytes(int kind);
-/* Records [0, count) of fast kind `kind` and integer offset c into `out`, the floats the exact class
- * gives (quant_fast.c). */
-void realizar_dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t count, float *out);
+/* `count` records of fast kind `kind` and integer offset c, of blocks first .. first + count - 1 of a
+ * panel, into `out`: the floats the exact class gives (quant_fast.c). */
+void realizar_dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t first, int64_t count, float *out);
 /* y = x W^T through a buffer of exactly dequantized weights (quant_gemm.c; `fast`: fast records). */
 int realizar_buffered_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, int fast, int c, float *y,
                            int64_t ldy, int64_t M, int64_t N, int64_t K);

@@ -11,7 +11,19 @@
  *   then [16] d (of terms 0-15 with FAST_TWO_D), [16] d of terms 16-31 (FAST_TWO_D only),
  *   [16] min (FAST_MIN only: the formats with a min have no integer offset, c = 0), as float32,
  *   or float16 with FAST_HALF (where that is exact),
- *   then zeros to a multiple of 64 bytes
+ *   then zeros to a multiple of 64 bytes;
+ *   or, with FAST_SUPER (the k-quants: small integer scales under a float16 factor of their 256-term
+ *   super-block, multiplied out here, in float32, exactly as the file's floats), 64 bytes first, then
+ *   the integers (so that the odd record's X, which its even partner reads, lies right after the even
+ *   record: with it at the record's end, a Q4_K decode step of one sequence took 20 % longer):
+ *     FAST_MIN (Q4_K, Q5_K):  [16] u8 scale, [16] u8 min, [16] float16 X, X the super-block's d in a
+ *                             record of an even block and -dmin in the odd one after it (a super-block
+ *                             is 8 blocks: each pair of records holds both), so d = X_even scale and
+ *                             min = X_odd min;
+ *     FAST_TWO_D (Q6_K):      [16] s8 scale of terms 0-15, [16] s8 scale of terms 16-31, [16] float16 d
+ *                             of the super-block: d0 = d scale_0, d1 = d scale_1.
+ *   Q4_K's records are then 320 bytes where float32 scales and mins took 384 (5 bits a weight, not 6),
+ *   Q5_K's and Q6_K's 576 where they took 640.
  *
  * with u the stored integers (5/6-bit: unsigned; Q8_0: signed) and the weight
  * (u - c) * d (+ min). Per block, with x_q = 256 a + b, I_h = sum over half h of u * x_q and S_h
@@ -22,7 +34,7 @@
 #include "quant_blocks.h"
 
 enum { FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_KIND = 3,  /* the integers' kind */
-       FAST_HALF = 8, FAST_TWO_D = 16, FAST_MIN = 32 };                  /* flags of the scales */
+       FAST_HALF = 8, FAST_TWO_D = 16, FAST_MIN = 32, FAST_SUPER = 64 };  /* flags of the scales */
 
 typedef uint8_t u8x64 __attribute__((vector_size(64)));
 typedef int8_t i8x64 __attribute__((vector_size(64)));
@@ -32,15 +44,62 @@ static inline i32x16 ints16(int32_t v) { return (i32x16){0} + v; }
 
 /* Records are padded to whole cache lines: a 64-byte load that straddles two lines made the
  * Q8_0 LM head 2.7x slower with 544-byte records than with 576. */
-int64_t realizar_fast_record_bytes(int kind) {
+static inline __attribute__((always_inline)) int64_t fast_record_bytes(int kind) {
+    if (kind & FAST_SUPER) return ((kind & FAST_KIND) == FAST_NIBBLES ? 256 : 512) + 64;
     const int64_t vectors = 1 + !!(kind & FAST_TWO_D) + !!(kind & FAST_MIN);
     const int64_t bytes = ((kind & FAST_KIND) == FAST_NIBBLES ? 256 : 512) + vectors * 16 * ((kind & FAST_HALF) ? 2 : 4);
     return (bytes + 63) / 64 * 64;
 }
 
-/* A fast record's scales, at `p`, laid out as the flags in `kind` say. */
-static inline __attribute__((always_inline)) void fast_scales(const int kind, const uint8_t *p, f32x16 *d0,
-                                                              f32x16 *d1, f32x16 *min) {
+int64_t realizar_fast_record_bytes(int kind) { return fast_record_bytes(kind); }
+
+/* Where a fast record's integers and its scales begin */
+static inline __attribute__((always_inline)) const uint8_t *fast_ints_at(int kind, const uint8_t *rec) {
+    return rec + ((kind & FAST_SUPER) ? 64 : 0);
+}
+static inline __attribute__((always_inline)) const uint8_t *fast_scales_at(int kind, const uint8_t *rec) {
+    return (kind & FAST_SUPER) ? rec : rec + ((kind & FAST_KIND) == FAST_NIBBLES ? 256 : 512);
+}
+
+/* 16 unsigned (signed) bytes at p as floats. GCC's __builtin_convertvector from a 16-byte vector
+ * converts lane by lane: a Q4_K product at one row took 1.7x as long with it. */
+static inline f32x16 ubytes16(const uint8_t *p) {
+#if defined(__AVX512F__)
+    return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#else
+    i32x16 v;
+    for (int i = 0; i < 16; i++) v[i] = p[i];
+    return __builtin_convertvector(v, f32x16);
+#endif
+}
+static inline f32x16 sbytes16(const uint8_t *p) {
+#if defined(__AVX512F__)
+    return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#else
+    i32x16 v;
+    for (int i = 0; i < 16; i++) v[i] = (int8_t)p[i];
+    return __builtin_convertvector(v, f32x16);
+#endif
+}
+
+/* A fast record's scales, at `p`, laid out as the flags in `kind` say; `odd`: the record's block is odd
+ * (FAST_SUPER with FAST_MIN reads the X of the pair's other record, `size` bytes away). */
+static inline __attribute__((always_inline)) void fast_scales(const int kind, const uint8_t *p, const int odd,
+                                                              f32x16 *d0, f32x16 *d1, f32x16 *min) {
+    if (kind & FAST_SUPER) {
+        const int64_t size = fast_record_bytes(kind);
+        if (kind & FAST_TWO_D) {
+            const f32x16 d = halves16(p + 32);
+            *d0 = d * sbytes16(p);
+            *d1 = d * sbytes16(p + 16);
+            *min = (f32x16){0};
+        } else {
+            const uint8_t *even = odd ? p - size : p;
+            *d0 = *d1 = halves16(even + 32) * ubytes16(p);
+            *min = halves16(even + size + 32) * ubytes16(p + 16);
+        }
+        return;
+    }
     const int64_t step = (kind & FAST_HALF) ? 32 : 64;
 #define FAST_SCALE(q) ((kind & FAST_HALF) ? halves16(q) : floats16((const float *)(q)))
     *d0 = FAST_SCALE(p);
@@ -128,8 +187,29 @@ static inline i32x16 dot4_signed(i32x16 acc, u8x64 w, int32_t x4) {
 }
 
 #if defined(YMM)
-static inline __attribute__((always_inline)) void fast_scales8(const int kind, const uint8_t *p, const int h, v8 *d0,
-                                                               v8 *d1, v8 *min) {
+static inline v8 ubytes8(const uint8_t *p) {
+    return (v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline v8 sbytes8(const uint8_t *p) {
+    return (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline __attribute__((always_inline)) void fast_scales8(const int kind, const uint8_t *p, const int h,
+                                                               const int odd, v8 *d0, v8 *d1, v8 *min) {
+    if (kind & FAST_SUPER) {  /* as fast_scales, rows 8h .. 8h + 7 */
+        const int64_t size = fast_record_bytes(kind);
+        if (kind & FAST_TWO_D) {
+            const v8 d = halves8(p + 32 + 16 * h);
+            *d0 = d * sbytes8(p + 8 * h);
+            *d1 = d * sbytes8(p + 16 + 8 * h);
+            *min = (v8){0};
+        } else {
+            const uint8_t *even = odd ? p - size : p;
+            *d0 = *d1 = halves8(even + 32 + 16 * h) * ubytes8(p + 8 * h);
+            *min = halves8(even + size + 32 + 16 * h) * ubytes8(p + 16 + 8 * h);
+        }
+        return;
+    }
     const int64_t step = (kind & FAST_HALF) ? 32 : 64;
     p += h * step / 2;
 #define FAST_SCALE8(q) ((kind & FAST_HALF) ? halves8(q) : load8((const float *)(q)))
@@ -143,15 +223,15 @@ static inline __attribute__((always_inline)) void fast_scales8(const int kind, c
 /* dequantize_fast in halves of 8 rows: 8-lane vectors, as AVX2's 16 registers want (the 16-lane
  * form spills there: a 16-row step of the demo model took 92 ms against the exact class's 31) */
 static inline __attribute__((always_inline)) void dequantize_fast8(const int KIND, int c, const uint8_t *rec,
-                                                                   float *out) {
+                                                                   const int odd, float *out) {
     const int nibbles = (KIND & FAST_KIND) == FAST_NIBBLES;
     for (int h = 0; h < 2; h++) {
         v8 d0, d1, min;
-        fast_scales8(KIND, rec + (nibbles ? 256 : 512), h, &d0, &d1, &min);
+        fast_scales8(KIND, fast_scales_at(KIND, rec), h, odd, &d0, &d1, &min);
 #pragma GCC unroll 8
         for (int t = 0; t < (nibbles ? 4 : 8); t++) {
             vi8 v;
-            memcpy(&v, rec + 64 * t + 32 * h, sizeof v);
+            memcpy(&v, fast_ints_at(KIND, rec) + 64 * t + 32 * h, sizeof v);
             for (int i = 0; i < 4; i++) {
                 for (int s = 0; s < (nibbles ? 2 : 1); s++) {
                     const int k = nibbles ? 16 * s + 4 * t + i : 4 * t + i;
@@ -174,17 +254,17 @@ static inline __attribute__((always_inline)) void dequantize_fast8(const int KIN
  * in byte i of every 32-bit lane of vector t (nibbles: terms 4t + i and 16 + 4t + i), so a lane
  * shift gives a term for all 16 rows. */
 static inline __attribute__((always_inline)) void dequantize_fast(const int KIND, int c, const uint8_t *rec,
-                                                                  float *out) {
+                                                                  const int odd, float *out) {
 #if defined(YMM)
-    dequantize_fast8(KIND, c, rec, out);
+    dequantize_fast8(KIND, c, rec, odd, out);
 #else
     const int nibbles = (KIND & FAST_KIND) == FAST_NIBBLES;
     f32x16 d0, d1, min;
-    fast_scales(KIND, rec + (nibbles ? 256 : 512), &d0, &d1, &min);
+    fast_scales(KIND, fast_scales_at(KIND, rec), odd, &d0, &d1, &min);
 #pragma GCC unroll 8
     for (int t = 0; t < (nibbles ? 4 : 8); t++) {
         i32x16 v;
-        memcpy(&v, rec + 64 * t, sizeof v);
+        memcpy(&v, fast_ints_at(KIND, rec) + 64 * t, sizeof v);
         for (int i = 0; i < 4; i++) {
             for (int h = 0; h < (nibbles ? 2 : 1); h++) {
                 const int k = nibbles ? 16 * h + 4 * t + i : 4 * t + i;
@@ -202,22 +282,24 @@ static inline __attribute__((always_inline)) void dequantize_fast(const int KIND
 }
 
 #define FAST_DEQUANTIZE_CASE(K_) \
-    case K_: dequantize_fast(K_, c, rec, out); break
+    case K_: dequantize_fast(K_, c, rec, odd, out); break
 
-void realizar_dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t count, float *out) {
+/* `count` records from block `first` of a panel on (first's parity places a FAST_SUPER pair) */
+void realizar_dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t first, int64_t count, float *out) {
     const int64_t size = realizar_fast_record_bytes(kind);
-    for (int64_t b = 0; b < count; b++, rec += size, out += QK * NR) {
+    for (int64_t b = first; b < first + count; b++, rec += size, out += QK * NR) {
+        const int odd = (int)(b & 1);
         switch (kind) {
             FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_HALF);
             FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN);
-            FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_MIN);
             FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_HALF);
             FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_HALF | FAST_MIN);
-            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_MIN);
-            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_TWO_D);
             FAST_DEQUANTIZE_CASE(FAST_SIGNED_BYTES | FAST_HALF);
             FAST_DEQUANTIZE_CASE(FAST_SIGNED_BYTES);
-            default: dequantize_fast(kind, c, rec, out); break;
+            FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_MIN | FAST_SUPER);
+            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_MIN | FAST_SUPER);
+            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_TWO_D | FAST_SUPER);
+            default: dequantize_fast(kind, c, rec, odd, out); break;
         }
     }
 }
@@ -268,7 +350,7 @@ struct fjob {
 static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int TERMS,
                                                             const struct fjob *j, int64_t m, int64_t p,
                                                             int64_t cols) {
-    const int64_t K = j->K, blocks = K / QK, size = realizar_fast_record_bytes(KIND), pstride = blocks * size;
+    const int64_t K = j->K, blocks = K / QK, size = fast_record_bytes(KIND), pstride = blocks * size;
     f32x16 acc[FAST_ROWS];
     for (int r = 0; r < R; r++) acc[r] = (f32x16){0};
     const uint8_t *base = j->w + p * pstride;
@@ -276,18 +358,19 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
         const uint8_t *rec = base + b * size;
         /* no software prefetch: the hardware streams these records better (about 8 % less time at one row) */
         f32x16 d0, d1, min;
-        fast_scales(KIND, rec + ((KIND & FAST_KIND) == FAST_NIBBLES ? 256 : 512), &d0, &d1, &min);
+        fast_scales(KIND, fast_scales_at(KIND, rec), (int)(b & 1), &d0, &d1, &min);
+        const uint8_t *const q = fast_ints_at(KIND, rec);
         /* the block's weights, unpacked once for all rows: w[t] terms 4t .. 4t + 3, w[4 + t] terms
          * 16 + 4t .. (nibbles: the low and high nibbles of the same bytes) */
         u8x64 w[8];
         for (int t = 0; t < 4; t++) {
             if ((KIND & FAST_KIND) == FAST_NIBBLES) {
-                const u8x64 v = bytes64(rec + 64 * t);
+                const u8x64 v = bytes64(q + 64 * t);
                 w[t] = v & 15;
                 w[4 + t] = v >> 4;
             } else {
-                w[t] = bytes64(rec + 64 * t);
-                w[4 + t] = bytes64(rec + 64 * (4 + t));
+                w[t] = bytes64(q + 64 * t);
+                w[4 + t] = bytes64(q + 64 * (4 + t));
             }
         }
         /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights; the rows'
@@ -365,8 +448,7 @@ static inline __m256i ints32(const uint8_t *p) { return _mm256_loadu_si256((cons
  * x reaches 2 * 128 * 127). The integer sums are exact, so this changes no result. */
 static inline __attribute__((always_inline)) void fast_tile8(const int KIND, const int R, const struct fjob *j,
                                                              int64_t m, int64_t p, int64_t cols) {
-    const int64_t K = j->K, blocks = K / QK, size = realizar_fast_record_bytes(KIND);
-    const int ints = (KIND & FAST_KIND) == FAST_NIBBLES ? 256 : 512;
+    const int64_t K = j->K, blocks = K / QK, size = fast_record_bytes(KIND);
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
     v8 acc[FAST_ROWS * 2];
     for (int i = 0; i < R * 2; i++) acc[i] = (v8){0};
@@ -374,17 +456,18 @@ static inline __attribute__((always_inline)) void fast_tile8(const int KIND, con
     for (int64_t b = 0; b < blocks; b++, rec += size) {
         for (int h = 0; h < 2; h++) {
             v8 d0, d1, min;
-            fast_scales8(KIND, rec + ints, h, &d0, &d1, &min);
+            fast_scales8(KIND, fast_scales_at(KIND, rec), h, (int)(b & 1), &d0, &d1, &min);
+            const uint8_t *const q = fast_ints_at(KIND, rec);
             /* rows 8h .. 8h + 7 of the weights: w[t] terms 4t .. 4t + 3, w[4 + t] terms 16 + 4t .. */
             __m256i w[8], sign[8];
             for (int t = 0; t < 4; t++) {
                 if ((KIND & FAST_KIND) == FAST_NIBBLES) {
-                    const __m256i v = ints32(rec + 64 * t + 32 * h);
+                    const __m256i v = ints32(q + 64 * t + 32 * h);
                     w[t] = _mm256_and_si256(v, low);
                     w[4 + t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                 } else {
-                    w[t] = ints32(rec + 64 * t + 32 * h);
-                    w[4 + t] = ints32(rec + 64 * (4 + t) + 32 * h);
+                    w[t] = ints32(q + 64 * t + 32 * h);
+                    w[4 + t] = ints32(q + 64 * (4 + t) + 32 * h);
                 }
             }
             if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
@@ -444,22 +527,23 @@ static inline __attribute__((always_inline)) void fast_tile8(const int KIND, con
 #endif
 
 /* Each layout of the GGUF types, compiled with its scales' layout known (Q4_0, Q4_1, Q4_K;
- * Q5_0, Q5_1, Q5_K, Q6_K; Q8_0); any other combination of flags takes the generic case. */
+ * Q5_0, Q5_1, Q5_K, Q6_K; Q8_0; the k-quants as realizar packs them, FAST_SUPER); any other combination
+ * of flags takes the generic case. */
 #define FAST_CASE(TILE_, K_, R_) case K_: TILE_(K_, R_); break
 #define FAST_ONE_D_CASES(TILE_, R_)                                                 \
         FAST_CASE(TILE_, FAST_NIBBLES | FAST_HALF, R_);                             \
         FAST_CASE(TILE_, FAST_NIBBLES | FAST_HALF | FAST_MIN, R_);                  \
-        FAST_CASE(TILE_, FAST_NIBBLES | FAST_MIN, R_);                              \
         FAST_CASE(TILE_, FAST_BYTES | FAST_HALF, R_);                               \
         FAST_CASE(TILE_, FAST_BYTES | FAST_HALF | FAST_MIN, R_);                    \
-        FAST_CASE(TILE_, FAST_BYTES | FAST_MIN, R_);                                \
         FAST_CASE(TILE_, FAST_SIGNED_BYTES | FAST_HALF, R_);                        \
-        FAST_CASE(TILE_, FAST_SIGNED_BYTES, R_);
+        FAST_CASE(TILE_, FAST_SIGNED_BYTES, R_);                                    \
+        FAST_CASE(TILE_, FAST_NIBBLES | FAST_MIN | FAST_SUPER, R_);                 \
+        FAST_CASE(TILE_, FAST_BYTES | FAST_MIN | FAST_SUPER, R_);
 
 #define FAST_KINDS(R_)                                                              \
     switch (j->kind) {                                                              \
         FAST_ONE_D_CASES(FAST_TILE, R_)                                             \
-        FAST_CASE(FAST_TILE, FAST_BYTES | FAST_TWO_D, R_);                          \
+        FAST_CASE(FAST_TILE, FAST_BYTES | FAST_TWO_D | FAST_SUPER, R_);             \
         default: FAST_TILE(j->kind, R_); break;                                     \
     }
 

@@ -201,7 +201,7 @@ static void run_unit(const void *arg, int64_t unit) {
             for (int g = 0; g < G; g++) {
                 const uint8_t *rec = j->w + ((p + g) * blocks + b0) * size;
                 if (j->fast)
-                    realizar_dequantize_fast_records(j->fmt, j->c, rec, count, buffer + g * kc * NR);
+                    realizar_dequantize_fast_records(j->fmt, j->c, rec, b0, count, buffer + g * kc * NR);
                 else
                     dequantize_records(j->fmt, rec, count, buffer + g * kc * NR, next * size);
             }
@@ -494,7 +494,7 @@ static void run_row(const void *arg, int64_t i) {
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *rec = j->w + (p * blocks + b) * size;
         if (j->fast)
-            realizar_dequantize_fast_records(j->fmt, j->c, rec, 1, buffer);
+            realizar_dequantize_fast_records(j->fmt, j->c, rec, b, 1, buffer);
         else
             dequantize_records(j->fmt, rec, 1, buffer, 0);
         for (int k = 0; k < QK; k++) j->out[i * j->K + b * QK + k] = buffer[k * NR + r];

@@ -258,6 +258,19 @@ class IntegerWeights:
     bits: int
     offset: int
     group: int
+    factored: FactoredScales | None = None  # the k-quants' scales and mins as the file stores them
+
+
+@dataclass(frozen=True)
+class FactoredScales:
+    """A k-quant's scales as its file stores them: small integers under float16 factors of each 256-term
+    super-block, ``IntegerWeights.scales = d * scales`` and ``IntegerWeights.mins = neg_dmin * mins``,
+    each product exact in float32 (11 bits by at most 8)."""
+
+    scales: torch.Tensor  # [n, k // group]: uint8 (Q4_K, Q5_K: 6 bits) or int8 (Q6_K)
+    mins: torch.Tensor | None  # uint8 [n, k // 32] (Q4_K, Q5_K)
+    d: torch.Tensor  # float16 [n, k // 256]
+    neg_dmin: torch.Tensor | None  # float16 [n, k // 256]: -dmin (negation is exact)
 
 
 def _ints_q4_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -288,6 +301,17 @@ def _ints_q4_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return q.reshape(n, QK_K), dd.view(n, 8), -dm.view(n, 8)
 
 
+def _factored_k4(b: torch.Tensor) -> FactoredScales:
+    """Q4_K's and Q5_K's scales and mins as stored: per super-block d and dmin, then 8 6-bit scales and mins."""
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    return FactoredScales(sc, mn, b[:, 0:2].contiguous().view(torch.float16), -b[:, 2:4].contiguous().view(torch.float16))
+
+
+def _factored_q6_k(b: torch.Tensor) -> FactoredScales:
+    return FactoredScales(b[:, 192:208].contiguous().view(torch.int8), None,
+                          b[:, 208:210].contiguous().view(torch.float16), None)
+
+
 def _ints_q5_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     n = b.shape[0]
     dd, dm = _sub_block_scale_min_k4(b)
@@ -305,6 +329,10 @@ def _ints_q6_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     hi = ((qh.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 0x03).reshape(n, 8, 32)
     return (lo | (hi << 4)).reshape(n, QK_K), dd, None
 
+
+# the k-quants' scales as stored, from (n, type_size) blocks
+FACTORED: dict[QT, Callable[[torch.Tensor], FactoredScales]] = {QT.Q4_K: _factored_k4, QT.Q5_K: _factored_k4,
+                                                               QT.Q6_K: _factored_q6_k}
 
 # type -> (integers and factors of (n, type_size) blocks, bits, offset, terms per scale)
 INTEGER_UNPACKERS: dict[QT, tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
@@ -348,9 +376,15 @@ class QuantizedTensor:
         fn, bits, offset, group = INTEGER_UNPACKERS[self.qtype]
         n, k = self.shape
         block_size, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
-        q, scales, mins = fn(self.raw.contiguous().view(-1, type_size))
+        blocks = self.raw.contiguous().view(-1, type_size)
+        q, scales, mins = fn(blocks)
+        factored = None
+        if self.qtype in FACTORED:
+            f = FACTORED[self.qtype](blocks)
+            factored = FactoredScales(f.scales.reshape(n, -1), None if f.mins is None else f.mins.reshape(n, -1),
+                                      f.d.reshape(n, -1), None if f.neg_dmin is None else f.neg_dmin.reshape(n, -1))
         return IntegerWeights(q.reshape(n, k).contiguous(), scales.reshape(n, -1).contiguous(),
-                              None if mins is None else mins.reshape(n, -1).contiguous(), bits, offset, group)
+                              None if mins is None else mins.reshape(n, -1).contiguous(), bits, offset, group, factored)
 
     @staticmethod
     def cat(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:

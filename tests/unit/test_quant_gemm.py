@@ -263,9 +263,37 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
     return ((256 * a + b) * d).view(x.shape)
 
 
-def fast_packed(weight: quants.QuantizedTensor, wide_bytes: bool = False) -> kernels.FastPacked:
+def fast_packed(weight: quants.QuantizedTensor, wide_bytes: bool = False,
+                factored: bool = True) -> kernels.FastPacked:
+    """The weight's fast records as QuantLinear packs them (a k-quant's scales factored as its file stores
+    them), or with every scale and min multiplied out to float32 (``factored=False``)."""
     ints = weight.integers()
-    return kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset, ints.group, wide_bytes)
+    return kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset, ints.group, wide_bytes,
+                             ints.factored if factored else None)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda q: q.name)
+def test_k_quant_records_keep_the_files_scales_and_give_the_same_floats(cpu_kernels: kernels.CpuKernels,
+                                                                         qtype: QT) -> None:
+    """A k-quant's records hold its small integer scales under the super-block's float16 factors, as the file
+    does, where they held float32 products: the kernel multiplies them out to the same floats, so every
+    product (ragged N, 1 to 70 rows, the ranked head) and row is the float32-scaled records' bit for bit,
+    in 5 bits a weight for Q4_K where it was 6."""
+    for n, k in zip((37, 16, 100), widths(qtype), strict=True):
+        weight = quantized(qtype, n, k, seed=n + k)
+        factored, multiplied = fast_packed(weight), fast_packed(weight, factored=False)
+        assert factored.kind & kernels.FAST_SUPER and not multiplied.kind & kernels.FAST_SUPER
+        assert factored.records.shape[2] == multiplied.records.shape[2] - 64
+        gen = torch.Generator().manual_seed(k)
+        for m in (1, 3, 8, 17, 70):
+            x = torch.randn(m, k, generator=gen)
+            assert torch.equal(cpu_kernels.quant_gemm_fast(x, factored), cpu_kernels.quant_gemm_fast(x, multiplied))
+            assert torch.equal(cpu_kernels.quant_gemm_fast_ranked(x, factored, 2),
+                               cpu_kernels.quant_gemm_fast_ranked(x, multiplied, 2)), (n, k, m)
+        ids = torch.tensor([n - 1, 0, n // 2])
+        assert torch.equal(cpu_kernels.fast_rows(factored, ids), weight.dequantize()[ids])
+    if qtype == QT.Q4_K:
+        assert factored.records.shape[2] * 8 / (16 * 32) == 5
 
 
 def byte_layouts(cpu_kernels: kernels.CpuKernels) -> list[bool]:
