@@ -29,6 +29,7 @@ returns None and the model keeps its pure-torch path, which gives the same resul
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -39,12 +40,17 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: concurrent builders each build (the result is replaced atomically)
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("realizar.kernels")
 
@@ -351,6 +357,28 @@ def _build() -> Path | None:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _held(target.with_suffix(".lock")):
+        if target.exists():  # another process built it while this one waited
+            return target
+        return _compile(compiler, target)
+
+
+@contextlib.contextmanager
+def _held(lock: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``lock`` (created if missing) for the block: processes that start
+    together on a cold cache (a fleet's replicas, a test run's servers) build the kernels once, the others
+    waiting for it, where each had compiled its own copy (about 18 s of CPU each)."""
+    with open(lock, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _compile(compiler: str, target: Path) -> Path | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -349,3 +351,28 @@ def test_the_isa_names_only_what_the_kernels_use(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("REALIZAR_KERNELS_ISA", raising=False)
     monkeypatch.setattr(kernels, "_cpu_signature", lambda: f"x86_64 x86_64 flags : {flags}")
     assert kernels.isa() == named
+
+
+def test_processes_that_start_together_on_a_cold_cache_build_the_kernels_once(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The build holds a file lock: of several builders that find no kernels (a fleet's replicas starting
+    together), one compiles and the others wait and load its file. The compiler is a stand-in here, so that
+    the test takes no compile."""
+    monkeypatch.setenv("REALIZAR_CACHE_DIR", str(tmp_path))
+    compiled: list[Path] = []
+
+    def slow_compile(compiler: str, target: Path) -> Path:
+        time.sleep(0.3)  # long enough for every builder to reach the lock
+        compiled.append(target)
+        target.write_bytes(b"kernels")
+        return target
+
+    monkeypatch.setattr(kernels, "_compile", slow_compile)
+    monkeypatch.setattr(kernels, "_compiler", lambda: "cc")
+    built: list[Path | None] = []
+    builders = [threading.Thread(target=lambda: built.append(kernels._build())) for _ in range(4)]
+    for b in builders:
+        b.start()
+    for b in builders:
+        b.join(30)
+    assert len(compiled) == 1 and built == [compiled[0]] * 4
