@@ -295,8 +295,9 @@ def test_a_replica_killed_under_load_fails_only_its_own_streams(fleet: ServerPro
                       for i in (0, 1)]
             tasks += [asyncio.create_task(_stream(session, fleet.url, f"other-{i}", out, short, "other"))
                       for i in (0, 1)]
-            pid = 0
+            pid, deadline = 0, time.monotonic() + 60
             while not pid:  # the victim's queue as its /metrics shows it (the front's view is a second old)
+                assert time.monotonic() < deadline, "the victim's queued requests never showed in /metrics"
                 await asyncio.sleep(0.25)
                 text = await replica_metrics()
                 if metric(text, "realizar_num_requests_waiting", replica=victim) > 0:
