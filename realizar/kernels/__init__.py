@@ -153,10 +153,6 @@ class FastPacked:
     def nbytes(self) -> int:
         return self.records.numel()
 
-    @property
-    def _int_bytes(self) -> int:
-        return 256 if self.kind & 3 == 0 else 512
-
 
 class FactoredScales(Protocol):
     """A k-quant's scales as stored (``realizar.loading.quants.FactoredScales``): ``scales = d * ints`` and
