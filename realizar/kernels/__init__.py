@@ -172,9 +172,10 @@ class FactoredScales(Protocol):
 
 
 def _factored_areas(f: FactoredScales, n: int, blocks: int, panels: int) -> torch.Tensor:
-    """The FAST_SUPER scale areas ``[panels, blocks, 64]``, which lead their records (quant_fast.c has the layout): two vectors of
-    16 small integers (a scale and a min per block, or the scales of its two halves), then 16 float16
-    factors of the block's super-block (with a min: d in an even block's record, -dmin in an odd one's)."""
+    """The FAST_SUPER scale areas ``[panels, blocks, 64]``, which lead their records (quant_fast.c has the
+    layout): two vectors of 16 small integers (a scale and a min per block, or the scales of its two
+    halves), then 16 float16 factors of the block's super-block (with a min: d in an even block's
+    record, -dmin in an odd one's)."""
     superblock = torch.arange(blocks) // SUPER_BLOCKS
     if f.mins is not None:
         assert f.neg_dmin is not None
@@ -218,11 +219,8 @@ def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, 
     panels, blocks = -(-n // PANEL), k // QUANT_BLOCK
     pad = panels * PANEL - n
     per_block = QUANT_BLOCK // group  # d per record: 1, or 2 for 16-term groups
-    floats = [scales.reshape(n, blocks, per_block)] + ([] if mins is None else [mins.reshape(n, blocks, 1)])
-    f = torch.cat(floats, dim=2)  # [n, blocks, vectors]
     if pad:
         q = torch.cat([q, q.new_zeros(pad, k)])
-        f = torch.cat([f, f.new_zeros(pad, blocks, f.shape[2])])
     # [panels, 16 (row j), blocks, 8 (t), 4 (i)] -> [panels, blocks, t, j, i]: lane j holds terms 4t..4t+3
     u = q.view(panels, PANEL, blocks, 8, 4).permute(0, 2, 3, 1, 4)
     if bits == 4:
@@ -237,6 +235,10 @@ def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, 
         areas = _factored_areas(factored, n, blocks, panels)
         return FastPacked(torch.cat([areas, ints.reshape(panels, blocks, -1)], dim=2).contiguous(),
                           kind | FAST_SUPER, offset, n, k)
+    floats = [scales.reshape(n, blocks, per_block)] + ([] if mins is None else [mins.reshape(n, blocks, 1)])
+    f = torch.cat(floats, dim=2)  # [n, blocks, vectors]
+    if pad:
+        f = torch.cat([f, f.new_zeros(pad, blocks, f.shape[2])])
     stacked = f.view(panels, PANEL, blocks, -1).permute(0, 2, 3, 1).contiguous()  # [panels, blocks, vectors, 16]
     if exact_in_half(stacked):
         stacked, kind = stacked.half(), kind | FAST_HALF

@@ -42,12 +42,17 @@ typedef int8_t i8x64 __attribute__((vector_size(64)));
 static inline u8x64 bytes64(const uint8_t *p) { u8x64 v; memcpy(&v, p, sizeof v); return v; }
 static inline i32x16 ints16(int32_t v) { return (i32x16){0} + v; }
 
+/* Bytes of a record's integers: 4 vectors of nibbles or 8 of bytes */
+static inline __attribute__((always_inline)) int64_t fast_int_bytes(int kind) {
+    return (kind & FAST_KIND) == FAST_NIBBLES ? 256 : 512;
+}
+
 /* Records are padded to whole cache lines: a 64-byte load that straddles two lines made the
  * Q8_0 LM head 2.7x slower with 544-byte records than with 576. */
 static inline __attribute__((always_inline)) int64_t fast_record_bytes(int kind) {
-    if (kind & FAST_SUPER) return ((kind & FAST_KIND) == FAST_NIBBLES ? 256 : 512) + 64;
+    if (kind & FAST_SUPER) return fast_int_bytes(kind) + 64;
     const int64_t vectors = 1 + !!(kind & FAST_TWO_D) + !!(kind & FAST_MIN);
-    const int64_t bytes = ((kind & FAST_KIND) == FAST_NIBBLES ? 256 : 512) + vectors * 16 * ((kind & FAST_HALF) ? 2 : 4);
+    const int64_t bytes = fast_int_bytes(kind) + vectors * 16 * ((kind & FAST_HALF) ? 2 : 4);
     return (bytes + 63) / 64 * 64;
 }
 
@@ -58,7 +63,7 @@ static inline __attribute__((always_inline)) const uint8_t *fast_ints_at(int kin
     return rec + ((kind & FAST_SUPER) ? 64 : 0);
 }
 static inline __attribute__((always_inline)) const uint8_t *fast_scales_at(int kind, const uint8_t *rec) {
-    return (kind & FAST_SUPER) ? rec : rec + ((kind & FAST_KIND) == FAST_NIBBLES ? 256 : 512);
+    return (kind & FAST_SUPER) ? rec : rec + fast_int_bytes(kind);
 }
 
 /* 16 unsigned (signed) bytes at p as floats. GCC's __builtin_convertvector from a 16-byte vector

@@ -272,33 +272,42 @@ class FactoredScales:
     d: torch.Tensor  # float16 [n, k // 256]
     neg_dmin: torch.Tensor | None  # float16 [n, k // 256]: -dmin (negation is exact)
 
+    def float_scales(self) -> torch.Tensor:
+        """``IntegerWeights.scales``: d times each scale, in float32."""
+        return self.d.float() * self.scales.float()
 
-def _ints_q4_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return _nibbles(b[:, 2:18]), _f16(b, 0), None
+    def float_mins(self) -> torch.Tensor | None:
+        return None if self.mins is None or self.neg_dmin is None else self.neg_dmin.float() * self.mins.float()
 
-
-def _ints_q4_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return _nibbles(b[:, 4:20]), _f16(b, 0), _f16(b, 2)
-
-
-def _ints_q5_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return _nibbles(b[:, 6:22]) | (_bits32(b[:, 2:6]) << 4), _f16(b, 0), None
-
-
-def _ints_q5_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return _nibbles(b[:, 8:24]) | (_bits32(b[:, 4:8]) << 4), _f16(b, 0), _f16(b, 2)
+    def rows(self, n: int) -> FactoredScales:
+        """The same, per row of an ``[n, k]`` weight rather than per block."""
+        return FactoredScales(self.scales.reshape(n, -1), None if self.mins is None else self.mins.reshape(n, -1),
+                              self.d.reshape(n, -1), None if self.neg_dmin is None else self.neg_dmin.reshape(n, -1))
 
 
-def _ints_q8_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return b[:, 2:34], _f16(b, 0), None
+# An unpacker's result for (n, type_size) blocks: the integers, their scales and mins in float32, and a k-quant's
+# scales as stored
+Unpacked = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, FactoredScales | None]
 
 
-def _ints_q4_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    n = b.shape[0]
-    dd, dm = _sub_block_scale_min_k4(b)
-    q = (b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F
-    # q * dd - dm == q * dd + (-dm): negation is exact
-    return q.reshape(n, QK_K), dd.view(n, 8), -dm.view(n, 8)
+def _ints_q4_0(b: torch.Tensor) -> Unpacked:
+    return _nibbles(b[:, 2:18]), _f16(b, 0), None, None
+
+
+def _ints_q4_1(b: torch.Tensor) -> Unpacked:
+    return _nibbles(b[:, 4:20]), _f16(b, 0), _f16(b, 2), None
+
+
+def _ints_q5_0(b: torch.Tensor) -> Unpacked:
+    return _nibbles(b[:, 6:22]) | (_bits32(b[:, 2:6]) << 4), _f16(b, 0), None, None
+
+
+def _ints_q5_1(b: torch.Tensor) -> Unpacked:
+    return _nibbles(b[:, 8:24]) | (_bits32(b[:, 4:8]) << 4), _f16(b, 0), _f16(b, 2), None
+
+
+def _ints_q8_0(b: torch.Tensor) -> Unpacked:
+    return b[:, 2:34], _f16(b, 0), None, None
 
 
 def _factored_k4(b: torch.Tensor) -> FactoredScales:
@@ -307,36 +316,36 @@ def _factored_k4(b: torch.Tensor) -> FactoredScales:
     return FactoredScales(sc, mn, b[:, 0:2].contiguous().view(torch.float16), -b[:, 2:4].contiguous().view(torch.float16))
 
 
-def _factored_q6_k(b: torch.Tensor) -> FactoredScales:
-    return FactoredScales(b[:, 192:208].contiguous().view(torch.int8), None,
-                          b[:, 208:210].contiguous().view(torch.float16), None)
-
-
-def _ints_q5_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _ints_q4_k(b: torch.Tensor) -> Unpacked:
     n = b.shape[0]
-    dd, dm = _sub_block_scale_min_k4(b)
+    f = _factored_k4(b)
+    q = (b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F
+    # d * sc and -dmin * m, as the dequantizer's d * sc and dmin * m: products of a float16 by a 6-bit
+    # integer are exact in float32, and q * dd - dm == q * dd + (-dm)
+    return q.reshape(n, QK_K), f.float_scales(), f.float_mins(), f
+
+
+def _ints_q5_k(b: torch.Tensor) -> Unpacked:
+    n = b.shape[0]
+    f = _factored_k4(b)
     ql = ((b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
     qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
     qh = (qh & 1).reshape(n, 8, 32)
-    return (ql | (qh << 4)).reshape(n, QK_K), dd.view(n, 8), -dm.view(n, 8)
+    return (ql | (qh << 4)).reshape(n, QK_K), f.float_scales(), f.float_mins(), f
 
 
-def _ints_q6_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _ints_q6_k(b: torch.Tensor) -> Unpacked:
     n = b.shape[0]
     ql, qh = b[:, 0:128], b[:, 128:192]
-    dd = _f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)  # [n, 16]
+    f = FactoredScales(b[:, 192:208].contiguous().view(torch.int8), None, b[:, 208:210].contiguous().view(torch.float16),
+                       None)
     lo = ((ql.reshape(n, 2, 1, 64) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
     hi = ((qh.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 0x03).reshape(n, 8, 32)
-    return (lo | (hi << 4)).reshape(n, QK_K), dd, None
+    return (lo | (hi << 4)).reshape(n, QK_K), f.float_scales(), None, f
 
-
-# the k-quants' scales as stored, from (n, type_size) blocks
-FACTORED: dict[QT, Callable[[torch.Tensor], FactoredScales]] = {QT.Q4_K: _factored_k4, QT.Q5_K: _factored_k4,
-                                                               QT.Q6_K: _factored_q6_k}
 
 # type -> (integers and factors of (n, type_size) blocks, bits, offset, terms per scale)
-INTEGER_UNPACKERS: dict[QT, tuple[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-                                  int, int, int]] = {
+INTEGER_UNPACKERS: dict[QT, tuple[Callable[[torch.Tensor], Unpacked], int, int, int]] = {
     QT.Q4_0: (_ints_q4_0, 4, 8, 32),
     QT.Q4_1: (_ints_q4_1, 4, 0, 32),
     QT.Q5_0: (_ints_q5_0, 5, 16, 32),
@@ -377,14 +386,10 @@ class QuantizedTensor:
         n, k = self.shape
         block_size, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
         blocks = self.raw.contiguous().view(-1, type_size)
-        q, scales, mins = fn(blocks)
-        factored = None
-        if self.qtype in FACTORED:
-            f = FACTORED[self.qtype](blocks)
-            factored = FactoredScales(f.scales.reshape(n, -1), None if f.mins is None else f.mins.reshape(n, -1),
-                                      f.d.reshape(n, -1), None if f.neg_dmin is None else f.neg_dmin.reshape(n, -1))
+        q, scales, mins, factored = fn(blocks)
         return IntegerWeights(q.reshape(n, k).contiguous(), scales.reshape(n, -1).contiguous(),
-                              None if mins is None else mins.reshape(n, -1).contiguous(), bits, offset, group, factored)
+                              None if mins is None else mins.reshape(n, -1).contiguous(), bits, offset, group,
+                              None if factored is None else factored.rows(n))
 
     @staticmethod
     def cat(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
