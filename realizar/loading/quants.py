@@ -123,11 +123,12 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _sub_block_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sub-block scale and min [n, 8, 1] of Q4_K/Q5_K blocks: super-block d and dmin times
-    the 6-bit sub-block scales and mins."""
+    the 6-bit sub-block scales and mins (the min positive: dmin times the stored min)."""
     n = b.shape[0]
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    return (d * sc.to(torch.float32)).view(n, 8, 1), (dmin * mn.to(torch.float32)).view(n, 8, 1)
+    f = _factored_k4(b)
+    mins = f.float_mins()
+    assert mins is not None
+    return f.float_scales().view(n, 8, 1), (-mins).view(n, 8, 1)  # negation is exact
 
 
 def _dequant_q4_k(b: torch.Tensor) -> torch.Tensor:
@@ -151,9 +152,7 @@ def _dequant_q5_k(b: torch.Tensor) -> torch.Tensor:
 def _dequant_q6_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     ql, qh = b[:, 0:128], b[:, 128:192]
-    scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
-    d = _f16(b, 208)
-    dd = (d * scales).view(n, 16, 1)
+    dd = _factored_q6_k(b).float_scales().view(n, 16, 1)
     lo = ((ql.reshape(n, 2, 1, 64) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
     hi = ((qh.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 0x03).reshape(n, 8, 32)
     q = ((lo | (hi << 4)).to(torch.int16) - 32).reshape(n, 16, 16).to(torch.float32)
@@ -316,6 +315,12 @@ def _factored_k4(b: torch.Tensor) -> FactoredScales:
     return FactoredScales(sc, mn, b[:, 0:2].contiguous().view(torch.float16), -b[:, 2:4].contiguous().view(torch.float16))
 
 
+def _factored_q6_k(b: torch.Tensor) -> FactoredScales:
+    """Q6_K's scales as stored: per super-block d, then 16 signed 8-bit scales."""
+    return FactoredScales(b[:, 192:208].contiguous().view(torch.int8), None,
+                          b[:, 208:210].contiguous().view(torch.float16), None)
+
+
 def _ints_q4_k(b: torch.Tensor) -> Unpacked:
     n = b.shape[0]
     f = _factored_k4(b)
@@ -337,8 +342,7 @@ def _ints_q5_k(b: torch.Tensor) -> Unpacked:
 def _ints_q6_k(b: torch.Tensor) -> Unpacked:
     n = b.shape[0]
     ql, qh = b[:, 0:128], b[:, 128:192]
-    f = FactoredScales(b[:, 192:208].contiguous().view(torch.int8), None, b[:, 208:210].contiguous().view(torch.float16),
-                       None)
+    f = _factored_q6_k(b)
     lo = ((ql.reshape(n, 2, 1, 64) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
     hi = ((qh.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 0x03).reshape(n, 8, 32)
     return (lo | (hi << 4)).reshape(n, QK_K), f.float_scales(), None, f
