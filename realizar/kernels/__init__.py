@@ -139,7 +139,8 @@ FAST_EVERY_ROW = 1 << 30  # quant_fast.c's FAST_MAX_ROWS where every row takes t
 @dataclass(frozen=True)
 class FastPacked:
     """A quantized weight ``[n, k]`` in ``quant_fast.c``'s records for integer dot products (the fast
-    class): ``records [panels, k / 32, bytes]``, ``kind`` (bits 0-1: 0 nibbles, 1 unsigned bytes, 2
+    class): ``records [panels, k / 32, bytes]`` (FAST_SUPER: ``[panels, k / 256, bytes]``, a super-block's
+    8 records in a group), ``kind`` (bits 0-1: 0 nibbles, 1 unsigned bytes, 2
     signed bytes; then the FAST_* flags of the scales' layout) and ``c``, the integer offset taken
     off the stored integers."""
 
@@ -171,27 +172,29 @@ class FactoredScales(Protocol):
     def neg_dmin(self) -> torch.Tensor | None: ...  # float16 [n, k // 256]
 
 
-def _factored_areas(f: FactoredScales, n: int, blocks: int, panels: int) -> torch.Tensor:
-    """The FAST_SUPER scale areas ``[panels, blocks, 64]``, which lead their records (quant_fast.c has the
-    layout): two vectors of 16 small integers (a scale and a min per block, or the scales of its two
-    halves), then 16 float16 factors of the block's super-block (with a min: d in an even block's
-    record, -dmin in an odd one's)."""
-    superblock = torch.arange(blocks) // SUPER_BLOCKS
+def _factored_groups(f: FactoredScales, ints: torch.Tensor, n: int, blocks: int, panels: int) -> torch.Tensor:
+    """FAST_SUPER records ``[panels, blocks / 8, bytes]``: a super-block's 8 records in a group (quant_fast.c
+    has the layout), the super-block's 16 float16 d (and, with a min, 16 -dmin) first, then for each pair
+    of blocks their scales (two vectors of 16 small integers each: a scale and a min, or the scales of
+    the block's two halves), then the two blocks' integers ``ints [panels, blocks, bytes]``."""
+    groups, pairs = blocks // SUPER_BLOCKS, blocks // 2
     if f.mins is not None:
         assert f.neg_dmin is not None
-        first, second = f.scales.view(torch.uint8), f.mins
-        factor = torch.where(torch.arange(blocks) % 2 == 0, f.d[:, superblock], f.neg_dmin[:, superblock])
+        first, second, factors = f.scales.view(torch.uint8), f.mins, [f.d, f.neg_dmin]
     else:
         halves = f.scales.view(torch.uint8).reshape(n, blocks, 2)
-        first, second, factor = halves[:, :, 0], halves[:, :, 1], f.d[:, superblock]
+        first, second, factors = halves[:, :, 0], halves[:, :, 1], [f.d, torch.zeros_like(f.d)]
     pad = panels * PANEL - n
 
-    def lanes(t: torch.Tensor) -> torch.Tensor:  # [n, blocks] -> [panels, blocks, 16 (row j)] bytes
+    def lanes(t: torch.Tensor) -> torch.Tensor:  # [n, count] -> [panels, count, 16 (row j)]
         if pad:
-            t = torch.cat([t, t.new_zeros(pad, blocks)])
-        return t.view(panels, PANEL, blocks).transpose(1, 2).contiguous().view(torch.uint8).reshape(panels, blocks, -1)
+            t = torch.cat([t, t.new_zeros(pad, t.shape[1])])
+        return t.view(panels, PANEL, -1).transpose(1, 2).contiguous()
 
-    return torch.cat([lanes(first), lanes(second), lanes(factor)], dim=2)
+    scales = torch.stack([lanes(first), lanes(second)], dim=2).reshape(panels, pairs, 64)
+    pairs_ = torch.cat([scales, ints.reshape(panels, pairs, -1)], dim=2).reshape(panels, groups, -1)
+    halves16 = torch.stack([lanes(x) for x in factors], dim=2)  # [panels, groups, 2, 16] float16
+    return torch.cat([halves16.view(torch.uint8).reshape(panels, groups, 64), pairs_], dim=2)
 
 
 def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, offset: int,
@@ -205,8 +208,9 @@ def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, 
     an offset of 128: the same integers, without the sign trick signed bytes need.
 
     With ``factored`` (a k-quant's scales as its file stores them), the records keep those small integers
-    and their super-blocks' float16 factors, which the kernel multiplies out to the same float32 scales
-    and mins: a Q4_K record takes 320 bytes rather than 384, Q5_K's and Q6_K's 576 rather than 640."""
+    and their super-blocks' float16 factors (once per group of a super-block's 8 records), which the kernel
+    multiplies out to the same float32 scales and mins: a Q4_K record takes 296 bytes rather than 384,
+    Q5_K's and Q6_K's 552 rather than 640."""
     n, k = q.shape
     if mins is not None and offset != 0:  # the kernel leaves c S out where there is a min
         raise ValueError("a quantized format with a min and an integer offset has no fast layout")
@@ -232,8 +236,7 @@ def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, 
     kind |= (FAST_TWO_D if per_block == 2 else 0) | (0 if mins is None else FAST_MIN)
     if factored is not None:
         assert k % (SUPER_BLOCKS * QUANT_BLOCK) == 0
-        areas = _factored_areas(factored, n, blocks, panels)
-        return FastPacked(torch.cat([areas, ints.reshape(panels, blocks, -1)], dim=2).contiguous(),
+        return FastPacked(_factored_groups(factored, ints.reshape(panels, blocks, -1), n, blocks, panels),
                           kind | FAST_SUPER, offset, n, k)
     floats = [scales.reshape(n, blocks, per_block)] + ([] if mins is None else [mins.reshape(n, blocks, 1)])
     f = torch.cat(floats, dim=2)  # [n, blocks, vectors]

@@ -132,11 +132,11 @@ static inline int fmt_two_d(int f) { return fmt_base(f) == Q6_OFFSET; }  /* a d 
 static inline int64_t int_bytes(int f) { return fmt_bits(f) == 8 ? 512 : 256 + (fmt_bits(f) - 4) * 64; }
 static inline int64_t scale_bytes(int f) { return (f & HALF) ? 2 : 4; }
 
-/* Bytes of one fast record of kind `kind` (quant_fast.c). */
-int64_t realizar_fast_record_bytes(int kind);
-/* `count` records of fast kind `kind` and integer offset c, of blocks first .. first + count - 1 of a
- * panel, into `out`: the floats the exact class gives (quant_fast.c). */
-void realizar_dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t first, int64_t count, float *out);
+/* Bytes of a panel's fast records of kind `kind` over `blocks` blocks of 32 terms (quant_fast.c). */
+int64_t realizar_fast_panel_bytes(int kind, int64_t blocks);
+/* The weights of blocks first .. first + count - 1 of a panel's fast records (kind `kind`, integer
+ * offset c), into `out`: the floats the exact class gives (quant_fast.c). */
+void realizar_dequantize_fast_records(int kind, int c, const uint8_t *panel, int64_t first, int64_t count, float *out);
 /* y = x W^T through a buffer of exactly dequantized weights (quant_gemm.c; `fast`: fast records). */
 int realizar_buffered_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, int fast, int c, float *y,
                            int64_t ldy, int64_t M, int64_t N, int64_t K);

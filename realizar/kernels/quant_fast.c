@@ -13,17 +13,17 @@
  *   or float16 with FAST_HALF (where that is exact),
  *   then zeros to a multiple of 64 bytes;
  *   or, with FAST_SUPER (the k-quants: small integer scales under a float16 factor of their 256-term
- *   super-block, multiplied out here, in float32, exactly as the file's floats), 64 bytes first, then
- *   the integers (so that the odd record's X, which its even partner reads, lies right after the even
- *   record: with it at the record's end, a Q4_K decode step of one sequence took 20 % longer):
- *     FAST_MIN (Q4_K, Q5_K):  [16] u8 scale, [16] u8 min, [16] float16 X, X the super-block's d in a
- *                             record of an even block and -dmin in the odd one after it (a super-block
- *                             is 8 blocks: each pair of records holds both), so d = X_even scale and
- *                             min = X_odd min;
- *     FAST_TWO_D (Q6_K):      [16] s8 scale of terms 0-15, [16] s8 scale of terms 16-31, [16] float16 d
- *                             of the super-block: d0 = d scale_0, d1 = d scale_1.
- *   Q4_K's records are then 320 bytes where float32 scales and mins took 384 (5 bits a weight, not 6),
- *   Q5_K's and Q6_K's 576 where they took 640.
+ *   super-block, multiplied out here, in float32, exactly as the file's floats), the records of a
+ *   super-block's 8 blocks in one group: the super-block's float16 factors of its 16 rows (64 bytes), then
+ *   for each pair of blocks their scales (64 bytes: 32 for each block) and their two blocks' integers:
+ *     FAST_MIN (Q4_K, Q5_K):  factors [16] float16 d, [16] float16 -dmin; per block [16] u8 scale,
+ *                             [16] u8 min: the block's d = d scale and min = -dmin min;
+ *     FAST_TWO_D (Q6_K):      factors [16] float16 d, then 32 bytes of zeros; per block [16] s8 scale of
+ *                             terms 0-15, [16] s8 scale of terms 16-31: d0 = d scale_0, d1 = d scale_1.
+ *   Q4_K's records are then 296 bytes (2,368 a group) where float32 scales and mins took 384 (4.6 bits
+ *   a weight; the file's 4.5), Q5_K's and Q6_K's 552 where they took 640. The bytes lie in the order a
+ *   product reads them, each block's integers on whole cache lines. (With the 8 blocks' scales together
+ *   at the group's start, a product of 8 rows took 40 % longer at 8,192 terms.)
  *
  * with u the stored integers (5/6-bit: unsigned; Q8_0: signed) and the weight
  * (u - c) * d (+ min). Per block, with x_q = 256 a + b, I_h = sum over half h of u * x_q and S_h
@@ -48,22 +48,49 @@ static inline __attribute__((always_inline)) int64_t fast_int_bytes(int kind) {
 }
 
 /* Records are padded to whole cache lines: a 64-byte load that straddles two lines made the
- * Q8_0 LM head 2.7x slower with 544-byte records than with 576. */
+ * Q8_0 LM head 2.7x slower with 544-byte records than with 576. (Not FAST_SUPER: see fast_group_bytes.) */
 static inline __attribute__((always_inline)) int64_t fast_record_bytes(int kind) {
-    if (kind & FAST_SUPER) return fast_int_bytes(kind) + 64;
     const int64_t vectors = 1 + !!(kind & FAST_TWO_D) + !!(kind & FAST_MIN);
     const int64_t bytes = fast_int_bytes(kind) + vectors * 16 * ((kind & FAST_HALF) ? 2 : 4);
     return (bytes + 63) / 64 * 64;
 }
 
-int64_t realizar_fast_record_bytes(int kind) { return fast_record_bytes(kind); }
-
-/* Where a fast record's integers and its scales begin */
-static inline __attribute__((always_inline)) const uint8_t *fast_ints_at(int kind, const uint8_t *rec) {
-    return rec + ((kind & FAST_SUPER) ? 64 : 0);
+/* FAST_SUPER: a group of a super-block's 8 records, the factors first, then each pair of blocks' scales
+ * before their integers */
+enum { FAST_GROUP_BLOCKS = 8, FAST_GROUP_FACTORS = 64, FAST_PAIR_SCALES = 64 };
+static inline __attribute__((always_inline)) int64_t fast_pair_bytes(int kind) {
+    return FAST_PAIR_SCALES + 2 * fast_int_bytes(kind);
 }
-static inline __attribute__((always_inline)) const uint8_t *fast_scales_at(int kind, const uint8_t *rec) {
-    return (kind & FAST_SUPER) ? rec : rec + fast_int_bytes(kind);
+static inline __attribute__((always_inline)) int64_t fast_group_bytes(int kind) {
+    return FAST_GROUP_FACTORS + FAST_GROUP_BLOCKS / 2 * fast_pair_bytes(kind);
+}
+
+/* Bytes of a panel's records (16 rows by K terms, blocks = K / 32; FAST_SUPER: blocks a multiple of 8) */
+static inline __attribute__((always_inline)) int64_t fast_panel_bytes(int kind, int64_t blocks) {
+    return (kind & FAST_SUPER) ? blocks / FAST_GROUP_BLOCKS * fast_group_bytes(kind) : blocks * fast_record_bytes(kind);
+}
+
+int64_t realizar_fast_panel_bytes(int kind, int64_t blocks) { return fast_panel_bytes(kind, blocks); }
+
+/* FAST_SUPER: the pair of records of block b (b >= 0), its scales first */
+static inline __attribute__((always_inline)) const uint8_t *fast_pair_at(int kind, const uint8_t *panel, int64_t b) {
+    const uint64_t u = (uint64_t)b;
+    return panel + u / FAST_GROUP_BLOCKS * fast_group_bytes(kind) + FAST_GROUP_FACTORS
+           + u % FAST_GROUP_BLOCKS / 2 * fast_pair_bytes(kind);
+}
+
+/* Where block b's integers and its scales begin, in a panel's records */
+static inline __attribute__((always_inline)) const uint8_t *fast_ints_at(int kind, const uint8_t *panel, int64_t b) {
+    if (kind & FAST_SUPER) return fast_pair_at(kind, panel, b) + FAST_PAIR_SCALES + (b & 1) * fast_int_bytes(kind);
+    return panel + b * fast_record_bytes(kind);
+}
+static inline __attribute__((always_inline)) const uint8_t *fast_scales_at(int kind, const uint8_t *panel, int64_t b) {
+    if (kind & FAST_SUPER) return fast_pair_at(kind, panel, b) + (b & 1) * 32;
+    return panel + b * fast_record_bytes(kind) + fast_int_bytes(kind);
+}
+/* FAST_SUPER: the float16 factors of block b's super-block, d then (FAST_MIN) -dmin, 16 rows each */
+static inline __attribute__((always_inline)) const uint8_t *fast_factors_at(int kind, const uint8_t *panel, int64_t b) {
+    return panel + (uint64_t)b / FAST_GROUP_BLOCKS * fast_group_bytes(kind);
 }
 
 /* 16 unsigned (signed) bytes at p as floats. GCC's __builtin_convertvector from a 16-byte vector
@@ -87,21 +114,20 @@ static inline f32x16 sbytes16(const uint8_t *p) {
 #endif
 }
 
-/* A fast record's scales, at `p`, laid out as the flags in `kind` say; `odd`: the record's block is odd
- * (FAST_SUPER with FAST_MIN reads the X of the pair's other record, `size` bytes away). */
-static inline __attribute__((always_inline)) void fast_scales(const int kind, const uint8_t *p, const int odd,
+/* Block b's scales in a panel's records, laid out as the flags in `kind` say */
+static inline __attribute__((always_inline)) void fast_scales(const int kind, const uint8_t *panel, const int64_t b,
                                                               f32x16 *d0, f32x16 *d1, f32x16 *min) {
+    const uint8_t *p = fast_scales_at(kind, panel, b);
     if (kind & FAST_SUPER) {
-        const int64_t size = fast_record_bytes(kind);
+        const uint8_t *f = fast_factors_at(kind, panel, b);
         if (kind & FAST_TWO_D) {
-            const f32x16 d = halves16(p + 32);
+            const f32x16 d = halves16(f);
             *d0 = d * sbytes16(p);
             *d1 = d * sbytes16(p + 16);
             *min = (f32x16){0};
         } else {
-            const uint8_t *even = odd ? p - size : p;
-            *d0 = *d1 = halves16(even + 32) * ubytes16(p);
-            *min = halves16(even + size + 32) * ubytes16(p + 16);
+            *d0 = *d1 = halves16(f) * ubytes16(p);
+            *min = halves16(f + 32) * ubytes16(p + 16);
         }
         return;
     }
@@ -199,19 +225,19 @@ static inline v8 sbytes8(const uint8_t *p) {
     return (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-static inline __attribute__((always_inline)) void fast_scales8(const int kind, const uint8_t *p, const int h,
-                                                               const int odd, v8 *d0, v8 *d1, v8 *min) {
+static inline __attribute__((always_inline)) void fast_scales8(const int kind, const uint8_t *panel, const int64_t b,
+                                                               const int h, v8 *d0, v8 *d1, v8 *min) {
+    const uint8_t *p = fast_scales_at(kind, panel, b);
     if (kind & FAST_SUPER) {  /* as fast_scales, rows 8h .. 8h + 7 */
-        const int64_t size = fast_record_bytes(kind);
+        const uint8_t *f = fast_factors_at(kind, panel, b) + 16 * h;
         if (kind & FAST_TWO_D) {
-            const v8 d = halves8(p + 32 + 16 * h);
+            const v8 d = halves8(f);
             *d0 = d * sbytes8(p + 8 * h);
             *d1 = d * sbytes8(p + 16 + 8 * h);
             *min = (v8){0};
         } else {
-            const uint8_t *even = odd ? p - size : p;
-            *d0 = *d1 = halves8(even + 32 + 16 * h) * ubytes8(p + 8 * h);
-            *min = halves8(even + size + 32 + 16 * h) * ubytes8(p + 16 + 8 * h);
+            *d0 = *d1 = halves8(f) * ubytes8(p + 8 * h);
+            *min = halves8(f + 32) * ubytes8(p + 16 + 8 * h);
         }
         return;
     }
@@ -227,16 +253,16 @@ static inline __attribute__((always_inline)) void fast_scales8(const int kind, c
 
 /* dequantize_fast in halves of 8 rows: 8-lane vectors, as AVX2's 16 registers want (the 16-lane
  * form spills there: a 16-row step of the demo model took 92 ms against the exact class's 31) */
-static inline __attribute__((always_inline)) void dequantize_fast8(const int KIND, int c, const uint8_t *rec,
-                                                                   const int odd, float *out) {
+static inline __attribute__((always_inline)) void dequantize_fast8(const int KIND, int c, const uint8_t *panel,
+                                                                   const int64_t b, float *out) {
     const int nibbles = (KIND & FAST_KIND) == FAST_NIBBLES;
     for (int h = 0; h < 2; h++) {
         v8 d0, d1, min;
-        fast_scales8(KIND, fast_scales_at(KIND, rec), h, odd, &d0, &d1, &min);
+        fast_scales8(KIND, panel, b, h, &d0, &d1, &min);
 #pragma GCC unroll 8
         for (int t = 0; t < (nibbles ? 4 : 8); t++) {
             vi8 v;
-            memcpy(&v, fast_ints_at(KIND, rec) + 64 * t + 32 * h, sizeof v);
+            memcpy(&v, fast_ints_at(KIND, panel, b) + 64 * t + 32 * h, sizeof v);
             for (int i = 0; i < 4; i++) {
                 for (int s = 0; s < (nibbles ? 2 : 1); s++) {
                     const int k = nibbles ? 16 * s + 4 * t + i : 4 * t + i;
@@ -254,22 +280,22 @@ static inline __attribute__((always_inline)) void dequantize_fast8(const int KIN
 }
 #endif
 
-/* The 32 x 16 weights of one fast record, k-major (out[k * 16 + j] = W[row j][term k]), as the
+/* The 32 x 16 weights of block b of a panel's fast records, k-major (out[k * 16 + j] = W[row j][term k]), as the
  * exact class dequantizes them: (u - c) * d, rounded, then + min. The integers of term 4t + i sit
  * in byte i of every 32-bit lane of vector t (nibbles: terms 4t + i and 16 + 4t + i), so a lane
  * shift gives a term for all 16 rows. */
-static inline __attribute__((always_inline)) void dequantize_fast(const int KIND, int c, const uint8_t *rec,
-                                                                  const int odd, float *out) {
+static inline __attribute__((always_inline)) void dequantize_fast(const int KIND, int c, const uint8_t *panel,
+                                                                  const int64_t b, float *out) {
 #if defined(YMM)
-    dequantize_fast8(KIND, c, rec, odd, out);
+    dequantize_fast8(KIND, c, panel, b, out);
 #else
     const int nibbles = (KIND & FAST_KIND) == FAST_NIBBLES;
     f32x16 d0, d1, min;
-    fast_scales(KIND, fast_scales_at(KIND, rec), odd, &d0, &d1, &min);
+    fast_scales(KIND, panel, b, &d0, &d1, &min);
 #pragma GCC unroll 8
     for (int t = 0; t < (nibbles ? 4 : 8); t++) {
         i32x16 v;
-        memcpy(&v, fast_ints_at(KIND, rec) + 64 * t, sizeof v);
+        memcpy(&v, fast_ints_at(KIND, panel, b) + 64 * t, sizeof v);
         for (int i = 0; i < 4; i++) {
             for (int h = 0; h < (nibbles ? 2 : 1); h++) {
                 const int k = nibbles ? 16 * h + 4 * t + i : 4 * t + i;
@@ -287,13 +313,11 @@ static inline __attribute__((always_inline)) void dequantize_fast(const int KIND
 }
 
 #define FAST_DEQUANTIZE_CASE(K_) \
-    case K_: dequantize_fast(K_, c, rec, odd, out); break
+    case K_: dequantize_fast(K_, c, panel, b, out); break
 
-/* `count` records from block `first` of a panel on (first's parity places a FAST_SUPER pair) */
-void realizar_dequantize_fast_records(int kind, int c, const uint8_t *rec, int64_t first, int64_t count, float *out) {
-    const int64_t size = realizar_fast_record_bytes(kind);
-    for (int64_t b = first; b < first + count; b++, rec += size, out += QK * NR) {
-        const int odd = (int)(b & 1);
+/* The weights of `count` blocks of a panel's fast records, from block `first` on */
+void realizar_dequantize_fast_records(int kind, int c, const uint8_t *panel, int64_t first, int64_t count, float *out) {
+    for (int64_t b = first; b < first + count; b++, out += QK * NR) {
         switch (kind) {
             FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_HALF);
             FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN);
@@ -304,7 +328,7 @@ void realizar_dequantize_fast_records(int kind, int c, const uint8_t *rec, int64
             FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_MIN | FAST_SUPER);
             FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_MIN | FAST_SUPER);
             FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_TWO_D | FAST_SUPER);
-            default: dequantize_fast(kind, c, rec, odd, out); break;
+            default: dequantize_fast(kind, c, panel, b, out); break;
         }
     }
 }
@@ -355,16 +379,15 @@ struct fjob {
 static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int TERMS,
                                                             const struct fjob *j, int64_t m, int64_t p,
                                                             int64_t cols) {
-    const int64_t K = j->K, blocks = K / QK, size = fast_record_bytes(KIND), pstride = blocks * size;
+    const int64_t K = j->K, blocks = K / QK;
     f32x16 acc[FAST_ROWS];
     for (int r = 0; r < R; r++) acc[r] = (f32x16){0};
-    const uint8_t *base = j->w + p * pstride;
+    const uint8_t *const base = j->w + p * fast_panel_bytes(KIND, blocks);
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *rec = base + b * size;
         /* no software prefetch: the hardware streams these records better (about 8 % less time at one row) */
         f32x16 d0, d1, min;
-        fast_scales(KIND, fast_scales_at(KIND, rec), (int)(b & 1), &d0, &d1, &min);
-        const uint8_t *const q = fast_ints_at(KIND, rec);
+        fast_scales(KIND, base, b, &d0, &d1, &min);
+        const uint8_t *const q = fast_ints_at(KIND, base, b);
         /* the block's weights, unpacked once for all rows: w[t] terms 4t .. 4t + 3, w[4 + t] terms
          * 16 + 4t .. (nibbles: the low and high nibbles of the same bytes) */
         u8x64 w[8];
@@ -453,16 +476,16 @@ static inline __m256i ints32(const uint8_t *p) { return _mm256_loadu_si256((cons
  * x reaches 2 * 128 * 127). The integer sums are exact, so this changes no result. */
 static inline __attribute__((always_inline)) void fast_tile8(const int KIND, const int R, const struct fjob *j,
                                                              int64_t m, int64_t p, int64_t cols) {
-    const int64_t K = j->K, blocks = K / QK, size = fast_record_bytes(KIND);
+    const int64_t K = j->K, blocks = K / QK;
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
     v8 acc[FAST_ROWS * 2];
     for (int i = 0; i < R * 2; i++) acc[i] = (v8){0};
-    const uint8_t *rec = j->w + p * blocks * size;
-    for (int64_t b = 0; b < blocks; b++, rec += size) {
+    const uint8_t *const base = j->w + p * fast_panel_bytes(KIND, blocks);
+    for (int64_t b = 0; b < blocks; b++) {
         for (int h = 0; h < 2; h++) {
             v8 d0, d1, min;
-            fast_scales8(KIND, fast_scales_at(KIND, rec), h, (int)(b & 1), &d0, &d1, &min);
-            const uint8_t *const q = fast_ints_at(KIND, rec);
+            fast_scales8(KIND, base, b, h, &d0, &d1, &min);
+            const uint8_t *const q = fast_ints_at(KIND, base, b);
             /* rows 8h .. 8h + 7 of the weights: w[t] terms 4t .. 4t + 3, w[4 + t] terms 16 + 4t .. */
             __m256i w[8], sign[8];
             for (int t = 0; t < 4; t++) {

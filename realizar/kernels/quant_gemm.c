@@ -184,7 +184,8 @@ static void run_unit(const void *arg, int64_t unit) {
     const int64_t chunks = (panels + j->chunk - 1) / j->chunk;
     const int64_t m0 = unit / chunks * MC, p0 = unit % chunks * j->chunk;
     const int64_t m1 = j->M - m0 < MC ? j->M : m0 + MC, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
-    const int64_t size = j->fast ? realizar_fast_record_bytes(j->fmt) : realizar_quant_record_bytes(j->fmt);
+    const int64_t size = realizar_quant_record_bytes(j->fmt);
+    const int64_t pbytes = j->fast ? realizar_fast_panel_bytes(j->fmt, blocks) : blocks * size;
     float *buffer = scratch(j->group * j->pass * QK * NR);
     if (!buffer) {
         j->failed = 1;
@@ -199,11 +200,11 @@ static void run_unit(const void *arg, int64_t unit) {
             const int64_t count = blocks - b0 < j->pass ? blocks - b0 : j->pass, kc = count * QK;
             const int64_t next = blocks - b0 - count < j->pass ? blocks - b0 - count : j->pass;
             for (int g = 0; g < G; g++) {
-                const uint8_t *rec = j->w + ((p + g) * blocks + b0) * size;
+                const uint8_t *panel = j->w + (p + g) * pbytes;
                 if (j->fast)
-                    realizar_dequantize_fast_records(j->fmt, j->c, rec, b0, count, buffer + g * kc * NR);
+                    realizar_dequantize_fast_records(j->fmt, j->c, panel, b0, count, buffer + g * kc * NR);
                 else
-                    dequantize_records(j->fmt, rec, count, buffer + g * kc * NR, next * size);
+                    dequantize_records(j->fmt, panel + b0 * size, count, buffer + g * kc * NR, next * size);
             }
             realizar_gemm_panels(j->a + m0 * K, m1 - m0, K, b0 * QK, kc, buffer, kc * NR, G, cols,
                                  j->y + m0 * j->ldy + p * NR, j->ldy, b0 > 0);
@@ -489,14 +490,14 @@ static void run_row(const void *arg, int64_t i) {
         return;
     }
     const int64_t blocks = j->K / QK;
-    const int64_t size = j->fast ? realizar_fast_record_bytes(j->fmt) : realizar_quant_record_bytes(j->fmt);
+    const int64_t size = realizar_quant_record_bytes(j->fmt);
     const int64_t p = j->ids[i] / NR, r = j->ids[i] % NR;
+    const uint8_t *panel = j->w + p * (j->fast ? realizar_fast_panel_bytes(j->fmt, blocks) : blocks * size);
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *rec = j->w + (p * blocks + b) * size;
         if (j->fast)
-            realizar_dequantize_fast_records(j->fmt, j->c, rec, b, 1, buffer);
+            realizar_dequantize_fast_records(j->fmt, j->c, panel, b, 1, buffer);
         else
-            dequantize_records(j->fmt, rec, 1, buffer, 0);
+            dequantize_records(j->fmt, panel + b * size, 1, buffer, 0);
         for (int k = 0; k < QK; k++) j->out[i * j->K + b * QK + k] = buffer[k * NR + r];
     }
 }

@@ -277,13 +277,14 @@ def test_k_quant_records_keep_the_files_scales_and_give_the_same_floats(cpu_kern
                                                                          qtype: QT) -> None:
     """A k-quant's records hold its small integer scales under the super-block's float16 factors, as the file
     does, where they held float32 products: the kernel multiplies them out to the same floats, so every
-    product (ragged N, 1 to 70 rows, the ranked head) and row is the float32-scaled records' bit for bit,
-    in 5 bits a weight for Q4_K where it was 6."""
+    product (ragged N, 1 to 70 rows, the ranked head) and row is the float32-scaled records' bit for bit.
+    The factors come once for a super-block's 8 records: 4.625 bits a weight for Q4_K where it was 6."""
     for n, k in zip((37, 16, 100), widths(qtype), strict=True):
         weight = quantized(qtype, n, k, seed=n + k)
         factored, multiplied = fast_packed(weight), fast_packed(weight, factored=False)
         assert factored.kind & kernels.FAST_SUPER and not multiplied.kind & kernels.FAST_SUPER
-        assert factored.records.shape[2] == multiplied.records.shape[2] - 64
+        assert factored.records.shape[1] * 8 == multiplied.records.shape[1]
+        assert factored.records.shape[2] == 8 * multiplied.records.shape[2] - 8 * 64 - 192
         gen = torch.Generator().manual_seed(k)
         for m in (1, 3, 8, 17, 70):
             x = torch.randn(m, k, generator=gen)
@@ -293,7 +294,7 @@ def test_k_quant_records_keep_the_files_scales_and_give_the_same_floats(cpu_kern
         ids = torch.tensor([n - 1, 0, n // 2])
         assert torch.equal(cpu_kernels.fast_rows(factored, ids), weight.dequantize()[ids])
     if qtype == QT.Q4_K:
-        assert factored.records.shape[2] * 8 / (16 * 32) == 5
+        assert factored.records.shape[2] * 8 / (8 * 16 * 32) == 4.625
 
 
 def byte_layouts(cpu_kernels: kernels.CpuKernels) -> list[bool]:
