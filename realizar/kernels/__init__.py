@@ -141,7 +141,7 @@ class FastPacked:
     """A quantized weight ``[n, k]`` in ``quant_fast.c``'s records for integer dot products (the fast
     class): ``records [panels, k / 32, bytes]`` (FAST_SUPER: ``[panels, k / 256, bytes]``, a super-block's
     8 records in a group), ``kind`` (bits 0-1: 0 nibbles, 1 unsigned bytes, 2
-    signed bytes; then the FAST_* flags of the scales' layout) and ``c``, the integer offset taken
+    signed bytes, 3 6-bit integers; then the FAST_* flags of the scales' layout) and ``c``, the integer offset taken
     off the stored integers."""
 
     records: torch.Tensor
@@ -210,7 +210,7 @@ def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, 
     With ``factored`` (a k-quant's scales as its file stores them), the records keep those small integers
     and their super-blocks' float16 factors (once per group of a super-block's 8 records), which the kernel
     multiplies out to the same float32 scales and mins: a Q4_K record takes 296 bytes rather than 384,
-    Q5_K's and Q6_K's 552 rather than 640."""
+    Q5_K's 552 rather than 640 and Q6_K's, in 6 bits, 424."""
     n, k = q.shape
     if mins is not None and offset != 0:  # the kernel leaves c S out where there is a min
         raise ValueError("a quantized format with a min and an integer offset has no fast layout")
@@ -230,6 +230,12 @@ def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, 
     if bits == 4:
         ints = u[:, :, :4] | (u[:, :, 4:] << 4)
         kind = 0
+    elif bits == 6:  # the low nibbles as 4-bit integers are, then the top 2 bits of 4 vectors in each of 2 more
+        low, top = u & 15, u >> 4
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1, 1)
+        tops = [(top[:, :, 4 * v:4 * v + 4] << shifts).sum(dim=2, keepdim=True, dtype=torch.uint8) for v in (0, 1)]
+        ints = torch.cat([low[:, :, :4] | (low[:, :, 4:] << 4), *tops], dim=2)
+        kind = 3
     else:
         ints = u
         kind = 2 if bits == 8 and not unsigned_bytes else 1

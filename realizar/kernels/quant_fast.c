@@ -8,6 +8,9 @@
  *
  *   nibbles (4 bits)   4 vectors; vector t, byte 4j + i = u[j][4t + i] | u[j][16 + 4t + i] << 4
  *   bytes (5-8 bits)   8 vectors; vector t, byte 4j + i = u[j][4t + i]
+ *   sixes (6 bits)     the bytes' 8 vectors in 6: 4 of their low nibbles as `nibbles` lays out 4 bits,
+ *                      then 2 of their top 2 bits: byte 4j + i of vector 4 + v holds bits 4-5 of
+ *                      byte 4j + i of bytes vector 4v + s in its bits 2s, 2s + 1 (s < 4)
  *   then [16] d (of terms 0-15 with FAST_TWO_D), [16] d of terms 16-31 (FAST_TWO_D only),
  *   [16] min (FAST_MIN only: the formats with a min have no integer offset, c = 0), as float32,
  *   or float16 with FAST_HALF (where that is exact),
@@ -21,9 +24,10 @@
  *     FAST_TWO_D (Q6_K):      factors [16] float16 d, then 32 bytes of zeros; per block [16] s8 scale of
  *                             terms 0-15, [16] s8 scale of terms 16-31: d0 = d scale_0, d1 = d scale_1.
  *   Q4_K's records are then 296 bytes (2,368 a group) where float32 scales and mins took 384 (4.6 bits
- *   a weight; the file's 4.5), Q5_K's and Q6_K's 552 where they took 640. The bytes lie in the order a
- *   product reads them, each block's integers on whole cache lines. (With the 8 blocks' scales together
- *   at the group's start, a product of 8 rows took 40 % longer at 8,192 terms.)
+ *   a weight; the file's 4.5), Q5_K's 552 and Q6_K's (as sixes) 424 where they took 640 (Q6_K: 6.6 bits
+ *   a weight; the file's 6.56). The bytes lie in the order a product reads them, each block's integers on
+ *   whole cache lines. (With the 8 blocks' scales together at the group's start, a product of 8 rows took
+ *   40 % longer at 8,192 terms.)
  *
  * with u the stored integers (5/6-bit: unsigned; Q8_0: signed) and the weight
  * (u - c) * d (+ min). Per block, with x_q = 256 a + b, I_h = sum over half h of u * x_q and S_h
@@ -33,7 +37,7 @@
  */
 #include "quant_blocks.h"
 
-enum { FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_KIND = 3,  /* the integers' kind */
+enum { FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_SIXES, FAST_KIND = 3,  /* the integers' kind */
        FAST_HALF = 8, FAST_TWO_D = 16, FAST_MIN = 32, FAST_SUPER = 64 };  /* flags of the scales */
 
 typedef uint8_t u8x64 __attribute__((vector_size(64)));
@@ -41,10 +45,42 @@ typedef int8_t i8x64 __attribute__((vector_size(64)));
 
 static inline u8x64 bytes64(const uint8_t *p) { u8x64 v; memcpy(&v, p, sizeof v); return v; }
 static inline i32x16 ints16(int32_t v) { return (i32x16){0} + v; }
+typedef uint16_t u16x32 __attribute__((vector_size(64)));
 
-/* Bytes of a record's integers: 4 vectors of nibbles or 8 of bytes */
+/* Bits 4-5 of each byte of a 6-bit integers' vector: bits 2s, 2s + 1 of each byte of `top` (word shifts:
+ * the mask drops what crosses a byte) */
+static inline __attribute__((always_inline)) u8x64 top_bits(u8x64 top, int s) {
+    const u16x32 t = (u16x32)top;
+    return (u8x64)(s < 2 ? t << (4 - 2 * s) : s == 2 ? t : t >> 2) & 0x30;
+}
+
+/* Vector t of a 6-bit record's integers as bytes */
+static inline __attribute__((always_inline)) u8x64 sixes_vector(const uint8_t *q, int t) {
+    const u8x64 v = bytes64(q + 64 * (t & 3));
+    return ((t < 4 ? v : v >> 4) & 15) | top_bits(bytes64(q + 256 + 64 * (t >> 2)), t & 3);
+}
+
+/* The 8 vectors of a record's integers as bytes (nibbles: the low and high nibbles of 4 vectors; signed
+ * bytes keep their sign) */
+static inline __attribute__((always_inline)) void fast_weights(const int KIND, const uint8_t *q, u8x64 w[8]) {
+    for (int t = 0; t < 4; t++) {
+        if ((KIND & FAST_KIND) == FAST_NIBBLES) {
+            const u8x64 v = bytes64(q + 64 * t);
+            w[t] = v & 15;
+            w[4 + t] = v >> 4;
+        } else if ((KIND & FAST_KIND) == FAST_SIXES) {
+            w[t] = sixes_vector(q, t);
+            w[4 + t] = sixes_vector(q, 4 + t);
+        } else {
+            w[t] = bytes64(q + 64 * t);
+            w[4 + t] = bytes64(q + 64 * (4 + t));
+        }
+    }
+}
+
+/* Bytes of a record's integers: 4 vectors of nibbles, 6 of 6-bit integers or 8 of bytes */
 static inline __attribute__((always_inline)) int64_t fast_int_bytes(int kind) {
-    return (kind & FAST_KIND) == FAST_NIBBLES ? 256 : 512;
+    return (kind & FAST_KIND) == FAST_NIBBLES ? 256 : (kind & FAST_KIND) == FAST_SIXES ? 384 : 512;
 }
 
 /* Records are padded to whole cache lines: a 64-byte load that straddles two lines made the
@@ -262,7 +298,12 @@ static inline __attribute__((always_inline)) void dequantize_fast8(const int KIN
 #pragma GCC unroll 8
         for (int t = 0; t < (nibbles ? 4 : 8); t++) {
             vi8 v;
-            memcpy(&v, fast_ints_at(KIND, panel, b) + 64 * t + 32 * h, sizeof v);
+            if ((KIND & FAST_KIND) == FAST_SIXES) {
+                const u8x64 bytes = sixes_vector(fast_ints_at(KIND, panel, b), t);
+                memcpy(&v, (const uint8_t *)&bytes + 32 * h, sizeof v);
+            } else {
+                memcpy(&v, fast_ints_at(KIND, panel, b) + 64 * t + 32 * h, sizeof v);
+            }
             for (int i = 0; i < 4; i++) {
                 for (int s = 0; s < (nibbles ? 2 : 1); s++) {
                     const int k = nibbles ? 16 * s + 4 * t + i : 4 * t + i;
@@ -295,7 +336,10 @@ static inline __attribute__((always_inline)) void dequantize_fast(const int KIND
 #pragma GCC unroll 8
     for (int t = 0; t < (nibbles ? 4 : 8); t++) {
         i32x16 v;
-        memcpy(&v, fast_ints_at(KIND, panel, b) + 64 * t, sizeof v);
+        if ((KIND & FAST_KIND) == FAST_SIXES)
+            v = (i32x16)sixes_vector(fast_ints_at(KIND, panel, b), t);
+        else
+            memcpy(&v, fast_ints_at(KIND, panel, b) + 64 * t, sizeof v);
         for (int i = 0; i < 4; i++) {
             for (int h = 0; h < (nibbles ? 2 : 1); h++) {
                 const int k = nibbles ? 16 * h + 4 * t + i : 4 * t + i;
@@ -328,6 +372,7 @@ void realizar_dequantize_fast_records(int kind, int c, const uint8_t *panel, int
             FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_MIN | FAST_SUPER);
             FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_MIN | FAST_SUPER);
             FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_TWO_D | FAST_SUPER);
+            FAST_DEQUANTIZE_CASE(FAST_SIXES | FAST_TWO_D | FAST_SUPER);
             default: dequantize_fast(kind, c, panel, b, out); break;
         }
     }
@@ -360,6 +405,11 @@ struct fjob {
  * rows of the demo model's gate_up: 4-row tiles with two sums per row took 8 % longer); the kinds with a
  * d for each 16 terms keep two sums per term and row, and AVX2 has 16 registers, so 4 rows there. */
 #define FAST_ROWS 8
+/* How far ahead a one-row product of 6-bit records asks for them: unpacking them, it keeps fewer
+ * reads in flight than the hardware's prefetcher needs (the 1B model's one-sequence step, median of 8:
+ * 24.96 ms without, 23.15-23.91 with 512 bytes, 25.07-25.55 for the same records in 8-bit bytes).
+ * The other kinds stream best without (a Q4_K step took 1.5 ms longer with it). */
+#define SIXES_PREFETCH 512
 #define FAST_NARROW_ROWS 4  /* the switch in run_fast_unit takes 1 .. 4 */
 /* One panel (16 outputs) per tile: one stream of records, which the hardware prefetches best. Two panels at a
  * time (two streams 5.8 KB apart) read 30 layers' Q4_1 gate_up records at one row from memory at
@@ -384,23 +434,17 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
     for (int r = 0; r < R; r++) acc[r] = (f32x16){0};
     const uint8_t *const base = j->w + p * fast_panel_bytes(KIND, blocks);
     for (int64_t b = 0; b < blocks; b++) {
-        /* no software prefetch: the hardware streams these records better (about 8 % less time at one row) */
+        /* no software prefetch but for 6-bit integers (SIXES_PREFETCH): the hardware streams these records
+         * better (about 8 % less time at one row) */
         f32x16 d0, d1, min;
         fast_scales(KIND, base, b, &d0, &d1, &min);
         const uint8_t *const q = fast_ints_at(KIND, base, b);
+        if (R == 1 && (KIND & FAST_KIND) == FAST_SIXES)
+            for (int l = 0; l < fast_int_bytes(KIND) / 64 + 1; l++) __builtin_prefetch(q + SIXES_PREFETCH + 64 * l);
         /* the block's weights, unpacked once for all rows: w[t] terms 4t .. 4t + 3, w[4 + t] terms
          * 16 + 4t .. (nibbles: the low and high nibbles of the same bytes) */
         u8x64 w[8];
-        for (int t = 0; t < 4; t++) {
-            if ((KIND & FAST_KIND) == FAST_NIBBLES) {
-                const u8x64 v = bytes64(q + 64 * t);
-                w[t] = v & 15;
-                w[4 + t] = v >> 4;
-            } else {
-                w[t] = bytes64(q + 64 * t);
-                w[4 + t] = bytes64(q + 64 * (4 + t));
-            }
-        }
+        fast_weights(KIND, q, w);
         /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights; the rows'
          * sums interleaved, so that R independent chains of dot products keep the unit busy (one
          * row's chain alone waits on the dot product's latency) */
@@ -468,6 +512,11 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
 #if defined(YMM)
 /* fast_scales for rows 8h .. 8h + 7 */
 static inline __m256i ints32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+/* top_bits for 32 bytes */
+static inline __attribute__((always_inline)) __m256i top_bits8(__m256i top, int s) {
+    const __m256i shifted = s < 2 ? _mm256_slli_epi16(top, 4 - 2 * s) : s == 2 ? top : _mm256_srli_epi16(top, 2);
+    return _mm256_and_si256(shifted, _mm256_set1_epi8(0x30));
+}
 
 /* fast_tile in halves of 8 lanes: the integer dot products with
  * maddubs (u8 x s8 pairs to int16) and madd (int16 pairs to int32). The int16 sums of several
@@ -489,7 +538,12 @@ static inline __attribute__((always_inline)) void fast_tile8(const int KIND, con
             /* rows 8h .. 8h + 7 of the weights: w[t] terms 4t .. 4t + 3, w[4 + t] terms 16 + 4t .. */
             __m256i w[8], sign[8];
             for (int t = 0; t < 4; t++) {
-                if ((KIND & FAST_KIND) == FAST_NIBBLES) {
+                if ((KIND & FAST_KIND) == FAST_SIXES) {
+                    const __m256i v = ints32(q + 64 * t + 32 * h);
+                    w[t] = _mm256_or_si256(_mm256_and_si256(v, low), top_bits8(ints32(q + 256 + 32 * h), t));
+                    w[4 + t] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                                               top_bits8(ints32(q + 320 + 32 * h), t));
+                } else if ((KIND & FAST_KIND) == FAST_NIBBLES) {
                     const __m256i v = ints32(q + 64 * t + 32 * h);
                     w[t] = _mm256_and_si256(v, low);
                     w[4 + t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
@@ -522,7 +576,7 @@ static inline __attribute__((always_inline)) void fast_tile8(const int KIND, con
                         const __m256i all = _mm256_add_epi16(_mm256_add_epi16(part[0], part[1]),
                                                              _mm256_add_epi16(part[2], part[3]));
                         sums[s] = _mm256_madd_epi16(all, ones);
-                    } else if ((KIND & FAST_KIND) == FAST_BYTES) {
+                    } else if ((KIND & FAST_KIND) == FAST_BYTES || (KIND & FAST_KIND) == FAST_SIXES) {
                         sums[s] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(part[0], part[1]), ones),
                                                    _mm256_madd_epi16(_mm256_add_epi16(part[2], part[3]), ones));
                     } else {
@@ -572,6 +626,7 @@ static inline __attribute__((always_inline)) void fast_tile8(const int KIND, con
     switch (j->kind) {                                                              \
         FAST_ONE_D_CASES(FAST_TILE, R_)                                             \
         FAST_CASE(FAST_TILE, FAST_BYTES | FAST_TWO_D | FAST_SUPER, R_);             \
+        FAST_CASE(FAST_TILE, FAST_SIXES | FAST_TWO_D | FAST_SUPER, R_);             \
         default: FAST_TILE(j->kind, R_); break;                                     \
     }
 

@@ -278,7 +278,8 @@ def test_k_quant_records_keep_the_files_scales_and_give_the_same_floats(cpu_kern
     """A k-quant's records hold its small integer scales under the super-block's float16 factors, as the file
     does, where they held float32 products: the kernel multiplies them out to the same floats, so every
     product (ragged N, 1 to 70 rows, the ranked head) and row is the float32-scaled records' bit for bit.
-    The factors come once for a super-block's 8 records: 4.625 bits a weight for Q4_K where it was 6."""
+    The factors come once for a super-block's 8 records, and Q6_K's integers take 6 bits: 4.625 bits a weight
+    for Q4_K where it was 6, 6.625 for Q6_K where it was 10."""
     for n, k in zip((37, 16, 100), widths(qtype), strict=True):
         weight = quantized(qtype, n, k, seed=n + k)
         factored, multiplied = fast_packed(weight), fast_packed(weight, factored=False)
@@ -293,8 +294,8 @@ def test_k_quant_records_keep_the_files_scales_and_give_the_same_floats(cpu_kern
                                cpu_kernels.quant_gemm_fast_ranked(x, multiplied, 2)), (n, k, m)
         ids = torch.tensor([n - 1, 0, n // 2])
         assert torch.equal(cpu_kernels.fast_rows(factored, ids), weight.dequantize()[ids])
-    if qtype == QT.Q4_K:
-        assert factored.records.shape[2] * 8 / (8 * 16 * 32) == 4.625
+    bits = factored.records.shape[2] * 8 / (8 * 16 * 32)  # a weight: the file's 4.5, 5.5 and 6.5625
+    assert bits == {QT.Q4_K: 4.625, QT.Q5_K: 8.625, QT.Q6_K: 6.625}[qtype]
 
 
 def byte_layouts(cpu_kernels: kernels.CpuKernels) -> list[bool]:
