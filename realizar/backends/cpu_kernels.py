@@ -94,8 +94,8 @@ class QuantLinear:
         for run in runs:
             ints = QuantizedTensor.cat(run).integers() if len(run) > 1 else run[0].integers()
             if fast:
-                self.parts.append(kernels.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset,
-                                                    ints.group, compiled.wide_bytes, ints.factored))
+                self.parts.append(compiled.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset,
+                                                     ints.group, ints.factored))
                 continue
             # float16 scales where that is exact: fewer bytes to read, the same floats
             fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group,

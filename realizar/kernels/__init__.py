@@ -131,6 +131,7 @@ class QuantPacked:
         return self.records.numel()
 
 
+FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_SIXES = 0, 1, 2, 3  # quant_fast.c's kinds of a fast record's integers
 FAST_HALF, FAST_TWO_D, FAST_MIN, FAST_SUPER = 8, 16, 32, 64  # quant_fast.c's flags of a fast record's scales
 SUPER_BLOCKS = 8  # blocks of 32 terms in a k-quant's super-block
 FAST_EVERY_ROW = 1 << 30  # quant_fast.c's FAST_MAX_ROWS where every row takes the integer products (VNNI)
@@ -139,10 +140,9 @@ FAST_EVERY_ROW = 1 << 30  # quant_fast.c's FAST_MAX_ROWS where every row takes t
 @dataclass(frozen=True)
 class FastPacked:
     """A quantized weight ``[n, k]`` in ``quant_fast.c``'s records for integer dot products (the fast
-    class): ``records [panels, k / 32, bytes]`` (FAST_SUPER: ``[panels, k / 256, bytes]``, a super-block's
-    8 records in a group), ``kind`` (bits 0-1: 0 nibbles, 1 unsigned bytes, 2
-    signed bytes, 3 6-bit integers; then the FAST_* flags of the scales' layout) and ``c``, the integer offset taken
-    off the stored integers."""
+    class): ``records [panels, bytes]`` (each panel's records in a row), ``kind`` (bits 0-1: FAST_NIBBLES,
+    FAST_BYTES (unsigned), FAST_SIGNED_BYTES or FAST_SIXES; then the FAST_* flags of the scales' layout)
+    and ``c``, the integer offset taken off the stored integers."""
 
     records: torch.Tensor
     kind: int
@@ -170,92 +170,6 @@ class FactoredScales(Protocol):
 
     @property
     def neg_dmin(self) -> torch.Tensor | None: ...  # float16 [n, k // 256]
-
-
-def _factored_groups(f: FactoredScales, ints: torch.Tensor, n: int, blocks: int, panels: int) -> torch.Tensor:
-    """FAST_SUPER records ``[panels, blocks / 8, bytes]``: a super-block's 8 records in a group (quant_fast.c
-    has the layout), the super-block's 16 float16 d (and, with a min, 16 -dmin) first, then for each pair
-    of blocks their scales (two vectors of 16 small integers each: a scale and a min, or the scales of
-    the block's two halves), then the two blocks' integers ``ints [panels, blocks, bytes]``."""
-    groups, pairs = blocks // SUPER_BLOCKS, blocks // 2
-    if f.mins is not None:
-        assert f.neg_dmin is not None
-        first, second, factors = f.scales.view(torch.uint8), f.mins, [f.d, f.neg_dmin]
-    else:
-        halves = f.scales.view(torch.uint8).reshape(n, blocks, 2)
-        first, second, factors = halves[:, :, 0], halves[:, :, 1], [f.d, torch.zeros_like(f.d)]
-    pad = panels * PANEL - n
-
-    def lanes(t: torch.Tensor) -> torch.Tensor:  # [n, count] -> [panels, count, 16 (row j)]
-        if pad:
-            t = torch.cat([t, t.new_zeros(pad, t.shape[1])])
-        return t.view(panels, PANEL, -1).transpose(1, 2).contiguous()
-
-    scales = torch.stack([lanes(first), lanes(second)], dim=2).reshape(panels, pairs, 64)
-    pairs_ = torch.cat([scales, ints.reshape(panels, pairs, -1)], dim=2).reshape(panels, groups, -1)
-    halves16 = torch.stack([lanes(x) for x in factors], dim=2)  # [panels, groups, 2, 16] float16
-    return torch.cat([halves16.view(torch.uint8).reshape(panels, groups, 64), pairs_], dim=2)
-
-
-def pack_fast(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, offset: int,
-              group: int, wide_bytes: bool = False, factored: FactoredScales | None = None) -> FastPacked:
-    """Repack a quantized weight for ``realizar_quant_gemm_fast`` (``quant_fast.c`` has the layout);
-    the arguments are those of :func:`pack_quantized`. Scales are float16 where each is one exactly,
-    and a record holds a second d (16-term groups) or a min only where the format has them.
-
-    With ``wide_bytes`` (the build's dot products take unsigned bytes up to 255:
-    :attr:`CpuKernels.wide_bytes`), signed 8-bit integers are stored plus 128, as unsigned bytes with
-    an offset of 128: the same integers, without the sign trick signed bytes need.
-
-    With ``factored`` (a k-quant's scales as its file stores them), the records keep those small integers
-    and their super-blocks' float16 factors (once per group of a super-block's 8 records), which the kernel
-    multiplies out to the same float32 scales and mins: a Q4_K record takes 296 bytes rather than 384,
-    Q5_K's 552 rather than 640 and Q6_K's, in 6 bits, 424."""
-    n, k = q.shape
-    if mins is not None and offset != 0:  # the kernel leaves c S out where there is a min
-        raise ValueError("a quantized format with a min and an integer offset has no fast layout")
-    if bits == 8 and offset == 0 and wide_bytes:
-        q, offset = q ^ 0x80, 128  # int8 v as the byte v + 128
-        unsigned_bytes = True
-    else:
-        unsigned_bytes = False
-    assert k % QUANT_BLOCK == 0 and q.dtype == torch.uint8 and group in (16, 32)
-    panels, blocks = -(-n // PANEL), k // QUANT_BLOCK
-    pad = panels * PANEL - n
-    per_block = QUANT_BLOCK // group  # d per record: 1, or 2 for 16-term groups
-    if pad:
-        q = torch.cat([q, q.new_zeros(pad, k)])
-    # [panels, 16 (row j), blocks, 8 (t), 4 (i)] -> [panels, blocks, t, j, i]: lane j holds terms 4t..4t+3
-    u = q.view(panels, PANEL, blocks, 8, 4).permute(0, 2, 3, 1, 4)
-    if bits == 4:
-        ints = u[:, :, :4] | (u[:, :, 4:] << 4)
-        kind = 0
-    elif bits == 6:  # the low nibbles as 4-bit integers are, then the top 2 bits of 4 vectors in each of 2 more
-        low, top = u & 15, u >> 4
-        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1, 1)
-        tops = [(top[:, :, 4 * v:4 * v + 4] << shifts).sum(dim=2, keepdim=True, dtype=torch.uint8) for v in (0, 1)]
-        ints = torch.cat([low[:, :, :4] | (low[:, :, 4:] << 4), *tops], dim=2)
-        kind = 3
-    else:
-        ints = u
-        kind = 2 if bits == 8 and not unsigned_bytes else 1
-    kind |= (FAST_TWO_D if per_block == 2 else 0) | (0 if mins is None else FAST_MIN)
-    if factored is not None:
-        assert k % (SUPER_BLOCKS * QUANT_BLOCK) == 0
-        return FastPacked(_factored_groups(factored, ints.reshape(panels, blocks, -1), n, blocks, panels),
-                          kind | FAST_SUPER, offset, n, k)
-    floats = [scales.reshape(n, blocks, per_block)] + ([] if mins is None else [mins.reshape(n, blocks, 1)])
-    f = torch.cat(floats, dim=2)  # [n, blocks, vectors]
-    if pad:
-        f = torch.cat([f, f.new_zeros(pad, blocks, f.shape[2])])
-    stacked = f.view(panels, PANEL, blocks, -1).permute(0, 2, 3, 1).contiguous()  # [panels, blocks, vectors, 16]
-    if exact_in_half(stacked):
-        stacked, kind = stacked.half(), kind | FAST_HALF
-    parts = [ints.reshape(panels, blocks, -1), stacked.view(torch.uint8).reshape(panels, blocks, -1)]
-    pad_bytes = -sum(part.shape[2] for part in parts) % 64  # whole cache lines, as quant_gemm.c reads them
-    if pad_bytes:
-        parts.append(torch.zeros(panels, blocks, pad_bytes, dtype=torch.uint8))
-    return FastPacked(torch.cat(parts, dim=2).contiguous(), kind, offset, n, k)
 
 
 def pack_quantized(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
@@ -485,6 +399,8 @@ class CpuKernels:
         self._fast_ranked_rows = bind("realizar_fast_ranked_rows", i32)
         # the fewest rows quant_gemm_fast_ranked ranks (0: this build never does)
         self.ranked_rows = int(self._fast_ranked_rows())
+        self._pack_fast = bind("realizar_pack_fast", None, p, p, p, i64, i64, i32, p)
+        self._fast_panel_bytes = bind("realizar_fast_panel_bytes", i64, i32, i64)
         self._decoder_layers = bind("realizar_decoder_layers", i32, p, i64, p, i64, p, p)
         self._decoder_workspace = bind("realizar_decoder_workspace", i64, p, i64)
         self.path = path
@@ -501,6 +417,56 @@ class CpuKernels:
         padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=torch.float32)
         padded[:n] = weight
         return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+    def pack_fast(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, offset: int,
+                  group: int, factored: FactoredScales | None = None, wide_bytes: bool | None = None) -> FastPacked:
+        """Repack a quantized weight for ``realizar_quant_gemm_fast``; ``quant_fast.c`` has the layout and
+        lays it out (``realizar_pack_fast``). The arguments are those of :func:`pack_quantized`. Scales are
+        float16 where each is one exactly, and a record holds a second d (16-term groups) or a min only
+        where the format has them.
+
+        Where this build's dot products take unsigned bytes up to 255 (:attr:`wide_bytes`; ``wide_bytes``
+        False keeps them signed), signed 8-bit integers are stored plus 128, as unsigned bytes with an
+        offset of 128: the same integers, without the sign trick signed bytes need.
+
+        With ``factored`` (a k-quant's scales as its file stores them), the records keep those small
+        integers and their super-blocks' float16 factors (once per group of a super-block's 8 records),
+        which the kernel multiplies out to the same float32 scales and mins: a Q4_K record takes 296 bytes
+        rather than 384, Q5_K's 552 rather than 640 and Q6_K's, in 6 bits, 424."""
+        n, k = q.shape
+        if mins is not None and offset != 0:  # the kernel leaves c S out where there is a min
+            raise ValueError("a quantized format with a min and an integer offset has no fast layout")
+        assert k % QUANT_BLOCK == 0 and q.dtype == torch.uint8 and group in (16, 32)
+        kind = {4: FAST_NIBBLES, 6: FAST_SIXES}.get(bits, FAST_BYTES)
+        if bits == 8 and offset == 0:
+            if self.wide_bytes if wide_bytes is None else wide_bytes:
+                q, offset = q ^ 0x80, 128  # int8 v as the byte v + 128
+            else:
+                kind = FAST_SIGNED_BYTES
+        blocks = k // QUANT_BLOCK
+        kind |= (FAST_TWO_D if group == 16 else 0) | (0 if mins is None else FAST_MIN)
+        factors: torch.Tensor | None = None
+        if factored is not None:
+            assert k % (SUPER_BLOCKS * QUANT_BLOCK) == 0
+            kind |= FAST_SUPER
+            second = factored.mins if factored.mins is not None else None
+            small = (torch.stack([factored.scales.view(torch.uint8), second], dim=2) if second is not None
+                     else factored.scales.view(torch.uint8).reshape(n, blocks, 2))
+            neg_dmin = factored.neg_dmin if factored.neg_dmin is not None else torch.zeros_like(factored.d)
+            factors = torch.stack([factored.d, neg_dmin], dim=2).contiguous()
+            block_scales = small.contiguous()
+        else:
+            f = torch.cat([scales.reshape(n, blocks, -1)] + ([] if mins is None else [mins.reshape(n, blocks, 1)]),
+                          dim=2)
+            if exact_in_half(f):
+                f, kind = f.half(), kind | FAST_HALF
+            block_scales = f.contiguous()
+        q = q.contiguous()
+        panels = -(-n // PANEL)
+        records = torch.empty(panels, int(self._fast_panel_bytes(kind, blocks)), dtype=torch.uint8)
+        self._pack_fast(q.data_ptr(), block_scales.data_ptr(), None if factors is None else factors.data_ptr(),
+                        n, k, kind, records.data_ptr())
+        return FastPacked(records, kind, offset, n, k)
 
     def gemm(self, x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
         """``x [M, K] @ W.T -> [M, n]`` for ``packed = pack(W)``, W ``[n, K]``."""

@@ -134,6 +134,9 @@ static inline int64_t scale_bytes(int f) { return (f & HALF) ? 2 : 4; }
 
 /* Bytes of a panel's fast records of kind `kind` over `blocks` blocks of 32 terms (quant_fast.c). */
 int64_t realizar_fast_panel_bytes(int kind, int64_t blocks);
+/* Lay a weight's integers and factors out as fast records (quant_fast.c). */
+void realizar_pack_fast(const uint8_t *q, const void *scales, const uint16_t *factors, int64_t n, int64_t k,
+                        int kind, uint8_t *out);
 /* The weights of blocks first .. first + count - 1 of a panel's fast records (kind `kind`, integer
  * offset c), into `out`: the floats the exact class gives (quant_fast.c). */
 void realizar_dequantize_fast_records(int kind, int c, const uint8_t *panel, int64_t first, int64_t count, float *out);

@@ -378,6 +378,59 @@ void realizar_dequantize_fast_records(int kind, int c, const uint8_t *panel, int
     }
 }
 
+/* Lays a weight out as fast records of kind `kind`: q [n, k] its stored integers (bytes), rows past n in the
+ * last panel zeros. `scales` holds each block's factors as the kind's records store them:
+ *   FAST_SUPER: [n, k / 32, 2] bytes (scale and min, or the scales of the block's two halves), and
+ *   `factors` [n, k / 256, 2] float16 bits (d, then -dmin or 0);
+ *   otherwise: [n, k / 32, V] float32, or float16 bits with FAST_HALF, V = 1 + TWO_D + MIN (d0, d1, min),
+ *   and `factors` NULL.
+ * `out` holds realizar_fast_panel_bytes(kind, k / 32) for each panel of 16 rows. */
+void realizar_pack_fast(const uint8_t *q, const void *scales, const uint16_t *factors, int64_t n, int64_t k,
+                        int kind, uint8_t *out) {
+    const int64_t blocks = k / QK, panels = (n + NR - 1) / NR, pbytes = fast_panel_bytes(kind, blocks);
+    const int ints = kind & FAST_KIND;
+    const int vectors = 1 + !!(kind & FAST_TWO_D) + !!(kind & FAST_MIN), lane = (kind & FAST_HALF) ? 2 : 4;
+    memset(out, 0, (size_t)(panels * pbytes));
+    for (int64_t p = 0; p < panels; p++) {
+        uint8_t *const panel = out + p * pbytes;
+        for (int64_t b = 0; b < blocks; b++) {
+            uint8_t *const v = (uint8_t *)fast_ints_at(kind, panel, b);
+            uint8_t *const sc = (uint8_t *)fast_scales_at(kind, panel, b);
+            for (int64_t j = 0; j < NR && p * NR + j < n; j++) {
+                const int64_t row = p * NR + j;
+                const uint8_t *const u = q + row * k + b * QK;  /* the block's 32 integers of this row */
+                for (int i = 0; i < 4; i++) {
+                    if (ints == FAST_NIBBLES || ints == FAST_SIXES) {  /* terms 16 + 4t + i in the high nibble */
+                        for (int t = 0; t < 4; t++)
+                            v[64 * t + 4 * j + i] = (uint8_t)((u[4 * t + i] & 15) | (u[16 + 4 * t + i] & 15) << 4);
+                    } else {
+                        for (int t = 0; t < 8; t++) v[64 * t + 4 * j + i] = u[4 * t + i];
+                    }
+                    if (ints == FAST_SIXES)  /* bits 4-5 of bytes vector 4 h + s in bits 2s, 2s + 1 of vector 4 + h */
+                        for (int h = 0; h < 2; h++) {
+                            uint8_t top = 0;
+                            for (int s = 0; s < 4; s++) top |= (uint8_t)(((u[4 * (4 * h + s) + i] >> 4) & 3) << (2 * s));
+                            v[256 + 64 * h + 4 * j + i] = top;
+                        }
+                }
+                if (kind & FAST_SUPER) {
+                    const uint8_t *const s2 = (const uint8_t *)scales + (row * blocks + b) * 2;
+                    sc[j] = s2[0];
+                    sc[16 + j] = s2[1];
+                    if (b % FAST_GROUP_BLOCKS == 0) {
+                        uint16_t *const f = (uint16_t *)(void *)fast_factors_at(kind, panel, b);
+                        f[j] = factors[(row * (blocks / FAST_GROUP_BLOCKS) + b / FAST_GROUP_BLOCKS) * 2];
+                        f[16 + j] = factors[(row * (blocks / FAST_GROUP_BLOCKS) + b / FAST_GROUP_BLOCKS) * 2 + 1];
+                    }
+                } else {
+                    const uint8_t *const f = (const uint8_t *)scales + (row * blocks + b) * vectors * lane;
+                    for (int x = 0; x < vectors; x++) memcpy(sc + (16 * x + j) * lane, f + x * lane, (size_t)lane);
+                }
+            }
+        }
+    }
+}
+
 /* The quantized activations in groups of XG rows, so that a tile reads its rows' terms at fixed
  * offsets from one pointer (8 rows' pointers had spilled the general registers): for each group and
  * block, the a terms of its XG rows (32 bytes each), then their b terms. The per-block factors (dx,

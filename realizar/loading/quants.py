@@ -42,9 +42,21 @@ def _shifts(*values: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.uint8)
 
 
+def _nibble_groups(qs: torch.Tensor, width: int) -> torch.Tensor:
+    """For each ``width`` bytes of a row, their low nibbles then their high ones: (n, k) uint8 -> (n, 2k)."""
+    x = qs.reshape(qs.shape[0], -1, 1, width)
+    return torch.cat([x & 0x0F, x >> 4], dim=2).reshape(qs.shape[0], -1)
+
+
+def _crumb_groups(qs: torch.Tensor, width: int) -> torch.Tensor:
+    """For each ``width`` bytes of a row, their bits 0-1, then 2-3, 4-5 and 6-7: (n, k) uint8 -> (n, 4k)."""
+    x = qs.reshape(qs.shape[0], -1, 1, width)
+    return torch.cat([x & 3, (x >> 2) & 3, (x >> 4) & 3, x >> 6], dim=2).reshape(qs.shape[0], -1)
+
+
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     """Low nibbles then high nibbles of each row: (n, k) uint8 -> (n, 2k) uint8."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+    return _nibble_groups(qs, qs.shape[1])
 
 
 def _bits32(qh: torch.Tensor) -> torch.Tensor:
@@ -89,8 +101,7 @@ def _dequant_q2_k(b: torch.Tensor) -> torch.Tensor:
     d, dmin = _f16(b, 80), _f16(b, 82)
     dl = (d * (scales & 0x0F).to(torch.float32)).view(n, 16, 1)
     ml = (dmin * (scales >> 4).to(torch.float32)).view(n, 16, 1)
-    q = (qs.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 3
-    q = q.reshape(n, 16, 16).to(torch.float32)
+    q = _crumb_groups(qs, 32).reshape(n, 16, 16).to(torch.float32)
     return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
@@ -103,7 +114,7 @@ def _dequant_q3_k(b: torch.Tensor) -> torch.Tensor:
     hscales = (scales[:, 8:].reshape(n, 1, 4) >> _shifts(0, 2, 4, 6).view(1, 4, 1)).reshape(n, 16)
     sc = ((lscales & 0x0F) | ((hscales & 0x03) << 4)).to(torch.int16) - 32
     dl = (d * sc.to(torch.float32)).view(n, 16, 1)
-    ql = ((qs.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 3).reshape(n, 16, 16)
+    ql = _crumb_groups(qs, 32).reshape(n, 16, 16)
     qh = ((hmask.reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1)
     # The high bit subtracts 4 when it is *clear* (llama.cpp's convention).
     qh = qh.reshape(n, 16, 16) ^ 1
@@ -134,28 +145,21 @@ def _sub_block_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def _dequant_q4_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     dd, dm = _sub_block_scale_min_k4(b)
-    q = ((b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F)
-    q = q.reshape(n, 8, 32).to(torch.float32)
+    q = _q4_k_ints(b).reshape(n, 8, 32).to(torch.float32)
     return q.mul_(dd).sub_(dm).reshape(n, QK_K)
 
 
 def _dequant_q5_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     dd, dm = _sub_block_scale_min_k4(b)
-    ql = ((b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
-    qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
-    qh = (qh & 1).reshape(n, 8, 32)
-    q = (ql | (qh << 4)).to(torch.float32)
+    q = _q5_k_ints(b).reshape(n, 8, 32).to(torch.float32)
     return q.mul_(dd).sub_(dm).reshape(n, QK_K)
 
 
 def _dequant_q6_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    ql, qh = b[:, 0:128], b[:, 128:192]
     dd = _factored_q6_k(b).float_scales().view(n, 16, 1)
-    lo = ((ql.reshape(n, 2, 1, 64) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
-    hi = ((qh.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 0x03).reshape(n, 8, 32)
-    q = ((lo | (hi << 4)).to(torch.int16) - 32).reshape(n, 16, 16).to(torch.float32)
+    q = (_q6_k_ints(b).to(torch.int16) - 32).reshape(n, 16, 16).to(torch.float32)
     return q.mul_(dd).reshape(n, QK_K)
 
 
@@ -321,31 +325,38 @@ def _factored_q6_k(b: torch.Tensor) -> FactoredScales:
                           b[:, 208:210].contiguous().view(torch.float16), None)
 
 
-def _ints_q4_k(b: torch.Tensor) -> Unpacked:
+def _q4_k_ints(b: torch.Tensor) -> torch.Tensor:
+    """Q4_K's 256 integers of each block (n, 256): each 32 bytes' low nibbles, then their high ones."""
+    return _nibble_groups(b[:, 16:144], 32)
+
+
+def _q5_k_ints(b: torch.Tensor) -> torch.Tensor:
+    """Q5_K's: Q4_K's nibbles at bytes 48-175, and bit s of byte i of bytes 16-47 as bit 4 of term 32 s + i."""
     n = b.shape[0]
+    high = (b[:, 16:48].reshape(n, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)) & 1
+    return _nibble_groups(b[:, 48:176], 32) | (high.reshape(n, QK_K) << 4)
+
+
+def _q6_k_ints(b: torch.Tensor) -> torch.Tensor:
+    """Q6_K's: for each 128 terms, 64 bytes of low nibbles and 32 of 2-bit high parts (bits 4-5)."""
+    return _nibble_groups(b[:, 0:128], 64) | (_crumb_groups(b[:, 128:192], 32) << 4)
+
+
+def _ints_q4_k(b: torch.Tensor) -> Unpacked:
     f = _factored_k4(b)
-    q = (b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F
     # d * sc and -dmin * m, as the dequantizer's d * sc and dmin * m: products of a float16 by a 6-bit
     # integer are exact in float32, and q * dd - dm == q * dd + (-dm)
-    return q.reshape(n, QK_K), f.float_scales(), f.float_mins(), f
+    return _q4_k_ints(b), f.float_scales(), f.float_mins(), f
 
 
 def _ints_q5_k(b: torch.Tensor) -> Unpacked:
-    n = b.shape[0]
     f = _factored_k4(b)
-    ql = ((b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
-    qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
-    qh = (qh & 1).reshape(n, 8, 32)
-    return (ql | (qh << 4)).reshape(n, QK_K), f.float_scales(), f.float_mins(), f
+    return _q5_k_ints(b), f.float_scales(), f.float_mins(), f
 
 
 def _ints_q6_k(b: torch.Tensor) -> Unpacked:
-    n = b.shape[0]
-    ql, qh = b[:, 0:128], b[:, 128:192]
     f = _factored_q6_k(b)
-    lo = ((ql.reshape(n, 2, 1, 64) >> _shifts(0, 4).view(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
-    hi = ((qh.reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).view(1, 1, 4, 1)) & 0x03).reshape(n, 8, 32)
-    return (lo | (hi << 4)).reshape(n, QK_K), f.float_scales(), None, f
+    return _q6_k_ints(b), f.float_scales(), None, f
 
 
 # type -> (integers and factors of (n, type_size) blocks, bits, offset, terms per scale)
