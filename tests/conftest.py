@@ -114,6 +114,14 @@ def servers_together(started: dict[str, ServerProcess]) -> Iterator[dict[str, Se
             server.stop()
 
 
+# Runs the rest of its argv as `python ...` in the same process after asking Linux for SIGTERM when the
+# test process that started it dies (PR_SET_PDEATHSIG survives exec): a pytest killed mid-run leaves no
+# server behind to take the cores from the next run.
+DIES_WITH_THE_TESTS = ("import ctypes, os, signal, sys\n"
+                       "if sys.platform == 'linux': ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+                       "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
 def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None,
                  wait_ready: bool = True, timeout: float = 180.0,
                  preexec_fn: Callable[[], None] | None = None, module: str = "realizar") -> ServerProcess:
@@ -124,7 +132,7 @@ def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None,
     port = free_port()
     if ONE_THREAD_EACH and "--threads" not in args:
         args = (*args, "--threads", "1")
-    cmd = [sys.executable, "-m", module, "serve", "--demo", "--port", str(port), *args]
+    cmd = [sys.executable, "-c", DIES_WITH_THE_TESTS, "-m", module, "serve", "--demo", "--port", str(port), *args]
     # a crash in native code (a kernel, uvloop) leaves the Python stacks of every thread in the log
     env = {"PYTHONFAULTHANDLER": "1", **(env or {})}
     server = ServerProcess(cmd, port, tmp_dir / f"server-{port}.log", name=module, env=env, cwd=ROOT,
