@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import http.client
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,11 +24,33 @@ from pathlib import Path
 __all__ = ["ServerProcess", "ServerStartError", "free_port"]
 
 
+# Ports free_port draws from: above Ray's worker ports (10002-19999 by default) and below the kernel's
+# ephemeral range, which every port-0 bind and outgoing connection takes from. A port the kernel handed
+# out was taken by a Ray process starting beside the server before the server bound it (seconds later,
+# after its imports), and the readiness probe then read gRPC bytes.
+QUIET_PORTS = (20000, 32768)
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return QUIET_PORTS[1]
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago, drawn from QUIET_PORTS where the machine's
+    ephemeral range leaves them alone."""
+    low, high = QUIET_PORTS[0], min(QUIET_PORTS[1], _ephemeral_start())
+    candidates = random.sample(range(low, high), 64) if high - low >= 64 else []
+    for port in [*candidates, 0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 class ServerStartError(RuntimeError):
@@ -97,8 +121,8 @@ class ServerProcess:
                 return int(resp.status), resp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, b""
-        except (urllib.error.URLError, OSError, TimeoutError):
-            return 0, b""
+        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException):
+            return 0, b""  # nothing, or not HTTP (another program's port: the server then fails to bind)
 
     def _wait_ready(self, t0: float) -> None:
         assert self.proc is not None
