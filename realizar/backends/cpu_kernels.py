@@ -269,7 +269,8 @@ class CpuKernelsBackend:
             return f"cpu kernels {kernels.isa()}, float32 weights and activations"
         formats = sorted({f for lin in quantized for f in lin.formats})
         rows = self.kernels.fast_max_rows
-        int8 = "2 x int8 activations" + (f" up to {rows} rows, float32 beyond" if rows < kernels.FAST_EVERY_ROW else "")
+        terms = "int16 activations" if self.kernels.fast_activation_bits == 16 else "2 x int8 activations"
+        int8 = terms + (f" up to {rows} rows, float32 beyond" if rows < kernels.FAST_EVERY_ROW else "")
         exact = "float32 activations (exact class)"
         activations = f"{int8} (fast class)" if any(lin.fast for lin in quantized) else exact
         kept = "" if len(quantized) == len(linears) else f", {len(linears) - len(quantized)} float32 layers"

@@ -396,6 +396,9 @@ class CpuKernels:
         # the most rows quant_gemm_fast multiplies with integer dot products; more take the exact path
         self._fast_max_rows = bind("realizar_fast_max_rows", i32)
         self.fast_max_rows = int(self._fast_max_rows())
+        # the fast class's activations: 16 (one int16 term, AVX2) or 8 (two int8 terms) bits an integer
+        self._fast_activation_bits = bind("realizar_fast_activation_bits", i32)
+        self.fast_activation_bits = int(self._fast_activation_bits())
         self._fast_ranked_rows = bind("realizar_fast_ranked_rows", i32)
         # the fewest rows quant_gemm_fast_ranked ranks (0: this build never does)
         self.ranked_rows = int(self._fast_ranked_rows())

@@ -164,6 +164,7 @@ int realizar_quant_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, 
                         int64_t M, int64_t N, int64_t K);
 int realizar_fast_wide_bytes(void);
 int realizar_fast_max_rows(void);
+int realizar_fast_activation_bits(void);
 int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
                              int64_t M, int64_t N, int64_t K);
 void realizar_rms_norm(const float *x, int64_t ldx, const float *w, float *y, int64_t T, int64_t D, float eps);

@@ -467,14 +467,18 @@ struct fjob {
 /* One panel (16 outputs) per tile: one stream of records, which the hardware prefetches best. Two panels at a
  * time (two streams 5.8 KB apart) read 30 layers' Q4_1 gate_up records at one row from memory at
  * 8.5 GB/s where one reads them at 17.8 (AVX-512; the Q8_0 LM head at one row: 3.0 -> 1.75 ms), at
- * the cost of 4 us (10 %) when the records are in cache. With AVX2's 16 registers, R rows by 2
- * halves of float accumulators leave the rest to the integer sums. */
+ * the cost of 4 us (10 %) when the records are in cache. */
 /* More rows go through the exact, buffered path (see realizar_quant_gemm_fast). With VNNI every row
  * takes the integer products: after one-panel tiles they beat dequantizing even at a 512-token
  * prompt (demo model, one thread: a 16-sequence decode step 43.6 against 55.3 ms, a 512-token prefill
- * 1041 against 1222 ms). AVX2's byte multiply-adds lose from about 16 rows. */
+ * 1041 against 1222 ms). AVX2's int16 products (fast_tile16) beat dequantizing up to about 32 rows
+ * and tie from about 48 (the demo model's decode step, two threads: 16 rows 32.4-35.2 ms against 37.9
+ * with 8; 32 rows 55.5 against 61.3-62.5; 48 and 64 rows the same within the noise); builds with
+ * neither keep their byte multiply-adds for decode steps of a few sequences. */
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
 #define FAST_MAX_ROWS (1 << 30)  /* every row; kernels.FAST_EVERY_ROW says the same */
+#elif defined(YMM)
+#define FAST_MAX_ROWS 32
 #else
 #define FAST_MAX_ROWS 8
 #endif
@@ -571,91 +575,107 @@ static inline __attribute__((always_inline)) __m256i top_bits8(__m256i top, int 
     return _mm256_and_si256(shifted, _mm256_set1_epi8(0x30));
 }
 
-/* fast_tile in halves of 8 lanes: the integer dot products with
- * maddubs (u8 x s8 pairs to int16) and madd (int16 pairs to int32). The int16 sums of several
- * maddubs are added before one madd where they cannot overflow: nibbles (u < 16) four of them,
- * 2 * 4 * 15 * 127 < 2^15, 5- and 6-bit bytes (u < 64) two, Q8_0's signed bytes none (its |w| *
- * x reaches 2 * 128 * 127). The integer sums are exact, so this changes no result. */
-static inline __attribute__((always_inline)) void fast_tile8(const int KIND, const int R, const struct fjob *j,
-                                                             int64_t m, int64_t p, int64_t cols) {
-    const int64_t K = j->K, blocks = K / QK;
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
-    v8 acc[FAST_ROWS * 2];
-    for (int i = 0; i < R * 2; i++) acc[i] = (v8){0};
-    const uint8_t *const base = j->w + p * fast_panel_bytes(KIND, blocks);
-    for (int64_t b = 0; b < blocks; b++) {
-        for (int h = 0; h < 2; h++) {
-            v8 d0, d1, min;
-            fast_scales8(KIND, base, b, h, &d0, &d1, &min);
-            const uint8_t *const q = fast_ints_at(KIND, base, b);
-            /* rows 8h .. 8h + 7 of the weights: w[t] terms 4t .. 4t + 3, w[4 + t] terms 16 + 4t .. */
-            __m256i w[8], sign[8];
-            for (int t = 0; t < 4; t++) {
-                if ((KIND & FAST_KIND) == FAST_SIXES) {
-                    const __m256i v = ints32(q + 64 * t + 32 * h);
-                    w[t] = _mm256_or_si256(_mm256_and_si256(v, low), top_bits8(ints32(q + 256 + 32 * h), t));
-                    w[4 + t] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
-                                               top_bits8(ints32(q + 320 + 32 * h), t));
-                } else if ((KIND & FAST_KIND) == FAST_NIBBLES) {
-                    const __m256i v = ints32(q + 64 * t + 32 * h);
-                    w[t] = _mm256_and_si256(v, low);
-                    w[4 + t] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                } else {
-                    w[t] = ints32(q + 64 * t + 32 * h);
-                    w[4 + t] = ints32(q + 64 * (4 + t) + 32 * h);
-                }
-            }
-            if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
-                /* |w| (-128 stays 0x80, read unsigned as 128) times x with w's sign */
-                for (int t = 0; t < 8; t++) {
-                    sign[t] = w[t];
-                    w[t] = _mm256_sign_epi8(w[t], w[t]);
-                }
-            }
-            for (int r = 0; r < R; r++) {
-                /* the coarse (a) and fine (b) int8 terms of x, each dotted with the same weights */
-                const int8_t *const xg = j->xq + x_at(m, b, blocks);
-                const int32_t *xa = (const int32_t *)(xg + r * QK), *xb = (const int32_t *)(xg + (XG + r) * QK);
-                __m256i sums[4];  /* int32: terms 0-15 of a, 16-31 of a, 0-15 of b, 16-31 of b */
-                for (int s = 0; s < 4; s++) {
-                    const int32_t *x4 = (s < 2 ? xa : xb) + 4 * (s & 1);
-                    __m256i part[4];
-                    for (int t = 0; t < 4; t++) {
-                        __m256i xs = _mm256_set1_epi32(x4[t]);
-                        if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) xs = _mm256_sign_epi8(xs, sign[4 * (s & 1) + t]);
-                        part[t] = _mm256_maddubs_epi16(w[4 * (s & 1) + t], xs);
-                    }
-                    if ((KIND & FAST_KIND) == FAST_NIBBLES) {
-                        const __m256i all = _mm256_add_epi16(_mm256_add_epi16(part[0], part[1]),
-                                                             _mm256_add_epi16(part[2], part[3]));
-                        sums[s] = _mm256_madd_epi16(all, ones);
-                    } else if ((KIND & FAST_KIND) == FAST_BYTES || (KIND & FAST_KIND) == FAST_SIXES) {
-                        sums[s] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(part[0], part[1]), ones),
-                                                   _mm256_madd_epi16(_mm256_add_epi16(part[2], part[3]), ones));
-                    } else {
-                        sums[s] = _mm256_add_epi32(
-                            _mm256_add_epi32(_mm256_madd_epi16(part[0], ones), _mm256_madd_epi16(part[1], ones)),
-                            _mm256_add_epi32(_mm256_madd_epi16(part[2], ones), _mm256_madd_epi16(part[3], ones)));
-                    }
-                }
-                /* x = d_x (256 a + b), as fast_tile */
-                const vi8 lo = ((vi8)sums[0] << 8) + (vi8)sums[2], hi = ((vi8)sums[1] << 8) + (vi8)sums[3];
-                const int32_t s0 = j->sx[(m + r) * (K / 16) + 2 * b], s1 = j->sx[(m + r) * (K / 16) + 2 * b + 1];
-                const float dx = j->dx[f_at(m, b, blocks) + r];
-                const v8 i0 = __builtin_convertvector(lo - j->c * s0, v8);
-                const v8 i1 = __builtin_convertvector(hi - j->c * s1, v8);
-                acc[r * 2 + h] += dx * (d0 * i0 + d1 * i1) + min * (dx * (float)(s0 + s1));
-            }
-        }
+/* Vector T (terms 4T .. 4T + 3; nibbles: T < 4 the low nibbles of vector T, else the high ones of vector
+ * T - 4) of a record's integers, rows 8h .. 8h + 7, as bytes */
+static inline __attribute__((always_inline)) __m256i weights8(const int KIND, const uint8_t *q, int T, int h) {
+    const __m256i low = _mm256_set1_epi8(15);
+    if ((KIND & FAST_KIND) == FAST_NIBBLES || (KIND & FAST_KIND) == FAST_SIXES) {
+        const __m256i v = ints32(q + 64 * (T & 3) + 32 * h);
+        const __m256i nibble = _mm256_and_si256(T < 4 ? v : _mm256_srli_epi16(v, 4), low);
+        if ((KIND & FAST_KIND) == FAST_NIBBLES) return nibble;
+        return _mm256_or_si256(nibble, top_bits8(ints32(q + 256 + 64 * (T >> 2) + 32 * h), T & 3));
     }
-    for (int r = 0; r < R; r++) {
-        float out[NR];
-        store8(out, acc[r * 2]);
-        store8(out + 8, acc[r * 2 + 1]);
-        memcpy(j->y + (m + r) * j->ldy + p * NR, out, (size_t)cols * sizeof(float));
+    return ints32(q + 64 * T + 32 * h);
+}
+
+/* The activations as one int16 term, 256 a + b (the same integer as the two int8 terms), for madd: row
+ * m's 32 terms of block b at x16_at (bytes, in the slot of its a and b terms), each group of 4 terms
+ * as x0, x2, x1, x3, so that one 32-bit broadcast pairs the even terms and the next the odd ones. */
+static inline int64_t x16_at(int64_t m, int64_t b, int64_t blocks) {
+    return ((m / XG) * blocks + b) * (2 * XG * QK) + (m % XG) * 2 * QK;
+}
+
+/* Vector T's weights of rows 8h .. 8h + 7 as int16 pairs for madd: `even` terms 4T and 4T + 2 of each
+ * row, `odd` terms 4T + 1 and 4T + 3 */
+static inline __attribute__((always_inline)) void weights16(const int KIND, const uint8_t *q, int T, int h,
+                                                            __m256i *even, __m256i *odd) {
+    const int ints = KIND & FAST_KIND;
+    if (ints == FAST_NIBBLES) {  /* T < 4: the low nibbles of vector T; else the high ones of T - 4 */
+        const __m256i v = ints32(q + 64 * (T & 3) + 32 * h), mask = _mm256_set1_epi16(15);
+        *even = _mm256_and_si256(T < 4 ? v : _mm256_srli_epi16(v, 4), mask);
+        *odd = T < 4 ? _mm256_and_si256(_mm256_srli_epi16(v, 8), mask) : _mm256_srli_epi16(v, 12);
+        return;
+    }
+    const __m256i w = weights8(KIND, q, T, h);
+    if (ints == FAST_SIGNED_BYTES) {
+        *even = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8);
+        *odd = _mm256_srai_epi16(w, 8);
+    } else {
+        *even = _mm256_and_si256(w, _mm256_set1_epi16(255));
+        *odd = _mm256_srli_epi16(w, 8);
     }
 }
-#define FAST_TILE(K_, R_) fast_tile8(K_, R_, j, m, p, cols)
+
+/* fast_tile for AVX2: the activations' single int16 term (x16_at) times the weights as int16 with madd,
+ * 16 multiply-adds an instruction, where the two int8 terms took two maddubs and two madds for 32: the
+ * same integer sums, in half the multiplies. AVX2's 16 registers: the 8 rows of each half of the
+ * outputs (h) in turn over all the blocks, a row's integer sum and its floats live. */
+static inline __attribute__((always_inline)) void fast_tile16(const int KIND, const int R, const struct fjob *j,
+                                                              int64_t m, int64_t p, int64_t cols) {
+    const int64_t K = j->K, blocks = K / QK;
+    const uint8_t *const base = j->w + p * fast_panel_bytes(KIND, blocks);
+    float out[FAST_NARROW_ROWS][NR];
+    for (int h = 0; h < 2; h++) {
+        v8 acc[FAST_NARROW_ROWS];
+        for (int r = 0; r < R; r++) acc[r] = (v8){0};
+        for (int64_t b = 0; b < blocks; b++) {
+            /* the scales are read after the products: 4 rows' sums and floats, the weights and the
+             * activations fill the 16 registers, and the scales live only for the sums' last step */
+            const uint8_t *const q = fast_ints_at(KIND, base, b);
+            const int64_t at = f_at(m, b, blocks);
+            __m256i sum[FAST_NARROW_ROWS];
+            for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+            for (int T = 0; T < 8; T++) {
+                __m256i even, odd;
+                weights16(KIND, q, T, h, &even, &odd);
+                for (int r = 0; r < R; r++) {
+                    const int32_t *x = (const int32_t *)(j->xq + x16_at(m + r, b, blocks)) + 2 * T;
+                    const __m256i pairs = _mm256_add_epi32(_mm256_madd_epi16(even, _mm256_set1_epi32(x[0])),
+                                                           _mm256_madd_epi16(odd, _mm256_set1_epi32(x[1])));
+                    sum[r] = _mm256_add_epi32(sum[r], pairs);
+                    /* in order: GCC otherwise reassociates the sums and keeps every product of the block
+                     * alive at once, through the stack */
+                    __asm__("" : "+x"(sum[r]));
+                }
+                if ((KIND & FAST_TWO_D) && T == 3) {  /* terms 0-15 have a d of their own */
+                    v8 d0, d1, min;
+                    fast_scales8(KIND, base, b, h, &d0, &d1, &min);
+                    for (int r = 0; r < R; r++) {
+                        const vi8 i = (vi8)sum[r] - j->c * j->sx[(m + r) * (K / 16) + 2 * b];
+                        acc[r] += (j->dx[at + r] * d0) * __builtin_convertvector(i, v8);
+                        sum[r] = _mm256_setzero_si256();
+                    }
+                }
+            }
+            v8 d0, d1, min;
+            fast_scales8(KIND, base, b, h, &d0, &d1, &min);
+            for (int r = 0; r < R; r++) {
+                if (KIND & FAST_TWO_D) {
+                    const vi8 i = (vi8)sum[r] - j->c * j->sx[(m + r) * (K / 16) + 2 * b + 1];
+                    acc[r] += (j->dx[at + r] * d1) * __builtin_convertvector(i, v8);
+                } else {
+                    /* as fast_tile's one-d kinds: c S is 0 where there is a min, the min's term 0 where not */
+                    const v8 i = __builtin_convertvector(KIND & FAST_MIN ? (vi8)sum[r] : (vi8)sum[r] - j->cs[at + r], v8);
+                    acc[r] += (j->dx[at + r] * d0) * i;
+                    if (KIND & FAST_MIN) acc[r] += min * j->dxs[at + r];
+                }
+            }
+        }
+        for (int r = 0; r < R; r++) store8(out[r] + 8 * h, acc[r]);
+    }
+    for (int r = 0; r < R; r++) memcpy(j->y + (m + r) * j->ldy + p * NR, out[r], (size_t)cols * sizeof(float));
+}
+#define FAST_TILE(K_, R_) fast_tile16(K_, R_, j, m, p, cols)
 #else
 #define FAST_TILE(K_, R_) fast_tile(K_, R_, 2, j, m, p, cols)
 #define FAST_TILE_A(K_, R_) fast_tile(K_, R_, 1, j, m, p, cols)  /* the a terms alone */
@@ -800,7 +820,8 @@ struct quantize_job {
  * integer dot products and no more weight reads. xq, dx and the per-block factors (dxs: d times
  * the block's sum of 256 a + b, the min's factor; cs: c times that sum) are laid out by x_at and
  * f_at; sx [M, K / 16] holds the sums over each 16 terms. A single int8 term fails the gate in
- * every kind of layer alone, too (by emulation: down projections 98.05 %, the LM head 97.22 %). */
+ * every kind of layer alone, too (by emulation: down projections 98.05 %, the LM head 97.22 %).
+ * AVX2 builds store 256 a + b as one int16 instead (x16_at), for fast_tile16's madd. */
 static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows) {
     const int64_t K = q->K, blocks = K / QK;
     for (int64_t m = m0; m < m0 + rows; m++) {
@@ -836,9 +857,22 @@ static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows
                     f32x16 fine = rint16((u - a * coarse[i]) * id[i]);
                     fine = max16(min16(fine, (f32x16){0} + 127.0f), (f32x16){0} - 127.0f);
                     const i32x16 ia = __builtin_convertvector(a, i32x16), ib = __builtin_convertvector(fine, i32x16);
+#if defined(YMM)
+                    /* one int16 term, 256 a + b, each group of 4 terms as x0, x2, x1, x3 (x16_at) */
+                    const i32x16 x16 = (ia << 8) + ib;
+                    int16_t *const xw = (int16_t *)(void *)(q->xq + x16_at(m, b, blocks)) + 16 * h;
+                    for (int k = 0; k < 16; k += 4) {
+                        xw[k] = (int16_t)x16[k];
+                        xw[k + 1] = (int16_t)x16[k + 2];
+                        xw[k + 2] = (int16_t)x16[k + 1];
+                        xw[k + 3] = (int16_t)x16[k + 3];
+                    }
+                    (void)xb;
+#else
                     const i8x16 na = __builtin_convertvector(ia, i8x16), nb = __builtin_convertvector(ib, i8x16);
                     memcpy(xa + 16 * h, &na, sizeof na);
                     memcpy(xb + 16 * h, &nb, sizeof nb);
+#endif
                     sums[h] = sum_lanes((ia << 8) + ib);
                     if (q->cs1) a_sum += sum_lanes(ia);
                 }
@@ -865,6 +899,16 @@ static void run_quantize_unit(const void *arg, int64_t unit) {
 /* The most rows realizar_quant_gemm_fast multiplies with integer dot products: the quality gate
  * runs the fast class in steps of this many rows, so that it measures those products on every row. */
 int realizar_fast_max_rows(void) { return FAST_MAX_ROWS; }
+
+/* Bits of the activations' integer terms in the products: 16 (one int16 term, AVX2's madd) or 8 (two int8
+ * terms, 256 a + b, for 8-bit dot products): the same integers either way. */
+int realizar_fast_activation_bits(void) {
+#if defined(YMM)
+    return 16;
+#else
+    return 8;
+#endif
+}
 
 struct ranked_job {
     const struct fjob *j;  /* the products, with terms = 2 */

@@ -47,4 +47,4 @@ def test_quantized_products_and_float16_kv_attention_on_a_narrower_build(isa: st
     and the prompt tiles of one query head at a time (16 registers); in one child process, which imports
     torch and collects once."""
     run_on_build(isa, needs, "tests/unit/test_quant_gemm.py", "tests/unit/test_kv_half.py", "-k",
-                 "product_matches or fast_class or float16_scales or depend_on_the_batch or test_kv_half")
+                 "product_matches or fast_class or float16_scales or depend_on_the_batch or k_quant or test_kv_half")
