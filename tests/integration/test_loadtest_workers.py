@@ -118,10 +118,15 @@ def test_two_workers_give_the_report_of_one(noop_url: str, tmp_path: Path) -> No
     for workers in (1, 2):
         out = tmp_path / f"w{workers}.json"
         html = tmp_path / f"w{workers}.html"
-        code = main(["--url", noop_url, "--scenario", "health", "--scenario", "spike", "--scenario", "tokenize",
-                     "--scale", "0.5", "--workers", str(workers), "--json", str(out), "--html", str(html),
-                     "--no-progress"])
-        assert code == 0, workers
+        argv = ["--url", noop_url, "--scenario", "health", "--scenario", "spike", "--scenario", "tokenize",
+                "--scale", "0.5", "--workers", str(workers), "--json", str(out), "--html", str(html), "--no-progress"]
+        # a run is judged invalid (3) when a worker started late or lagged: on a machine busy with the rest of
+        # the suite that is the client's timing, not the reports this test compares, so it runs again
+        for _ in range(3):
+            code = main(argv)
+            if code != 3:
+                break
+        assert code == 0, (workers, read_json(out).get("scenarios", {}))
         docs[workers] = read_json(out)
         assert validate_report(docs[workers]) == []
         page = html.read_text()
