@@ -452,8 +452,8 @@ class CpuKernels:
         if factored is not None:
             assert k % (SUPER_BLOCKS * QUANT_BLOCK) == 0
             kind |= FAST_SUPER
-            second = factored.mins if factored.mins is not None else None
-            small = (torch.stack([factored.scales.view(torch.uint8), second], dim=2) if second is not None
+            # each block's two small integers: its scale and min, or the scales of its two halves
+            small = (torch.stack([factored.scales.view(torch.uint8), factored.mins], dim=2) if factored.mins is not None
                      else factored.scales.view(torch.uint8).reshape(n, blocks, 2))
             neg_dmin = factored.neg_dmin if factored.neg_dmin is not None else torch.zeros_like(factored.d)
             factors = torch.stack([factored.d, neg_dmin], dim=2).contiguous()
