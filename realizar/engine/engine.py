@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import hashlib
 import json
@@ -148,17 +149,21 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
         tokenizer = Tokenizer.from_gguf_metadata(loaded.metadata)
     else:
         tokenizer = Tokenizer.from_pretrained_dir(loaded.path)
-    def build(kind: str) -> LlamaModel:
+    def build(kind: str, layers: int | None = None) -> LlamaModel:
+        """The model in class ``kind``; ``layers``: only its first layers (and its head), to time."""
+        mc = loaded.config if layers is None else dataclasses.replace(loaded.config, num_layers=layers)
         if kind == "float32":  # the reference: every weight dequantized at load
             floats = {**loaded.tensors, **{n: q.dequantize() for n, q in loaded.quantized.items()}}
-            return LlamaModel(loaded.config, floats, device, dtype)
-        return LlamaModel(loaded.config, loaded.tensors, device, dtype, loaded.quantized, kind == "fast")
+            return LlamaModel(mc, floats, device, dtype)
+        return LlamaModel(mc, loaded.tensors, device, dtype, loaded.quantized, kind == "fast")
 
     float_bytes = 4 * sum(math.prod(q.shape) for q in loaded.quantized.values())
+    file_bytes = sum(q.raw.numel() for q in loaded.quantized.values())
     model = choose_quantized_class(
         build, bool(loaded.quantized) and kernels.for_tensors(device, dtype) is not None,
         exact=config.dtype == "float32", remember=_choice_key(Path(path), kv_dtype),
-        float32_allowed=float_bytes <= FLOAT32_CANDIDATE_BYTES, kv_dtype=kv_dtype)
+        float32_allowed=float_bytes <= FLOAT32_CANDIDATE_BYTES, kv_dtype=kv_dtype,
+        timing_layers=min(TIMING_LAYERS, loaded.config.num_layers) if file_bytes > TIMING_PREFIX_BYTES else None)
     del loaded.tensors, loaded.quantized
     _return_free_heap()
     return EngineModel(model, tokenizer, loaded.config, loaded.config.name, loaded.path, loaded.format,
@@ -229,11 +234,16 @@ def _remember(key: str, choice: str) -> None:
 # net for a CPU whose quantized kernels are slow (a generic x86-64 build's; the AVX2 build's were, 20x,
 # before their 8-lane tiles), never a 4 GiB model
 FLOAT32_CANDIDATE_BYTES = 1 << 30
+# auto times a larger model's classes on its first TIMING_LAYERS layers and its head, then builds the
+# chosen class whole: the 1B Q4_K_M model's first start had built both classes whole (about 10 s, and
+# a peak of 1.96 GiB against 1.25 once the choice is remembered), and a 7B model's would take minutes
+TIMING_PREFIX_BYTES = 256 << 20
+TIMING_LAYERS = 4
 
 
-def choose_quantized_class(build: Callable[[str], LlamaModel], quantized: bool, exact: bool = False,
+def choose_quantized_class(build: Callable[[str, int | None], LlamaModel], quantized: bool, exact: bool = False,
                            remember: str | None = None, float32_allowed: bool = False,
-                           kv_dtype: torch.dtype | None = None) -> LlamaModel:
+                           kv_dtype: torch.dtype | None = None, timing_layers: int | None = None) -> LlamaModel:
     """The model ``build(kind)`` in the class of quantized products ``REALIZAR_QUANTIZED`` asks for
     (``exact``: ``--dtype float32`` asked for float32 arithmetic, so the exact class); with ``auto``
     (the default), the fastest of the classes that pass the quality gate
@@ -242,38 +252,41 @@ def choose_quantized_class(build: Callable[[str], LlamaModel], quantized: bool, 
     each relative to the fastest class there. The timings, over a KV cache of ``kv_dtype`` (None: the
     model's dtype), are logged. With ``remember`` (a key of the model file and the kernels' build) the
     choice is kept in the cache directory, and a later start with the same key takes it without
-    timing (about 1 s less to a healthy server)."""
+    timing (about 1 s less to a healthy server). With ``timing_layers``, each class is timed on a model of
+    that many layers (``build(name, timing_layers)``: the first ones, and the head) and the chosen one is
+    then built whole."""
     wanted = "exact" if exact else kernels.quantized_class()
     if not quantized or wanted != "auto":
-        return build("exact" if wanted == "auto" else wanted)
+        return build("exact" if wanted == "auto" else wanted, None)
     candidates = [name for name, passed in QUANTIZED_CLASSES_PASSING_GATE.items()
                   if passed and (name != "float32" or float32_allowed)]
     if len(candidates) < 2:
-        return build(candidates[0] if candidates else "exact")
+        return build(candidates[0] if candidates else "exact", None)
     known = _remembered(remember) if remember else None
     if known is not None and known in candidates:
         log.info("quantized products: %s (auto, timed at an earlier start on this CPU)", known)
-        return build(known)
+        return build(known, None)
     timings: dict[str, tuple[float, float]] = {}
     model: LlamaModel | None = None
     for name in candidates:
         model = None
         gc.collect()  # one class's weights in memory at a time: a 1B model's are 0.8 GiB
-        model = build(name)
+        model = build(name, timing_layers)
         timings[name] = (decode_step_seconds(model, 1, kv_dtype=kv_dtype),
                          decode_step_seconds(model, 16, kv_dtype=kv_dtype))
     # each class's time at each end relative to the best there, summed: both ends weigh the same,
     # though a step of 16 sequences takes several times one of 1
     fastest = [min(t[i] for t in timings.values()) for i in range(2)]
     best = min(timings, key=lambda name: sum(t / f for t, f in zip(timings[name], fastest, strict=True)))
-    log.info("quantized products: %s (auto; a decode step of 1 | 16 sequences: %s)", best,
+    log.info("quantized products: %s (auto; a decode step of 1 | 16 sequences%s: %s)", best,
+             "" if timing_layers is None else f", the first {timing_layers} layers and the head",
              ", ".join(f"{n} {a * 1000:.1f} | {b * 1000:.1f} ms" for n, (a, b) in timings.items()))
     if remember:
         _remember(remember, best)
-    if best != candidates[-1] or model is None:
+    if best != candidates[-1] or model is None or timing_layers is not None:
         model = None
         gc.collect()
-        model = build(best)
+        model = build(best, None)
     return model
 
 

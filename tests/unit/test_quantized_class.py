@@ -18,10 +18,13 @@ class Built:
 
     alive = 0
     most_alive = 0
+    made: list[tuple[str, int | None]] = []  # (kind, layers) of every model made
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, layers: int | None = None) -> None:
         self.kind = kind
         self.fast = kind == "fast"
+        self.layers = layers
+        Built.made.append((kind, layers))
         Built.alive += 1
         Built.most_alive = max(Built.most_alive, Built.alive)
 
@@ -104,3 +107,20 @@ def test_float32_weights_are_a_candidate_only_where_allowed(timings: dict[bool, 
     timings[False] = timings[True] = 1.0
     assert choose(float32_allowed=True).kind == "float32"
     assert choose(float32_allowed=False).kind != "float32"
+
+
+def test_a_large_model_is_timed_on_its_first_layers_then_built_whole(timings: dict[bool, float]) -> None:
+    """With ``timing_layers`` (a model over TIMING_PREFIX_BYTES), each class is timed on its first layers
+    and the head, and only the chosen class is built whole: one model's memory at a time, and the
+    packing of one class."""
+    Built.made.clear()
+    chosen = choose_quantized_class(Built, True, timing_layers=4)  # type: ignore[arg-type]
+    assert chosen.fast and chosen.layers is None
+    assert Built.made == [("exact", 4), ("fast", 4), ("fast", None)]
+    timings[True] = 0.02
+    Built.made.clear()
+    assert not choose_quantized_class(Built, True, timing_layers=4).fast  # type: ignore[arg-type]
+    assert Built.made == [("exact", 4), ("fast", 4), ("exact", None)]
+    Built.made.clear()
+    choose()  # a small model: timed whole, the last class timed kept
+    assert all(layers is None for _, layers in Built.made)
