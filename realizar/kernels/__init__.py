@@ -60,8 +60,10 @@ SOURCES = [Path(__file__).with_name(name)
 HEADERS = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "quant_blocks.h")]
 FLAGS = ["-O3", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 # REALIZAR_KERNELS_ISA builds for less than this CPU has, so each code path can be tested and timed
-# on one machine: ``avx2`` (Haswell's AVX2, FMA and F16C, no AVX-512) or ``generic`` (x86-64's SSE2).
-TARGETS = {"native": "-march=native", "avx2": "-march=haswell", "generic": "-march=x86-64"}
+# on one machine: ``avx512`` (Skylake-SP's AVX-512, without VNNI), ``avx2`` (Haswell's AVX2, FMA and F16C,
+# no AVX-512) or ``generic`` (x86-64's SSE2).
+TARGETS = {"native": "-march=native", "avx512": "-march=skylake-avx512", "avx2": "-march=haswell",
+           "generic": "-march=x86-64"}
 
 
 def target() -> str:

@@ -1,8 +1,9 @@
 """The kernels' narrower code paths, built on this CPU with ``REALIZAR_KERNELS_ISA``: the AVX2 build
-(its own 8-lane tiles: maddubs dot products, F16C conversions) must give the same products
-as the native build's tests demand, and a row the same floats alone or in a batch (registers up to
-4 rows, the dequantized buffer beyond). Each runs the
-quantized-product tests in a child process, where the build is chosen before the kernels load."""
+(its own 8-lane tiles: int16 madd products, F16C conversions) and the AVX-512 build without VNNI (the
+16-lane tiles with maddubs dot products, up to 8 rows) must give the same products as the native build's
+tests demand, and a row the same floats alone or in a batch (registers up to their row limit, the
+dequantized buffer beyond). Each runs the quantized-product tests in a child process, where the build
+is chosen before the kernels load."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def run_on_build(isa: str, needs: set[str], *pytest_args: str) -> None:
 
 # The generic x86-64 build (plain C loops) is left out: GCC takes about 2 minutes to scalarize its
 # 512-bit vector code, too long for the suite.
-@pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"})])
+@pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"}),
+                                       ("avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"})])
 def test_quantized_products_and_float16_kv_attention_on_a_narrower_build(isa: str, needs: set[str]) -> None:
     """The quantized products, and the float16 KV cache's F16C conversions (vcvtph2ps/vcvtps2ph on 8 lanes)
     and the prompt tiles of one query head at a time (16 registers); in one child process, which imports

@@ -362,8 +362,8 @@ def test_ranked_products_keep_the_fast_class_where_a_row_is_largest(cpu_kernels:
     """An LM head's ranked products: in each row, the ``top`` panels (16 outputs each) that are largest
     from the coarse term alone hold the fast class's own floats, bit for bit, so the argmax and what
     sampling draws from are the fast class's; the other outputs are the coarse term's product. Under
-    ``ranked_rows`` rows (a build without 8-row tiles: always), with top 0 or a d per 16 terms (Q6_K):
-    the fast class."""
+    ``ranked_rows`` rows (a build without 8-row tiles: always), over ``fast_max_rows`` (the exact path),
+    with top 0 or a d per 16 terms (Q6_K): the fast class."""
     n, k = 16 * 40 + 5, 256
     gen = torch.Generator().manual_seed(7)
     for wide in byte_layouts(cpu_kernels):
@@ -373,7 +373,8 @@ def test_ranked_products_keep_the_fast_class_where_a_row_is_largest(cpu_kernels:
             x = torch.randn(m, k, generator=gen)
             fast = cpu_kernels.quant_gemm_fast(x, p)
             got = cpu_kernels.quant_gemm_fast_ranked(x, p, top)
-            if not cpu_kernels.ranked_rows or m < cpu_kernels.ranked_rows or top == 0 or qtype is QT.Q6_K:
+            if (not cpu_kernels.ranked_rows or not cpu_kernels.ranked_rows <= m <= cpu_kernels.fast_max_rows
+                    or top == 0 or qtype is QT.Q6_K):
                 assert torch.equal(got, fast), (m, top)
                 continue
             assert torch.equal(got.argmax(1), fast.argmax(1)), (m, top)
