@@ -101,7 +101,7 @@ class QuantLinear:
             fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group,
                                        kernels.exact_in_half(ints.scales, ints.mins))
             assert fmt is not None, f"no kernel format for {run[0].qtype.name}"
-            self.parts.append(kernels.pack_quantized(ints.q, ints.scales, ints.mins, fmt))
+            self.parts.append(compiled.pack_quantized(ints.q, ints.scales, ints.mins, fmt))
         self.out_features = sum(p.n for p in self.parts)
 
     @property

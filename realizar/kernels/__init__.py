@@ -174,54 +174,6 @@ class FactoredScales(Protocol):
     def neg_dmin(self) -> torch.Tensor | None: ...  # float16 [n, k // 256]
 
 
-def pack_quantized(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                   fmt: QuantFormat) -> QuantPacked:
-    """Repack a quantized weight into ``quant_gemm.c``'s records (its header comment has the layout).
-
-    ``q [n, k]`` uint8 holds the stored integers (int8 bits for 8-bit formats), before the offset is
-    taken off; ``scales [n, k / group]`` and ``mins [n, k / 32]`` (float32) are the factors the
-    reference dequantization applies. Rows are zero-padded to whole panels of 16.
-    """
-    n, k = q.shape
-    assert k % QUANT_BLOCK == 0 and q.dtype == torch.uint8 and scales.dtype == torch.float32
-    panels, blocks = -(-n // PANEL), k // QUANT_BLOCK
-    pad = panels * PANEL - n
-    if pad:
-        q = torch.cat([q, q.new_zeros(pad, k)])
-        scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
-        mins = None if mins is None else torch.cat([mins, mins.new_zeros(pad, mins.shape[1])])
-    # [panels * 16, k] -> [panels, 16, blocks, 32] -> [panels, blocks, 32 (term), 16 (row)]
-    qk = q.view(panels, PANEL, blocks, QUANT_BLOCK).permute(0, 2, 3, 1)
-    parts: list[torch.Tensor] = []  # each [panels, blocks, bytes]
-    if fmt.bits == 8:
-        parts.append(qk.reshape(panels, blocks, -1))
-    else:
-        parts.append((qk[:, :, :16] & 15 | (qk[:, :, 16:] & 15) << 4).reshape(panels, blocks, -1))
-        high = qk >> 4
-        if fmt.bits == 5:
-            # [.., 2 (s), 4 (i), 4 (h), 16] with term 16 s + 4 i + h; bit 2 i + s of vector h
-            bit = high.reshape(panels, blocks, 2, 4, 4, PANEL) & 1
-            shifts = (2 * torch.arange(4, dtype=torch.uint8).view(1, 4, 1, 1)
-                      + torch.arange(2, dtype=torch.uint8).view(2, 1, 1, 1))
-            parts.append((bit << shifts).sum(dim=(2, 3), dtype=torch.uint8).reshape(panels, blocks, -1))
-        elif fmt.bits == 6:
-            # [.., 4 (s), 8 (h), 16] with term 8 s + h; bits 2 s, 2 s + 1 of vector h
-            pair = high.reshape(panels, blocks, 4, 8, PANEL) & 3
-            shifts = 2 * torch.arange(4, dtype=torch.uint8).view(4, 1, 1)
-            parts.append((pair << shifts).sum(dim=2, dtype=torch.uint8).reshape(panels, blocks, -1))
-    floats = [scales.view(panels, PANEL, blocks, -1).permute(0, 2, 3, 1)]  # [panels, blocks, 1 or 2, 16]
-    if mins is not None:
-        floats.append(mins.view(panels, PANEL, blocks, 1).permute(0, 2, 3, 1))
-    stacked = torch.cat(floats, dim=2).contiguous()
-    if fmt.half:
-        assert exact_in_half(stacked), "a scale is not a float16 exactly"
-        stacked = stacked.half()
-    scale_bytes = stacked.view(torch.uint8).reshape(panels, blocks, -1)
-    records = torch.cat([*parts, scale_bytes], dim=2).contiguous()
-    assert records.shape[2] == fmt.record_bytes
-    return QuantPacked(records, fmt, n, k)
-
-
 def cache_dir() -> Path:
     """Where realizar keeps what it builds or measures once per machine (``REALIZAR_CACHE_DIR``)."""
     if "REALIZAR_CACHE_DIR" in os.environ:
@@ -404,6 +356,7 @@ class CpuKernels:
         self._fast_ranked_rows = bind("realizar_fast_ranked_rows", i32)
         # the fewest rows quant_gemm_fast_ranked ranks (0: this build never does)
         self.ranked_rows = int(self._fast_ranked_rows())
+        self._pack_quantized = bind("realizar_pack_quantized", None, p, p, i64, i64, i32, p)
         self._pack_fast = bind("realizar_pack_fast", None, p, p, p, i64, i64, i32, p)
         self._fast_panel_bytes = bind("realizar_fast_panel_bytes", i64, i32, i64)
         self._decoder_layers = bind("realizar_decoder_layers", i32, p, i64, p, i64, p, p)
@@ -423,10 +376,29 @@ class CpuKernels:
         padded[:n] = weight
         return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
 
+    def pack_quantized(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                       fmt: QuantFormat) -> QuantPacked:
+        """Repack a quantized weight into ``quant_gemm.c``'s records; its header comment has the layout, and
+        ``realizar_pack_quantized`` lays it out.
+
+        ``q [n, k]`` uint8 holds the stored integers (int8 bits for 8-bit formats), before the offset is
+        taken off; ``scales [n, k / group]`` and ``mins [n, k / 32]`` (float32) are the factors the
+        reference dequantization applies. Rows are zero-padded to whole panels of 16."""
+        n, k = q.shape
+        assert k % QUANT_BLOCK == 0 and q.dtype == torch.uint8 and scales.dtype == torch.float32
+        blocks = k // QUANT_BLOCK
+        f = torch.cat([scales.reshape(n, blocks, -1)] + ([] if mins is None else [mins.reshape(n, blocks, 1)]), dim=2)
+        if fmt.half:
+            assert exact_in_half(f), "a scale is not a float16 exactly"
+            f = f.half()
+        records = torch.empty(-(-n // PANEL), blocks, fmt.record_bytes, dtype=torch.uint8)
+        self._pack_quantized(q.contiguous().data_ptr(), f.contiguous().data_ptr(), n, k, fmt.code, records.data_ptr())
+        return QuantPacked(records, fmt, n, k)
+
     def pack_fast(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, offset: int,
                   group: int, factored: FactoredScales | None = None, wide_bytes: bool | None = None) -> FastPacked:
         """Repack a quantized weight for ``realizar_quant_gemm_fast``; ``quant_fast.c`` has the layout and
-        lays it out (``realizar_pack_fast``). The arguments are those of :func:`pack_quantized`. Scales are
+        lays it out (``realizar_pack_fast``). The arguments are those of :meth:`pack_quantized`. Scales are
         float16 where each is one exactly, and a record holds a second d (16-term groups) or a min only
         where the format has them.
 

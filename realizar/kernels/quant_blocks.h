@@ -134,6 +134,8 @@ static inline int64_t scale_bytes(int f) { return (f & HALF) ? 2 : 4; }
 
 /* Bytes of a panel's fast records of kind `kind` over `blocks` blocks of 32 terms (quant_fast.c). */
 int64_t realizar_fast_panel_bytes(int kind, int64_t blocks);
+/* Lay a weight's integers and scales out as the exact class's records (quant_gemm.c). */
+void realizar_pack_quantized(const uint8_t *q, const void *scales, int64_t n, int64_t k, int f, uint8_t *out);
 /* Lay a weight's integers and factors out as fast records (quant_fast.c). */
 void realizar_pack_fast(const uint8_t *q, const void *scales, const uint16_t *factors, int64_t n, int64_t k,
                         int kind, uint8_t *out);

@@ -43,6 +43,46 @@ int64_t realizar_quant_record_bytes(int f) {
     return int_bytes(f) + (fmt_has_min(f) || fmt_two_d(f) ? 32 : 16) * scale_bytes(f);
 }
 
+/* Lays a weight out as records of format f (the layout above): q [n, k] its stored integers (bytes, int8
+ * bits for 8-bit formats), `scales` [n, k / 32, V] float32, or float16 bits with HALF: d (terms 0-15 with
+ * a d per 16 terms), then the min or the d of terms 16-31 where the format has one (V = 2). Rows past n in
+ * the last panel are zeros. `out` holds panels * (k / 32) records. */
+void realizar_pack_quantized(const uint8_t *q, const void *scales, int64_t n, int64_t k, int f, uint8_t *out) {
+    const int64_t blocks = k / QK, panels = (n + NR - 1) / NR, size = realizar_quant_record_bytes(f);
+    const int bits = fmt_bits(f), vectors = 1 + (fmt_has_min(f) || fmt_two_d(f));
+    const int64_t lane = scale_bytes(f);
+    memset(out, 0, (size_t)(panels * blocks * size));
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t b = 0; b < blocks; b++) {
+            uint8_t *const rec = out + (p * blocks + b) * size;
+            for (int64_t j = 0; j < NR && p * NR + j < n; j++) {
+                const int64_t row = p * NR + j;
+                const uint8_t *const u = q + row * k + b * QK;  /* the block's 32 integers of this row */
+                if (bits == 8) {
+                    for (int i = 0; i < QK; i++) rec[16 * i + j] = u[i];
+                } else {
+                    for (int i = 0; i < 16; i++) rec[16 * i + j] = (uint8_t)((u[i] & 15) | (u[i + 16] & 15) << 4);
+                    if (bits == 5)  /* vector h, bit 2i + s: bit 4 of term h + 4i + 16s */
+                        for (int h = 0; h < 4; h++) {
+                            uint8_t v = 0;
+                            for (int i = 0; i < 4; i++)
+                                for (int s = 0; s < 2; s++) v |= (uint8_t)(((u[h + 4 * i + 16 * s] >> 4) & 1) << (2 * i + s));
+                            rec[256 + 16 * h + j] = v;
+                        }
+                    if (bits == 6)  /* vector h, bits 2s, 2s + 1: bits 4-5 of term h + 8s */
+                        for (int h = 0; h < 8; h++) {
+                            uint8_t v = 0;
+                            for (int s = 0; s < 4; s++) v |= (uint8_t)(((u[h + 8 * s] >> 4) & 3) << (2 * s));
+                            rec[256 + 16 * h + j] = v;
+                        }
+                }
+                const uint8_t *const src = (const uint8_t *)scales + (row * blocks + b) * vectors * lane;
+                for (int v = 0; v < vectors; v++)
+                    memcpy(rec + int_bytes(f) + (16 * v + j) * lane, src + v * lane, (size_t)lane);
+            }
+        }
+}
+
 /* The weights of term k (0-31) of one record for its 16 rows, from the record's integers and
  * its scales (d0: terms 0-15, d1: terms 16-31, min). */
 static inline __attribute__((always_inline)) f32x16 term(const int F, const uint8_t *rec, const int k, f32x16 d0,

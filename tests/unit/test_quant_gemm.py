@@ -47,8 +47,9 @@ def packed(weight: quants.QuantizedTensor, half: bool | None = None) -> kernels.
     if half is None:
         half = kernels.exact_in_half(ints.scales, ints.mins)
     fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group, half)
-    assert fmt is not None
-    return kernels.pack_quantized(ints.q, ints.scales, ints.mins, fmt)
+    compiled = kernels.load()
+    assert fmt is not None and compiled is not None
+    return compiled.pack_quantized(ints.q, ints.scales, ints.mins, fmt)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0], ids=lambda q: q.name)
@@ -69,7 +70,7 @@ def test_float16_scales_give_the_same_products_in_fewer_bytes(cpu_kernels: kerne
     assert torch.equal(cpu_kernels.quant_rows(half, ids), weight.dequantize()[ids])
 
 
-def test_scales_that_are_not_float16_keep_float32() -> None:
+def test_scales_that_are_not_float16_keep_float32(cpu_kernels: kernels.CpuKernels) -> None:
     weight = quantized(QT.Q4_K, 16, 256, seed=2)
     ints = weight.integers()
     assert not kernels.exact_in_half(ints.scales, ints.mins) and not packed(weight).fmt.half
