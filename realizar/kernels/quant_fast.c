@@ -567,7 +567,7 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
 }
 
 #if defined(YMM)
-/* fast_scales for rows 8h .. 8h + 7 */
+/* 32 bytes at p */
 static inline __m256i ints32(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 /* top_bits for 32 bytes */
 static inline __attribute__((always_inline)) __m256i top_bits8(__m256i top, int s) {
@@ -826,7 +826,9 @@ static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows
     const int64_t K = q->K, blocks = K / QK;
     for (int64_t m = m0; m < m0 + rows; m++) {
         const float *row = q->x + m * q->ldx;
+#if !defined(YMM)
         int8_t *const xa0 = q->xq + x_at(m, 0, blocks);  /* block b's a terms at xa0 + b * 2 XG QK */
+#endif
         const int64_t f0 = f_at(m, 0, blocks);           /* block b's factors at f0 + b * XG */
         for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
             /* the scales of 16 blocks at once: their divisions are one vector division each, where
@@ -847,7 +849,6 @@ static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows
             for (int i = 0; i < n; i++) {
                 const int64_t b = b0 + i;
                 const float *v = row + b * QK;
-                int8_t *const xa = xa0 + b * (2 * XG * QK), *const xb = xa + XG * QK;
                 /* 16 lanes at a time; rint16 rounds as rintf (to nearest, even) */
                 int32_t sums[2], a_sum = 0;
                 for (int h = 0; h < 2; h++) {
@@ -857,23 +858,23 @@ static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows
                     f32x16 fine = rint16((u - a * coarse[i]) * id[i]);
                     fine = max16(min16(fine, (f32x16){0} + 127.0f), (f32x16){0} - 127.0f);
                     const i32x16 ia = __builtin_convertvector(a, i32x16), ib = __builtin_convertvector(fine, i32x16);
+                    const i32x16 x_q = (ia << 8) + ib;
 #if defined(YMM)
                     /* one int16 term, 256 a + b, each group of 4 terms as x0, x2, x1, x3 (x16_at) */
-                    const i32x16 x16 = (ia << 8) + ib;
                     int16_t *const xw = (int16_t *)(void *)(q->xq + x16_at(m, b, blocks)) + 16 * h;
                     for (int k = 0; k < 16; k += 4) {
-                        xw[k] = (int16_t)x16[k];
-                        xw[k + 1] = (int16_t)x16[k + 2];
-                        xw[k + 2] = (int16_t)x16[k + 1];
-                        xw[k + 3] = (int16_t)x16[k + 3];
+                        xw[k] = (int16_t)x_q[k];
+                        xw[k + 1] = (int16_t)x_q[k + 2];
+                        xw[k + 2] = (int16_t)x_q[k + 1];
+                        xw[k + 3] = (int16_t)x_q[k + 3];
                     }
-                    (void)xb;
 #else
+                    int8_t *const xa = xa0 + b * (2 * XG * QK), *const xb = xa + XG * QK;
                     const i8x16 na = __builtin_convertvector(ia, i8x16), nb = __builtin_convertvector(ib, i8x16);
                     memcpy(xa + 16 * h, &na, sizeof na);
                     memcpy(xb + 16 * h, &nb, sizeof nb);
 #endif
-                    sums[h] = sum_lanes((ia << 8) + ib);
+                    sums[h] = sum_lanes(x_q);
                     if (q->cs1) a_sum += sum_lanes(ia);
                 }
                 const int32_t sum = sums[0] + sums[1];
