@@ -10,7 +10,7 @@
 - **GGUF block-quantized weights** (:class:`QuantLinear`): kept in their blocks, repacked once
   into ``quant_gemm.c``'s records, dequantized exactly in the kernel. A decode step then reads
   0.6-1.1 bytes per weight instead of 4. Its fast class (``fast=True``: each activation as two
-  int8 terms, integer dot products: every row with VNNI, up to ``fast_max_rows`` rows elsewhere and
+  int8 terms, integer dot products: every row with VNNI or AVX2, up to ``fast_max_rows`` rows elsewhere and
   the exact products for more) is not exact but passes the quality gate
   (``benchmarks/quality.py``); ``auto`` times both classes at load and keeps the faster.
 - **RMSNorm, RoPE, SiLU-and-multiply** (``pointwise.c``): one pass each.

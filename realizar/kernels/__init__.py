@@ -136,7 +136,7 @@ class QuantPacked:
 FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_SIXES = 0, 1, 2, 3  # quant_fast.c's kinds of a fast record's integers
 FAST_HALF, FAST_TWO_D, FAST_MIN, FAST_SUPER = 8, 16, 32, 64  # quant_fast.c's flags of a fast record's scales
 SUPER_BLOCKS = 8  # blocks of 32 terms in a k-quant's super-block
-FAST_EVERY_ROW = 1 << 30  # quant_fast.c's FAST_MAX_ROWS where every row takes the integer products (VNNI)
+FAST_EVERY_ROW = 1 << 30  # quant_fast.c's FAST_MAX_ROWS where every row takes the integer products (VNNI, AVX2)
 
 
 @dataclass(frozen=True)

@@ -471,14 +471,13 @@ struct fjob {
 /* More rows go through the exact, buffered path (see realizar_quant_gemm_fast). With VNNI every row
  * takes the integer products: after one-panel tiles they beat dequantizing even at a 512-token
  * prompt (demo model, one thread: a 16-sequence decode step 43.6 against 55.3 ms, a 512-token prefill
- * 1041 against 1222 ms). AVX2's int16 products (fast_tile16) beat dequantizing up to about 32 rows
- * and tie from about 48 (the demo model's decode step, two threads: 16 rows 32.4-35.2 ms against 37.9
- * with 8; 32 rows 55.5 against 61.3-62.5; 48 and 64 rows the same within the noise); builds with
- * neither keep their byte multiply-adds for decode steps of a few sequences. */
-#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+ * 1041 against 1222 ms). So do AVX2's int16 products (fast_tile16), now that quantize_rows keeps its
+ * vectors in registers there (rint16): the demo model's decode step, two threads, medians of 3 runs
+ * each, 48 rows 77-89 against 87-90 ms, 64 rows 101-104 against 112-117; its layers' products at 256
+ * rows 5 % faster (gate_up 11 %, down the same) and gate_up's at 512 rows 11 %. Builds with neither keep
+ * their byte multiply-adds for decode steps of a few sequences. */
+#if (defined(__AVX512VNNI__) && defined(__AVX512F__)) || defined(YMM)
 #define FAST_MAX_ROWS (1 << 30)  /* every row; kernels.FAST_EVERY_ROW says the same */
-#elif defined(YMM)
-#define FAST_MAX_ROWS 32
 #else
 #define FAST_MAX_ROWS 8
 #endif
@@ -635,6 +634,7 @@ static inline __attribute__((always_inline)) void fast_tile16(const int KIND, co
             const int64_t at = f_at(m, b, blocks);
             __m256i sum[FAST_NARROW_ROWS];
             for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
             for (int T = 0; T < 8; T++) {
                 __m256i even, odd;
                 weights16(KIND, q, T, h, &even, &odd);
@@ -755,6 +755,14 @@ static inline f32x16 rint16(f32x16 v) {
     const f32x16 magic = (f32x16){0} + 12582912.0f;
 #if defined(__AVX512F__)
     __asm__("" : "+v"(v));
+#elif defined(__AVX__)
+    /* v in two 32-byte registers: as four 16-byte ones, GCC stored the parts and loaded them back whole,
+     * a store the load could not take its bytes from (43 % of AVX2's quantize_rows waited on it) */
+    typedef float f32x8 __attribute__((vector_size(32)));
+    f32x8 part[2];
+    memcpy(part, &v, sizeof part);
+    __asm__("" : "+x"(part[0]), "+x"(part[1]));
+    memcpy(&v, part, sizeof part);
 #elif defined(__x86_64__)
     typedef float f32x4 __attribute__((vector_size(16)));  /* v in four 16-byte registers */
     f32x4 part[4];
@@ -765,18 +773,37 @@ static inline f32x16 rint16(f32x16 v) {
     return (v + magic) - magic;
 }
 
-/* lane-wise min and max (C has no ?: on vectors) */
+/* lane-wise min and max (C has no ?: on vectors): a < b ? a : b and a > b ? a : b, which is what vminps and
+ * vmaxps give, NaNs included (the second operand); GCC compares and blends otherwise */
 static inline f32x16 min16(f32x16 a, f32x16 b) {
+#if defined(__AVX512F__)
+    __m512 x, y;
+    memcpy(&x, &a, sizeof x);
+    memcpy(&y, &b, sizeof y);
+    x = _mm512_min_ps(x, y);
+    memcpy(&a, &x, sizeof a);
+    return a;
+#else
     const i32x16 less = a < b;
     return (f32x16)(((i32x16)a & less) | ((i32x16)b & ~less));
+#endif
 }
 
 static inline f32x16 max16(f32x16 a, f32x16 b) {
+#if defined(__AVX512F__)
+    __m512 x, y;
+    memcpy(&x, &a, sizeof x);
+    memcpy(&y, &b, sizeof y);
+    x = _mm512_max_ps(x, y);
+    memcpy(&a, &x, sizeof a);
+    return a;
+#else
     const i32x16 more = a > b;
     return (f32x16)(((i32x16)a & more) | ((i32x16)b & ~more));
+#endif
 }
 
-/* The largest lane of v, and the sum of v's lanes. */
+/* The largest lane of v */
 static float max_lane(f32x16 v) {
 #if defined(__AVX512F__)
     __m512 r;
@@ -789,17 +816,6 @@ static float max_lane(f32x16 v) {
 #endif
 }
 
-static int32_t sum_lanes(i32x16 v) {
-#if defined(__AVX512F__)
-    __m512i r;
-    memcpy(&r, &v, sizeof r);
-    return _mm512_reduce_add_epi32(r);
-#else
-    int32_t sum = 0;
-    for (int k = 0; k < 16; k++) sum += v[k];
-    return sum;
-#endif
-}
 
 #define QUANTIZE_ROWS 8
 
@@ -813,6 +829,30 @@ struct quantize_job {
     int32_t *cs1;  /* c times the block's sum of the a terms, for the a terms alone; NULL: not wanted */
 };
 
+/* Lane i: the sum (MAX: the largest) of v[i]'s 16 lanes, for 16 vectors at once: 15 vector operations and 30
+ * two-vector shuffles, halving the vectors and their partial results at each of 4 levels. (One vector's
+ * lanes reduced at a time took 4 shuffles and 4 operations each, and the results left through scalar
+ * stores that the next vector load waited on: a 64-row decode step spent 8 % of its time quantizing.)
+ * MAX compares as int32, which orders non-negative floats' bits as the floats. */
+#define SHUFFLE16(a, b, ...) __builtin_shuffle(a, b, (i32x16){__VA_ARGS__})
+static inline __attribute__((always_inline)) i32x16 reduce_pair(const int MAX, i32x16 x, i32x16 y) {
+    return MAX ? (i32x16)(((x > y) & x) | (~(x > y) & y)) : x + y;
+}
+static inline __attribute__((always_inline)) i32x16 transposed16(const int MAX, const i32x16 v[16]) {
+    i32x16 c[8], d[4], e[2];
+    for (int i = 0; i < 8; i++)  /* c[i]: 8 partials of v[2i], then 8 of v[2i + 1] */
+        c[i] = reduce_pair(MAX, SHUFFLE16(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                           SHUFFLE16(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
+    for (int i = 0; i < 4; i++)  /* d[i]: 4 partials of each of v[4i] .. v[4i + 3] */
+        d[i] = reduce_pair(MAX, SHUFFLE16(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+                           SHUFFLE16(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31));
+    for (int i = 0; i < 2; i++)  /* e[i]: 2 partials of each of v[8i] .. v[8i + 7] */
+        e[i] = reduce_pair(MAX, SHUFFLE16(d[2 * i], d[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+                           SHUFFLE16(d[2 * i], d[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31));
+    return reduce_pair(MAX, SHUFFLE16(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                       SHUFFLE16(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+}
+
 /* Rows m0 .. m0 + rows of the job's x [M, K] to two int8 terms per 32-term block, x ~= d (256 a + b):
  * a = round(x / (256 d)) with 256 d = max |x| / 127, as llama.cpp's Q8_1, and b = round(the remainder / d),
  * |b| <= 128 clamped to 127. The error is at most d / 2 = max |x| / 65024 per term, about 256
@@ -821,9 +861,11 @@ struct quantize_job {
  * the block's sum of 256 a + b, the min's factor; cs: c times that sum) are laid out by x_at and
  * f_at; sx [M, K / 16] holds the sums over each 16 terms. A single int8 term fails the gate in
  * every kind of layer alone, too (by emulation: down projections 98.05 %, the LM head 97.22 %).
- * AVX2 builds store 256 a + b as one int16 instead (x16_at), for fast_tile16's madd. */
+ * AVX2 builds store 256 a + b as one int16 instead (x16_at), for fast_tile16's madd. 16 blocks at a
+ * time, their maxima and sums reduced together (transposed16). */
 static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows) {
     const int64_t K = q->K, blocks = K / QK;
+    const i32x16 magnitude = (i32x16){0} + 0x7fffffff;
     for (int64_t m = m0; m < m0 + rows; m++) {
         const float *row = q->x + m * q->ldx;
 #if !defined(YMM)
@@ -831,60 +873,67 @@ static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows
 #endif
         const int64_t f0 = f_at(m, 0, blocks);           /* block b's factors at f0 + b * XG */
         for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
-            /* the scales of 16 blocks at once: their divisions are one vector division each, where
-             * a block's own four divisions had been a chain every block waited on */
             const int n = blocks - b0 < 16 ? (int)(blocks - b0) : 16;
-            f32x16 amax = {0};
-            for (int i = 0; i < n; i++) {
-                const float *v = row + (b0 + i) * QK;
-                f32x16 v0, v1;
-                memcpy(&v0, v, sizeof v0);
-                memcpy(&v1, v + 16, sizeof v1);
-                const i32x16 magnitude = (i32x16){0} + 0x7fffffff;
-                amax[i] = max_lane(max16((f32x16)((i32x16)v0 & magnitude), (f32x16)((i32x16)v1 & magnitude)));
+            i32x16 v[32], a_terms[16];  /* v: each block's two halves, first |x|, then 256 a + b */
+            for (int i = 0; i < 16; i++) {
+                f32x16 v0 = {0}, v1 = {0};
+                if (i < n) {
+                    memcpy(&v0, row + (b0 + i) * QK, sizeof v0);
+                    memcpy(&v1, row + (b0 + i) * QK + 16, sizeof v1);
+                }
+                v[i] = reduce_pair(1, (i32x16)v0 & magnitude, (i32x16)v1 & magnitude);
             }
+            /* the scales of 16 blocks at once: their divisions are one vector division each */
+            const f32x16 amax = (f32x16)transposed16(1, v);
             const f32x16 coarse = amax / 127.0f, d = coarse / 256.0f;
             const i32x16 zero_c = coarse > 0.0f, zero_d = d > 0.0f;  /* -1 where the scale is not 0 */
             const f32x16 id_coarse = (f32x16)((i32x16)(1.0f / coarse) & zero_c), id = (f32x16)((i32x16)(1.0f / d) & zero_d);
-            for (int i = 0; i < n; i++) {
+            for (int i = 0; i < 16; i++) {
                 const int64_t b = b0 + i;
-                const float *v = row + b * QK;
+                a_terms[i] = v[2 * i] = v[2 * i + 1] = (i32x16){0};
+                if (i >= n) continue;
+                const float *const x = row + b * QK;
                 /* 16 lanes at a time; rint16 rounds as rintf (to nearest, even) */
-                int32_t sums[2], a_sum = 0;
                 for (int h = 0; h < 2; h++) {
                     f32x16 u;
-                    memcpy(&u, v + 16 * h, sizeof u);
+                    memcpy(&u, x + 16 * h, sizeof u);
                     const f32x16 a = rint16(u * id_coarse[i]);
                     f32x16 fine = rint16((u - a * coarse[i]) * id[i]);
                     fine = max16(min16(fine, (f32x16){0} + 127.0f), (f32x16){0} - 127.0f);
                     const i32x16 ia = __builtin_convertvector(a, i32x16), ib = __builtin_convertvector(fine, i32x16);
                     const i32x16 x_q = (ia << 8) + ib;
 #if defined(YMM)
-                    /* one int16 term, 256 a + b, each group of 4 terms as x0, x2, x1, x3 (x16_at) */
-                    int16_t *const xw = (int16_t *)(void *)(q->xq + x16_at(m, b, blocks)) + 16 * h;
-                    for (int k = 0; k < 16; k += 4) {
-                        xw[k] = (int16_t)x_q[k];
-                        xw[k + 1] = (int16_t)x_q[k + 2];
-                        xw[k + 2] = (int16_t)x_q[k + 1];
-                        xw[k + 3] = (int16_t)x_q[k + 3];
-                    }
+                    /* one int16 term, 256 a + b (|256 a + b| < 2^15), each group of 4 terms as x0, x2, x1, x3 (x16_at) */
+                    typedef int16_t i16x16 __attribute__((vector_size(32)));
+                    const i16x16 words = __builtin_shuffle(__builtin_convertvector(x_q, i16x16),
+                                                           (i16x16){0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15});
+                    memcpy(q->xq + x16_at(m, b, blocks) + 32 * h, &words, sizeof words);
 #else
                     int8_t *const xa = xa0 + b * (2 * XG * QK), *const xb = xa + XG * QK;
                     const i8x16 na = __builtin_convertvector(ia, i8x16), nb = __builtin_convertvector(ib, i8x16);
                     memcpy(xa + 16 * h, &na, sizeof na);
                     memcpy(xb + 16 * h, &nb, sizeof nb);
 #endif
-                    sums[h] = sum_lanes(x_q);
-                    if (q->cs1) a_sum += sum_lanes(ia);
+                    v[2 * i + h] = x_q;
+                    a_terms[i] += ia;
                 }
-                const int32_t sum = sums[0] + sums[1];
-                const int64_t at = f0 + b * XG;
+            }
+            /* lane 2i + h: the sum of block b0 + i's half h (blocks 8 .. 15 in the second), then each
+             * block's sum */
+            const i32x16 halves0 = transposed16(0, v), halves1 = transposed16(0, v + 16);
+            const i32x16 sums = SHUFFLE16(halves0, halves1, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+                                + SHUFFLE16(halves0, halves1, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            int32_t *const sx = q->sx + m * (K / 16) + 2 * b0;
+            memcpy(sx, &halves0, sizeof(int32_t) * (size_t)(n < 8 ? 2 * n : 16));
+            if (n > 8) memcpy(sx + 16, &halves1, sizeof(int32_t) * (size_t)(2 * n - 16));
+            const f32x16 dxs = d * __builtin_convertvector(sums, f32x16);  /* the min's factor */
+            const i32x16 cs = q->c * sums, cs1 = q->cs1 ? q->c * transposed16(0, a_terms) : (i32x16){0};
+            for (int i = 0; i < n; i++) {
+                const int64_t at = f0 + (b0 + i) * XG;
                 q->dx[at] = d[i];
-                q->dxs[at] = d[i] * (float)sum;  /* the min's factor */
-                q->cs[at] = q->c * sum;
-                if (q->cs1) q->cs1[at] = q->c * a_sum;
-                q->sx[m * (K / 16) + 2 * b] = sums[0];
-                q->sx[m * (K / 16) + 2 * b + 1] = sums[1];
+                q->dxs[at] = dxs[i];
+                q->cs[at] = cs[i];
+                if (q->cs1) q->cs1[at] = cs1[i];
             }
         }
     }
@@ -1002,8 +1051,8 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
 /* y [M, N] (row stride ldy) ~= x [M, K] times the fast records `w` of kind `kind` with integer
  * offset c. Returns 0, or -1 when a buffer could not be allocated.
  *
- * Integer dot products for up to FAST_MAX_ROWS rows (every row with VNNI; a decode step of a few
- * sequences with AVX2), where they cost less than dequantizing: each row pays for its own integer
+ * Integer dot products for up to FAST_MAX_ROWS rows (every row with VNNI or AVX2; a decode step of a
+ * few sequences elsewhere), where they cost less than dequantizing: each row pays for its own integer
  * products, while the exact path dequantizes a weight once for all its rows (into the buffer, as
  * realizar_quant_gemm does beyond DIRECT_MAX_ROWS), which AVX2's byte multiply-adds cannot beat from
  * about 16 rows. A row's result then depends on how many rows come with it, but each is either the
