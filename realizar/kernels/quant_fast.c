@@ -247,8 +247,8 @@ static inline i32x16 dot4_signed(i32x16 acc, u8x64 w, int32_t x4) {
     memcpy(&r, sums, sizeof r);
     return acc + r;
 #else
-    for (int j = 0; j < 16; j++)
-        for (int i = 0; i < 4; i++) acc[j] += (int32_t)s[4 * j + i] * ((const int8_t *)&x4)[i];
+    for (int j = 0; j < 16; j++)  /* as the dot products above: |w| (unsigned) times x with w's sign */
+        for (int i = 0; i < 4; i++) acc[j] += (int32_t)(uint8_t)magnitude[4 * j + i] * signed_x[4 * j + i];
     return acc;
 #endif
 }
