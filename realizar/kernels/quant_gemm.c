@@ -224,7 +224,7 @@ static void run_unit(const void *arg, int64_t unit) {
     const int64_t chunks = (panels + j->chunk - 1) / j->chunk;
     const int64_t m0 = unit / chunks * MC, p0 = unit % chunks * j->chunk;
     const int64_t m1 = j->M - m0 < MC ? j->M : m0 + MC, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
-    const int64_t size = realizar_quant_record_bytes(j->fmt);
+    const int64_t size = j->fast ? 0 : realizar_quant_record_bytes(j->fmt);  /* the exact records' */
     const int64_t pbytes = j->fast ? realizar_fast_panel_bytes(j->fmt, blocks) : blocks * size;
     float *buffer = scratch(j->group * j->pass * QK * NR);
     if (!buffer) {
@@ -530,7 +530,7 @@ static void run_row(const void *arg, int64_t i) {
         return;
     }
     const int64_t blocks = j->K / QK;
-    const int64_t size = realizar_quant_record_bytes(j->fmt);
+    const int64_t size = j->fast ? 0 : realizar_quant_record_bytes(j->fmt);  /* the exact records' */
     const int64_t p = j->ids[i] / NR, r = j->ids[i] % NR;
     const uint8_t *panel = j->w + p * (j->fast ? realizar_fast_panel_bytes(j->fmt, blocks) : blocks * size);
     for (int64_t b = 0; b < blocks; b++) {
