@@ -456,7 +456,8 @@ struct fjob {
 
 /* Rows per tile: 8 sums and 8 float accumulators beside the block's 8 weight vectors (one thread, 64
  * rows of the demo model's gate_up: 4-row tiles with two sums per row took 8 % longer); the kinds with a
- * d for each 16 terms keep two sums per term and row, and AVX2 has 16 registers, so 4 rows there. */
+ * d for each 16 terms keep two sums per term and row, so 4 rows there. AVX2 (fast_tile16) takes 8 rows
+ * too, for the kinds with one d per 32 terms. */
 #define FAST_ROWS 8
 /* How far ahead a one-row product of 6-bit records asks for them: unpacking them, it keeps fewer
  * reads in flight than the hardware's prefetcher needs (the 1B model's one-sequence step, median of 8:
@@ -617,22 +618,24 @@ static inline __attribute__((always_inline)) void weights16(const int KIND, cons
 
 /* fast_tile for AVX2: the activations' single int16 term (x16_at) times the weights as int16 with madd,
  * 16 multiply-adds an instruction, where the two int8 terms took two maddubs and two madds for 32: the
- * same integer sums, in half the multiplies. AVX2's 16 registers: the 8 rows of each half of the
- * outputs (h) in turn over all the blocks, a row's integer sum and its floats live. */
+ * same integer sums, in half the multiplies. AVX2's 16 registers: the 8 outputs of each half of the
+ * panel (h) in turn over all the blocks, the rows' integer sums in registers. 8 rows share each
+ * unpacked weight vector (R = 8, the one-d kinds: 5-7 % less time than 4-row tiles over the demo model's
+ * layers at 16 and 64 rows, one process with both builds), their float sums spilling to the stack. */
 static inline __attribute__((always_inline)) void fast_tile16(const int KIND, const int R, const struct fjob *j,
                                                               int64_t m, int64_t p, int64_t cols) {
     const int64_t K = j->K, blocks = K / QK;
     const uint8_t *const base = j->w + p * fast_panel_bytes(KIND, blocks);
-    float out[FAST_NARROW_ROWS][NR];
+    float out[FAST_ROWS][NR];
     for (int h = 0; h < 2; h++) {
-        v8 acc[FAST_NARROW_ROWS];
+        v8 acc[FAST_ROWS];
         for (int r = 0; r < R; r++) acc[r] = (v8){0};
         for (int64_t b = 0; b < blocks; b++) {
             /* the scales are read after the products: 4 rows' sums and floats, the weights and the
              * activations fill the 16 registers, and the scales live only for the sums' last step */
             const uint8_t *const q = fast_ints_at(KIND, base, b);
             const int64_t at = f_at(m, b, blocks);
-            __m256i sum[FAST_NARROW_ROWS];
+            __m256i sum[FAST_ROWS];
             for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
 #pragma GCC unroll 8
             for (int T = 0; T < 8; T++) {
@@ -711,11 +714,7 @@ static inline __attribute__((always_inline)) void fast_tile16(const int KIND, co
         default: TILE_(j->kind, R_); break;                                         \
     }
 
-#if defined(YMM)
-#define FAST_WIDE_TILES 0
-#else
 #define FAST_WIDE_TILES (FAST_ROWS == 8)
-#endif
 
 static void run_fast_unit(const void *arg, int64_t unit) {
     const struct fjob *j = (const struct fjob *)arg;
@@ -726,12 +725,14 @@ static void run_fast_unit(const void *arg, int64_t unit) {
         const int64_t cols = p < full ? NR : j->N - p * NR;
         for (int64_t m = 0; m < j->M;) {
             if (wide && j->M - m >= FAST_ROWS) {
-#if FAST_WIDE_TILES
+#if FAST_WIDE_TILES && !defined(YMM)
                 if (j->terms == 1) {
                     FAST_KINDS_ONE_D(FAST_TILE_A, FAST_ROWS);
                 } else {
                     FAST_KINDS_ONE_D(FAST_TILE, FAST_ROWS);
                 }
+#elif FAST_WIDE_TILES
+                FAST_KINDS_ONE_D(FAST_TILE, FAST_ROWS);
 #endif
                 m += FAST_ROWS;
                 continue;
@@ -1002,7 +1003,13 @@ static void run_ranked_row(const void *arg, int64_t row) {
 
 /* The fewest rows realizar_quant_gemm_fast_ranked ranks: those of an 8-row tile (0 where the build has
  * none, and never ranks). */
-int realizar_fast_ranked_rows(void) { return FAST_WIDE_TILES ? FAST_ROWS : 0; }
+int realizar_fast_ranked_rows(void) {
+#if defined(YMM)
+    return 0;
+#else
+    return FAST_WIDE_TILES ? FAST_ROWS : 0;
+#endif
+}
 
 /* realizar_quant_gemm_fast, whose outputs are exact to its own class only where they rank among the
  * largest of their row, with `top` = 0 as realizar_quant_gemm_fast itself. See
