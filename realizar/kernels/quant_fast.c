@@ -774,33 +774,23 @@ static inline f32x16 rint16(f32x16 v) {
     return (v + magic) - magic;
 }
 
-/* lane-wise min and max (C has no ?: on vectors): a < b ? a : b and a > b ? a : b, which is what vminps and
- * vmaxps give, NaNs included (the second operand); GCC compares and blends otherwise */
-static inline f32x16 min16(f32x16 a, f32x16 b) {
+/* v clamped to [-127, 127] lane by lane, as max(min(v, 127), -127) with C's ?: (vminps and vmaxps: NaNs
+ * give the second operand; C has no ?: on vectors, and GCC compares and blends without them) */
+static inline f32x16 clamp127(f32x16 v) {
+    const f32x16 top = (f32x16){0} + 127.0f, bottom = (f32x16){0} - 127.0f;
 #if defined(__AVX512F__)
-    __m512 x, y;
-    memcpy(&x, &a, sizeof x);
-    memcpy(&y, &b, sizeof y);
-    x = _mm512_min_ps(x, y);
-    memcpy(&a, &x, sizeof a);
-    return a;
+    __m512 x, t, u;
+    memcpy(&x, &v, sizeof x);
+    memcpy(&t, &top, sizeof t);
+    memcpy(&u, &bottom, sizeof u);
+    x = _mm512_max_ps(_mm512_min_ps(x, t), u);
+    memcpy(&v, &x, sizeof v);
+    return v;
 #else
-    const i32x16 less = a < b;
-    return (f32x16)(((i32x16)a & less) | ((i32x16)b & ~less));
-#endif
-}
-
-static inline f32x16 max16(f32x16 a, f32x16 b) {
-#if defined(__AVX512F__)
-    __m512 x, y;
-    memcpy(&x, &a, sizeof x);
-    memcpy(&y, &b, sizeof y);
-    x = _mm512_max_ps(x, y);
-    memcpy(&a, &x, sizeof a);
-    return a;
-#else
-    const i32x16 more = a > b;
-    return (f32x16)(((i32x16)a & more) | ((i32x16)b & ~more));
+    const i32x16 below = v < top;
+    v = (f32x16)(((i32x16)v & below) | ((i32x16)top & ~below));
+    const i32x16 above = v > bottom;
+    return (f32x16)(((i32x16)v & above) | ((i32x16)bottom & ~above));
 #endif
 }
 
@@ -900,7 +890,7 @@ static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows
                     memcpy(&u, x + 16 * h, sizeof u);
                     const f32x16 a = rint16(u * id_coarse[i]);
                     f32x16 fine = rint16((u - a * coarse[i]) * id[i]);
-                    fine = max16(min16(fine, (f32x16){0} + 127.0f), (f32x16){0} - 127.0f);
+                    fine = clamp127(fine);
                     const i32x16 ia = __builtin_convertvector(a, i32x16), ib = __builtin_convertvector(fine, i32x16);
                     const i32x16 x_q = (ia << 8) + ib;
 #if defined(YMM)
