@@ -714,25 +714,23 @@ static inline __attribute__((always_inline)) void fast_tile16(const int KIND, co
         default: TILE_(j->kind, R_); break;                                         \
     }
 
-#define FAST_WIDE_TILES (FAST_ROWS == 8)
-
 static void run_fast_unit(const void *arg, int64_t unit) {
     const struct fjob *j = (const struct fjob *)arg;
     const int64_t panels = (j->N + NR - 1) / NR, full = j->N / NR;
     const int64_t p0 = unit * j->chunk, p1 = panels - p0 < j->chunk ? panels : p0 + j->chunk;
-    const int wide = FAST_WIDE_TILES && !(j->kind & FAST_TWO_D);
+    const int wide = !(j->kind & FAST_TWO_D);  /* FAST_ROWS-row tiles for the kinds with one d per 32 terms */
     for (int64_t p = p0; p < p1; p++) {
         const int64_t cols = p < full ? NR : j->N - p * NR;
         for (int64_t m = 0; m < j->M;) {
             if (wide && j->M - m >= FAST_ROWS) {
-#if FAST_WIDE_TILES && !defined(YMM)
+#if defined(YMM)
+                FAST_KINDS_ONE_D(FAST_TILE, FAST_ROWS);  /* AVX2 never ranks: both terms always */
+#else
                 if (j->terms == 1) {
                     FAST_KINDS_ONE_D(FAST_TILE_A, FAST_ROWS);
                 } else {
                     FAST_KINDS_ONE_D(FAST_TILE, FAST_ROWS);
                 }
-#elif FAST_WIDE_TILES
-                FAST_KINDS_ONE_D(FAST_TILE, FAST_ROWS);
 #endif
                 m += FAST_ROWS;
                 continue;
@@ -992,13 +990,13 @@ static void run_ranked_row(const void *arg, int64_t row) {
     }
 }
 
-/* The fewest rows realizar_quant_gemm_fast_ranked ranks: those of an 8-row tile (0 where the build has
- * none, and never ranks). */
+/* The fewest rows realizar_quant_gemm_fast_ranked ranks: those of a FAST_ROWS-row tile (0 on AVX2, whose
+ * tiles have no a-terms-alone pass, and which never ranks). */
 int realizar_fast_ranked_rows(void) {
 #if defined(YMM)
     return 0;
 #else
-    return FAST_WIDE_TILES ? FAST_ROWS : 0;
+    return FAST_ROWS;
 #endif
 }
 

@@ -363,7 +363,7 @@ def test_ranked_products_keep_the_fast_class_where_a_row_is_largest(cpu_kernels:
     """An LM head's ranked products: in each row, the ``top`` panels (16 outputs each) that are largest
     from the coarse term alone hold the fast class's own floats, bit for bit, so the argmax and what
     sampling draws from are the fast class's; the other outputs are the coarse term's product. Under
-    ``ranked_rows`` rows (a build without 8-row tiles: always), over ``fast_max_rows`` (the exact path),
+    ``ranked_rows`` rows (a build that never ranks, AVX2's: always), over ``fast_max_rows`` (the exact path),
     with top 0 or a d per 16 terms (Q6_K): the fast class."""
     n, k = 16 * 40 + 5, 256
     gen = torch.Generator().manual_seed(7)
