@@ -1,0 +1,101 @@
+"""The emulated precisions of benchmarks/precision.py and the instruction loops of
+benchmarks/dot_peak.py: the roundings stay within their formats' error, and each loop's assembly
+builds and runs where the CPU has its instruction."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def _module(name: str) -> Iterator[ModuleType]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT / "benchmarks"))
+        sys.modules.pop(name, None)
+        yield importlib.import_module(name)
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def precision() -> Iterator[ModuleType]:
+    yield from _module("precision")
+
+
+@pytest.fixture(scope="module")
+def dot_peak() -> Iterator[ModuleType]:
+    yield from _module("dot_peak")
+
+
+@pytest.mark.parametrize("group", [32, 16, 8])
+def test_one_int8_term_is_within_half_a_step_of_each_group(precision: ModuleType, group: int) -> None:
+    x = torch.randn(5, 96) * torch.logspace(-3, 2, 96)  # groups of very different sizes
+    x[2, :group] = 0  # an all-zero group stays zero
+    y = precision.one_int8_term(x, group)
+    step = x.reshape(5, -1, group).abs().amax(-1, keepdim=True) / 127
+    err = (y - x).reshape(5, -1, group).abs()
+    assert torch.all(err <= step / 2 * (1 + 1e-5) + 1e-12)
+    assert torch.all(y[2, :group] == 0)
+    # integers of the step: at most 255 levels per group, and the largest value exact
+    levels = (y.reshape(5, -1, group) / torch.where(step == 0, torch.ones_like(step), step)).round()
+    assert levels.abs().max() <= 127
+    peak = x.reshape(5, -1, group).abs().argmax(-1, keepdim=True)
+    assert torch.allclose(y.reshape(5, -1, group).gather(-1, peak), x.reshape(5, -1, group).gather(-1, peak))
+
+
+def test_int8_per_head_rounds_each_token_and_head_alone(precision: ModuleType) -> None:
+    k = torch.randn(4, 3, 64)
+    k[1, 2] *= 1000  # one head of one token much larger: the others keep their own scale
+    y = precision.int8_per_head(k)
+    step = k.abs().amax(-1, keepdim=True) / 127
+    assert torch.all((y - k).abs() <= step / 2 * (1 + 1e-5))
+    assert (y - k)[0].abs().max() < 0.05
+
+
+def test_rounded_input_rounds_before_the_layer_and_its_ranking(precision: ModuleType) -> None:
+    seen: list[torch.Tensor] = []
+
+    class Layer:
+        out_features = 7
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x)
+            return x
+
+        def ranked(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x)
+            return x
+
+    wrapped = precision.RoundedInput(Layer(), lambda x: x.round())
+    x = torch.tensor([[0.4, 1.6]])
+    assert torch.equal(wrapped(x), torch.tensor([[0.0, 2.0]]))
+    assert torch.equal(wrapped.ranked(x), torch.tensor([[0.0, 2.0]]))
+    assert wrapped.out_features == 7 and len(seen) == 2
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
+def test_each_instruction_loop_builds_and_runs_where_the_cpu_has_it(dot_peak: ModuleType, tmp_path: Path) -> None:
+    flags = dot_peak.cpu_flags()
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    ran = 0
+    for instruction, width, flag, macs, _path in dot_peak.INSTRUCTIONS:
+        assert macs in (8, 16, 32)
+        if flag not in flags:
+            continue
+        source, binary = tmp_path / f"{instruction}_{width}.c", tmp_path / f"{instruction}_{width}"
+        source.write_text(dot_peak.program(instruction, width, iterations=14 * 10_000))
+        subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source)], check=True)
+        rate = float(subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout)
+        assert rate > 0
+        ran += 1
+    if not ran:
+        pytest.skip("this CPU has none of the timed instructions (needs fma, avx2 or AVX-512)")
