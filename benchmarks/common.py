@@ -153,13 +153,12 @@ def machine_line() -> str:
     """One line describing this machine, for the top of every report. Cached, so
     the load average is the one of the first call: call it when the run starts."""
     cpu = "unknown CPU"
-    flags: set[str] = set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown CPU":
+            if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+                break
+    flags = cpu_info().flags
     isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
     mem = psutil.virtual_memory().total / 2**30
     load = os.getloadavg()[0]

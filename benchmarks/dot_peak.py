@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import cpu_info
+
 # instruction, operands' register width, the CPU flag it needs, multiply-adds a path gets from one, the path
 INSTRUCTIONS = [
     ("vpdpbusd", "zmm", "avx512_vnni", 32, "realizar fast class (2 int8 terms), AVX-512 VNNI"),
@@ -58,21 +60,11 @@ int main(void) {{
 """
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags, from /proc/cpuinfo (none elsewhere)."""
-    if not Path("/proc/cpuinfo").exists():
-        return set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def main() -> int:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         sys.exit("dot_peak.py needs a C compiler (cc)")
-    flags = cpu_flags()
+    flags = cpu_info().flags
     print("| instruction | G instructions/s, one core | multiply-adds each | G multiply-adds/s | path |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,19 +39,12 @@ LAYER_KINDS = ("qkv", "o", "gate_up", "down")
 
 
 def one_int8_term(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``x [T, K]`` rounded to one int8 term per ``group`` terms of a row, scale max |x| / 127."""
-    t, k = x.shape
-    g = x.reshape(t, k // group, group)
+    """``x`` rounded to one int8 term per ``group`` consecutive terms of its last dimension, each group
+    with the scale max |x| / 127."""
+    g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
     d = g.abs().amax(-1, keepdim=True) / 127
     d = torch.where(d == 0, torch.ones_like(d), d)
-    return (torch.round(g / d).clamp(-127, 127) * d).reshape(t, k)
-
-
-def int8_per_head(x: torch.Tensor) -> torch.Tensor:
-    """``x [T, KV, hd]`` rounded to int8 with one scale per token and head."""
-    d = x.abs().amax(-1, keepdim=True) / 127
-    d = torch.where(d == 0, torch.ones_like(d), d)
-    return torch.round(x / d).clamp(-127, 127) * d
+    return (torch.round(g / d).clamp(-127, 127) * d).reshape(x.shape)
 
 
 class RoundedInput:
@@ -78,8 +71,9 @@ class RoundedKV(TorchBackend):
         self.keys, self.values = keys, values
 
     def write_kv(self, cache: KVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        super().write_kv(cache, layer, slots, int8_per_head(k) if self.keys else k,
-                         int8_per_head(v) if self.values else v)
+        head_dim = k.shape[-1]  # [T, KV, hd]: one scale per token and head
+        super().write_kv(cache, layer, slots, one_int8_term(k, head_dim) if self.keys else k,
+                         one_int8_term(v, head_dim) if self.values else v)
 
 
 def main() -> None:

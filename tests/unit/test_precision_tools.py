@@ -55,7 +55,7 @@ def test_one_int8_term_is_within_half_a_step_of_each_group(precision: ModuleType
 def test_int8_per_head_rounds_each_token_and_head_alone(precision: ModuleType) -> None:
     k = torch.randn(4, 3, 64)
     k[1, 2] *= 1000  # one head of one token much larger: the others keep their own scale
-    y = precision.int8_per_head(k)
+    y = precision.one_int8_term(k, 64)
     step = k.abs().amax(-1, keepdim=True) / 127
     assert torch.all((y - k).abs() <= step / 2 * (1 + 1e-5))
     assert (y - k)[0].abs().max() < 0.05
@@ -84,7 +84,7 @@ def test_rounded_input_rounds_before_the_layer_and_its_ranking(precision: Module
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
 def test_each_instruction_loop_builds_and_runs_where_the_cpu_has_it(dot_peak: ModuleType, tmp_path: Path) -> None:
-    flags = dot_peak.cpu_flags()
+    flags = dot_peak.cpu_info().flags
     compiler = shutil.which("cc") or shutil.which("gcc")
     ran = 0
     for instruction, width, flag, macs, _path in dot_peak.INSTRUCTIONS:
