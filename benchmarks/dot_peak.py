@@ -5,7 +5,7 @@ Usage (from the repository root)::
 
     .venv/bin/python benchmarks/dot_peak.py
 
-Compiles (with ``cc``) and runs a loop of 16 independent chains of each instruction this CPU has, and
+Compiles (with ``cc``) and runs a loop of 14 independent chains of each instruction this CPU has, and
 prints instructions per second and the multiply-adds per second each path gets from them. The
 multiply-adds an instruction is worth depend on the path: ``vpdpbusd`` multiplies 64 byte pairs, but
 realizar's fast class spends two of them per product (the activations' two int8 terms, see
