@@ -805,7 +805,6 @@ static float max_lane(f32x16 v) {
 #endif
 }
 
-
 #define QUANTIZE_ROWS 8
 
 struct quantize_job {
@@ -880,8 +879,11 @@ static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows
             const f32x16 id_coarse = (f32x16)((i32x16)(1.0f / coarse) & zero_c), id = (f32x16)((i32x16)(1.0f / d) & zero_d);
             for (int i = 0; i < 16; i++) {
                 const int64_t b = b0 + i;
-                a_terms[i] = v[2 * i] = v[2 * i + 1] = (i32x16){0};
-                if (i >= n) continue;
+                a_terms[i] = (i32x16){0};
+                if (i >= n) {  /* no block: nothing to add into the sums */
+                    v[2 * i] = v[2 * i + 1] = (i32x16){0};
+                    continue;
+                }
                 const float *const x = row + b * QK;
                 /* 16 lanes at a time; rint16 rounds as rintf (to nearest, even) */
                 for (int h = 0; h < 2; h++) {
@@ -905,7 +907,7 @@ static void quantize_rows(const struct quantize_job *q, int64_t m0, int64_t rows
                     memcpy(xb + 16 * h, &nb, sizeof nb);
 #endif
                     v[2 * i + h] = x_q;
-                    a_terms[i] += ia;
+                    if (q->cs1) a_terms[i] += ia;  /* only the ranked products read these sums */
                 }
             }
             /* lane 2i + h: the sum of block b0 + i's half h (blocks 8 .. 15 in the second), then each
