@@ -323,6 +323,11 @@ LLAMA_FLASH_ATTN = os.environ.get("LLAMA_FLASH_ATTN", "on")
 # llama.cpp's defaults, which its docs keep for CPUs: a logical batch of 2048 tokens
 # split into physical batches of 512 (larger ones only help a GPU's prompt processing)
 LLAMA_BATCH, LLAMA_UBATCH = 2048, 512
+# llama-server's weight repacking (--repack/--no-repack): on, llama.cpp's default, except where the CPU has
+# AMX-INT8. There the vendored llama.cpp repacks Q4_1 for its AMX kernels, and its first product dies of
+# SIGILL (a `tilezero` in tinygemm_kernel_amx, on an Intel Xeon with AMX under KVM, 2026-11-30), before
+# the server is ready; without repacking it runs its AVX-512 kernels. LLAMA_REPACK=on|off overrides it.
+LLAMA_REPACK = os.environ.get("LLAMA_REPACK", "")
 
 
 def llama_server_config(*, threads: int | None = None, parallel: int = 64, ctx_per_slot: int = 512) -> PeerConfig:
@@ -334,13 +339,18 @@ def llama_server_config(*, threads: int | None = None, parallel: int = 64, ctx_p
       own ``ctx_per_slot`` tokens of KV cache (``-c parallel * ctx_per_slot``; with an
       explicit ``-np`` llama-server splits the cache per slot, not unified).
     - ``-fa LLAMA_FLASH_ATTN``, ``-b``/``-ub`` llama.cpp's default batch sizes.
+    - ``--no-repack`` where the CPU has AMX-INT8 (see LLAMA_REPACK), else llama.cpp's default.
     """
     threads = threads or default_threads()
+    info = cpu_info()
+    repack = LLAMA_REPACK or ("off" if "amx_int8" in info.flags else "on")
     args = ("-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-c", str(parallel * ctx_per_slot),
             "-cb", "-fa", LLAMA_FLASH_ATTN, "-b", str(LLAMA_BATCH), "-ub", str(LLAMA_UBATCH))
+    if repack == "off":
+        args += ("--no-repack",)
     settings = {"threads": threads, "slots": parallel, "ctx per slot": ctx_per_slot,
                 "continuous batching": "on", "flash attention": LLAMA_FLASH_ATTN,
-                "batch/ubatch": f"{LLAMA_BATCH}/{LLAMA_UBATCH}", "CPU": cpu_info().isa}
+                "batch/ubatch": f"{LLAMA_BATCH}/{LLAMA_UBATCH}", "weight repacking": repack, "CPU": info.isa}
     return PeerConfig(args, {}, settings)
 
 

@@ -11,7 +11,9 @@ multiply-adds an instruction is worth depend on the path: ``vpdpbusd`` multiplie
 realizar's fast class spends two of them per product (the activations' two int8 terms, see
 ``realizar/kernels/quant_fast.c``), so 32 of its multiply-adds count; ``vdpbf16ps`` is vLLM's bfloat16
 (oneDNN without AMX) at 32 a zmm instruction; float32 FMAs are 16 a zmm and 8 a ymm; AVX2's
-``vpmaddwd`` (realizar's AVX2 fast class, one int16 term) is 16 a ymm.
+``vpmaddwd`` (realizar's AVX2 fast class, one int16 term) is 16 a ymm. AMX's tile instructions (Sapphire
+Rapids and later) multiply whole 16 x 16 tiles: ``tdpbf16ps`` is vLLM's bfloat16 where oneDNN finds AMX, and
+``tdpbssd`` what an int8 tile path of realizar's fast class would get (two terms: half its products count).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ INSTRUCTIONS = [
     ("vfmadd231ps", "zmm", "avx512f", 16, "float32 FMA (realizar exact class, vLLM float32)"),
     ("vpmaddwd", "ymm", "avx2", 16, "realizar fast class on AVX2 (one int16 term; plus an add each)"),
     ("vfmadd231ps", "ymm", "fma", 8, "float32 FMA, AVX2"),
+    # AMX: one tile instruction multiplies a 16 x 64-byte tile by a 16 x 64-byte one into 16 x 16 sums
+    ("tdpbssd", "tile", "amx_int8", 16 * 16 * 64 // 2, "int8 tiles, as realizar's 2 int8 terms would count them"),
+    ("tdpbf16ps", "tile", "amx_bf16", 16 * 16 * 32, "bfloat16 tiles (vLLM bf16, oneDNN with AMX)"),
 ]
 ITERATIONS = 400_000_000
 
@@ -60,6 +65,46 @@ int main(void) {{
 """
 
 
+def tile_program(instruction: str, iterations: int = ITERATIONS // 100) -> str:
+    """C source that times ``iterations`` of an AMX ``instruction`` as :func:`program` does, in 4 chains
+    (tiles 0-3 the sums, 4-7 the operands, every tile 16 rows of 64 bytes) after asking Linux for the
+    tiles' state (arch_prctl ARCH_REQ_XCOMP_PERM), which it lends only to a process that asks."""
+    chains = " ".join(f'"{instruction} %%tmm{4 + i % 2}, %%tmm{6 + i // 2}, %%tmm{i}\\n"' for i in range(4))
+    return f"""#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static double now(void) {{ struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }}
+int main(void) {{
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) {{ printf("0\\n"); return 0; }}
+    unsigned char config[64];
+    memset(config, 0, sizeof config);
+    config[0] = 1;  /* palette 1: then the bytes per row of tiles 0-15 (16 bits each), then their rows */
+    for (int t = 0; t < 8; t++) {{ config[16 + 2 * t] = 64; config[48 + t] = 16; }}
+    __asm__ volatile("ldtilecfg %0" :: "m"(config));
+    const long n = {iterations};
+    double best = 1e30;
+    for (int rep = 0; rep < 3; rep++) {{
+        const double t = now();
+        __asm__ volatile("mov %0, %%rcx\\n" "1:\\n" {chains} "sub $4, %%rcx\\n" "jg 1b\\n" :: "r"(n) : "rcx", "cc");
+        const double d = now() - t;
+        best = d < best ? d : best;
+    }}
+    __asm__ volatile("tilerelease");
+    printf("%.4f\\n", n / best / 1e9);
+    return 0;
+}}
+"""
+
+
+def source(instruction: str, width: str, iterations: int | None = None) -> str:
+    """The timing program of one entry of INSTRUCTIONS (``iterations``: the default of its kind)."""
+    if width == "tile":
+        return tile_program(instruction) if iterations is None else tile_program(instruction, iterations)
+    return program(instruction, width) if iterations is None else program(instruction, width, iterations)
+
+
 def main() -> int:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -72,10 +117,13 @@ def main() -> int:
             if flag not in flags:
                 print(f"| `{instruction}` {width} | (no `{flag}` here) | {macs} | - | {path} |")
                 continue
-            source, binary = Path(tmp) / "peak.c", Path(tmp) / "peak"
-            source.write_text(program(instruction, width))
-            subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source)], check=True)
+            source_file, binary = Path(tmp) / "peak.c", Path(tmp) / "peak"
+            source_file.write_text(source(instruction, width))
+            subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source_file)], check=True)
             rate = float(subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout)
+            if not rate:
+                print(f"| `{instruction}` {width} | (Linux lends no AMX state here) | {macs} | - | {path} |")
+                continue
             print(f"| `{instruction}` {width} | {rate:.2f} | {macs} | {rate * macs:.0f} | {path} |", flush=True)
     return 0
 

@@ -73,6 +73,18 @@ def test_llama_server_config(common: ModuleType, monkeypatch: pytest.MonkeyPatch
     assert "-cb" in args and value("-fa") == common.LLAMA_FLASH_ATTN
     assert config.settings["threads"] == 4 and config.settings["slots"] == 16
     assert "threads 4" in config.note() and "CPU AVX-512+AVX2" in config.note()
+    assert "--no-repack" not in args and config.settings["weight repacking"] == "on"
+
+
+def test_llama_server_runs_without_repacking_where_the_cpu_has_amx(common: ModuleType,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vendored llama.cpp's AMX kernels (reached through its repacked weights) die of SIGILL on an AMX
+    Xeon: there it runs with --no-repack, on its AVX-512 kernels, unless LLAMA_REPACK asks otherwise."""
+    monkeypatch.setattr(common, "cpu_info", lambda: _cpu(common, {"avx2", "avx512f", "amx_tile", "amx_int8"}))
+    config = common.llama_server_config()
+    assert "--no-repack" in config.args and config.settings["weight repacking"] == "off"
+    monkeypatch.setattr(common, "LLAMA_REPACK", "on")
+    assert "--no-repack" not in common.llama_server_config().args
 
 
 @pytest.mark.parametrize(("flags", "dtype", "kv_bytes"), [
