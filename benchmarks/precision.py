@@ -6,6 +6,8 @@ Usage (from the repository root)::
 
     .venv/bin/python benchmarks/precision.py                          # the default set (about 10 min)
     .venv/bin/python benchmarks/precision.py --groups 32,16,8 --kinds qkv --no-kv
+    .venv/bin/python benchmarks/precision.py --bf16                   # bfloat16 instead (about 4 min)
+    .venv/bin/python benchmarks/precision.py --int8-weights 0,64      # int8 weights per row / 64 terms
 
 Activations: each row's terms in groups of ``G``, each group one int8 term with the scale
 max |x| / 127 (what llama.cpp's Q8 activations do with G = 32), where realizar's fast class keeps two
@@ -76,6 +78,70 @@ class RoundedKV(TorchBackend):
                          one_int8_term(v, head_dim) if self.values else v)
 
 
+def in_layers(name: str) -> bool:
+    """Whether the tensor ``name`` is a decoder layer's (not the embedding, which is also the tied LM head)."""
+    return ".layers." in name
+
+
+def bfloat16(x: torch.Tensor) -> torch.Tensor:
+    return x.bfloat16().float()
+
+
+def bf16_rows(quantized: dict[str, Any], floats: dict[str, torch.Tensor],
+              model: Callable[..., LlamaModel], report: Callable[[str, LlamaModel], None]) -> None:
+    """The gate's figures with the quantized weights rounded to bfloat16 (every one, or all but the tied
+    embedding / LM head), and with the inputs of every layer's four products (and the LM head's) rounded."""
+    rounded = {name: bfloat16(t) if name in quantized else t for name, t in floats.items()}
+    but_head = {name: bfloat16(t) if name in quantized and in_layers(name) else t for name, t in floats.items()}
+    rows = [("quantized weights in bf16", rounded, False, False),
+            ("activations in bf16, the layers' products", floats, True, False),
+            ("activations in bf16, the layers' products and the LM head", floats, True, True),
+            ("weights and activations in bf16, layers and LM head", rounded, True, True),
+            ("weights and activations in bf16, layers only (LM head float32)", but_head, True, False)]
+    for label, weights, activations, head in rows:
+        m = model(weights=weights)
+        if activations:
+            for layer in m.layers:
+                for kind in LAYER_KINDS:
+                    setattr(layer, kind, RoundedInput(getattr(layer, kind), bfloat16))
+            if head:
+                m.lm_head = RoundedInput(m.lm_head, bfloat16)  # type: ignore[assignment]
+        report(label, m)
+
+
+def grouped(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x``'s last dimension in groups of ``group`` terms (0: one group)."""
+    group = group or x.shape[-1]
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+
+
+def two_int8_terms(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` as the fast class rounds it, x ~= d (256 a + b) with 256 d = max |x| / 127, per ``group`` terms."""
+    g = grouped(x, group)
+    coarse = g.abs().amax(-1, keepdim=True) / 127
+    coarse = torch.where(coarse == 0, torch.ones_like(coarse), coarse)
+    a = torch.round(g / coarse)
+    b = torch.round((g - a * coarse) / (coarse / 256)).clamp(-127, 127)
+    return ((256 * a + b) * (coarse / 256)).reshape(x.shape)
+
+
+def int8_weight_rows(quantized: dict[str, Any], floats: dict[str, torch.Tensor], group: int,
+                     model: Callable[..., LlamaModel], report: Callable[[str, LlamaModel], None]) -> None:
+    """The gate's figures with the layers' quantized weights requantized to int8, one scale per ``group``
+    terms of a row (what integer tiles could sum over all of K, 0: the whole row, with no per-block scales
+    to apply), the LM head kept; alone, and with the activations in two int8 terms per as many terms."""
+    weights = {name: one_int8_term(t, t.shape[-1] if group == 0 else group)
+               if name in quantized and in_layers(name) else t
+               for name, t in floats.items()}
+    per = f"{group} terms" if group else "row"
+    report(f"layers' weights requantized to int8, one scale per {per}", model(weights=weights))
+    m = model(weights=weights)
+    for layer in m.layers:
+        for kind in LAYER_KINDS:
+            setattr(layer, kind, RoundedInput(getattr(layer, kind), lambda x: two_int8_terms(x, group)))
+    report(f"the same, and activations in two int8 terms per {per}", m)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=2048, help="tokens of the text (default 2048)")
@@ -84,6 +150,11 @@ def main() -> None:
     p.add_argument("--kinds", default="qkv,o,gate_up,down,lm_head", help="layer kinds, comma-separated")
     p.add_argument("--groups", default="32,16", help="terms per int8 scale, comma-separated (default 32,16)")
     p.add_argument("--no-kv", action="store_true", help="leave out the int8 KV cache rows")
+    p.add_argument("--bf16", action="store_true",
+                   help="instead: bfloat16 weights and/or activations, as AMX's bf16 tiles would take them")
+    p.add_argument("--int8-weights", default="", metavar="GROUPS",
+                   help="instead: the layers' quantized weights as int8 with one scale per GROUPS terms (0: per row), "
+                        "comma-separated, alone and with two int8 activation terms per as many terms")
     args = p.parse_args()
     torch.set_num_threads(2)
     cpu = torch.device("cpu")
@@ -94,8 +165,9 @@ def main() -> None:
     ids = ids[:args.tokens]
     floats = {**loaded.tensors, **{name: q.dequantize() for name, q in loaded.quantized.items()}}
 
-    def model(backend: TorchBackend | None = None) -> LlamaModel:
-        return LlamaModel(loaded.config, floats, cpu, torch.float32, backend=backend or TorchBackend(cpu, torch.float32))
+    def model(backend: TorchBackend | None = None, weights: dict[str, torch.Tensor] | None = None) -> LlamaModel:
+        return LlamaModel(loaded.config, floats if weights is None else weights, cpu, torch.float32,
+                          backend=backend or TorchBackend(cpu, torch.float32))
 
     reference = teacher_forced(model(), ids, args.chunk)
     print(f"{len(ids)} tokens; float32 perplexity {reference.perplexity:.4f}")
@@ -107,6 +179,13 @@ def main() -> None:
         print(f"| {label} | {r.agreement:.2%} | {r.perplexity_ratio:.4f} | {'pass' if r.passed else 'FAIL'} |",
               flush=True)
 
+    if args.bf16:
+        bf16_rows(loaded.quantized, floats, model, report)
+        return
+    if args.int8_weights:
+        for group in (int(g) for g in args.int8_weights.split(",")):
+            int8_weight_rows(loaded.quantized, floats, group, model, report)
+        return
     for group in (int(g) for g in args.groups.split(",")):
         def rounding(x: torch.Tensor, group: int = group) -> torch.Tensor:
             return one_int8_term(x, group)

@@ -52,6 +52,27 @@ def test_one_int8_term_is_within_half_a_step_of_each_group(precision: ModuleType
     assert torch.allclose(y.reshape(5, -1, group).gather(-1, peak), x.reshape(5, -1, group).gather(-1, peak))
 
 
+@pytest.mark.parametrize("group", [32, 0])
+def test_two_int8_terms_are_within_half_a_fine_step(precision: ModuleType, group: int) -> None:
+    """x ~= d (256 a + b) with 256 d = max |x| / 127 per group (0: the whole row): within d / 2, 256 times
+    finer than one int8 term; a zero group stays zero."""
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(group)) * torch.logspace(-2, 1, 64)
+    x[3] = 0
+    y = precision.two_int8_terms(x, group)
+    g = precision.grouped(x, group)
+    d = g.abs().amax(-1, keepdim=True) / 127 / 256
+    assert torch.all((precision.grouped(y, group) - g).abs() <= d / 2 * (1 + 1e-4) + 1e-12)
+    assert torch.all(y[3] == 0)
+    assert precision.grouped(x, 0).shape == (4, 1, 64)
+
+
+def test_layer_weights_are_told_from_the_tied_embedding(precision: ModuleType) -> None:
+    assert precision.in_layers("model.layers.3.mlp.down_proj.weight")
+    assert not precision.in_layers("model.embed_tokens.weight")
+    x = torch.tensor([1.0 + 2**-10, -3.0])
+    assert torch.equal(precision.bfloat16(x), torch.tensor([1.0, -3.0]))  # 8 bits of mantissa
+
+
 def test_int8_per_head_rounds_each_token_and_head_alone(precision: ModuleType) -> None:
     k = torch.randn(4, 3, 64)
     k[1, 2] *= 1000  # one head of one token much larger: the others keep their own scale
