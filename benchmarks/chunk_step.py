@@ -45,7 +45,7 @@ def main() -> None:
         from realizar.loading import default_model_path
 
         args.model = default_model_path()
-    longest = max(args.contexts) + max(args.chunks) + 1
+    longest = max(max(args.contexts) + max(args.chunks), args.decode_context) + 1  # the decodes' context too
     config = EngineConfig(device="cpu", max_model_len=longest, max_num_seqs=args.decodes + 1,
                           threads=args.threads)
     engine = Engine(load_engine_model(args.model, config), config)
