@@ -101,8 +101,8 @@ int main(void) {{
 def source(instruction: str, width: str, iterations: int | None = None) -> str:
     """The timing program of one entry of INSTRUCTIONS (``iterations``: the default of its kind)."""
     if width == "tile":
-        return tile_program(instruction) if iterations is None else tile_program(instruction, iterations)
-    return program(instruction, width) if iterations is None else program(instruction, width, iterations)
+        return tile_program(instruction, iterations or ITERATIONS // 100)
+    return program(instruction, width, iterations or ITERATIONS)
 
 
 def main() -> int:

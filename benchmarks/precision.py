@@ -40,10 +40,16 @@ TEXT = Path(__file__).with_name("data") / "quality_text.md"
 LAYER_KINDS = ("qkv", "o", "gate_up", "down")
 
 
+def grouped(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x``'s last dimension in groups of ``group`` terms (0: one group)."""
+    group = group or x.shape[-1]
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+
+
 def one_int8_term(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``x`` rounded to one int8 term per ``group`` consecutive terms of its last dimension, each group
-    with the scale max |x| / 127."""
-    g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    """``x`` rounded to one int8 term per ``group`` consecutive terms of its last dimension (0: all of
+    them), each group with the scale max |x| / 127."""
+    g = grouped(x, group)
     d = g.abs().amax(-1, keepdim=True) / 127
     d = torch.where(d == 0, torch.ones_like(d), d)
     return (torch.round(g / d).clamp(-127, 127) * d).reshape(x.shape)
@@ -109,12 +115,6 @@ def bf16_rows(quantized: dict[str, Any], floats: dict[str, torch.Tensor],
         report(label, m)
 
 
-def grouped(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``x``'s last dimension in groups of ``group`` terms (0: one group)."""
-    group = group or x.shape[-1]
-    return x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
-
-
 def two_int8_terms(x: torch.Tensor, group: int) -> torch.Tensor:
     """``x`` as the fast class rounds it, x ~= d (256 a + b) with 256 d = max |x| / 127, per ``group`` terms."""
     g = grouped(x, group)
@@ -130,8 +130,7 @@ def int8_weight_rows(quantized: dict[str, Any], floats: dict[str, torch.Tensor],
     """The gate's figures with the layers' quantized weights requantized to int8, one scale per ``group``
     terms of a row (what integer tiles could sum over all of K, 0: the whole row, with no per-block scales
     to apply), the LM head kept; alone, and with the activations in two int8 terms per as many terms."""
-    weights = {name: one_int8_term(t, t.shape[-1] if group == 0 else group)
-               if name in quantized and in_layers(name) else t
+    weights = {name: one_int8_term(t, group) if name in quantized and in_layers(name) else t
                for name, t in floats.items()}
     per = f"{group} terms" if group else "row"
     report(f"layers' weights requantized to int8, one scale per {per}", model(weights=weights))
