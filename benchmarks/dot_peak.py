@@ -41,35 +41,10 @@ INSTRUCTIONS = [
 ITERATIONS = 400_000_000
 
 
-def program(instruction: str, width: str, iterations: int = ITERATIONS) -> str:
-    """C source that prints the best of 3 timings of ``iterations`` of ``instruction`` on ``width``
-    registers, in G instructions per second."""
-    chains = " ".join(f'"{instruction} %%{width}14, %%{width}15, %%{width}{i}\\n"' for i in range(14))
-    clobbers = ", ".join(f'"xmm{i}"' for i in range(16))
-    return f"""#include <stdio.h>
-#include <time.h>
-static double now(void) {{ struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }}
-int main(void) {{
-    const long n = {iterations};
-    double best = 1e30;
-    for (int rep = 0; rep < 3; rep++) {{
-        const double t = now();
-        __asm__ volatile("mov %0, %%rcx\\n" "1:\\n" {chains} "sub $14, %%rcx\\n" "jg 1b\\n"
-                         :: "r"(n) : "rcx", "cc", {clobbers});
-        const double d = now() - t;
-        best = d < best ? d : best;
-    }}
-    printf("%.4f\\n", n / best / 1e9);
-    return 0;
-}}
-"""
-
-
-def tile_program(instruction: str, iterations: int = ITERATIONS // 100) -> str:
-    """C source that times ``iterations`` of an AMX ``instruction`` as :func:`program` does, in 4 chains
-    (tiles 0-3 the sums, 4-7 the operands, every tile 16 rows of 64 bytes) after asking Linux for the
-    tiles' state (arch_prctl ARCH_REQ_XCOMP_PERM), which it lends only to a process that asks."""
-    chains = " ".join(f'"{instruction} %%tmm{4 + i % 2}, %%tmm{6 + i // 2}, %%tmm{i}\\n"' for i in range(4))
+def _timed(chains: list[str], iterations: int, clobbers: str, setup: str = "", teardown: str = "") -> str:
+    """C source that runs ``setup``, then prints the best of 3 timings of ``iterations`` instructions
+    (the asm lines ``chains``, one instruction each, repeated), in G instructions per second."""
+    lines = " ".join(f'"{chain}\\n"' for chain in chains)
     return f"""#include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -77,25 +52,46 @@ def tile_program(instruction: str, iterations: int = ITERATIONS // 100) -> str:
 #include <sys/syscall.h>
 static double now(void) {{ struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }}
 int main(void) {{
-    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) {{ printf("0\\n"); return 0; }}
-    unsigned char config[64];
-    memset(config, 0, sizeof config);
-    config[0] = 1;  /* palette 1: then the bytes per row of tiles 0-15 (16 bits each), then their rows */
-    for (int t = 0; t < 8; t++) {{ config[16 + 2 * t] = 64; config[48 + t] = 16; }}
-    __asm__ volatile("ldtilecfg %0" :: "m"(config));
+    {setup}
     const long n = {iterations};
     double best = 1e30;
     for (int rep = 0; rep < 3; rep++) {{
         const double t = now();
-        __asm__ volatile("mov %0, %%rcx\\n" "1:\\n" {chains} "sub $4, %%rcx\\n" "jg 1b\\n" :: "r"(n) : "rcx", "cc");
+        __asm__ volatile("mov %0, %%rcx\\n" "1:\\n" {lines} "sub ${len(chains)}, %%rcx\\n" "jg 1b\\n"
+                         :: "r"(n) : "rcx", "cc"{clobbers});
         const double d = now() - t;
         best = d < best ? d : best;
     }}
-    __asm__ volatile("tilerelease");
+    {teardown}
     printf("%.4f\\n", n / best / 1e9);
     return 0;
 }}
 """
+
+
+def program(instruction: str, width: str, iterations: int = ITERATIONS) -> str:
+    """C source that prints the best of 3 timings of ``iterations`` of ``instruction`` on ``width``
+    registers, in G instructions per second: 14 independent chains."""
+    chains = [f"{instruction} %%{width}14, %%{width}15, %%{width}{i}" for i in range(14)]
+    return _timed(chains, iterations, "".join(f', "xmm{i}"' for i in range(16)))
+
+
+# Ask Linux for the tiles' state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; it lends it only to a process
+# that asks, and the program prints 0 where it refuses), then configure every tile as 16 rows of 64 bytes
+# (palette 1: the bytes per row of tiles 0-15, 16 bits each, from byte 16, then their rows from byte 48).
+TILE_SETUP = """if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) { printf("0\\n"); return 0; }
+    unsigned char config[64];
+    memset(config, 0, sizeof config);
+    config[0] = 1;
+    for (int t = 0; t < 8; t++) { config[16 + 2 * t] = 64; config[48 + t] = 16; }
+    __asm__ volatile("ldtilecfg %0" :: "m"(config));"""
+
+
+def tile_program(instruction: str, iterations: int = ITERATIONS // 100) -> str:
+    """C source that times ``iterations`` of an AMX ``instruction`` as :func:`program` does, in 4 chains
+    (tiles 0-3 the sums, 4-7 the operands), after TILE_SETUP."""
+    chains = [f"{instruction} %%tmm{4 + i % 2}, %%tmm{6 + i // 2}, %%tmm{i}" for i in range(4)]
+    return _timed(chains, iterations, "", TILE_SETUP, '__asm__ volatile("tilerelease");')
 
 
 def source(instruction: str, width: str, iterations: int | None = None) -> str:

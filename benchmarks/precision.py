@@ -93,12 +93,31 @@ def bfloat16(x: torch.Tensor) -> torch.Tensor:
     return x.bfloat16().float()
 
 
+def rounded_weights(floats: dict[str, torch.Tensor], quantized: dict[str, Any],
+                    rounding: Callable[[torch.Tensor], torch.Tensor], layers_only: bool) -> dict[str, torch.Tensor]:
+    """``floats`` with the quantized weights (``layers_only``: the decoder layers') rounded by ``rounding``."""
+    return {name: rounding(t) if name in quantized and (in_layers(name) or not layers_only) else t
+            for name, t in floats.items()}
+
+
+def round_inputs(m: LlamaModel, rounding: Callable[[torch.Tensor], torch.Tensor],
+                 kinds: tuple[str, ...] = LAYER_KINDS, head: bool = False) -> LlamaModel:
+    """``m`` with the inputs of every layer's ``kinds`` of product (and, with ``head``, the LM head's)
+    rounded by ``rounding``."""
+    for layer in m.layers:
+        for kind in kinds:
+            setattr(layer, kind, RoundedInput(getattr(layer, kind), rounding))
+    if head:
+        m.lm_head = RoundedInput(m.lm_head, rounding)  # type: ignore[assignment]
+    return m
+
+
 def bf16_rows(quantized: dict[str, Any], floats: dict[str, torch.Tensor],
               model: Callable[..., LlamaModel], report: Callable[[str, LlamaModel], None]) -> None:
     """The gate's figures with the quantized weights rounded to bfloat16 (every one, or all but the tied
     embedding / LM head), and with the inputs of every layer's four products (and the LM head's) rounded."""
-    rounded = {name: bfloat16(t) if name in quantized else t for name, t in floats.items()}
-    but_head = {name: bfloat16(t) if name in quantized and in_layers(name) else t for name, t in floats.items()}
+    rounded = rounded_weights(floats, quantized, bfloat16, layers_only=False)
+    but_head = rounded_weights(floats, quantized, bfloat16, layers_only=True)
     rows = [("quantized weights in bf16", rounded, False, False),
             ("activations in bf16, the layers' products", floats, True, False),
             ("activations in bf16, the layers' products and the LM head", floats, True, True),
@@ -106,13 +125,7 @@ def bf16_rows(quantized: dict[str, Any], floats: dict[str, torch.Tensor],
             ("weights and activations in bf16, layers only (LM head float32)", but_head, True, False)]
     for label, weights, activations, head in rows:
         m = model(weights=weights)
-        if activations:
-            for layer in m.layers:
-                for kind in LAYER_KINDS:
-                    setattr(layer, kind, RoundedInput(getattr(layer, kind), bfloat16))
-            if head:
-                m.lm_head = RoundedInput(m.lm_head, bfloat16)  # type: ignore[assignment]
-        report(label, m)
+        report(label, round_inputs(m, bfloat16, head=head) if activations else m)
 
 
 def two_int8_terms(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -130,15 +143,11 @@ def int8_weight_rows(quantized: dict[str, Any], floats: dict[str, torch.Tensor],
     """The gate's figures with the layers' quantized weights requantized to int8, one scale per ``group``
     terms of a row (what integer tiles could sum over all of K, 0: the whole row, with no per-block scales
     to apply), the LM head kept; alone, and with the activations in two int8 terms per as many terms."""
-    weights = {name: one_int8_term(t, group) if name in quantized and in_layers(name) else t
-               for name, t in floats.items()}
+    weights = rounded_weights(floats, quantized, lambda t: one_int8_term(t, group), layers_only=True)
     per = f"{group} terms" if group else "row"
     report(f"layers' weights requantized to int8, one scale per {per}", model(weights=weights))
-    m = model(weights=weights)
-    for layer in m.layers:
-        for kind in LAYER_KINDS:
-            setattr(layer, kind, RoundedInput(getattr(layer, kind), lambda x: two_int8_terms(x, group)))
-    report(f"the same, and activations in two int8 terms per {per}", m)
+    report(f"the same, and activations in two int8 terms per {per}",
+           round_inputs(model(weights=weights), lambda x: two_int8_terms(x, group)))
 
 
 def main() -> None:
@@ -189,14 +198,9 @@ def main() -> None:
         def rounding(x: torch.Tensor, group: int = group) -> torch.Tensor:
             return one_int8_term(x, group)
         for kind in args.kinds.split(","):
-            m = model()
-            if kind == "lm_head":
-                m.lm_head = RoundedInput(m.lm_head, rounding)  # type: ignore[assignment]
-            elif kind in LAYER_KINDS:
-                for layer in m.layers:
-                    setattr(layer, kind, RoundedInput(getattr(layer, kind), rounding))
-            else:
+            if kind != "lm_head" and kind not in LAYER_KINDS:
                 raise SystemExit(f"unknown kind {kind!r}: one of {', '.join(LAYER_KINDS)}, lm_head")
+            m = round_inputs(model(), rounding, kinds=() if kind == "lm_head" else (kind,), head=kind == "lm_head")
             report(f"{kind}: one int8 term per {group} activations", m)
     if not args.no_kv:
         for label, keys, values in (("keys", True, False), ("values", False, True), ("keys and values", True, True)):

@@ -71,6 +71,13 @@ def test_layer_weights_are_told_from_the_tied_embedding(precision: ModuleType) -
     assert not precision.in_layers("model.embed_tokens.weight")
     x = torch.tensor([1.0 + 2**-10, -3.0])
     assert torch.equal(precision.bfloat16(x), torch.tensor([1.0, -3.0]))  # 8 bits of mantissa
+    floats = {"model.embed_tokens.weight": x, "model.layers.0.mlp.up_proj.weight": x, "model.norm.weight": x}
+    quantized = {"model.embed_tokens.weight": None, "model.layers.0.mlp.up_proj.weight": None}
+    layers = precision.rounded_weights(floats, quantized, precision.bfloat16, layers_only=True)
+    every = precision.rounded_weights(floats, quantized, precision.bfloat16, layers_only=False)
+    assert torch.equal(layers["model.layers.0.mlp.up_proj.weight"], torch.tensor([1.0, -3.0]))
+    assert torch.equal(layers["model.embed_tokens.weight"], x) and torch.equal(every["model.norm.weight"], x)
+    assert torch.equal(every["model.embed_tokens.weight"], torch.tensor([1.0, -3.0]))
 
 
 def test_int8_per_head_rounds_each_token_and_head_alone(precision: ModuleType) -> None:
