@@ -1,6 +1,6 @@
 """The quality gate of the paths that trade exactness for speed or memory, against float32 on the
-default model: the quantized fast class (int8 activations, integer dot products), the exact quantized
-class for comparison, and the float16 KV cache (``--kv-cache-dtype float16``) with each of them.
+default model: the quantized fast class (int8 activations, integer dot products; and where the CPU has AMX,
+its products on the tiles that ``REALIZAR_TILES=on`` asks for), the exact quantized class for comparison, and the float16 KV cache (``--kv-cache-dtype float16``) with each of them.
 
 Usage (from the repository root)::
 
@@ -29,6 +29,7 @@ from realizar.model.quality import KV_CACHE_DTYPES_PASSING_GATE, compare, teache
 from realizar.tokenizer import Tokenizer
 
 TEXT = Path(__file__).with_name("data") / "quality_text.md"
+TILES = "quantized fast, AMX tiles"
 
 
 def main() -> int:
@@ -59,12 +60,19 @@ def main() -> int:
               "quantized fast": LlamaModel(loaded.config, loaded.tensors, cpu, torch.float32, loaded.quantized, True)}
     runs = [("quantized exact", torch.float32), ("quantized fast", torch.float32), ("float32", torch.float16),
             ("quantized exact", torch.float16), ("quantized fast", torch.float16)]
+    # the fast class's products of many rows on AMX tiles (REALIZAR_TILES), where this CPU and build have them:
+    # chunks of at least tile_min_rows rows put every position through them
+    tiles = compiled.set_tiles(True) and args.chunk >= compiled.tile_min_rows
+    if tiles:
+        models[TILES] = models["quantized fast"]
+        runs += [(TILES, torch.float32), (TILES, torch.float16)]
     for name, kv in runs:
+        compiled.set_tiles(name == TILES)
         # the fast class multiplies only a few rows at a time with integer products (more exactly):
         # steps of that many rows put every position through them
         chunk = min(args.chunk, compiled.fast_max_rows) if name == "quantized fast" else args.chunk
         report = compare(teacher_forced(models[name], ids, chunk, kv), reference)
-        choosable = name == "quantized fast" or (kv == torch.float16 and KV_CACHE_DTYPES_PASSING_GATE["float16"])
+        choosable = name.startswith("quantized fast") or (kv == torch.float16 and KV_CACHE_DTYPES_PASSING_GATE["float16"])
         failed |= choosable and not report.passed
         print(f"| {name} | {str(kv).removeprefix('torch.')} | {report.agreement:.2%} | {report.perplexity:.4f} "
               f"| {report.perplexity_ratio:.4f} | {'pass' if report.passed else 'FAIL'} |", flush=True)

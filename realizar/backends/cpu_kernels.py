@@ -12,7 +12,9 @@
   0.6-1.1 bytes per weight instead of 4. Its fast class (``fast=True``: each activation as two
   int8 terms, integer dot products: every row with VNNI or AVX2, up to ``fast_max_rows`` rows elsewhere and
   the exact products for more) is not exact but passes the quality gate
-  (``benchmarks/quality.py``); ``auto`` times both classes at load and keeps the faster.
+  (``benchmarks/quality.py``); ``auto`` times both classes at load and keeps the faster. With
+  ``REALIZAR_TILES=on``, on a CPU with AMX, its products of many rows go to ``quant_tiles.c`` instead
+  (each operand as two bfloat16 terms on the tiles).
 - **RMSNorm, RoPE, SiLU-and-multiply** (``pointwise.c``): one pass each.
 - **Attention** (``paged_attention.c``, ``prefill_attention.c``): all of a step's queries in one
   call that reads the pages directly; each query row, decode or prompt token, attends to its own
@@ -271,6 +273,8 @@ class CpuKernelsBackend:
         rows = self.kernels.fast_max_rows
         terms = "int16 activations" if self.kernels.fast_activation_bits == 16 else "2 x int8 activations"
         int8 = terms + (f" up to {rows} rows, float32 beyond" if rows < kernels.FAST_EVERY_ROW else "")
+        if self.kernels.tiles:
+            int8 += f", 2 x bfloat16 on AMX tiles from {self.kernels.tile_min_rows} rows"
         exact = "float32 activations (exact class)"
         activations = f"{int8} (fast class)" if any(lin.fast for lin in quantized) else exact
         kept = "" if len(quantized) == len(linears) else f", {len(linears) - len(quantized)} float32 layers"

@@ -14,7 +14,8 @@
   activation as two int8 terms, integer dot products: AVX512-VNNI, AVX2, or plain C, by the build's
   feature macros), not exact but passing the quality gate; ``quant_blocks.h`` what the two
   share. ``REALIZAR_QUANTIZED`` picks ``exact``, ``fast`` or ``auto`` (the default: the faster,
-  timed at load).
+  timed at load). ``quant_tiles.c``: the fast class's products of many rows on AMX's bfloat16 tiles,
+  each operand as two bfloat16 terms, where the CPU has them and ``REALIZAR_TILES=on`` asks.
 - ``pointwise.c``: RMSNorm, SiLU-and-multiply and RoPE, one pass
   each instead of several torch ops with a temporary apiece.
 - ``sampling.c``: draws from softmax(logits / temperature) in one pass per row, without
@@ -56,7 +57,7 @@ log = logging.getLogger("realizar.kernels")
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "prefill_attention.c", "pointwise.c",
-                        "sampling.c", "quant_gemm.c", "quant_fast.c", "decoder.c")]
+                        "sampling.c", "quant_gemm.c", "quant_fast.c", "quant_tiles.c", "decoder.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "quant_blocks.h")]
 FLAGS = ["-O3", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 # REALIZAR_KERNELS_ISA builds for less than this CPU has, so each code path can be tested and timed
@@ -356,12 +357,23 @@ class CpuKernels:
         self._fast_ranked_rows = bind("realizar_fast_ranked_rows", i32)
         # the fewest rows quant_gemm_fast_ranked ranks (0: this build never does)
         self.ranked_rows = int(self._fast_ranked_rows())
+        # the fast class's products of many rows on AMX tiles (quant_tiles.c), where the build and CPU have
+        # them and REALIZAR_TILES asks for them; from tile_min_rows rows
+        self._set_tiles = bind("realizar_set_tiles", i32, i32)
+        self._tile_min_rows = bind("realizar_tile_min_rows", i32)
+        self.tile_min_rows = int(self._tile_min_rows())
+        self.tiles = bool(self._set_tiles(int(tiles_wanted())))
         self._pack_quantized = bind("realizar_pack_quantized", None, p, p, i64, i64, i32, p)
         self._pack_fast = bind("realizar_pack_fast", None, p, p, p, i64, i64, i32, p)
         self._fast_panel_bytes = bind("realizar_fast_panel_bytes", i64, i32, i64)
         self._decoder_layers = bind("realizar_decoder_layers", i32, p, i64, p, i64, p, p)
         self._decoder_workspace = bind("realizar_decoder_workspace", i64, p, i64)
         self.path = path
+
+    def set_tiles(self, on: bool) -> bool:
+        """Let the fast class multiply many rows on AMX tiles (``on``, the default) or not; whether it now does."""
+        self.tiles = bool(self._set_tiles(int(on)))
+        return self.tiles
 
     def set_threads(self, threads: int) -> int:
         """Threads for every kernel (the caller and ``threads - 1`` workers); the number in use."""
@@ -647,6 +659,13 @@ def quantized_weights(device: torch.device, dtype: torch.dtype) -> bool:
     kernels apply, unless ``REALIZAR_QUANTIZED=0`` asks for float32 weights dequantized at load."""
     quantized = os.environ.get("REALIZAR_QUANTIZED", "1").lower() not in ("0", "false", "no", "off")
     return quantized and for_tensors(device, dtype) is not None
+
+
+def tiles_wanted() -> bool:
+    """Whether ``REALIZAR_TILES`` asks the fast class to multiply many rows on AMX tiles (``quant_tiles.c``):
+    off by default, because on the shared VMs where they were measured their speed swung 3.5x from second to
+    second (BENCHMARKS.md)."""
+    return os.environ.get("REALIZAR_TILES", "0").lower() in ("1", "true", "yes", "on")
 
 
 def quantized_class() -> str:

@@ -1007,6 +1007,8 @@ int realizar_fast_ranked_rows(void) {
  * realizar_quant_gemm_fast_ranked. */
 static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
                          int64_t M, int64_t N, int64_t K, int64_t top) {
+    const int tiles = realizar_tile_products(x, ldx, w, kind, c, y, ldy, M, N, K);
+    if (tiles <= 0) return tiles;
     if (M > FAST_MAX_ROWS) return realizar_buffered_gemm(x, ldx, w, kind, 1, c, y, ldy, M, N, K);
     const int64_t fewest = realizar_fast_ranked_rows();
     const int ranked = fewest && top > 0 && !(kind & FAST_TWO_D) && M >= fewest;

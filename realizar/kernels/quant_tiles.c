@@ -1,0 +1,267 @@
+/* The fast class's products of many rows on AMX tiles (Intel's AMX-BF16: tdpbf16ps), in builds for a
+ * CPU that has them; elsewhere realizar_tile_products declines and quant_fast.c's integer dot products
+ * take every row.
+ *
+ * bfloat16 keeps 8 bits of a float's mantissa, too few on its own (rounding weights and activations to
+ * bfloat16 failed or barely passed the quality gate: BENCHMARKS.md). So each operand is split into two
+ * bfloat16 terms, v = hi + lo with hi = bf16(v) and lo = bf16(v - hi), 16 bits of mantissa together,
+ * and each product takes three tile products:
+ *
+ *   x . w ~= x_hi . w_hi + x_hi . w_lo + x_lo . w_hi      (x_lo . w_lo, about 2^-16 of it, is left out)
+ *
+ * summed in float32 by the tiles. The weights stay in the fast class's records: a unit of work is 16
+ * panels (16 outputs each), which its thread dequantizes as the exact class does
+ * (realizar_dequantize_fast_records) into hi and lo tiles, then multiplies every row by, 4 blocks of terms
+ * per pass. So the weights are read and dequantized once per product whatever the rows, and the rows cost
+ * only tile products: 3 x 512 multiply-adds per instruction, against 32 integer ones (two int8 terms
+ * each) of a vpdpbusd. All of K is summed in the tiles: no per-block scaling, which is what made AMX's int8
+ * tiles lose (BENCHMARKS.md).
+ *
+ * Tiles: 0-3 the sums of 2 row tiles by 2 panels, 4-5 the rows' hi or lo of one 32-term block (16 rows by
+ * 32 terms), 6-7 the weights' hi or lo of that block for the 2 panels (16 pairs of terms by 16 outputs).
+ * Linux lends a process the tiles' state only when asked (arch_prctl); where it refuses, the products
+ * decline too. Off unless REALIZAR_TILES asks (realizar_set_tiles): on the shared VM where they were
+ * measured, their speed swung with the moment (BENCHMARKS.md, "AMX Xeon ... second session"). */
+#include "quant_blocks.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define TILE_ROWS 16            /* rows of a tile: rows of x, or pairs of terms of the weights */
+#define TILE_MIN_ROWS 64        /* fewer rows take the integer dot products (at 32 rows the tiles took 1.2-1.4x as long) */
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+};
+
+/* Whether Linux lends this process the tiles' state: asked once. */
+static int tiles_lent(void) {
+    static atomic_int lent = 0;  /* 0: not asked yet, 1: lent, -1: refused */
+    int state = atomic_load(&lent);
+    if (state == 0) {
+        state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
+        atomic_store(&lent, state);
+    }
+    return state == 1;
+}
+
+static void configure_tiles(void) {
+    struct tile_config config = {.palette = 1};
+    for (int t = 0; t < 8; t++) {
+        config.bytes_per_row[t] = 64;
+        config.rows[t] = TILE_ROWS;
+    }
+    _tile_loadconfig(&config);
+}
+
+
+/* x as two bfloat16 terms per value, hi = bf16(x) and lo = bf16(x - hi), [Mg, K] each (rows past M: zeros),
+ * 16 rows a unit. */
+struct split_job {
+    const float *x;
+    int64_t ldx, M, K;
+    uint16_t *hi, *lo;
+};
+
+static void split_rows(const void *arg, int64_t unit) {
+    const struct split_job *s = (const struct split_job *)arg;
+    for (int64_t m = unit * TILE_ROWS; m < (unit + 1) * TILE_ROWS; m++) {
+        uint16_t *const hi = s->hi + m * s->K, *const lo = s->lo + m * s->K;
+        if (m >= s->M) {
+            memset(hi, 0, (size_t)s->K * 2);
+            memset(lo, 0, (size_t)s->K * 2);
+            continue;
+        }
+        for (int64_t k = 0; k < s->K; k += 16) {  /* K is a multiple of 32 */
+            const __m512 v = _mm512_loadu_ps(s->x + m * s->ldx + k);
+            const __m256bh h = _mm512_cvtneps_pbh(v);
+            const __m512 h32 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+            _mm256_storeu_si256((__m256i *)(hi + k), (__m256i)h);
+            _mm256_storeu_si256((__m256i *)(lo + k), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, h32)));
+        }
+    }
+}
+
+struct tile_job {
+    const uint16_t *hi, *lo;  /* x's two terms, [Mg, K] */
+    atomic_int *failed;       /* set where a unit could not allocate its buffer */
+    const uint8_t *w;
+    float *y;
+    int64_t M, Mg, N, K, ldy, chunk;
+    int kind, c;
+};
+
+/* A panel's weights as tiles, hi then lo (blocks KB each): in block b's tile, pair r of terms (2r, 2r + 1)
+ * of output j at 32-bit lane j of row r, the even term in the low half. `w` holds the panel's weights
+ * dequantized, w[(32 b + k) * 16 + j]. */
+static void weight_tiles(const float *w, int64_t blocks, uint8_t *hi, uint8_t *lo) {
+    /* word i of a vcvtne2ps2bf16 (b: the even terms, a: the odd) is even term i (i < 16), odd term i - 16 */
+    static const uint16_t pairs[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i order = _mm512_loadu_si512(pairs), high = _mm512_set1_epi32((int)0xffff0000);
+    for (int64_t r = 0; r < blocks * QK / 2; r++) {
+        const __m512 even = _mm512_loadu_ps(w + 2 * r * NR), odd = _mm512_loadu_ps(w + (2 * r + 1) * NR);
+        const __m512i h = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+        const __m512 even_lo = _mm512_sub_ps(even, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+        const __m512 odd_lo = _mm512_sub_ps(odd, _mm512_castsi512_ps(_mm512_and_si512(h, high)));
+        const __m512i l = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(odd_lo, even_lo));
+        _mm512_store_si512(hi + 64 * r, h);
+        _mm512_store_si512(lo + 64 * r, l);
+    }
+}
+
+/* Sums of row tile i and panel q of a unit, 16 x 16 floats each, at sums + (i * panels + q) * 256. R row tiles
+ * (rows m0 ..) by P panels (q0 ..; their tiles at w + q * 2 * panel_tiles, hi then lo) over blocks b0 .. b1 - 1,
+ * as a product over three times the terms (x_hi w_hi, x_hi w_lo, x_lo w_hi), added to the sums (first: from
+ * zero). Tiles 0-3 the sums (row tile i, panel q in tile 2i + q), 4-5 rows, 6-7 weights. */
+static inline __attribute__((always_inline)) void tile_sums(const int R, const int P, const struct tile_job *j,
+                                                            int64_t m0, int64_t q0, int64_t panels, int64_t b0,
+                                                            int64_t b1, int first, const uint8_t *w, float *sums) {
+    const int64_t xstride = j->K * 2, panel_tiles = j->K / QK * 1024, row_tiles = panels * 256;
+    float *const c = sums + (m0 / TILE_ROWS) * row_tiles + q0 * 256;
+    if (first) {
+        _tile_zero(0);
+        if (P > 1) _tile_zero(1);
+        if (R > 1) _tile_zero(2);
+        if (R > 1 && P > 1) _tile_zero(3);
+    } else {
+        _tile_loadd(0, c, 64);
+        if (P > 1) _tile_loadd(1, c + 256, 64);
+        if (R > 1) _tile_loadd(2, c + row_tiles, 64);
+        if (R > 1 && P > 1) _tile_loadd(3, c + row_tiles + 256, 64);
+    }
+    const uint8_t *const w0 = w + q0 * 2 * panel_tiles, *const w1 = w0 + 2 * panel_tiles;
+    for (int64_t b = b0; b < b1; b++) {
+        for (int term = 0; term < 3; term++) {
+            const uint16_t *const x = (term == 2 ? j->lo : j->hi) + m0 * j->K + b * QK;
+            const int64_t at = (term == 1) * panel_tiles + b * 1024;  /* the weights' lo with the rows' hi */
+            /* each tile loaded just before its first use: all four loads first, then the products, took 4.7 times
+             * as long (tiles are not renamed: a load waits for the products still reading the tile) */
+            _tile_loadd(4, x, xstride);
+            _tile_loadd(6, w0 + at, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            if (P > 1) {
+                _tile_loadd(7, w1 + at, 64);
+                _tile_dpbf16ps(1, 4, 7);
+            }
+            if (R > 1) {
+                _tile_loadd(5, x + TILE_ROWS * j->K, xstride);
+                _tile_dpbf16ps(2, 5, 6);
+                if (P > 1) _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+    }
+    _tile_stored(0, c, 64);
+    if (P > 1) _tile_stored(1, c + 256, 64);
+    if (R > 1) _tile_stored(2, c + row_tiles, 64);
+    if (R > 1 && P > 1) _tile_stored(3, c + row_tiles + 256, 64);
+}
+
+/* Blocks of terms per pass: the rows' tiles of a pass (32 rows: 16 KB) stay in L1 while every panel of the
+ * unit multiplies them, the panels' weights (16 KB a pair and pass) come from L2. */
+#define PASS_TILE_BLOCKS 4
+#define UNIT_PANELS 16  /* panels per unit: their weights' tiles (36 KB each at 576 terms) stay in L2 */
+
+/* A unit's panels (at most UNIT_PANELS): all dequantized into tiles first, then multiplied pass by pass. */
+static void run_tile_unit(const void *arg, int64_t unit) {
+    const struct tile_job *j = (const struct tile_job *)arg;
+    const int64_t blocks = j->K / QK, panels = (j->N + NR - 1) / NR, full = j->N / NR;
+    const int64_t p0 = unit * j->chunk, p1 = p0 + j->chunk < panels ? p0 + j->chunk : panels, n = p1 - p0;
+    const int64_t pbytes = realizar_fast_panel_bytes(j->kind, blocks);
+    static __thread uint8_t *buffer;
+    static __thread int64_t capacity;
+    const int64_t tiles = n * 2 * blocks * 1024, floats = blocks * QK * NR * 4, sums = j->Mg * n * NR * 4;
+    const int64_t need = tiles + floats + sums;
+    if (need > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (size_t)need);
+        capacity = buffer ? need : 0;
+        if (!buffer) {
+            atomic_store(j->failed, 1);
+            return;
+        }
+    }
+    uint8_t *const w = buffer;
+    float *const dequantized = (float *)(void *)(buffer + tiles), *const c = (float *)(void *)(buffer + tiles + floats);
+    for (int64_t q = 0; q < n; q++) {
+        realizar_dequantize_fast_records(j->kind, j->c, j->w + (p0 + q) * pbytes, 0, blocks, dequantized);
+        weight_tiles(dequantized, blocks, w + q * 2 * blocks * 1024, w + (q * 2 + 1) * blocks * 1024);
+    }
+    configure_tiles();
+    for (int64_t b0 = 0; b0 < blocks; b0 += PASS_TILE_BLOCKS) {
+        const int64_t b1 = b0 + PASS_TILE_BLOCKS < blocks ? b0 + PASS_TILE_BLOCKS : blocks;
+        for (int64_t m0 = 0; m0 < j->Mg; m0 += 2 * TILE_ROWS) {
+            const int R = j->Mg - m0 >= 2 * TILE_ROWS ? 2 : 1;
+            for (int64_t q = 0; q < n; q += 2) {
+                const int P = q + 1 < n ? 2 : 1;
+                if (R == 2 && P == 2) tile_sums(2, 2, j, m0, q, n, b0, b1, b0 == 0, w, c);
+                else if (R == 2) tile_sums(2, 1, j, m0, q, n, b0, b1, b0 == 0, w, c);
+                else if (P == 2) tile_sums(1, 2, j, m0, q, n, b0, b1, b0 == 0, w, c);
+                else tile_sums(1, 1, j, m0, q, n, b0, b1, b0 == 0, w, c);
+            }
+        }
+    }
+    _tile_release();
+    for (int64_t m = 0; m < j->M; m++)
+        for (int64_t q = 0; q < n; q++) {
+            const int64_t p = p0 + q, cols = p < full ? NR : j->N - p * NR;
+            memcpy(j->y + m * j->ldy + p * NR, c + ((m / TILE_ROWS) * n + q) * 256 + (m % TILE_ROWS) * NR,
+                   (size_t)cols * 4);
+        }
+}
+
+static atomic_int tiles_on = 0;  /* off until asked for (REALIZAR_TILES) */
+
+int realizar_set_tiles(int on) {
+    atomic_store(&tiles_on, on);
+    return on && tiles_lent();
+}
+
+int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
+                           int64_t M, int64_t N, int64_t K) {
+    if (!atomic_load(&tiles_on) || M < TILE_MIN_ROWS || !tiles_lent()) return 1;
+    static __thread uint16_t *buffer;
+    static __thread int64_t capacity;
+    const int64_t Mg = (M + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
+    if (2 * Mg * K > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (size_t)(2 * Mg * K * 2 + 63) / 64 * 64);
+        capacity = buffer ? 2 * Mg * K : 0;
+        if (!buffer) return -1;
+    }
+    const struct split_job s = {.x = x, .ldx = ldx, .M = M, .K = K, .hi = buffer, .lo = buffer + Mg * K};
+    realizar_parallel(split_rows, &s, Mg / TILE_ROWS);
+    const int64_t panels = (N + NR - 1) / NR, units = 4 * realizar_threads();
+    int64_t chunk = ((panels + units - 1) / units + 1) / 2 * 2;  /* panels in pairs */
+    chunk = chunk < UNIT_PANELS ? chunk : UNIT_PANELS;
+    atomic_int failed = 0;
+    const struct tile_job j = {.hi = s.hi, .lo = s.lo, .failed = &failed, .w = w, .y = y, .M = M, .Mg = Mg, .N = N,
+                               .K = K, .ldy = ldy, .chunk = chunk, .kind = kind, .c = c};
+    realizar_parallel(run_tile_unit, &j, (panels + chunk - 1) / chunk);
+    return atomic_load(&failed) ? -1 : 0;
+}
+
+int realizar_tile_min_rows(void) { return TILE_MIN_ROWS; }
+
+#else
+
+int realizar_tile_min_rows(void) { return 0; }
+
+int realizar_set_tiles(int on) {
+    (void)on;
+    return 0;
+}
+
+int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
+                           int64_t M, int64_t N, int64_t K) {
+    (void)x, (void)ldx, (void)w, (void)kind, (void)c, (void)y, (void)ldy, (void)M, (void)N, (void)K;
+    return 1;
+}
+
+#endif
