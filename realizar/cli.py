@@ -158,9 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, devices and the default model")
 
-    from realizar.loadtest.cli import add_parser as add_loadtest_parser
-
-    add_loadtest_parser(sub)
+    # everything after `loadtest` goes to realizar.loadtest.cli's own parser, so that its usage errors exit 4
+    # (argparse's 2 means "regression" there); the load tester is imported only when run (0.2 s of a server's start)
+    lt = sub.add_parser("loadtest", help="load-test a server: the seed's suite, compare, llm, calibrate",
+                        description="see `realizar loadtest --help`", add_help=False,
+                        prefix_chars="\x00")  # no option prefix: every argument lands in loadtest_argv
+    lt.add_argument("loadtest_argv", nargs=argparse.REMAINDER)
     return parser
 
 

@@ -4,9 +4,9 @@ Exit codes: 0 all targets pass; 1 a target failed; 2 a regression against the
 baseline; 3 an invalid run (server unreachable, or the client saturated);
 4 a usage error.
 
-``add_parser`` registers ``loadtest`` on the top-level ``realizar`` parser and
-hands everything after it to this module's own parser, so that usage errors
-exit 4 (argparse's default is 2, which here means "regression").
+The top-level ``realizar`` parser (``realizar.cli``) hands everything after
+``loadtest`` to this module's own parser, so that usage errors exit 4
+(argparse's default is 2, which here means "regression").
 """
 
 from __future__ import annotations
@@ -594,16 +594,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "realizar loadtest") -> 
         return 130
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``loadtest`` on the ``realizar`` parser. Its arguments are parsed by
-    ``run`` (via ``main``), not by the top-level parser."""
-    p = subparsers.add_parser(
-        "loadtest", help="load-test a server: the seed's suite, compare, llm, calibrate",
-        description="see `realizar loadtest --help`", add_help=False,
-        prefix_chars="\x00")  # no option prefix: every argument lands in loadtest_argv
-    p.add_argument("loadtest_argv", nargs=argparse.REMAINDER)
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run ``realizar loadtest`` for a namespace made by the parser ``add_parser`` built."""
+    """Run ``realizar loadtest`` for a namespace of the ``realizar`` parser (``realizar.cli.build_parser``)."""
     return main(list(getattr(args, "loadtest_argv", None) or []))

@@ -3,7 +3,6 @@ JSON and HTML outputs, the llm and calibrate subcommands, the parser hook."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 from collections.abc import Iterator
@@ -11,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from realizar.cli import build_parser
 from realizar.loadtest.calibrate import noop_server
-from realizar.loadtest.cli import add_parser, main, run
+from realizar.loadtest.cli import main, run
 from realizar.loadtest.report import read_json, validate_report
 
 
@@ -132,9 +132,8 @@ def test_calibrate_reports_both_ceilings(capsys: pytest.CaptureFixture[str], tmp
     assert all(r["per_second"] > 0 and r["failures"] == 0 for r in results)
 
 
-def test_add_parser_hands_everything_to_loadtest(noop_url: str) -> None:
-    top = argparse.ArgumentParser(prog="realizar")
-    add_parser(top.add_subparsers(dest="command"))
+def test_the_realizar_parser_hands_everything_to_loadtest(noop_url: str) -> None:
+    top = build_parser()
     args = top.parse_args(["loadtest", "--url", noop_url, "--scenario", "health", "--scale", "0.05"])
     assert args.loadtest_argv[0] == "--url"
     assert run(args) == 0
