@@ -12,11 +12,7 @@
 #include "cpu_kernels.h"
 
 #if defined(__AVX2__)
-#include <immintrin.h>/* y = x W^T over fast records on AMX tiles (quant_tiles.c): 0 done, -1 no memory, 1 declined (too few rows,
- * a build or CPU without the tiles, or turned off by realizar_set_tiles). */
-int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
-                           int64_t M, int64_t N, int64_t K);
-
+#include <immintrin.h>
 #endif
 
 #define NR 16             /* output rows per panel, as in packed_gemm.c */
@@ -52,11 +48,7 @@ static inline f32x16 halves16(const uint8_t *p) {
 #else
     f16x16 v;
     memcpy(&v, p, sizeof v);
-    r = __builtin_convertvector(v, f32x16);/* y = x W^T over fast records on AMX tiles (quant_tiles.c): 0 done, -1 no memory, 1 declined (too few rows,
- * a build or CPU without the tiles, or turned off by realizar_set_tiles). */
-int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
-                           int64_t M, int64_t N, int64_t K);
-
+    r = __builtin_convertvector(v, f32x16);
 #endif
     return r;
 }
@@ -74,11 +66,7 @@ static inline f32x16 rounded(f32x16 v) {
     memcpy(&v, &lo, sizeof lo);
     memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
 #elif defined(__aarch64__)
-    __asm__("" : "+w"(v));/* y = x W^T over fast records on AMX tiles (quant_tiles.c): 0 done, -1 no memory, 1 declined (too few rows,
- * a build or CPU without the tiles, or turned off by realizar_set_tiles). */
-int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
-                           int64_t M, int64_t N, int64_t K);
-
+    __asm__("" : "+w"(v));
 #endif
     return v;
 }
@@ -96,11 +84,7 @@ static inline i32x16 widen(i8x16 v) {
     memcpy(&r, &lo, sizeof lo);
     memcpy((char *)&r + sizeof lo, &hi, sizeof hi);
 #else
-    for (int i = 0; i < 16; i++) r[i] = v[i];/* y = x W^T over fast records on AMX tiles (quant_tiles.c): 0 done, -1 no memory, 1 declined (too few rows,
- * a build or CPU without the tiles, or turned off by realizar_set_tiles). */
-int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
-                           int64_t M, int64_t N, int64_t K);
-
+    for (int i = 0; i < 16; i++) r[i] = v[i];
 #endif
     return r;
 }
@@ -131,11 +115,7 @@ static inline void forget_floats(const float **p) { __asm__("" : "+r"(*p)); }
 static inline v8 rounded8(v8 v) {
     __asm__("" : "+x"(v));
     return v;
-}/* y = x W^T over fast records on AMX tiles (quant_tiles.c): 0 done, -1 no memory, 1 declined (too few rows,
- * a build or CPU without the tiles, or turned off by realizar_set_tiles). */
-int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
-                           int64_t M, int64_t N, int64_t K);
-
+}
 #endif
 
 static inline int fmt_base(int f) { return f & (HALF - 1); }
@@ -165,6 +145,7 @@ void realizar_dequantize_fast_records(int kind, int c, const uint8_t *panel, int
 /* y = x W^T through a buffer of exactly dequantized weights (quant_gemm.c; `fast`: fast records). */
 int realizar_buffered_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, int fast, int c, float *y,
                            int64_t ldy, int64_t M, int64_t N, int64_t K);
+
 /* y = x W^T over fast records on AMX tiles (quant_tiles.c): 0 done, -1 no memory, 1 declined (too few rows,
  * a build or CPU without the tiles, or turned off by realizar_set_tiles). */
 int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
