@@ -1,6 +1,7 @@
 """The quality gate of the paths that trade exactness for speed or memory, against float32 on the
-default model: the quantized fast class (int8 activations, integer dot products; and where the CPU has AMX,
-its products on the tiles that ``REALIZAR_TILES=on`` asks for), the exact quantized class for comparison, and the float16 KV cache (``--kv-cache-dtype float16``) with each of them.
+default model: the quantized fast class (int8 activations, integer dot products; and where the CPU has
+AMX, its products on the tiles that ``REALIZAR_TILES=on`` asks for), the exact quantized class for
+comparison, and the float16 KV cache (``--kv-cache-dtype float16``) with each of them.
 
 Usage (from the repository root)::
 
@@ -61,9 +62,9 @@ def main() -> int:
     runs = [("quantized exact", torch.float32), ("quantized fast", torch.float32), ("float32", torch.float16),
             ("quantized exact", torch.float16), ("quantized fast", torch.float16)]
     # the fast class's products of many rows on AMX tiles (REALIZAR_TILES), where this CPU and build have them:
-    # chunks of at least tile_min_rows rows put every position through them
-    tiles = compiled.set_tiles(True) and args.chunk >= compiled.tile_min_rows
-    if tiles:
+    # chunks of at least tile_min_rows rows put every position through them (a shorter last chunk's take the
+    # integer products; the default 2,048 tokens in chunks of 256 leave none)
+    if compiled.tiles_available() and args.chunk >= compiled.tile_min_rows:
         models[TILES] = models["quantized fast"]
         runs += [(TILES, torch.float32), (TILES, torch.float16)]
     for name, kv in runs:

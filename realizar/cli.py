@@ -345,11 +345,9 @@ def cmd_info() -> int:
         else "GGUF weights dequantized to float32"
     print(f"cpu kernels: {kernels.isa() + ', ' + quantized if compiled else 'not built (pure-torch path)'}")
     if compiled is not None:
-        on = compiled.tiles
-        available = on or compiled.set_tiles(True)
-        compiled.set_tiles(on)
-        print("amx bf16 tiles: " + (f"on, the fast class's products from {compiled.tile_min_rows} rows" if on else
-                                    "available, off (REALIZAR_TILES=on)" if available else "not on this CPU or build"))
+        print("amx bf16 tiles: " + (f"on, the fast class's products from {compiled.tile_min_rows} rows"
+                                    if compiled.tiles else "available, off (REALIZAR_TILES=on)"
+                                    if compiled.tiles_available() else "not on this CPU or build"))
     from realizar.engine.engine import dtype_name, resolve_kv_cache_dtype
 
     kv = dtype_name(resolve_kv_cache_dtype(EngineConfig(), torch.device("cpu"), torch.float32))

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from realizar import kernels
 from realizar.loadtest.server_process import ServerProcess, free_port
 
 __all__ = ["NOT_MEASURED", "ROOT", "ServerProcess", "free_port", "hf_converted", "servers_together", "start_server"]
@@ -243,3 +244,17 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
 @pytest.fixture(scope="session")
 def server_url(demo_server: ServerProcess) -> str:
     return demo_server.url
+
+
+@pytest.fixture
+def amx_tiles() -> Iterator[kernels.CpuKernels]:
+    """The compiled kernels with the fast class's AMX tiles on (``REALIZAR_TILES``), as they were again after;
+    a skip naming what is missing where there are none."""
+    compiled = kernels.load()
+    if compiled is None or not compiled.tiles_available():
+        pytest.skip(f"no AMX-BF16 tiles: no kernels, a CPU without amx_bf16, a build for less ({kernels.isa()}), "
+                    "or Linux lends no tile state")
+    before = compiled.tiles
+    compiled.set_tiles(True)
+    yield compiled
+    compiled.set_tiles(before)

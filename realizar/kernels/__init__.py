@@ -371,9 +371,17 @@ class CpuKernels:
         self.path = path
 
     def set_tiles(self, on: bool) -> bool:
-        """Let the fast class multiply many rows on AMX tiles (``on``, the default) or not; whether it now does."""
+        """Let the fast class multiply many rows on AMX tiles (``on``) or not; whether it now does."""
         self.tiles = bool(self._set_tiles(int(on)))
         return self.tiles
+
+    def tiles_available(self) -> bool:
+        """Whether this build, CPU and kernel let the fast class use AMX tiles, whatever ``REALIZAR_TILES`` says
+        (the setting is left as it was)."""
+        on = self.tiles
+        available = self.set_tiles(True)
+        self.set_tiles(on)
+        return available
 
     def set_threads(self, threads: int) -> int:
         """Threads for every kernel (the caller and ``threads - 1`` workers); the number in use."""

@@ -63,22 +63,16 @@ def test_quantized_classes_against_float32_on_a_short_text(setup: Setup) -> None
     assert fast.agreement >= 0.9 and abs(fast.perplexity_ratio - 1) <= 0.03
 
 
-def test_the_fast_class_on_amx_tiles_against_float32_on_a_short_text(setup: Setup) -> None:
+def test_the_fast_class_on_amx_tiles_against_float32_on_a_short_text(setup: Setup,
+                                                                      amx_tiles: kernels.CpuKernels) -> None:
     """Where the CPU has AMX-BF16 tiles, the fast class's products with ``REALIZAR_TILES`` on (each operand
     as two bfloat16 terms from ``tile_min_rows`` rows): chunks of 160 rows put every position through them."""
-    compiled, loaded, ids, floats = setup.compiled, setup.loaded, setup.ids, setup.floats
-    if not compiled.set_tiles(True):
-        compiled.set_tiles(kernels.tiles_wanted())
-        pytest.skip(f"no AMX-BF16 tiles: the CPU lacks amx_bf16, this build ({kernels.isa()}) targets less, "
-                    "or Linux lends no tile state")
-    try:
-        assert compiled.tile_min_rows <= 159
-        cpu = torch.device("cpu")
-        reference = teacher_forced(LlamaModel(loaded.config, floats, cpu, torch.float32), ids, chunk=160)
-        tiles = compare(teacher_forced(LlamaModel(loaded.config, loaded.tensors, cpu, torch.float32,
-                                                  loaded.quantized, fast=True), ids, chunk=160), reference)
-    finally:
-        compiled.set_tiles(kernels.tiles_wanted())
+    loaded, ids, floats = setup.loaded, setup.ids, setup.floats
+    assert amx_tiles.tile_min_rows <= 159
+    cpu = torch.device("cpu")
+    reference = teacher_forced(LlamaModel(loaded.config, floats, cpu, torch.float32), ids, chunk=160)
+    tiles = compare(teacher_forced(LlamaModel(loaded.config, loaded.tensors, cpu, torch.float32,
+                                              loaded.quantized, fast=True), ids, chunk=160), reference)
     # over 2,048 tokens (benchmarks/quality.py): 100.00 % agreement, perplexity x1.0000 (float16 cache: 99.90 %)
     assert tiles.tokens == 320 and tiles.passed, tiles
     assert tiles.agreement >= 0.99

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -327,40 +326,29 @@ def test_fast_class_is_the_product_with_int8_activations(cpu_kernels: kernels.Cp
         assert not cpu_kernels.quant_gemm_fast(torch.zeros(2, k), p).any()
 
 
-@pytest.fixture
-def tiles(cpu_kernels: kernels.CpuKernels) -> Iterator[kernels.CpuKernels]:
-    """The kernels with the fast class's AMX tiles turned on (``REALIZAR_TILES``), where there are any."""
-    if not cpu_kernels.set_tiles(True):
-        cpu_kernels.set_tiles(kernels.tiles_wanted())
-        pytest.skip(f"no AMX-BF16 tiles: the CPU lacks amx_bf16, this build ({kernels.isa()}) targets less, "
-                    "or Linux lends no tile state")
-    yield cpu_kernels
-    cpu_kernels.set_tiles(kernels.tiles_wanted())
-
-
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
-def test_tile_products_are_within_16_bits_of_the_exact_product(tiles: kernels.CpuKernels, qtype: QT) -> None:
+def test_tile_products_are_within_16_bits_of_the_exact_product(amx_tiles: kernels.CpuKernels, qtype: QT) -> None:
     """From ``tile_min_rows`` rows, the fast class on AMX tiles multiplies each operand as two bfloat16
     terms: within about 2^-16 of the product of the dequantized weights, 5 times closer than the
     integer products' bound; ragged N and M, a zero row, both byte layouts, into columns of a wider
     output. Fewer rows keep the integer products."""
-    for (n, k), wide in itertools.product(zip((37, 16, 100), widths(qtype), strict=True), byte_layouts(tiles)):
+    for (n, k), wide in itertools.product(zip((37, 16, 100), widths(qtype), strict=True), byte_layouts(amx_tiles)):
         weight = quantized(qtype, n, k, seed=n + k)
-        w, p = weight.dequantize().double(), fast_packed(tiles, weight, wide)
+        w, p = weight.dequantize().double(), fast_packed(amx_tiles, weight, wide)
         gen = torch.Generator().manual_seed(k)
-        for m in (tiles.tile_min_rows, tiles.tile_min_rows + 13, 130):
+        for m in (amx_tiles.tile_min_rows, amx_tiles.tile_min_rows + 13, 130):
             x = torch.randn(m, k, generator=gen)
             x[1] = 0
             wider = torch.full((m, n + 7), 5.0)
-            tiles.quant_gemm_fast(x, p, wider[:, 3:3 + n])
+            amx_tiles.quant_gemm_fast(x, p, wider[:, 3:3 + n])
             expected = x.double() @ w.T
             assert ((wider[:, 3:3 + n].double() - expected).abs().max() / expected.abs().max()).item() <= 2e-5
             assert not wider[1, 3:3 + n].any() and bool((wider[:, :3] == 5).all() and (wider[:, 3 + n:] == 5).all())
-        x = torch.randn(tiles.tile_min_rows - 1, k, generator=gen)
-        tiles.set_tiles(False)
-        integer = tiles.quant_gemm_fast(x, p)
-        tiles.set_tiles(True)
-        assert torch.equal(tiles.quant_gemm_fast(x, p), integer)
+        x = torch.randn(amx_tiles.tile_min_rows - 1, k, generator=gen)
+        amx_tiles.set_tiles(False)
+        integer = amx_tiles.quant_gemm_fast(x, p)
+        amx_tiles.set_tiles(True)
+        assert torch.equal(amx_tiles.quant_gemm_fast(x, p), integer)
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
