@@ -160,8 +160,9 @@ class _SpecialText:
     nonce: str
 
     @classmethod
-    def of(cls, backend: BackendTokenizer) -> _SpecialText:
-        text_backend = BackendTokenizer.from_str(backend.to_str())
+    def of(cls, backend: BackendTokenizer, copy: bool = True) -> _SpecialText:
+        """The special text of ``backend``, in a copy of it (``copy``), or in ``backend`` itself, changed."""
+        text_backend = BackendTokenizer.from_str(backend.to_str()) if copy else backend
         text_backend.encode_special_tokens = True
         nonce = os.urandom(8).hex()
         special: dict[str, AddedToken] = {}
@@ -242,8 +243,11 @@ class Tokenizer:
         chat_template: str | None,
         decoding: _Decoding | None,
         source: str = "<memory>",
+        owned: bool = False,
     ) -> None:
-        """Wrap a ready ``tokenizers.Tokenizer`` (it is copied, not changed); prefer the ``from_*`` constructors."""
+        """Wrap a ready ``tokenizers.Tokenizer``: it is copied, not changed, unless ``owned`` says that nothing
+        else holds it (the ``from_*`` constructors, which build it: copying the demo model's took 0.1-0.15 s of
+        every start). Prefer those constructors."""
         self.vocab_size: int = vocab_size
         self.bos_token_id: int | None = bos_token_id
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos_token_ids))
@@ -258,7 +262,7 @@ class Tokenizer:
         self._renders_tool_calls = "tool_calls" in (chat_template or CHATML_TEMPLATE)
         # Hugging Face templates that offer tools read a ``tools`` variable; one that never names it would drop them
         self.renders_tools: bool = re.search(r"\btools\b", chat_template or CHATML_TEMPLATE) is not None
-        self._special_text = _SpecialText.of(backend)
+        self._special_text = _SpecialText.of(backend, copy=not owned)
         self._backend = self._special_text.backend  # see _SpecialText
         self._template_tokens = {
             name: backend.id_to_token(token_id)
@@ -340,6 +344,7 @@ class Tokenizer:
             chat_template=template if isinstance(template, str) and template else None,
             decoding=decoding,
             source=source,
+            owned=True,
         )
 
     @classmethod
@@ -386,6 +391,7 @@ class Tokenizer:
             chat_template=_chat_template_of_dir(path, config),
             decoding=_decoding_from_backend(backend),
             source=str(path),
+            owned=True,
         )
 
     # ---------------------------------------------------------------- encoding and decoding
