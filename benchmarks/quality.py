@@ -1,6 +1,6 @@
 """The quality gate of the paths that trade exactness for speed or memory, against float32 on the
 default model: the quantized fast class (int8 activations, integer dot products; and where the CPU has
-AMX, its products on the tiles that ``REALIZAR_TILES=on`` asks for), the exact quantized class for
+AMX, its products on the tiles, which ``REALIZAR_TILES`` or ``auto`` turn on), the exact quantized class for
 comparison, and the float16 KV cache (``--kv-cache-dtype float16``) with each of them.
 
 Usage (from the repository root)::

@@ -346,7 +346,8 @@ def cmd_info() -> int:
     print(f"cpu kernels: {kernels.isa() + ', ' + quantized if compiled else 'not built (pure-torch path)'}")
     if compiled is not None:
         print("amx bf16 tiles: " + (f"on, the fast class's products from {compiled.tile_min_rows} rows"
-                                    if compiled.tiles else "available, off (REALIZAR_TILES=on)"
+                                    if compiled.tiles else f"available, {kernels.tiles_setting()} (REALIZAR_TILES: on, off, "
+                                    "or auto, which a server times at its first start)"
                                     if compiled.tiles_available() else "not on this CPU or build"))
     from realizar.engine.engine import dtype_name, resolve_kv_cache_dtype
 

@@ -28,6 +28,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run the opt-in load tests (marker 'load'); REALIZAR_LOAD_TESTS=1 does the same")
 
 
+# The suite pins the fast class to its integer dot products: auto's timing of the AMX tiles (where the CPU has them)
+# would otherwise turn them on, by the moment's timing, in a test's process and every server it starts. The tiles'
+# own tests turn them on (the amx_tiles fixture); test_quantized_class tests auto's choice of them.
+os.environ["REALIZAR_TILES"] = "off"
+
 UNIT_TESTS = ROOT / "tests" / "unit"
 # Under xdist (make test's parallel pass) every engine a test starts, in its own process or in a server, takes
 # one kernel thread unless told otherwise. With more busy processes than cores, a step's threads wait at every

@@ -12,9 +12,9 @@
   0.6-1.1 bytes per weight instead of 4. Its fast class (``fast=True``: each activation as two
   int8 terms, integer dot products: every row with VNNI or AVX2, up to ``fast_max_rows`` rows elsewhere and
   the exact products for more) is not exact but passes the quality gate
-  (``benchmarks/quality.py``); ``auto`` times both classes at load and keeps the faster. With
-  ``REALIZAR_TILES=on``, on a CPU with AMX, its products of many rows go to ``quant_tiles.c`` instead
-  (each operand as two bfloat16 terms on the tiles).
+  (``benchmarks/quality.py``); ``auto`` times both classes at load and keeps the faster. On a CPU with
+  AMX, its products of many rows may go to ``quant_tiles.c`` instead (each operand as two bfloat16 terms
+  on the tiles), where ``REALIZAR_TILES`` asks or ``auto`` finds them faster at the first start.
 - **RMSNorm, RoPE, SiLU-and-multiply** (``pointwise.c``): one pass each.
 - **Attention** (``paged_attention.c``, ``prefill_attention.c``): all of a step's queries in one
   call that reads the pages directly; each query row, decode or prompt token, attends to its own

@@ -21,7 +21,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,11 +159,13 @@ def load_engine_model(path: str | Path, config: EngineConfig) -> EngineModel:
 
     float_bytes = 4 * sum(math.prod(q.shape) for q in loaded.quantized.values())
     file_bytes = sum(q.raw.numel() for q in loaded.quantized.values())
+    key = _choice_key(Path(path), kv_dtype)
     model = choose_quantized_class(
         build, bool(loaded.quantized) and kernels.for_tensors(device, dtype) is not None,
-        exact=config.dtype == "float32", remember=_choice_key(Path(path), kv_dtype),
+        exact=config.dtype == "float32", remember=key,
         float32_allowed=float_bytes <= FLOAT32_CANDIDATE_BYTES, kv_dtype=kv_dtype,
         timing_layers=min(TIMING_LAYERS, loaded.config.num_layers) if file_bytes > TIMING_PREFIX_BYTES else None)
+    choose_tiles(model, key, kv_dtype)
     del loaded.tensors, loaded.quantized
     _return_free_heap()
     return EngineModel(model, tokenizer, loaded.config, loaded.config.name, loaded.path, loaded.format,
@@ -210,10 +212,13 @@ def _choices_file() -> Path:
     return kernels.cache_dir() / "quantized-class-choices.json"
 
 
-def _remembered(key: str) -> str | None:
+def _remembered(key: str, allowed: Collection[str] | None = None) -> str | None:
+    """The choice kept for ``key``, if it is one of ``allowed`` (default: the classes that pass the gate)."""
+    if allowed is None:
+        allowed = [name for name, passed in QUANTIZED_CLASSES_PASSING_GATE.items() if passed]
     with contextlib.suppress(OSError, ValueError):
         choice = json.loads(_choices_file().read_text()).get(key)
-        if choice in QUANTIZED_CLASSES_PASSING_GATE and QUANTIZED_CLASSES_PASSING_GATE[choice]:
+        if choice in allowed:
             return str(choice)
     return None
 
@@ -288,6 +293,41 @@ def choose_quantized_class(build: Callable[[str, int | None], LlamaModel], quant
         gc.collect()
         model = build(best, None)
     return model
+
+
+# auto times the AMX tiles on a decode step of this many sequences: the fewest rows they take
+# (quant_tiles.c's TILE_MIN_ROWS), where they gain least
+TILE_TIMING_SEQUENCES = 64
+
+
+def choose_tiles(model: LlamaModel, remember: str | None = None, kv_dtype: torch.dtype | None = None) -> None:
+    """Where the fast class's model runs on kernels with AMX tiles and ``REALIZAR_TILES`` is ``auto`` (the
+    default): a decode step of ``TILE_TIMING_SEQUENCES`` sequences timed with the tiles off and on, alternated
+    (the best of each), and the faster kept, logged and, with ``remember``, kept for the next start. Their
+    speed on the shared VM where they were measured swung with the moment (BENCHMARKS.md): this measures
+    the machine as it is at the first start."""
+    compiled = getattr(model.backend, "kernels", None)
+    if not getattr(model, "fast", False) or compiled is None or kernels.tiles_setting() != "auto":
+        return
+    if not compiled.tiles_available():
+        return
+    key = None if remember is None else remember + "|tiles"
+    known = _remembered(key, ("on", "off")) if key else None
+    if known is not None:
+        compiled.set_tiles(known == "on")
+        log.info("AMX tiles: %s (auto, timed at an earlier start on this CPU)", known)
+        return
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(2):
+        for on in (False, True):
+            compiled.set_tiles(on)
+            best[on] = min(best[on], decode_step_seconds(model, TILE_TIMING_SEQUENCES, kv_dtype=kv_dtype))
+    chosen = best[True] < best[False]
+    compiled.set_tiles(chosen)
+    log.info("AMX tiles: %s (auto; a decode step of %d sequences: off %.1f | on %.1f ms)", "on" if chosen else "off",
+             TILE_TIMING_SEQUENCES, best[False] * 1000, best[True] * 1000)
+    if key:
+        _remember(key, "on" if chosen else "off")
 
 
 def attention_context(mc: ModelConfig) -> int:

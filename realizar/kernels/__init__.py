@@ -15,7 +15,7 @@
   feature macros), not exact but passing the quality gate; ``quant_blocks.h`` what the two
   share. ``REALIZAR_QUANTIZED`` picks ``exact``, ``fast`` or ``auto`` (the default: the faster,
   timed at load). ``quant_tiles.c``: the fast class's products of many rows on AMX's bfloat16 tiles,
-  each operand as two bfloat16 terms, where the CPU has them and ``REALIZAR_TILES=on`` asks.
+  each operand as two bfloat16 terms, where the CPU has them and they are faster (``REALIZAR_TILES``).
 - ``pointwise.c``: RMSNorm, SiLU-and-multiply and RoPE, one pass
   each instead of several torch ops with a temporary apiece.
 - ``sampling.c``: draws from softmax(logits / temperature) in one pass per row, without
@@ -358,11 +358,11 @@ class CpuKernels:
         # the fewest rows quant_gemm_fast_ranked ranks (0: this build never does)
         self.ranked_rows = int(self._fast_ranked_rows())
         # the fast class's products of many rows on AMX tiles (quant_tiles.c), where the build and CPU have
-        # them and REALIZAR_TILES asks for them; from tile_min_rows rows
+        # them and REALIZAR_TILES asks for them (or auto's timing turns them on); from tile_min_rows rows
         self._set_tiles = bind("realizar_set_tiles", i32, i32)
         self._tile_min_rows = bind("realizar_tile_min_rows", i32)
         self.tile_min_rows = int(self._tile_min_rows())
-        self.tiles = bool(self._set_tiles(int(tiles_wanted())))
+        self.tiles = bool(self._set_tiles(int(tiles_setting() == "on")))
         self._pack_quantized = bind("realizar_pack_quantized", None, p, p, i64, i64, i32, p)
         self._pack_fast = bind("realizar_pack_fast", None, p, p, p, i64, i64, i32, p)
         self._fast_panel_bytes = bind("realizar_fast_panel_bytes", i64, i32, i64)
@@ -669,11 +669,12 @@ def quantized_weights(device: torch.device, dtype: torch.dtype) -> bool:
     return quantized and for_tensors(device, dtype) is not None
 
 
-def tiles_wanted() -> bool:
-    """Whether ``REALIZAR_TILES`` asks the fast class to multiply many rows on AMX tiles (``quant_tiles.c``):
-    off by default, because on the shared VMs where they were measured their speed swung 3.5x from second to
-    second (BENCHMARKS.md)."""
-    return os.environ.get("REALIZAR_TILES", "0").lower() in ("1", "true", "yes", "on")
+def tiles_setting() -> str:
+    """What ``REALIZAR_TILES`` asks of the fast class's AMX tiles (``quant_tiles.c``): ``on``, ``off``, or ``auto``
+    (the default: a server times a step with them and without at its first start, where the CPU has them,
+    and keeps the faster; ``realizar.engine.engine.choose_tiles``). The kernels start with them off unless ``on``."""
+    value = os.environ.get("REALIZAR_TILES", "auto").lower()
+    return "on" if value in ("1", "true", "yes", "on") else "off" if value in ("0", "false", "no", "off") else "auto"
 
 
 def quantized_class() -> str:

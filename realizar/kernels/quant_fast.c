@@ -1009,8 +1009,9 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
                          int64_t M, int64_t N, int64_t K, int64_t top) {
     const int64_t fewest = realizar_fast_ranked_rows();
     const int ranked = fewest && top > 0 && !(kind & FAST_TWO_D) && M >= fewest;
-    /* AMX tiles where asked for (quant_tiles.c), but not for a ranked product: the demo model's LM head took as
-     * long on tiles as with both terms throughout, 1.07-1.23x as long as ranked, from 64 to 512 rows */
+    /* AMX tiles where they are on (quant_tiles.c), but not for a ranked product: on tiles the demo model's LM head
+     * took as long as with both terms throughout, 0.92-1.24x as long as ranked from 64 to 512 rows (longer at
+     * 3 of 4 sizes) */
     const int tiles = ranked ? 1 : realizar_tile_products(x, ldx, w, kind, c, y, ldy, M, N, K);
     if (tiles <= 0) return tiles;
     if (M > FAST_MAX_ROWS) return realizar_buffered_gemm(x, ldx, w, kind, 1, c, y, ldy, M, N, K);

@@ -20,8 +20,9 @@
  * Tiles: 0-3 the sums of 2 row tiles by 2 panels, 4-5 the rows' hi or lo of one 32-term block (16 rows by
  * 32 terms), 6-7 the weights' hi or lo of that block for the 2 panels (16 pairs of terms by 16 outputs).
  * Linux lends a process the tiles' state only when asked (arch_prctl); where it refuses, the products
- * decline too. Off unless REALIZAR_TILES asks (realizar_set_tiles): on the shared VM where they were
- * measured, their speed swung with the moment (BENCHMARKS.md, "AMX Xeon ... second session"). */
+ * decline too. Off until realizar_set_tiles turns them on: REALIZAR_TILES=on, or auto's timing at a server's
+ * first start (realizar.engine.engine.choose_tiles), since on the shared VM where they were measured their
+ * speed swung with the moment (BENCHMARKS.md, "AMX Xeon ... second session"). */
 #include "quant_blocks.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
@@ -216,7 +217,7 @@ static void run_tile_unit(const void *arg, int64_t unit) {
         }
 }
 
-static atomic_int tiles_on = 0;  /* off until asked for (REALIZAR_TILES) */
+static atomic_int tiles_on = 0;  /* off until turned on (REALIZAR_TILES, or auto's timing) */
 
 int realizar_set_tiles(int on) {
     atomic_store(&tiles_on, on);

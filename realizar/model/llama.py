@@ -65,6 +65,7 @@ class LlamaModel:
         self.config = config
         self.device = device
         self.dtype = dtype
+        self.fast = fast and bool(quantized)  # its quantized layers multiplied by the fast class
         # what computes every operation, chosen once: the CPU kernels in float32 on the CPU, torch elsewhere
         self.backend = backend if backend is not None else choose_backend(device, dtype)
         if (self.backend.device.type, self.backend.dtype) != (device.type, dtype):

@@ -65,7 +65,7 @@ def test_quantized_classes_against_float32_on_a_short_text(setup: Setup) -> None
 
 def test_the_fast_class_on_amx_tiles_against_float32_on_a_short_text(setup: Setup,
                                                                       amx_tiles: kernels.CpuKernels) -> None:
-    """Where the CPU has AMX-BF16 tiles, the fast class's products with ``REALIZAR_TILES`` on (each operand
+    """Where the CPU has AMX-BF16 tiles, the fast class's products with the tiles on (each operand
     as two bfloat16 terms from ``tile_min_rows`` rows): chunks of 160 rows put every position through them."""
     loaded, ids, floats = setup.loaded, setup.ids, setup.floats
     assert amx_tiles.tile_min_rows <= 159

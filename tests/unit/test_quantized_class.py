@@ -4,12 +4,13 @@ quality gate, never one the gate rejects (realizar.engine.engine.choose_quantize
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from realizar.engine import engine as engine_module
-from realizar.engine.engine import choose_quantized_class
+from realizar.engine.engine import choose_quantized_class, choose_tiles
 
 
 class Built:
@@ -124,3 +125,75 @@ def test_a_large_model_is_timed_on_its_first_layers_then_built_whole(timings: di
     Built.made.clear()
     choose()  # a small model: timed whole, the last class timed kept
     assert all(layers is None for _, layers in Built.made)
+
+
+class Tiles:
+    """A stand-in for the kernels' AMX tile switch (``CpuKernels.tiles_available`` and ``set_tiles``)."""
+
+    def __init__(self, available: bool) -> None:
+        self.available, self.tiles = available, False
+
+    def tiles_available(self) -> bool:
+        return self.available
+
+    def set_tiles(self, on: bool) -> bool:
+        self.tiles = on and self.available
+        return self.tiles
+
+
+class TileModel:
+    """A stand-in model of the fast class or not, on ``kernels``."""
+
+    def __init__(self, fast: bool, tiles: Tiles) -> None:
+        self.fast, self.backend = fast, SimpleNamespace(kernels=tiles)
+
+
+@pytest.fixture
+def tile_timings(monkeypatch: pytest.MonkeyPatch) -> tuple[dict[bool, float], list[int]]:
+    """Decode step seconds with the tiles off and on (keyed by the switch), and the sequences of each timing."""
+    table, timed = {False: 0.010, True: 0.008}, []
+
+    def timer(model: TileModel, n: int, **_kw: Any) -> float:
+        timed.append(n)
+        return table[model.backend.kernels.tiles]
+
+    monkeypatch.setattr(engine_module, "decode_step_seconds", timer)
+    monkeypatch.delenv("REALIZAR_TILES", raising=False)
+    return table, timed
+
+
+def test_auto_turns_the_tiles_on_only_where_they_are_faster(tile_timings: tuple[dict[bool, float], list[int]]) -> None:
+    table, timed = tile_timings
+    tiles = Tiles(True)
+    choose_tiles(TileModel(True, tiles))  # type: ignore[arg-type]
+    assert tiles.tiles and set(timed) == {engine_module.TILE_TIMING_SEQUENCES} and len(timed) == 4
+    table[True] = 0.02
+    choose_tiles(TileModel(True, tiles))  # type: ignore[arg-type]
+    assert not tiles.tiles
+
+
+def test_tiles_are_not_timed_without_the_fast_class_tiles_or_auto(tile_timings: tuple[dict[bool, float], list[int]],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _, timed = tile_timings
+    for fast, available, setting in ((False, True, "auto"), (True, False, "auto"), (True, True, "off"),
+                                     (True, True, "on")):
+        monkeypatch.setenv("REALIZAR_TILES", setting)
+        tiles = Tiles(available)
+        choose_tiles(TileModel(fast, tiles))  # type: ignore[arg-type]
+        assert not tiles.tiles and not timed  # "on" was set by the kernels at load: nothing to choose here
+
+
+def test_a_timed_tile_choice_is_remembered_for_the_next_start(tile_timings: tuple[dict[bool, float], list[int]],
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    table, timed = tile_timings
+    monkeypatch.setenv("REALIZAR_CACHE_DIR", str(tmp_path))
+    tiles = Tiles(True)
+    choose_tiles(TileModel(True, tiles), remember="key-1")  # type: ignore[arg-type]
+    assert tiles.tiles and timed
+    timed.clear()
+    table[True] = 1.0  # slower now, but the remembered choice is taken without timing
+    tiles = Tiles(True)
+    choose_tiles(TileModel(True, tiles), remember="key-1")  # type: ignore[arg-type]
+    assert tiles.tiles and not timed
+    choose_tiles(TileModel(True, tiles), remember="key-2")  # type: ignore[arg-type]
+    assert not tiles.tiles and timed  # another model or build: timed again
