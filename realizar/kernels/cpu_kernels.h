@@ -1,12 +1,25 @@
-/* What the CPU kernels share: 8-wide float vectors, an exp that vectorizes, and the pool of
- * threads that runs their work in parallel (thread_pool.c). */
+/* What the CPU kernels share: 8-wide float vectors, an exp that vectorizes, a thread's scratch buffers, and
+ * the pool of threads that runs their work in parallel (thread_pool.c). */
 #ifndef REALIZAR_CPU_KERNELS_H
 #define REALIZAR_CPU_KERNELS_H
 
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* *buffer, grown to at least `bytes` (64-byte aligned, its contents lost) where *capacity is short: a kernel's
+ * scratch, kept in its own thread-local buffer and capacity between calls. Never NULL but when memory runs
+ * out (then nothing is kept), even for 0 bytes. */
+static inline void *thread_scratch(void **buffer, int64_t *capacity, int64_t bytes) {
+    if (bytes > *capacity || !*buffer) {
+        free(*buffer);
+        *buffer = aligned_alloc(64, (size_t)(((bytes > 0 ? bytes : 1) + 63) / 64 * 64));
+        *capacity = *buffer ? bytes : 0;
+    }
+    return *buffer;
+}
 
 typedef float v8 __attribute__((vector_size(32)));  /* 8 floats: one AVX register, two SSE/NEON */
 

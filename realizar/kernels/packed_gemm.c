@@ -182,15 +182,11 @@ static void pack_x(const float *x, int64_t ldx, int64_t M, int64_t K, float *a) 
 /* y [M, N] = x [M, K] (row stride ldx) times the packed weight. Returns 0, or -1 when the
  * buffer for x could not be allocated. */
 int realizar_gemm(const float *x, int64_t ldx, const float *packed, float *y, int64_t M, int64_t N, int64_t K) {
-    static __thread float *buffer;  /* x packed, kept between calls of the calling thread */
+    static __thread void *scratch;  /* x packed, kept between calls of the calling thread */
     static __thread int64_t capacity;
-    const int64_t panels = (N + NR - 1) / NR, need = (M + MR - 1) / MR * MR * K;
-    if (need > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, (size_t)((need * sizeof(float) + 63) / 64 * 64));
-        capacity = buffer ? need : 0;
-        if (!buffer) return -1;
-    }
+    const int64_t panels = (N + NR - 1) / NR;
+    float *const buffer = thread_scratch(&scratch, &capacity, (M + MR - 1) / MR * MR * K * (int64_t)sizeof(float));
+    if (!buffer) return -1;
     pack_x(x, ldx, M, K, buffer);
     /* One row: six panels at a time (six memory streams). Up to 8 rows: tiles of 2 rows by 3
      * panels. More: 6 rows by 1 panel, which reuses each load of the weight the most. */

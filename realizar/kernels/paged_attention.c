@@ -282,25 +282,15 @@ static void attend_row(const struct paged_attention *A, int64_t b) {
     const float scale = A->scale;
     const int vector = hd % 8 == 0;
     const int64_t len = A->context_lens[b];
-    static __thread float *scores;    /* [h, t], kept between calls of each thread */
-    static __thread int64_t *offsets; /* [t] cache offset of token t */
-    static __thread int64_t capacity; /* tokens */
-    static __thread int64_t score_capacity;
-    if (len > capacity || heads * len > score_capacity) {
-        free(scores);
-        free(offsets);
-        scores = malloc(sizeof(float) * (size_t)(heads * len));
-        offsets = malloc(sizeof(int64_t) * (size_t)len);
-        const int ok = scores && offsets;
-        capacity = ok ? len : 0;
-        score_capacity = ok ? heads * len : 0;
-        if (!ok) {
-            atomic_store(&((struct paged_attention *)A)->failed, 1);
-            return;
-        }
+    static __thread void *scores, *offsets;  /* [h, t] scores; [t] cache offset of token t: kept between calls */
+    static __thread int64_t score_bytes, offset_bytes;
+    /* plain locals from here: no thread-local lookups in the loops */
+    float *const buffer = thread_scratch(&scores, &score_bytes, heads * len * (int64_t)sizeof(float));
+    int64_t *const slots = thread_scratch(&offsets, &offset_bytes, len * (int64_t)sizeof(int64_t));
+    if (!buffer || !slots) {
+        atomic_store(&((struct paged_attention *)A)->failed, 1);
+        return;
     }
-    float *const buffer = scores;  /* plain locals from here: no thread-local lookups in the loops */
-    int64_t *const slots = offsets;
     const int64_t *table = A->block_tables + (A->row_tables ? A->row_tables[b] : b) * A->max_blocks;
     const float *q = A->q_all + b * A->q_stride;
     float *out = A->out_all + b * heads * hd;

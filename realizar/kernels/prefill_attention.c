@@ -178,17 +178,13 @@ static void tile_steps(int64_t nh, const float *qt, const float *k, const float 
  * may differ per row, over KV head `g`: every query head of g's group. */
 void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t rows, int64_t g) {
     const int64_t group = A->group, hd = A->hd, bs = A->bs;
-    static __thread float *buffer;
+    static __thread void *scratch;
     static __thread int64_t capacity;
     const int64_t need = 2 * group * hd * 8 + 2 * group * 8 + (A->half ? 2 * bs * hd : 0);
-    if (need > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, sizeof(float) * (size_t)((need + 15) / 16 * 16));
-        capacity = buffer ? need : 0;
-        if (!buffer) {
-            atomic_store(&((struct paged_attention *)A)->failed, 1);
-            return;
-        }
+    float *const buffer = thread_scratch(&scratch, &capacity, need * (int64_t)sizeof(float));
+    if (!buffer) {
+        atomic_store(&((struct paged_attention *)A)->failed, 1);
+        return;
     }
     float *const qt = buffer, *const o = buffer + group * hd * 8;  /* [group][hd][8] each */
     v8 *const m = (v8 *)(o + group * hd * 8), *const l = m + group;

@@ -1015,17 +1015,12 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
     const int tiles = ranked ? 1 : realizar_tile_products(x, ldx, w, kind, c, y, ldy, M, N, K);
     if (tiles <= 0) return tiles;
     if (M > FAST_MAX_ROWS) return realizar_buffered_gemm(x, ldx, w, kind, 1, c, y, ldy, M, N, K);
-    static __thread uint8_t *buffer;
+    static __thread void *scratch;
     static __thread int64_t capacity;
     const int64_t Mg = (M + XG - 1) / XG * XG;  /* rows in whole groups of the layout */
     const int64_t factors = Mg * (K / QK) * 4;  /* bytes of one array of per-block factors */
-    const int64_t need = 2 * Mg * K + 4 * factors + M * (K / 16) * 4 + 64;
-    if (need > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, (size_t)((need + 63) / 64 * 64));
-        capacity = buffer ? need : 0;
-        if (!buffer) return -1;
-    }
+    uint8_t *const buffer = thread_scratch(&scratch, &capacity, 2 * Mg * K + 4 * factors + M * (K / 16) * 4 + 64);
+    if (!buffer) return -1;
     float *dx = (float *)buffer;
     int32_t *sx = (int32_t *)(buffer + factors);
     float *dxs = (float *)(buffer + factors + M * (K / 16) * 4);

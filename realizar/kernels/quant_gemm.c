@@ -194,14 +194,9 @@ static void dequantize_records(int f, const uint8_t *rec, int64_t count, float *
 
 /* A buffer of this thread's, of at least `floats` floats (kept for later calls), or NULL. */
 static float *scratch(int64_t floats) {
-    static __thread float *buffer;
+    static __thread void *buffer;
     static __thread int64_t capacity;
-    if (floats > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, (size_t)((floats * sizeof(float) + 63) / 64 * 64));
-        capacity = buffer ? floats : 0;
-    }
-    return buffer;
+    return thread_scratch(&buffer, &capacity, floats * (int64_t)sizeof(float));
 }
 
 struct qjob {
@@ -475,15 +470,10 @@ int realizar_buffered_gemm(const float *x, int64_t ldx, const uint8_t *w, int fm
     const int64_t blocks = K / QK, panels = (N + NR - 1) / NR;
     const int64_t passes = (blocks + PASS_BLOCKS - 1) / PASS_BLOCKS, pass = (blocks + passes - 1) / passes;
     const int64_t threads = realizar_threads(), units_per_thread = 4;
-    static __thread float *packed_x;
+    static __thread void *scratch_x;
     static __thread int64_t capacity;
-    const int64_t need = realizar_packed_x_floats(M, K);
-    if (need > capacity) {
-        free(packed_x);
-        packed_x = aligned_alloc(64, (size_t)((need * sizeof(float) + 63) / 64 * 64));
-        capacity = packed_x ? need : 0;
-        if (!packed_x) return -1;
-    }
+    float *const packed_x = thread_scratch(&scratch_x, &capacity, realizar_packed_x_floats(M, K) * (int64_t)sizeof(float));
+    if (!packed_x) return -1;
     realizar_pack_x(x, ldx, M, K, packed_x);
     /* as in packed_gemm.c: up to 8 rows, three panels at a time; more, one */
     const int group = M <= 8 ? 3 : 1;

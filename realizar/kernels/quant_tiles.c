@@ -175,18 +175,13 @@ static void run_tile_unit(const void *arg, int64_t unit) {
     const int64_t blocks = j->K / QK, panels = (j->N + NR - 1) / NR, full = j->N / NR;
     const int64_t p0 = unit * j->chunk, p1 = p0 + j->chunk < panels ? p0 + j->chunk : panels, n = p1 - p0;
     const int64_t pbytes = realizar_fast_panel_bytes(j->kind, blocks);
-    static __thread uint8_t *buffer;
+    static __thread void *scratch;
     static __thread int64_t capacity;
     const int64_t tiles = n * 2 * blocks * 1024, floats = blocks * QK * NR * 4, sums = j->Mg * n * NR * 4;
-    const int64_t need = tiles + floats + sums;
-    if (need > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, (size_t)need);
-        capacity = buffer ? need : 0;
-        if (!buffer) {
-            atomic_store(j->failed, 1);
-            return;
-        }
+    uint8_t *const buffer = thread_scratch(&scratch, &capacity, tiles + floats + sums);
+    if (!buffer) {
+        atomic_store(j->failed, 1);
+        return;
     }
     uint8_t *const w = buffer;
     float *const dequantized = (float *)(void *)(buffer + tiles), *const c = (float *)(void *)(buffer + tiles + floats);
@@ -227,15 +222,11 @@ int realizar_set_tiles(int on) {
 int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
                            int64_t M, int64_t N, int64_t K) {
     if (!atomic_load(&tiles_on) || M < TILE_MIN_ROWS || !tiles_lent()) return 1;
-    static __thread uint16_t *buffer;
+    static __thread void *scratch;
     static __thread int64_t capacity;
     const int64_t Mg = (M + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
-    if (2 * Mg * K > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, (size_t)(2 * Mg * K * 2 + 63) / 64 * 64);
-        capacity = buffer ? 2 * Mg * K : 0;
-        if (!buffer) return -1;
-    }
+    uint16_t *const buffer = thread_scratch(&scratch, &capacity, 2 * Mg * K * 2);  /* x's hi, then its lo */
+    if (!buffer) return -1;
     const struct split_job s = {.x = x, .ldx = ldx, .M = M, .K = K, .hi = buffer, .lo = buffer + Mg * K};
     realizar_parallel(split_rows, &s, Mg / TILE_ROWS);
     const int64_t panels = (N + NR - 1) / NR, units = 4 * realizar_threads();
