@@ -62,9 +62,10 @@ def main() -> int:
     runs = [("quantized exact", torch.float32), ("quantized fast", torch.float32), ("float32", torch.float16),
             ("quantized exact", torch.float16), ("quantized fast", torch.float16)]
     # the fast class's products of many rows on AMX tiles (REALIZAR_TILES), where this CPU and build have them:
-    # chunks of at least tile_min_rows rows put every position through them (a shorter last chunk's take the
-    # integer products; the default 2,048 tokens in chunks of 256 leave none)
-    if compiled.tiles_available() and args.chunk >= compiled.tile_min_rows:
+    # chunks of at least tile_min_rows rows (of every kind) put every position through them (a shorter last
+    # chunk's take the integer products; the default 2,048 tokens in chunks of 256 leave none)
+    fewest = max(compiled.tile_min_rows(kernels.FAST_NIBBLES), compiled.tile_min_rows(kernels.FAST_SIXES))
+    if compiled.tiles_available() and args.chunk >= fewest:
         models[TILES] = models["quantized fast"]
         runs += [(TILES, torch.float32), (TILES, torch.float16)]
     for name, kv in runs:

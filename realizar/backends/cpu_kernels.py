@@ -274,7 +274,9 @@ class CpuKernelsBackend:
         terms = "int16 activations" if self.kernels.fast_activation_bits == 16 else "2 x int8 activations"
         int8 = terms + (f" up to {rows} rows, float32 beyond" if rows < kernels.FAST_EVERY_ROW else "")
         if self.kernels.tiles:
-            int8 += f", 2 x bfloat16 on AMX tiles from {self.kernels.tile_min_rows} rows"
+            kinds = {part.kind for lin in quantized for part in lin.parts if isinstance(part, kernels.FastPacked)}
+            fewest = "/".join(str(r) for r in sorted({self.kernels.tile_min_rows(k) for k in kinds}))
+            int8 += f", 2 x bfloat16 on AMX tiles from {fewest} rows"
         exact = "float32 activations (exact class)"
         activations = f"{int8} (fast class)" if any(lin.fast for lin in quantized) else exact
         kept = "" if len(quantized) == len(linears) else f", {len(linears) - len(quantized)} float32 layers"

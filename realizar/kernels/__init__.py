@@ -358,10 +358,9 @@ class CpuKernels:
         # the fewest rows quant_gemm_fast_ranked ranks (0: this build never does)
         self.ranked_rows = int(self._fast_ranked_rows())
         # the fast class's products of many rows on AMX tiles (quant_tiles.c), where the build and CPU have
-        # them and REALIZAR_TILES asks for them (or auto's timing turns them on); from tile_min_rows rows
+        # them and REALIZAR_TILES asks for them (or auto's timing turns them on); from tile_min_rows(kind) rows
         self._set_tiles = bind("realizar_set_tiles", i32, i32)
-        self._tile_min_rows = bind("realizar_tile_min_rows", i32)
-        self.tile_min_rows = int(self._tile_min_rows())
+        self._tile_min_rows = bind("realizar_tile_min_rows", i32, i32)
         self.tiles = bool(self._set_tiles(int(tiles_setting() == "on")))
         self._pack_quantized = bind("realizar_pack_quantized", None, p, p, i64, i64, i32, p)
         self._pack_fast = bind("realizar_pack_fast", None, p, p, p, i64, i64, i32, p)
@@ -382,6 +381,12 @@ class CpuKernels:
         available = self.set_tiles(True)
         self.set_tiles(on)
         return available
+
+    def tile_min_rows(self, kind: int) -> int:
+        """The fewest rows from which the fast class multiplies weights of ``kind`` (:attr:`FastPacked.kind`)
+        on AMX tiles where they are on: fewer for the kinds with one scale per 32-term block, whose integers
+        the tiles take as they are, than for Q6_K's, which they take dequantized (0: a build without tiles)."""
+        return int(self._tile_min_rows(kind))
 
     def set_threads(self, threads: int) -> int:
         """Threads for every kernel (the caller and ``threads - 1`` workers); the number in use."""

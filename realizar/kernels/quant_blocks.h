@@ -146,9 +146,16 @@ void realizar_dequantize_fast_records(int kind, int c, const uint8_t *panel, int
 int realizar_buffered_gemm(const float *x, int64_t ldx, const uint8_t *w, int fmt, int fast, int c, float *y,
                            int64_t ldy, int64_t M, int64_t N, int64_t K);
 
+/* Whether a kind's fast records can be laid out as tiles of their integers (0 no, 1 yes, 2 yes, with a min), and
+ * that layout with each block's d and min, for quant_tiles.c (quant_fast.c, which knows the records; builds
+ * without AVX512-BF16: never). */
+int realizar_fast_tile_integers(int kind);
+void realizar_fast_integer_tiles(int kind, int c, const uint8_t *panel, int64_t blocks, uint8_t *tiles, float *scales);
 /* y = x W^T over fast records on AMX tiles (quant_tiles.c): 0 done, -1 no memory, 1 declined (too few rows,
  * a build or CPU without the tiles, or turned off by realizar_set_tiles). */
 int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
                            int64_t M, int64_t N, int64_t K);
+/* The fewest rows whose products of kind `kind` go on the tiles (0: a build without them). */
+int realizar_tile_min_rows(int kind);
 
 #endif

@@ -378,6 +378,103 @@ void realizar_dequantize_fast_records(int kind, int c, const uint8_t *panel, int
     }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+/* Whether realizar_fast_integer_tiles takes records of this kind, one d (and min) per 32-term block of integers of
+ * at most 8 bits (not Q6_K's d per 16 terms): 0 no, 1 yes, 2 yes and the kind has a min. */
+int realizar_fast_tile_integers(int kind) {
+    if ((kind & FAST_TWO_D) || (kind & FAST_KIND) == FAST_SIXES) return 0;
+    return (kind & FAST_MIN) ? 2 : 1;
+}
+
+/* Two terms of each output of a record's 64-byte vector v as 32 words, zero-extended: the bytes that idx picks */
+static inline __attribute__((always_inline)) __m512i pair_words(__m512i v, __m512i idx) {
+    return _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, idx, v);
+}
+
+/* 32 words of small integers (|u| < 256, exact in bfloat16) as bfloat16 */
+static inline __attribute__((always_inline)) __m512i bf16_words(__m512i w) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w, 1)));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+static inline __attribute__((always_inline)) void integer_tile(const int KIND, int c, const uint8_t *panel, int64_t b,
+                                                               __m512i even, __m512i odd, __m512i table,
+                                                               uint8_t *tile, float *scales) {
+    const uint8_t *const q = fast_ints_at(KIND, panel, b);
+    if ((KIND & FAST_KIND) == FAST_NIBBLES) {  /* vector t: terms 4t + i (low nibbles), 16 + 4t + i (high) */
+        const __m512i low = _mm512_set1_epi8(15);
+        for (int t = 0; t < 4; t++) {
+            const __m512i v = _mm512_loadu_si512(q + 64 * t);
+            const __m512i nib[2] = {_mm512_and_si512(v, low), _mm512_and_si512(_mm512_srli_epi16(v, 4), low)};
+            for (int h = 0; h < 2; h++) {
+                _mm512_store_si512(tile + 64 * (8 * h + 2 * t), _mm512_permutexvar_epi16(pair_words(nib[h], even), table));
+                _mm512_store_si512(tile + 64 * (8 * h + 2 * t + 1), _mm512_permutexvar_epi16(pair_words(nib[h], odd), table));
+            }
+        }
+    } else {  /* vector t: terms 4t + i */
+        const __m512i offset = _mm512_set1_epi16((short)c), sign = _mm512_set1_epi16(0x80);
+        for (int t = 0; t < 8; t++) {
+            const __m512i v = _mm512_loadu_si512(q + 64 * t);
+            for (int r = 0; r < 2; r++) {
+                __m512i w = pair_words(v, r ? odd : even);
+                if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) w = _mm512_sub_epi16(_mm512_xor_si512(w, sign), sign);
+                _mm512_store_si512(tile + 64 * (2 * t + r), bf16_words(_mm512_sub_epi16(w, offset)));
+            }
+        }
+    }
+    f32x16 d0, d1, min;
+    fast_scales(KIND, panel, b, &d0, &d1, &min);
+    memcpy(scales, &d0, sizeof d0);
+    memcpy(scales + 16, &min, sizeof min);
+}
+
+#define INTEGER_TILE_CASE(K_) \
+    case K_: integer_tile(K_, c, panel, b, even, odd, table, tiles + 1024 * b, scales + 32 * b); break
+
+/* A panel's `blocks` blocks of fast records as bfloat16 tiles of their integers less the offset c, u - c, for
+ * tdpbf16ps (quant_tiles.c): tile b (1,024 bytes at tiles + 1024 b) holds in row r, 32-bit lane j, terms 2r and
+ * 2r + 1 of output j, the even one in the low half; and each block's scales, scales[32 b:32 b + 16] its d and
+ * scales[32 b + 16:32 b + 32] its min (0 without one): W[j][32 b + k] = d[j] (u - c) + min[j], as the exact class
+ * has it up to the order of roundings. Kinds that realizar_fast_tile_integers takes. */
+void realizar_fast_integer_tiles(int kind, int c, const uint8_t *panel, int64_t blocks, uint8_t *tiles, float *scales) {
+    uint8_t pick[2][64] = {{0}};  /* word 2j + e (e < 2) of a row: term 2r + e of output j, byte 4j + e (+ 2: odd rows) */
+    int16_t values[32];           /* nibble u as bfloat16 (u - c): its bits are float32's top half, exactly */
+    for (int w = 0; w < 32; w++) {
+        pick[0][2 * w] = (uint8_t)(4 * (w / 2) + w % 2);
+        pick[1][2 * w] = (uint8_t)(4 * (w / 2) + w % 2 + 2);
+        const float f = (float)(w - c);
+        uint32_t bits;
+        memcpy(&bits, &f, sizeof bits);
+        values[w] = (int16_t)(bits >> 16);
+    }
+    const __m512i even = _mm512_loadu_si512(pick[0]), odd = _mm512_loadu_si512(pick[1]);
+    const __m512i table = _mm512_loadu_si512(values);
+    for (int64_t b = 0; b < blocks; b++) {
+        switch (kind) {
+            INTEGER_TILE_CASE(FAST_NIBBLES | FAST_HALF);
+            INTEGER_TILE_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN);
+            INTEGER_TILE_CASE(FAST_BYTES | FAST_HALF);
+            INTEGER_TILE_CASE(FAST_BYTES | FAST_HALF | FAST_MIN);
+            INTEGER_TILE_CASE(FAST_SIGNED_BYTES | FAST_HALF);
+            INTEGER_TILE_CASE(FAST_SIGNED_BYTES);
+            INTEGER_TILE_CASE(FAST_NIBBLES | FAST_MIN | FAST_SUPER);
+            INTEGER_TILE_CASE(FAST_BYTES | FAST_MIN | FAST_SUPER);
+            default: integer_tile(kind, c, panel, b, even, odd, table, tiles + 1024 * b, scales + 32 * b); break;
+        }
+    }
+}
+#else
+int realizar_fast_tile_integers(int kind) {
+    (void)kind;
+    return 0;
+}
+
+void realizar_fast_integer_tiles(int kind, int c, const uint8_t *panel, int64_t blocks, uint8_t *tiles, float *scales) {
+    (void)kind, (void)c, (void)panel, (void)blocks, (void)tiles, (void)scales;
+}
+#endif
+
 /* Lays a weight out as fast records of kind `kind`: q [n, k] its stored integers (bytes), rows past n in the
  * last panel zeros. `scales` holds each block's factors as the kind's records store them:
  *   FAST_SUPER: [n, k / 32, 2] bytes (scale and min, or the scales of the block's two halves), and

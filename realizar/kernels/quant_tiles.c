@@ -2,23 +2,32 @@
  * CPU that has them; elsewhere realizar_tile_products declines and quant_fast.c's integer dot products
  * take every row.
  *
- * bfloat16 keeps 8 bits of a float's mantissa, too few on its own (rounding weights and activations to
- * bfloat16 failed or barely passed the quality gate: BENCHMARKS.md). So each operand is split into two
- * bfloat16 terms, v = hi + lo with hi = bf16(v) and lo = bf16(v - hi), 16 bits of mantissa together,
- * and each product takes three tile products:
+ * bfloat16 keeps 8 bits of a float's mantissa, too few on its own for the activations (rounding weights and
+ * activations to bfloat16 failed or barely passed the quality gate: BENCHMARKS.md). So x is split into two
+ * bfloat16 terms, x = x_hi + x_lo with x_hi = bf16(x) and x_lo = bf16(x - x_hi), 16 bits of mantissa together
+ * (split_rows). The weights stay in the fast class's records; a unit of work is up to 16 panels (16 outputs
+ * each), which its thread lays out as tiles once, then multiplies every row by. So the weights are read once per
+ * product whatever the rows, and the rows cost only tile products, 512 multiply-adds an instruction. Two ways:
+ *
+ * Integer tiles, for kinds with one d (and min) per 32-term block (every format but Q6_K): the block's integers
+ * u - c are exact in bfloat16, and a block is exactly one tile product's depth, so the tiles sum
+ * x . (u - c) over one block of one output tile, in two tile products (x_hi, x_lo), and the vector unit scales
+ * those sums by the block's d and adds its min times x's block sums:
+ *
+ *   y = sum over blocks of  d (x_hi + x_lo) . (u - c) + min sum(x)
+ *
+ * The weights are exact: only x's split (2^-16) and float32 sums round.
+ *
+ * Split tiles, for Q6_K (a d per 16 terms): each weight dequantized (realizar_dequantize_fast_records) and split
+ * as x is, and three tile products per block,
  *
  *   x . w ~= x_hi . w_hi + x_hi . w_lo + x_lo . w_hi      (x_lo . w_lo, about 2^-16 of it, is left out)
  *
- * summed in float32 by the tiles. The weights stay in the fast class's records: a unit of work is 16
- * panels (16 outputs each), which its thread dequantizes as the exact class does
- * (realizar_dequantize_fast_records) into hi and lo tiles, then multiplies every row by, 4 blocks of terms
- * per pass. So the weights are read and dequantized once per product whatever the rows, and the rows cost
- * only tile products: 3 x 512 multiply-adds per instruction, against 32 integer ones (two int8 terms
- * each) of a vpdpbusd. All of K is summed in the tiles: no per-block scaling, which is what made AMX's int8
- * tiles lose (BENCHMARKS.md).
+ * summed in the tiles over all of K. The integer tiles took 0.60-0.69 ms where the split tiles took 0.87 for a
+ * layer of the demo model at 64 rows (BENCHMARKS.md): a third fewer tile products and a fifth of the work to lay
+ * the weights out, against a store and a scaling of the sums per block. Neither scales per block in the
+ * tiles' int8 products, which is what made AMX's int8 tiles lose (BENCHMARKS.md).
  *
- * Tiles: 0-3 the sums of 2 row tiles by 2 panels, 4-5 the rows' hi or lo of one 32-term block (16 rows by
- * 32 terms), 6-7 the weights' hi or lo of that block for the 2 panels (16 pairs of terms by 16 outputs).
  * Linux lends a process the tiles' state only when asked (arch_prctl); where it refuses, the products
  * decline too. Off until realizar_set_tiles turns them on: REALIZAR_TILES=on, or auto's timing at a server's
  * first start (realizar.engine.engine.choose_tiles), since on the shared VM where they were measured their
@@ -33,7 +42,8 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define TILE_ROWS 16            /* rows of a tile: rows of x, or pairs of terms of the weights */
-#define TILE_MIN_ROWS 64        /* fewer rows take the integer dot products (at 32 rows the tiles took 1.2-1.4x as long) */
+#define TILE_MIN_ROWS 64        /* split tiles from this many rows (at 32 rows they took 1.2-1.4x as long as the integer dot products) */
+#define INTEGER_MIN_ROWS 24     /* integer tiles from this many rows (a step of 24 decodes: 17.5 ms against 18.9; 16: even) */
 
 struct tile_config {
     uint8_t palette, start_row, reserved[14];
@@ -62,32 +72,46 @@ static void configure_tiles(void) {
 }
 
 
-/* x as two bfloat16 terms per value, hi = bf16(x) and lo = bf16(x - hi), [Mg, K] each (rows past M: zeros),
- * 16 rows a unit. */
+/* x as two bfloat16 terms per value, hi = bf16(x) and lo = bf16(x - hi), [Mg, K] each in tiles (rows past M:
+ * zeros): row tile t's block b (16 rows by 32 terms, 1 KB) at (t * K / 32 + b) * 512; and, for the integer tiles
+ * of kinds with a min, each row's sum over each block. 16 rows a unit. */
 struct split_job {
     const float *x;
     int64_t ldx, M, K;
     uint16_t *hi, *lo;
+    float *sums;  /* [Mg, K / 32] each row's sum over each block of 32 terms, or NULL: not wanted */
 };
 
 static void split_rows(const void *arg, int64_t unit) {
     const struct split_job *s = (const struct split_job *)arg;
     for (int64_t m = unit * TILE_ROWS; m < (unit + 1) * TILE_ROWS; m++) {
-        uint16_t *const hi = s->hi + m * s->K, *const lo = s->lo + m * s->K;
+        /* row m of its row tile: term k of block b at b * 512 + (m % 16) * 32 + k % 32 */
+#define tiled_at(k) ((k) / QK * 512 + (m % TILE_ROWS) * QK + (k) % QK)
+        uint16_t *const hi = s->hi + unit * TILE_ROWS * s->K, *const lo = s->lo + unit * TILE_ROWS * s->K;
         if (m >= s->M) {
-            memset(hi, 0, (size_t)s->K * 2);
-            memset(lo, 0, (size_t)s->K * 2);
+            for (int64_t k = 0; k < s->K; k += QK) {
+                memset(hi + tiled_at(k), 0, QK * 2);
+                memset(lo + tiled_at(k), 0, QK * 2);
+            }
+            if (s->sums) memset(s->sums + m * (s->K / QK), 0, (size_t)(s->K / QK) * 4);
             continue;
         }
+        if (s->sums)
+            for (int64_t b = 0; b < s->K / QK; b++)
+                s->sums[m * (s->K / QK) + b] = _mm512_reduce_add_ps(
+                    _mm512_add_ps(_mm512_loadu_ps(s->x + m * s->ldx + b * QK),
+                                  _mm512_loadu_ps(s->x + m * s->ldx + b * QK + 16)));
         for (int64_t k = 0; k < s->K; k += 16) {  /* K is a multiple of 32 */
             const __m512 v = _mm512_loadu_ps(s->x + m * s->ldx + k);
             const __m256bh h = _mm512_cvtneps_pbh(v);
             const __m512 h32 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
-            _mm256_storeu_si256((__m256i *)(hi + k), (__m256i)h);
-            _mm256_storeu_si256((__m256i *)(lo + k), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, h32)));
+            const int64_t at = tiled_at(k);
+            _mm256_storeu_si256((__m256i *)(hi + at), (__m256i)h);
+            _mm256_storeu_si256((__m256i *)(lo + at), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, h32)));
         }
     }
 }
+#undef tiled_at
 
 struct tile_job {
     const uint16_t *hi, *lo;  /* x's two terms, [Mg, K] */
@@ -124,7 +148,7 @@ static void weight_tiles(const float *w, int64_t blocks, uint8_t *hi, uint8_t *l
 static inline __attribute__((always_inline)) void tile_sums(const int R, const int P, const struct tile_job *j,
                                                             int64_t m0, int64_t q0, int64_t panels, int64_t b0,
                                                             int64_t b1, int first, const uint8_t *w, float *sums) {
-    const int64_t xstride = j->K * 2, panel_tiles = j->K / QK * 1024, row_tiles = panels * 256;
+    const int64_t xstride = 64, panel_tiles = j->K / QK * 1024, row_tiles = panels * 256;
     float *const c = sums + (m0 / TILE_ROWS) * row_tiles + q0 * 256;
     if (first) {
         _tile_zero(0);
@@ -140,7 +164,7 @@ static inline __attribute__((always_inline)) void tile_sums(const int R, const i
     const uint8_t *const w0 = w + q0 * 2 * panel_tiles, *const w1 = w0 + 2 * panel_tiles;
     for (int64_t b = b0; b < b1; b++) {
         for (int term = 0; term < 3; term++) {
-            const uint16_t *const x = (term == 2 ? j->lo : j->hi) + m0 * j->K + b * QK;
+            const uint16_t *const x = (term == 2 ? j->lo : j->hi) + m0 * j->K + b * 512;
             const int64_t at = (term == 1) * panel_tiles + b * 1024;  /* the weights' lo with the rows' hi */
             /* each tile loaded just before its first use: all four loads first, then the products, took 4.7 times
              * as long (tiles are not renamed: a load waits for the products still reading the tile) */
@@ -212,6 +236,123 @@ static void run_tile_unit(const void *arg, int64_t unit) {
         }
 }
 
+/* The integer tiles (see the top of the file) */
+struct integer_job {
+    const uint16_t *hi, *lo;  /* x's two terms, [Mg, K] */
+    const float *sums;        /* [Mg, K / 32] x's block sums (kinds with a min), or NULL */
+    atomic_int *failed;
+    const uint8_t *w;
+    float *y;
+    int64_t M, Mg, N, K, ldy, chunk;
+    int kind, c;
+};
+
+
+/* The sums of row tile m0 and panel p of a unit after block b: acc = (b ? acc : 0) + d s + min * x's block sums
+ * (the sums s of one step, out of the tiles), kept for the next block, or into y after the last (rows below M,
+ * columns below N). */
+static inline __attribute__((always_inline)) void scale_sums(const int MIN, const struct integer_job *j, float *acc,
+                                                             const float *s, const float *scales, const float *xsums,
+                                                             int64_t b, int64_t blocks, int64_t m0, int64_t p) {
+    const __m512 d = _mm512_load_ps(scales);
+    const __m512 min = MIN ? _mm512_load_ps(scales + 16) : _mm512_setzero_ps();
+    const int last = b == blocks - 1;
+    const int64_t full = j->N / NR;
+    const __mmask16 cols = p < full ? 0xffff : (__mmask16)((1u << (j->N - p * NR)) - 1);
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; r++) {
+        __m512 a = b ? _mm512_load_ps(acc + 16 * r) : _mm512_setzero_ps();
+        a = _mm512_fmadd_ps(_mm512_load_ps(s + 16 * r), d, a);
+        if (MIN) a = _mm512_fmadd_ps(_mm512_set1_ps(xsums[r * blocks + b]), min, a);
+        if (!last) _mm512_store_ps(acc + 16 * r, a);
+        else if (m0 + r < j->M) _mm512_mask_storeu_ps(j->y + (m0 + r) * j->ldy + p * NR, cols, a);
+    }
+}
+
+/* A unit's panels (at most UNIT_PANELS) as tiles of their integers, then for each row tile, block by block, every
+ * panel: a step of two tile products, the rows' terms loaded once a block. (Panels outermost, with the sums in
+ * registers but the rows' terms loaded every step, took as long; groups of 3 panels whose products interleave,
+ * 20 % longer; two row tiles a step, 15 % longer.) */
+#define LAG 4  /* steps from a step's products to the scaling of its sums */
+static inline __attribute__((always_inline)) void integer_unit(const int MIN, const struct integer_job *j,
+                                                               int64_t unit) {
+    const int64_t blocks = j->K / QK, panels = (j->N + NR - 1) / NR;
+    const int64_t p0 = unit * j->chunk, p1 = p0 + j->chunk < panels ? p0 + j->chunk : panels, n = p1 - p0;
+    const int64_t pbytes = realizar_fast_panel_bytes(j->kind, blocks);
+    static __thread void *scratch;
+    static __thread int64_t capacity;
+    const int64_t tile_bytes = n * blocks * 1024, scale_bytes = n * blocks * 32 * 4, partial_bytes = n * 256 * 4;
+    uint8_t *const buffer = thread_scratch(&scratch, &capacity, tile_bytes + scale_bytes + partial_bytes + LAG * 1024);
+    if (!buffer) {
+        atomic_store(j->failed, 1);
+        return;
+    }
+    uint8_t *const tiles = buffer;
+    float *const scales = (float *)(void *)(buffer + tile_bytes);
+    float *const partial = scales + n * blocks * 32, *const s = partial + n * 256;  /* s: LAG steps' sums */
+    for (int64_t q = 0; q < n; q++)
+        realizar_fast_integer_tiles(j->kind, j->c, j->w + (p0 + q) * pbytes, blocks, tiles + q * blocks * 1024,
+                                    scales + q * blocks * 32);
+    configure_tiles();
+    for (int64_t m0 = 0; m0 < j->Mg; m0 += TILE_ROWS) {
+        const uint16_t *const xh = j->hi + m0 * j->K, *const xl = j->lo + m0 * j->K;
+        const float *const xsums = MIN ? j->sums + m0 * blocks : NULL;
+        int64_t rq = 0, rb = 0;  /* the panel and block of the next step to scale */
+        /* step k (block k / n, panel k % n): its products issued, step k - 1's sums stored, step k - LAG's scaled
+         * (a tile's store reaches memory only once it retires, after the products issued before it). Tiles: the
+         * rows' terms of even blocks 2-3, odd blocks 5-6; the weights and sums of even steps 4 and 0, odd steps 7
+         * and 1. */
+#define PRODUCTS(AH, AL, BT, CT, q, b)                                   \
+    do {                                                                 \
+        _tile_loadd(BT, tiles + ((q) * blocks + (b)) * 1024, 64);        \
+        _tile_zero(CT);                                                  \
+        _tile_dpbf16ps(CT, AH, BT);                                      \
+        _tile_dpbf16ps(CT, AL, BT);                                      \
+    } while (0)
+#define STORE(CT, k) _tile_stored(CT, s + 256 * ((k) % LAG), 64)
+#define TAKE(k)                                                                                                  \
+    do {                                                                                                         \
+        scale_sums(MIN, j, partial + rq * 256, s + 256 * ((k) % LAG), scales + (rq * blocks + rb) * 32, xsums, rb, \
+                   blocks, m0, p0 + rq);                                                                         \
+        if (++rq == n) rq = 0, rb++;                                                                             \
+    } while (0)
+        int64_t k = 0;
+        for (int64_t b = 0; b < blocks; b++) {
+            if (b & 1) {
+                _tile_loadd(5, xh + b * 512, 64);
+                _tile_loadd(6, xl + b * 512, 64);
+            } else {
+                _tile_loadd(2, xh + b * 512, 64);
+                _tile_loadd(3, xl + b * 512, 64);
+            }
+            for (int64_t q = 0; q < n; q++, k++) {
+                if (k & 1) {
+                    if (b & 1) PRODUCTS(5, 6, 7, 1, q, b);
+                    else PRODUCTS(2, 3, 7, 1, q, b);
+                    STORE(0, k - 1);
+                } else {
+                    if (b & 1) PRODUCTS(5, 6, 4, 0, q, b);
+                    else PRODUCTS(2, 3, 4, 0, q, b);
+                    if (k >= 1) STORE(1, k - 1);
+                }
+                if (k >= LAG) TAKE(k - LAG);
+            }
+        }
+        if ((k - 1) & 1) STORE(1, k - 1);
+        else STORE(0, k - 1);
+        for (int64_t t = k > LAG ? k - LAG : 0; t < k; t++) TAKE(t);
+#undef PRODUCTS
+#undef STORE
+#undef TAKE
+    }
+    _tile_release();
+}
+
+static void run_integer_unit(const void *arg, int64_t unit) { integer_unit(0, (const struct integer_job *)arg, unit); }
+static void run_integer_unit_min(const void *arg, int64_t unit) {
+    integer_unit(1, (const struct integer_job *)arg, unit);
+}
+
 static atomic_int tiles_on = 0;  /* off until turned on (REALIZAR_TILES, or auto's timing) */
 
 int realizar_set_tiles(int on) {
@@ -221,29 +362,40 @@ int realizar_set_tiles(int on) {
 
 int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
                            int64_t M, int64_t N, int64_t K) {
-    if (!atomic_load(&tiles_on) || M < TILE_MIN_ROWS || !tiles_lent()) return 1;
+    if (!atomic_load(&tiles_on) || M < realizar_tile_min_rows(kind) || !tiles_lent()) return 1;
     static __thread void *scratch;
     static __thread int64_t capacity;
     const int64_t Mg = (M + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
-    uint16_t *const buffer = thread_scratch(&scratch, &capacity, 2 * Mg * K * 2);  /* x's hi, then its lo */
+    const int integers = realizar_fast_tile_integers(kind);  /* 0: split tiles, 1: integer tiles, 2: with a min */
+    uint16_t *const buffer = thread_scratch(&scratch, &capacity, 2 * Mg * K * 2 + (integers == 2) * Mg * (K / QK) * 4);
     if (!buffer) return -1;
-    const struct split_job s = {.x = x, .ldx = ldx, .M = M, .K = K, .hi = buffer, .lo = buffer + Mg * K};
+    const struct split_job s = {.x = x, .ldx = ldx, .M = M, .K = K, .hi = buffer, .lo = buffer + Mg * K,
+                                .sums = integers == 2 ? (float *)(void *)(buffer + 2 * Mg * K) : NULL};
     realizar_parallel(split_rows, &s, Mg / TILE_ROWS);
     const int64_t panels = (N + NR - 1) / NR, units = 4 * realizar_threads();
     int64_t chunk = ((panels + units - 1) / units + 1) / 2 * 2;  /* panels in pairs */
     chunk = chunk < UNIT_PANELS ? chunk : UNIT_PANELS;
     atomic_int failed = 0;
+    if (integers) {
+        const struct integer_job i = {.hi = s.hi, .lo = s.lo, .sums = s.sums, .failed = &failed, .w = w, .y = y, .M = M,
+                                      .Mg = Mg, .N = N, .K = K, .ldy = ldy, .chunk = chunk, .kind = kind, .c = c};
+        realizar_parallel(integers == 2 ? run_integer_unit_min : run_integer_unit, &i, (panels + chunk - 1) / chunk);
+        return atomic_load(&failed) ? -1 : 0;
+    }
     const struct tile_job j = {.hi = s.hi, .lo = s.lo, .failed = &failed, .w = w, .y = y, .M = M, .Mg = Mg, .N = N,
                                .K = K, .ldy = ldy, .chunk = chunk, .kind = kind, .c = c};
     realizar_parallel(run_tile_unit, &j, (panels + chunk - 1) / chunk);
     return atomic_load(&failed) ? -1 : 0;
 }
 
-int realizar_tile_min_rows(void) { return TILE_MIN_ROWS; }
+int realizar_tile_min_rows(int kind) { return realizar_fast_tile_integers(kind) ? INTEGER_MIN_ROWS : TILE_MIN_ROWS; }
 
 #else
 
-int realizar_tile_min_rows(void) { return 0; }
+int realizar_tile_min_rows(int kind) {
+    (void)kind;
+    return 0;
+}
 
 int realizar_set_tiles(int on) {
     (void)on;

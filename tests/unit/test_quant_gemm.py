@@ -328,15 +328,18 @@ def test_fast_class_is_the_product_with_int8_activations(cpu_kernels: kernels.Cp
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_tile_products_are_within_16_bits_of_the_exact_product(amx_tiles: kernels.CpuKernels, qtype: QT) -> None:
-    """From ``tile_min_rows`` rows, the fast class on AMX tiles multiplies each operand as two bfloat16
-    terms: within about 2^-16 of the product of the dequantized weights, 5 times closer than the
-    integer products' bound; ragged N and M, a zero row, both byte layouts, into columns of a wider
-    output. Fewer rows keep the integer products."""
+    """From ``tile_min_rows(kind)`` rows, the fast class on AMX tiles multiplies x as two bfloat16 terms
+    by the weights' integers (Q6_K: by its dequantized weights, as two terms too): within about 2^-16 of
+    the product of the dequantized weights, 5 times closer than the integer products' bound; ragged N
+    and M, a zero row, both byte layouts, into columns of a wider output. Fewer rows keep the integer
+    products."""
     for (n, k), wide in itertools.product(zip((37, 16, 100), widths(qtype), strict=True), byte_layouts(amx_tiles)):
         weight = quantized(qtype, n, k, seed=n + k)
         w, p = weight.dequantize().double(), fast_packed(amx_tiles, weight, wide)
         gen = torch.Generator().manual_seed(k)
-        for m in (amx_tiles.tile_min_rows, amx_tiles.tile_min_rows + 13, 130):
+        fewest = amx_tiles.tile_min_rows(p.kind)
+        assert 0 < fewest <= 64
+        for m in (fewest, fewest + 13, 130):
             x = torch.randn(m, k, generator=gen)
             x[1] = 0
             wider = torch.full((m, n + 7), 5.0)
@@ -344,7 +347,7 @@ def test_tile_products_are_within_16_bits_of_the_exact_product(amx_tiles: kernel
             expected = x.double() @ w.T
             assert ((wider[:, 3:3 + n].double() - expected).abs().max() / expected.abs().max()).item() <= 2e-5
             assert not wider[1, 3:3 + n].any() and bool((wider[:, :3] == 5).all() and (wider[:, 3 + n:] == 5).all())
-        x = torch.randn(amx_tiles.tile_min_rows - 1, k, generator=gen)
+        x = torch.randn(fewest - 1, k, generator=gen)
         amx_tiles.set_tiles(False)
         integer = amx_tiles.quant_gemm_fast(x, p)
         amx_tiles.set_tiles(True)
