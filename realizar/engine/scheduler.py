@@ -13,7 +13,8 @@ out KV blocks, but never touches a tensor. Each step it
 A prompt's chunk may use the whole token budget (``max_num_batched_tokens``) when the step
 carries no decodes. Beside decodes, each prompt's chunk is at most
 ``long_prefill_token_threshold`` tokens: a step's time grows with its chunks, and every running
-stream waits for that step. While requests wait, the prompts already being prefilled take at
+stream waits for that step. A prompt whose rest fits in twice that goes whole, rather than in a
+last small chunk and one step more. While requests wait, the prompts already being prefilled take at
 most half of the budget, and the rest admits waiting requests, so a short request starts while
 a long prompt is still being prefilled, instead of waiting for all of it. Chunks deep into a
 long prompt are shorter, since each of their tokens attends to all the tokens before it
@@ -176,13 +177,13 @@ class Scheduler:
                 continue
             if partial_units < 1 and (decodes or prefills):
                 continue  # what is left is for the newcomers
-            count = min(seq.num_uncomputed, budget, self._fit(seq.num_computed, min(cap, partial_units)))
             # without preempting what this step already runs: a chunk shrinks to the room left
-            count = min(count, self._room(seq))
+            units = min(cap, partial_units)
+            count = self._chunk(seq.num_computed, seq.num_uncomputed, units, min(budget, self._room(seq)))
             if count == 0:
                 if decodes or prefills:
                     continue  # blocks come back as others finish, or a decode preempts
-                count = min(seq.num_uncomputed, budget, self._fit(seq.num_computed, min(cap, partial_units)))
+                count = self._chunk(seq.num_computed, seq.num_uncomputed, units, budget)
                 if not self._reserve(seq, count, preempted):
                     continue
             else:
@@ -195,7 +196,7 @@ class Scheduler:
             seq = self.waiting[0]
             hits = self._cached_prefix(seq)
             computed = len(hits) * self.allocator.block_size
-            count = min(len(seq.token_ids) - computed, budget, self._fit(computed, cap))
+            count = self._chunk(computed, len(seq.token_ids) - computed, cap, budget)
             # a cached block nobody holds leaves the free count when taken; a held one costs nothing
             revived = sum(1 for b in hits if self.allocator.ref_count(b) == 0)
             need = self.allocator.blocks_needed(computed + count) - len(hits)
@@ -274,6 +275,16 @@ class Scheduler:
         """The tokens of a chunk starting at ``depth`` that ``units`` tokens' worth of compute buys
         (at least one), so a step's time stays about the same whatever the depth."""
         return max(1, int(units / self._depth_factor(depth)))
+
+    def _chunk(self, depth: int, left: int, units: float, limit: int) -> int:
+        """A prompt's next chunk, from ``depth`` with ``left`` tokens to go and at most ``limit``: what ``units``
+        tokens' worth of compute buys, or all that is left where it costs at most twice that, so that a short
+        prompt (or a long one's tail) is not split into a last small chunk that costs a step more. 64 prompts of
+        32 tokens arriving at 64 running streams got their first token 340-360 ms after it, against 470-600 when
+        split in two (BENCHMARKS.md, AMX Xeon, third session)."""
+        if left <= min(limit, self._fit(depth, 2 * units)):
+            return left
+        return min(left, limit, self._fit(depth, units))
 
     def _room(self, seq: Sequence) -> int:
         """Tokens ``seq`` can add with the blocks it holds and the free ones, less one free block

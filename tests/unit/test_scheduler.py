@@ -142,12 +142,12 @@ def test_random_add_step_abort_leaks_no_blocks(ops: list[tuple[str, int]], num_b
             streaming = {s.request_id for s in sched.running if s.num_uncomputed == 1}
             out = sched.schedule()
             # every running decode is in the step, and beside the decodes of running streams each prompt's
-            # chunk is capped (a one-token prompt's only chunk also runs as a decode, but no stream waits
-            # on it: the other prompts then keep the whole budget)
+            # chunk is capped, the last at twice the cap (a one-token prompt's only chunk also runs as a
+            # decode, but no stream waits on it: the other prompts then keep the whole budget)
             decoding = [s for s in sched.running if s.num_uncomputed == 1]
             assert {i.seq.request_id for i in out.decodes} >= {s.request_id for s in decoding}
             if streaming & {i.seq.request_id for i in out.decodes}:
-                assert all(i.num_tokens <= threshold for i in out.prefills)
+                assert all(i.num_tokens <= (2 if i.samples else 1) * threshold for i in out.prefills)
             assert batched_tokens(out) <= budget
             assert not had_work or not out.empty or sched.num_preemptions > preemptions  # no step without progress
             for seq in complete(sched, out):
@@ -238,6 +238,32 @@ def test_a_long_prompt_chunk_shrinks_to_the_blocks_at_hand_instead_of_preempting
         assert stream.request_id in {i.seq.request_id for i in out.decodes}
         complete(sched, out)
     assert stream.num_preemptions == 0
+
+
+def test_a_prompt_that_fits_in_twice_the_cap_goes_whole_beside_decodes() -> None:
+    """Beside a stream's decode, a 32-token prompt takes one chunk of 32 with a 16-token cap (not 16 and a
+    step more); a 33-token one takes 16, then 17; what the budget or the blocks leave still bounds a chunk."""
+    sched = Scheduler(BlockAllocator(64, 4), max_num_seqs=8, max_num_batched_tokens=128, long_prefill_token_threshold=16)
+    stream = make_seq(3, max_tokens=20)
+    sched.add(stream)
+    run_step(sched)
+    short, longer = make_seq(32), make_seq(33)
+    sched.add(short)
+    sched.add(longer)
+    out = sched.schedule()
+    assert [i.seq.request_id for i in out.decodes] == [stream.request_id]
+    assert [(i.seq.request_id, i.num_tokens, i.samples) for i in out.prefills] == [
+        (short.request_id, 32, True), (longer.request_id, 16, False)]
+    complete(sched, out)
+    out = sched.schedule()
+    assert [(i.seq.request_id, i.num_tokens, i.samples) for i in out.prefills] == [(longer.request_id, 17, True)]
+    tight = Scheduler(BlockAllocator(64, 4), max_num_seqs=8, max_num_batched_tokens=24, long_prefill_token_threshold=16)
+    stream = make_seq(3, max_tokens=20)
+    tight.add(stream)
+    run_step(tight)
+    tight.add(make_seq(30))
+    out = tight.schedule()  # 23 tokens of budget left: not all 30, so the cap's 16
+    assert [i.num_tokens for i in out.prefills] == [16]
 
 
 def test_chunks_shrink_with_their_depth_into_a_long_prompt() -> None:
