@@ -25,8 +25,9 @@
  *
  * summed in the tiles over all of K. The integer tiles took 0.60-0.69 ms where the split tiles took 0.87 for a
  * layer of the demo model at 64 rows (BENCHMARKS.md): a third fewer tile products and a fifth of the work to lay
- * the weights out, against a store and a scaling of the sums per block. Neither scales per block in the
- * tiles' int8 products, which is what made AMX's int8 tiles lose (BENCHMARKS.md).
+ * the weights out, against a store and a scaling of the sums per block. (AMX's int8 tiles, which scaled per
+ * block too, lost to the dot products: their products covered 8 rows, the two int8 terms of each filling the
+ * other 8; BENCHMARKS.md.)
  *
  * Linux lends a process the tiles' state only when asked (arch_prctl); where it refuses, the products
  * decline too. Off until realizar_set_tiles turns them on: REALIZAR_TILES=on, or auto's timing at a server's
@@ -246,7 +247,6 @@ struct integer_job {
     int64_t M, Mg, N, K, ldy, chunk;
     int kind, c;
 };
-
 
 /* The sums of row tile m0 and panel p of a unit after block b: acc = (b ? acc : 0) + d s + min * x's block sums
  * (the sums s of one step, out of the tiles), kept for the next block, or into y after the last (rows below M,
