@@ -356,6 +356,21 @@ static inline __attribute__((always_inline)) void dequantize_fast(const int KIND
 #endif
 }
 
+/* The kinds of fast records that realizar's packing makes with one d (and min) per block, each as CASE(kind);
+ * the kinds with a d per 16 terms are FAST_TWO_D_KINDS. A switch over them compiles each kind's loops apart. */
+#define FAST_ONE_D_KINDS(CASE)                    \
+    CASE(FAST_NIBBLES | FAST_HALF);               \
+    CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN);    \
+    CASE(FAST_BYTES | FAST_HALF);                 \
+    CASE(FAST_BYTES | FAST_HALF | FAST_MIN);      \
+    CASE(FAST_SIGNED_BYTES | FAST_HALF);          \
+    CASE(FAST_SIGNED_BYTES);                      \
+    CASE(FAST_NIBBLES | FAST_MIN | FAST_SUPER);   \
+    CASE(FAST_BYTES | FAST_MIN | FAST_SUPER)
+#define FAST_TWO_D_KINDS(CASE)                    \
+    CASE(FAST_BYTES | FAST_TWO_D | FAST_SUPER);   \
+    CASE(FAST_SIXES | FAST_TWO_D | FAST_SUPER)
+
 #define FAST_DEQUANTIZE_CASE(K_) \
     case K_: dequantize_fast(K_, c, panel, b, out); break
 
@@ -363,16 +378,8 @@ static inline __attribute__((always_inline)) void dequantize_fast(const int KIND
 void realizar_dequantize_fast_records(int kind, int c, const uint8_t *panel, int64_t first, int64_t count, float *out) {
     for (int64_t b = first; b < first + count; b++, out += QK * NR) {
         switch (kind) {
-            FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_HALF);
-            FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN);
-            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_HALF);
-            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_HALF | FAST_MIN);
-            FAST_DEQUANTIZE_CASE(FAST_SIGNED_BYTES | FAST_HALF);
-            FAST_DEQUANTIZE_CASE(FAST_SIGNED_BYTES);
-            FAST_DEQUANTIZE_CASE(FAST_NIBBLES | FAST_MIN | FAST_SUPER);
-            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_MIN | FAST_SUPER);
-            FAST_DEQUANTIZE_CASE(FAST_BYTES | FAST_TWO_D | FAST_SUPER);
-            FAST_DEQUANTIZE_CASE(FAST_SIXES | FAST_TWO_D | FAST_SUPER);
+            FAST_ONE_D_KINDS(FAST_DEQUANTIZE_CASE);
+            FAST_TWO_D_KINDS(FAST_DEQUANTIZE_CASE);
             default: dequantize_fast(kind, c, panel, b, out); break;
         }
     }
@@ -452,14 +459,7 @@ void realizar_fast_integer_tiles(int kind, int c, const uint8_t *panel, int64_t 
     const __m512i table = _mm512_loadu_si512(values);
     for (int64_t b = 0; b < blocks; b++) {
         switch (kind) {
-            INTEGER_TILE_CASE(FAST_NIBBLES | FAST_HALF);
-            INTEGER_TILE_CASE(FAST_NIBBLES | FAST_HALF | FAST_MIN);
-            INTEGER_TILE_CASE(FAST_BYTES | FAST_HALF);
-            INTEGER_TILE_CASE(FAST_BYTES | FAST_HALF | FAST_MIN);
-            INTEGER_TILE_CASE(FAST_SIGNED_BYTES | FAST_HALF);
-            INTEGER_TILE_CASE(FAST_SIGNED_BYTES);
-            INTEGER_TILE_CASE(FAST_NIBBLES | FAST_MIN | FAST_SUPER);
-            INTEGER_TILE_CASE(FAST_BYTES | FAST_MIN | FAST_SUPER);
+            FAST_ONE_D_KINDS(INTEGER_TILE_CASE);
             default: integer_tile(kind, c, panel, b, even, odd, table, tiles + 1024 * b, scales + 32 * b); break;
         }
     }
