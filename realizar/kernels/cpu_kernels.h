@@ -151,7 +151,13 @@ struct paged_attention {
     int64_t num_tiles, num_singles;
 };
 
-#define TILE 8  /* prompt rows attended together: one vector lane each */
+/* prompt rows attended together (prefill_attention.c): one vector lane each, 16 with AVX-512 (a 512-token prompt
+ * chunk took 29 % of its step in tiles of 8) */
+#if defined(__AVX512F__)
+#define TILE 16
+#else
+#define TILE 8
+#endif
 
 /* Rows row0 .. row0 + rows - 1 (rows <= TILE, one block table) over KV head g. */
 void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t rows, int64_t g);

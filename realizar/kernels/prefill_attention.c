@@ -3,7 +3,7 @@
  * The rows of a prefill chunk are consecutive tokens of one sequence: they share a block
  * table and attend to prefixes of it that grow by one token a row. Attending to them one row
  * at a time (paged_attention.c's decode path) reads the whole context once per row. Here a
- * tile of TILE = 8 such rows and the query heads of one KV head go through the context's
+ * tile of TILE such rows (16 with AVX-512, 8 elsewhere) and the query heads of one KV head go through the context's
  * keys and values once, flash-attention style:
  *
  *   for each run of up to STEP tokens of one cache block:
@@ -14,15 +14,17 @@
  *     o      = o exp(m - m') + sum_t p[t] v_t
  *   out = o / l
  *
- * The 8 rows of the tile are the 8 lanes of a vector, so both products are plain
- * multiply-adds of a broadcast key or value element into a vector of 8 rows, the running
+ * The rows of the tile are the lanes of a vector, so both products are plain
+ * multiply-adds of a broadcast key or value element into a vector of the tile's rows, the running
  * max and sum are lane-wise, and there are no horizontal sums. The online softmax sums in a
  * different order than a two-pass softmax; the results agree with torch's SDPA to float32
  * rounding (tests/unit/test_kernels.py).
  *
  * Register budget: with AVX-512 (32 vector registers) the query heads of a KV group are done
  * HEADS at a time, 3, sharing each broadcast element; with 16 registers (AVX2, NEON) one at a
- * time, so that the 8 sums stay in registers. The code is the same, in GCC vector extensions.
+ * time, so that the 8 sums stay in registers. The code is the same, in GCC vector extensions. (Tiles of 16 rows
+ * with AVX-512, against 8: a 512-token chunk at the start of a prompt 179-186 ms against 193-209, 1,536 tokens
+ * into it 353-358 against 520-530; BENCHMARKS.md.)
  *
  * A float16 cache's block is converted to float32 once per tile and KV head (its 16 tokens' keys
  * and values: 2k conversions against the tile's 50k multiply-adds), and the float32 code runs on
@@ -34,6 +36,26 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
+
+/* One lane per row of a tile: 16 with AVX-512 (its 32 registers hold the same sums as 8-lane ones with AVX2's
+ * 16), 8 elsewhere (cpu_kernels.h's TILE). */
+#if TILE == 16
+typedef float vr __attribute__((vector_size(64)));
+typedef int32_t vir __attribute__((vector_size(64)));
+#else
+typedef v8 vr;
+typedef vi8 vir;
+#endif
+static inline vr loadr(const float *p) { vr x; memcpy(&x, p, sizeof x); return x; }
+static inline void storer(float *p, vr x) { memcpy(p, &x, sizeof x); }
+/* exp8_nonpositive (cpu_kernels.h) of a tile's lanes */
+static inline vr expr_nonpositive(vr x) {
+    const vir low = x < -87.0f;
+    x = (vr)(((vir)x & ~low) | ((vir)((vr){0} - 87.0f) & low));
+    vr n, p;
+    EXP_STEPS(x, n, p);
+    return p * (vr)((__builtin_convertvector(n, vir) + 127) << 23);
+}
 
 #ifdef HEADS  /* set on the command line: for tests of each variant */
 #elif defined(__AVX512VL__)
@@ -50,9 +72,9 @@
 #define AHEAD 2
 #define STEP 16   /* tokens per online-softmax update (at most one cache block) */
 
-static inline v8 vmax(v8 a, v8 b) {
-    const vi8 above = a > b;
-    return (v8)(((vi8)a & above) | ((vi8)b & ~above));
+static inline vr vmax(vr a, vr b) {
+    const vir above = a > b;
+    return (vr)(((vir)a & above) | ((vir)b & ~above));
 }
 
 /* s[j][t] = scale sum_i k_t[i] qt[j][i] for NH heads and TK keys; qt[j] is [hd][8] (row lanes),
@@ -61,18 +83,18 @@ static inline v8 vmax(v8 a, v8 b) {
  * from torch's blocked sums by several ulp). */
 #define SPAN 16
 static inline __attribute__((always_inline)) void tile_scores(const int NH, const float *qt, const float *const k[TK],
-                                                              int64_t hd, float scale, v8 s[][STEP], int t0) {
-    v8 total[HEADS][TK];
+                                                              int64_t hd, float scale, vr s[][STEP], int t0) {
+    vr total[HEADS][TK];
     for (int j = 0; j < NH; j++)
-        for (int t = 0; t < TK; t++) total[j][t] = (v8){0};
+        for (int t = 0; t < TK; t++) total[j][t] = (vr){0};
     for (int64_t i0 = 0; i0 < hd; i0 += SPAN) {
-        v8 acc[HEADS][TK];
+        vr acc[HEADS][TK];
         for (int j = 0; j < NH; j++)
-            for (int t = 0; t < TK; t++) acc[j][t] = (v8){0};
+            for (int t = 0; t < TK; t++) acc[j][t] = (vr){0};
         const int64_t end = i0 + SPAN < hd ? i0 + SPAN : hd;
         for (int64_t i = i0; i < end; i++) {
-            v8 q[HEADS];
-            for (int j = 0; j < NH; j++) q[j] = load8(qt + (j * hd + i) * 8);
+            vr q[HEADS];
+            for (int j = 0; j < NH; j++) q[j] = loadr(qt + (j * hd + i) * TILE);
             for (int t = 0; t < TK; t++) {
                 const float x = k[t][i];
                 for (int j = 0; j < NH; j++) acc[j][t] += x * q[j];
@@ -87,21 +109,21 @@ static inline __attribute__((always_inline)) void tile_scores(const int NH, cons
 
 /* o[j][c + u] = alpha[j] o[j][c + u] + sum_t p[j][t] v_t[c + u], u < W, for NH heads; o[j] is
  * [hd][8] (row lanes), value t's row at v + t * hd. */
-static inline __attribute__((always_inline)) void tile_values(const int NH, const int W, const v8 p[][STEP], int nt,
-                                                              const float *v, int64_t hd, const v8 *alpha,
+static inline __attribute__((always_inline)) void tile_values(const int NH, const int W, const vr p[][STEP], int nt,
+                                                              const float *v, int64_t hd, const vr *alpha,
                                                               float *o, int64_t c) {
-    v8 acc[HEADS][CC];
+    vr acc[HEADS][CC];
     for (int j = 0; j < NH; j++)
-        for (int u = 0; u < W; u++) acc[j][u] = load8(o + (j * hd + c + u) * 8) * alpha[j];
+        for (int u = 0; u < W; u++) acc[j][u] = loadr(o + (j * hd + c + u) * TILE) * alpha[j];
     for (int t = 0; t < nt; t++) {
-        v8 w[HEADS];
+        vr w[HEADS];
         for (int j = 0; j < NH; j++) w[j] = p[j][t];
         const float *x = v + t * hd + c;
         for (int u = 0; u < W; u++)
             for (int j = 0; j < NH; j++) acc[j][u] += x[u] * w[j];
     }
     for (int j = 0; j < NH; j++)
-        for (int u = 0; u < W; u++) store8(o + (j * hd + c + u) * 8, acc[j][u]);
+        for (int u = 0; u < W; u++) storer(o + (j * hd + c + u) * TILE, acc[j][u]);
 }
 
 /* One update of NH heads' running (m, l, o) by the nt tokens t0.. of one block, whose keys
@@ -111,31 +133,31 @@ static inline __attribute__((always_inline)) void tile_values(const int NH, cons
  * value pass. */
 static inline __attribute__((always_inline)) void tile_step(const int NH, const float *qt, const float *k,
                                                             const float *v, int nt, int64_t t0, int masked,
-                                                            vi8 lens, int64_t hd, float scale, float *o, v8 *m, v8 *l,
+                                                            vir lens, int64_t hd, float scale, float *o, vr *m, vr *l,
                                                             const char *ak, const char *av, int64_t ahead_bytes) {
-    v8 s[HEADS][STEP];
+    vr s[HEADS][STEP];
     for (int t = 0; t < nt; t += TK) {
         const float *rows[TK];  /* past nt: the last key again, masked below */
         for (int u = 0; u < TK; u++) rows[u] = k + (t + u < nt ? t + u : nt - 1) * hd;
         tile_scores(NH, qt, rows, hd, scale, s, t);
     }
-    v8 alpha[HEADS];
+    vr alpha[HEADS];
     for (int j = 0; j < NH; j++) {
         if (masked) {
-            const v8 minus_inf = (v8){0} - INFINITY;
+            const vr minus_inf = (vr){0} - INFINITY;
             for (int t = 0; t < nt; t++) {
-                const vi8 live = (vi8){0} + (int32_t)(t0 + t) < lens;
-                s[j][t] = (v8)(((vi8)s[j][t] & live) | ((vi8)minus_inf & ~live));
+                const vir live = (vir){0} + (int32_t)(t0 + t) < lens;
+                s[j][t] = (vr)(((vir)s[j][t] & live) | ((vir)minus_inf & ~live));
             }
         }
-        v8 top = s[j][0];
+        vr top = s[j][0];
         for (int t = 1; t < nt; t++) top = vmax(top, s[j][t]);
-        const v8 next = vmax(m[j], top);  /* finite: every lane sees token 0 in the first step */
-        alpha[j] = exp8_nonpositive(m[j] - next);
-        v8 sum = {0};
+        const vr next = vmax(m[j], top);  /* finite: every lane sees token 0 in the first step */
+        alpha[j] = expr_nonpositive(m[j] - next);
+        vr sum = {0};
         for (int t = 0; t < nt; t++) {
-            v8 e = exp8_nonpositive(s[j][t] - next);
-            if (masked) e = (v8)((vi8)e & ((vi8){0} + (int32_t)(t0 + t) < lens));  /* exp(-inf) is 0 */
+            vr e = expr_nonpositive(s[j][t] - next);
+            if (masked) e = (vr)((vir)e & ((vir){0} + (int32_t)(t0 + t) < lens));  /* exp(-inf) is 0 */
             s[j][t] = e;
             sum += e;
         }
@@ -156,12 +178,12 @@ static inline __attribute__((always_inline)) void tile_step(const int NH, const 
 }
 
 static void tile_steps(int64_t nh, const float *qt, const float *k, const float *v, int nt, int64_t t0,
-                       int masked, vi8 lens, int64_t hd, float scale, float *o, v8 *m, v8 *l,
+                       int masked, vir lens, int64_t hd, float scale, float *o, vr *m, vr *l,
                        const char *ak, const char *av, int64_t ahead_bytes) {
     for (int64_t j = 0; j < nh; j += HEADS) {
         const int64_t n = nh - j < HEADS ? nh - j : HEADS;
-        const float *q = qt + j * hd * 8;
-        float *oj = o + j * hd * 8;
+        const float *q = qt + j * hd * TILE;
+        float *oj = o + j * hd * TILE;
         if (HEADS >= 3 && n == 3)
             tile_step(HEADS >= 3 ? 3 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av,
                       ahead_bytes);
@@ -180,14 +202,14 @@ void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t
     const int64_t group = A->group, hd = A->hd, bs = A->bs;
     static __thread void *scratch;
     static __thread int64_t capacity;
-    const int64_t need = 2 * group * hd * 8 + 2 * group * 8 + (A->half ? 2 * bs * hd : 0);
+    const int64_t need = 2 * group * hd * TILE + 2 * group * TILE + (A->half ? 2 * bs * hd : 0);
     float *const buffer = thread_scratch(&scratch, &capacity, need * (int64_t)sizeof(float));
     if (!buffer) {
         atomic_store(&((struct paged_attention *)A)->failed, 1);
         return;
     }
-    float *const qt = buffer, *const o = buffer + group * hd * 8;  /* [group][hd][8] each */
-    v8 *const m = (v8 *)(o + group * hd * 8), *const l = m + group;
+    float *const qt = buffer, *const o = buffer + group * hd * TILE;  /* [group][hd][TILE] each */
+    vr *const m = (vr *)(void *)(o + group * hd * TILE), *const l = m + group;
     float *const kf = (float *)(l + group), *const vf = kf + bs * hd;  /* a float16 block as float32 */
 
     int32_t len[TILE];
@@ -198,17 +220,17 @@ void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t
         shortest = n < shortest ? n : shortest;
         longest = n > longest ? n : longest;
     }
-    vi8 lens;
+    vir lens;
     memcpy(&lens, len, sizeof lens);
     for (int64_t j = 0; j < group; j++) {
         const int64_t h = g * group + j;
         for (int64_t i = 0; i < hd; i++)
             for (int u = 0; u < TILE; u++)
-                qt[(j * hd + i) * 8 + u] = u < rows ? A->q_all[(row0 + u) * A->q_stride + h * hd + i] : 0.0f;
-        m[j] = (v8){0} - INFINITY;
-        l[j] = (v8){0};
+                qt[(j * hd + i) * TILE + u] = u < rows ? A->q_all[(row0 + u) * A->q_stride + h * hd + i] : 0.0f;
+        m[j] = (vr){0} - INFINITY;
+        l[j] = (vr){0};
     }
-    memset(o, 0, sizeof(float) * (size_t)(group * hd * 8));
+    memset(o, 0, sizeof(float) * (size_t)(group * hd * TILE));
 
     const int64_t *table = A->block_tables + A->row_tables[row0] * A->max_blocks;
     const int64_t element = A->half ? 2 : 4;
@@ -249,11 +271,11 @@ void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t
     }
     for (int64_t j = 0; j < group; j++) {
         const int64_t h = g * group + j;
-        float sum[8];
-        store8(sum, l[j]);
+        float sum[TILE];
+        storer(sum, l[j]);
         for (int u = 0; u < rows; u++) {
             float *y = A->out_all + (row0 + u) * A->heads * hd + h * hd;
-            for (int64_t c = 0; c < hd; c++) y[c] = o[(j * hd + c) * 8 + u] / sum[u];
+            for (int64_t c = 0; c < hd; c++) y[c] = o[(j * hd + c) * TILE + u] / sum[u];
         }
     }
 }
