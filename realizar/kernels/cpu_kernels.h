@@ -123,13 +123,15 @@ static inline __attribute__((always_inline)) const char *kv_at(const int half, c
 
 /* exp_nonpositive of 8 values at once, in vector arithmetic the compiler cannot fail to
  * vectorize (the scalar version above vectorizes only inside some loops). */
-static inline v8 exp8_nonpositive(v8 x) {
-    const vi8 low = x < -87.0f;
-    x = (v8)(((vi8)x & ~low) | ((vi8)((v8){0} - 87.0f) & low));
-    v8 n, p;
-    EXP_STEPS(x, n, p);
-    return p * (v8)((__builtin_convertvector(n, vi8) + 127) << 23);
-}
+#define EXP_NONPOSITIVE(NAME, V, VI)                                   \
+    static inline V NAME(V x) {                                         \
+        const VI low = x < -87.0f;                                      \
+        x = (V)(((VI)x & ~low) | ((VI)((V){0} - 87.0f) & low));         \
+        V n, p;                                                         \
+        EXP_STEPS(x, n, p);                                             \
+        return p * (V)((__builtin_convertvector(n, VI) + 127) << 23);   \
+    }
+EXP_NONPOSITIVE(exp8_nonpositive, v8, vi8)  /* (and for other widths of float and int32 vectors) */
 
 /* Prompt rows first .. first + rows - 1 (rows <= TILE) that share a block table. */
 struct attention_tile { int64_t first, rows, longest; };

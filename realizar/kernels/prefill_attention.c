@@ -48,14 +48,7 @@ typedef vi8 vir;
 #endif
 static inline vr loadr(const float *p) { vr x; memcpy(&x, p, sizeof x); return x; }
 static inline void storer(float *p, vr x) { memcpy(p, &x, sizeof x); }
-/* exp8_nonpositive (cpu_kernels.h) of a tile's lanes */
-static inline vr expr_nonpositive(vr x) {
-    const vir low = x < -87.0f;
-    x = (vr)(((vir)x & ~low) | ((vir)((vr){0} - 87.0f) & low));
-    vr n, p;
-    EXP_STEPS(x, n, p);
-    return p * (vr)((__builtin_convertvector(n, vir) + 127) << 23);
-}
+EXP_NONPOSITIVE(expr_nonpositive, vr, vir)  /* exp8_nonpositive (cpu_kernels.h) of a tile's lanes */
 
 #ifdef HEADS  /* set on the command line: for tests of each variant */
 #elif defined(__AVX512VL__)
