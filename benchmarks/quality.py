@@ -64,8 +64,7 @@ def main() -> int:
     # the fast class's products of many rows on AMX tiles (REALIZAR_TILES), where this CPU and build have them:
     # chunks of at least tile_min_rows rows (of every kind) put every position through them (a shorter last
     # chunk's take the integer products; the default 2,048 tokens in chunks of 256 leave none)
-    fewest = max(compiled.tile_min_rows(kernels.FAST_NIBBLES), compiled.tile_min_rows(kernels.FAST_SIXES))
-    if compiled.tiles_available() and args.chunk >= fewest:
+    if compiled.tiles_available() and args.chunk >= compiled.tile_min_rows_every_kind:
         models[TILES] = models["quantized fast"]
         runs += [(TILES, torch.float32), (TILES, torch.float16)]
     for name, kv in runs:

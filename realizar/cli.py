@@ -345,9 +345,8 @@ def cmd_info() -> int:
         else "GGUF weights dequantized to float32"
     print(f"cpu kernels: {kernels.isa() + ', ' + quantized if compiled else 'not built (pure-torch path)'}")
     if compiled is not None:
-        q6_k = kernels.FAST_SIXES | kernels.FAST_TWO_D | kernels.FAST_SUPER
         print("amx bf16 tiles: " + (f"on, the fast class's products from {compiled.tile_min_rows(kernels.FAST_NIBBLES)}"
-                                    f" rows (Q6_K's from {compiled.tile_min_rows(q6_k)})"
+                                    f" rows (Q6_K's from {compiled.tile_min_rows_every_kind})"
                                     if compiled.tiles else f"available, {kernels.tiles_setting()} (REALIZAR_TILES: on, off, "
                                     "or auto, which a server times at its first start)"
                                     if compiled.tiles_available() else "not on this CPU or build"))

@@ -388,6 +388,11 @@ class CpuKernels:
         the tiles take as they are, than for Q6_K's, which they take dequantized (0: a build without tiles)."""
         return int(self._tile_min_rows(kind))
 
+    @property
+    def tile_min_rows_every_kind(self) -> int:
+        """The fewest rows from which the products of every kind go on the tiles (Q6_K's, the most)."""
+        return self.tile_min_rows(FAST_SIXES | FAST_TWO_D | FAST_SUPER)
+
     def set_threads(self, threads: int) -> int:
         """Threads for every kernel (the caller and ``threads - 1`` workers); the number in use."""
         return int(self._set_threads(threads))

@@ -257,8 +257,7 @@ static inline __attribute__((always_inline)) void scale_sums(const int MIN, cons
     const __m512 d = _mm512_load_ps(scales);
     const __m512 min = MIN ? _mm512_load_ps(scales + 16) : _mm512_setzero_ps();
     const int last = b == blocks - 1;
-    const int64_t full = j->N / NR;
-    const __mmask16 cols = p < full ? 0xffff : (__mmask16)((1u << (j->N - p * NR)) - 1);
+    const __mmask16 cols = !last || p < j->N / NR ? 0xffff : (__mmask16)((1u << (j->N - p * NR)) - 1);
 #pragma GCC unroll 16
     for (int r = 0; r < 16; r++) {
         __m512 a = b ? _mm512_load_ps(acc + 16 * r) : _mm512_setzero_ps();
