@@ -133,8 +133,18 @@ static inline __attribute__((always_inline)) const char *kv_at(const int half, c
     }
 EXP_NONPOSITIVE(exp8_nonpositive, v8, vi8)  /* (and for other widths of float and int32 vectors) */
 
-/* Prompt rows first .. first + rows - 1 (rows <= TILE) that share a block table. */
-struct attention_tile { int64_t first, rows, longest; };
+/* Prompt rows first .. first + rows - 1 (rows <= TILE) that share a block table, and their shortest and longest
+ * contexts. */
+struct attention_tile { int64_t first, rows, shortest, longest; };
+
+/* A unit of a paged-attention call's work: tile `item` over KV head g, or single row `item` (tile = 0), over the
+ * tokens [begin, end) of its context. A context split into parts leaves each part's result at `partial`, for
+ * paged_attention.c to merge (NULL: the whole context, straight into out_all). */
+struct attention_unit {
+    int64_t item, g, begin, end;
+    int tile;
+    float *partial;
+};
 
 /* A paged-attention call (paged_attention.c), shared with the prompt tiles of
  * prefill_attention.c. */
@@ -147,10 +157,12 @@ struct paged_attention {
     float scale;
     int half;  /* the caches hold float16 */
     _Atomic int failed;
-    /* how the call's work is split: tiles of prompt rows, then single rows */
+    /* how the call's work is split: tiles of prompt rows and single rows, in units */
     const struct attention_tile *tiles;  /* [num_tiles] */
     const int64_t *singles; /* [num_singles] rows attended one at a time */
     int64_t num_tiles, num_singles;
+    const struct attention_unit *units;  /* [num_units] */
+    int64_t num_units;
 };
 
 /* prompt rows attended together (prefill_attention.c): one vector lane each, 16 with AVX-512 (a 512-token prompt
@@ -161,8 +173,9 @@ struct paged_attention {
 #define TILE 8
 #endif
 
-/* Rows row0 .. row0 + rows - 1 (rows <= TILE, one block table) over KV head g. */
-void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t rows, int64_t g);
+/* A unit of prompt rows (rows <= TILE, one block table) over KV head g: its part's partial result is o [group][hd][TILE]
+ * (not yet divided by l), then m and l [group][TILE] each, the running max and sum of the online softmax. */
+void realizar_attend_tile(const struct paged_attention *A, const struct attention_unit *unit);
 
 /* Runs task(arg, u) for every u in [0, units) on the calling thread and the pool's workers,
  * and returns when all are done. Units are handed out one at a time, so a thread that the OS

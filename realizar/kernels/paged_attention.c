@@ -10,7 +10,11 @@
  *   out[r, h, :] = sum_t softmax_t(scale * q[r, h] . K[slot(r, t), h / group]) V[slot(r, t), h / group]
  * A row's keys and values are read in block order, once for each chunk of query heads that
  * share them, and nothing but the live slots is touched: no gather, no padding, no mask.
- * That is the path of decode rows: one row alone is one unit of work on the thread pool.
+ * That is the path of decode rows: one row alone is one unit of work on the thread pool. A call with
+ * fewer units than the threads can share at long contexts (one stream decoding at 8k tokens) splits
+ * each context into parts, merged at the end from each part's max score and sum of exps
+ * (flash-decoding); one row at 8,000 tokens then took 8.3-8.9 ms a step instead of 14.5-15.2
+ * (BENCHMARKS.md).
  * It is float32 softmax attention in two passes (scores, then values); its exp is within a
  * few ulp of libm's, and the results match torch's SDPA to rounding (tests/unit/test_kernels.py).
  * The rows of a prompt chunk (runs of rows that share a block table, with lengths growing by
@@ -248,8 +252,9 @@ static inline __attribute__((always_inline)) void heads_values(const int H, int6
 }
 
 /* s[0:len] = softmax(s[0:len]), 8 lanes at a time (the compiler keeps a plain max or exp
- * loop scalar: a float max is not associative for it, and the exp is too long to inline). */
-static void softmax(float *s, int64_t len) {
+ * loop scalar: a float max is not associative for it, and the exp is too long to inline); and
+ * the max of the scores and the sum of their exps, at *top_out and *sum_out. */
+static void softmax(float *s, int64_t len, float *top_out, float *sum_out) {
     v8 top = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     int64_t t = 0;
     for (; t + 8 <= len; t += 8) {
@@ -268,20 +273,24 @@ static void softmax(float *s, int64_t len) {
     }
     float sum = sum8(total);
     for (; t < len; t++) sum += s[t] = exp_nonpositive(s[t] - m);
+    *top_out = m;
+    *sum_out = sum;
     const float inv = 1.0f / sum;
     for (t = 0; t + 8 <= len; t += 8) store8(s + t, load8(s + t) * inv);
     for (; t < len; t++) s[t] *= inv;
 }
 
-/* One query row: the scores of every query head against every key, a softmax per head, then
- * the weighted sums of the value rows. The query heads that share a KV head go through its
- * keys and values together, up to HEADS_AT_ONCE at a time, so each row of the cache is read
- * once per pass rather than once per query head. */
-static void attend_row(const struct paged_attention *A, int64_t b) {
+/* One query row over the tokens [begin, end) of its context (begin a multiple of the block size): the
+ * scores of every query head against every key, a softmax per head, then the weighted sums of the
+ * value rows. The query heads that share a KV head go through its keys and values together, up to
+ * HEADS_AT_ONCE at a time, so each row of the cache is read once per pass rather than once per query
+ * head. A part of a split context leaves out [heads][hd] at `partial`, then each head's max score and
+ * sum of exps [heads] each. */
+static void attend_row(const struct paged_attention *A, const struct attention_unit *unit) {
     const int64_t heads = A->heads, group = A->group, hd = A->hd, bs = A->bs, row = A->row;
     const float scale = A->scale;
     const int vector = hd % 8 == 0;
-    const int64_t len = A->context_lens[b];
+    const int64_t b = A->singles[unit->item], begin = unit->begin, len = unit->end - unit->begin;
     static __thread void *scores, *offsets;  /* [h, t] scores; [t] cache offset of token t: kept between calls */
     static __thread int64_t score_bytes, offset_bytes;
     /* plain locals from here: no thread-local lookups in the loops */
@@ -293,8 +302,8 @@ static void attend_row(const struct paged_attention *A, int64_t b) {
     }
     const int64_t *table = A->block_tables + (A->row_tables ? A->row_tables[b] : b) * A->max_blocks;
     const float *q = A->q_all + b * A->q_stride;
-    float *out = A->out_all + b * heads * hd;
-    for (int64_t t0 = 0, blk = 0; t0 < len; t0 += bs, blk++)  /* block by block: no divisions */
+    float *out = unit->partial ? unit->partial : A->out_all + b * heads * hd;
+    for (int64_t t0 = 0, blk = begin / bs; t0 < len; t0 += bs, blk++)  /* block by block: no divisions */
         for (int64_t t = t0, at = table[blk] * bs * row; t < len && t < t0 + bs; t++, at += hd) slots[t] = at;
 
     /* scores[h, t] = scale * q_h . k_t[h / group] */
@@ -309,7 +318,14 @@ static void attend_row(const struct paged_attention *A, int64_t b) {
             heads_scores(0, n, vector, qh, (const float *)A->key_cache + at, slots, len, hd, scale, s);
     }
     /* softmax over t, per query head */
-    for (int64_t h = 0; h < heads; h++) softmax(buffer + h * len, len);
+    float top, sum;
+    for (int64_t h = 0; h < heads; h++) {
+        softmax(buffer + h * len, len, &top, &sum);
+        if (unit->partial) {
+            unit->partial[heads * hd + h] = top;
+            unit->partial[heads * hd + heads + h] = sum;
+        }
+    }
     /* out_h = sum_t p[h, t] v_t[h / group] */
     for (int64_t h0 = 0, n; h0 < heads; h0 += n) {
         n = heads_from(h0, group);
@@ -323,16 +339,13 @@ static void attend_row(const struct paged_attention *A, int64_t b) {
     }
 }
 
-/* Work unit u: a tile of prompt rows over one KV head, or one row alone. */
 static void attend_unit(const void *arg, int64_t u) {
     const struct paged_attention *A = arg;
-    const int64_t tiled = A->num_tiles * A->kv_heads;
-    if (u < tiled) {
-        const struct attention_tile *tile = A->tiles + u / A->kv_heads;
-        realizar_attend_tile(A, tile->first, tile->rows, u % A->kv_heads);
-    } else {
-        attend_row(A, A->singles[u - tiled]);
-    }
+    const struct attention_unit *unit = A->units + u;
+    if (unit->tile)
+        realizar_attend_tile(A, unit);
+    else
+        attend_row(A, unit);
 }
 
 /* Longest context first, so that the last units handed out are short ones. */
@@ -359,10 +372,79 @@ static void plan(const int64_t *row_tables, const int64_t *context_lens, int64_t
         }
         for (int64_t first = r; first < end; first += TILE) {
             const int64_t rows = end - first < TILE ? end - first : TILE;
-            tiles[(*num_tiles)++] = (struct attention_tile){first, rows, context_lens[first + rows - 1]};
+            tiles[(*num_tiles)++] = (struct attention_tile){first, rows, context_lens[first], context_lens[first + rows - 1]};
         }
     }
     qsort(tiles, (size_t)*num_tiles, sizeof *tiles, longest_first);
+}
+
+/* A call with fewer units of work than UNITS_PER_THREAD per thread (a few decode rows, a short chunk, at long
+ * contexts) splits their contexts into parts of at least MIN_PART tokens, each a unit, whose results are merged
+ * once all are done (flash-decoding): one row alone would otherwise leave all threads but one idle. */
+#define UNITS_PER_THREAD 4
+#define MIN_PART 512
+
+/* The parts of a context of `shortest` (a tile: its shortest row) to `longest` tokens: at most `parts`, each
+ * boundary a multiple of the block size below `shortest`. Writes the units (partials from *partial on, `floats`
+ * each, when split) and returns how many. */
+static int64_t split(struct attention_unit *units, int64_t item, int64_t g, int tile, int64_t shortest,
+                     int64_t longest, int64_t parts, int64_t bs, int64_t floats, float **partial) {
+    parts = parts < shortest / MIN_PART ? parts : shortest / MIN_PART;
+    if (parts <= 1) {
+        units[0] = (struct attention_unit){item, g, 0, longest, tile, NULL};
+        return 1;
+    }
+    for (int64_t p = 0; p < parts; p++) {
+        const int64_t begin = shortest * p / parts / bs * bs;
+        const int64_t end = p + 1 < parts ? shortest * (p + 1) / parts / bs * bs : longest;
+        units[p] = (struct attention_unit){item, g, begin, end, tile, *partial};
+        *partial += floats;
+    }
+    return parts;
+}
+
+/* The whole result of a split unit's parts (units[0 .. n - 1], which share its item), from their partials. */
+static void merge(const struct paged_attention *A, const struct attention_unit *units, int64_t n) {
+    const int64_t heads = A->heads, group = A->group, hd = A->hd;
+    if (units[0].tile) {  /* o [group][hd][TILE] unscaled, then m and l [group][TILE] */
+        const struct attention_tile *tile = A->tiles + units[0].item;
+        for (int64_t j = 0; j < group; j++) {
+            const int64_t h = units[0].g * group + j;
+            for (int64_t u = 0; u < tile->rows; u++) {
+                float top = -INFINITY, total = 0.0f, weight[n];
+                for (int64_t p = 0; p < n; p++) {
+                    const float m = units[p].partial[group * hd * TILE + j * TILE + u];
+                    top = m > top ? m : top;
+                }
+                for (int64_t p = 0; p < n; p++) {
+                    const float *ml = units[p].partial + group * hd * TILE;
+                    weight[p] = expf(ml[j * TILE + u] - top);
+                    total += weight[p] * ml[group * TILE + j * TILE + u];
+                }
+                float *y = A->out_all + (tile->first + u) * heads * hd + h * hd;
+                for (int64_t c = 0; c < hd; c++) {
+                    float acc = 0.0f;
+                    for (int64_t p = 0; p < n; p++) acc += weight[p] * units[p].partial[(j * hd + c) * TILE + u];
+                    y[c] = acc / total;
+                }
+            }
+        }
+        return;
+    }
+    float *y = A->out_all + A->singles[units[0].item] * heads * hd;  /* o [heads][hd] normalized, then m, l [heads] */
+    for (int64_t h = 0; h < heads; h++) {
+        float top = -INFINITY, total = 0.0f, weight[n];
+        for (int64_t p = 0; p < n; p++) top = units[p].partial[heads * hd + h] > top ? units[p].partial[heads * hd + h] : top;
+        for (int64_t p = 0; p < n; p++) {
+            weight[p] = expf(units[p].partial[heads * hd + h] - top) * units[p].partial[heads * hd + heads + h];
+            total += weight[p];
+        }
+        for (int64_t c = 0; c < hd; c++) {
+            float acc = 0.0f;
+            for (int64_t p = 0; p < n; p++) acc += weight[p] * units[p].partial[h * hd + c];
+            y[h * hd + c] = acc / total;
+        }
+    }
 }
 
 /* Returns 0, or -1 when a buffer could not be allocated. row_tables[r] is the row of
@@ -395,9 +477,41 @@ int realizar_paged_attention(
         .row = num_kv_heads * head_dim, .scale = scale, .half = half, .failed = 0, .tiles = tiles,
         .singles = singles};
     plan(row_tables, context_lens, num_rows, tiles, &A.num_tiles, singles, &A.num_singles);
-    realizar_parallel(attend_unit, &A, A.num_tiles * num_kv_heads + A.num_singles);
+    const int64_t whole = A.num_tiles * num_kv_heads + A.num_singles, wanted = UNITS_PER_THREAD * realizar_threads();
+    const int64_t parts = whole < wanted ? (wanted + whole - 1) / whole : 1;
+    const int64_t tile_floats = A.group * TILE * (head_dim + 2), row_floats = num_heads * (head_dim + 2);
+    struct attention_unit *units = malloc(sizeof *units * (size_t)(whole * parts));
+    float *partials = parts > 1 ? malloc(sizeof(float) * (size_t)((A.num_tiles * num_kv_heads * tile_floats +
+                                                                    A.num_singles * row_floats) * parts))
+                                : NULL;
+    if (!units || (parts > 1 && !partials)) {
+        free(tiles);
+        free(singles);
+        free(units);
+        free(partials);
+        return -1;
+    }
+    float *next = partials;
+    for (int64_t t = 0; t < A.num_tiles; t++)
+        for (int64_t g = 0; g < num_kv_heads; g++)
+            A.num_units += split(units + A.num_units, t, g, 1, tiles[t].shortest, tiles[t].longest, parts, block_size,
+                                 tile_floats, &next);
+    for (int64_t i = 0; i < A.num_singles; i++) {
+        const int64_t len = context_lens[singles[i]];
+        A.num_units += split(units + A.num_units, i, 0, 0, len, len, parts, block_size, row_floats, &next);
+    }
+    A.units = units;
+    realizar_parallel(attend_unit, &A, A.num_units);
+    for (int64_t u = 0, n; u < A.num_units; u += n) {  /* the parts of a split context: consecutive units */
+        n = 1;
+        if (!units[u].partial) continue;
+        while (u + n < A.num_units && units[u + n].partial && units[u + n].begin > 0) n++;
+        if (!atomic_load(&A.failed)) merge(&A, units + u, n);
+    }
     free(tiles);
     free(singles);
+    free(units);
+    free(partials);
     return atomic_load(&A.failed) ? -1 : 0;
 }
 

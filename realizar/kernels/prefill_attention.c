@@ -145,7 +145,7 @@ static inline __attribute__((always_inline)) void tile_step(const int NH, const 
         }
         vr top = s[j][0];
         for (int t = 1; t < nt; t++) top = vmax(top, s[j][t]);
-        const vr next = vmax(m[j], top);  /* finite: every lane sees token 0 in the first step */
+        const vr next = vmax(m[j], top);  /* finite: every lane sees the part's first token in its first step */
         alpha[j] = expr_nonpositive(m[j] - next);
         vr sum = {0};
         for (int t = 0; t < nt; t++) {
@@ -189,9 +189,12 @@ static void tile_steps(int64_t nh, const float *qt, const float *k, const float 
     }
 }
 
-/* Rows row0 .. row0 + rows - 1 (rows <= TILE) of one block table, with context lengths that
- * may differ per row, over KV head `g`: every query head of g's group. */
-void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t rows, int64_t g) {
+/* A tile's rows row0 .. row0 + rows - 1 (rows <= TILE) of one block table, with context lengths that may differ per
+ * row, over KV head `g`: every query head of g's group, over the tokens [begin, end) of their context (begin a
+ * multiple of the block size, below every row's length, so that each lane sees its first token). */
+void realizar_attend_tile(const struct paged_attention *A, const struct attention_unit *unit) {
+    const struct attention_tile *tile = A->tiles + unit->item;
+    const int64_t row0 = tile->first, rows = tile->rows, g = unit->g, begin = unit->begin, end = unit->end;
     const int64_t group = A->group, hd = A->hd, bs = A->bs;
     static __thread void *scratch;
     static __thread int64_t capacity;
@@ -206,13 +209,9 @@ void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t
     float *const kf = (float *)(l + group), *const vf = kf + bs * hd;  /* a float16 block as float32 */
 
     int32_t len[TILE];
-    int64_t shortest = INT64_MAX, longest = 0;
-    for (int u = 0; u < TILE; u++) {  /* lanes past the tile's rows repeat its last row's length */
-        const int64_t n = A->context_lens[row0 + (u < rows ? u : rows - 1)];
-        len[u] = (int32_t)n;
-        shortest = n < shortest ? n : shortest;
-        longest = n > longest ? n : longest;
-    }
+    const int64_t shortest = tile->shortest;
+    for (int u = 0; u < TILE; u++)  /* lanes past the tile's rows repeat its last row's length */
+        len[u] = (int32_t)A->context_lens[row0 + (u < rows ? u : rows - 1)];
     vir lens;
     memcpy(&lens, len, sizeof lens);
     for (int64_t j = 0; j < group; j++) {
@@ -227,11 +226,11 @@ void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t
 
     const int64_t *table = A->block_tables + A->row_tables[row0] * A->max_blocks;
     const int64_t element = A->half ? 2 : 4;
-    for (int64_t t0 = 0, blk = 0; t0 < longest; t0 += bs, blk++) {
+    for (int64_t t0 = begin, blk = begin / bs; t0 < end; t0 += bs, blk++) {
         const int64_t at = (table[blk] * A->kv_heads + g) * bs * hd;
         const float *kb, *vb;
         if (A->half) {
-            const int64_t count = (longest - t0 < bs ? longest - t0 : bs) * hd;
+            const int64_t count = (end - t0 < bs ? end - t0 : bs) * hd;
             const _Float16 *kh = (const _Float16 *)A->key_cache + at, *vh = (const _Float16 *)A->value_cache + at;
             int64_t i = 0;
             for (; i + 8 <= count; i += 8) {
@@ -249,18 +248,23 @@ void realizar_attend_tile(const struct paged_attention *A, int64_t row0, int64_t
             vb = (const float *)A->value_cache + at;
         }
         const char *ak = NULL, *av = NULL;  /* scattered blocks, which no hardware prefetcher can follow */
-        if (t0 + AHEAD * bs < longest) {
+        if (t0 + AHEAD * bs < end) {
             const int64_t ahead = (table[blk + AHEAD] * A->kv_heads + g) * bs * hd * element;
             ak = (const char *)A->key_cache + ahead;
             av = (const char *)A->value_cache + ahead;
         }
-        for (int64_t off = 0; off < bs && t0 + off < longest; off += STEP) {
+        for (int64_t off = 0; off < bs && t0 + off < end; off += STEP) {
             int64_t nt = bs - off < STEP ? bs - off : STEP;
-            nt = longest - (t0 + off) < nt ? longest - (t0 + off) : nt;
+            nt = end - (t0 + off) < nt ? end - (t0 + off) : nt;
             tile_steps(group, qt, kb + off * hd, vb + off * hd, (int)nt, t0 + off, t0 + off + nt > shortest, lens, hd,
                        A->scale, o, m, l, ak ? ak + off * hd * element : NULL, av ? av + off * hd * element : NULL,
                        nt * hd * element);
         }
+    }
+    if (unit->partial) {  /* one part of a split context: paged_attention.c merges the parts */
+        memcpy(unit->partial, o, sizeof(float) * (size_t)(group * hd * TILE));
+        memcpy(unit->partial + group * hd * TILE, m, sizeof(float) * (size_t)(2 * group * TILE));  /* m, then l */
+        return;
     }
     for (int64_t j = 0; j < group; j++) {
         const int64_t h = g * group + j;

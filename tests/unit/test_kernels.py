@@ -140,6 +140,37 @@ def test_prompt_rows_in_tiles_match_sdpa(cpu_kernels: kernels.CpuKernels, thread
         cpu_kernels.set_threads(2)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_long_contexts_of_few_rows_split_into_parts_match_sdpa(cpu_kernels: kernels.CpuKernels, threads: int,
+                                                               half: bool, block_size: int) -> None:
+    """Calls with fewer units of work than the threads can share (one decode row; a short chunk beside a
+    decode row) at contexts long enough to split into parts, whose partial softmaxes are merged:
+    against SDPA, with scores that grow along the context so that later parts outweigh earlier ones,
+    and a context just too short to split."""
+    cpu_kernels.set_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(block_size * 10 + threads + half)
+        heads, kv_heads, head_dim, num_blocks = 9, 3, 64, 1500
+        keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
+        values = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
+        keys += torch.linspace(0, 1, num_blocks)[:, None, None, None]  # scores grow with the block (tables sorted)
+        if half:
+            keys, values = keys.half(), values.half()
+        scale = head_dim ** -0.5
+        for decode_lens, chunks in (([3000], []), ([1023], []), ([1500], [(2100, 16)]), ([], [(1700, 9)])):
+            tables, rows, lens = prompt_batch(gen, decode_lens, chunks, block_size, num_blocks)
+            tables = tables.sort(dim=1).values
+            q = (torch.randn(len(rows), heads, head_dim, generator=gen) + 1) * 2
+            got = cpu_kernels.paged_attention(q, keys, values, tables, lens, block_size, scale, rows)
+            want = reference_attention(q, keys.float(), values.float(), tables[rows], lens, block_size, scale)
+            case = f"{decode_lens} {chunks}"
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, case=case: f"{case}: {m}")
+    finally:
+        cpu_kernels.set_threads(2)
+
+
 def test_prompt_tiles_rescale_when_later_keys_score_higher(cpu_kernels: kernels.CpuKernels) -> None:
     """Scores that grow along the context, so that the running max of the online softmax rises
     block after block and every earlier partial sum is rescaled, by factors down to about
