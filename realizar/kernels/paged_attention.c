@@ -13,7 +13,7 @@
  * That is the path of decode rows: one row alone is one unit of work on the thread pool. A call with
  * fewer units than the threads can share at long contexts (one stream decoding at 8k tokens) splits
  * each context into parts, merged at the end from each part's max score and sum of exps
- * (flash-decoding); one row at 8,000 tokens then took 8.3-8.9 ms a step instead of 14.5-15.2
+ * (flash-decoding); one row at 8,000 tokens then took 8.3-8.6 ms a step instead of 14.0-14.4
  * (BENCHMARKS.md).
  * It is float32 softmax attention in two passes (scores, then values); its exp is within a
  * few ulp of libm's, and the results match torch's SDPA to rounding (tests/unit/test_kernels.py).
@@ -382,7 +382,7 @@ static void plan(const int64_t *row_tables, const int64_t *context_lens, int64_t
  * contexts) splits their contexts into parts of at least MIN_PART tokens, each a unit, whose results are merged
  * once all are done (flash-decoding): one row alone would otherwise leave all threads but one idle. */
 #define UNITS_PER_THREAD 4
-#define MIN_PART 512
+#define MIN_PART 256  /* against 512: one row at 512-1,024 tokens 3.4-3.6 ms a step against 3.5-3.9; even beyond */
 
 /* The parts of a context of `shortest` (a tile: its shortest row) to `longest` tokens: at most `parts`, each
  * boundary a multiple of the block size below `shortest`. Writes the units (partials from *partial on, `floats`
