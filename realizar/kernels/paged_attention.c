@@ -403,46 +403,45 @@ static int64_t split(struct attention_unit *units, int64_t item, int64_t g, int 
     return parts;
 }
 
-/* The whole result of a split unit's parts (units[0 .. n - 1], which share its item), from their partials. */
+/* The weights w[p] of n parts' results in their merge, from each part's max score m[p] and sum of exps l[p]:
+ * exp(m[p] - the largest m), times l[p] where the parts' results are already divided by their sums
+ * (`normalized`). Returns what the weighted sum of the results is divided by. */
+static float part_weights(int64_t n, const float *m, const float *l, int normalized, float *w) {
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t p = 0; p < n; p++) top = m[p] > top ? m[p] : top;
+    for (int64_t p = 0; p < n; p++) {
+        w[p] = expf(m[p] - top) * (normalized ? l[p] : 1.0f);
+        total += normalized ? w[p] : w[p] * l[p];
+    }
+    return total;
+}
+
+/* The whole result of a split unit's parts (units[0 .. n - 1], which share its item), from their partials:
+ * a tile's o [group][hd][TILE] not yet divided by l, then m and l [group][TILE]; a row's o [heads][hd] divided
+ * by l, then m and l [heads]. */
 static void merge(const struct paged_attention *A, const struct attention_unit *units, int64_t n) {
     const int64_t heads = A->heads, group = A->group, hd = A->hd;
-    if (units[0].tile) {  /* o [group][hd][TILE] unscaled, then m and l [group][TILE] */
-        const struct attention_tile *tile = A->tiles + units[0].item;
-        for (int64_t j = 0; j < group; j++) {
-            const int64_t h = units[0].g * group + j;
-            for (int64_t u = 0; u < tile->rows; u++) {
-                float top = -INFINITY, total = 0.0f, weight[n];
-                for (int64_t p = 0; p < n; p++) {
-                    const float m = units[p].partial[group * hd * TILE + j * TILE + u];
-                    top = m > top ? m : top;
-                }
-                for (int64_t p = 0; p < n; p++) {
-                    const float *ml = units[p].partial + group * hd * TILE;
-                    weight[p] = expf(ml[j * TILE + u] - top);
-                    total += weight[p] * ml[group * TILE + j * TILE + u];
-                }
-                float *y = A->out_all + (tile->first + u) * heads * hd + h * hd;
-                for (int64_t c = 0; c < hd; c++) {
-                    float acc = 0.0f;
-                    for (int64_t p = 0; p < n; p++) acc += weight[p] * units[p].partial[(j * hd + c) * TILE + u];
-                    y[c] = acc / total;
-                }
+    const int tile = units[0].tile;
+    const int64_t lanes = tile ? group * TILE : heads;  /* (head, row) pairs of a partial, each with an m and l */
+    const int64_t rows = tile ? A->tiles[units[0].item].rows : 1;
+    const int64_t first = tile ? A->tiles[units[0].item].first : A->singles[units[0].item];
+    float m[n], l[n], w[n];
+    for (int64_t j = 0; j < (tile ? group : heads); j++) {
+        const int64_t h = tile ? units[0].g * group + j : j;
+        for (int64_t u = 0; u < rows; u++) {
+            const int64_t lane = tile ? j * TILE + u : j;
+            for (int64_t p = 0; p < n; p++) {
+                m[p] = units[p].partial[hd * lanes + lane];
+                l[p] = units[p].partial[hd * lanes + lanes + lane];
             }
-        }
-        return;
-    }
-    float *y = A->out_all + A->singles[units[0].item] * heads * hd;  /* o [heads][hd] normalized, then m, l [heads] */
-    for (int64_t h = 0; h < heads; h++) {
-        float top = -INFINITY, total = 0.0f, weight[n];
-        for (int64_t p = 0; p < n; p++) top = units[p].partial[heads * hd + h] > top ? units[p].partial[heads * hd + h] : top;
-        for (int64_t p = 0; p < n; p++) {
-            weight[p] = expf(units[p].partial[heads * hd + h] - top) * units[p].partial[heads * hd + heads + h];
-            total += weight[p];
-        }
-        for (int64_t c = 0; c < hd; c++) {
-            float acc = 0.0f;
-            for (int64_t p = 0; p < n; p++) acc += weight[p] * units[p].partial[h * hd + c];
-            y[h * hd + c] = acc / total;
+            const float total = part_weights(n, m, l, !tile, w);
+            float *y = A->out_all + (first + u) * heads * hd + h * hd;
+            for (int64_t c = 0; c < hd; c++) {
+                float acc = 0.0f;
+                for (int64_t p = 0; p < n; p++)
+                    acc += w[p] * units[p].partial[tile ? (j * hd + c) * TILE + u : j * hd + c];
+                y[c] = acc / total;
+            }
         }
     }
 }
