@@ -173,8 +173,13 @@ struct paged_attention {
 #define TILE 8
 #endif
 
-/* A unit of prompt rows (rows <= TILE, one block table) over KV head g: its part's partial result is o [group][hd][TILE]
- * (not yet divided by l), then m and l [group][TILE] each, the running max and sum of the online softmax. */
+/* The query heads of a KV group and the rows of a prompt tile, (head j, row u) pair j * rows + u, are the lanes of
+ * nv = ceil(group * rows / TILE) vectors: a 4-row tile of SmolLM2's groups of 3 heads fills one vector, not three.
+ * A tile's per-lane arrays are [nv][hd][TILE], lane `lane` of element i at tile_lane(lane, i, hd). */
+static inline int64_t tile_lane(int64_t lane, int64_t i, int64_t hd) { return (lane / TILE * hd + i) * TILE + lane % TILE; }
+
+/* A unit of prompt rows (rows <= TILE, one block table) over KV head g: its part's partial result is o [nv][hd][TILE]
+ * (not yet divided by l), then m and l [nv][TILE] each, the running max and sum of the online softmax. */
 void realizar_attend_tile(const struct paged_attention *A, const struct attention_unit *unit);
 
 /* Runs task(arg, u) for every u in [0, units) on the calling thread and the pool's workers,

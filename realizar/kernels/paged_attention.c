@@ -417,31 +417,27 @@ static float part_weights(int64_t n, const float *m, const float *l, int normali
 }
 
 /* The whole result of a split unit's parts (units[0 .. n - 1], which share its item), from their partials:
- * a tile's o [group][hd][TILE] not yet divided by l, then m and l [group][TILE]; a row's o [heads][hd] divided
- * by l, then m and l [heads]. */
+ * a tile's o [nv][hd][TILE] not yet divided by l, then m and l [nv][TILE] (lanes: cpu_kernels.h's tile_lane);
+ * a row's o [heads][hd] divided by l, then m and l [heads]. */
 static void merge(const struct paged_attention *A, const struct attention_unit *units, int64_t n) {
     const int64_t heads = A->heads, group = A->group, hd = A->hd;
     const int tile = units[0].tile;
-    const int64_t lanes = tile ? group * TILE : heads;  /* (head, row) pairs of a partial, each with an m and l */
-    const int64_t rows = tile ? A->tiles[units[0].item].rows : 1;
+    const int64_t rows = tile ? A->tiles[units[0].item].rows : 1, pairs = tile ? group * rows : heads;
+    const int64_t lanes = tile ? (pairs + TILE - 1) / TILE * TILE : heads;  /* each with an m and l */
     const int64_t first = tile ? A->tiles[units[0].item].first : A->singles[units[0].item];
     float m[n], l[n], w[n];
-    for (int64_t j = 0; j < (tile ? group : heads); j++) {
-        const int64_t h = tile ? units[0].g * group + j : j;
-        for (int64_t u = 0; u < rows; u++) {
-            const int64_t lane = tile ? j * TILE + u : j;
-            for (int64_t p = 0; p < n; p++) {
-                m[p] = units[p].partial[hd * lanes + lane];
-                l[p] = units[p].partial[hd * lanes + lanes + lane];
-            }
-            const float total = part_weights(n, m, l, !tile, w);
-            float *y = A->out_all + (first + u) * heads * hd + h * hd;
-            for (int64_t c = 0; c < hd; c++) {
-                float acc = 0.0f;
-                for (int64_t p = 0; p < n; p++)
-                    acc += w[p] * units[p].partial[tile ? (j * hd + c) * TILE + u : j * hd + c];
-                y[c] = acc / total;
-            }
+    for (int64_t pair = 0; pair < pairs; pair++) {  /* a tile's pair: head j * rows + row u; a row's: head */
+        for (int64_t p = 0; p < n; p++) {
+            m[p] = units[p].partial[hd * lanes + pair];
+            l[p] = units[p].partial[hd * lanes + lanes + pair];
+        }
+        const float total = part_weights(n, m, l, !tile, w);
+        const int64_t h = tile ? units[0].g * group + pair / rows : pair, u = tile ? pair % rows : 0;
+        float *y = A->out_all + (first + u) * heads * hd + h * hd;
+        for (int64_t c = 0; c < hd; c++) {
+            float acc = 0.0f;
+            for (int64_t p = 0; p < n; p++) acc += w[p] * units[p].partial[tile ? tile_lane(pair, c, hd) : pair * hd + c];
+            y[c] = acc / total;
         }
     }
 }

@@ -126,8 +126,8 @@ static inline __attribute__((always_inline)) void tile_values(const int NH, cons
  * value pass. */
 static inline __attribute__((always_inline)) void tile_step(const int NH, const float *qt, const float *k,
                                                             const float *v, int nt, int64_t t0, int masked,
-                                                            vir lens, int64_t hd, float scale, float *o, vr *m, vr *l,
-                                                            const char *ak, const char *av, int64_t ahead_bytes) {
+                                                            const vir *lens, int64_t hd, float scale, float *o, vr *m,
+                                                            vr *l, const char *ak, const char *av, int64_t ahead_bytes) {
     vr s[HEADS][STEP];
     for (int t = 0; t < nt; t += TK) {
         const float *rows[TK];  /* past nt: the last key again, masked below */
@@ -139,7 +139,7 @@ static inline __attribute__((always_inline)) void tile_step(const int NH, const 
         if (masked) {
             const vr minus_inf = (vr){0} - INFINITY;
             for (int t = 0; t < nt; t++) {
-                const vir live = (vir){0} + (int32_t)(t0 + t) < lens;
+                const vir live = (vir){0} + (int32_t)(t0 + t) < lens[j];
                 s[j][t] = (vr)(((vir)s[j][t] & live) | ((vir)minus_inf & ~live));
             }
         }
@@ -150,7 +150,7 @@ static inline __attribute__((always_inline)) void tile_step(const int NH, const 
         vr sum = {0};
         for (int t = 0; t < nt; t++) {
             vr e = expr_nonpositive(s[j][t] - next);
-            if (masked) e = (vr)((vir)e & ((vir){0} + (int32_t)(t0 + t) < lens));  /* exp(-inf) is 0 */
+            if (masked) e = (vr)((vir)e & ((vir){0} + (int32_t)(t0 + t) < lens[j]));  /* exp(-inf) is 0 */
             s[j][t] = e;
             sum += e;
         }
@@ -171,20 +171,20 @@ static inline __attribute__((always_inline)) void tile_step(const int NH, const 
 }
 
 static void tile_steps(int64_t nh, const float *qt, const float *k, const float *v, int nt, int64_t t0,
-                       int masked, vir lens, int64_t hd, float scale, float *o, vr *m, vr *l,
+                       int masked, const vir *lens, int64_t hd, float scale, float *o, vr *m, vr *l,
                        const char *ak, const char *av, int64_t ahead_bytes) {
     for (int64_t j = 0; j < nh; j += HEADS) {
         const int64_t n = nh - j < HEADS ? nh - j : HEADS;
         const float *q = qt + j * hd * TILE;
         float *oj = o + j * hd * TILE;
         if (HEADS >= 3 && n == 3)
-            tile_step(HEADS >= 3 ? 3 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av,
+            tile_step(HEADS >= 3 ? 3 : 1, q, k, v, nt, t0, masked, lens + j, hd, scale, oj, m + j, l + j, ak, av,
                       ahead_bytes);
         else if (HEADS >= 2 && n == 2)
-            tile_step(HEADS >= 2 ? 2 : 1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av,
+            tile_step(HEADS >= 2 ? 2 : 1, q, k, v, nt, t0, masked, lens + j, hd, scale, oj, m + j, l + j, ak, av,
                       ahead_bytes);
         else
-            tile_step(1, q, k, v, nt, t0, masked, lens, hd, scale, oj, m + j, l + j, ak, av, ahead_bytes);
+            tile_step(1, q, k, v, nt, t0, masked, lens + j, hd, scale, oj, m + j, l + j, ak, av, ahead_bytes);
         ak = av = NULL;  /* once per step */
     }
 }
@@ -198,31 +198,30 @@ void realizar_attend_tile(const struct paged_attention *A, const struct attentio
     const int64_t group = A->group, hd = A->hd, bs = A->bs;
     static __thread void *scratch;
     static __thread int64_t capacity;
-    const int64_t need = 2 * group * hd * TILE + 2 * group * TILE + (A->half ? 2 * bs * hd : 0);
+    const int64_t pairs = group * rows, nv = (pairs + TILE - 1) / TILE;  /* see tile_lanes */
+    const int64_t need = 2 * nv * hd * TILE + 3 * nv * TILE + (A->half ? 2 * bs * hd : 0);
     float *const buffer = thread_scratch(&scratch, &capacity, need * (int64_t)sizeof(float));
     if (!buffer) {
         atomic_store(&((struct paged_attention *)A)->failed, 1);
         return;
     }
-    float *const qt = buffer, *const o = buffer + group * hd * TILE;  /* [group][hd][TILE] each */
-    vr *const m = (vr *)(void *)(o + group * hd * TILE), *const l = m + group;
-    float *const kf = (float *)(l + group), *const vf = kf + bs * hd;  /* a float16 block as float32 */
+    float *const qt = buffer, *const o = buffer + nv * hd * TILE;  /* [nv][hd][TILE] each */
+    vr *const m = (vr *)(void *)(o + nv * hd * TILE), *const l = m + nv;
+    vir *const lens = (vir *)(void *)(l + nv);                          /* each lane's context length */
+    float *const kf = (float *)(void *)(lens + nv), *const vf = kf + bs * hd;  /* a float16 block as float32 */
 
-    int32_t len[TILE];
     const int64_t shortest = tile->shortest;
-    for (int u = 0; u < TILE; u++)  /* lanes past the tile's rows repeat its last row's length */
-        len[u] = (int32_t)A->context_lens[row0 + (u < rows ? u : rows - 1)];
-    vir lens;
-    memcpy(&lens, len, sizeof lens);
-    for (int64_t j = 0; j < group; j++) {
-        const int64_t h = g * group + j;
+    for (int64_t lane = 0; lane < nv * TILE; lane++) {  /* lanes past the pairs repeat the last pair */
+        const int64_t pair = lane < pairs ? lane : pairs - 1, h = g * group + pair / rows, u = pair % rows;
         for (int64_t i = 0; i < hd; i++)
-            for (int u = 0; u < TILE; u++)
-                qt[(j * hd + i) * TILE + u] = u < rows ? A->q_all[(row0 + u) * A->q_stride + h * hd + i] : 0.0f;
+            qt[tile_lane(lane, i, hd)] = A->q_all[(row0 + u) * A->q_stride + h * hd + i];
+        ((int32_t *)(void *)lens)[lane] = (int32_t)A->context_lens[row0 + u];
+    }
+    for (int64_t j = 0; j < nv; j++) {
         m[j] = (vr){0} - INFINITY;
         l[j] = (vr){0};
     }
-    memset(o, 0, sizeof(float) * (size_t)(group * hd * TILE));
+    memset(o, 0, sizeof(float) * (size_t)(nv * hd * TILE));
 
     const int64_t *table = A->block_tables + A->row_tables[row0] * A->max_blocks;
     const int64_t element = A->half ? 2 : 4;
@@ -256,23 +255,20 @@ void realizar_attend_tile(const struct paged_attention *A, const struct attentio
         for (int64_t off = 0; off < bs && t0 + off < end; off += STEP) {
             int64_t nt = bs - off < STEP ? bs - off : STEP;
             nt = end - (t0 + off) < nt ? end - (t0 + off) : nt;
-            tile_steps(group, qt, kb + off * hd, vb + off * hd, (int)nt, t0 + off, t0 + off + nt > shortest, lens, hd,
+            tile_steps(nv, qt, kb + off * hd, vb + off * hd, (int)nt, t0 + off, t0 + off + nt > shortest, lens, hd,
                        A->scale, o, m, l, ak ? ak + off * hd * element : NULL, av ? av + off * hd * element : NULL,
                        nt * hd * element);
         }
     }
     if (unit->partial) {  /* one part of a split context: paged_attention.c merges the parts */
-        memcpy(unit->partial, o, sizeof(float) * (size_t)(group * hd * TILE));
-        memcpy(unit->partial + group * hd * TILE, m, sizeof(float) * (size_t)(2 * group * TILE));  /* m, then l */
+        memcpy(unit->partial, o, sizeof(float) * (size_t)(nv * hd * TILE));
+        memcpy(unit->partial + nv * hd * TILE, m, sizeof(float) * (size_t)(2 * nv * TILE));  /* m, then l */
         return;
     }
-    for (int64_t j = 0; j < group; j++) {
-        const int64_t h = g * group + j;
-        float sum[TILE];
-        storer(sum, l[j]);
-        for (int u = 0; u < rows; u++) {
-            float *y = A->out_all + (row0 + u) * A->heads * hd + h * hd;
-            for (int64_t c = 0; c < hd; c++) y[c] = o[(j * hd + c) * TILE + u] / sum[u];
-        }
+    const float *const sums = (const float *)(void *)l;
+    for (int64_t pair = 0; pair < pairs; pair++) {
+        const int64_t h = g * group + pair / rows, u = pair % rows;
+        float *y = A->out_all + (row0 + u) * A->heads * hd + h * hd;
+        for (int64_t c = 0; c < hd; c++) y[c] = o[tile_lane(pair, c, hd)] / sums[pair];
     }
 }
