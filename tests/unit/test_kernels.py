@@ -129,7 +129,7 @@ def test_prompt_rows_in_tiles_match_sdpa(cpu_kernels: kernels.CpuKernels, thread
         num_blocks = 400
         keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
         values = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
-        chunks = [(0, 37), (block_size + 3, 29), (11 * block_size - 1, 8), (5, 3), (250, 70)]
+        chunks = [(0, 37), (block_size + 3, 29), (11 * block_size - 1, 8), (5, 2), (250, 3), (99, 70)]
         tables, rows, lens = prompt_batch(gen, [1, 40, 300], chunks, block_size, num_blocks)
         q = torch.randn(len(rows), heads, head_dim, generator=gen) * 3  # peaked softmax too
         scale = head_dim ** -0.5
