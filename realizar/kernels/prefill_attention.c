@@ -14,14 +14,15 @@
  *     o      = o exp(m - m') + sum_t p[t] v_t
  *   out = o / l
  *
- * The rows of the tile are the lanes of a vector, so both products are plain
- * multiply-adds of a broadcast key or value element into a vector of the tile's rows, the running
- * max and sum are lane-wise, and there are no horizontal sums. The online softmax sums in a
+ * The (query head, row) pairs of the KV group and the tile are the lanes of vectors, in turn (cpu_kernels.h's
+ * tile_lane: a 16-row tile of 3 heads fills 3 vectors, a 4-row one a single vector), so both products are
+ * plain multiply-adds of a broadcast key or value element into a vector of pairs, the running max and sum
+ * are lane-wise, and there are no horizontal sums. The online softmax sums in a
  * different order than a two-pass softmax; the results agree with torch's SDPA to float32
  * rounding (tests/unit/test_kernels.py).
  *
- * Register budget: with AVX-512 (32 vector registers) the query heads of a KV group are done
- * HEADS at a time, 3, sharing each broadcast element; with 16 registers (AVX2, NEON) one at a
+ * Register budget: with AVX-512 (32 vector registers) the vectors of pairs are done HEADS at a time, 3,
+ * sharing each broadcast element; with 16 registers (AVX2, NEON) one at a
  * time, so that the 8 sums stay in registers. The code is the same, in GCC vector extensions. (Tiles of 16 rows
  * with AVX-512, against 8: a 512-token chunk at the start of a prompt 179-186 ms against 193-209, 1,536 tokens
  * into it 353-358 against 520-530; BENCHMARKS.md.)
@@ -52,7 +53,7 @@ EXP_NONPOSITIVE(expr_nonpositive, vr, vir)  /* exp8_nonpositive (cpu_kernels.h) 
 
 #ifdef HEADS  /* set on the command line: for tests of each variant */
 #elif defined(__AVX512VL__)
-#define HEADS 3  /* query heads that share one pass: 3 x 8 sums + 3 queries + 1 broadcast */
+#define HEADS 3  /* vectors of pairs that share one pass: 3 x 8 sums + 3 queries + 1 broadcast */
 #else
 #define HEADS 1  /* 8 sums + 1 query + 1 broadcast of 16 registers */
 #endif
@@ -198,7 +199,7 @@ void realizar_attend_tile(const struct paged_attention *A, const struct attentio
     const int64_t group = A->group, hd = A->hd, bs = A->bs;
     static __thread void *scratch;
     static __thread int64_t capacity;
-    const int64_t pairs = group * rows, nv = (pairs + TILE - 1) / TILE;  /* see tile_lanes */
+    const int64_t pairs = group * rows, nv = (pairs + TILE - 1) / TILE;  /* cpu_kernels.h's tile_lane */
     const int64_t need = 2 * nv * hd * TILE + 3 * nv * TILE + (A->half ? 2 * bs * hd : 0);
     float *const buffer = thread_scratch(&scratch, &capacity, need * (int64_t)sizeof(float));
     if (!buffer) {
