@@ -328,6 +328,54 @@ def test_a_cached_prefix_is_shared_and_only_the_rest_is_computed() -> None:
     assert all(sched.allocator.ref_count(b) == 2 for b in third.block_table[:3])
 
 
+def test_a_burst_that_shares_a_prompt_computes_it_once() -> None:
+    """Requests that arrive together with a shared system prompt: the first computes it and the others
+    wait for its blocks instead of computing them too, while an unrelated request starts at once; then
+    they take the shared blocks and compute only their own tails. One whose first request is aborted
+    mid-prompt is admitted at once."""
+    sched = make_cached(64, max_num_batched_tokens=8)
+    system = list(range(100, 124))  # six full blocks of 4: three steps of 8 tokens
+    first, second, third = seq_of(system + [1]), seq_of(system + [2, 3]), seq_of(system + [4])
+    other = seq_of(list(range(300, 306)))
+    for seq in (first, second, other, third):
+        sched.add(seq)
+    computed = {seq.request_id: 0 for seq in (first, second, third, other)}
+    while second.num_cached_tokens is None or third.num_cached_tokens is None:
+        out = sched.schedule()
+        for item in out.prefills + out.decodes:
+            computed[item.seq.request_id] += item.num_tokens
+        complete(sched, out)
+        if first.num_computed < len(system):
+            assert second.status is third.status is SequenceStatus.WAITING
+    assert other.status is not SequenceStatus.WAITING and computed[other.request_id] > 0  # it started meanwhile
+    assert (second.num_cached_tokens, third.num_cached_tokens) == (24, 24)
+    finish_all(sched)
+    assert computed[second.request_id] <= 3 and computed[third.request_id] <= 2
+
+    sched = make_cached(64, max_num_batched_tokens=8)
+    first, second = seq_of(system + [1]), seq_of(system + [2])
+    sched.add(first)
+    sched.add(second)
+    run_step(sched)
+    run_step(sched)
+    assert second.status is SequenceStatus.WAITING and first.num_computed == 16
+    sched.finish(first)  # aborted: its last blocks will never come
+    out = sched.schedule()
+    assert second.status is SequenceStatus.RUNNING and second.num_cached_tokens == 16
+    assert [(i.seq, i.num_tokens) for i in out.prefills] == [(second, 8)]
+
+    # a shared run shorter than a quarter of the budget (16 tokens: 4 blocks) is not waited for
+    sched = make_cached(64, max_num_batched_tokens=64, long_prefill_token_threshold=8)
+    sched.add(seq_of([9, 9]))
+    run_step(sched)  # a decode, so that prompts go in chunks of 8
+    first, second = seq_of(system + [1]), seq_of(system[:12] + [2, 2, 2, 2, 2])
+    sched.add(first)
+    run_step(sched)
+    sched.add(second)
+    out = sched.schedule()
+    assert first.num_computed == 8 and second.status is SequenceStatus.RUNNING and second.num_cached_tokens == 8
+
+
 def test_the_last_prompt_token_is_always_computed() -> None:
     sched = make_cached(32)
     ids = list(range(100, 108))  # exactly two blocks
