@@ -385,11 +385,12 @@ static void plan(const int64_t *row_tables, const int64_t *context_lens, int64_t
 #define MIN_PART 256  /* against 512: one row at 512-1,024 tokens 3.4-3.6 ms a step against 3.5-3.9; even beyond */
 
 /* The parts of a context of `shortest` (a tile: its shortest row) to `longest` tokens: at most `parts`, each
- * boundary a multiple of the block size below `shortest`. Writes the units (partials from *partial on, `floats`
- * each, when split) and returns how many. */
+ * boundary a multiple of the block size below `shortest`, at least MIN_PART tokens and a block apart. Writes the
+ * units (partials from *partial on, `floats` each, when split) and returns how many. */
 static int64_t split(struct attention_unit *units, int64_t item, int64_t g, int tile, int64_t shortest,
                      int64_t longest, int64_t parts, int64_t bs, int64_t floats, float **partial) {
-    parts = parts < shortest / MIN_PART ? parts : shortest / MIN_PART;
+    const int64_t most = shortest / (bs > MIN_PART ? bs : MIN_PART);
+    parts = parts < most ? parts : most;
     if (parts <= 1) {
         units[0] = (struct attention_unit){item, g, 0, longest, tile, NULL};
         return 1;
@@ -500,7 +501,9 @@ int realizar_paged_attention(
     for (int64_t u = 0, n; u < A.num_units; u += n) {  /* the parts of a split context: consecutive units */
         n = 1;
         if (!units[u].partial) continue;
-        while (u + n < A.num_units && units[u + n].partial && units[u + n].begin > 0) n++;
+        while (u + n < A.num_units && units[u + n].partial && units[u + n].item == units[u].item &&
+               units[u + n].g == units[u].g && units[u + n].tile == units[u].tile)
+            n++;
         if (!atomic_load(&A.failed)) merge(&A, units + u, n);
     }
     free(tiles);

@@ -142,7 +142,7 @@ def test_prompt_rows_in_tiles_match_sdpa(cpu_kernels: kernels.CpuKernels, thread
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
-@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("block_size", [16, 5, 320])  # 320: blocks longer than a part's fewest tokens
 def test_long_contexts_of_few_rows_split_into_parts_match_sdpa(cpu_kernels: kernels.CpuKernels, threads: int,
                                                                half: bool, block_size: int) -> None:
     """Calls with fewer units of work than the threads can share (one decode row; a short chunk beside a
@@ -152,14 +152,14 @@ def test_long_contexts_of_few_rows_split_into_parts_match_sdpa(cpu_kernels: kern
     cpu_kernels.set_threads(threads)
     try:
         gen = torch.Generator().manual_seed(block_size * 10 + threads + half)
-        heads, kv_heads, head_dim, num_blocks = 9, 3, 64, 1500
+        heads, kv_heads, head_dim, num_blocks = 9, 3, 64, 24000 // block_size
         keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
         values = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
         keys += torch.linspace(0, 1, num_blocks)[:, None, None, None]  # scores grow with the block (tables sorted)
         if half:
             keys, values = keys.half(), values.half()
         scale = head_dim ** -0.5
-        for decode_lens, chunks in (([3000], []), ([511], []), ([1500], [(2100, 16)]), ([], [(1700, 9)])):
+        for decode_lens, chunks in (([3000], []), ([511], []), ([600], []), ([1500], [(2100, 16)]), ([], [(1700, 9)])):
             tables, rows, lens = prompt_batch(gen, decode_lens, chunks, block_size, num_blocks)
             tables = tables.sort(dim=1).values
             q = (torch.randn(len(rows), heads, head_dim, generator=gen) + 1) * 2
