@@ -23,8 +23,8 @@ long prompt are shorter, since each of their tokens attends to all the tokens be
 With prefix caching, a sequence admitted from the waiting queue first takes the longest run
 of cached full blocks that starts its tokens (``kv_cache.hash_block`` keys), by reference,
 and computes only what follows; at least its last token is always computed, since a step
-must produce the logits to sample from. A waiting sequence whose next block past its cached prefix a
-running prompt is computing now, for at least a quarter of the step's budget, waits until they are cached
+must produce the logits to sample from. A waiting sequence whose next blocks past its cached prefix a
+running prompt is computing now (a quarter of a step's budget or more) waits until they are cached
 (``_later``), and the others are admitted past it: a burst of requests that share a system prompt computes
 it once. A request that scores its prompt
 (``prompt_logprobs``) reuses nothing: it needs the logits of every prompt position. Each
