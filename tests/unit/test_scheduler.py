@@ -500,7 +500,18 @@ def test_random_ops_with_shared_prefixes_leak_nothing_and_never_free_a_held_bloc
             assert all(content[seq.block_table[p // bs]][p % bs] == seq.token_ids[p]
                        for p in range(seq.num_computed))
         assert len(sched.running) <= max_seqs
-    for seq in live:
-        sched.finish(seq)
+    # and every request still in the queues finishes, none waiting forever for blocks another computes
+    for _ in range(20 * num_blocks * bs):
+        if not live:
+            break
+        out = sched.schedule()
+        sched.commit(out)
+        for item in (*out.decodes, *out.prefills):
+            if item.samples:
+                item.seq.token_ids.append(item.seq.num_generated % 3 + 1)
+                if item.seq.num_generated >= item.seq.request.params.max_tokens:
+                    sched.finish(item.seq)
+                    live.remove(item.seq)
+    assert not live
     assert alloc.num_free == num_blocks and alloc.num_used == 0
     assert all(alloc.ref_count(b) == 0 for b in range(num_blocks))
