@@ -457,6 +457,17 @@ def test_random_ops_with_shared_prefixes_leak_nothing_and_never_free_a_held_bloc
     # what each block's slots hold: the token whose K/V a step wrote there (the model's stand-in)
     content: dict[int, list[int | None]] = {b: [None] * bs for b in range(num_blocks)}
     live: list[Sequence] = []
+
+    def commit(out: SchedulerOutput) -> None:
+        """Commit a step: a token for each sampling sequence, and those at max_tokens finish."""
+        sched.commit(out)
+        for item in (*out.decodes, *out.prefills):
+            if item.samples:
+                item.seq.token_ids.append(item.seq.num_generated % 3 + 1)
+                if item.seq.num_generated >= item.seq.request.params.max_tokens:
+                    sched.finish(item.seq)
+                    live.remove(item.seq)
+
     for op, n in ops:
         if op == "add":
             ids = prefixes[n % 3][: 3 + n % 14] + [n % 7 + 1] * (n % 5)
@@ -475,13 +486,7 @@ def test_random_ops_with_shared_prefixes_leak_nothing_and_never_free_a_held_bloc
                     # a step writes only into blocks that its sequence holds alone
                     assert alloc.ref_count(block) == 1 and alloc.block_hash(block) is None
                     content[block][p % bs] = seq.token_ids[p]
-            sched.commit(out)
-            for item in (*out.decodes, *out.prefills):
-                if item.samples:
-                    item.seq.token_ids.append(item.seq.num_generated % 3 + 1)
-                    if item.seq.num_generated >= item.seq.request.params.max_tokens:
-                        sched.finish(item.seq)
-                        live.remove(item.seq)
+            commit(out)
         elif op == "abort" and live:
             sched.finish(live.pop(n % len(live)))
         elif op == "preempt" and sched.running:
@@ -504,14 +509,7 @@ def test_random_ops_with_shared_prefixes_leak_nothing_and_never_free_a_held_bloc
     for _ in range(20 * num_blocks * bs):
         if not live:
             break
-        out = sched.schedule()
-        sched.commit(out)
-        for item in (*out.decodes, *out.prefills):
-            if item.samples:
-                item.seq.token_ids.append(item.seq.num_generated % 3 + 1)
-                if item.seq.num_generated >= item.seq.request.params.max_tokens:
-                    sched.finish(item.seq)
-                    live.remove(item.seq)
+        commit(sched.schedule())
     assert not live
     assert alloc.num_free == num_blocks and alloc.num_used == 0
     assert all(alloc.ref_count(b) == 0 for b in range(num_blocks))
