@@ -251,7 +251,7 @@ class Scheduler:
         first had cached it (8 agents' first turns with a 2,000-token system prompt: TTFT p50 1.42-1.45 s
         against 3.87-3.97, BENCHMARKS.md). A shorter shared run is computed within the step the request
         would wait for, so waiting would cost it a step to save less than a quarter of one."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not self.waiting:
             return set()
         coming = {key for s in self.running if s.num_computed < s.num_prompt_tokens
                   for key in s.block_hashes[s.num_cached_blocks:]}

@@ -177,6 +177,7 @@ struct paged_attention {
  * nv = ceil(group * rows / TILE) vectors: a 4-row tile of SmolLM2's groups of 3 heads fills one vector, not three.
  * A tile's per-lane arrays are [nv][hd][TILE], lane `lane` of element i at tile_lane(lane, i, hd). */
 static inline int64_t tile_lane(int64_t lane, int64_t i, int64_t hd) { return (lane / TILE * hd + i) * TILE + lane % TILE; }
+static inline int64_t tile_vectors(int64_t group, int64_t rows) { return (group * rows + TILE - 1) / TILE; }
 
 /* A unit of prompt rows (rows <= TILE, one block table) over KV head g: its part's partial result is o [nv][hd][TILE]
  * (not yet divided by l), then m and l [nv][TILE] each, the running max and sum of the online softmax. */

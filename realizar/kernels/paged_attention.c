@@ -424,7 +424,7 @@ static void merge(const struct paged_attention *A, const struct attention_unit *
     const int64_t heads = A->heads, group = A->group, hd = A->hd;
     const int tile = units[0].tile;
     const int64_t rows = tile ? A->tiles[units[0].item].rows : 1, pairs = tile ? group * rows : heads;
-    const int64_t lanes = tile ? (pairs + TILE - 1) / TILE * TILE : heads;  /* each with an m and l */
+    const int64_t lanes = tile ? tile_vectors(group, rows) * TILE : heads;  /* each with an m and l */
     const int64_t first = tile ? A->tiles[units[0].item].first : A->singles[units[0].item];
     float m[n], l[n], w[n];
     for (int64_t pair = 0; pair < pairs; pair++) {  /* a tile's pair: head j * rows + row u; a row's: head */

@@ -199,7 +199,7 @@ void realizar_attend_tile(const struct paged_attention *A, const struct attentio
     const int64_t group = A->group, hd = A->hd, bs = A->bs;
     static __thread void *scratch;
     static __thread int64_t capacity;
-    const int64_t pairs = group * rows, nv = (pairs + TILE - 1) / TILE;  /* cpu_kernels.h's tile_lane */
+    const int64_t pairs = group * rows, nv = tile_vectors(group, rows);  /* cpu_kernels.h's tile_lane */
     const int64_t need = 2 * nv * hd * TILE + 3 * nv * TILE + (A->half ? 2 * bs * hd : 0);
     float *const buffer = thread_scratch(&scratch, &capacity, need * (int64_t)sizeof(float));
     if (!buffer) {
