@@ -69,6 +69,10 @@ static void configure_tiles(void) {
         config.bytes_per_row[t] = 64;
         config.rows[t] = TILE_ROWS;
     }
+    /* ldtilecfg reads all 64 bytes, but GCC's intrinsic declares only 8 of them read: without this barrier the
+     * compiler may drop the loop's stores (an out-of-line copy of this function did, and the configuration
+     * faulted) */
+    __asm__ volatile("" : : "r"(&config) : "memory");
     _tile_loadconfig(&config);
 }
 
