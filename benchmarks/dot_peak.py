@@ -14,6 +14,12 @@ realizar's fast class spends two of them per product (the activations' two int8 
 ``vpmaddwd`` (realizar's AVX2 fast class, one int16 term) is 16 a ymm. AMX's tile instructions (Sapphire
 Rapids and later) multiply whole 16 x 16 tiles: ``tdpbf16ps`` is vLLM's bfloat16 where oneDNN finds AMX, and
 ``tdpbssd`` what an int8 tile path of realizar's fast class would get (two terms: half its products count).
+
+Where the CPU has ``amx_bf16``, a second table times a run of 18 ``tdpbf16ps`` (three tiles of sums, operands
+loaded from L1: what one 16-key step of a prompt tile's scores would take) between stretches of vector code
+(chains of dependent ``vfmadd231ps``) of growing length: the run's own cost is the time of both, less that of
+the vector code alone. On the AMX Xeon of BENCHMARKS.md, a run that follows more than about 250 ns of vector
+code cost about 275 ns more than one that follows less: the tiles wake up.
 """
 
 from __future__ import annotations
@@ -101,6 +107,83 @@ def source(instruction: str, width: str, iterations: int | None = None) -> str:
     return program(instruction, width, iterations or ITERATIONS)
 
 
+# Runs of 18 tile products (tiles 0-2 the sums, 3-4 and 5-7 the operands, reloaded from a 32 KB buffer each run),
+# alternating with `gap` rounds of 8 dependent float32 FMA chains; prints ns per run of tiles and vector code
+# together, and of the vector code alone.
+WAKE_SOURCE = """#include <immintrin.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+static unsigned char operands[32768] __attribute__((aligned(64)));
+static float sums[768] __attribute__((aligned(64)));
+static void tiles(void) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2);
+    for (int c = 0; c < 2; c++) {
+        _tile_loadd(3, operands + 2048 * c, 64); _tile_loadd(4, operands + 2048 * c + 1024, 64);
+        for (int term = 0; term < 2; term++) {
+            const unsigned char *q = operands + 8192 + 1024 * (2 * term + c);
+            _tile_loadd(5, q, 64); _tile_loadd(6, q + 4096, 64); _tile_loadd(7, q + 8192, 64);
+            _tile_dpbf16ps(0, 3, 5); _tile_dpbf16ps(1, 3, 6); _tile_dpbf16ps(2, 3, 7);
+            if (term == 0) { _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(1, 4, 6); _tile_dpbf16ps(2, 4, 7); }
+        }
+    }
+    _tile_stored(0, sums, 64); _tile_stored(1, sums + 256, 64); _tile_stored(2, sums + 512, 64);
+}
+static __m512 chains[8];
+static void vector_code(int gap) {
+    for (int r = 0; r < gap; r++)
+        for (int i = 0; i < 8; i++) chains[i] = _mm512_fmadd_ps(chains[i], chains[(i + 1) & 7], chains[i]);
+}
+int main(int argc, char **argv) {
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) { printf("0 0\\n"); return 0; }
+    unsigned char config[64];
+    memset(config, 0, sizeof config);
+    config[0] = 1;
+    for (int t = 0; t < 8; t++) { config[16 + 2 * t] = 64; config[48 + t] = 16; }
+    __asm__ volatile("" :: "r"(config) : "memory");
+    _tile_loadconfig(config);
+    for (int i = 0; i < 8; i++) chains[i] = _mm512_set1_ps(0.0f);
+    const int gap = atoi(argv[1]);
+    const long n = 200000;
+    double both = 1e30, alone = 1e30;
+    for (int rep = 0; rep < 3; rep++) {
+        double t = now();
+        for (long i = 0; i < n; i++) { tiles(); vector_code(gap); }
+        double d = now() - t;
+        both = d < both ? d : both;
+        t = now();
+        for (long i = 0; i < n; i++) vector_code(gap);
+        d = now() - t;
+        alone = d < alone ? d : alone;
+    }
+    _tile_release();
+    printf("%.1f %.1f %g\\n", both / n * 1e9, alone / n * 1e9, sums[0] + chains[0][0]);
+    return 0;
+}
+"""
+WAKE_GAPS = [0, 10, 20, 30, 40, 50, 60, 80, 120]
+
+
+def wake_table(compiler: str, tmp: Path) -> None:
+    """The second table (see the module docstring)."""
+    source_file, binary = tmp / "wake.c", tmp / "wake"
+    source_file.write_text(WAKE_SOURCE)
+    subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source_file)], check=True)
+    print("\n| vector code between runs, ns | a run of 18 `tdpbf16ps` after it, ns |")
+    print("|---|---|")
+    for gap in WAKE_GAPS:
+        both, alone, _ = subprocess.run([str(binary), str(gap)], check=True, capture_output=True,
+                                        text=True).stdout.split()
+        if float(both) == 0:
+            print("| - | (Linux lends no AMX state here) |")
+            return
+        print(f"| {float(alone):.0f} | {float(both) - float(alone):.0f} |", flush=True)
+
+
 def main() -> int:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -121,6 +204,8 @@ def main() -> int:
                 print(f"| `{instruction}` {width} | (Linux lends no AMX state here) | {macs} | - | {path} |")
                 continue
             print(f"| `{instruction}` {width} | {rate:.2f} | {macs} | {rate * macs:.0f} | {path} |", flush=True)
+        if "amx_bf16" in flags:
+            wake_table(compiler, Path(tmp))
     return 0
 
 
