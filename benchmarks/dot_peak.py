@@ -109,7 +109,8 @@ def source(instruction: str, width: str, iterations: int | None = None) -> str:
 
 # Runs of 18 tile products (tiles 0-2 the sums, 3-4 and 5-7 the operands, reloaded from a 32 KB buffer each run),
 # alternating with `gap` rounds of 8 dependent float32 FMA chains; prints ns per run of tiles and vector code
-# together, and of the vector code alone.
+# together, of the vector code alone, and a checksum; "0 0" where Linux lends no AMX state, "- -" where the
+# compiler builds no AMX code.
 WAKE_SOURCE = """#include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -117,6 +118,9 @@ WAKE_SOURCE = """#include <immintrin.h>
 #include <time.h>
 #include <unistd.h>
 #include <sys/syscall.h>
+#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__)
+int main(void) { printf("- -\\n"); return 0; }
+#else
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 static unsigned char operands[32768] __attribute__((aligned(64)));
 static float sums[768] __attribute__((aligned(64)));
@@ -164,6 +168,7 @@ int main(int argc, char **argv) {
     printf("%.1f %.1f %g\\n", both / n * 1e9, alone / n * 1e9, sums[0] + chains[0][0]);
     return 0;
 }
+#endif
 """
 WAKE_GAPS = [0, 10, 20, 30, 40, 50, 60, 80, 120]
 
@@ -176,11 +181,12 @@ def wake_table(compiler: str, tmp: Path) -> None:
     print("\n| vector code between runs, ns | a run of 18 `tdpbf16ps` after it, ns |")
     print("|---|---|")
     for gap in WAKE_GAPS:
-        both, alone, _ = subprocess.run([str(binary), str(gap)], check=True, capture_output=True,
-                                        text=True).stdout.split()
-        if float(both) == 0:
-            print("| - | (Linux lends no AMX state here) |")
+        fields = subprocess.run([str(binary), str(gap)], check=True, capture_output=True, text=True).stdout.split()
+        if fields[0] in ("0", "-"):
+            why = "Linux lends no AMX state here" if fields[0] == "0" else "this compiler builds no AMX code"
+            print(f"| - | ({why}) |")
             return
+        both, alone = fields[:2]
         print(f"| {float(alone):.0f} | {float(both) - float(alone):.0f} |", flush=True)
 
 
