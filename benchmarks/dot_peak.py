@@ -18,8 +18,8 @@ Rapids and later) multiply whole 16 x 16 tiles: ``tdpbf16ps`` is vLLM's bfloat16
 Where the CPU has ``amx_bf16``, a second table times a run of 18 ``tdpbf16ps`` (three tiles of sums, operands
 loaded from L1: what one 16-key step of a prompt tile's scores would take) between stretches of vector code
 (chains of dependent ``vfmadd231ps``) of growing length: the run's own cost is the time of both, less that of
-the vector code alone. On the AMX Xeon of BENCHMARKS.md, a run that follows more than about 250 ns of vector
-code cost about 275 ns more than one that follows less: the tiles wake up.
+the vector code alone. On the AMX Xeon of BENCHMARKS.md, a run that follows more than 250-300 ns of vector
+code cost about 250 ns more than one that follows less, as if the idle tiles woke up late.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def source(instruction: str, width: str, iterations: int | None = None) -> str:
 
 # Runs of 18 tile products (tiles 0-2 the sums, 3-4 and 5-7 the operands, reloaded from a 32 KB buffer each run),
 # alternating with `gap` rounds of 8 dependent float32 FMA chains; prints ns per run of tiles and vector code
-# together, of the vector code alone, and a checksum; "0 0" where Linux lends no AMX state, "- -" where the
-# compiler builds no AMX code.
+# together, of the vector code alone, and a checksum; "0" where Linux lends no AMX state (TILE_SETUP), "- -"
+# where the compiler builds no AMX code.
 WAKE_SOURCE = """#include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -143,13 +143,7 @@ static void vector_code(int gap) {
         for (int i = 0; i < 8; i++) chains[i] = _mm512_fmadd_ps(chains[i], chains[(i + 1) & 7], chains[i]);
 }
 int main(int argc, char **argv) {
-    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) { printf("0 0\\n"); return 0; }
-    unsigned char config[64];
-    memset(config, 0, sizeof config);
-    config[0] = 1;
-    for (int t = 0; t < 8; t++) { config[16 + 2 * t] = 64; config[48 + t] = 16; }
-    __asm__ volatile("" :: "r"(config) : "memory");
-    _tile_loadconfig(config);
+    """ + TILE_SETUP + """
     for (int i = 0; i < 8; i++) chains[i] = _mm512_set1_ps(0.0f);
     const int gap = atoi(argv[1]);
     const long n = 200000;
