@@ -85,6 +85,13 @@ class Fields:
         value = self.raw(key)
         if value is None:
             return None
+        if isinstance(value, float) and value.is_integer() and abs(value) >= 2.0 ** 63:
+            # an integer literal past 64 bits, which orjson reads as a float: out of range, not a wrong type
+            if value > 0 and maximum is not None:
+                raise self.range_error(key, f"<= {maximum}")
+            if value < 0 and minimum is not None:
+                raise self.range_error(key, f">= {minimum}")
+            raise self.range_error(key, "an integer of at most 64 bits")
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.type_error(key, "an integer")
         if minimum is not None and value < minimum:

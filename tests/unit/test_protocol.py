@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import pytest
 
 from realizar.config import ServerConfig
+from realizar.request import SEED_MAX, SEED_MIN
 from realizar.server import protocol
 from realizar.server.errors import APIError, error_body, error_response
 from realizar.server.generation import ChoiceText, check_token_ids
@@ -434,6 +436,18 @@ def test_chat_and_native_refuse_a_temperature_over_the_maximum() -> None:
             "temperature")
     rejects(protocol.parse_generate, {"prompt": "x", "strategy": "top_k", "temperature": 101}, 400, "temperature")
     assert protocol.parse_generate({"prompt": "x", "strategy": "top_k", "temperature": 100}, CONFIG).params.temperature == 100
+
+
+def test_an_integer_past_64_bits_is_out_of_range_not_of_the_wrong_type() -> None:
+    """orjson, which parses the bodies, reads an integer literal past 64 bits as a float."""
+    body = orjson.loads(b'{"prompt": "x", "seed": 99999999999999999999999, "max_tokens": 2}')
+    error = rejects(protocol.parse_completion, body, 400, "seed")
+    assert str(SEED_MAX) in error.message
+    negative = orjson.loads(b'{"prompt": "x", "seed": -99999999999999999999999}')
+    assert str(SEED_MIN) in rejects(protocol.parse_completion, negative, 400, "seed").message
+    huge = orjson.loads(b'{"prompt": "x", "max_tokens": 99999999999999999999999}')
+    rejects(protocol.parse_completion, huge, 400, "max_tokens")
+    rejects(protocol.parse_completion, {"prompt": "x", "seed": 2.5}, 422, "seed")  # a fraction: the wrong type
 
 
 def test_seeds_span_signed_and_unsigned_64_bit() -> None:
