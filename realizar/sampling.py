@@ -208,18 +208,40 @@ def draw(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return inverse_cdf(probs, uniforms(rows).to(probs.device))
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], backend: Backend | None = None) -> list[SampledToken]:
+def ban(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Every row's banned tokens to -inf, in place, in one indexing operation (the EOS ban of ``min_tokens``
+    touches every row of a benchmark's step: a row at a time took 0.3-0.5 ms at 64 rows)."""
+    banned = [(i, token) for i, row in enumerate(rows) for token in row.banned_token_ids]
+    if banned:
+        at = torch.tensor(banned, dtype=torch.long, device=logits.device)
+        logits[at[:, 0], at[:, 1]] = float("-inf")
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], backend: Backend | None = None, *,
+           owned: bool = False) -> list[SampledToken]:
     """Pick one token per row of ``logits`` [B, V] (float32). Plain temperature draws go to ``backend``,
     by default the one for float32 logits on their device (the CPU kernels draw in one pass per row,
-    without a probability tensor)."""
+    without a probability tensor).
+
+    Each row's logit bias and penalties, then its bans, come first: before any filter, and before greedy's
+    argmax. They go to a copy of ``logits``, except that where the caller gives ``logits`` up (``owned``: a
+    step's own logits) and no row has penalties, the bans are set in place: the copy of a 64-row step's
+    logits (12.6 MB for the demo model) took longer than the argmax. (Penalties keep the copy: their state's
+    tensors must not be made in inference mode, where a model's logits may be written.)"""
     logits = logits.float()
-    if any(row.banned_token_ids or row.penalties is not None for row in rows):
+    if any(row.penalties is not None for row in rows):
         logits = logits.clone()
         for i, row in enumerate(rows):
-            if row.penalties is not None:  # before any filter, and before greedy's argmax
+            if row.penalties is not None:
                 row.penalties.apply(logits[i])
-            if row.banned_token_ids:
-                logits[i, list(row.banned_token_ids)] = float("-inf")
+        ban(logits, rows)
+    elif any(row.banned_token_ids for row in rows):
+        if owned:
+            with torch.inference_mode():  # a model's logits are inference tensors: written only in this mode
+                ban(logits, rows)
+        else:
+            logits = logits.clone()
+            ban(logits, rows)
     chosen = argmax(logits)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     plain = [i for i in sampled if rows[i].params.top_k == 0 and rows[i].params.top_p >= 1.0]

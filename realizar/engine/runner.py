@@ -126,12 +126,12 @@ class ModelRunner:
         if not rows:
             return []
         if not any(row.matcher is not None for row in rows):
-            return sample(logits, rows)
+            return sample(logits, rows, owned=True)
         scored = [i for i, row in enumerate(rows) if row.matcher is not None and row.params.logprobs is not None]
         raw = logits[scored].clone() if scored else None
         with torch.inference_mode():  # the model's logits are inference tensors: written only in this mode
             apply_masks(logits, [row.matcher for row in rows])
-        tokens = sample(logits, rows)
+        tokens = sample(logits, rows, owned=True)
         if raw is not None:
             ids = [tokens[i].token_id for i in scored]
             model_logprobs = logprobs_of(raw, ids, [rows[i].params.logprobs for i in scored])

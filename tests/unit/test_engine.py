@@ -235,10 +235,10 @@ def test_a_fault_in_the_sampler_fails_only_its_row(served: EngineModel, monkeypa
 
     real_sample = runner_module.sample
 
-    def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list:  # type: ignore[type-arg]
+    def sample(logits: torch.Tensor, rows: list[SamplingRow], **options: bool) -> list:  # type: ignore[type-arg]
         if any(r.params.max_tokens == 7 for r in rows):  # the culprit's marker
             raise IndexError("injected sampler fault")
-        return real_sample(logits, rows)
+        return real_sample(logits, rows, **options)
 
     monkeypatch.setattr(runner_module, "sample", sample)
     engine = Engine(served, config())

@@ -88,6 +88,26 @@ def test_banned_tokens_are_never_chosen() -> None:
     assert sample(logits, [r])[0].token_id != 0
 
 
+def test_bans_go_to_a_copy_unless_the_caller_gives_the_logits_up() -> None:
+    """A step's own logits (``owned``, inference tensors as the model returns them) take the bans in place;
+    anyone else's logits are left as they were. Both choose the same tokens, with the same logprobs."""
+    with torch.inference_mode():
+        step = torch.tensor([[10.0, 0.0, 3.0, 1.0], [9.0, 8.0, 0.0, 7.0], [0.0, 5.0, 1.0, 2.0]])
+    rows = [row(temperature=0, logprobs=1), row(temperature=0), row(seed=3, temperature=1.0)]
+    rows[0].banned_token_ids, rows[1].banned_token_ids, rows[2].banned_token_ids = (0,), (0, 1), (1, 3)
+    kept = step.clone()
+    copied = sample(step, rows)
+    assert torch.equal(step, kept)
+    rows[2] = row(seed=3, temperature=1.0)
+    rows[2].banned_token_ids = (1, 3)
+    owned = sample(step, rows, owned=True)
+    assert owned == copied
+    assert [t.token_id for t in owned[:2]] == [2, 3]
+    assert owned[2].token_id in (0, 2)
+    assert owned[0].logprob is not None and owned[0].logprob > -0.2  # the bans' -inf weigh nothing
+    assert step[0, 0] == step[1, 0] == step[1, 1] == step[2, 1] == step[2, 3] == float("-inf")
+
+
 def test_logprobs_and_top_alternatives() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     out = sample(logits, [row(temperature=0, logprobs=2)])[0]
