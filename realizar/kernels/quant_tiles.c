@@ -89,34 +89,31 @@ struct split_job {
 
 static void split_rows(const void *arg, int64_t unit) {
     const struct split_job *s = (const struct split_job *)arg;
+    uint16_t *const hi = s->hi + unit * TILE_ROWS * s->K, *const lo = s->lo + unit * TILE_ROWS * s->K;
+    const int64_t blocks = s->K / QK;  /* K is a multiple of 32 */
     for (int64_t m = unit * TILE_ROWS; m < (unit + 1) * TILE_ROWS; m++) {
-        /* row m of its row tile: term k of block b at b * 512 + (m % 16) * 32 + k % 32 */
-#define tiled_at(k) ((k) / QK * 512 + (m % TILE_ROWS) * QK + (k) % QK)
-        uint16_t *const hi = s->hi + unit * TILE_ROWS * s->K, *const lo = s->lo + unit * TILE_ROWS * s->K;
+        const int64_t at = (m % TILE_ROWS) * QK;  /* row m's terms of block b: 64 bytes at b * 512 + at */
         if (m >= s->M) {
-            for (int64_t k = 0; k < s->K; k += QK) {
-                memset(hi + tiled_at(k), 0, QK * 2);
-                memset(lo + tiled_at(k), 0, QK * 2);
+            for (int64_t b = 0; b < blocks; b++) {
+                memset(hi + b * 512 + at, 0, QK * 2);
+                memset(lo + b * 512 + at, 0, QK * 2);
             }
-            if (s->sums) memset(s->sums + m * (s->K / QK), 0, (size_t)(s->K / QK) * 4);
+            if (s->sums) memset(s->sums + m * blocks, 0, (size_t)blocks * 4);
             continue;
         }
-        if (s->sums)
-            for (int64_t b = 0; b < s->K / QK; b++)
-                s->sums[m * (s->K / QK) + b] = _mm512_reduce_add_ps(
-                    _mm512_add_ps(_mm512_loadu_ps(s->x + m * s->ldx + b * QK),
-                                  _mm512_loadu_ps(s->x + m * s->ldx + b * QK + 16)));
-        for (int64_t k = 0; k < s->K; k += 16) {  /* K is a multiple of 32 */
-            const __m512 v = _mm512_loadu_ps(s->x + m * s->ldx + k);
-            const __m256bh h = _mm512_cvtneps_pbh(v);
-            const __m512 h32 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
-            const int64_t at = tiled_at(k);
-            _mm256_storeu_si256((__m256i *)(hi + at), (__m256i)h);
-            _mm256_storeu_si256((__m256i *)(lo + at), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, h32)));
+        const float *const x = s->x + m * s->ldx;
+        for (int64_t b = 0; b < blocks; b++) {
+            const __m512 v0 = _mm512_loadu_ps(x + b * QK), v1 = _mm512_loadu_ps(x + b * QK + 16);
+            if (s->sums) s->sums[m * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+            /* a block's 32 terms in one conversion (v0's in the low half), and its hi back as floats */
+            const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
+            const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+            const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+            _mm512_storeu_si512(hi + b * 512 + at, h);
+            _mm512_storeu_si512(lo + b * 512 + at, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(v1, h1), _mm512_sub_ps(v0, h0)));
         }
     }
 }
-#undef tiled_at
 
 struct tile_job {
     const uint16_t *hi, *lo;  /* x's two terms, [Mg, K] */
