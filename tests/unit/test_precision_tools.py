@@ -150,3 +150,25 @@ def test_tile_wake_program_builds_and_runs_where_the_cpu_has_amx_bf16(dot_peak: 
             pytest.skip("this compiler builds no AMX code for -march=native")
         both, alone, checksum = (float(f) for f in fields)
         assert both > 0 and alone >= 0 and checksum == 0.0  # zero operands: every sum and chain stays 0
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
+def test_integer_tile_loop_program_builds_and_runs_where_the_cpu_has_amx_bf16(dot_peak: ModuleType,
+                                                                             tmp_path: Path) -> None:
+    """The integer tiles' loop alone, in each of its modes: ns per step and a checksum of the sums (0: Linux
+    lends no AMX state; - -: the compiler builds no AMX code); no timing is asserted."""
+    if "amx_bf16" not in dot_peak.cpu_info().flags:
+        pytest.skip("the CPU has no amx_bf16")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler is not None
+    source, binary = tmp_path / "loop.c", tmp_path / "loop"
+    source.write_text(dot_peak.LOOP_SOURCE)
+    subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source)], check=True)
+    for mode in range(len(dot_peak.LOOP_MODES)):
+        fields = subprocess.run([str(binary), str(mode)], check=True, capture_output=True, text=True).stdout.split()
+        if fields == ["0"]:
+            pytest.skip("Linux lends no AMX state to this process")
+        if fields == ["-", "-"]:
+            pytest.skip("this compiler builds no AMX code for -march=native")
+        per_step, checksum = (float(f) for f in fields)
+        assert per_step > 0 and checksum == 0.0  # zero operands: every sum stays 0
