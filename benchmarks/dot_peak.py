@@ -172,18 +172,34 @@ int main(int argc, char **argv) {
 WAKE_GAPS = [0, 10, 20, 30, 40, 50, 60, 80, 120]
 
 
+def build(compiler: str, tmp: Path, name: str, source_text: str) -> Path:
+    """``source_text`` compiled for this CPU into ``tmp``: the program's path."""
+    source_file, binary = tmp / f"{name}.c", tmp / name
+    source_file.write_text(source_text)
+    subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source_file)], check=True)
+    return binary
+
+
+def amx_fields(binary: Path, argument: int) -> list[str] | str:
+    """What an AMX timing program (WAKE_SOURCE, LOOP_SOURCE) prints for ``argument``, split into fields; or why it
+    timed nothing: Linux lends no AMX state to the process, or the compiler builds no AMX code."""
+    fields = subprocess.run([str(binary), str(argument)], check=True, capture_output=True, text=True).stdout.split()
+    if fields == ["0"]:
+        return "Linux lends no AMX state here"
+    if fields == ["-", "-"]:
+        return "this compiler builds no AMX code"
+    return fields
+
+
 def wake_table(compiler: str, tmp: Path) -> None:
     """The second table (see the module docstring)."""
-    source_file, binary = tmp / "wake.c", tmp / "wake"
-    source_file.write_text(WAKE_SOURCE)
-    subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source_file)], check=True)
+    binary = build(compiler, tmp, "wake", WAKE_SOURCE)
     print("\n| vector code between runs, ns | a run of 18 `tdpbf16ps` after it, ns |")
     print("|---|---|")
     for gap in WAKE_GAPS:
-        fields = subprocess.run([str(binary), str(gap)], check=True, capture_output=True, text=True).stdout.split()
-        if fields[0] in ("0", "-"):
-            why = "Linux lends no AMX state here" if fields[0] == "0" else "this compiler builds no AMX code"
-            print(f"| - | ({why}) |")
+        fields = amx_fields(binary, gap)
+        if isinstance(fields, str):
+            print(f"| - | ({fields}) |")
             return
         both, alone = fields[:2]
         print(f"| {float(alone):.0f} | {float(both) - float(alone):.0f} |", flush=True)
@@ -268,16 +284,13 @@ LOOP_MODES = ["as shipped", "the tile instructions alone", "the scaling alone"]
 
 def loop_table(compiler: str, tmp: Path) -> None:
     """The third table (see the module docstring)."""
-    source_file, binary = tmp / "loop.c", tmp / "loop"
-    source_file.write_text(LOOP_SOURCE)
-    subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source_file)], check=True)
+    binary = build(compiler, tmp, "loop", LOOP_SOURCE)
     print("\n| the integer tiles' loop | ns per step |")
     print("|---|---|")
     for mode, name in enumerate(LOOP_MODES):
-        fields = subprocess.run([str(binary), str(mode)], check=True, capture_output=True, text=True).stdout.split()
-        if fields[0] in ("0", "-"):
-            why = "Linux lends no AMX state here" if fields[0] == "0" else "this compiler builds no AMX code"
-            print(f"| - | ({why}) |")
+        fields = amx_fields(binary, mode)
+        if isinstance(fields, str):
+            print(f"| - | ({fields}) |")
             return
         print(f"| {name} | {float(fields[0]):.1f} |", flush=True)
 
@@ -294,9 +307,7 @@ def main() -> int:
             if flag not in flags:
                 print(f"| `{instruction}` {width} | (no `{flag}` here) | {macs} | - | {path} |")
                 continue
-            source_file, binary = Path(tmp) / "peak.c", Path(tmp) / "peak"
-            source_file.write_text(source(instruction, width))
-            subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source_file)], check=True)
+            binary = build(compiler, Path(tmp), "peak", source(instruction, width))
             rate = float(subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout)
             if not rate:
                 print(f"| `{instruction}` {width} | (Linux lends no AMX state here) | {macs} | - | {path} |")

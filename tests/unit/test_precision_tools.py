@@ -120,9 +120,8 @@ def test_each_instruction_loop_builds_and_runs_where_the_cpu_has_it(dot_peak: Mo
         assert macs in ((16 * 16 * 32,) if width == "tile" else (8, 16, 32))
         if flag not in flags:
             continue
-        source, binary = tmp_path / f"{instruction}_{width}.c", tmp_path / f"{instruction}_{width}"
-        source.write_text(dot_peak.source(instruction, width, iterations=14 * 10_000 if width != "tile" else 4 * 100))
-        subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source)], check=True)
+        iterations = 14 * 10_000 if width != "tile" else 4 * 100
+        binary = dot_peak.build(compiler, tmp_path, f"{instruction}_{width}", dot_peak.source(instruction, width, iterations))
         rate = float(subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout)
         assert rate > 0 or width == "tile"  # 0: Linux lends no AMX state to the process
         ran += 1
@@ -137,17 +136,11 @@ def test_tile_wake_program_builds_and_runs_where_the_cpu_has_amx_bf16(dot_peak: 
     code); no timing is asserted."""
     if "amx_bf16" not in dot_peak.cpu_info().flags:
         pytest.skip("the CPU has no amx_bf16")
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    assert compiler is not None
-    source, binary = tmp_path / "wake.c", tmp_path / "wake"
-    source.write_text(dot_peak.WAKE_SOURCE)
-    subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source)], check=True)
+    binary = dot_peak.build(shutil.which("cc") or shutil.which("gcc"), tmp_path, "wake", dot_peak.WAKE_SOURCE)
     for gap in (0, 40):
-        fields = subprocess.run([str(binary), str(gap)], check=True, capture_output=True, text=True).stdout.split()
-        if fields == ["0"]:
-            pytest.skip("Linux lends no AMX state to this process")
-        if fields == ["-", "-"]:
-            pytest.skip("this compiler builds no AMX code for -march=native")
+        fields = dot_peak.amx_fields(binary, gap)
+        if isinstance(fields, str):
+            pytest.skip(fields)
         both, alone, checksum = (float(f) for f in fields)
         assert both > 0 and alone >= 0 and checksum == 0.0  # zero operands: every sum and chain stays 0
 
@@ -159,16 +152,10 @@ def test_integer_tile_loop_program_builds_and_runs_where_the_cpu_has_amx_bf16(do
     lends no AMX state; - -: the compiler builds no AMX code); no timing is asserted."""
     if "amx_bf16" not in dot_peak.cpu_info().flags:
         pytest.skip("the CPU has no amx_bf16")
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    assert compiler is not None
-    source, binary = tmp_path / "loop.c", tmp_path / "loop"
-    source.write_text(dot_peak.LOOP_SOURCE)
-    subprocess.run([compiler, "-O2", "-march=native", "-o", str(binary), str(source)], check=True)
+    binary = dot_peak.build(shutil.which("cc") or shutil.which("gcc"), tmp_path, "loop", dot_peak.LOOP_SOURCE)
     for mode in range(len(dot_peak.LOOP_MODES)):
-        fields = subprocess.run([str(binary), str(mode)], check=True, capture_output=True, text=True).stdout.split()
-        if fields == ["0"]:
-            pytest.skip("Linux lends no AMX state to this process")
-        if fields == ["-", "-"]:
-            pytest.skip("this compiler builds no AMX code for -march=native")
+        fields = dot_peak.amx_fields(binary, mode)
+        if isinstance(fields, str):
+            pytest.skip(fields)
         per_step, checksum = (float(f) for f in fields)
         assert per_step > 0 and checksum == 0.0  # zero operands: every sum stays 0
