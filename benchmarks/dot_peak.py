@@ -25,14 +25,23 @@ A third table, there too, times the loop of ``realizar/kernels/quant_tiles.c``'s
 core, a unit's weights in L2: steps of two tile products, a tile store of the sums and the vector scaling of a
 step LAG steps back, as shipped, with the tile instructions alone, and with the scaling alone. On the AMX Xeon,
 19-21 ns a step as shipped against 11 and 7.5: the two add up instead of overlapping.
+
+``core_speeds`` times one short program on each CPU this process may use, pinned there (the integer tiles' loop
+where the CPU has ``amx_bf16``, else a ``vfmadd231ps`` loop); ``benchmarks/throughput.py`` prints it before and
+after each server. The vCPUs of a shared VM do not all run at one speed: on the AMX Xeon, one vCPU ran this loop
+at 27 ns a step while the other took 50-60, and which one was slow changed within seconds (a busy neighbour on the
+same physical core, as it seemed). Every server measured in such a stretch is slowed alike, so the probe says
+when to distrust a run, not how to correct it.
 """
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import cpu_info
@@ -295,6 +304,59 @@ def loop_table(compiler: str, tmp: Path) -> None:
         print(f"| {name} | {float(fields[0]):.1f} |", flush=True)
 
 
+@dataclass(frozen=True)
+class CoreSpeeds:
+    """One timing on each CPU, each program pinned to its CPU: ``unit`` says what ``by_cpu``'s numbers are (lower
+    is faster)."""
+
+    unit: str
+    by_cpu: dict[int, float]
+
+    def line(self) -> str:
+        return f"{self.unit} by CPU: " + ", ".join(f"{cpu}: {v:.1f}" for cpu, v in sorted(self.by_cpu.items()))
+
+
+_probes: dict[str, Path] = {}  # the probe programs of this process, built once
+
+
+def _probe(compiler: str, name: str, source_text: str) -> Path:
+    if name not in _probes:
+        tmp = Path(tempfile.mkdtemp(prefix="realizar-probe-"))
+        atexit.register(shutil.rmtree, tmp, True)
+        _probes[name] = build(compiler, tmp, name, source_text)
+    return _probes[name]
+
+
+def core_speeds() -> CoreSpeeds | None:
+    """The integer tiles' loop as shipped (ns a step) on each CPU where the CPU has ``amx_bf16`` and Linux lends
+    AMX state, else ns per 1,000 ``vfmadd231ps`` ymm (14 independent chains): None where there is no C compiler,
+    no ``taskset`` to pin the program with, or neither instruction (see the module docstring)."""
+    compiler, taskset = shutil.which("cc") or shutil.which("gcc"), shutil.which("taskset")
+    info = cpu_info()
+    if compiler is None or taskset is None:
+        return None
+
+    def on(cpu: int, binary: Path, *arguments: str) -> list[str]:
+        return subprocess.run([taskset, "-c", str(cpu), str(binary), *arguments], check=True, capture_output=True,
+                              text=True).stdout.split()
+
+    if "amx_bf16" in info.flags:
+        loop = _probe(compiler, "loop", LOOP_SOURCE)
+        by_cpu = {}
+        for cpu in info.cpus:
+            fields = on(cpu, loop, "0")
+            if fields in (["0"], ["-", "-"]):  # no AMX state lent, or no AMX code built
+                break
+            by_cpu[cpu] = float(fields[0])
+        else:
+            return CoreSpeeds("integer-tile loop, ns a step", by_cpu)
+    if "fma" not in info.flags:
+        return None
+    fma = _probe(compiler, "fma", source("vfmadd231ps", "ymm", 14 * 2_000_000))
+    return CoreSpeeds("vfmadd231ps ymm, ns per 1,000",
+                      {cpu: 1000 / float(on(cpu, fma)[0]) for cpu in info.cpus})
+
+
 def main() -> int:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -316,6 +378,9 @@ def main() -> int:
         if "amx_bf16" in flags:
             wake_table(compiler, Path(tmp))
             loop_table(compiler, Path(tmp))
+    speeds = core_speeds()
+    if speeds is not None:
+        print(f"\n{speeds.line()}")
     return 0
 
 

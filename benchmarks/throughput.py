@@ -32,7 +32,9 @@ core): realizar's ``--threads`` (its kernel threads), vLLM's OpenMP threads
 (VLLM_CPU_OMP_THREADS_BIND) and llama.cpp's ``-t``/``-tb``. Each peer otherwise
 runs in the configuration its docs recommend for this CPU, chosen in
 ``benchmarks/common.py`` (``llama_server_config``, ``vllm_config``); the report
-lists it.
+lists it, and each CPU's speed before and after the server's levels
+(``dot_peak.core_speeds``): a shared VM's vCPUs can run at half speed for a
+while, which slows whichever server runs then.
 
 Peers are built by ``make peers`` into ``.peers/`` (see ``benchmarks/common.py``
 and BENCHMARKS.md). A peer that cannot start is reported with the reason and
@@ -69,6 +71,7 @@ from common import (
     warm_up,
     workload_for,
 )
+from dot_peak import core_speeds
 
 
 def _levels(text: str) -> list[int]:
@@ -153,6 +156,7 @@ def measure_server(name: str, args: argparse.Namespace) -> dict[str, Any]:
             workload = workload_for(server, prompt_len=args.prompt_len, output_len=args.output_len,
                                     temperature=args.temperature)
             warm_up(server, workload)
+            out["core_speeds_before"] = core_speeds()
             first = 0
             for c in args.concurrency:
                 n = max(args.min_requests, args.waves * c)
@@ -169,6 +173,7 @@ def measure_server(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 print(f"[{name}] concurrency {c}: {summary['output_tok_s']:.1f} output tok/s, "
                       f"TTFT p50 {fmt(summary['ttft_p50_ms'], 0)} ms, ITL p50 {fmt(summary['itl_p50_ms'], 1)} ms, "
                       f"{summary['failed']} failed {summary['length_warning']}", file=sys.stderr, flush=True)
+            out["core_speeds_after"] = core_speeds()
     except (ServerStartError, RuntimeError, OSError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
     return out
@@ -195,6 +200,10 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             lines.append(f"- **{r['server']}** could not be measured: {r['error'].splitlines()[0]}")
         else:
             lines.append(f"- **{r['server']}**: {r.get('note', '')}, ready in {fmt(r.get('ready_s'))} s")
+            before, after = r.get("core_speeds_before"), r.get("core_speeds_after")
+            if before is not None and after is not None:
+                lines.append(f"  - the CPUs' speed (dot_peak.core_speeds), before: {before.line()}; "
+                             f"after: {after.line()}")
     lines.append("")
     head = ["concurrency"]
     for name in names:

@@ -159,3 +159,21 @@ def test_integer_tile_loop_program_builds_and_runs_where_the_cpu_has_amx_bf16(do
             pytest.skip(fields)
         per_step, checksum = (float(f) for f in fields)
         assert per_step > 0 and checksum == 0.0  # zero operands: every sum stays 0
+
+
+@pytest.mark.skipif((shutil.which("cc") is None and shutil.which("gcc") is None) or shutil.which("taskset") is None,
+                    reason="needs a C compiler and taskset")
+def test_core_speeds_time_every_cpu_the_process_may_use(dot_peak: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One timing per CPU, pinned there: the integer tiles' loop where the CPU has amx_bf16 (and Linux lends AMX
+    state), the FMA loop otherwise; no timing is asserted."""
+    info = dot_peak.cpu_info()
+    if "fma" not in info.flags and "amx_bf16" not in info.flags:
+        assert dot_peak.core_speeds() is None
+        pytest.skip("the CPU has neither fma nor amx_bf16")
+    speeds = dot_peak.core_speeds()
+    assert speeds is not None and set(speeds.by_cpu) == set(info.cpus)
+    assert all(v > 0 for v in speeds.by_cpu.values()) and speeds.line().startswith(speeds.unit)
+    if "fma" in info.flags:  # the fallback, as on a CPU without AMX
+        monkeypatch.setattr(dot_peak, "cpu_info", lambda: type(info)(info.cpus, info.physical, info.flags - {"amx_bf16"}))
+        fallback = dot_peak.core_speeds()
+        assert fallback is not None and fallback.unit.startswith("vfmadd231ps") and set(fallback.by_cpu) == set(info.cpus)
