@@ -26,9 +26,9 @@ core, a unit's weights in L2: steps of two tile products, a tile store of the su
 step LAG steps back, as shipped, with the tile instructions alone, and with the scaling alone. On the AMX Xeon,
 19-21 ns a step as shipped against 11 and 7.5: the two add up instead of overlapping.
 
-``core_speeds`` times one short program on each CPU this process may use, pinned there (the integer tiles' loop
-where the CPU has ``amx_bf16``, else a ``vfmadd231ps`` loop); ``benchmarks/throughput.py`` prints it before and
-after each server. The vCPUs of a shared VM do not all run at one speed: on the AMX Xeon, one vCPU ran this loop
+``core_speeds`` times two short programs on each CPU this process may use, pinned there: the integer tiles' loop
+where the CPU has ``amx_bf16`` (else a ``vfmadd231ps`` loop), and one core reading 512 MiB; ``benchmarks/throughput.py``
+prints both before and after each server. The vCPUs of a shared VM do not all run at one speed: on the AMX Xeon, one vCPU ran this loop
 at 27 ns a step while the other took 50-60, and which one was slow changed within seconds (a busy neighbour on the
 same physical core, as it seemed). Every server measured in such a stretch is slowed alike, so the probe says
 when to distrust a run, not how to correct it.
@@ -304,16 +304,47 @@ def loop_table(compiler: str, tmp: Path) -> None:
         print(f"| {name} | {float(fields[0]):.1f} |", flush=True)
 
 
+# One core's reading of a buffer larger than the caches (512 MiB, twice over the best of 2 passes): GB/s.
+READ_SOURCE = """#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+int main(void) {
+    const size_t bytes = (size_t)512 << 20;
+    uint64_t *a = aligned_alloc(64, bytes), sum = 0;
+    if (!a) return 1;
+    memset(a, 1, bytes);
+    double best = 1e30;
+    for (int rep = 0; rep < 2; rep++) {
+        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        const double t = now();
+        for (size_t i = 0; i < bytes / 8; i += 4) s0 += a[i], s1 += a[i + 1], s2 += a[i + 2], s3 += a[i + 3];
+        const double d = now() - t;
+        best = d < best ? d : best;
+        sum += s0 + s1 + s2 + s3;
+    }
+    printf("%.2f %d\\n", bytes / best / 1e9, (int)(sum & 1));
+    return 0;
+}
+"""
+
+
 @dataclass(frozen=True)
 class CoreSpeeds:
-    """One timing on each CPU, each program pinned to its CPU: ``unit`` says what ``by_cpu``'s numbers are (lower
-    is faster)."""
+    """Timings on each CPU, each program pinned to its CPU: ``unit`` says what ``by_cpu``'s numbers are (lower is
+    faster), ``read_gb_s`` how fast the CPU read a buffer larger than the caches."""
 
     unit: str
     by_cpu: dict[int, float]
+    read_gb_s: dict[int, float]
 
     def line(self) -> str:
-        return f"{self.unit} by CPU: " + ", ".join(f"{cpu}: {v:.1f}" for cpu, v in sorted(self.by_cpu.items()))
+        def each(values: dict[int, float]) -> str:
+            return ", ".join(f"{cpu}: {v:.1f}" for cpu, v in sorted(values.items()))
+
+        return f"{self.unit} by CPU: {each(self.by_cpu)}; reading memory, GB/s: {each(self.read_gb_s)}"
 
 
 _probes: dict[str, Path] = {}  # the probe programs of this process, built once
@@ -340,6 +371,8 @@ def core_speeds() -> CoreSpeeds | None:
         return subprocess.run([taskset, "-c", str(cpu), str(binary), *arguments], check=True, capture_output=True,
                               text=True).stdout.split()
 
+    reader = _probe(compiler, "read", READ_SOURCE)
+    read = {cpu: float(on(cpu, reader)[0]) for cpu in info.cpus}
     if "amx_bf16" in info.flags:
         loop = _probe(compiler, "loop", LOOP_SOURCE)
         by_cpu = {}
@@ -349,12 +382,12 @@ def core_speeds() -> CoreSpeeds | None:
                 break
             by_cpu[cpu] = float(fields[0])
         else:
-            return CoreSpeeds("integer-tile loop, ns a step", by_cpu)
+            return CoreSpeeds("integer-tile loop, ns a step", by_cpu, read)
     if "fma" not in info.flags:
         return None
     fma = _probe(compiler, "fma", source("vfmadd231ps", "ymm", 14 * 2_000_000))
-    return CoreSpeeds("vfmadd231ps ymm, ns per 1,000",
-                      {cpu: 1000 / float(on(cpu, fma)[0]) for cpu in info.cpus})
+    return CoreSpeeds("vfmadd231ps ymm, ns per 1,000", {cpu: 1000 / float(on(cpu, fma)[0]) for cpu in info.cpus},
+                      read)
 
 
 def main() -> int:

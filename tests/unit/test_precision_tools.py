@@ -164,15 +164,17 @@ def test_integer_tile_loop_program_builds_and_runs_where_the_cpu_has_amx_bf16(do
 @pytest.mark.skipif((shutil.which("cc") is None and shutil.which("gcc") is None) or shutil.which("taskset") is None,
                     reason="needs a C compiler and taskset")
 def test_core_speeds_time_every_cpu_the_process_may_use(dot_peak: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One timing per CPU, pinned there: the integer tiles' loop where the CPU has amx_bf16 (and Linux lends AMX
-    state), the FMA loop otherwise; no timing is asserted."""
+    """Timings per CPU, pinned there: the integer tiles' loop where the CPU has amx_bf16 (and Linux lends AMX
+    state), the FMA loop otherwise, and reading memory; no timing is asserted."""
     info = dot_peak.cpu_info()
     if "fma" not in info.flags and "amx_bf16" not in info.flags:
         assert dot_peak.core_speeds() is None
         pytest.skip("the CPU has neither fma nor amx_bf16")
     speeds = dot_peak.core_speeds()
     assert speeds is not None and set(speeds.by_cpu) == set(info.cpus)
-    assert all(v > 0 for v in speeds.by_cpu.values()) and speeds.line().startswith(speeds.unit)
+    assert set(speeds.read_gb_s) == set(info.cpus)
+    assert all(v > 0 for v in (*speeds.by_cpu.values(), *speeds.read_gb_s.values()))
+    assert speeds.line().startswith(speeds.unit) and "reading memory, GB/s" in speeds.line()
     if "fma" in info.flags:  # the fallback, as on a CPU without AMX
         monkeypatch.setattr(dot_peak, "cpu_info", lambda: type(info)(info.cpus, info.physical, info.flags - {"amx_bf16"}))
         fallback = dot_peak.core_speeds()
