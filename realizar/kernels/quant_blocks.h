@@ -22,6 +22,9 @@
 
 /* Formats; realizar/kernels/__init__.py has the same codes. A format | HALF has float16 scales. */
 enum { Q4_OFFSET, Q4_MIN, Q5_OFFSET, Q5_MIN, Q6_OFFSET, Q8, HALF = 8 };
+/* The fast class's kinds of records (quant_fast.c; realizar/kernels/__init__.py has the same codes) */
+enum { FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_SIXES, FAST_KIND = 3,  /* the integers' kind */
+       FAST_HALF = 8, FAST_TWO_D = 16, FAST_MIN = 32, FAST_SUPER = 64 };  /* flags of the scales */
 
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
@@ -157,5 +160,17 @@ int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int ki
                            int64_t M, int64_t N, int64_t K);
 /* The fewest rows whose products of kind `kind` go on the tiles (0: a build without them). */
 int realizar_tile_min_rows(int kind);
+/* A ranked product's first pass on AMX's int8 tiles (quant_tiles.c), for kinds whose records hold bytes (signed,
+ * or unsigned less an offset c) with one d per block and no min (Q8_0): whether it takes M rows of kind `kind`
+ * (tiles on and lent), and the pass, y ~= 256 d_x a W^T, the same floats as quant_fast.c's a-terms pass. `a`
+ * holds x's a terms in row tiles, [ceil(M / 16)][K / 32][16][32] (zeros past M), `dx` the rows' d_x and `cs`
+ * c times the block's sum of a alike, [ceil(M / 16)][K / 32][16]. Returns 0, or -1 when a buffer could not be
+ * allocated. */
+int realizar_tile_ranks(int kind, int64_t M);
+int realizar_tile_ranking(const int8_t *a, const float *dx, const int32_t *cs, const uint8_t *w, int kind, float *y,
+                          int64_t ldy, int64_t M, int64_t N, int64_t K);
+/* Each block's integers (its address in the panel's records) and d, for quant_tiles.c (quant_fast.c): kinds
+ * without FAST_SUPER. */
+void realizar_fast_block_d(int kind, const uint8_t *panel, int64_t blocks, const uint8_t **ints, float *d);
 
 #endif

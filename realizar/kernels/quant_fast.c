@@ -37,8 +37,6 @@
  */
 #include "quant_blocks.h"
 
-enum { FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_SIXES, FAST_KIND = 3,  /* the integers' kind */
-       FAST_HALF = 8, FAST_TWO_D = 16, FAST_MIN = 32, FAST_SUPER = 64 };  /* flags of the scales */
 
 typedef uint8_t u8x64 __attribute__((vector_size(64)));
 typedef int8_t i8x64 __attribute__((vector_size(64)));
@@ -174,6 +172,15 @@ static inline __attribute__((always_inline)) void fast_scales(const int kind, co
     *d1 = FAST_SCALE(p);
     *min = (kind & FAST_MIN) ? FAST_SCALE(p + step) : (f32x16){0};
 #undef FAST_SCALE
+}
+
+void realizar_fast_block_d(int kind, const uint8_t *panel, int64_t blocks, const uint8_t **ints, float *d) {
+    for (int64_t b = 0; b < blocks; b++) {
+        f32x16 d0, d1, min;
+        fast_scales(kind, panel, b, &d0, &d1, &min);
+        memcpy(d + 16 * b, &d0, sizeof d0);
+        ints[b] = fast_ints_at(kind, panel, b);
+    }
 }
 
 /* acc[j] + sum over i < 4 of w[4j + i] * x[i], w unsigned (< 128 on AVX2, whose maddubs would
@@ -1049,6 +1056,33 @@ int realizar_fast_activation_bits(void) {
 #endif
 }
 
+/* Row tile t of x's a terms and d_x, as realizar_tile_ranking takes them (zeros past M) */
+struct tile_rows_job {
+    const struct fjob *j;
+    int8_t *a;
+    float *dx;
+    int32_t *cs;
+};
+
+static void run_tile_rows(const void *arg, int64_t t) {
+    const struct tile_rows_job *g = (const struct tile_rows_job *)arg;
+    const struct fjob *const j = g->j;
+    const int64_t blocks = j->K / QK;
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t r = 0; r < 16; r++) {
+            const int64_t m = 16 * t + r, at = (t * blocks + b) * 16 + r;
+            if (m < j->M) {
+                memcpy(g->a + at * QK, j->xq + x_at(m, b, blocks), QK);
+                g->dx[at] = j->dx[f_at(m, b, blocks)];
+                g->cs[at] = j->cs1[f_at(m, b, blocks)];
+            } else {
+                memset(g->a + at * QK, 0, QK);
+                g->dx[at] = 0;
+                g->cs[at] = 0;
+            }
+        }
+}
+
 struct ranked_job {
     const struct fjob *j;  /* the products, with terms = 2 */
     int64_t top;           /* panels per row, at most MOST_RANKED */
@@ -1106,6 +1140,10 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
                          int64_t M, int64_t N, int64_t K, int64_t top) {
     const int64_t fewest = realizar_fast_ranked_rows();
     const int ranked = fewest && top > 0 && !(kind & FAST_TWO_D) && M >= fewest;
+    /* the a terms' pass on AMX's int8 tiles, where they take it (quant_tiles.c): the same floats, the demo model's
+     * LM head at 64 rows in 0.80x the time (BENCHMARKS.md); every row is then ranked, the last M % 8 too */
+    const int tile_ranked = ranked && realizar_tile_ranks(kind, M);
+    const int64_t row_tiles = (M + 15) / 16;
     /* AMX tiles where they are on (quant_tiles.c), but not for a ranked product: on tiles the demo model's LM head
      * took as long as with both terms throughout, 0.92-1.24x as long as ranked from 64 to 512 rows (longer at
      * 3 of 4 sizes) */
@@ -1116,7 +1154,9 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
     static __thread int64_t capacity;
     const int64_t Mg = (M + XG - 1) / XG * XG;  /* rows in whole groups of the layout */
     const int64_t factors = Mg * (K / QK) * 4;  /* bytes of one array of per-block factors */
-    uint8_t *const buffer = thread_scratch(&scratch, &capacity, 2 * Mg * K + 4 * factors + M * (K / 16) * 4 + 64);
+    const int64_t tile_bytes = tile_ranked ? row_tiles * 16 * (K + 2 * (K / QK) * 4) + 64 : 0;
+    uint8_t *const buffer = thread_scratch(&scratch, &capacity,
+                                           2 * Mg * K + 4 * factors + M * (K / 16) * 4 + 64 + tile_bytes);
     if (!buffer) return -1;
     float *dx = (float *)buffer;
     int32_t *sx = (int32_t *)(buffer + factors);
@@ -1133,12 +1173,24 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
     int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
     struct fjob j = {.xq = xq, .dx = dx, .sx = sx, .dxs = dxs, .cs = cs, .cs1 = cs1, .w = w, .y = y, .M = M, .N = N,
                      .K = K, .ldy = ldy, .kind = kind, .c = c, .terms = ranked ? 1 : 2, .chunk = chunk};
-    realizar_parallel(run_fast_unit, &j, (panels + chunk - 1) / chunk);
+    if (tile_ranked) {
+        /* after xq's 2 Mg K bytes and the slack beyond them, on a cache line */
+        const int64_t at = (4 * factors + M * (K / 16) * 4 + 2 * Mg * K + 64 + 63) / 64 * 64;
+        float *const tile_dx = (float *)(void *)(buffer + at);
+        int32_t *const tile_cs = (int32_t *)(void *)(tile_dx + row_tiles * 16 * (K / QK));
+        const struct tile_rows_job g = {.j = &j, .a = (int8_t *)(void *)(tile_cs + row_tiles * 16 * (K / QK)),
+                                        .dx = tile_dx, .cs = tile_cs};
+        realizar_parallel(run_tile_rows, &g, row_tiles);
+        if (realizar_tile_ranking(g.a, g.dx, g.cs, w, kind, y, ldy, M, N, K)) return -1;
+    } else {
+        realizar_parallel(run_fast_unit, &j, (panels + chunk - 1) / chunk);
+    }
     if (ranked) {
         j.terms = 2;
         const struct ranked_job r = {.j = &j, .top = top < MOST_RANKED ? top : MOST_RANKED};
-        /* the rows of 8-row tiles: the last M % 8 took both terms throughout (run_fast_unit) */
-        realizar_parallel(run_ranked_row, &r, M - M % FAST_ROWS);
+        /* the rows of 8-row tiles: the last M % 8 took both terms throughout (run_fast_unit), unless the tiles
+         * took every row */
+        realizar_parallel(run_ranked_row, &r, tile_ranked ? M : M - M % FAST_ROWS);
     }
     return 0;
 }

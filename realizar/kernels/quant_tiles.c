@@ -27,7 +27,8 @@
  * layer of the demo model at 64 rows (BENCHMARKS.md): a third fewer tile products and a fifth of the work to lay
  * the weights out, against a store and a scaling of the sums per block. (AMX's int8 tiles, which scaled per
  * block too, lost to the dot products: their products covered 8 rows, the two int8 terms of each filling the
- * other 8; BENCHMARKS.md.)
+ * other 8; BENCHMARKS.md. They do take a ranked product's first pass, the coarse term alone: the end of this
+ * file.)
  *
  * Linux lends a process the tiles' state only when asked (arch_prctl); where it refuses, the products
  * decline too. Off until realizar_set_tiles turns them on: REALIZAR_TILES=on, or auto's timing at a server's
@@ -390,6 +391,138 @@ int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int ki
 
 int realizar_tile_min_rows(int kind) { return realizar_fast_tile_integers(kind) ? INTEGER_MIN_ROWS : TILE_MIN_ROWS; }
 
+#if defined(__AMX_INT8__)
+/* A ranked product's a-terms pass (quant_fast.c) on int8 tiles: a Q8_0 record's block is, as it is stored, the
+ * weights of a tile product over 32 terms (row r of the tile: terms 4r .. 4r + 3 of each of the 16 outputs, the
+ * layout of the dot products), and x's a terms are int8 too, so the tiles sum a block's integers exactly
+ * (tdpbssd for signed bytes, tdpbsud for bytes offset by c), with no layout at all; the vector unit scales those
+ * sums as the dot products' pass does, acc += (d_x 256 d) (sum - c sum(a)), in the same order, so the outputs
+ * are the same floats. */
+/* Steps from a block's product to the scaling of its sums, whose tile is stored after the scaling of an earlier
+ * step: stored right after its product, with the scaling one step behind, a thread waited on each store (the demo
+ * model's LM head at 64 rows took about 0.9x the dot products' time, against about 0.84x so) */
+#define RANK_LAG 2
+
+int realizar_tile_ranks(int kind, int64_t M) {
+    const int bytes = (kind & FAST_KIND) == FAST_BYTES || (kind & FAST_KIND) == FAST_SIGNED_BYTES;
+    return atomic_load(&tiles_on) && M >= INTEGER_MIN_ROWS && bytes && !(kind & (FAST_TWO_D | FAST_MIN | FAST_SUPER))
+           && tiles_lent();
+}
+
+static void configure_int8_tiles(void) {
+    struct tile_config config = {.palette = 1};
+    for (int t = 0; t < 2; t++) config.bytes_per_row[t] = 64, config.rows[t] = TILE_ROWS;   /* sums: 16 x 16 int32 */
+    for (int t = 2; t < 4; t++) config.bytes_per_row[t] = QK, config.rows[t] = TILE_ROWS;   /* rows: 16 x 32 terms */
+    for (int t = 4; t < 6; t++) config.bytes_per_row[t] = 64, config.rows[t] = QK / 4;      /* weights: 32 terms */
+    __asm__ volatile("" : : "r"(&config) : "memory");  /* see configure_tiles */
+    _tile_loadconfig(&config);
+}
+
+struct ranking_job {
+    atomic_int *failed;  /* set where a unit could not allocate its buffer */
+    const int8_t *a;
+    const float *dx;
+    const int32_t *cs;
+    const uint8_t *w;
+    float *y;
+    int64_t M, N, K, ldy, chunk;
+    int kind;
+};
+
+static void run_ranking_unit(const void *arg, int64_t unit) {
+    const struct ranking_job *j = (const struct ranking_job *)arg;
+    const int64_t blocks = j->K / QK, panels = (j->N + NR - 1) / NR, full = j->N / NR, tiles = (j->M + 15) / 16;
+    const int64_t p0 = unit * j->chunk, p1 = p0 + j->chunk < panels ? p0 + j->chunk : panels;
+    const int64_t pbytes = realizar_fast_panel_bytes(j->kind, blocks);
+    const int signed_bytes = (j->kind & FAST_KIND) == FAST_SIGNED_BYTES;
+    const int64_t lines = pbytes / 64, ahead = (lines + tiles * blocks - 1) / (tiles * blocks);  /* lines a step */
+    static __thread void *scratch;
+    static __thread int64_t capacity;
+    /* RANK_LAG + 1 steps' sums, each block's d times 256 and its integers */
+    uint8_t *const buffer = thread_scratch(&scratch, &capacity, (RANK_LAG + 1) * 1024 + blocks * (64 + 8));
+    if (!buffer) {
+        atomic_store(j->failed, 1);
+        return;
+    }
+    int32_t *const sums = (int32_t *)(void *)buffer;
+    float *const d = (float *)(void *)(buffer + (RANK_LAG + 1) * 1024);
+    const uint8_t **const ints = (const uint8_t **)(void *)(buffer + (RANK_LAG + 1) * 1024 + blocks * 64);
+    configure_int8_tiles();
+    for (int64_t p = p0; p < p1; p++) {
+        realizar_fast_block_d(j->kind, j->w + p * pbytes, blocks, ints, d);
+        for (int64_t b = 0; b < blocks; b++) _mm512_store_ps(d + 16 * b, _mm512_mul_ps(_mm512_load_ps(d + 16 * b),
+                                                                                       _mm512_set1_ps(256.0f)));
+        const __mmask16 cols = p < full ? 0xffff : (__mmask16)((1u << (j->N - p * NR)) - 1);
+        for (int64_t t = 0; t < tiles; t++) {
+            const int8_t *const a = j->a + t * blocks * 16 * QK;
+            const float *const dx = j->dx + t * blocks * 16;
+            const int32_t *const cs = j->cs + t * blocks * 16;
+            __m512 acc[16];
+            for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+#define RANK_PRODUCT(AT, BT, CT, b)                                  \
+    do {                                                             \
+        _tile_loadd(AT, a + (b) * 16 * QK, QK);                      \
+        _tile_loadd(BT, ints[b], 64);                                \
+        _tile_zero(CT);                                              \
+        if (signed_bytes) _tile_dpbssd(CT, AT, BT);                  \
+        else _tile_dpbsud(CT, AT, BT);                               \
+    } while (0)
+#define RANK_SCALE(b)                                                                                        \
+    do {                                                                                                     \
+        const __m512 db = _mm512_load_ps(d + 16 * (b));                                                      \
+        const int32_t *const s = sums + 256 * ((b) % (RANK_LAG + 1));                                        \
+        for (int r = 0; r < 16; r++)                                                                         \
+            acc[r] = _mm512_fmadd_ps(                                                                        \
+                _mm512_mul_ps(_mm512_set1_ps(dx[16 * (b) + r]), db),                                         \
+                _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(s + 16 * r),                            \
+                                                    _mm512_set1_epi32(cs[16 * (b) + r]))),                   \
+                acc[r]);                                                                                     \
+    } while (0)
+            /* step b: its product, the scaling of step b - RANK_LAG's sums, then its own sums' store; and a few
+             * lines of the next panel's records asked for (the weights stream from memory once: without, the head
+             * above took 5.8-7.3 ms where it took 5.1-5.5, alternated in one process on a slow VM) */
+            for (int64_t b = 0; b < blocks; b++) {
+                if (p + 1 < p1)
+                    for (int64_t l = (t * blocks + b) * ahead; l < (t * blocks + b + 1) * ahead && l < lines; l++)
+                        _mm_prefetch((const char *)(j->w + (p + 1) * pbytes + 64 * l), _MM_HINT_T0);
+                if (b & 1) RANK_PRODUCT(3, 5, 1, b);
+                else RANK_PRODUCT(2, 4, 0, b);
+                if (b >= RANK_LAG) RANK_SCALE(b - RANK_LAG);
+                if (b & 1) _tile_stored(1, sums + 256 * (b % (RANK_LAG + 1)), 64);
+                else _tile_stored(0, sums + 256 * (b % (RANK_LAG + 1)), 64);
+            }
+            for (int64_t b = blocks - RANK_LAG > 0 ? blocks - RANK_LAG : 0; b < blocks; b++) RANK_SCALE(b);
+#undef RANK_PRODUCT
+#undef RANK_SCALE
+            for (int64_t r = 0; r < 16 && 16 * t + r < j->M; r++)
+                _mm512_mask_storeu_ps(j->y + (16 * t + r) * j->ldy + p * NR, cols, acc[r]);
+        }
+    }
+    _tile_release();
+}
+
+int realizar_tile_ranking(const int8_t *a, const float *dx, const int32_t *cs, const uint8_t *w, int kind, float *y,
+                          int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    const int64_t panels = (N + NR - 1) / NR, units = 8 * realizar_threads();
+    atomic_int failed = 0;
+    const struct ranking_job j = {.failed = &failed, .a = a, .dx = dx, .cs = cs, .w = w, .y = y, .M = M, .N = N, .K = K,
+                                  .ldy = ldy, .chunk = (panels + units - 1) / units, .kind = kind};
+    realizar_parallel(run_ranking_unit, &j, (panels + j.chunk - 1) / j.chunk);
+    return atomic_load(&failed) ? -1 : 0;
+}
+#else
+int realizar_tile_ranks(int kind, int64_t M) {
+    (void)kind, (void)M;
+    return 0;
+}
+
+int realizar_tile_ranking(const int8_t *a, const float *dx, const int32_t *cs, const uint8_t *w, int kind, float *y,
+                          int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    (void)a, (void)dx, (void)cs, (void)w, (void)kind, (void)y, (void)ldy, (void)M, (void)N, (void)K;
+    return 1;
+}
+#endif
+
 #else
 
 int realizar_tile_min_rows(int kind) {
@@ -405,6 +538,17 @@ int realizar_set_tiles(int on) {
 int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
                            int64_t M, int64_t N, int64_t K) {
     (void)x, (void)ldx, (void)w, (void)kind, (void)c, (void)y, (void)ldy, (void)M, (void)N, (void)K;
+    return 1;
+}
+
+int realizar_tile_ranks(int kind, int64_t M) {
+    (void)kind, (void)M;
+    return 0;
+}
+
+int realizar_tile_ranking(const int8_t *a, const float *dx, const int32_t *cs, const uint8_t *w, int kind, float *y,
+                          int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    (void)a, (void)dx, (void)cs, (void)w, (void)kind, (void)y, (void)ldy, (void)M, (void)N, (void)K;
     return 1;
 }
 

@@ -428,6 +428,28 @@ def test_ranked_products_keep_the_fast_class_where_a_row_is_largest(cpu_kernels:
                 assert_close_to_max(got[row, outside], coarse[row, outside], rel=1e-4)
 
 
+def test_ranked_products_on_int8_tiles_rank_with_the_dot_products_floats(amx_tiles: kernels.CpuKernels) -> None:
+    """From 16 rows, a Q8_0 LM head's ranked first pass (the coarse term alone) runs on AMX's int8 tiles where the
+    build has them: a block's signed bytes are a tile of weights as stored. The coarse outputs are the dot
+    products' floats bit for bit, so every row in 8-row tiles is the tiles-off result exactly; the last M % 8 rows,
+    which the dot products multiply with both terms throughout, are ranked too, keeping the integer products'
+    argmax and largest outputs (ragged N, M of 16 to 70)."""
+    n, k = 16 * 40 + 5, 256
+    gen = torch.Generator().manual_seed(11)
+    for wide in byte_layouts(amx_tiles):  # signed bytes, and bytes offset by 128 (not taken: the dot products')
+        p = fast_packed(amx_tiles, quantized(QT.Q8_0, n, k, seed=5), wide)
+        for m, top in ((16, 4), (29, 3), (64, 4), (70, 16)):
+            x = torch.randn(m, k, generator=gen)
+            got = amx_tiles.quant_gemm_fast_ranked(x, p, top)
+            amx_tiles.set_tiles(False)
+            dots = amx_tiles.quant_gemm_fast_ranked(x, p, top)
+            fast = amx_tiles.quant_gemm_fast(x, p)  # the integer dot products, which re-multiply the top panels
+            amx_tiles.set_tiles(True)
+            tiled = m - m % 8
+            assert torch.equal(got[:tiled], dots[:tiled]), (m, top, wide)
+            assert torch.equal(got.argmax(1), fast.argmax(1)) and torch.equal(got.max(1).values, fast.max(1).values)
+
+
 def test_fast_layer_of_mixed_types(cpu_kernels: kernels.CpuKernels) -> None:
     parts = [quantized(QT.Q4_K, 48, 256, 1), quantized(QT.Q6_K, 21, 256, 3)]
     layer = CpuKernelsBackend(cpu_kernels).linear(list(parts), fast=True)
