@@ -170,5 +170,5 @@ class Backend(Protocol):
         ...
 
     def describe(self, linears: Sequence[LinearLayer]) -> str:
-        """What computes a model of these layers, for /health, the banner and ``realizar info``."""
+        """What computes a model of these layers (the LM head first), for /health, the banner and ``realizar info``."""
         ...

@@ -265,7 +265,7 @@ class CpuKernelsBackend:
         return self.kernels.sample(logits, rows, temperatures, uniforms)
 
     def describe(self, linears: Sequence[LinearLayer]) -> str:
-        """The kernels' ISA, the weights' format and the activations' type."""
+        """The kernels' ISA, the weights' format and the activations' type (``linears[0]``: the LM head)."""
         quantized = [lin for lin in linears if isinstance(lin, QuantLinear)]
         if not quantized:
             return f"cpu kernels {kernels.isa()}, float32 weights and activations"
@@ -277,6 +277,10 @@ class CpuKernelsBackend:
             kinds = {part.kind for lin in quantized for part in lin.parts if isinstance(part, kernels.FastPacked)}
             fewest = "/".join(str(r) for r in sorted({self.kernels.tile_min_rows(k) for k in kinds}))
             int8 += f", 2 x bfloat16 on AMX tiles from {fewest} rows"
+            head = linears[0]
+            if isinstance(head, QuantLinear) and head.fast and all(
+                    isinstance(part, kernels.FastPacked) and self.kernels.tile_ranks(part.kind) for part in head.parts):
+                int8 += ", the LM head's ranking pass on AMX int8 tiles"
         exact = "float32 activations (exact class)"
         activations = f"{int8} (fast class)" if any(lin.fast for lin in quantized) else exact
         kept = "" if len(quantized) == len(linears) else f", {len(linears) - len(quantized)} float32 layers"

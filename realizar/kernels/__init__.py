@@ -361,6 +361,7 @@ class CpuKernels:
         # them and REALIZAR_TILES asks for them (or auto's timing turns them on); from tile_min_rows(kind) rows
         self._set_tiles = bind("realizar_set_tiles", i32, i32)
         self._tile_min_rows = bind("realizar_tile_min_rows", i32, i32)
+        self._tile_ranks = bind("realizar_tile_ranks", i32, i32, i64)
         self.tiles = bool(self._set_tiles(int(tiles_setting() == "on")))
         self._pack_quantized = bind("realizar_pack_quantized", None, p, p, i64, i64, i32, p)
         self._pack_fast = bind("realizar_pack_fast", None, p, p, p, i64, i64, i32, p)
@@ -387,6 +388,12 @@ class CpuKernels:
         on AMX tiles where they are on: fewer for the kinds with one scale per 32-term block, whose integers
         the tiles take as they are, than for Q6_K's, which they take dequantized (0: a build without tiles)."""
         return int(self._tile_min_rows(kind))
+
+    def tile_ranks(self, kind: int) -> bool:
+        """Whether a ranked product (an LM head's) of weights of ``kind`` takes its first pass, the activations'
+        coarse int8 term alone, on AMX's int8 tiles, from :meth:`tile_min_rows` rows: bytes with one d per block
+        (Q8_0), with the tiles on."""
+        return bool(self._tile_ranks(kind, 1 << 30))
 
     @property
     def tile_min_rows_every_kind(self) -> int:

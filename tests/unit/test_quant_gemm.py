@@ -450,6 +450,21 @@ def test_ranked_products_on_int8_tiles_rank_with_the_dot_products_floats(amx_til
             assert torch.equal(got.argmax(1), fast.argmax(1)) and torch.equal(got.max(1).values, fast.max(1).values)
 
 
+def test_the_path_names_the_ranking_pass_on_int8_tiles_where_the_head_takes_it(amx_tiles: kernels.CpuKernels) -> None:
+    """``describe`` (the compute path of /health and the banner) names the LM head's first pass on int8 tiles
+    where the tiles are on and the head's records are Q8_0's bytes, and only then."""
+    backend = CpuKernelsBackend(amx_tiles)
+    head = backend.linear([quantized(QT.Q8_0, 48, 256, 1)], fast=True)
+    layer = backend.linear([quantized(QT.Q4_1, 32, 256, 2)], fast=True)
+    if not amx_tiles.tile_ranks(head.parts[0].kind):
+        pytest.skip("this build has no AMX int8 tiles")
+    assert ", the LM head's ranking pass on AMX int8 tiles" in backend.describe([head, layer])
+    assert "int8 tiles" not in backend.describe([layer, head])  # a Q4_1 head: its first pass stays on the dot products
+    amx_tiles.set_tiles(False)
+    assert "tiles" not in backend.describe([head, layer])
+    amx_tiles.set_tiles(True)
+
+
 def test_fast_layer_of_mixed_types(cpu_kernels: kernels.CpuKernels) -> None:
     parts = [quantized(QT.Q4_K, 48, 256, 1), quantized(QT.Q6_K, 21, 256, 3)]
     layer = CpuKernelsBackend(cpu_kernels).linear(list(parts), fast=True)
