@@ -37,6 +37,12 @@
 #include "quant_blocks.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define TILES_BUILD 1
+#else
+#define TILES_BUILD 0
+#endif
+
+#if TILES_BUILD
 #include <stdatomic.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -391,7 +397,27 @@ int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int ki
 
 int realizar_tile_min_rows(int kind) { return realizar_fast_tile_integers(kind) ? INTEGER_MIN_ROWS : TILE_MIN_ROWS; }
 
-#if defined(__AMX_INT8__)
+#else
+
+int realizar_tile_min_rows(int kind) {
+    (void)kind;
+    return 0;
+}
+
+int realizar_set_tiles(int on) {
+    (void)on;
+    return 0;
+}
+
+int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
+                           int64_t M, int64_t N, int64_t K) {
+    (void)x, (void)ldx, (void)w, (void)kind, (void)c, (void)y, (void)ldy, (void)M, (void)N, (void)K;
+    return 1;
+}
+
+#endif
+
+#if TILES_BUILD && defined(__AMX_INT8__)
 /* A ranked product's a-terms pass (quant_fast.c) on int8 tiles: a Q8_0 record's block is, as it is stored, the
  * weights of a tile product over 32 terms (row r of the tile: terms 4r .. 4r + 3 of each of the 16 outputs, the
  * layout of the dot products), and x's a terms are int8 too, so the tiles sum a block's integers exactly
@@ -521,35 +547,4 @@ int realizar_tile_ranking(const int8_t *a, const float *dx, const int32_t *cs, c
     (void)a, (void)dx, (void)cs, (void)w, (void)kind, (void)y, (void)ldy, (void)M, (void)N, (void)K;
     return 1;
 }
-#endif
-
-#else
-
-int realizar_tile_min_rows(int kind) {
-    (void)kind;
-    return 0;
-}
-
-int realizar_set_tiles(int on) {
-    (void)on;
-    return 0;
-}
-
-int realizar_tile_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
-                           int64_t M, int64_t N, int64_t K) {
-    (void)x, (void)ldx, (void)w, (void)kind, (void)c, (void)y, (void)ldy, (void)M, (void)N, (void)K;
-    return 1;
-}
-
-int realizar_tile_ranks(int kind, int64_t M) {
-    (void)kind, (void)M;
-    return 0;
-}
-
-int realizar_tile_ranking(const int8_t *a, const float *dx, const int32_t *cs, const uint8_t *w, int kind, float *y,
-                          int64_t ldy, int64_t M, int64_t N, int64_t K) {
-    (void)a, (void)dx, (void)cs, (void)w, (void)kind, (void)y, (void)ldy, (void)M, (void)N, (void)K;
-    return 1;
-}
-
 #endif
