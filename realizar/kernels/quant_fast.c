@@ -37,7 +37,6 @@
  */
 #include "quant_blocks.h"
 
-
 typedef uint8_t u8x64 __attribute__((vector_size(64)));
 typedef int8_t i8x64 __attribute__((vector_size(64)));
 
@@ -1056,7 +1055,7 @@ int realizar_fast_activation_bits(void) {
 #endif
 }
 
-/* Row tile t of x's a terms and d_x, as realizar_tile_ranking takes them (zeros past M) */
+/* Row tile t of x's a terms, d_x and c sum(a), as realizar_tile_ranking takes them (zeros past M) */
 struct tile_rows_job {
     const struct fjob *j;
     int8_t *a;
