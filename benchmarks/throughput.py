@@ -48,6 +48,7 @@ import json
 import sys
 import threading
 import time
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_line(), "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "results": results},
-            indent=2, default=str))
+            indent=2, default=lambda o: asdict(o) if is_dataclass(o) and not isinstance(o, type) else str(o)))
     if args.plot:
         plot(results, args, args.plot)
     return 1 if "error" in results[0] else 0
