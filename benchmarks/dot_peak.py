@@ -27,11 +27,11 @@ step LAG steps back, as shipped, with the tile instructions alone, and with the 
 19-21 ns a step as shipped against 11 and 7.5: the two add up instead of overlapping.
 
 ``core_speeds`` times two short programs on each CPU this process may use, pinned there: the integer tiles' loop
-where the CPU has ``amx_bf16`` (else a ``vfmadd231ps`` loop), and one core reading 512 MiB; ``benchmarks/throughput.py``
-prints both before and after each server. The vCPUs of a shared VM do not all run at one speed: on the AMX Xeon, one vCPU ran this loop
-at 27 ns a step while the other took 50-60, and which one was slow changed within seconds (a busy neighbour on the
-same physical core, as it seemed). Every server measured in such a stretch is slowed alike, so the probe says
-when to distrust a run, not how to correct it.
+where the CPU has ``amx_bf16`` (else a ``vfmadd231ps`` loop), and one core reading 512 MiB;
+``benchmarks/throughput.py`` prints both before and after each server. The vCPUs of a shared VM do not all run at
+one speed: on the AMX Xeon, one vCPU ran this loop at 27 ns a step while the other took 50-60, and which one was
+slow changed within seconds (a busy neighbour on the same physical core, as it seemed). Every server measured in
+such a stretch is slowed alike, so the probe says when to distrust a run, not how to correct it.
 """
 
 from __future__ import annotations
@@ -358,13 +358,18 @@ def _probe(compiler: str, name: str, source_text: str) -> Path:
     return _probes[name]
 
 
+def c_compiler() -> str | None:
+    return shutil.which("cc") or shutil.which("gcc")
+
+
 def core_speeds() -> CoreSpeeds | None:
-    """The integer tiles' loop as shipped (ns a step) on each CPU where the CPU has ``amx_bf16`` and Linux lends
-    AMX state, else ns per 1,000 ``vfmadd231ps`` ymm (14 independent chains): None where there is no C compiler,
-    no ``taskset`` to pin the program with, or neither instruction (see the module docstring)."""
-    compiler, taskset = shutil.which("cc") or shutil.which("gcc"), shutil.which("taskset")
+    """On each CPU: the integer tiles' loop as shipped (ns a step) where the CPU has ``amx_bf16`` and Linux lends
+    AMX state, else ns per 1,000 ``vfmadd231ps`` ymm (14 independent chains), and GB/s reading memory. None where
+    there is no C compiler, no ``taskset`` to pin the programs with, or neither instruction (see the module
+    docstring)."""
+    compiler, taskset = c_compiler(), shutil.which("taskset")
     info = cpu_info()
-    if compiler is None or taskset is None:
+    if compiler is None or taskset is None or not {"amx_bf16", "fma"} & info.flags:
         return None
 
     def on(cpu: int, binary: Path, *arguments: str) -> list[str]:
@@ -391,7 +396,7 @@ def core_speeds() -> CoreSpeeds | None:
 
 
 def main() -> int:
-    compiler = shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         sys.exit("dot_peak.py needs a C compiler (cc)")
     flags = cpu_info().flags

@@ -1174,8 +1174,7 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
                      .K = K, .ldy = ldy, .kind = kind, .c = c, .terms = ranked ? 1 : 2, .chunk = chunk};
     if (tile_ranked) {
         /* after xq's 2 Mg K bytes and the slack beyond them, on a cache line */
-        const int64_t at = (4 * factors + M * (K / 16) * 4 + 2 * Mg * K + 64 + 63) / 64 * 64;
-        float *const tile_dx = (float *)(void *)(buffer + at);
+        float *const tile_dx = (float *)(void *)(((uintptr_t)(xq + 2 * Mg * K + 64) + 63) & ~(uintptr_t)63);
         int32_t *const tile_cs = (int32_t *)(void *)(tile_dx + row_tiles * 16 * (K / QK));
         const struct tile_rows_job g = {.j = &j, .a = (int8_t *)(void *)(tile_cs + row_tiles * 16 * (K / QK)),
                                         .dx = tile_dx, .cs = tile_cs};

@@ -70,17 +70,21 @@ static int tiles_lent(void) {
     return state == 1;
 }
 
+static void load_tile_config(const struct tile_config *config) {
+    /* ldtilecfg reads all 64 bytes, but GCC's intrinsic declares only 8 of them read: without this barrier the
+     * compiler may drop the stores that filled them (an out-of-line copy of configure_tiles did, and the
+     * configuration faulted) */
+    __asm__ volatile("" : : "r"(config) : "memory");
+    _tile_loadconfig(config);
+}
+
 static void configure_tiles(void) {
     struct tile_config config = {.palette = 1};
     for (int t = 0; t < 8; t++) {
         config.bytes_per_row[t] = 64;
         config.rows[t] = TILE_ROWS;
     }
-    /* ldtilecfg reads all 64 bytes, but GCC's intrinsic declares only 8 of them read: without this barrier the
-     * compiler may drop the loop's stores (an out-of-line copy of this function did, and the configuration
-     * faulted) */
-    __asm__ volatile("" : : "r"(&config) : "memory");
-    _tile_loadconfig(&config);
+    load_tile_config(&config);
 }
 
 
@@ -440,8 +444,7 @@ static void configure_int8_tiles(void) {
     for (int t = 0; t < 2; t++) config.bytes_per_row[t] = 64, config.rows[t] = TILE_ROWS;   /* sums: 16 x 16 int32 */
     for (int t = 2; t < 4; t++) config.bytes_per_row[t] = QK, config.rows[t] = TILE_ROWS;   /* rows: 16 x 32 terms */
     for (int t = 4; t < 6; t++) config.bytes_per_row[t] = 64, config.rows[t] = QK / 4;      /* weights: 32 terms */
-    __asm__ volatile("" : : "r"(&config) : "memory");  /* see configure_tiles */
-    _tile_loadconfig(&config);
+    load_tile_config(&config);
 }
 
 struct ranking_job {
