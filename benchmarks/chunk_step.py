@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from realizar.config import EngineConfig
+from realizar.config import KV_CACHE_DTYPES, EngineConfig
 from realizar.engine.engine import Engine, load_engine_model
 from realizar.engine.scheduler import ScheduledSequence, SchedulerOutput, Sequence
 from realizar.request import Request, SamplingParams
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--decode-context", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     args = parser.parse_args()
 
     if args.model is None:
@@ -47,7 +48,7 @@ def main() -> None:
         args.model = default_model_path()
     longest = max(max(args.contexts) + max(args.chunks), args.decode_context) + 1  # the decodes' context too
     config = EngineConfig(device="cpu", max_model_len=longest, max_num_seqs=args.decodes + 1,
-                          threads=args.threads)
+                          threads=args.threads, kv_cache_dtype=args.kv_cache_dtype)
     engine = Engine(load_engine_model(args.model, config), config)
     alloc, runner = engine.allocator, engine.runner
     greedy = SamplingParams(temperature=0, max_tokens=1)

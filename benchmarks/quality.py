@@ -1,7 +1,7 @@
 """The quality gate of the paths that trade exactness for speed or memory, against float32 on the
 default model: the quantized fast class (int8 activations, integer dot products; and where the CPU has
 AMX, its products on the tiles, which ``REALIZAR_TILES`` or ``auto`` turn on), the exact quantized class for
-comparison, and the float16 KV cache (``--kv-cache-dtype float16``) with each of them.
+comparison, and the float16 and int8 KV caches (``--kv-cache-dtype``) with each of them.
 
 Usage (from the repository root)::
 
@@ -60,22 +60,25 @@ def main() -> int:
               "quantized exact": LlamaModel(loaded.config, loaded.tensors, cpu, torch.float32, loaded.quantized),
               "quantized fast": LlamaModel(loaded.config, loaded.tensors, cpu, torch.float32, loaded.quantized, True)}
     runs = [("quantized exact", torch.float32), ("quantized fast", torch.float32), ("float32", torch.float16),
-            ("quantized exact", torch.float16), ("quantized fast", torch.float16)]
+            ("quantized exact", torch.float16), ("quantized fast", torch.float16), ("float32", torch.int8),
+            ("quantized exact", torch.int8), ("quantized fast", torch.int8)]
     # the fast class's products of many rows on AMX tiles (REALIZAR_TILES), where this CPU and build have them:
     # chunks of at least tile_min_rows rows (of every kind) put every position through them (a shorter last
     # chunk's take the integer products; the default 2,048 tokens in chunks of 256 leave none)
     if compiled.tiles_available() and args.chunk >= compiled.tile_min_rows_every_kind:
         models[TILES] = models["quantized fast"]
-        runs += [(TILES, torch.float32), (TILES, torch.float16)]
+        runs += [(TILES, torch.float32), (TILES, torch.float16), (TILES, torch.int8)]
     for name, kv in runs:
         compiled.set_tiles(name == TILES)
         # the fast class multiplies only a few rows at a time with integer products (more exactly):
         # steps of that many rows put every position through them
         chunk = min(args.chunk, compiled.fast_max_rows) if name == "quantized fast" else args.chunk
         report = compare(teacher_forced(models[name], ids, chunk, kv), reference)
-        choosable = name.startswith("quantized fast") or (kv == torch.float16 and KV_CACHE_DTYPES_PASSING_GATE["float16"])
+        kv_name = str(kv).removeprefix("torch.")
+        # auto may choose any class of weights, over a cache it may choose (an int8 one is only ever asked for)
+        choosable = kv == torch.float32 or KV_CACHE_DTYPES_PASSING_GATE.get(kv_name, False)
         failed |= choosable and not report.passed
-        print(f"| {name} | {str(kv).removeprefix('torch.')} | {report.agreement:.2%} | {report.perplexity:.4f} "
+        print(f"| {name} | {kv_name} | {report.agreement:.2%} | {report.perplexity:.4f} "
               f"| {report.perplexity_ratio:.4f} | {'pass' if report.passed else 'FAIL'} |", flush=True)
     return 1 if failed else 0
 

@@ -10,8 +10,8 @@ from typing import Literal
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-KVCacheDType = Literal["auto", "float32", "float16"]
-KV_CACHE_DTYPES = ("auto", "float32", "float16")
+KVCacheDType = Literal["auto", "float32", "float16", "int8"]
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "int8")
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 

@@ -210,26 +210,48 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Per-layer K and V tensors addressed by slot (block * block_size + offset), of ``dtype``: the
-    model's own, or float16 where it computes in float32 (``--kv-cache-dtype``)."""
+    """Per-layer K and V tensors addressed by slot (block * block_size + offset), of ``dtype``
+    (``--kv-cache-dtype``): the model's own, float16 where it computes in float32, or int8.
+
+    An int8 cache holds each token's row of each KV head as integers and one float32 scale,
+    ``row ~= scale * q`` with ``scale = max |row| / 127`` (``key_scales`` and ``value_scales``, per layer
+    ``[num_blocks, KV, block_size]``): 68 bytes a row of 64 values, against 128 in float16."""
 
     _host_area: mmap.mmap | None = None  # the CPU tensors' one mapping
     _host_offsets: tuple[int, ...] = ()  # where each CPU tensor starts in it, bytes
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        if dtype not in KV_ELEMENT_BYTES:
+            raise ValueError(f"a KV cache holds {', '.join(map(str, KV_ELEMENT_BYTES))}, not {dtype}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.dtype = dtype
-        shape = (num_blocks, num_kv_heads, block_size, head_dim)
-        # one block of one layer's K (or V): bytes_per_block counts K and V of every layer
-        self._block_bytes = self.bytes_per_block(1, block_size, num_kv_heads, head_dim, dtype) // 2
+        shapes: list[tuple[int, ...]] = [(num_blocks, num_kv_heads, block_size, head_dim)] * (2 * num_layers)
+        dtypes = [dtype] * (2 * num_layers)
+        if self.quantized:
+            shapes += [(num_blocks, num_kv_heads, block_size)] * (2 * num_layers)
+            dtypes += [torch.float32] * (2 * num_layers)
         if device.type == "cpu":
-            storage, self._host_area, self._host_offsets = _host_zeros(2 * num_layers, shape, dtype)
-            self._host_stride = self._host_offsets[1] - self._host_offsets[0] if num_layers else 0
+            storage, self._host_area, self._host_offsets = _host_zeros(shapes, dtypes)
+            # each tensor's start, bytes of one block, and where its reserved span ends in the mapping
+            ends = [*self._host_offsets[1:], len(self._host_area)][:len(storage)]
+            self._host_spans = [(offset, t.numel() // num_blocks * t.element_size(), end)
+                                for t, offset, end in zip(storage, self._host_offsets, ends, strict=True)]
         else:
-            storage = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2 * num_layers)]
-        self.keys, self.values = storage[:num_layers], storage[num_layers:]
+            storage = [torch.zeros(shape, device=device, dtype=t) for shape, t in zip(shapes, dtypes, strict=True)]
+        self.keys, self.values = storage[:num_layers], storage[num_layers:2 * num_layers]
+        # the int8 rows' scales, per layer (empty for a float cache)
+        self.key_scales, self.value_scales = storage[2 * num_layers:3 * num_layers], storage[3 * num_layers:]
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the rows are int8 with a scale each."""
+        return self.dtype == torch.int8
+
+    def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A layer's key and value scales ``[num_blocks, KV, block_size]`` of an int8 cache, else Nones."""
+        return (self.key_scales[layer], self.value_scales[layer]) if self.quantized else (None, None)
 
     @property
     def on_host(self) -> bool:
@@ -243,7 +265,7 @@ class KVCache:
         if not moves:
             return
         source, target = [a for a, _ in moves], [b for _, b in moves]
-        for tensor in (*self.keys, *self.values):
+        for tensor in (*self.keys, *self.values, *self.key_scales, *self.value_scales):
             if tensor.device.type == "cpu":  # numpy's fancy indexing over the bytes: half torch's time
                 rows = tensor.view(torch.uint8).numpy()
                 rows[target] = rows[source]
@@ -263,67 +285,103 @@ class KVCache:
             if block > start:
                 gaps.append((start, block))
             start = block + 1
-        page, size = mmap.PAGESIZE, self._block_bytes
-        for offset in self._host_offsets:
+        page = mmap.PAGESIZE
+        for offset, size, span_end in self._host_spans:
             for a, b in gaps:
                 first = -(-(offset + a * size) // page) * page  # whole pages only
                 # the last run takes the padding up to the next tensor too, which a huge page may hold
-                end = offset + self._host_stride if b == self.num_blocks else (offset + b * size) // page * page
+                end = span_end if b == self.num_blocks else (offset + b * size) // page * page
                 if end > first:
                     self._host_area.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:
-        element = torch.tensor([], dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+        """K and V of every layer, and an int8 cache's scales (4 bytes a row)."""
+        row = head_dim * KV_ELEMENT_BYTES[dtype] + (4 if dtype == torch.int8 else 0)
+        return 2 * num_layers * block_size * num_kv_heads * row
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values [T, KV, hd] at ``slots`` [T] by torch indexing, in the cache's dtype (the
         CPU kernels write the same places themselves: ``realizar.backends``)."""
         place = self._places(slots)
-        self.keys[layer][place] = k.to(self.dtype)
-        self.values[layer][place] = v.to(self.dtype)
+        for rows, scales, x in ((self.keys[layer], self.key_scales, k), (self.values[layer], self.value_scales, v)):
+            if self.quantized:
+                rows[place], scales[layer][place] = quantize_rows(x)
+            else:
+                rows[place] = x.to(self.dtype)
 
-    def gather_blocks(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, KV, max_blocks * block_size, hd] for block tables [B, max_blocks]."""
+    def gather_blocks(self, layer: int, block_tables: torch.Tensor,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, KV, max_blocks * block_size, hd] for block tables [B, max_blocks] (an int8
+        cache's dequantized to ``dtype``)."""
         b, nblocks = block_tables.shape
         out = []
-        for cache in (self.keys[layer], self.values[layer]):
+        for cache, scales in ((self.keys[layer], self.key_scales), (self.values[layer], self.value_scales)):
             gathered = cache[block_tables]  # [B, max_blocks, KV, bs, hd]
+            if self.quantized:
+                gathered = dequantize_rows(gathered, scales[layer][block_tables], dtype)
             out.append(gathered.transpose(1, 2).reshape(b, cache.shape[1], nblocks * self.block_size, -1))
         return out[0], out[1]
 
-    def gather_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [KV, L, hd] of the tokens at ``slots`` [L]."""
+    def gather_slots(self, layer: int, slots: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [KV, L, hd] of the tokens at ``slots`` [L] (an int8 cache's dequantized to
+        ``dtype``)."""
         place = self._places(slots)
-        return self.keys[layer][place].transpose(0, 1), self.values[layer][place].transpose(0, 1)
+        out = []
+        for cache, scales in ((self.keys[layer], self.key_scales), (self.values[layer], self.value_scales)):
+            rows = cache[place]
+            if self.quantized:
+                rows = dequantize_rows(rows, scales[layer][place], dtype)
+            out.append(rows.transpose(0, 1))
+        return out[0], out[1]
 
     def _places(self, slots: torch.Tensor) -> tuple[torch.Tensor, slice, torch.Tensor]:
         """The index of the rows [L, KV, hd] of ``slots`` in a layer's tensor."""
         return slots // self.block_size, slice(None), slots % self.block_size
 
 
+# what a cache's element may be, and its bytes
+KV_ELEMENT_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.int8: 1}
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``x [..., hd]`` as int8 and a float32 scale each: ``q = round(x * (127 / max |x|))``,
+    ``scale = max |x| / 127`` (a row of zeros: zeros and 0), in the float32 steps of the kernels' write_kv
+    (``paged_attention.c``), so both paths store the same bytes."""
+    x = x.float()
+    top = x.abs().amax(dim=-1)
+    inverse = torch.where(top > 0, 127.0 / top, torch.zeros_like(top))
+    return torch.round(x * inverse.unsqueeze(-1)).to(torch.int8), top / 127.0
+
+
+def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scale * q`` for int8 rows ``q [..., hd]`` and their scales ``[...]``, as ``dtype``."""
+    return (q.float() * scales.unsqueeze(-1)).to(dtype)
+
+
 HUGE_PAGE = 2 << 20
 
 
-def _host_zeros(count: int, shape: tuple[int, ...],
-                dtype: torch.dtype) -> tuple[list[torch.Tensor], mmap.mmap, tuple[int, ...]]:
-    """``count`` zeroed CPU tensors of ``shape`` in one anonymous mapping, and where each starts in it.
+def _host_zeros(shapes: Sequence[tuple[int, ...]],
+                dtypes: Sequence[torch.dtype]) -> tuple[list[torch.Tensor], mmap.mmap, tuple[int, ...]]:
+    """Zeroed CPU tensors of ``shapes`` and ``dtypes`` in one anonymous mapping, and where each starts in it.
 
     Its pages cost no memory until a block is first written, so RSS follows the cache's real
     use. Where the kernel allows it, the mapping is advised as transparent huge pages and each
     tensor starts on a 2 MiB boundary: a block's first write then maps 2 MiB at once rather
     than faulting in 4 KiB pages one by one, which at 16 sequences cost several milliseconds
     per decode step while new blocks were being touched."""
-    element = torch.empty(0, dtype=dtype).element_size()
-    size = int(np.prod(shape)) * element
-    stride = -(-size // HUGE_PAGE) * HUGE_PAGE
-    area = mmap.mmap(-1, stride * count + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    sizes = [int(np.prod(shape)) * KV_ELEMENT_BYTES[dtype] for shape, dtype in zip(shapes, dtypes, strict=True)]
+    spans = [-(-size // HUGE_PAGE) * HUGE_PAGE for size in sizes]
+    area = mmap.mmap(-1, sum(spans) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):  # a kernel without transparent huge pages
             area.madvise(mmap.MADV_HUGEPAGE)
     whole = np.frombuffer(area, dtype=np.uint8)
     start = -whole.ctypes.data % HUGE_PAGE
-    offsets = tuple(start + i * stride for i in range(count))
-    return [torch.from_numpy(whole[at: at + size]).view(dtype).view(shape) for at in offsets], area, offsets
+    offsets = tuple(start + sum(spans[:i]) for i in range(len(spans)))
+    tensors = [torch.from_numpy(whole[at: at + size]).view(dtype).view(shape)
+               for at, size, shape, dtype in zip(offsets, sizes, shapes, dtypes, strict=True)]
+    return tensors, area, offsets

@@ -213,13 +213,13 @@ class CpuKernelsBackend:
         return self.kernels.silu_mul(gate_up)
 
     def write_kv(self, cache: KVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.kernels.write_kv(cache.keys[layer], cache.values[layer], slots, k, v)
+        self.kernels.write_kv(cache.keys[layer], cache.values[layer], slots, k, v, *cache.scales(layer))
 
     def attention(self, q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata,
                   scale: float) -> torch.Tensor:
         tables, rows, lens = meta.query_rows(cache.block_size)
         return self.kernels.paged_attention(q, cache.keys[layer], cache.values[layer], tables, lens,
-                                            cache.block_size, scale, rows)
+                                            cache.block_size, scale, rows, *cache.scales(layer))
 
     def run_layers(self, model: LayerStack, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                    cache: KVCache) -> torch.Tensor:
@@ -230,6 +230,9 @@ class CpuKernelsBackend:
             return model.layers_forward(x, positions, meta, cache)
         for i in range(len(layers)):
             layers[i].key_cache, layers[i].value_cache = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
+            key_scales, value_scales = cache.scales(i)
+            layers[i].key_scales = None if key_scales is None else key_scales.data_ptr()
+            layers[i].value_scales = None if value_scales is None else value_scales.data_ptr()
         c = model.config
         tables, rows, lens = meta.query_rows(cache.block_size)
         positions, slots = positions.contiguous(), meta.slot_mapping.contiguous()
@@ -238,7 +241,7 @@ class CpuKernelsBackend:
             lens=lens.data_ptr(), cos=model.cos.data_ptr(), sin=model.sin.data_ptr(), max_blocks=tables.shape[1],
             block_size=cache.block_size, heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
             hidden=c.hidden_size, intermediate=c.intermediate_size, eps=c.rms_norm_eps, scale=model.scale,
-            kv_half=kernels.kv_half(cache.keys[0], cache.values[0]))
+            kv=kernels.kv_kind(cache.keys[0], cache.values[0], *cache.scales(0)))
         x = x.contiguous()
         self.kernels.decoder_layers(x, layers, step)
         return x

@@ -80,7 +80,7 @@ def resolve_kv_cache_dtype(config: EngineConfig, device: torch.device, dtype: to
     exact configuration; the model's own dtype anywhere else (torch's path). An explicit dtype is
     taken as asked: the torch backend casts what it reads and writes."""
     if config.kv_cache_dtype != "auto":
-        return {"float32": torch.float32, "float16": torch.float16}[config.kv_cache_dtype]
+        return {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}[config.kv_cache_dtype]
     if (config.dtype != "float32" and KV_CACHE_DTYPES_PASSING_GATE["float16"]
             and kernels.for_tensors(device, dtype) is not None):
         return torch.float16

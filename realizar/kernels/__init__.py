@@ -304,7 +304,8 @@ class DecoderLayer(ctypes.Structure):
 
     _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", DecoderLinear),
                 ("o", DecoderLinear), ("gate_up", DecoderLinear), ("down", DecoderLinear),
-                ("key_cache", ctypes.c_void_p), ("value_cache", ctypes.c_void_p)]
+                ("key_cache", ctypes.c_void_p), ("value_cache", ctypes.c_void_p),
+                ("key_scales", ctypes.c_void_p), ("value_scales", ctypes.c_void_p)]
 
 
 class DecoderStep(ctypes.Structure):
@@ -315,7 +316,7 @@ class DecoderStep(ctypes.Structure):
                 ("sin", ctypes.c_void_p), ("max_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64),
                 ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
                 ("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float),
-                ("scale", ctypes.c_float), ("kv_half", ctypes.c_int64)]
+                ("scale", ctypes.c_float), ("kv", ctypes.c_int64)]
 
 
 class CpuKernels:
@@ -333,9 +334,9 @@ class CpuKernels:
         self._set_threads = bind("realizar_set_threads", i32, i32)
         self.threads = bind("realizar_threads", i32)  # the pool's size, the caller included
         self._gemm = bind("realizar_gemm", i32, p, i64, p, p, i64, i64, i64)
-        self._attention = bind("realizar_paged_attention", i32, p, i64, p, p, p, p, p, p,
+        self._attention = bind("realizar_paged_attention", i32, p, i64, p, p, p, p, p, p, p, p,
                                i64, i64, i64, i64, i64, i64, f32, i32)
-        self._write = bind("realizar_write_kv", None, p, p, p, p, i64, i64, p, i64, i64, i64, i64, i32)
+        self._write = bind("realizar_write_kv", None, p, p, p, p, p, p, i64, i64, p, i64, i64, i64, i64, i32)
         self._rms_norm = bind("realizar_rms_norm", None, p, i64, p, p, i64, i64, f32)
         self._silu_mul = bind("realizar_silu_mul", None, p, i64, p, i64, i64)
         self._rope = bind("realizar_rope", None, p, i64, p, p, p, i64, i64, i64)
@@ -554,9 +555,11 @@ class CpuKernels:
 
     def paged_attention(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                        scale: float, row_tables: torch.Tensor | None = None) -> torch.Tensor:
-        """Query rows ``q [R, H, hd]`` over the paged caches ``[blocks, KV, bs, hd]`` (float32 or
-        float16) -> ``[R, H, hd]`` float32.
+                        scale: float, row_tables: torch.Tensor | None = None,
+                        key_scales: torch.Tensor | None = None,
+                        value_scales: torch.Tensor | None = None) -> torch.Tensor:
+        """Query rows ``q [R, H, hd]`` over the paged caches ``[blocks, KV, bs, hd]`` (float32, float16,
+        or int8 with its rows' scales ``[blocks, KV, bs]``: ``KVCache``) -> ``[R, H, hd]`` float32.
 
         Row r attends to the first ``context_lens[r]`` tokens of block table
         ``block_tables[row_tables[r]]`` (``block_tables[r]`` without ``row_tables``)."""
@@ -565,25 +568,30 @@ class CpuKernels:
         out = torch.empty(rows, heads, head_dim, dtype=torch.float32)
         tables, lens = block_tables.contiguous(), context_lens.contiguous()
         row_ptr = None if row_tables is None else row_tables.contiguous()
+        kind = kv_kind(key_cache, value_cache, key_scales, value_scales)
         status = self._attention(q.data_ptr(), q.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
+                                 _pointer(key_scales), _pointer(value_scales),
                                  tables.data_ptr(), None if row_ptr is None else row_ptr.data_ptr(),
                                  lens.data_ptr(), out.data_ptr(), rows, tables.shape[1], block_size,
-                                 heads, key_cache.shape[1], head_dim, scale, kv_half(key_cache, value_cache))
+                                 heads, key_cache.shape[1], head_dim, scale, kind)
         if status != 0:
             raise MemoryError("paged attention could not allocate its score buffer")
         return out
 
     def write_kv(self, key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor,
-                 k: torch.Tensor, v: torch.Tensor) -> None:
+                 k: torch.Tensor, v: torch.Tensor, key_scales: torch.Tensor | None = None,
+                 value_scales: torch.Tensor | None = None) -> None:
         """Keys and values ``[T, KV, hd]`` float32 (contiguous rows) into the caches ``[blocks, KV, bs, hd]``
-        at ``slots`` (block * bs + offset); a float16 cache gets them rounded to nearest even."""
+        at ``slots`` (block * bs + offset); a float16 cache gets them rounded to nearest even, an int8 cache
+        each row quantized with its scale (``kv_cache.quantize_rows``)."""
         _blocks, kv_heads, block_size, head_dim = key_cache.shape
         k, v = _rows(k), _rows(v)
         assert k.dtype == v.dtype == torch.float32
         slots = slots.contiguous()
-        self._write(key_cache.data_ptr(), value_cache.data_ptr(), k.data_ptr(), v.data_ptr(),
-                    k.stride(0), v.stride(0), slots.data_ptr(), slots.shape[0], kv_heads, block_size, head_dim,
-                    kv_half(key_cache, value_cache))
+        kind = kv_kind(key_cache, value_cache, key_scales, value_scales)
+        self._write(key_cache.data_ptr(), value_cache.data_ptr(), _pointer(key_scales), _pointer(value_scales),
+                    k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr(), slots.shape[0],
+                    kv_heads, block_size, head_dim, kind)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """``rms_norm(x) * weight`` of ``x [T, D]``."""
@@ -632,15 +640,28 @@ class CpuKernels:
         return out
 
 
-KV_DTYPES = (torch.float32, torch.float16)  # the caches the attention kernels read
+KV_DTYPES = (torch.float32, torch.float16, torch.int8)  # the caches the attention kernels read: cpu_kernels.h's KV_*
 
 
-def kv_half(key_cache: torch.Tensor, value_cache: torch.Tensor) -> int:
-    """The kernels' flag for a pair of caches: 1 for float16, 0 for float32 (anything else is an error)."""
+def kv_kind(key_cache: torch.Tensor, value_cache: torch.Tensor, key_scales: torch.Tensor | None = None,
+            value_scales: torch.Tensor | None = None) -> int:
+    """The kernels' code for a pair of caches (cpu_kernels.h's KV_FLOAT32, KV_FLOAT16, KV_INT8); an int8
+    pair needs its float32 scales ``[blocks, KV, bs]``. Anything else is an error."""
     if key_cache.dtype != value_cache.dtype or key_cache.dtype not in KV_DTYPES:
-        raise TypeError(f"the CPU kernels read float32 or float16 caches, not {key_cache.dtype}/{value_cache.dtype}")
+        raise TypeError(f"the CPU kernels read float32, float16 or int8 caches, not "
+                        f"{key_cache.dtype}/{value_cache.dtype}")
     assert key_cache.is_contiguous() and value_cache.is_contiguous()
-    return int(key_cache.dtype == torch.float16)
+    kind = KV_DTYPES.index(key_cache.dtype)
+    if kind == KV_DTYPES.index(torch.int8):
+        for scales in (key_scales, value_scales):
+            if scales is None or scales.dtype != torch.float32 or scales.shape != key_cache.shape[:3]:
+                raise TypeError("an int8 cache needs float32 scales [blocks, KV, block_size] for its keys and values")
+            assert scales.is_contiguous()
+    return kind
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,7 @@ typedef int32_t vi8 __attribute__((vector_size(32)));
  * vcvtph2ps/vcvtps2ph where the build has them (AVX2 and AVX-512 CPUs); elsewhere the compiler's
  * _Float16 conversions, which round the same way. */
 typedef _Float16 h8 __attribute__((vector_size(16)));
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -106,19 +106,45 @@ static inline void store8h(_Float16 *p, v8 x) {
 #endif
 }
 
-/* Eight K/V values at element `at` of a cache of float32 (half = 0) or float16 (half = 1); called
- * with a constant `half`, so each caller compiles to one kind of load. */
-static inline __attribute__((always_inline)) v8 load8kv(const int half, const void *cache, int64_t at) {
-    return half ? load8h((const _Float16 *)cache + at) : load8((const float *)cache + at);
+/* What a KV cache holds (--kv-cache-dtype): float32; float16; or int8, each token's row of each KV head
+ * (head_dim values) scaled by its own float32 (kv_cache.py: x ~= scale * q, scale = max |x| / 127). The
+ * int8 loads below give the integers q as floats: the attention kernels apply a key's scale to its scores and
+ * a value's to its softmax weights, once a token rather than once an element. */
+enum { KV_FLOAT32 = 0, KV_FLOAT16 = 1, KV_INT8 = 2 };
+
+/* Eight int8 values as floats: vpmovsxbd and vcvtdq2ps with AVX2 (GCC 12 sign-extends a vector of int8
+ * converted with __builtin_convertvector one byte at a time in scalar registers: 5x slower attention). */
+static inline v8 load8q(const int8_t *p) {
+#if defined(__AVX2__)
+    const __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)));
+    v8 r;
+    memcpy(&r, &x, sizeof r);
+    return r;
+#else
+    v8 r;
+    for (int i = 0; i < 8; i++) r[i] = (float)p[i];
+    return r;
+#endif
 }
 
-static inline __attribute__((always_inline)) float loadkv(const int half, const void *cache, int64_t at) {
-    return half ? (float)((const _Float16 *)cache)[at] : ((const float *)cache)[at];
+/* Bytes of one element of a cache of `kind`. */
+static inline __attribute__((always_inline)) int64_t kv_bytes(const int kind) { return 4 >> kind; }
+
+/* Eight K/V values at element `at` of a cache of `kind`; called with a constant kind, so each caller
+ * compiles to one kind of load. */
+static inline __attribute__((always_inline)) v8 load8kv(const int kind, const void *cache, int64_t at) {
+    if (kind == KV_INT8) return load8q((const int8_t *)cache + at);
+    return kind == KV_FLOAT16 ? load8h((const _Float16 *)cache + at) : load8((const float *)cache + at);
+}
+
+static inline __attribute__((always_inline)) float loadkv(const int kind, const void *cache, int64_t at) {
+    if (kind == KV_INT8) return (float)((const int8_t *)cache)[at];
+    return kind == KV_FLOAT16 ? (float)((const _Float16 *)cache)[at] : ((const float *)cache)[at];
 }
 
 /* The address of element `at` of such a cache, for prefetches. */
-static inline __attribute__((always_inline)) const char *kv_at(const int half, const void *cache, int64_t at) {
-    return (const char *)cache + at * (half ? 2 : 4);
+static inline __attribute__((always_inline)) const char *kv_at(const int kind, const void *cache, int64_t at) {
+    return (const char *)cache + at * kv_bytes(kind);
 }
 
 /* exp_nonpositive of 8 values at once, in vector arithmetic the compiler cannot fail to
@@ -150,12 +176,13 @@ struct attention_unit {
  * prefill_attention.c. */
 struct paged_attention {
     const float *q_all;
-    const void *key_cache, *value_cache;  /* float32, or float16 when half */
+    const void *key_cache, *value_cache;  /* of `kv`: [blocks, KV, bs, hd] */
+    const float *key_scales, *value_scales;  /* [blocks, KV, bs] when kv is KV_INT8, else NULL */
     const int64_t *block_tables, *row_tables, *context_lens;
     float *out_all;
     int64_t q_stride, max_blocks, bs, heads, kv_heads, group, hd, row;
     float scale;
-    int half;  /* the caches hold float16 */
+    int kv;  /* what the caches hold: KV_FLOAT32, KV_FLOAT16 or KV_INT8 */
     _Atomic int failed;
     /* how the call's work is split: tiles of prompt rows and single rows, in units */
     const struct attention_tile *tiles;  /* [num_tiles] */
@@ -211,12 +238,13 @@ void realizar_rms_norm(const float *x, int64_t ldx, const float *w, float *y, in
 void realizar_silu_mul(const float *gate_up, int64_t ld, float *y, int64_t T, int64_t I);
 void realizar_rope(float *x, int64_t ld, const int64_t *positions, const float *cos, const float *sin,
                    int64_t T, int64_t heads, int64_t hd);
-void realizar_write_kv(void *key_cache, void *value_cache, const float *k, const float *v,
-                       int64_t k_row_stride, int64_t v_row_stride, const int64_t *slots, int64_t num_tokens,
-                       int64_t kv_heads, int64_t block_size, int64_t head_dim, int half);
+void realizar_write_kv(void *key_cache, void *value_cache, float *key_scales, float *value_scales, const float *k,
+                       const float *v, int64_t k_row_stride, int64_t v_row_stride, const int64_t *slots,
+                       int64_t num_tokens, int64_t kv_heads, int64_t block_size, int64_t head_dim, int kv);
 int realizar_paged_attention(const float *q_all, int64_t q_stride, const void *key_cache, const void *value_cache,
-                             const int64_t *block_tables, const int64_t *row_tables, const int64_t *context_lens,
-                             float *out_all, int64_t num_rows, int64_t max_blocks, int64_t block_size,
-                             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int half);
+                             const float *key_scales, const float *value_scales, const int64_t *block_tables,
+                             const int64_t *row_tables, const int64_t *context_lens, float *out_all,
+                             int64_t num_rows, int64_t max_blocks, int64_t block_size, int64_t num_heads,
+                             int64_t num_kv_heads, int64_t head_dim, float scale, int kv);
 
 #endif

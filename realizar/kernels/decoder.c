@@ -31,7 +31,8 @@ struct realizar_linear {
 struct realizar_layer {
     const float *attn_norm, *mlp_norm;
     struct realizar_linear qkv, o, gate_up, down;
-    void *key_cache, *value_cache;  /* [blocks, KV, bs, hd] float32, or float16 when the step's kv_half */
+    void *key_cache, *value_cache;  /* [blocks, KV, bs, hd] of the step's kind kv */
+    float *key_scales, *value_scales;  /* [blocks, KV, bs] when kv is KV_INT8, else NULL */
 };
 
 struct realizar_step {
@@ -42,7 +43,7 @@ struct realizar_step {
     const float *cos, *sin;            /* [max_position, hd] */
     int64_t max_blocks, block_size, heads, kv_heads, head_dim, hidden, intermediate;
     float eps, scale;
-    int64_t kv_half;                   /* the caches hold float16 (paged_attention.c) */
+    int64_t kv;                        /* what the caches hold: KV_FLOAT32, KV_FLOAT16, KV_INT8 (cpu_kernels.h) */
 };
 
 /* y [T, out] = x [T, in] W^T (+ b). Returns 0, or -1 when a kernel could not allocate. */
@@ -90,11 +91,12 @@ int realizar_decoder_layers(float *x, int64_t T, const struct realizar_layer *la
         realizar_rms_norm(x, D, L->attn_norm, h, T, D, s->eps);
         if (linear(&L->qkv, h, T, qkv)) return -1;
         realizar_rope(qkv, width, s->positions, s->cos, s->sin, T, s->heads + s->kv_heads, hd);
-        realizar_write_kv(L->key_cache, L->value_cache, qkv + q_width, qkv + q_width + s->kv_heads * hd, width,
-                          width, s->slots, T, s->kv_heads, s->block_size, hd, (int)s->kv_half);
-        if (realizar_paged_attention(qkv, width, L->key_cache, L->value_cache, s->tables, s->rows, s->lens, attn, T,
-                                     s->max_blocks, s->block_size, s->heads, s->kv_heads, hd, s->scale,
-                                     (int)s->kv_half))
+        realizar_write_kv(L->key_cache, L->value_cache, L->key_scales, L->value_scales, qkv + q_width,
+                          qkv + q_width + s->kv_heads * hd, width, width, s->slots, T, s->kv_heads, s->block_size, hd,
+                          (int)s->kv);
+        if (realizar_paged_attention(qkv, width, L->key_cache, L->value_cache, L->key_scales, L->value_scales,
+                                     s->tables, s->rows, s->lens, attn, T, s->max_blocks, s->block_size, s->heads,
+                                     s->kv_heads, hd, s->scale, (int)s->kv))
             return -1;
         if (linear(&L->o, attn, T, out)) return -1;
         add(x, out, T * D);

@@ -1,4 +1,4 @@
-/* Paged-KV kernels for the CPU engine, float32 arithmetic over a float32 or float16 cache.
+/* Paged-KV kernels for the CPU engine, float32 arithmetic over a float32, float16 or int8 cache.
  *
  * The KV cache of one layer is a [num_blocks, num_kv_heads, block_size, head_dim] array: one
  * KV head's tokens of a block are one contiguous run. A sequence's tokens live in the blocks of
@@ -23,11 +23,16 @@
  *
  * write_kv: the keys and values of new tokens into their slots.
  *
- * A float16 cache (half = 1) holds half the bytes; its values are converted to float32 in registers
+ * A float16 cache (kv = KV_FLOAT16) holds half the bytes; its values are converted to float32 in registers
  * as they are loaded (cpu_kernels.h's load8h), and everything after the load is the float32 code:
  * attention over a float16 cache is float32 attention over the rounded values, to within the order
  * of roundings (the compiler fuses a multiply and an add into one FMA in some loops of one kind of
  * cache and not of the other: a few ulp).
+ *
+ * An int8 cache (kv = KV_INT8) holds a quarter of float32's bytes and one float32 scale per token and KV
+ * head: k_t ~= ks_t q_t. The loops multiply the integers as floats, and the scales go outside them, once a
+ * token: scale q . k_t = ks_t (scale q . q_t) for the scores, and sum_t p_t v_t = sum_t (p_t vs_t) q_t for
+ * the values. Decode attention reads the cache at the memory's pace, so its bytes are its time.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -67,7 +72,7 @@ static inline void sum4x8(const v8 a[4], float scale, float *out) {
 static inline __attribute__((always_inline)) void group_scores(const int NH, const int H, const float *q,
                                                                const void *kh, const int64_t *offsets, int64_t len,
                                                                int64_t hd, float scale, float *s) {
-    const int64_t line = H ? 32 : 16;  /* elements per 64-byte line */
+    const int64_t line = 64 / kv_bytes(H);  /* elements per 64-byte line */
     int64_t t = 0;
     for (; t + 4 <= len; t += 4) {
         const int64_t k0 = offsets[t], k1 = offsets[t + 1], k2 = offsets[t + 2], k3 = offsets[t + 3];
@@ -117,9 +122,13 @@ static inline __attribute__((always_inline)) void add_value(const int NH, const 
  * the results are the same floats. */
 typedef float v16 __attribute__((vector_size(64)));
 
+
 static inline __attribute__((always_inline)) v16 load16kv(const int H, const void *cache, int64_t at) {
     v16 r;
-    if (H) {
+    if (H == KV_INT8) {
+        const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)cache + at))));
+        memcpy(&r, &x, sizeof r);
+    } else if (H == KV_FLOAT16) {
         const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const _Float16 *)cache + at)));
         memcpy(&r, &x, sizeof r);
     } else {
@@ -146,7 +155,7 @@ static inline __attribute__((always_inline)) void group_values64(const int NH, c
     for (; t + 2 <= len; t += 2) {
         if (t + AHEAD + 2 <= len)
             for (int u = 0; u < 2; u++)
-                for (int64_t i = 0; i < 64; i += H ? 32 : 16) __builtin_prefetch(kv_at(H, vh, offsets[t + AHEAD + u] + c0 + i));
+                for (int64_t i = 0; i < 64; i += 64 / kv_bytes(H)) __builtin_prefetch(kv_at(H, vh, offsets[t + AHEAD + u] + c0 + i));
         add_value64(NH, H, p, len, t, vh, offsets[t] + c0, even);
         add_value64(NH, H, p, len, t + 1, vh, offsets[t + 1] + c0, odd);
     }
@@ -222,7 +231,7 @@ static void head_values_scalar(const int H, const float *p, const void *vh, cons
 }
 
 /* Scores, then values, of the n query heads of one KV group that attend together, for a cache
- * of float32 (H = 0) or float16 (H = 1): each (n, H) compiles to its own loops. */
+ * of kind H (KV_FLOAT32, KV_FLOAT16 or KV_INT8): each (n, H) compiles to its own loops. */
 static inline __attribute__((always_inline)) void heads_scores(const int H, int64_t n, int vector, const float *qh,
                                                                const void *kh, const int64_t *slots, int64_t len,
                                                                int64_t hd, float scale, float *s) {
@@ -280,6 +289,15 @@ static void softmax(float *s, int64_t len, float *top_out, float *sum_out) {
     for (; t < len; t++) s[t] *= inv;
 }
 
+/* The scales [len] of KV head g's rows of an int8 cache for the tokens [begin, begin + len) of a block table
+ * (begin a multiple of the block size): a block's are one run. */
+static void gather_scales(const struct paged_attention *A, const int64_t *table, int64_t begin, int64_t len,
+                          int64_t g, const float *scales, float *out) {
+    const int64_t bs = A->bs;
+    for (int64_t t0 = 0, blk = begin / bs; t0 < len; t0 += bs, blk++)
+        memcpy(out + t0, scales + (table[blk] * A->kv_heads + g) * bs, sizeof(float) * (size_t)(len - t0 < bs ? len - t0 : bs));
+}
+
 /* One query row over the tokens [begin, end) of its context (begin a multiple of the block size): the
  * scores of every query head against every key, a softmax per head, then the weighted sums of the
  * value rows. The query heads that share a KV head go through its keys and values together, up to
@@ -291,10 +309,13 @@ static void attend_row(const struct paged_attention *A, const struct attention_u
     const float scale = A->scale;
     const int vector = hd % 8 == 0;
     const int64_t b = A->singles[unit->item], begin = unit->begin, len = unit->end - unit->begin;
-    static __thread void *scores, *offsets;  /* [h, t] scores; [t] cache offset of token t: kept between calls */
+    const int kv = A->kv;
+    /* [h, t] scores, then (an int8 cache) [t] one KV head's scales of the tokens; [t] cache offset of token t:
+     * kept between calls */
+    static __thread void *scores, *offsets;
     static __thread int64_t score_bytes, offset_bytes;
     /* plain locals from here: no thread-local lookups in the loops */
-    float *const buffer = thread_scratch(&scores, &score_bytes, heads * len * (int64_t)sizeof(float));
+    float *const buffer = thread_scratch(&scores, &score_bytes, (heads + 1) * len * (int64_t)sizeof(float));
     int64_t *const slots = thread_scratch(&offsets, &offset_bytes, len * (int64_t)sizeof(int64_t));
     if (!buffer || !slots) {
         atomic_store(&((struct paged_attention *)A)->failed, 1);
@@ -305,6 +326,7 @@ static void attend_row(const struct paged_attention *A, const struct attention_u
     float *out = unit->partial ? unit->partial : A->out_all + b * heads * hd;
     for (int64_t t0 = 0, blk = begin / bs; t0 < len; t0 += bs, blk++)  /* block by block: no divisions */
         for (int64_t t = t0, at = table[blk] * bs * row; t < len && t < t0 + bs; t++, at += hd) slots[t] = at;
+    float *const token_scales = buffer + heads * len;
 
     /* scores[h, t] = scale * q_h . k_t[h / group] */
     for (int64_t h0 = 0, n; h0 < heads; h0 += n) {
@@ -312,10 +334,16 @@ static void attend_row(const struct paged_attention *A, const struct attention_u
         const float *qh = q + h0 * hd;
         const int64_t at = h0 / group * bs * hd;
         float *s = buffer + h0 * len;
-        if (A->half)
-            heads_scores(1, n, vector, qh, (const _Float16 *)A->key_cache + at, slots, len, hd, scale, s);
-        else
-            heads_scores(0, n, vector, qh, (const float *)A->key_cache + at, slots, len, hd, scale, s);
+        if (kv == KV_INT8) {
+            heads_scores(KV_INT8, n, vector, qh, (const int8_t *)A->key_cache + at, slots, len, hd, scale, s);
+            gather_scales(A, table, begin, len, h0 / group, A->key_scales, token_scales);
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t t = 0; t < len; t++) s[j * len + t] *= token_scales[t];
+        } else if (kv == KV_FLOAT16) {
+            heads_scores(KV_FLOAT16, n, vector, qh, (const _Float16 *)A->key_cache + at, slots, len, hd, scale, s);
+        } else {
+            heads_scores(KV_FLOAT32, n, vector, qh, (const float *)A->key_cache + at, slots, len, hd, scale, s);
+        }
     }
     /* softmax over t, per query head */
     float top, sum;
@@ -332,10 +360,17 @@ static void attend_row(const struct paged_attention *A, const struct attention_u
         const float *p = buffer + h0 * len;
         const int64_t at = h0 / group * bs * hd;
         float *y = out + h0 * hd;
-        if (A->half)
-            heads_values(1, n, vector, p, (const _Float16 *)A->value_cache + at, slots, len, hd, y);
-        else
-            heads_values(0, n, vector, p, (const float *)A->value_cache + at, slots, len, hd, y);
+        if (kv == KV_INT8) {
+            float *const scaled_p = buffer + h0 * len;  /* the weights times each value's scale, in place */
+            gather_scales(A, table, begin, len, h0 / group, A->value_scales, token_scales);
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t t = 0; t < len; t++) scaled_p[j * len + t] *= token_scales[t];
+            heads_values(KV_INT8, n, vector, p, (const int8_t *)A->value_cache + at, slots, len, hd, y);
+        } else if (kv == KV_FLOAT16) {
+            heads_values(KV_FLOAT16, n, vector, p, (const _Float16 *)A->value_cache + at, slots, len, hd, y);
+        } else {
+            heads_values(KV_FLOAT32, n, vector, p, (const float *)A->value_cache + at, slots, len, hd, y);
+        }
     }
 }
 
@@ -448,14 +483,16 @@ static void merge(const struct paged_attention *A, const struct attention_unit *
 int realizar_paged_attention(
     const float *q_all,          /* [R, H, hd], rows q_stride floats apart */
     int64_t q_stride,
-    const void *key_cache,       /* [blocks, KV, bs, hd] float32, or float16 when half */
+    const void *key_cache,       /* [blocks, KV, bs, hd] of kind kv (KV_FLOAT32, KV_FLOAT16, KV_INT8) */
     const void *value_cache,     /* [blocks, KV, bs, hd] */
+    const float *key_scales,     /* [blocks, KV, bs] for KV_INT8, else NULL */
+    const float *value_scales,
     const int64_t *block_tables, /* [S, max_blocks] */
     const int64_t *row_tables,   /* [R] or NULL */
     const int64_t *context_lens, /* [R] tokens each query attends to, itself included */
     float *out_all,              /* [R, H, hd] */
     int64_t num_rows, int64_t max_blocks, int64_t block_size,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int half)
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int kv)
 {
     if (num_rows <= 0) return 0;
     struct attention_tile *tiles = malloc(sizeof *tiles * (size_t)num_rows);
@@ -467,10 +504,11 @@ int realizar_paged_attention(
     }
     struct paged_attention A = {
         .q_all = q_all, .q_stride = q_stride, .key_cache = key_cache, .value_cache = value_cache,
+        .key_scales = key_scales, .value_scales = value_scales,
         .block_tables = block_tables, .row_tables = row_tables, .context_lens = context_lens,
         .out_all = out_all, .max_blocks = max_blocks, .bs = block_size, .heads = num_heads,
         .kv_heads = num_kv_heads, .group = num_heads / num_kv_heads, .hd = head_dim,
-        .row = num_kv_heads * head_dim, .scale = scale, .half = half, .failed = 0, .tiles = tiles,
+        .row = num_kv_heads * head_dim, .scale = scale, .kv = kv, .failed = 0, .tiles = tiles,
         .singles = singles};
     plan(row_tables, context_lens, num_rows, tiles, &A.num_tiles, singles, &A.num_singles);
     const int64_t whole = A.num_tiles * num_kv_heads + A.num_singles, wanted = UNITS_PER_THREAD * realizar_threads();
@@ -520,19 +558,33 @@ static void to_half(_Float16 *y, const float *x, int64_t hd) {
     for (; i < hd; i++) y[i] = (_Float16)x[i];
 }
 
+/* hd floats at x as int8 at y with their scale: y = round(x * 127 / max |x|), *scale = max |x| / 127 (0 and
+ * zeros for a row of zeros). kv_cache.py's torch path computes the same, in the same float32 steps. */
+static void to_int8(int8_t *y, float *scale, const float *x, int64_t hd) {
+    float top = 0.0f;
+    for (int64_t i = 0; i < hd; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+    const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+    *scale = top / 127.0f;
+    for (int64_t i = 0; i < hd; i++) y[i] = (int8_t)nearbyintf(x[i] * inverse);
+}
+
 void realizar_write_kv(
-    void *key_cache, void *value_cache,  /* [blocks, KV, bs, hd] float32, or float16 when half */
+    void *key_cache, void *value_cache,  /* [blocks, KV, bs, hd] of kind kv */
+    float *key_scales, float *value_scales,  /* [blocks, KV, bs] for KV_INT8, else NULL */
     const float *k, const float *v,      /* [T, KV, hd] (rows may be strided) */
     int64_t k_row_stride, int64_t v_row_stride,
-    const int64_t *slots, int64_t num_tokens, int64_t kv_heads, int64_t block_size, int64_t head_dim, int half)
+    const int64_t *slots, int64_t num_tokens, int64_t kv_heads, int64_t block_size, int64_t head_dim, int kv)
 {
     const size_t bytes = sizeof(float) * (size_t)head_dim;
     for (int64_t t = 0; t < num_tokens; t++) {
         const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
         for (int64_t g = 0; g < kv_heads; g++) {
-            const int64_t at = ((block * kv_heads + g) * block_size + offset) * head_dim;
+            const int64_t row = (block * kv_heads + g) * block_size + offset, at = row * head_dim;
             const float *kt = k + t * k_row_stride + g * head_dim, *vt = v + t * v_row_stride + g * head_dim;
-            if (half) {
+            if (kv == KV_INT8) {
+                to_int8((int8_t *)key_cache + at, key_scales + row, kt, head_dim);
+                to_int8((int8_t *)value_cache + at, value_scales + row, vt, head_dim);
+            } else if (kv == KV_FLOAT16) {
                 to_half((_Float16 *)key_cache + at, kt, head_dim);
                 to_half((_Float16 *)value_cache + at, vt, head_dim);
             } else {

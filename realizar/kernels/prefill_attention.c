@@ -29,7 +29,8 @@
  *
  * A float16 cache's block is converted to float32 once per tile and KV head (its 16 tokens' keys
  * and values: 2k conversions against the tile's 50k multiply-adds), and the float32 code runs on
- * that copy: the same results, bit for bit, as a float32 cache holding the rounded values.
+ * that copy: the same results, bit for bit, as a float32 cache holding the rounded values. An int8
+ * cache's block is dequantized the same way, each token's row times its scale.
  */
 #include <math.h>
 #include <stdint.h>
@@ -200,7 +201,7 @@ void realizar_attend_tile(const struct paged_attention *A, const struct attentio
     static __thread void *scratch;
     static __thread int64_t capacity;
     const int64_t pairs = group * rows, nv = tile_vectors(group, rows);  /* cpu_kernels.h's tile_lane */
-    const int64_t need = 2 * nv * hd * TILE + 3 * nv * TILE + (A->half ? 2 * bs * hd : 0);
+    const int64_t need = 2 * nv * hd * TILE + 3 * nv * TILE + (A->kv != KV_FLOAT32 ? 2 * bs * hd : 0);
     float *const buffer = thread_scratch(&scratch, &capacity, need * (int64_t)sizeof(float));
     if (!buffer) {
         atomic_store(&((struct paged_attention *)A)->failed, 1);
@@ -209,7 +210,7 @@ void realizar_attend_tile(const struct paged_attention *A, const struct attentio
     float *const qt = buffer, *const o = buffer + nv * hd * TILE;  /* [nv][hd][TILE] each */
     vr *const m = (vr *)(void *)(o + nv * hd * TILE), *const l = m + nv;
     vir *const lens = (vir *)(void *)(l + nv);                          /* each lane's context length */
-    float *const kf = (float *)(void *)(lens + nv), *const vf = kf + bs * hd;  /* a float16 block as float32 */
+    float *const kf = (float *)(void *)(lens + nv), *const vf = kf + bs * hd;  /* a float16 or int8 block as float32 */
 
     const int64_t shortest = tile->shortest;
     for (int64_t lane = 0; lane < nv * TILE; lane++) {  /* lanes past the pairs repeat the last pair */
@@ -225,11 +226,23 @@ void realizar_attend_tile(const struct paged_attention *A, const struct attentio
     memset(o, 0, sizeof(float) * (size_t)(nv * hd * TILE));
 
     const int64_t *table = A->block_tables + A->row_tables[row0] * A->max_blocks;
-    const int64_t element = A->half ? 2 : 4;
+    const int64_t element = kv_bytes(A->kv);
     for (int64_t t0 = begin, blk = begin / bs; t0 < end; t0 += bs, blk++) {
         const int64_t at = (table[blk] * A->kv_heads + g) * bs * hd;
         const float *kb, *vb;
-        if (A->half) {
+        if (A->kv == KV_INT8) {
+            const int64_t count = end - t0 < bs ? end - t0 : bs, first = table[blk] * A->kv_heads * bs + g * bs;
+            const int8_t *kq = (const int8_t *)A->key_cache + at, *vq = (const int8_t *)A->value_cache + at;
+            for (int64_t u = 0; u < count; u++) {
+                const float ks = A->key_scales[first + u], vs = A->value_scales[first + u];
+                for (int64_t i = u * hd; i < (u + 1) * hd; i++) {
+                    kf[i] = ks * (float)kq[i];
+                    vf[i] = vs * (float)vq[i];
+                }
+            }
+            kb = kf;
+            vb = vf;
+        } else if (A->kv == KV_FLOAT16) {
             const int64_t count = (end - t0 < bs ? end - t0 : bs) * hd;
             const _Float16 *kh = (const _Float16 *)A->key_cache + at, *vh = (const _Float16 *)A->value_cache + at;
             int64_t i = 0;

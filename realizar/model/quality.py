@@ -31,8 +31,11 @@ QUANTIZED_CLASSES_PASSING_GATE = {"exact": True, "fast": True, "float32": True}
 # The gate's verdict on each KV-cache dtype the CPU kernels may store instead of float32, measured by
 # ``benchmarks/quality.py`` with each quantized class (float32 reference: float32 weights and KV). Only
 # a dtype marked True may be ``--kv-cache-dtype auto``'s choice; tests/golden/test_quality.py
-# re-measures it.
-KV_CACHE_DTYPES_PASSING_GATE = {"float16": True}
+# re-measures it. Over 2,048 tokens: float16 99.90-99.95 %, perplexity x1.0000-1.0002; int8 (one scale per
+# token and KV head) 97.46-98.05 %, x0.9992-1.0013, which fails the agreement: the keys' rounding moves
+# near-ties (the values alone as int8 gave 99.46 %, the keys alone 97.66 %; BENCHMARKS.md). int8 is there
+# to be asked for, for its memory.
+KV_CACHE_DTYPES_PASSING_GATE = {"float16": True, "int8": False}
 
 
 @dataclass(frozen=True)

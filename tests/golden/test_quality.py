@@ -78,9 +78,10 @@ def test_the_fast_class_on_amx_tiles_against_float32_on_a_short_text(setup: Setu
     assert tiles.agreement >= 0.99
 
 
-def test_a_float16_kv_cache_against_float32_on_a_short_text(setup: Setup) -> None:
-    """float16 K/V with float32 weights and with each quantized class (``auto`` may pair any class with
-    it), in prefill chunks of 64 that attend to the earlier chunks through the cache."""
+@pytest.mark.parametrize("kv", ["float16", "int8"])
+def test_a_smaller_kv_cache_against_float32_on_a_short_text(setup: Setup, kv: str) -> None:
+    """float16 or int8 K/V with float32 weights and with each quantized class (``auto`` may pair any class
+    with a dtype that passes), in prefill chunks of 64 that attend to the earlier chunks through the cache."""
     compiled, loaded, ids, floats = setup.compiled, setup.loaded, setup.ids, setup.floats
     cpu = torch.device("cpu")
     float_model = LlamaModel(loaded.config, floats, cpu, torch.float32)
@@ -90,11 +91,11 @@ def test_a_float16_kv_cache_against_float32_on_a_short_text(setup: Setup) -> Non
               "fast": LlamaModel(loaded.config, loaded.tensors, cpu, torch.float32, loaded.quantized, fast=True)}
     for name, model in models.items():
         chunk = min(64, compiled.fast_max_rows) if name == "fast" else 64  # the fast class's integer products on every row
-        report = compare(teacher_forced(model, ids, chunk=chunk, kv_dtype=torch.float16), reference)
+        report = compare(teacher_forced(model, ids, chunk=chunk, kv_dtype=getattr(torch, kv)), reference)
         assert report.tokens == 320
-        # over 2,048 tokens (benchmarks/quality.py): float32 weights 99.90 %, exact 99.95 %, fast 99.90 %,
-        # perplexity x1.0000 each
-        if KV_CACHE_DTYPES_PASSING_GATE["float16"] and QUANTIZED_CLASSES_PASSING_GATE[name]:
+        # over 2,048 tokens (benchmarks/quality.py): float16 with float32 weights 99.90 %, exact 99.95 %, fast
+        # 99.90 %, perplexity x1.0000 each; int8 97.46 / 97.66 / 98.05 %, x0.9992-1.0013 (not passing)
+        if KV_CACHE_DTYPES_PASSING_GATE[kv] and QUANTIZED_CLASSES_PASSING_GATE[name]:
             assert report.passed, (name, report)
         assert report.agreement >= 0.9 and abs(report.perplexity_ratio - 1) <= 0.03, (name, report)
 

@@ -40,7 +40,8 @@ def steps() -> list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]:
 @pytest.mark.parametrize("qtype,fast,bias", [(QT.F32, False, False), (QT.Q4_1, False, False), (QT.Q4_1, True, False),
                                              (QT.Q6_K, True, False), (QT.Q8_0, False, True)],
                          ids=["float32", "q4_1-exact", "q4_1-fast", "q6_k-fast", "q8_0-bias"])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["kv-float32", "kv-float16"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8],
+                         ids=["kv-float32", "kv-float16", "kv-int8"])
 def test_fused_layers_equal_the_per_operation_forward(cpu_kernels: kernels.CpuKernels, tmp_path: Path, qtype: QT,
                                                      fast: bool, bias: bool, kv_dtype: torch.dtype) -> None:
     path = tmp_path / "tiny.gguf"
@@ -61,3 +62,6 @@ def test_fused_layers_equal_the_per_operation_forward(cpu_kernels: kernels.CpuKe
         for layer in range(c.num_layers):
             assert torch.equal(fused_cache.keys[layer], plain_cache.keys[layer])
             assert torch.equal(fused_cache.values[layer], plain_cache.values[layer])
+        for fused, plain in zip(fused_cache.key_scales + fused_cache.value_scales,
+                                plain_cache.key_scales + plain_cache.value_scales, strict=True):
+            assert torch.equal(fused, plain)

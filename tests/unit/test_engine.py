@@ -555,15 +555,18 @@ def test_the_kv_cache_dtype_follows_the_flag_and_auto_is_float16_only_on_the_ker
     args = build_parser().parse_args(["serve", "--demo", "--kv-cache-dtype", "float16"])
     assert from_args(args).kv_cache_dtype == "float16"
     assert from_args(build_parser().parse_args(["generate", "--demo", "hi"])).kv_cache_dtype == "auto"
+    assert from_args(build_parser().parse_args(["serve", "--demo", "--kv-cache-dtype", "int8"])).kv_cache_dtype == "int8"
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--demo", "--kv-cache-dtype", "int8"])
-    engine = Engine(served, config(kv_cache_dtype="float16"))  # type: ignore[arg-type]
-    assert engine.kv_dtype == torch.float16 and engine.runner.cache.keys[0].dtype == torch.float16
-    engine.add(Request(prompt(1, 20), greedy(5), request_id="x"))
-    assert len(tokens(run(engine)["x"])) == 5
+        build_parser().parse_args(["serve", "--demo", "--kv-cache-dtype", "fp8"])
+    for kv, dtype in (("float16", torch.float16), ("int8", torch.int8)):
+        engine = Engine(served, config(kv_cache_dtype=kv))  # type: ignore[arg-type]
+        assert engine.kv_dtype == dtype and engine.runner.cache.keys[0].dtype == dtype
+        assert len(engine.runner.cache.key_scales) == (served.config.num_layers if kv == "int8" else 0)
+        engine.add(Request(prompt(1, 20), greedy(5), request_id="x"))
+        assert len(tokens(run(engine)["x"])) == 5
 
 
-def test_the_torch_path_casts_what_it_writes_to_and_reads_from_a_float16_cache(served: EngineModel) -> None:
+def test_the_torch_path_casts_what_it_writes_to_and_reads_from_a_smaller_cache(served: EngineModel) -> None:
     """A bfloat16 model (torch's path, as on CUDA) over an asked-for float16 cache: K/V are cast on the way
     in and out, and this prompt's greedy tokens are those of the model's own bfloat16 cache."""
     path = served.path
@@ -571,12 +574,14 @@ def test_the_torch_path_casts_what_it_writes_to_and_reads_from_a_float16_cache(s
     model = LlamaModel(loaded.config, loaded.tensors, torch.device("cpu"), torch.bfloat16)
     bf16 = EngineModel(model, served.tokenizer, loaded.config, "tiny-bf16", path, "gguf", 0.0)
     runs = {}
-    for kv in ("auto", "float16"):
+    for kv in ("auto", "float16", "int8"):
         engine = Engine(bf16, EngineConfig(device="cpu", dtype="bfloat16", kv_cache_dtype=kv))  # type: ignore[arg-type]
-        assert engine.runner.cache.keys[0].dtype == (torch.bfloat16 if kv == "auto" else torch.float16)
+        assert engine.runner.cache.keys[0].dtype == {"auto": torch.bfloat16, "float16": torch.float16,
+                                                     "int8": torch.int8}[kv]
         engine.add(Request(prompt(3, 20), greedy(8), request_id="x"))
         runs[kv] = tokens(run(engine)["x"])
     assert len(runs["float16"]) == 8 and runs["float16"] == runs["auto"], runs
+    assert len(runs["int8"]) == 8  # an int8 cache (quantized and dequantized by torch) serves too
 
 
 def test_the_compute_path_names_the_kv_cache_dtype(served: EngineModel) -> None:

@@ -45,8 +45,9 @@ def run_on_build(isa: str, needs: set[str], *pytest_args: str) -> None:
 @pytest.mark.parametrize("isa,needs", [("avx2", {"avx2", "fma", "f16c"}),
                                        ("avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"})])
 def test_quantized_products_and_float16_kv_attention_on_a_narrower_build(isa: str, needs: set[str]) -> None:
-    """The quantized products, and the float16 KV cache's F16C conversions (vcvtph2ps/vcvtps2ph on 8 lanes)
-    and the prompt tiles of one query head at a time (16 registers); in one child process, which imports
-    torch and collects once."""
-    run_on_build(isa, needs, "tests/unit/test_quant_gemm.py", "tests/unit/test_kv_half.py", "-k",
-                 "product_matches or fast_class or float16_scales or depend_on_the_batch or k_quant or test_kv_half")
+    """The quantized products, the float16 KV cache's F16C conversions (vcvtph2ps/vcvtps2ph on 8 lanes),
+    the int8 cache's (vpmovsxbd on 8 lanes), and the prompt tiles of one query head at a time (16 registers);
+    in one child process, which imports torch and collects once."""
+    run_on_build(isa, needs, "tests/unit/test_quant_gemm.py", "tests/unit/test_kv_half.py", "tests/unit/test_kv_int8.py",
+                 "-k", "product_matches or fast_class or float16_scales or depend_on_the_batch or k_quant or test_kv_half "
+                 "or test_kv_int8")

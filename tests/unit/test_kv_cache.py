@@ -33,6 +33,7 @@ def test_cpu_tensors_are_zeroed_separate_and_aligned(dtype: torch.dtype) -> None
 def test_written_tokens_come_back_from_both_gathers(compiled: bool) -> None:
     cache = KVCache(num_layers=2, num_blocks=4, block_size=4, num_kv_heads=2, head_dim=8,
                     device=torch.device("cpu"), dtype=torch.float32)
+    assert not cache.quantized and cache.scales(1) == (None, None)
     backend: Backend = TorchBackend(torch.device("cpu"), torch.float32)  # the pure-torch path (CUDA, no compiler)
     if compiled:
         loaded = kernels.load()
@@ -243,17 +244,22 @@ def test_without_a_bound_release_idle_moves_nothing() -> None:
     assert moves == [] and keep == [0, 1, 2, 3] and alloc.num_cached == 4
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
 def test_copied_blocks_carry_their_keys_and_values(dtype: torch.dtype) -> None:
     cache = KVCache(2, 8, 16, 1, 64, torch.device("cpu"), dtype)
+    assert len(cache.key_scales) == len(cache.value_scales) == (2 if dtype == torch.int8 else 0)
     for layer in range(2):
         for block in range(8):
             cache.keys[layer][block] = block
             cache.values[layer][block] = -block
+            for scales in (cache.key_scales + cache.value_scales)[layer::2]:
+                scales[block] = block / 2
     cache.copy_blocks([(6, 1), (7, 0)])
     for layer in range(2):
         assert cache.keys[layer][0].eq(7).all() and cache.values[layer][1].eq(-6).all()
         assert cache.keys[layer][6].eq(6).all() and cache.keys[layer][2].eq(2).all()
+        for scales in (cache.key_scales + cache.value_scales)[layer::2]:
+            assert scales[0].eq(3.5).all() and scales[1].eq(3.0).all() and scales[6].eq(3.0).all()
 
 
 def page_block_cache(num_blocks: int) -> KVCache:
@@ -274,6 +280,22 @@ def test_released_blocks_read_as_zeros_and_the_kept_ones_keep_their_contents() -
             assert not tensor[[b for b in range(64) if b not in keep]].any()
     cache.keys[1][7] = 3.0  # a released block works again
     assert cache.keys[1][7].eq(3.0).all() and cache.keys[1][6].eq(1.0).all()
+
+
+def test_released_blocks_of_an_int8_cache_give_back_its_scales_too() -> None:
+    """The scales are tensors of their own (4 bytes a row): 1,024 blocks of 16 rows are 64 KiB each."""
+    cache = KVCache(1, 1024, 16, 1, 64, torch.device("cpu"), torch.int8)
+    assert cache.bytes_per_block(1, 16, 1, 64, torch.int8) == 2 * 16 * (64 + 4)
+    for tensor in (*cache.keys, *cache.values):
+        tensor.fill_(5)
+    for tensor in (*cache.key_scales, *cache.value_scales):
+        tensor.fill_(0.25)
+    keep = [0, 511, 1023]
+    cache.release_blocks(keep)
+    for tensor, value in ((cache.keys[0], 5), (cache.values[0], 5), (cache.key_scales[0], 0.25),
+                          (cache.value_scales[0], 0.25)):
+        assert tensor[keep].eq(value).all()
+        assert not tensor[256:400].any()  # whole pages of blocks no one keeps
 
 
 def anon_kib() -> int:

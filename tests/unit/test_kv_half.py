@@ -40,7 +40,7 @@ def test_write_kv_rounds_to_nearest_even_as_torch(cpu_kernels: kernels.CpuKernel
 
 def test_write_kv_refuses_a_cache_of_another_dtype(cpu_kernels: kernels.CpuKernels) -> None:
     caches = torch.zeros(2, 1, 16, 8, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="float32 or float16"):
+    with pytest.raises(TypeError, match="float32, float16 or int8"):
         cpu_kernels.write_kv(caches, caches.clone(), torch.tensor([0]), torch.randn(1, 1, 8), torch.randn(1, 1, 8))
 
 
