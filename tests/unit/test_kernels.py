@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,46 @@ def prompt_batch(gen: torch.Generator, decode_lens: list[int], chunks: list[tupl
     return tables, torch.tensor(rows), torch.tensor(lens)
 
 
+@dataclass
+class AttentionCase:
+    """Random float32 caches ``[blocks, KV, bs, hd]`` and query rows ``q`` over them: row r attends to
+    ``lens[r]`` tokens of table ``tables[rows[r]]`` (``rows`` None: ``tables[r]``)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    tables: torch.Tensor
+    rows: torch.Tensor | None
+    lens: torch.Tensor
+    q: torch.Tensor
+
+
+def _caches(gen: torch.Generator, num_blocks: int, kv_heads: int, block_size: int,
+            head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen),
+            torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen))
+
+
+def prompt_case(seed: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
+                chunks: list[tuple[int, int]], num_blocks: int = 400) -> AttentionCase:
+    """The rows of :func:`prompt_batch` for decodes of 1, 40 and 300 tokens and ``chunks``."""
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = _caches(gen, num_blocks, kv_heads, block_size, head_dim)
+    tables, rows, lens = prompt_batch(gen, [1, 40, 300], chunks, block_size, num_blocks)
+    q = torch.randn(len(rows), heads, head_dim, generator=gen) * 3  # peaked softmax too
+    return AttentionCase(keys, values, tables, rows, lens, q)
+
+
+def decode_case(seed: int, heads: int, kv_heads: int, head_dim: int, lens: list[int], block_size: int = 16,
+                num_blocks: int = 64) -> AttentionCase:
+    """A decode row per length of ``lens``, each over blocks scattered over the cache."""
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = _caches(gen, num_blocks, kv_heads, block_size, head_dim)
+    max_blocks = -(-max(lens) // block_size)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in lens])
+    q = torch.randn(len(lens), heads, head_dim, generator=gen) * 3
+    return AttentionCase(keys, values, tables, None, torch.tensor(lens), q)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
     (9, 3, 64, 16),   # SmolLM2: the three heads of a group in one pass
@@ -125,16 +166,11 @@ def test_prompt_rows_in_tiles_match_sdpa(cpu_kernels: kernels.CpuKernels, thread
     short for a tile), contexts of many blocks, against SDPA row by row."""
     cpu_kernels.set_threads(threads)
     try:
-        gen = torch.Generator().manual_seed(heads * 100 + head_dim + block_size)
-        num_blocks = 400
-        keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
-        values = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
         chunks = [(0, 37), (block_size + 3, 29), (11 * block_size - 1, 8), (5, 2), (250, 3), (99, 70)]
-        tables, rows, lens = prompt_batch(gen, [1, 40, 300], chunks, block_size, num_blocks)
-        q = torch.randn(len(rows), heads, head_dim, generator=gen) * 3  # peaked softmax too
+        c = prompt_case(heads * 100 + head_dim + block_size, heads, kv_heads, head_dim, block_size, chunks)
         scale = head_dim ** -0.5
-        got = cpu_kernels.paged_attention(q, keys, values, tables, lens, block_size, scale, rows)
-        want = reference_attention(q, keys, values, tables[rows], lens, block_size, scale)
+        got = cpu_kernels.paged_attention(c.q, c.keys, c.values, c.tables, c.lens, block_size, scale, c.rows)
+        want = reference_attention(c.q, c.keys, c.values, c.tables[c.rows], c.lens, block_size, scale)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     finally:
         cpu_kernels.set_threads(2)

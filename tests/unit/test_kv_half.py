@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from realizar import kernels
-from tests.unit.test_kernels import prompt_batch
+from tests.unit.test_kernels import decode_case, prompt_case
+
+
+def tile_chunks(block_size: int) -> list[tuple[int, int]]:
+    """Prompt chunks starting inside a block and ending inside one, and one too short for a tile (5, 3)."""
+    return [(0, 37), (block_size + 3, 29), (11 * block_size - 1, 8), (5, 3), (250, 70)]
 
 
 def halves(*caches: torch.Tensor) -> list[torch.Tensor]:
@@ -47,14 +52,9 @@ def test_write_kv_refuses_a_cache_of_another_dtype(cpu_kernels: kernels.CpuKerne
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 2, 128), (6, 2, 40), (2, 1, 12)])
 def test_decode_rows_over_a_float16_cache_equal_float32_over_its_values(cpu_kernels: kernels.CpuKernels, heads: int,
                                                                       kv_heads: int, head_dim: int) -> None:
-    gen = torch.Generator().manual_seed(heads * 31 + head_dim)
-    block_size, num_blocks = 16, 64
-    keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
-    values = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
-    lens = torch.tensor([1, 2, 3, 15, 16, 17, 31, 50, 129, 300])  # ragged: partial blocks, many blocks
-    max_blocks = -(-int(lens.max()) // block_size)
-    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in lens])
-    q = torch.randn(len(lens), heads, head_dim, generator=gen) * 3
+    # ragged: partial blocks, many blocks
+    c = decode_case(heads * 31 + head_dim, heads, kv_heads, head_dim, [1, 2, 3, 15, 16, 17, 31, 50, 129, 300])
+    keys, values, tables, lens, q, block_size = c.keys, c.values, c.tables, c.lens, c.q, 16
     half_keys, half_values = halves(keys, values)
     scale = head_dim ** -0.5
     got = cpu_kernels.paged_attention(q, half_keys, half_values, tables, lens, block_size, scale)
@@ -76,17 +76,12 @@ def test_prompt_tiles_over_a_float16_cache_equal_float32_over_its_values(
     inside one, as test_kernels' float32 test of the tiles."""
     cpu_kernels.set_threads(threads)
     try:
-        gen = torch.Generator().manual_seed(heads * 7 + head_dim + block_size)
-        num_blocks = 400
-        keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
-        values = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
-        chunks = [(0, 37), (block_size + 3, 29), (11 * block_size - 1, 8), (5, 3), (250, 70)]
-        tables, rows, lens = prompt_batch(gen, [1, 40, 300], chunks, block_size, num_blocks)
-        q = torch.randn(len(rows), heads, head_dim, generator=gen) * 3
-        half_keys, half_values = halves(keys, values)
+        c = prompt_case(heads * 7 + head_dim + block_size, heads, kv_heads, head_dim, block_size, tile_chunks(block_size))
+        rows = c.rows
+        half_keys, half_values = halves(c.keys, c.values)
         scale = head_dim ** -0.5
-        got = cpu_kernels.paged_attention(q, half_keys, half_values, tables, lens, block_size, scale, rows)
-        want = cpu_kernels.paged_attention(q, half_keys.float(), half_values.float(), tables, lens, block_size,
+        got = cpu_kernels.paged_attention(c.q, half_keys, half_values, c.tables, c.lens, block_size, scale, rows)
+        want = cpu_kernels.paged_attention(c.q, half_keys.float(), half_values.float(), c.tables, c.lens, block_size,
                                            scale, rows)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         # the rows attended in tiles (chunks of 4 rows or more: all but the decodes and the 3-row chunk)

@@ -12,7 +12,8 @@ import torch
 from realizar import kernels
 from realizar.backends import CpuKernelsBackend, TorchBackend
 from realizar.kv_cache import KVCache, dequantize_rows, quantize_rows
-from tests.unit.test_kernels import prompt_batch
+from tests.unit.test_kernels import decode_case, prompt_case
+from tests.unit.test_kv_half import tile_chunks
 
 
 def int8_cache(keys: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
@@ -70,14 +71,9 @@ def test_an_int8_cache_needs_its_scales(cpu_kernels: kernels.CpuKernels) -> None
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 2, 128), (6, 2, 40), (2, 1, 12)])
 def test_decode_rows_over_an_int8_cache_equal_float32_over_its_rows(cpu_kernels: kernels.CpuKernels, heads: int,
                                                                    kv_heads: int, head_dim: int) -> None:
-    gen = torch.Generator().manual_seed(heads * 31 + head_dim)
-    block_size, num_blocks = 16, 64
-    keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
-    values = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
-    lens = torch.tensor([1, 2, 3, 15, 16, 17, 31, 50, 129, 300, 1000])  # ragged; the last splits its context
-    max_blocks = -(-int(lens.max()) // block_size)
-    tables = torch.stack([torch.randint(0, num_blocks, (max_blocks,), generator=gen) for _ in lens])
-    q = torch.randn(len(lens), heads, head_dim, generator=gen) * 3
+    # ragged: partial blocks, many blocks; the last splits its context into parts
+    c = decode_case(heads * 31 + head_dim, heads, kv_heads, head_dim, [1, 2, 3, 15, 16, 17, 31, 50, 129, 300, 1000])
+    keys, values, tables, lens, q, block_size = c.keys, c.values, c.tables, c.lens, c.q, 16
     qk, qv, sk, sv = int8_cache(keys, values)
     scale = head_dim ** -0.5
     got = cpu_kernels.paged_attention(q, qk, qv, tables, lens, block_size, scale, None, sk, sv)
@@ -96,17 +92,12 @@ def test_prompt_tiles_over_an_int8_cache_equal_float32_over_its_rows(
     """Prompt chunks (tiles of rows) mixed with decode rows, as test_kv_half's float16 test."""
     cpu_kernels.set_threads(threads)
     try:
-        gen = torch.Generator().manual_seed(heads * 7 + head_dim + block_size)
-        num_blocks = 400
-        keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
-        values = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=gen)
-        chunks = [(0, 37), (block_size + 3, 29), (11 * block_size - 1, 8), (5, 3), (250, 70)]
-        tables, rows, lens = prompt_batch(gen, [1, 40, 300], chunks, block_size, num_blocks)
-        q = torch.randn(len(rows), heads, head_dim, generator=gen) * 3
-        qk, qv, sk, sv = int8_cache(keys, values)
+        c = prompt_case(heads * 7 + head_dim + block_size, heads, kv_heads, head_dim, block_size, tile_chunks(block_size))
+        qk, qv, sk, sv = int8_cache(c.keys, c.values)
         scale = head_dim ** -0.5
-        got = cpu_kernels.paged_attention(q, qk, qv, tables, lens, block_size, scale, rows, sk, sv)
-        want = cpu_kernels.paged_attention(q, *dequantized(qk, qv, sk, sv), tables, lens, block_size, scale, rows)
+        got = cpu_kernels.paged_attention(c.q, qk, qv, c.tables, c.lens, block_size, scale, c.rows, sk, sv)
+        want = cpu_kernels.paged_attention(c.q, *dequantized(qk, qv, sk, sv), c.tables, c.lens, block_size, scale,
+                                           c.rows)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
     finally:
         cpu_kernels.set_threads(2)
