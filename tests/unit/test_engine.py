@@ -27,6 +27,7 @@ from realizar.engine.engine import (
 from realizar.engine.errors import EngineDead, EngineOverloaded, InvalidRequest, RequestTooLong
 from realizar.engine.runner import StepResult
 from realizar.engine.scheduler import SchedulerOutput
+from realizar.kv_cache import KVCache
 from realizar.loading import load_model
 from realizar.model.llama import LlamaModel
 from realizar.request import FinishReason, GrammarError, Request, SamplingParams, StructuredSpec, TokenOutput
@@ -49,7 +50,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> EngineModel:
     return EngineModel(model, tokenizer, loaded.config, "tiny", Path(path), "gguf", 0.0)
 
 
-def config(**kw: int | bool | None) -> EngineConfig:
+def config(**kw: int | bool | str | None) -> EngineConfig:
     return EngineConfig(device="cpu", dtype="float32", **kw)  # type: ignore[arg-type]
 
 
@@ -76,8 +77,8 @@ def tokens(events: list[TokenOutput]) -> list[int]:
     return [e.token_id for e in events if e.token_id is not None]
 
 
-def generate_alone(served: EngineModel, prompt_ids: list[int], params: SamplingParams) -> list[int]:
-    engine = Engine(served, config())
+def generate_alone(served: EngineModel, prompt_ids: list[int], params: SamplingParams, **kw: str) -> list[int]:
+    engine = Engine(served, config(**kw))
     engine.add(Request(prompt_ids, params, request_id="alone"))
     return tokens(run(engine)["alone"])
 
@@ -511,13 +512,15 @@ def test_a_cached_prefix_is_not_computed_again(served: EngineModel) -> None:
     assert_no_leak(engine)
 
 
-def test_idle_release_keeps_the_bounded_prefix_cache_and_its_tokens(served: EngineModel) -> None:
+@pytest.mark.parametrize("kv", ["float32", "int8"])
+def test_idle_release_keeps_the_bounded_prefix_cache_and_its_tokens(served: EngineModel, kv: str) -> None:
     """Between bursts the engine gives back every block's memory but the held and cached ones within
-    ``prefix_cache_bytes``; the prefix kept still serves its K/V, and the greedy tokens do not change."""
+    ``prefix_cache_bytes``; the prefix kept still serves its K/V (an int8 cache's scales moved and kept
+    with it), and the greedy tokens do not change."""
     system = prompt(45, 96)  # 6 full blocks
-    per_block = served.model.config.num_layers * 2 * 16 * served.model.config.num_kv_heads * \
-        served.model.config.head_dim * 4
-    engine = Engine(served, config(prefix_cache_bytes=8 * per_block))
+    c = served.model.config
+    per_block = KVCache.bytes_per_block(c.num_layers, 16, c.num_kv_heads, c.head_dim, getattr(torch, kv))
+    engine = Engine(served, config(prefix_cache_bytes=8 * per_block, kv_cache_dtype=kv))
     assert engine.allocator.max_idle_cached == 8
     engine.add(Request(system + prompt(1, 10), greedy(4), request_id="a"))
     run(engine)
@@ -530,7 +533,7 @@ def test_idle_release_keeps_the_bounded_prefix_cache_and_its_tokens(served: Engi
     engine.add(Request(system + prompt(7, 10), greedy(6), request_id="c"))
     events = run(engine)["c"]
     assert events[-1].num_cached_tokens == 96
-    assert tokens(events) == generate_alone(served, system + prompt(7, 10), greedy(6))
+    assert tokens(events) == generate_alone(served, system + prompt(7, 10), greedy(6), kv_cache_dtype=kv)
     assert_no_leak(engine)
 
 
