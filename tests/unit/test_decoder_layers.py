@@ -65,3 +65,24 @@ def test_fused_layers_equal_the_per_operation_forward(cpu_kernels: kernels.CpuKe
         for fused, plain in zip(fused_cache.key_scales + fused_cache.value_scales,
                                 plain_cache.key_scales + plain_cache.value_scales, strict=True):
             assert torch.equal(fused, plain)
+
+
+def test_the_fused_layers_write_to_the_cache_of_each_call(cpu_kernels: kernels.CpuKernels, tmp_path: Path) -> None:
+    """The described layers keep pointing at one cache between calls; a call with another cache (another
+    engine's, or a dtype's) moves them to it, and a call with the first moves them back."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, TinySpec(), QT.Q4_1)
+    loaded = load_model(path, keep_quantized=True)
+    model = LlamaModel(loaded.config, loaded.tensors, CPU, torch.float32, loaded.quantized)
+    c = model.config
+    caches = [KVCache(c.num_layers, 8, 16, c.num_kv_heads, c.head_dim, CPU, dtype)
+              for dtype in (torch.float32, torch.int8, torch.float32)]
+    ids, positions, meta = steps()[0]
+    for cache in (*caches, caches[0]):
+        for other in caches:
+            for tensor in (*other.keys, *other.values, *other.key_scales, *other.value_scales):
+                tensor.zero_()
+        with torch.inference_mode():
+            model.backend.run_layers(model, model.embed.rows(ids), positions, meta, cache)
+        for other in caches:  # only the call's own cache was written, every layer of it
+            assert all(t.any() == (other is cache) for t in (*other.keys, *other.values, *other.key_scales))
