@@ -17,6 +17,9 @@ Usage (from the repository root)::
     # a realizar server you started yourself (its RSS is read only with --pid)
     .venv/bin/python benchmarks/throughput.py --url http://127.0.0.1:8080 --pid 12345
 
+    # every server three times, in turn, and the median of each realizar/peer ratio
+    .venv/bin/python benchmarks/throughput.py --peers llama.cpp,vllm --concurrency 1,16,64 --rounds 3
+
 Each server is started on a free port (one at a time, so they never share the
 CPU), warmed up, then driven by a closed loop of streaming ``/v1/completions``
 requests at each concurrency level: ``max(min_requests, waves * concurrency)``
@@ -34,7 +37,9 @@ runs in the configuration its docs recommend for this CPU, chosen in
 ``benchmarks/common.py`` (``llama_server_config``, ``vllm_config``); the report
 lists it, and each CPU's speed before and after the server's levels
 (``dot_peak.core_speeds``): a shared VM's vCPUs can run at half speed for a
-while, which slows whichever server runs then.
+while, which slows whichever server runs then. ``--rounds N`` runs the whole
+sequence of servers N times and ends with each realizar/peer ratio by round and
+its median, so that one slow stretch does not decide a ratio.
 
 Peers are built by ``make peers`` into ``.peers/`` (see ``benchmarks/common.py``
 and BENCHMARKS.md). A peer that cannot start is reported with the reason and
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import threading
 import time
@@ -117,8 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_url_options(p, "measure this running realizar server instead of starting one (the peers are still started)")
     p.add_argument("--log-dir", type=Path, default=None, help="keep server logs here (default: the temp dir)")
     p.add_argument("--json", type=Path, help="write every measurement here as JSON")
-    p.add_argument("--plot", type=Path, help="draw tok/s against concurrency for every server into this PNG")
+    p.add_argument("--plot", type=Path, help="draw tok/s against concurrency for every server into this PNG "
+                   "(with --rounds, each level's median)")
+    p.add_argument("--rounds", type=_positive, default=1,
+                   help="run every server this many times, in turn, and report each realizar/peer ratio by round "
+                        "and its median (default 1)")
     return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
 
 
 def spec_for(name: str, args: argparse.Namespace) -> ServerSpec:
@@ -244,6 +261,46 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ratios_by_round(rounds: list[list[dict[str, Any]]], args: argparse.Namespace) -> str:
+    """realizar's tok/s and each realizar/peer ratio at each level, round by round, and their medians."""
+    names = [r["server"] for r in rounds[0]]
+    head = ["concurrency", "realizar tok/s by round", "median"]
+    for name in names[1:]:
+        head += [f"realizar/{name} by round", "median"]
+    lines = [f"Every server {len(rounds)} times, in turn:", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in args.concurrency:
+        mine = [_tok_s(results[0], c) for results in rounds]
+        row = [str(c), ", ".join(fmt(v) for v in mine), fmt(_median(mine))]
+        for i in range(1, len(names)):
+            peer = [_tok_s(results[i], c) for results in rounds]
+            ratios = [m / p if m is not None and p else None for m, p in zip(mine, peer, strict=True)]
+            middle = _median(ratios)
+            row += [", ".join("n/a" if r is None else f"{r:.2f}x" for r in ratios),
+                    "n/a" if middle is None else f"{middle:.2f}x"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of the values that exist (None when none does)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def median_results(rounds: list[list[dict[str, Any]]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One result per server whose tok/s at each level is its median over the rounds (for the plot)."""
+    out = []
+    for i, first in enumerate(rounds[0]):
+        levels = {}
+        for c in args.concurrency:
+            value = _median([_tok_s(results[i], c) for results in rounds])
+            if value is not None:
+                levels[c] = {"output_tok_s": value, "failed": 0, "requests": 1}
+        out.append({"server": first["server"], "levels": levels})
+    return out
+
+
 SETTLE_S = 1.0  # seconds between the end of a level and the RSS read after it
 
 
@@ -300,15 +357,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_signal_handlers()
     machine_line()  # the load average at the start
-    results = [measure_server(name, args) for name in ["realizar", *args.peers]]
-    print(markdown(results, args))
+    rounds = []
+    for k in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {k + 1} of {args.rounds}", file=sys.stderr, flush=True)
+        rounds.append([measure_server(name, args) for name in ["realizar", *args.peers]])
+        print((f"## Round {k + 1}\n\n" if args.rounds > 1 else "") + markdown(rounds[-1], args), flush=True)
+    if args.rounds > 1:
+        print(ratios_by_round(rounds, args))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine_line(), "args": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "results": results},
-            indent=2, default=lambda o: asdict(o) if is_dataclass(o) and not isinstance(o, type) else str(o)))
+        document: dict[str, Any] = {"machine": machine_line(), "args": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "results": rounds[0]}
+        if args.rounds > 1:
+            document["rounds"] = rounds
+        args.json.write_text(json.dumps(document, indent=2, default=lambda o: asdict(o) if is_dataclass(o) and not
+                                        isinstance(o, type) else str(o)))
     if args.plot:
-        plot(results, args, args.plot)
-    return 1 if "error" in results[0] else 0
+        plot(median_results(rounds, args) if args.rounds > 1 else rounds[0], args, args.plot)
+    return 1 if any("error" in results[0] for results in rounds) else 0
 
 
 if __name__ == "__main__":

@@ -172,3 +172,31 @@ def test_multi_turn_benchmark_configurations_and_report(common: ModuleType, monk
         assert "| 4 | 2250 | n/a | 80.0 | n/a | 1200.0 |" in text and "15.0x (target >= 5x: met)" in text
     finally:
         sys.modules.pop("multi_turn", None)
+
+
+def test_throughput_rounds_report_each_ratio_by_round_and_its_median(common: ModuleType) -> None:
+    """benchmarks/throughput.py --rounds: every realizar/peer ratio by round and its median; a peer that failed a
+    level in one round counts as missing there, not as zero; the plot's results are each level's median."""
+    sys.modules.pop("throughput", None)
+    throughput = importlib.import_module("throughput")
+    try:
+        args = throughput.build_parser().parse_args(["--peers", "vllm", "--concurrency", "1,64", "--rounds", "3"])
+        assert args.rounds == 3
+        with pytest.raises(SystemExit):
+            throughput.build_parser().parse_args(["--rounds", "0"])
+
+        def result(server: str, tok_s: dict[int, float], failed: int = 0) -> dict[str, object]:
+            return {"server": server, "levels": {c: {"output_tok_s": v, "failed": failed if c == 64 else 0,
+                                                     "requests": 128} for c, v in tok_s.items()}}
+
+        rounds = [[result("realizar", {1: 160.0, 64: 1100.0}), result("vllm", {1: 40.0, 64: 1000.0})],
+                  [result("realizar", {1: 140.0, 64: 760.0}), result("vllm", {1: 35.0, 64: 950.0})],
+                  [result("realizar", {1: 150.0, 64: 900.0}), result("vllm", {1: 50.0, 64: 0.0}, failed=128)]]
+        text = throughput.ratios_by_round(rounds, args)
+        assert "| 1 | 160.0, 140.0, 150.0 | 150.0 | 4.00x, 4.00x, 3.00x | 4.00x |" in text
+        assert "| 64 | 1100.0, 760.0, 900.0 | 900.0 | 1.10x, 0.80x, n/a | 0.95x |" in text
+        medians = throughput.median_results(rounds, args)
+        assert [m["server"] for m in medians] == ["realizar", "vllm"]
+        assert medians[0]["levels"][64]["output_tok_s"] == 900.0 and medians[1]["levels"][64]["output_tok_s"] == 975.0
+    finally:
+        sys.modules.pop("throughput", None)
