@@ -312,30 +312,30 @@ class KVCache:
                 rows[place] = x.to(self.dtype)
 
     def gather_blocks(self, layer: int, block_tables: torch.Tensor,
-                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, KV, max_blocks * block_size, hd] for block tables [B, max_blocks] (an int8
-        cache's dequantized to ``dtype``)."""
+                      dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, KV, max_blocks * block_size, hd] for block tables [B, max_blocks], as ``dtype``
+        (None: the cache's own, float32 for an int8 cache, which is dequantized)."""
         b, nblocks = block_tables.shape
-        out = []
-        for cache, scales in ((self.keys[layer], self.key_scales), (self.values[layer], self.value_scales)):
-            gathered = cache[block_tables]  # [B, max_blocks, KV, bs, hd]
-            if self.quantized:
-                gathered = dequantize_rows(gathered, scales[layer][block_tables], dtype)
-            out.append(gathered.transpose(1, 2).reshape(b, cache.shape[1], nblocks * self.block_size, -1))
-        return out[0], out[1]
+
+        def whole(x: torch.Tensor) -> torch.Tensor:  # [B, max_blocks, KV, bs, hd] -> [B, KV, max_blocks * bs, hd]
+            return x.transpose(1, 2).reshape(b, x.shape[2], nblocks * self.block_size, -1).to(dtype or x.dtype)
+
+        return whole(self._read(layer, block_tables, True)), whole(self._read(layer, block_tables, False))
 
     def gather_slots(self, layer: int, slots: torch.Tensor,
-                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [KV, L, hd] of the tokens at ``slots`` [L] (an int8 cache's dequantized to
-        ``dtype``)."""
+                     dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [KV, L, hd] of the tokens at ``slots`` [L], as ``dtype`` (as ``gather_blocks``)."""
         place = self._places(slots)
-        out = []
-        for cache, scales in ((self.keys[layer], self.key_scales), (self.values[layer], self.value_scales)):
-            rows = cache[place]
-            if self.quantized:
-                rows = dequantize_rows(rows, scales[layer][place], dtype)
-            out.append(rows.transpose(0, 1))
-        return out[0], out[1]
+        keys, values = self._read(layer, place, True), self._read(layer, place, False)
+        return keys.transpose(0, 1).to(dtype or keys.dtype), values.transpose(0, 1).to(dtype or values.dtype)
+
+    def _read(self, layer: int, index: torch.Tensor | tuple[torch.Tensor, slice, torch.Tensor],
+              key: bool) -> torch.Tensor:
+        """A layer's key (or value) rows at ``index``, an int8 cache's dequantized to float32."""
+        rows = (self.keys if key else self.values)[layer][index]
+        if not self.quantized:
+            return rows
+        return dequantize_rows(rows, (self.key_scales if key else self.value_scales)[layer][index])
 
     def _places(self, slots: torch.Tensor) -> tuple[torch.Tensor, slice, torch.Tensor]:
         """The index of the rows [L, KV, hd] of ``slots`` in a layer's tensor."""
@@ -356,9 +356,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x * inverse.unsqueeze(-1)).to(torch.int8), top / 127.0
 
 
-def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``scale * q`` for int8 rows ``q [..., hd]`` and their scales ``[...]``, as ``dtype``."""
-    return (q.float() * scales.unsqueeze(-1)).to(dtype)
+def dequantize_rows(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``scale * q`` (float32) for int8 rows ``q [..., hd]`` and their scales ``[...]``."""
+    return q.float() * scales.unsqueeze(-1)
 
 
 HUGE_PAGE = 2 << 20

@@ -127,8 +127,8 @@ class TorchBackend:
         KV head are laid along SDPA's query-length axis, so no K/V repeat is needed."""
         b, heads, head_dim = q.shape
         kv_heads = cache.keys[layer].shape[1]
-        keys, values = cache.gather_blocks(layer, meta.decode_block_tables, q.dtype)  # [B, KV, L, hd] each
-        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a float16 cache of a float32 model
+        # [B, KV, L, hd] each, in q's dtype (a float16 or int8 cache of a float32 model)
+        keys, values = cache.gather_blocks(layer, meta.decode_block_tables, q.dtype)
         q = q.reshape(b, kv_heads, heads // kv_heads, head_dim)  # [B, KV, G, hd]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask(cache.block_size),
                                              scale=scale)
@@ -141,7 +141,6 @@ class TorchBackend:
         n, heads, _head_dim = q.shape
         group = heads // cache.keys[layer].shape[1]
         keys, values = cache.gather_slots(layer, chunk.context_slots(cache.block_size), q.dtype)  # [KV, L, hd] each
-        keys, values = keys.to(q.dtype), values.to(q.dtype)
         length = keys.shape[1]
         keys = keys.repeat_interleave(group, dim=0)  # [H, L, hd]
         values = values.repeat_interleave(group, dim=0)

@@ -32,7 +32,8 @@
  * An int8 cache (kv = KV_INT8) holds a quarter of float32's bytes and one float32 scale per token and KV
  * head: k_t ~= ks_t q_t. The loops multiply the integers as floats, and the scales go outside them, once a
  * token: scale q . k_t = ks_t (scale q . q_t) for the scores, and sum_t p_t v_t = sum_t (p_t vs_t) q_t for
- * the values. Decode attention reads the cache at the memory's pace, so its bytes are its time.
+ * the values. It reads half float16's bytes, but its loop converts more per value: over the demo model's cache
+ * it took 8-14 % less time than float16's (BENCHMARKS.md, "eighth session").
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -121,7 +122,6 @@ static inline __attribute__((always_inline)) void add_value(const int NH, const 
  * computes what group_values computes for its column, in the same order (even and odd t apart), so
  * the results are the same floats. */
 typedef float v16 __attribute__((vector_size(64)));
-
 
 static inline __attribute__((always_inline)) v16 load16kv(const int H, const void *cache, int64_t at) {
     v16 r;
@@ -289,13 +289,17 @@ static void softmax(float *s, int64_t len, float *top_out, float *sum_out) {
     for (; t < len; t++) s[t] *= inv;
 }
 
-/* The scales [len] of KV head g's rows of an int8 cache for the tokens [begin, begin + len) of a block table
- * (begin a multiple of the block size): a block's are one run. */
-static void gather_scales(const struct paged_attention *A, const int64_t *table, int64_t begin, int64_t len,
-                          int64_t g, const float *scales, float *out) {
+/* rows[j, t] *= the scale of token t's row of KV head g in an int8 cache, for the n rows [n][len] of the tokens
+ * [begin, begin + len) of a block table (begin a multiple of the block size): the scales are gathered into
+ * token_scales [len] first, a block's being one run. */
+static void scale_by_tokens(const struct paged_attention *A, const int64_t *table, int64_t begin, int64_t len,
+                            int64_t g, const float *scales, float *token_scales, float *rows, int64_t n) {
     const int64_t bs = A->bs;
     for (int64_t t0 = 0, blk = begin / bs; t0 < len; t0 += bs, blk++)
-        memcpy(out + t0, scales + (table[blk] * A->kv_heads + g) * bs, sizeof(float) * (size_t)(len - t0 < bs ? len - t0 : bs));
+        memcpy(token_scales + t0, scales + (table[blk] * A->kv_heads + g) * bs,
+               sizeof(float) * (size_t)(len - t0 < bs ? len - t0 : bs));
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t t = 0; t < len; t++) rows[j * len + t] *= token_scales[t];
 }
 
 /* One query row over the tokens [begin, end) of its context (begin a multiple of the block size): the
@@ -336,9 +340,7 @@ static void attend_row(const struct paged_attention *A, const struct attention_u
         float *s = buffer + h0 * len;
         if (kv == KV_INT8) {
             heads_scores(KV_INT8, n, vector, qh, (const int8_t *)A->key_cache + at, slots, len, hd, scale, s);
-            gather_scales(A, table, begin, len, h0 / group, A->key_scales, token_scales);
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t t = 0; t < len; t++) s[j * len + t] *= token_scales[t];
+            scale_by_tokens(A, table, begin, len, h0 / group, A->key_scales, token_scales, s, n);
         } else if (kv == KV_FLOAT16) {
             heads_scores(KV_FLOAT16, n, vector, qh, (const _Float16 *)A->key_cache + at, slots, len, hd, scale, s);
         } else {
@@ -357,14 +359,11 @@ static void attend_row(const struct paged_attention *A, const struct attention_u
     /* out_h = sum_t p[h, t] v_t[h / group] */
     for (int64_t h0 = 0, n; h0 < heads; h0 += n) {
         n = heads_from(h0, group);
-        const float *p = buffer + h0 * len;
+        float *const p = buffer + h0 * len;
         const int64_t at = h0 / group * bs * hd;
         float *y = out + h0 * hd;
         if (kv == KV_INT8) {
-            float *const scaled_p = buffer + h0 * len;  /* the weights times each value's scale, in place */
-            gather_scales(A, table, begin, len, h0 / group, A->value_scales, token_scales);
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t t = 0; t < len; t++) scaled_p[j * len + t] *= token_scales[t];
+            scale_by_tokens(A, table, begin, len, h0 / group, A->value_scales, token_scales, p, n);  /* in place */
             heads_values(KV_INT8, n, vector, p, (const int8_t *)A->value_cache + at, slots, len, hd, y);
         } else if (kv == KV_FLOAT16) {
             heads_values(KV_FLOAT16, n, vector, p, (const _Float16 *)A->value_cache + at, slots, len, hd, y);

@@ -231,7 +231,7 @@ void realizar_attend_tile(const struct paged_attention *A, const struct attentio
         const int64_t at = (table[blk] * A->kv_heads + g) * bs * hd;
         const float *kb, *vb;
         if (A->kv == KV_INT8) {
-            const int64_t count = end - t0 < bs ? end - t0 : bs, first = table[blk] * A->kv_heads * bs + g * bs;
+            const int64_t count = end - t0 < bs ? end - t0 : bs, first = at / hd;  /* the block's first row */
             const int8_t *kq = (const int8_t *)A->key_cache + at, *vq = (const int8_t *)A->value_cache + at;
             for (int64_t u = 0; u < count; u++) {
                 const float ks = A->key_scales[first + u], vs = A->value_scales[first + u];
