@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -546,13 +547,22 @@ def _byte_level_bpe(
     keep = {i for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)} | named
     vocab: dict[str, int] = {}
     pieces: list[bytes] = []
-    for index, token in enumerate(tokens):
-        in_alphabet = _OUTSIDE_ALPHABET.search(token) is None
-        spelled = token if in_alphabet or index in keep else "".join(_BYTE_TO_CHAR[b] for b in token.encode())
-        vocab[spelled] = index
-        # The ByteLevel decoder maps a token made of alphabet characters to bytes, and any other as UTF-8.
-        pieces.append(spelled.translate(_ALPHABET_TO_LATIN1).encode("latin-1") if _OUTSIDE_ALPHABET.search(spelled)
-                      is None else spelled.encode())
+    joined = "".join(tokens)
+    if _OUTSIDE_ALPHABET.search(joined) is None:
+        # every token spelled in the byte alphabet (as GGUF writers store them): one translation for all, a
+        # byte per character, in a tenth of the time of one per token
+        vocab = {token: index for index, token in enumerate(tokens)}
+        spelled_bytes = joined.translate(_ALPHABET_TO_LATIN1).encode("latin-1")
+        ends = list(itertools.accumulate(len(token) for token in tokens))
+        pieces = [spelled_bytes[end - len(token):end] for token, end in zip(tokens, ends, strict=True)]
+    else:
+        for index, token in enumerate(tokens):
+            in_alphabet = _OUTSIDE_ALPHABET.search(token) is None
+            spelled = token if in_alphabet or index in keep else "".join(_BYTE_TO_CHAR[b] for b in token.encode())
+            vocab[spelled] = index
+            # The ByteLevel decoder maps a token made of alphabet characters to bytes, and any other as UTF-8.
+            pieces.append(spelled.translate(_ALPHABET_TO_LATIN1).encode("latin-1")
+                          if _OUTSIDE_ALPHABET.search(spelled) is None else spelled.encode())
 
     backend = BackendTokenizer(models.BPE(
         vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",

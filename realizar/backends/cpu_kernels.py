@@ -94,7 +94,11 @@ class QuantLinear:
         self.formats = tuple(run[0].qtype.name for run in runs)  # the GGUF types, e.g. ("Q4_K", "Q6_K")
         self.parts: list[kernels.QuantPacked | kernels.FastPacked] = []
         for run in runs:
-            ints = QuantizedTensor.cat(run).integers() if len(run) > 1 else run[0].integers()
+            weight = QuantizedTensor.cat(run) if len(run) > 1 else run[0]
+            if fast and weight.qtype.name in kernels.FAST_BLOCK_FORMATS:
+                self.parts.append(compiled.pack_fast_blocks(weight.raw.contiguous(), weight.qtype.name, *weight.shape))
+                continue
+            ints = weight.integers()
             if fast:
                 self.parts.append(compiled.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset,
                                                      ints.group, ints.factored))

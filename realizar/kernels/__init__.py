@@ -136,6 +136,9 @@ class QuantPacked:
 
 FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_SIXES = 0, 1, 2, 3  # quant_fast.c's kinds of a fast record's integers
 FAST_HALF, FAST_TWO_D, FAST_MIN, FAST_SUPER = 8, 16, 32, 64  # quant_fast.c's flags of a fast record's scales
+# GGUF types whose blocks hold fast records' bytes as they are (CpuKernels.pack_fast_blocks): the C side's code for
+# the type, its integers' bits and offset, and whether it has a min
+FAST_BLOCK_FORMATS = {"Q4_0": (0, 4, 8, False), "Q4_1": (1, 4, 0, True), "Q8_0": (2, 8, 0, False)}
 SUPER_BLOCKS = 8  # blocks of 32 terms in a k-quant's super-block
 FAST_EVERY_ROW = 1 << 30  # quant_fast.c's FAST_MAX_ROWS where every row takes the integer products (VNNI, AVX2)
 
@@ -366,6 +369,7 @@ class CpuKernels:
         self.tiles = bool(self._set_tiles(int(tiles_setting() == "on")))
         self._pack_quantized = bind("realizar_pack_quantized", None, p, p, i64, i64, i32, p)
         self._pack_fast = bind("realizar_pack_fast", None, p, p, p, i64, i64, i32, p)
+        self._pack_fast_blocks = bind("realizar_pack_fast_blocks", None, p, i32, i64, i64, i32, p)
         self._fast_panel_bytes = bind("realizar_fast_panel_bytes", i64, i32, i64)
         self._decoder_layers = bind("realizar_decoder_layers", i32, p, i64, p, i64, p, p)
         self._decoder_workspace = bind("realizar_decoder_workspace", i64, p, i64)
@@ -481,6 +485,21 @@ class CpuKernels:
         records = torch.empty(panels, int(self._fast_panel_bytes(kind, blocks)), dtype=torch.uint8)
         self._pack_fast(q.data_ptr(), block_scales.data_ptr(), None if factors is None else factors.data_ptr(),
                         n, k, kind, records.data_ptr())
+        return FastPacked(records, kind, offset, n, k)
+
+    def pack_fast_blocks(self, blocks: torch.Tensor, qtype: str, n: int, k: int,
+                         wide_bytes: bool | None = None) -> FastPacked:
+        """:meth:`pack_fast`'s records, byte for byte, straight from the ``[n, k / 32 * type_size]`` uint8 blocks of
+        a GGUF weight of a type in :data:`FAST_BLOCK_FORMATS`, whose blocks hold a record's bytes as they are:
+        nothing is unpacked (``realizar_pack_fast_blocks``)."""
+        code, bits, offset, has_min = FAST_BLOCK_FORMATS[qtype]
+        assert k % QUANT_BLOCK == 0 and blocks.dtype == torch.uint8 and blocks.is_contiguous()
+        kind = FAST_NIBBLES if bits == 4 else FAST_BYTES if (self.wide_bytes if wide_bytes is None else wide_bytes) \
+            else FAST_SIGNED_BYTES
+        offset = 128 if kind == FAST_BYTES else offset
+        kind |= FAST_HALF | (FAST_MIN if has_min else 0)
+        records = torch.empty(-(-n // PANEL), int(self._fast_panel_bytes(kind, k // QUANT_BLOCK)), dtype=torch.uint8)
+        self._pack_fast_blocks(blocks.data_ptr(), code, n, k, kind, records.data_ptr())
         return FastPacked(records, kind, offset, n, k)
 
     def gemm(self, x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:

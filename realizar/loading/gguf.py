@@ -16,10 +16,10 @@ import logging
 import math
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import gguf
 import numpy as np
@@ -43,6 +43,43 @@ GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 # Architectures whose Q/K weights llama.cpp's converter permutes (interleaved RoPE halves).
 _PERMUTED_ARCHITECTURES = ("llama",)
+
+
+class StringParts(Sequence[npt.NDArray[Any]]):
+    """A string array field's parts as ``gguf.ReaderField`` holds them, ``[*prefix, len_0, bytes_0,
+    len_1, bytes_1, ...]``, each a numpy view made when it is read, and all the strings decoded at once
+    (:meth:`strings`): the metadata of a 49,152-token vocabulary and its merges parse in a third of the
+    time that building 200k views took."""
+
+    def __init__(self, prefix: list[npt.NDArray[Any]], raw: npt.NDArray[np.uint8], starts: list[int],
+                 lengths: list[int]) -> None:
+        self.prefix, self.raw, self.starts, self.lengths = prefix, raw, starts, lengths
+
+    def with_prefix(self, parts: list[npt.NDArray[Any]]) -> StringParts:
+        return StringParts(parts + self.prefix, self.raw, self.starts, self.lengths)
+
+    def __len__(self) -> int:
+        return len(self.prefix) + 2 * len(self.starts)
+
+    def __getitem__(self, index: int) -> npt.NDArray[Any]:  # type: ignore[override]
+        i = index + len(self) if index < 0 else index
+        if not 0 <= i < len(self):
+            raise IndexError(index)
+        if i < len(self.prefix):
+            return self.prefix[i]
+        item, is_bytes = divmod(i - len(self.prefix), 2)
+        if is_bytes:
+            return self.raw[self.starts[item]:self.starts[item] + self.lengths[item]]
+        return np.array([self.lengths[item]], dtype=np.uint64)
+
+    def strings(self) -> list[str]:
+        """Every string, decoded as UTF-8 (undecodable bytes replaced)."""
+        if not self.starts:
+            return []
+        first = self.starts[0]
+        region = self.raw[first:self.starts[-1] + self.lengths[-1]].tobytes()
+        return [region[s - first:s - first + n].decode("utf-8", errors="replace")
+                for s, n in zip(self.starts, self.lengths, strict=True)]
 
 
 class GGUFFile(gguf.GGUFReader):
@@ -104,8 +141,8 @@ class GGUFFile(gguf.GGUFReader):
         offs, count = orig_offs + 12, int(alen[0])
         head: list[npt.NDArray[Any]] = [raw_itype, alen]
         if itype == GGUFValueType.STRING:
-            parts, size = self._string_array_parts(offs, count)
-            return 12 + size, head + parts, list(range(3, 3 + 2 * count, 2)), [gtype, itype]
+            parts, size = self._string_array_parts(offs, count, head)
+            return 12 + size, parts, list(range(3, 3 + 2 * count, 2)), [gtype, itype]
         nptype = self.gguf_scalar_to_np.get(itype)
         if nptype is not None:
             values = self._get(offs, nptype, count)
@@ -127,8 +164,11 @@ class GGUFFile(gguf.GGUFReader):
             name = self._utf8(kv_kdata, orig_offs, "metadata key")
             if name in self.fields:
                 raise ModelLoadError(f"{self.path}: duplicate metadata key {name!r} at byte offset {orig_offs}")
+            every = (cast(StringParts, field_parts).with_prefix(parts) if isinstance(field_parts, StringParts)
+                     else parts + field_parts)
             self.fields[name] = gguf.ReaderField(
-                orig_offs, name, parts + field_parts, [i + len(parts) for i in field_idxs], field_types)
+                orig_offs, name, cast("list[npt.NDArray[Any]]", every), [i + len(parts) for i in field_idxs],
+                field_types)
             offs += field_size
         return offs
 
@@ -154,8 +194,10 @@ class GGUFFile(gguf.GGUFReader):
                 f"expected one of 0..{max(GGUFValueType)}"
             ) from None
 
-    def _string_array_parts(self, offs: int, count: int) -> tuple[list[npt.NDArray[Any]], int]:
-        """Parts ``[len_0, bytes_0, len_1, bytes_1, ...]`` of a string array, and its size in bytes."""
+    def _string_array_parts(self, offs: int, count: int,
+                            head: list[npt.NDArray[Any]]) -> tuple[list[npt.NDArray[Any]], int]:
+        """The parts ``[*head, len_0, bytes_0, len_1, bytes_1, ...]`` of a string array (a
+        :class:`StringParts`), and its size in bytes."""
         raw, size = self._raw, self._size
         buffer = raw.data  # a memoryview: struct reads it without copying
         unpack = struct.Struct("<Q" if self.is_little_endian() else ">Q").unpack_from
@@ -172,14 +214,7 @@ class GGUFFile(gguf.GGUFReader):
             starts.append(pos)
             lengths.append(length)
             pos += length
-        # The length parts are not views of the file (they are never written back), which saves a
-        # numpy view per string; the byte parts are views, as in the stock reader.
-        lens = np.array(lengths, dtype=np.uint64)
-        parts: list[npt.NDArray[Any]] = []
-        for i, (start, length) in enumerate(zip(starts, lengths, strict=True)):
-            parts.append(lens[i:i + 1])
-            parts.append(raw[start:start + length])
-        return parts, pos - offs
+        return cast("list[npt.NDArray[Any]]", StringParts(head, raw, starts, lengths)), pos - offs
 
     def _truncated_string(self, offset: int, nbytes: int) -> None:
         raise ModelLoadError(
@@ -265,6 +300,8 @@ def field_value(field: gguf.ReaderField) -> Any:
     if types[0] == GGUFValueType.ARRAY:
         item_type = types[-1]
         if item_type == GGUFValueType.STRING:
+            if isinstance(field.parts, StringParts):
+                return field.parts.strings()
             return [field.parts[i].tobytes().decode("utf-8", errors="replace") for i in field.data]
         if item_type == GGUFValueType.ARRAY:
             return [field.parts[i].tolist() for i in field.data]

@@ -273,6 +273,43 @@ def fast_packed(compiled: kernels.CpuKernels, weight: quants.QuantizedTensor, wi
                               ints.factored if factored else None, wide_bytes)
 
 
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("wide_bytes", [False, True], ids=["signed", "wide"])
+def test_records_copied_from_the_files_blocks_are_the_packed_integers(cpu_kernels: kernels.CpuKernels, qtype: QT,
+                                                                      wide_bytes: bool) -> None:
+    """Q4_0, Q4_1 and Q8_0 records are laid out from the file's blocks as they are (how a load packs them), byte
+    for byte the records packed from the unpacked integers and float32 scales, at ragged N (a panel's padding
+    rows zero) and several widths, for signed and unsigned (+128) bytes alike."""
+    assert qtype.name in kernels.FAST_BLOCK_FORMATS
+    for n, k in ((1, 32), (37, 64), (16, 96), (50, 576)):
+        weight = quantized(qtype, n, k, seed=n * k)
+        copied = cpu_kernels.pack_fast_blocks(weight.raw.contiguous(), qtype.name, n, k, wide_bytes)
+        unpacked = fast_packed(cpu_kernels, weight, wide_bytes)
+        assert (copied.kind, copied.c, copied.n, copied.k) == (unpacked.kind, unpacked.c, n, k)
+        assert torch.equal(copied.records, unpacked.records), (n, k)
+
+
+def test_a_load_copies_the_records_of_the_formats_that_hold_them(cpu_kernels: kernels.CpuKernels,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fast layer of Q4_1 parts (q/k/v stacked) never unpacks its integers; a Q6_K one does."""
+    unpacked: list[QT] = []
+    integers = quants.QuantizedTensor.integers
+
+    def spy(self: quants.QuantizedTensor) -> quants.IntegerWeights:
+        unpacked.append(self.qtype)
+        return integers(self)
+
+    monkeypatch.setattr(quants.QuantizedTensor, "integers", spy)
+    parts = [quantized(QT.Q4_1, n, 64, seed=n) for n in (32, 16, 16)]
+    layer = QuantLinear(parts, cpu_kernels, fast=True)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    whole = quants.QuantizedTensor.cat(parts)
+    assert torch.equal(layer(x), cpu_kernels.quant_gemm_fast(x, fast_packed(cpu_kernels, whole, cpu_kernels.wide_bytes)))
+    assert unpacked == [QT.Q4_1]  # the reference's own records above, not the layer's
+    QuantLinear([quantized(QT.Q6_K, 16, 256)], cpu_kernels, fast=True)
+    assert unpacked == [QT.Q4_1, QT.Q6_K]
+
+
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda q: q.name)
 def test_k_quant_records_keep_the_files_scales_and_give_the_same_floats(cpu_kernels: kernels.CpuKernels,
                                                                          qtype: QT) -> None:
