@@ -170,6 +170,21 @@ def test_gguf_facts(ours: Tokenizer, smollm_meta: dict[str, Any]) -> None:
     assert ours.encode("<|im_start|>") == ours.encode("<|im_start", add_special_tokens=False) + ours.encode("|>")
 
 
+def test_a_token_stored_as_plain_text_is_respelled(ours: Tokenizer, smollm_meta: dict[str, Any]) -> None:
+    """A vocabulary whose tokens are all in the byte alphabet (the demo's) is translated in one call; one
+    normal token a writer stored as plain text (" hello" for "Ġhello") sends the build down the token-by-token
+    path, which spells it back: the ids and the text are the same either way."""
+    tokens = list(smollm_meta["tokenizer.ggml.tokens"])
+    index = tokens.index("Ġhello")
+    tokens[index] = " hello"
+    plain = Tokenizer.from_gguf_metadata({**smollm_meta, "tokenizer.ggml.tokens": tokens})
+    for text in ("Well, hello there!", *TEXTS):
+        assert plain.encode(text) == ours.encode(text), text
+    ids = ours.encode("say hello, twice: hello")
+    assert index in ids and plain.decode(ids) == ours.decode(ids) == "say hello, twice: hello"
+    assert plain.token_bytes(index) == ours.token_bytes(index) == b" hello"
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_ids_equal_transformers(ours: Tokenizer, reference: Any, text: str) -> None:
     assert ours.encode(text, parse_special=True) == reference(text)["input_ids"]
