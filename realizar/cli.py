@@ -247,7 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(_banner(url, engine.model_id, engine.load_seconds, extra, endpoints), flush=True)
 
     # What this process has imported lives as long as it: out of the collector's sight now, the load's collections
-    # (and the engine's at its start) scan only what the load allocates, 1 ms instead of 50-90 (BENCHMARKS.md)
+    # (and the engine's at its start) scan only what the load allocates, 1 ms instead of 55-100 (BENCHMARKS.md)
     gc.freeze()
     print(f"realizar: loading {path} ...", flush=True)
     return serve(factory, sconfig, log_level=args.log_level, on_ready=ready)

@@ -550,7 +550,7 @@ def _byte_level_bpe(
     joined = "".join(tokens)
     if _OUTSIDE_ALPHABET.search(joined) is None:
         # every token spelled in the byte alphabet (as GGUF writers store them): one translation for all, a
-        # byte per character, in a tenth of the time of one per token
+        # byte per character, sliced into each token's bytes
         vocab = {token: index for index, token in enumerate(tokens)}
         spelled_bytes = joined.translate(_ALPHABET_TO_LATIN1).encode("latin-1")
         ends = list(itertools.accumulate(len(token) for token in tokens))
