@@ -136,9 +136,10 @@ class QuantPacked:
 
 FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_SIXES = 0, 1, 2, 3  # quant_fast.c's kinds of a fast record's integers
 FAST_HALF, FAST_TWO_D, FAST_MIN, FAST_SUPER = 8, 16, 32, 64  # quant_fast.c's flags of a fast record's scales
-# GGUF types whose blocks hold fast records' bytes as they are (CpuKernels.pack_fast_blocks): the C side's code for
-# the type, its integers' bits and offset, and whether it has a min
-FAST_BLOCK_FORMATS = {"Q4_0": (0, 4, 8, False), "Q4_1": (1, 4, 0, True), "Q8_0": (2, 8, 0, False)}
+# GGUF types whose blocks the C side lays out as fast records directly (CpuKernels.pack_fast_blocks): its code for
+# the type, the records' kind (Q8_0: FAST_BYTES or FAST_SIGNED_BYTES, as the build takes bytes) and integer offset
+FAST_BLOCK_FORMATS = {"Q4_0": (0, FAST_NIBBLES | FAST_HALF, 8), "Q4_1": (1, FAST_NIBBLES | FAST_HALF | FAST_MIN, 0),
+                      "Q8_0": (2, FAST_HALF, 0), "Q4_K": (3, FAST_NIBBLES | FAST_MIN | FAST_SUPER, 0)}
 SUPER_BLOCKS = 8  # blocks of 32 terms in a k-quant's super-block
 FAST_EVERY_ROW = 1 << 30  # quant_fast.c's FAST_MAX_ROWS where every row takes the integer products (VNNI, AVX2)
 
@@ -489,15 +490,14 @@ class CpuKernels:
 
     def pack_fast_blocks(self, blocks: torch.Tensor, qtype: str, n: int, k: int,
                          wide_bytes: bool | None = None) -> FastPacked:
-        """:meth:`pack_fast`'s records, byte for byte, straight from the ``[n, k / 32 * type_size]`` uint8 blocks of
-        a GGUF weight of a type in :data:`FAST_BLOCK_FORMATS`, whose blocks hold a record's bytes as they are:
-        nothing is unpacked (``realizar_pack_fast_blocks``)."""
-        code, bits, offset, has_min = FAST_BLOCK_FORMATS[qtype]
+        """:meth:`pack_fast`'s records, byte for byte, straight from the ``[n, k / block * type_size]`` uint8 blocks
+        of a GGUF weight of a type in :data:`FAST_BLOCK_FORMATS`: nothing is unpacked in torch
+        (``realizar_pack_fast_blocks``)."""
+        code, kind, offset = FAST_BLOCK_FORMATS[qtype]
         assert k % QUANT_BLOCK == 0 and blocks.dtype == torch.uint8 and blocks.is_contiguous()
-        kind = FAST_NIBBLES if bits == 4 else FAST_BYTES if (self.wide_bytes if wide_bytes is None else wide_bytes) \
-            else FAST_SIGNED_BYTES
-        offset = 128 if kind == FAST_BYTES else offset
-        kind |= FAST_HALF | (FAST_MIN if has_min else 0)
+        if qtype == "Q8_0":
+            wide = self.wide_bytes if wide_bytes is None else wide_bytes
+            kind, offset = (kind | FAST_BYTES, 128) if wide else (kind | FAST_SIGNED_BYTES, offset)
         records = torch.empty(-(-n // PANEL), int(self._fast_panel_bytes(kind, k // QUANT_BLOCK)), dtype=torch.uint8)
         self._pack_fast_blocks(blocks.data_ptr(), code, n, k, kind, records.data_ptr())
         return FastPacked(records, kind, offset, n, k)

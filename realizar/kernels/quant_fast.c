@@ -488,50 +488,68 @@ void realizar_fast_integer_tiles(int kind, int c, const uint8_t *panel, int64_t 
  *   otherwise: [n, k / 32, V] float32, or float16 bits with FAST_HALF, V = 1 + TWO_D + MIN (d0, d1, min),
  *   and `factors` NULL.
  * `out` holds realizar_fast_panel_bytes(kind, k / 32) for each panel of 16 rows. */
-void realizar_pack_fast(const uint8_t *q, const void *scales, const uint16_t *factors, int64_t n, int64_t k,
-                        int kind, uint8_t *out) {
-    const int64_t blocks = k / QK, panels = (n + NR - 1) / NR, pbytes = fast_panel_bytes(kind, blocks);
+struct pack_job {
+    const uint8_t *q;
+    const void *scales;
+    const uint16_t *factors;
+    uint8_t *out;
+    int64_t n, k;
+    int kind;
+};
+
+static void pack_panel(const void *arg, int64_t p) {
+    const struct pack_job *job = (const struct pack_job *)arg;
+    const uint8_t *const q = job->q;
+    const void *const scales = job->scales;
+    const uint16_t *const factors = job->factors;
+    const int64_t n = job->n, k = job->k;
+    const int kind = job->kind;
+    const int64_t blocks = k / QK, pbytes = fast_panel_bytes(kind, blocks);
     const int ints = kind & FAST_KIND;
     const int vectors = 1 + !!(kind & FAST_TWO_D) + !!(kind & FAST_MIN), lane = (kind & FAST_HALF) ? 2 : 4;
-    memset(out, 0, (size_t)(panels * pbytes));
-    for (int64_t p = 0; p < panels; p++) {
-        uint8_t *const panel = out + p * pbytes;
-        for (int64_t b = 0; b < blocks; b++) {
-            uint8_t *const v = (uint8_t *)fast_ints_at(kind, panel, b);
-            uint8_t *const sc = (uint8_t *)fast_scales_at(kind, panel, b);
-            for (int64_t j = 0; j < NR && p * NR + j < n; j++) {
-                const int64_t row = p * NR + j;
-                const uint8_t *const u = q + row * k + b * QK;  /* the block's 32 integers of this row */
-                for (int i = 0; i < 4; i++) {
-                    if (ints == FAST_NIBBLES || ints == FAST_SIXES) {  /* terms 16 + 4t + i in the high nibble */
-                        for (int t = 0; t < 4; t++)
-                            v[64 * t + 4 * j + i] = (uint8_t)((u[4 * t + i] & 15) | (u[16 + 4 * t + i] & 15) << 4);
-                    } else {
-                        for (int t = 0; t < 8; t++) v[64 * t + 4 * j + i] = u[4 * t + i];
-                    }
-                    if (ints == FAST_SIXES)  /* bits 4-5 of bytes vector 4 h + s in bits 2s, 2s + 1 of vector 4 + h */
-                        for (int h = 0; h < 2; h++) {
-                            uint8_t top = 0;
-                            for (int s = 0; s < 4; s++) top |= (uint8_t)(((u[4 * (4 * h + s) + i] >> 4) & 3) << (2 * s));
-                            v[256 + 64 * h + 4 * j + i] = top;
-                        }
-                }
-                if (kind & FAST_SUPER) {
-                    const uint8_t *const s2 = (const uint8_t *)scales + (row * blocks + b) * 2;
-                    sc[j] = s2[0];
-                    sc[16 + j] = s2[1];
-                    if (b % FAST_GROUP_BLOCKS == 0) {
-                        uint16_t *const f = (uint16_t *)(void *)fast_factors_at(kind, panel, b);
-                        f[j] = factors[(row * (blocks / FAST_GROUP_BLOCKS) + b / FAST_GROUP_BLOCKS) * 2];
-                        f[16 + j] = factors[(row * (blocks / FAST_GROUP_BLOCKS) + b / FAST_GROUP_BLOCKS) * 2 + 1];
-                    }
+    uint8_t *const panel = job->out + p * pbytes;
+    memset(panel, 0, (size_t)pbytes);
+    for (int64_t b = 0; b < blocks; b++) {
+        uint8_t *const v = (uint8_t *)fast_ints_at(kind, panel, b);
+        uint8_t *const sc = (uint8_t *)fast_scales_at(kind, panel, b);
+        for (int64_t j = 0; j < NR && p * NR + j < n; j++) {
+            const int64_t row = p * NR + j;
+            const uint8_t *const u = q + row * k + b * QK;  /* the block's 32 integers of this row */
+            for (int i = 0; i < 4; i++) {
+                if (ints == FAST_NIBBLES || ints == FAST_SIXES) {  /* terms 16 + 4t + i in the high nibble */
+                    for (int t = 0; t < 4; t++)
+                        v[64 * t + 4 * j + i] = (uint8_t)((u[4 * t + i] & 15) | (u[16 + 4 * t + i] & 15) << 4);
                 } else {
-                    const uint8_t *const f = (const uint8_t *)scales + (row * blocks + b) * vectors * lane;
-                    for (int x = 0; x < vectors; x++) memcpy(sc + (16 * x + j) * lane, f + x * lane, (size_t)lane);
+                    for (int t = 0; t < 8; t++) v[64 * t + 4 * j + i] = u[4 * t + i];
                 }
+                if (ints == FAST_SIXES)  /* bits 4-5 of bytes vector 4 h + s in bits 2s, 2s + 1 of vector 4 + h */
+                    for (int h = 0; h < 2; h++) {
+                        uint8_t top = 0;
+                        for (int s = 0; s < 4; s++) top |= (uint8_t)(((u[4 * (4 * h + s) + i] >> 4) & 3) << (2 * s));
+                        v[256 + 64 * h + 4 * j + i] = top;
+                    }
+            }
+            if (kind & FAST_SUPER) {
+                const uint8_t *const s2 = (const uint8_t *)scales + (row * blocks + b) * 2;
+                sc[j] = s2[0];
+                sc[16 + j] = s2[1];
+                if (b % FAST_GROUP_BLOCKS == 0) {
+                    uint16_t *const f = (uint16_t *)(void *)fast_factors_at(kind, panel, b);
+                    f[j] = factors[(row * (blocks / FAST_GROUP_BLOCKS) + b / FAST_GROUP_BLOCKS) * 2];
+                    f[16 + j] = factors[(row * (blocks / FAST_GROUP_BLOCKS) + b / FAST_GROUP_BLOCKS) * 2 + 1];
+                }
+            } else {
+                const uint8_t *const f = (const uint8_t *)scales + (row * blocks + b) * vectors * lane;
+                for (int x = 0; x < vectors; x++) memcpy(sc + (16 * x + j) * lane, f + x * lane, (size_t)lane);
             }
         }
     }
+}
+
+void realizar_pack_fast(const uint8_t *q, const void *scales, const uint16_t *factors, int64_t n, int64_t k,
+                        int kind, uint8_t *out) {
+    const struct pack_job job = {.q = q, .scales = scales, .factors = factors, .out = out, .n = n, .k = k, .kind = kind};
+    realizar_parallel(pack_panel, &job, (n + NR - 1) / NR);  /* panels on every thread */
 }
 
 /* realizar_pack_fast's records straight from a GGUF file's Q4_0, Q4_1 or Q8_0 blocks (format 0, 1, 2), for the
@@ -540,13 +558,54 @@ void realizar_pack_fast(const uint8_t *q, const void *scales, const uint16_t *fa
  * does; a Q8_0 block's byte 4t + i is term 4t + i (plus 128, as an unsigned byte, where kind is FAST_BYTES); the
  * float16 d (and Q4_1's min) are the record's scales as they are. So a load copies bytes instead of unpacking
  * every integer and packing it again (the demo model's weights in about 0.06 s, where that took about 0.4 under a
- * profiler). Panels on every thread. */
+ * profiler). A Q4_K block's nibbles are moved into a record's order and its 6-bit scales unpacked (format 3:
+ * pack_k4_rows). Panels on every thread. */
 struct block_pack_job {
     const uint8_t *blocks;
     uint8_t *out;
     int64_t n, k;
     int format, kind;
 };
+
+/* A Q4_K super-block's 6-bit scale and min of its 32-term block `sub` (0-7), from its 12 bytes of them. */
+static void k4_scale_min(const uint8_t *q, int sub, uint8_t *scale, uint8_t *min) {
+    if (sub < 4) {
+        *scale = q[sub] & 63;
+        *min = q[sub + 4] & 63;
+    } else {
+        *scale = (uint8_t)((q[sub + 4] & 15) | (q[sub - 4] >> 6) << 4);
+        *min = (uint8_t)((q[sub + 4] >> 4) | (q[sub] >> 6) << 4);
+    }
+}
+
+/* A panel's rows from Q4_K super-blocks (144 bytes: float16 d and dmin, 12 bytes of 6-bit scales and mins, then
+ * 4 x 32 bytes whose low nibbles are one 32-term block and high nibbles the next): each block's nibbles moved into
+ * a record's order, its two small integers, and the super-block's d and -dmin once for its 8 records. */
+static void pack_k4_rows(const struct block_pack_job *job, int64_t p, uint8_t *panel) {
+    const int64_t blocks = job->k / QK;
+    for (int64_t j = 0; j < NR && p * NR + j < job->n; j++) {
+        const uint8_t *const row = job->blocks + (p * NR + j) * (blocks / FAST_GROUP_BLOCKS) * 144;
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *const super = row + (b / FAST_GROUP_BLOCKS) * 144;
+            const int sub = (int)(b % FAST_GROUP_BLOCKS), shift = 4 * (sub & 1);
+            const uint8_t *const qs = super + 16 + 32 * (sub / 2);
+            uint8_t *const v = (uint8_t *)fast_ints_at(job->kind, panel, b);
+            uint8_t *const sc = (uint8_t *)fast_scales_at(job->kind, panel, b);
+            for (int t = 0; t < 4; t++)
+                for (int i = 0; i < 4; i++)
+                    v[64 * t + 4 * j + i] = (uint8_t)((qs[4 * t + i] >> shift & 15) | (qs[16 + 4 * t + i] >> shift & 15) << 4);
+            k4_scale_min(super + 4, sub, &sc[j], &sc[16 + j]);
+            if (sub == 0) {
+                uint16_t *const f = (uint16_t *)(void *)fast_factors_at(job->kind, panel, b);
+                uint16_t d, dmin;
+                memcpy(&d, super, 2);
+                memcpy(&dmin, super + 2, 2);
+                f[j] = d;
+                f[16 + j] = dmin ^ 0x8000;  /* -dmin: the record's factor of the mins */
+            }
+        }
+    }
+}
 
 static void pack_block_panel(const void *arg, int64_t p) {
     const struct block_pack_job *job = (const struct block_pack_job *)arg;
@@ -556,6 +615,10 @@ static void pack_block_panel(const void *arg, int64_t p) {
     const uint8_t flip = ints == FAST_BYTES ? 0x80 : 0;
     uint8_t *const panel = job->out + p * pbytes;
     memset(panel, 0, (size_t)pbytes);
+    if (f == 3) {
+        pack_k4_rows(job, p, panel);
+        return;
+    }
     for (int64_t j = 0; j < NR && p * NR + j < job->n; j++) {
         const uint8_t *const row = job->blocks + (p * NR + j) * blocks * block_bytes[f];
         for (int64_t b = 0; b < blocks; b++) {

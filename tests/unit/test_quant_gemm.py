@@ -273,15 +273,16 @@ def fast_packed(compiled: kernels.CpuKernels, weight: quants.QuantizedTensor, wi
                               ints.factored if factored else None, wide_bytes)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K], ids=lambda q: q.name)
 @pytest.mark.parametrize("wide_bytes", [False, True], ids=["signed", "wide"])
 def test_records_copied_from_the_files_blocks_are_the_packed_integers(cpu_kernels: kernels.CpuKernels, qtype: QT,
                                                                       wide_bytes: bool) -> None:
-    """Q4_0, Q4_1 and Q8_0 records are laid out from the file's blocks as they are (how a load packs them), byte
-    for byte the records packed from the unpacked integers and float32 scales, at ragged N (a panel's padding
+    """Q4_0, Q4_1, Q8_0 and Q4_K records are laid out from the file's blocks in C (how a load packs them), byte
+    for byte the records packed from the integers and scales unpacked in torch, at ragged N (a panel's padding
     rows zero) and several widths, for signed and unsigned (+128) bytes alike."""
     assert qtype.name in kernels.FAST_BLOCK_FORMATS
-    for n, k in ((1, 32), (37, 64), (16, 96), (50, 576)):
+    shapes = ((1, 256), (37, 512), (16, 768)) if qtype == QT.Q4_K else ((1, 32), (37, 64), (16, 96), (50, 576))
+    for n, k in shapes:
         weight = quantized(qtype, n, k, seed=n * k)
         copied = cpu_kernels.pack_fast_blocks(weight.raw.contiguous(), qtype.name, n, k, wide_bytes)
         unpacked = fast_packed(cpu_kernels, weight, wide_bytes)
