@@ -142,7 +142,7 @@ void realizar_pack_quantized(const uint8_t *q, const void *scales, int64_t n, in
 /* Lay a weight's integers and factors out as fast records (quant_fast.c). */
 void realizar_pack_fast(const uint8_t *q, const void *scales, const uint16_t *factors, int64_t n, int64_t k,
                         int kind, uint8_t *out);
-/* The same records straight from GGUF Q4_0, Q4_1, Q8_0 or Q4_K blocks (format 0-3; quant_fast.c). */
+/* The same records straight from GGUF Q4_0, Q4_1, Q8_0, Q4_K or Q6_K blocks (format 0-4; quant_fast.c). */
 void realizar_pack_fast_blocks(const uint8_t *blocks, int format, int64_t n, int64_t k, int kind, uint8_t *out);
 /* The weights of blocks first .. first + count - 1 of a panel's fast records (kind `kind`, integer
  * offset c), into `out`: the floats the exact class gives (quant_fast.c). */

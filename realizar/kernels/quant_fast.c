@@ -488,6 +488,24 @@ void realizar_fast_integer_tiles(int kind, int c, const uint8_t *panel, int64_t 
  *   otherwise: [n, k / 32, V] float32, or float16 bits with FAST_HALF, V = 1 + TWO_D + MIN (d0, d1, min),
  *   and `factors` NULL.
  * `out` holds realizar_fast_panel_bytes(kind, k / 32) for each panel of 16 rows. */
+/* Row j's 32 integers u of a block into its record's integers v (kind `ints`). */
+static void put_record_ints(int ints, uint8_t *v, int64_t j, const uint8_t *u) {
+    for (int i = 0; i < 4; i++) {
+        if (ints == FAST_NIBBLES || ints == FAST_SIXES) {  /* terms 16 + 4t + i in the high nibble */
+            for (int t = 0; t < 4; t++)
+                v[64 * t + 4 * j + i] = (uint8_t)((u[4 * t + i] & 15) | (u[16 + 4 * t + i] & 15) << 4);
+        } else {
+            for (int t = 0; t < 8; t++) v[64 * t + 4 * j + i] = u[4 * t + i];
+        }
+        if (ints == FAST_SIXES)  /* bits 4-5 of bytes vector 4 h + s in bits 2s, 2s + 1 of vector 4 + h */
+            for (int h = 0; h < 2; h++) {
+                uint8_t top = 0;
+                for (int s = 0; s < 4; s++) top |= (uint8_t)(((u[4 * (4 * h + s) + i] >> 4) & 3) << (2 * s));
+                v[256 + 64 * h + 4 * j + i] = top;
+            }
+    }
+}
+
 struct pack_job {
     const uint8_t *q;
     const void *scales;
@@ -514,21 +532,7 @@ static void pack_panel(const void *arg, int64_t p) {
         uint8_t *const sc = (uint8_t *)fast_scales_at(kind, panel, b);
         for (int64_t j = 0; j < NR && p * NR + j < n; j++) {
             const int64_t row = p * NR + j;
-            const uint8_t *const u = q + row * k + b * QK;  /* the block's 32 integers of this row */
-            for (int i = 0; i < 4; i++) {
-                if (ints == FAST_NIBBLES || ints == FAST_SIXES) {  /* terms 16 + 4t + i in the high nibble */
-                    for (int t = 0; t < 4; t++)
-                        v[64 * t + 4 * j + i] = (uint8_t)((u[4 * t + i] & 15) | (u[16 + 4 * t + i] & 15) << 4);
-                } else {
-                    for (int t = 0; t < 8; t++) v[64 * t + 4 * j + i] = u[4 * t + i];
-                }
-                if (ints == FAST_SIXES)  /* bits 4-5 of bytes vector 4 h + s in bits 2s, 2s + 1 of vector 4 + h */
-                    for (int h = 0; h < 2; h++) {
-                        uint8_t top = 0;
-                        for (int s = 0; s < 4; s++) top |= (uint8_t)(((u[4 * (4 * h + s) + i] >> 4) & 3) << (2 * s));
-                        v[256 + 64 * h + 4 * j + i] = top;
-                    }
-            }
+            put_record_ints(ints, v, j, q + row * k + b * QK);
             if (kind & FAST_SUPER) {
                 const uint8_t *const s2 = (const uint8_t *)scales + (row * blocks + b) * 2;
                 sc[j] = s2[0];
@@ -558,8 +562,8 @@ void realizar_pack_fast(const uint8_t *q, const void *scales, const uint16_t *fa
  * does; a Q8_0 block's byte 4t + i is term 4t + i (plus 128, as an unsigned byte, where kind is FAST_BYTES); the
  * float16 d (and Q4_1's min) are the record's scales as they are. So a load copies bytes instead of unpacking
  * every integer and packing it again (the demo model's weights in about 0.06 s, where that took about 0.4 under a
- * profiler). A Q4_K block's nibbles are moved into a record's order and its 6-bit scales unpacked (format 3:
- * pack_k4_rows). Panels on every thread. */
+ * profiler). Q4_K and Q6_K blocks are unpacked in C instead (formats 3 and 4: pack_k_rows). Panels on every
+ * thread. */
 struct block_pack_job {
     const uint8_t *blocks;
     uint8_t *out;
@@ -578,30 +582,48 @@ static void k4_scale_min(const uint8_t *q, int sub, uint8_t *scale, uint8_t *min
     }
 }
 
-/* A panel's rows from Q4_K super-blocks (144 bytes: float16 d and dmin, 12 bytes of 6-bit scales and mins, then
- * 4 x 32 bytes whose low nibbles are one 32-term block and high nibbles the next): each block's nibbles moved into
- * a record's order, its two small integers, and the super-block's d and -dmin once for its 8 records. */
-static void pack_k4_rows(const struct block_pack_job *job, int64_t p, uint8_t *panel) {
+/* A panel's rows from Q4_K (format 3) or Q6_K (format 4) super-blocks of 256 terms, each block of 32 terms unpacked
+ * into its integers in the file's order (as quants.py's unpackers give them) and put into its record, with its two
+ * small integers (Q4_K: its 6-bit scale and min; Q6_K: the int8 scales of its halves), and the super-block's
+ * float16 factors once for its 8 records (Q4_K: d and -dmin; Q6_K: d and 0).
+ *   Q4_K, 144 bytes: d, dmin, 12 bytes of scales and mins, then 4 x 32 bytes whose low nibbles are one block and
+ *   high nibbles the next.
+ *   Q6_K, 210 bytes: 128 bytes of low nibbles (for each 128 terms, 64 bytes: low nibbles then high nibbles), 64 of
+ *   2-bit high parts (for each 128 terms, 32 bytes: bits 0-1, 2-3, 4-5, 6-7 in turn), 16 int8 scales, d. */
+static void pack_k_rows(const struct block_pack_job *job, int64_t p, uint8_t *panel) {
+    const int q6 = job->format == 4, bytes = q6 ? 210 : 144;
     const int64_t blocks = job->k / QK;
     for (int64_t j = 0; j < NR && p * NR + j < job->n; j++) {
-        const uint8_t *const row = job->blocks + (p * NR + j) * (blocks / FAST_GROUP_BLOCKS) * 144;
+        const uint8_t *const row = job->blocks + (p * NR + j) * (blocks / FAST_GROUP_BLOCKS) * bytes;
         for (int64_t b = 0; b < blocks; b++) {
-            const uint8_t *const super = row + (b / FAST_GROUP_BLOCKS) * 144;
-            const int sub = (int)(b % FAST_GROUP_BLOCKS), shift = 4 * (sub & 1);
-            const uint8_t *const qs = super + 16 + 32 * (sub / 2);
-            uint8_t *const v = (uint8_t *)fast_ints_at(job->kind, panel, b);
+            const uint8_t *const super = row + (b / FAST_GROUP_BLOCKS) * bytes;
+            const int sub = (int)(b % FAST_GROUP_BLOCKS);
+            uint8_t u[QK];
             uint8_t *const sc = (uint8_t *)fast_scales_at(job->kind, panel, b);
-            for (int t = 0; t < 4; t++)
-                for (int i = 0; i < 4; i++)
-                    v[64 * t + 4 * j + i] = (uint8_t)((qs[4 * t + i] >> shift & 15) | (qs[16 + 4 * t + i] >> shift & 15) << 4);
-            k4_scale_min(super + 4, sub, &sc[j], &sc[16 + j]);
+            uint16_t d, second = 0;
+            if (q6) {
+                /* the block's terms r0 .. r0 + 31 of its 128: low nibbles or high ones of 32 bytes, and one pair of
+                 * bits of each of the 32 bytes of high parts */
+                const int half = sub / 4, r0 = 32 * (sub % 4);
+                const uint8_t *const low = super + 64 * half + r0 % 64, *const top = super + 128 + 32 * half;
+                const int low_shift = 4 * (r0 / 64), top_shift = 2 * (r0 / 32);
+                for (int t = 0; t < QK; t++) u[t] = (uint8_t)((low[t] >> low_shift & 15) | (top[t] >> top_shift & 3) << 4);
+                sc[j] = super[192 + 2 * sub];
+                sc[16 + j] = super[192 + 2 * sub + 1];
+                memcpy(&d, super + 208, 2);
+            } else {
+                const uint8_t *const qs = super + 16 + 32 * (sub / 2);
+                for (int t = 0; t < QK; t++) u[t] = qs[t] >> (4 * (sub & 1)) & 15;
+                k4_scale_min(super + 4, sub, &sc[j], &sc[16 + j]);
+                memcpy(&d, super, 2);
+                memcpy(&second, super + 2, 2);
+                second ^= 0x8000;  /* -dmin: the records' factor of the mins */
+            }
+            put_record_ints(job->kind & FAST_KIND, (uint8_t *)fast_ints_at(job->kind, panel, b), j, u);
             if (sub == 0) {
                 uint16_t *const f = (uint16_t *)(void *)fast_factors_at(job->kind, panel, b);
-                uint16_t d, dmin;
-                memcpy(&d, super, 2);
-                memcpy(&dmin, super + 2, 2);
                 f[j] = d;
-                f[16 + j] = dmin ^ 0x8000;  /* -dmin: the record's factor of the mins */
+                f[16 + j] = second;
             }
         }
     }
@@ -615,8 +637,8 @@ static void pack_block_panel(const void *arg, int64_t p) {
     const uint8_t flip = ints == FAST_BYTES ? 0x80 : 0;
     uint8_t *const panel = job->out + p * pbytes;
     memset(panel, 0, (size_t)pbytes);
-    if (f == 3) {
-        pack_k4_rows(job, p, panel);
+    if (f >= 3) {
+        pack_k_rows(job, p, panel);
         return;
     }
     for (int64_t j = 0; j < NR && p * NR + j < job->n; j++) {
