@@ -481,13 +481,6 @@ void realizar_fast_integer_tiles(int kind, int c, const uint8_t *panel, int64_t 
 }
 #endif
 
-/* Lays a weight out as fast records of kind `kind`: q [n, k] its stored integers (bytes), rows past n in the
- * last panel zeros. `scales` holds each block's factors as the kind's records store them:
- *   FAST_SUPER: [n, k / 32, 2] bytes (scale and min, or the scales of the block's two halves), and
- *   `factors` [n, k / 256, 2] float16 bits (d, then -dmin or 0);
- *   otherwise: [n, k / 32, V] float32, or float16 bits with FAST_HALF, V = 1 + TWO_D + MIN (d0, d1, min),
- *   and `factors` NULL.
- * `out` holds realizar_fast_panel_bytes(kind, k / 32) for each panel of 16 rows. */
 /* Row j's 32 integers u of a block into its record's integers v (kind `ints`). */
 static void put_record_ints(int ints, uint8_t *v, int64_t j, const uint8_t *u) {
     for (int i = 0; i < 4; i++) {
@@ -550,6 +543,13 @@ static void pack_panel(const void *arg, int64_t p) {
     }
 }
 
+/* Lays a weight out as fast records of kind `kind`: q [n, k] its stored integers (bytes), rows past n in the
+ * last panel zeros. `scales` holds each block's factors as the kind's records store them:
+ *   FAST_SUPER: [n, k / 32, 2] bytes (scale and min, or the scales of the block's two halves), and
+ *   `factors` [n, k / 256, 2] float16 bits (d, then -dmin or 0);
+ *   otherwise: [n, k / 32, V] float32, or float16 bits with FAST_HALF, V = 1 + TWO_D + MIN (d0, d1, min),
+ *   and `factors` NULL.
+ * `out` holds realizar_fast_panel_bytes(kind, k / 32) for each panel of 16 rows. */
 void realizar_pack_fast(const uint8_t *q, const void *scales, const uint16_t *factors, int64_t n, int64_t k,
                         int kind, uint8_t *out) {
     const struct pack_job job = {.q = q, .scales = scales, .factors = factors, .out = out, .n = n, .k = k, .kind = kind};
