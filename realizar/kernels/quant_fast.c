@@ -481,21 +481,29 @@ void realizar_fast_integer_tiles(int kind, int c, const uint8_t *panel, int64_t 
 }
 #endif
 
+/* A record's byte order: byte 4t + i of row j's `vectors` x 4 bytes of a block goes to byte 4j + i of the record's
+ * 64-byte vector t (XORed with flip). */
+static void place_bytes(uint8_t *v, int64_t j, const uint8_t *bytes, int vectors, uint8_t flip) {
+    for (int t = 0; t < vectors; t++)
+        for (int i = 0; i < 4; i++) v[64 * t + 4 * j + i] = bytes[4 * t + i] ^ flip;
+}
+
 /* Row j's 32 integers u of a block into its record's integers v (kind `ints`). */
 static void put_record_ints(int ints, uint8_t *v, int64_t j, const uint8_t *u) {
-    for (int i = 0; i < 4; i++) {
-        if (ints == FAST_NIBBLES || ints == FAST_SIXES) {  /* terms 16 + 4t + i in the high nibble */
-            for (int t = 0; t < 4; t++)
-                v[64 * t + 4 * j + i] = (uint8_t)((u[4 * t + i] & 15) | (u[16 + 4 * t + i] & 15) << 4);
-        } else {
-            for (int t = 0; t < 8; t++) v[64 * t + 4 * j + i] = u[4 * t + i];
-        }
-        if (ints == FAST_SIXES)  /* bits 4-5 of bytes vector 4 h + s in bits 2s, 2s + 1 of vector 4 + h */
-            for (int h = 0; h < 2; h++) {
-                uint8_t top = 0;
-                for (int s = 0; s < 4; s++) top |= (uint8_t)(((u[4 * (4 * h + s) + i] >> 4) & 3) << (2 * s));
-                v[256 + 64 * h + 4 * j + i] = top;
+    if (ints != FAST_NIBBLES && ints != FAST_SIXES) {
+        place_bytes(v, j, u, 8, 0);
+        return;
+    }
+    uint8_t packed[16], top[8];
+    for (int b = 0; b < 16; b++) packed[b] = (uint8_t)((u[b] & 15) | (u[16 + b] & 15) << 4);  /* 16 + b high */
+    place_bytes(v, j, packed, 4, 0);
+    if (ints == FAST_SIXES) {  /* bits 4-5 of bytes vector 4 h + s in bits 2s, 2s + 1 of vector 4 + h */
+        for (int h = 0; h < 2; h++)
+            for (int i = 0; i < 4; i++) {
+                top[4 * h + i] = 0;
+                for (int s = 0; s < 4; s++) top[4 * h + i] |= (uint8_t)(((u[4 * (4 * h + s) + i] >> 4) & 3) << (2 * s));
             }
+        place_bytes(v + 256, j, top, 2, 0);
     }
 }
 
@@ -647,8 +655,7 @@ static void pack_block_panel(const void *arg, int64_t p) {
             const uint8_t *const block = row + b * block_bytes[f], *const u = block + ints_at[f];
             uint8_t *const v = (uint8_t *)fast_ints_at(job->kind, panel, b);
             uint8_t *const sc = (uint8_t *)fast_scales_at(job->kind, panel, b);
-            for (int t = 0; t < (f == 2 ? 8 : 4); t++)
-                for (int i = 0; i < 4; i++) v[64 * t + 4 * j + i] = u[4 * t + i] ^ flip;
+            place_bytes(v, j, u, f == 2 ? 8 : 4, flip);
             for (int x = 0; x < scale_count[f]; x++) memcpy(sc + (16 * x + j) * 2, block + 2 * x, 2);
         }
     }
