@@ -55,10 +55,11 @@ except ImportError:  # not POSIX: concurrent builders each build (the result is 
 
 log = logging.getLogger("realizar.kernels")
 
-SOURCES = [Path(__file__).with_name(name)
-           for name in ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "prefill_attention.c", "pointwise.c",
-                        "sampling.c", "quant_gemm.c", "quant_fast.c", "quant_tiles.c", "decoder.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "quant_blocks.h")]
+SOURCE_NAMES = ("thread_pool.c", "packed_gemm.c", "paged_attention.c", "prefill_attention.c", "pointwise.c",
+                "sampling.c", "quant_gemm.c", "quant_fast.c", "quant_tiles.c", "decoder.c")
+HEADER_NAMES = ("cpu_kernels.h", "quant_blocks.h")
+SOURCES = [Path(__file__).with_name(name) for name in SOURCE_NAMES]
+HEADERS = [Path(__file__).with_name(name) for name in HEADER_NAMES]
 FLAGS = ["-O3", "-fopenmp-simd", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 # REALIZAR_KERNELS_ISA builds for less than this CPU has, so each code path can be tested and timed
 # on one machine: ``avx512`` (Skylake-SP's AVX-512, without VNNI), ``avx2`` (Haswell's AVX2, FMA and F16C,
@@ -227,12 +228,16 @@ def _compiler() -> str | None:
 BUILD_TIMEOUT_S = 600  # a generic x86-64 build takes ~2 min
 
 
-def _build() -> Path | None:
+def _build(directory: Path | None = None) -> Path | None:
+    """The library built from this package's sources, or from those in ``directory`` (another copy of
+    ``realizar/kernels``, which ``benchmarks/kernel_ab.py`` times against this one); cached by their digest."""
     compiler = _compiler()
     if compiler is None:
         log.info("no C compiler found; the CPU engine uses its pure-torch path")
         return None
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in [*HEADERS, *SOURCES])
+    sources, headers = ((SOURCES, HEADERS) if directory is None else
+                        ([directory / name for name in SOURCE_NAMES], [directory / name for name in HEADER_NAMES]))
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in [*headers, *sources])
                             + " ".join(_flags()).encode() + _cpu_signature().encode())
     target = _cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
@@ -241,7 +246,7 @@ def _build() -> Path | None:
     with _held(target.with_suffix(".lock")):
         if target.exists():  # another process built it while this one waited
             return target
-        return _compile(compiler, target)
+        return _compile(compiler, target, sources)
 
 
 @contextlib.contextmanager
@@ -259,15 +264,15 @@ def _held(lock: Path) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _compile(compiler: str, target: Path) -> Path | None:
+def _compile(compiler: str, target: Path, sources: list[Path]) -> Path | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
+        objects = [Path(tmp) / f"{source.stem}.o" for source in sources]
         # every source at once (the cores share them): the two quantized-product files are most of the time
         compiles = [subprocess.Popen([compiler, *_flags(), "-c", str(source), "-o", str(obj)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                    for source, obj in zip(SOURCES, objects, strict=True)]
-        failures = [_finished(compile_, source) for compile_, source in zip(compiles, SOURCES, strict=True)]
+                    for source, obj in zip(sources, objects, strict=True)]
+        failures = [_finished(compile_, source) for compile_, source in zip(compiles, sources, strict=True)]
         if not any(failures):
             link = subprocess.run([compiler, *_flags(), *map(str, objects), "-o", str(built), "-lm"],
                                   capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)

@@ -428,7 +428,7 @@ def test_processes_that_start_together_on_a_cold_cache_build_the_kernels_once(
     monkeypatch.setenv("REALIZAR_CACHE_DIR", str(tmp_path))
     compiled: list[Path] = []
 
-    def slow_compile(compiler: str, target: Path) -> Path:
+    def slow_compile(compiler: str, target: Path, sources: list[Path]) -> Path:
         time.sleep(0.3)  # long enough for every builder to reach the lock
         compiled.append(target)
         target.write_bytes(b"kernels")
@@ -443,3 +443,28 @@ def test_processes_that_start_together_on_a_cold_cache_build_the_kernels_once(
     for b in builders:
         b.join(30)
     assert len(compiled) == 1 and built == [compiled[0]] * 4
+
+
+def test_another_copy_of_the_sources_builds_its_own_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``_build(directory)`` compiles the sources found there (benchmarks/kernel_ab.py times two builds in one
+    process): a copy that differs in one byte is another library, built from the copy's files, and this
+    package's own build is left as it was."""
+    monkeypatch.setenv("REALIZAR_CACHE_DIR", str(tmp_path / "cache"))
+    compiled: dict[Path, list[Path]] = {}
+
+    def fake_compile(compiler: str, target: Path, sources: list[Path]) -> Path:
+        compiled[target] = sources
+        target.write_bytes(b"kernels")
+        return target
+
+    monkeypatch.setattr(kernels, "_compile", fake_compile)
+    monkeypatch.setattr(kernels, "_compiler", lambda: "cc")
+    copy = tmp_path / "other"
+    copy.mkdir()
+    for path in [*kernels.SOURCES, *kernels.HEADERS]:
+        (copy / path.name).write_bytes(path.read_bytes())
+    (copy / "quant_tiles.c").write_bytes((copy / "quant_tiles.c").read_bytes() + b"\n")
+    mine, other = kernels._build(), kernels._build(copy)
+    assert mine is not None and other is not None and mine != other
+    assert compiled[mine] == kernels.SOURCES
+    assert compiled[other] == [copy / name for name in kernels.SOURCE_NAMES]

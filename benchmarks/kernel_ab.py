@@ -1,0 +1,123 @@
+"""Two builds of the CPU kernels in one process, their layer products timed turn by turn.
+
+On a shared VM the CPU's speed swings by 2x within seconds (BENCHMARKS.md, "AMX Xeon"), so two
+builds timed one after the other, even alternated run by run, differ by more than most changes
+to a kernel. Here both libraries are loaded at once: this checkout's, and the one built from
+another copy's ``realizar/kernels`` (``--other``). Every repetition times each build on the same
+products, in turns whose order alternates, and the best time of each is kept, so a slow stretch
+costs both builds alike.
+
+Usage (from the repository root)::
+
+    git worktree add /tmp/base HEAD          # the build to compare against
+    # ... change realizar/kernels/*.c here ...
+    .venv/bin/python benchmarks/kernel_ab.py --other /tmp/base
+    .venv/bin/python benchmarks/kernel_ab.py --other /tmp/base --rows 16,64,512 --layers 4 --repeats 40
+
+The weights are the default model's (or ``--model``'s), packed by this checkout, so the other build
+must read the same records: the printed max difference between the two builds' outputs says whether
+it does. The fast class, with AMX tiles where the CPU has them unless ``--tiles off``. Prints, per
+kind of product and in all, the best milliseconds of each build, this build's best over the other's,
+and the median over the turns of this build's time over the other's in the same turn (below 1: this
+build is faster). An ``--other`` with the same sources loads the same library: the ratios of that A/A
+run are the noise left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from realizar import kernels
+from realizar.backends.cpu_kernels import QuantLinear
+from realizar.config import EngineConfig
+from realizar.engine.engine import load_engine_model
+from realizar.loading import default_model_path
+
+KINDS = ("qkv", "o", "gate_up", "down")
+POOL_SPIN_S = 0.003  # an idle pool's workers spin for 2 ms (thread_pool.c): the other build's are asleep first
+
+
+def product(linear: QuantLinear, x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = linear(x)``, each part of the layer into its own columns, as ``QuantLinear.__call__`` does."""
+    start = 0
+    for part in linear.parts:
+        linear._product(x, part, out[:, start:start + part.n])
+        start += part.n
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--other", type=Path, required=True, help="another realizar checkout (its realizar/kernels)")
+    parser.add_argument("--model", type=Path, default=None, help="default: the demo model")
+    parser.add_argument("--rows", default="64,512", help="rows of each product (tokens of a step), comma-separated")
+    parser.add_argument("--layers", type=int, default=6, help="the first N layers' products, each with its own weights")
+    parser.add_argument("--repeats", type=int, default=20, help="turns of each build")
+    parser.add_argument("--tiles", choices=("on", "off"), default="on", help="AMX tiles, where the CPU has them")
+    args = parser.parse_args()
+    rows = [int(r) for r in args.rows.split(",") if r.strip()]
+    directory = args.other / "realizar" / "kernels"
+    if not (directory / "quant_tiles.c").is_file():
+        parser.error(f"{args.other} is not a realizar checkout (no realizar/kernels/quant_tiles.c)")
+
+    os.environ["REALIZAR_QUANTIZED"] = "fast"
+    os.environ["REALIZAR_TILES"] = args.tiles
+    mine = kernels.load()
+    path = kernels._build(directory.resolve())
+    if mine is None or path is None:
+        print("no C compiler, or the kernels are switched off: nothing to compare", file=sys.stderr)
+        return 1
+    other = kernels.CpuKernels(path)
+    config = EngineConfig(device="cpu", max_model_len=256, max_num_seqs=4)
+    model = load_engine_model(args.model or default_model_path(), config).model
+    other.set_threads(mine.threads())
+    for k in (mine, other):
+        k.set_tiles(args.tiles == "on")
+    builds = {"this": mine, "other": other}
+    same = " (the same sources: an A/A run, whose ratios show the noise left)" if path == kernels._build() else ""
+    print(f"this build: {kernels._build()}\nother build: {path}{same}\n"
+          f"{args.layers} layers, fast class, tiles {args.tiles} (this build can use them: {mine.tiles}); "
+          f"best of {args.repeats} turns each, in ms")
+    print("\n| rows | product | this | other | this / other, best | this / other, median of turns | max difference |"
+          "\n|---|---|---|---|---|---|---|")
+    for m in rows:
+        layers = {kind: [getattr(layer, kind) for layer in model.layers[:args.layers]] for kind in KINDS}
+        assert all(isinstance(lin, QuantLinear) for lins in layers.values() for lin in lins), "quantized layers only"
+        xs = {kind: torch.randn(m, lins[0].in_features) for kind, lins in layers.items()}
+        times: dict[str, dict[str, list[float]]] = {name: {kind: [] for kind in (*KINDS, "all")} for name in builds}
+        # outputs written in place, each build's its own: a fresh tensor per product was a fault on each of its
+        # pages whenever the allocator had given the previous ones back, and that fell on one build more than
+        # the other (an A/A run read 1.5-1.8x at 512 rows)
+        outputs = {name: {kind: [torch.empty(m, lin.out_features) for lin in lins] for kind, lins in layers.items()}
+                   for name in builds}
+        for turn in range(args.repeats):
+            for name in (list(builds) if turn % 2 == 0 else list(reversed(builds))):
+                for lins in layers.values():
+                    for lin in lins:
+                        lin.kernels = builds[name]
+                time.sleep(POOL_SPIN_S)
+                for kind, lins in layers.items():
+                    start = time.perf_counter()
+                    for lin, out in zip(lins, outputs[name][kind], strict=True):
+                        product(lin, xs[kind], out)
+                    times[name][kind].append(time.perf_counter() - start)
+                times[name]["all"].append(sum(times[name][kind][-1] for kind in KINDS))
+        for lins in layers.values():
+            for lin in lins:
+                lin.kernels = mine
+        for kind in (*KINDS, "all"):
+            this, that = times["this"][kind], times["other"][kind]
+            ratios = sorted(a / b for a, b in zip(this, that, strict=True))
+            difference = "" if kind == "all" else f"{max(float((a - b).abs().max()) for a, b in zip(outputs['this'][kind], outputs['other'][kind], strict=True)):.1e}"
+            print(f"| {m} | {'all four' if kind == 'all' else kind} | {min(this) * 1e3:.2f} | {min(that) * 1e3:.2f} | "
+                  f"{min(this) / min(that):.3f} | {ratios[len(ratios) // 2]:.3f} | {difference} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
