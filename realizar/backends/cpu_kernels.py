@@ -95,14 +95,10 @@ class QuantLinear:
         self.parts: list[kernels.QuantPacked | kernels.FastPacked] = []
         for run in runs:
             weight = QuantizedTensor.cat(run) if len(run) > 1 else run[0]
-            if fast and weight.qtype.name in kernels.FAST_BLOCK_FORMATS:
+            if fast:  # laid out from the file's blocks in C, for every format kept quantized
                 self.parts.append(compiled.pack_fast_blocks(weight.raw.contiguous(), weight.qtype.name, *weight.shape))
                 continue
             ints = weight.integers()
-            if fast:
-                self.parts.append(compiled.pack_fast(ints.q, ints.scales, ints.mins, ints.bits, ints.offset,
-                                                     ints.group, ints.factored))
-                continue
             # float16 scales where that is exact: fewer bytes to read, the same floats
             fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group,
                                        kernels.exact_in_half(ints.scales, ints.mins))

@@ -141,7 +141,8 @@ FAST_HALF, FAST_TWO_D, FAST_MIN, FAST_SUPER = 8, 16, 32, 64  # quant_fast.c's fl
 # the type, the records' kind (Q8_0: FAST_BYTES or FAST_SIGNED_BYTES, as the build takes bytes) and integer offset
 FAST_BLOCK_FORMATS = {"Q4_0": (0, FAST_NIBBLES | FAST_HALF, 8), "Q4_1": (1, FAST_NIBBLES | FAST_HALF | FAST_MIN, 0),
                       "Q8_0": (2, FAST_HALF, 0), "Q4_K": (3, FAST_NIBBLES | FAST_MIN | FAST_SUPER, 0),
-                      "Q6_K": (4, FAST_SIXES | FAST_TWO_D | FAST_SUPER, 32)}
+                      "Q6_K": (4, FAST_SIXES | FAST_TWO_D | FAST_SUPER, 32), "Q5_0": (5, FAST_BYTES | FAST_HALF, 16),
+                      "Q5_1": (6, FAST_BYTES | FAST_HALF | FAST_MIN, 0), "Q5_K": (7, FAST_BYTES | FAST_MIN | FAST_SUPER, 0)}
 SUPER_BLOCKS = 8  # blocks of 32 terms in a k-quant's super-block
 FAST_EVERY_ROW = 1 << 30  # quant_fast.c's FAST_MAX_ROWS where every row takes the integer products (VNNI, AVX2)
 

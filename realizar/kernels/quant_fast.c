@@ -570,8 +570,9 @@ void realizar_pack_fast(const uint8_t *q, const void *scales, const uint16_t *fa
  * does; a Q8_0 block's byte 4t + i is term 4t + i (plus 128, as an unsigned byte, where kind is FAST_BYTES); the
  * float16 d (and Q4_1's min) are the record's scales as they are. So a load copies bytes instead of unpacking
  * every integer and packing it again (the demo model's weights in about 0.06 s, where that took about 0.4 under a
- * profiler). Q4_K and Q6_K blocks are unpacked in C instead (formats 3 and 4: pack_k_rows). Panels on every
- * thread. */
+ * profiler). Q4_K, Q6_K and Q5_K blocks are unpacked in C instead (formats 3, 4 and 7: pack_k_rows), and Q5_0 and
+ * Q5_1 blocks (formats 5 and 6: a term's fifth bit is bit t of the block's 32-bit qh, above its nibble) into
+ * records of bytes. Panels on every thread. */
 struct block_pack_job {
     const uint8_t *blocks;
     uint8_t *out;
@@ -590,16 +591,18 @@ static void k4_scale_min(const uint8_t *q, int sub, uint8_t *scale, uint8_t *min
     }
 }
 
-/* A panel's rows from Q4_K (format 3) or Q6_K (format 4) super-blocks of 256 terms, each block of 32 terms unpacked
- * into its integers in the file's order (as quants.py's unpackers give them) and put into its record, with its two
- * small integers (Q4_K: its 6-bit scale and min; Q6_K: the int8 scales of its halves), and the super-block's
- * float16 factors once for its 8 records (Q4_K: d and -dmin; Q6_K: d and 0).
+/* A panel's rows from Q4_K (format 3), Q6_K (format 4) or Q5_K (format 7) super-blocks of 256 terms, each block of
+ * 32 terms unpacked into its integers in the file's order (as quants.py's unpackers give them) and put into its
+ * record, with its two small integers (Q4_K, Q5_K: its 6-bit scale and min; Q6_K: the int8 scales of its halves),
+ * and the super-block's float16 factors once for its 8 records (Q4_K, Q5_K: d and -dmin; Q6_K: d and 0).
  *   Q4_K, 144 bytes: d, dmin, 12 bytes of scales and mins, then 4 x 32 bytes whose low nibbles are one block and
  *   high nibbles the next.
+ *   Q5_K, 176 bytes: Q4_K's first 16, then 32 bytes of fifth bits (bit s of byte t: term t of block s), then Q4_K's
+ *   4 x 32 bytes of nibbles.
  *   Q6_K, 210 bytes: 128 bytes of low nibbles (for each 128 terms, 64 bytes: low nibbles then high nibbles), 64 of
  *   2-bit high parts (for each 128 terms, 32 bytes: bits 0-1, 2-3, 4-5, 6-7 in turn), 16 int8 scales, d. */
 static void pack_k_rows(const struct block_pack_job *job, int64_t p, uint8_t *panel) {
-    const int q6 = job->format == 4, bytes = q6 ? 210 : 144;
+    const int q6 = job->format == 4, q5 = job->format == 7, bytes = q6 ? 210 : q5 ? 176 : 144;
     const int64_t blocks = job->k / QK;
     for (int64_t j = 0; j < NR && p * NR + j < job->n; j++) {
         const uint8_t *const row = job->blocks + (p * NR + j) * (blocks / FAST_GROUP_BLOCKS) * bytes;
@@ -620,8 +623,10 @@ static void pack_k_rows(const struct block_pack_job *job, int64_t p, uint8_t *pa
                 sc[16 + j] = super[192 + 2 * sub + 1];
                 memcpy(&d, super + 208, 2);
             } else {
-                const uint8_t *const qs = super + 16 + 32 * (sub / 2);
+                const uint8_t *const qs = super + (q5 ? 48 : 16) + 32 * (sub / 2);
                 for (int t = 0; t < QK; t++) u[t] = qs[t] >> (4 * (sub & 1)) & 15;
+                if (q5)
+                    for (int t = 0; t < QK; t++) u[t] |= (uint8_t)((super[16 + t] >> sub & 1) << 4);
                 k4_scale_min(super + 4, sub, &sc[j], &sc[16 + j]);
                 memcpy(&d, super, 2);
                 memcpy(&second, super + 2, 2);
@@ -639,13 +644,15 @@ static void pack_k_rows(const struct block_pack_job *job, int64_t p, uint8_t *pa
 
 static void pack_block_panel(const void *arg, int64_t p) {
     const struct block_pack_job *job = (const struct block_pack_job *)arg;
-    static const int block_bytes[3] = {18, 20, 34}, ints_at[3] = {2, 4, 2}, scale_count[3] = {1, 2, 1};
+    /* formats 0-2 and 5-6 (Q5_0, Q5_1), by format: a block's bytes, where its integers start, its float16 scales */
+    static const int block_bytes[7] = {18, 20, 34, 0, 0, 22, 24}, ints_at[7] = {2, 4, 2, 0, 0, 6, 8};
+    static const int scale_count[7] = {1, 2, 1, 0, 0, 1, 2};
     const int f = job->format, ints = job->kind & FAST_KIND;
     const int64_t blocks = job->k / QK, pbytes = fast_panel_bytes(job->kind, blocks);
     const uint8_t flip = ints == FAST_BYTES ? 0x80 : 0;
     uint8_t *const panel = job->out + p * pbytes;
     memset(panel, 0, (size_t)pbytes);
-    if (f >= 3) {
+    if (f == 3 || f == 4 || f == 7) {
         pack_k_rows(job, p, panel);
         return;
     }
@@ -655,7 +662,15 @@ static void pack_block_panel(const void *arg, int64_t p) {
             const uint8_t *const block = row + b * block_bytes[f], *const u = block + ints_at[f];
             uint8_t *const v = (uint8_t *)fast_ints_at(job->kind, panel, b);
             uint8_t *const sc = (uint8_t *)fast_scales_at(job->kind, panel, b);
-            place_bytes(v, j, u, f == 2 ? 8 : 4, flip);
+            if (f >= 5) {  /* Q5_0, Q5_1: each term's nibble (low: t < 16) and bit t of qh, just before them */
+                uint8_t five[QK];
+                uint32_t qh;
+                memcpy(&qh, u - 4, 4);
+                for (int t = 0; t < QK; t++) five[t] = (uint8_t)((u[t % 16] >> (4 * (t / 16)) & 15) | (qh >> t & 1) << 4);
+                put_record_ints(ints, v, j, five);
+            } else {
+                place_bytes(v, j, u, f == 2 ? 8 : 4, flip);
+            }
             for (int x = 0; x < scale_count[f]; x++) memcpy(sc + (16 * x + j) * 2, block + 2 * x, 2);
         }
     }

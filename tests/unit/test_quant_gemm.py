@@ -273,15 +273,16 @@ def fast_packed(compiled: kernels.CpuKernels, weight: quants.QuantizedTensor, wi
                               ints.factored if factored else None, wide_bytes)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K],
+                         ids=lambda q: q.name)
 @pytest.mark.parametrize("wide_bytes", [False, True], ids=["signed", "wide"])
 def test_records_copied_from_the_files_blocks_are_the_packed_integers(cpu_kernels: kernels.CpuKernels, qtype: QT,
                                                                       wide_bytes: bool) -> None:
-    """Q4_0, Q4_1, Q8_0, Q4_K and Q6_K records are laid out from the file's blocks in C (how a load packs them), byte
-    for byte the records packed from the integers and scales unpacked in torch, at ragged N (a panel's padding
-    rows zero) and several widths, for signed and unsigned (+128) bytes alike."""
+    """Every format's records are laid out from the file's blocks in C (how a load packs them), byte for byte the
+    records packed from the integers and scales unpacked in torch, at ragged N (a panel's padding rows zero) and
+    several widths, for signed and unsigned (+128) bytes alike."""
     assert qtype.name in kernels.FAST_BLOCK_FORMATS
-    k_quant = qtype in (QT.Q4_K, QT.Q6_K)
+    k_quant = qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K)
     for n, k in ((1, 256), (37, 512), (16, 768)) if k_quant else ((1, 32), (37, 64), (16, 96), (50, 576)):
         weight = quantized(qtype, n, k, seed=n * k)
         copied = cpu_kernels.pack_fast_blocks(weight.raw.contiguous(), qtype.name, n, k, wide_bytes)
@@ -290,9 +291,10 @@ def test_records_copied_from_the_files_blocks_are_the_packed_integers(cpu_kernel
         assert torch.equal(copied.records, unpacked.records), (n, k)
 
 
-def test_a_load_copies_the_records_of_the_formats_that_hold_them(cpu_kernels: kernels.CpuKernels,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fast layer of Q4_1 parts (q/k/v stacked) never unpacks its integers in torch; a Q5_K one does."""
+def test_a_fast_layer_is_laid_out_from_the_files_blocks(cpu_kernels: kernels.CpuKernels,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fast layer of Q4_1 parts (q/k/v stacked) never unpacks its integers in torch, and neither does one of any
+    other format the fast class takes; the exact class's layers still do."""
     unpacked: list[QT] = []
     integers = quants.QuantizedTensor.integers
 
@@ -307,7 +309,11 @@ def test_a_load_copies_the_records_of_the_formats_that_hold_them(cpu_kernels: ke
     whole = quants.QuantizedTensor.cat(parts)
     assert torch.equal(layer(x), cpu_kernels.quant_gemm_fast(x, fast_packed(cpu_kernels, whole, cpu_kernels.wide_bytes)))
     assert unpacked == [QT.Q4_1]  # the reference's own records above, not the layer's
-    QuantLinear([quantized(QT.Q5_K, 16, 256)], cpu_kernels, fast=True)
+    assert set(kernels.FAST_BLOCK_FORMATS) == {q.name for q in quants.INTEGER_UNPACKERS}
+    for qtype in quants.INTEGER_UNPACKERS:
+        QuantLinear([quantized(qtype, 16, 256)], cpu_kernels, fast=True)
+    assert unpacked == [QT.Q4_1]
+    QuantLinear([quantized(QT.Q5_K, 16, 256)], cpu_kernels, fast=False)
     assert unpacked == [QT.Q4_1, QT.Q5_K]
 
 
