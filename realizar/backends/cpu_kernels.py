@@ -94,10 +94,10 @@ class QuantLinear:
         self.formats = tuple(run[0].qtype.name for run in runs)  # the GGUF types, e.g. ("Q4_K", "Q6_K")
         self.parts: list[kernels.QuantPacked | kernels.FastPacked] = []
         for run in runs:
-            weight = QuantizedTensor.cat(run) if len(run) > 1 else run[0]
-            if fast:  # laid out from the file's blocks in C, for every format kept quantized
-                self.parts.append(compiled.pack_fast_blocks(weight.raw.contiguous(), weight.qtype.name, *weight.shape))
+            if fast:  # laid out from the file's blocks in C, for every format kept quantized, part by part
+                self.parts.append(compiled.pack_fast_blocks([p.raw for p in run], run[0].qtype.name, self.in_features))
                 continue
+            weight = QuantizedTensor.cat(run) if len(run) > 1 else run[0]
             ints = weight.integers()
             # float16 scales where that is exact: fewer bytes to read, the same floats
             fmt = kernels.quant_format(ints.bits, ints.offset, ints.mins is not None, ints.group,

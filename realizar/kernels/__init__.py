@@ -41,7 +41,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -495,19 +495,33 @@ class CpuKernels:
                         n, k, kind, records.data_ptr())
         return FastPacked(records, kind, offset, n, k)
 
-    def pack_fast_blocks(self, blocks: torch.Tensor, qtype: str, n: int, k: int,
+    def pack_fast_blocks(self, parts: Sequence[torch.Tensor], qtype: str, k: int,
                          wide_bytes: bool | None = None) -> FastPacked:
-        """:meth:`pack_fast`'s records, byte for byte, straight from the ``[n, k / block * type_size]`` uint8 blocks
-        of a GGUF weight of a type in :data:`FAST_BLOCK_FORMATS`: nothing is unpacked in torch
-        (``realizar_pack_fast_blocks``)."""
+        """:meth:`pack_fast`'s records, byte for byte, straight from the uint8 blocks of GGUF weights of one type in
+        :data:`FAST_BLOCK_FORMATS` and width ``k``, each ``[n_i, k / block * type_size]``, stacked along the outputs
+        (the fused q/k/v or gate/up): nothing is unpacked in torch (``realizar_pack_fast_blocks``). Each part is
+        laid out where its rows go in the records, without concatenating them first, unless it starts inside a
+        panel of 16 rows: it is then joined to the one before it."""
         code, kind, offset = FAST_BLOCK_FORMATS[qtype]
-        assert k % QUANT_BLOCK == 0 and blocks.dtype == torch.uint8 and blocks.is_contiguous()
+        assert k % QUANT_BLOCK == 0 and all(p.dtype == torch.uint8 and p.dim() == 2 for p in parts)
         if qtype == "Q8_0":
             wide = self.wide_bytes if wide_bytes is None else wide_bytes
             kind, offset = (kind | FAST_BYTES, 128) if wide else (kind | FAST_SIGNED_BYTES, offset)
-        records = torch.empty(-(-n // PANEL), int(self._fast_panel_bytes(kind, k // QUANT_BLOCK)), dtype=torch.uint8)
-        self._pack_fast_blocks(blocks.data_ptr(), code, n, k, kind, records.data_ptr())
-        return FastPacked(records, kind, offset, n, k)
+        groups: list[list[torch.Tensor]] = []
+        rows = 0
+        for part in parts:
+            if groups and rows % PANEL:
+                groups[-1].append(part)
+            else:
+                groups.append([part])
+            rows += part.shape[0]
+        records = torch.empty(-(-rows // PANEL), int(self._fast_panel_bytes(kind, k // QUANT_BLOCK)), dtype=torch.uint8)
+        first = 0
+        for group in groups:
+            blocks = (group[0] if len(group) == 1 else torch.cat(group)).contiguous()
+            self._pack_fast_blocks(blocks.data_ptr(), code, blocks.shape[0], k, kind, records[first // PANEL].data_ptr())
+            first += blocks.shape[0]
+        return FastPacked(records, kind, offset, rows, k)
 
     def gemm(self, x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
         """``x [M, K] @ W.T -> [M, n]`` for ``packed = pack(W)``, W ``[n, K]``."""

@@ -285,10 +285,24 @@ def test_records_copied_from_the_files_blocks_are_the_packed_integers(cpu_kernel
     k_quant = qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K)
     for n, k in ((1, 256), (37, 512), (16, 768)) if k_quant else ((1, 32), (37, 64), (16, 96), (50, 576)):
         weight = quantized(qtype, n, k, seed=n * k)
-        copied = cpu_kernels.pack_fast_blocks(weight.raw.contiguous(), qtype.name, n, k, wide_bytes)
+        copied = cpu_kernels.pack_fast_blocks([weight.raw], qtype.name, k, wide_bytes)
         unpacked = fast_packed(cpu_kernels, weight, wide_bytes)
         assert (copied.kind, copied.c, copied.n, copied.k) == (unpacked.kind, unpacked.c, n, k)
         assert torch.equal(copied.records, unpacked.records), (n, k)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q8_0, QT.Q5_K], ids=lambda q: q.name)
+def test_stacked_parts_are_laid_out_where_their_rows_go(cpu_kernels: kernels.CpuKernels, qtype: QT) -> None:
+    """Parts stacked along the outputs (q/k/v, gate/up) are laid out into their own panels of the records, each from
+    its own blocks: the records are those of the parts' blocks concatenated, byte for byte, where a part starts on a
+    panel's first row and where it starts inside one (then joined to the part before it)."""
+    k = 256
+    for rows in ((32, 16, 16), (37, 5, 16, 20), (3, 64, 13)):
+        parts = [quantized(qtype, n, k, seed=n + i) for i, n in enumerate(rows)]
+        stacked = cpu_kernels.pack_fast_blocks([p.raw for p in parts], qtype.name, k)
+        whole = cpu_kernels.pack_fast_blocks([quants.QuantizedTensor.cat(parts).raw], qtype.name, k)
+        assert (stacked.n, stacked.k, stacked.kind, stacked.c) == (sum(rows), k, whole.kind, whole.c)
+        assert torch.equal(stacked.records, whole.records), rows
 
 
 def test_a_fast_layer_is_laid_out_from_the_files_blocks(cpu_kernels: kernels.CpuKernels,
