@@ -13,6 +13,7 @@ Usage (from the repository root)::
     # ... change realizar/kernels/*.c here ...
     .venv/bin/python benchmarks/kernel_ab.py --other /tmp/base
     .venv/bin/python benchmarks/kernel_ab.py --other /tmp/base --rows 16,64,512 --layers 4 --repeats 40
+    .venv/bin/python benchmarks/kernel_ab.py --other /tmp/base --rows "" --steps 1,64 --context 96
 
 The weights are the default model's (or ``--model``'s), packed by this checkout, so the other build
 must read the same records: the printed max difference between the two builds' outputs says whether
@@ -20,7 +21,8 @@ it does. The fast class, with AMX tiles where the CPU has them unless ``--tiles 
 kind of product and in all, the best milliseconds of each build, this build's best over the other's,
 and the median over the turns of this build's time over the other's in the same turn (below 1: this
 build is faster). An ``--other`` with the same sources loads the same library: the ratios of that A/A
-run are the noise left.
+run are the noise left. ``--steps``: whole decode steps too (every layer, attention over ``--context``
+tokens of a float16 cache, the LM head), for a change outside the products.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from realizar import kernels
 from realizar.backends.cpu_kernels import QuantLinear
 from realizar.config import EngineConfig
 from realizar.engine.engine import load_engine_model
+from realizar.kv_cache import KVCache
 from realizar.loading import default_model_path
+from realizar.model.llama import AttentionMetadata, LlamaModel
 
 KINDS = ("qkv", "o", "gate_up", "down")
 POOL_SPIN_S = 0.003  # an idle pool's workers spin for 2 ms (thread_pool.c): the other build's are asleep first
@@ -51,6 +55,51 @@ def product(linear: QuantLinear, x: torch.Tensor, out: torch.Tensor) -> None:
         start += part.n
 
 
+def use(model: LlamaModel, build: kernels.CpuKernels) -> None:
+    """Every kernel call of ``model`` through ``build``: its backend's and each quantized layer's."""
+    model.backend.kernels = build  # type: ignore[attr-defined]
+    for lin in [model.lm_head, *(getattr(layer, kind) for layer in model.layers for kind in KINDS)]:
+        if isinstance(lin, QuantLinear):
+            lin.kernels = build
+
+
+def decode_step(model: LlamaModel, sequences: int,
+                context: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, KVCache, torch.Tensor]:
+    """A decode step of ``sequences`` sequences ``context`` tokens deep, each in its own blocks of a float16
+    cache whose earlier positions hold garbage (the same time as real keys), as ``model.forward``'s arguments."""
+    c, block = model.config, 16
+    blocks = context // block + 1
+    cache = KVCache(c.num_layers, sequences * blocks, block, c.num_kv_heads, c.head_dim, model.device, torch.float16)
+    seqs = torch.arange(sequences)
+    tables = seqs[:, None] * blocks + torch.arange(blocks)[None, :]
+    meta = AttentionMetadata(slot_mapping=tables[:, context // block] * block + context % block,
+                             num_decodes=sequences, decode_block_tables=tables,
+                             decode_context_lens=torch.full((sequences,), context + 1), prefills=[])
+    ids, positions = (seqs * 7919 + 11) % c.vocab_size, torch.full((sequences,), context)
+    return ids, positions, meta, cache, seqs
+
+
+def time_steps(model: LlamaModel, builds: dict[str, kernels.CpuKernels], counts: list[int], context: int,
+               turns: int) -> None:
+    print("\n| decode step | this | other | this / other, best | this / other, median of turns |\n|---|---|---|---|---|")
+    for sequences in counts:
+        args = decode_step(model, sequences, context)
+        times: dict[str, list[float]] = {name: [] for name in builds}
+        for turn in range(turns + 1):
+            for name in (list(builds) if turn % 2 == 0 else list(reversed(builds))):
+                use(model, builds[name])
+                time.sleep(POOL_SPIN_S)
+                start = time.perf_counter()
+                model.forward(*args)
+                if turn:  # the first turn warms each build's buffers
+                    times[name].append(time.perf_counter() - start)
+        use(model, builds["this"])
+        this, that = times["this"], times["other"]
+        ratios = sorted(a / b for a, b in zip(this, that, strict=True))
+        print(f"| {sequences} sequences at context {context} | {min(this) * 1e3:.2f} | {min(that) * 1e3:.2f} | "
+              f"{min(this) / min(that):.3f} | {ratios[len(ratios) // 2]:.3f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--other", type=Path, required=True, help="another realizar checkout (its realizar/kernels)")
@@ -59,8 +108,11 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=6, help="the first N layers' products, each with its own weights")
     parser.add_argument("--repeats", type=int, default=20, help="turns of each build")
     parser.add_argument("--tiles", choices=("on", "off"), default="on", help="AMX tiles, where the CPU has them")
+    parser.add_argument("--steps", default="", help="also whole decode steps of these many sequences, comma-separated")
+    parser.add_argument("--context", type=int, default=96, help="--steps: tokens each sequence attends to")
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",") if r.strip()]
+    steps = [int(r) for r in args.steps.split(",") if r.strip()]
     directory = args.other / "realizar" / "kernels"
     if not (directory / "quant_tiles.c").is_file():
         parser.error(f"{args.other} is not a realizar checkout (no realizar/kernels/quant_tiles.c)")
@@ -83,6 +135,10 @@ def main() -> int:
     print(f"this build: {kernels._build()}\nother build: {path}{same}\n"
           f"{args.layers} layers, fast class, tiles {args.tiles} (this build can use them: {mine.tiles}); "
           f"best of {args.repeats} turns each, in ms")
+    if steps:
+        time_steps(model, builds, steps, args.context, args.repeats)
+    if not rows:
+        return 0
     print("\n| rows | product | this | other | this / other, best | this / other, median of turns | max difference |"
           "\n|---|---|---|---|---|---|---|")
     for m in rows:
