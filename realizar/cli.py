@@ -40,9 +40,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="tokens computed per engine step, prefill chunks included (default %(default)s)")
     p.add_argument("--long-prefill-token-threshold", type=int, default=d.long_prefill_token_threshold,
-                   help="prompt tokens computed (all prompts together) in a step shared with decodes or "
-                        "other prompts; smaller keeps inter-token latency steady while long prompts prefill "
-                        "(default %(default)s)")
+                   help="most tokens of one prompt computed in a step shared with decodes (a prompt whose "
+                        "rest fits in twice that goes whole); smaller keeps inter-token latency steady while "
+                        "long prompts prefill (default %(default)s)")
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="requests allowed to wait beyond the running batch before 503, those not yet "
                         "seen by the engine thread included (default %(default)s)")

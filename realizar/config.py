@@ -93,9 +93,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from max_num_seqs * max_model_len
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
-    # the prompt tokens' worth of compute a step spends on all its prompt chunks together when it
-    # also carries decodes or other prompts (a prompt alone may use all of max_num_batched_tokens);
-    # chosen with benchmarks/long_prompt.py, see docs/api.md "Scheduling"
+    # the prompt tokens' worth of compute of each prompt's chunk in a step that also carries decodes (a
+    # prompt whose rest costs at most twice that goes whole; without decodes a chunk may use all of
+    # max_num_batched_tokens); chosen with benchmarks/long_prompt.py, see docs/api.md "Scheduling"
     long_prefill_token_threshold: int = 16
     max_model_len: int | None = None  # None: the model's own context, capped at 2048
     max_queued_requests: int = 256
