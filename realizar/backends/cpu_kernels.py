@@ -75,7 +75,8 @@ class QuantLinear:
 
     The weight may come in parts stacked along ``out`` (the fused q/k/v or gate/up projections)
     of different GGUF types, as Q4_K_M files mix Q4_K and Q6_K: parts of one type are
-    concatenated, and each remaining part writes its own columns of the output.
+    packed into one weight (the fast class lays each out from its own blocks into its panels; the
+    exact class concatenates them), and each remaining part writes its own columns of the output.
     """
 
     def __init__(self, parts: list[QuantizedTensor], compiled: kernels.CpuKernels,
