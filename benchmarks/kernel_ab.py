@@ -63,6 +63,19 @@ def use(model: LlamaModel, build: kernels.CpuKernels) -> None:
             lin.kernels = build
 
 
+def in_turn(builds: dict[str, kernels.CpuKernels], turn: int) -> list[str]:
+    """The builds' order in a turn: alternated, so that neither always runs first."""
+    return list(builds) if turn % 2 == 0 else list(reversed(builds))
+
+
+def compared(this: list[float], that: list[float]) -> str:
+    """Each build's best time (ms), this over the other's best, and the median over the turns of this over the
+    other in the same turn, as table cells."""
+    ratios = sorted(a / b for a, b in zip(this, that, strict=True))
+    return (f"{min(this) * 1e3:.2f} | {min(that) * 1e3:.2f} | {min(this) / min(that):.3f} | "
+            f"{ratios[len(ratios) // 2]:.3f}")
+
+
 def decode_step(model: LlamaModel, sequences: int,
                 context: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, KVCache, torch.Tensor]:
     """A decode step of ``sequences`` sequences ``context`` tokens deep, each in its own blocks of a float16
@@ -86,7 +99,7 @@ def time_steps(model: LlamaModel, builds: dict[str, kernels.CpuKernels], counts:
         args = decode_step(model, sequences, context)
         times: dict[str, list[float]] = {name: [] for name in builds}
         for turn in range(turns + 1):
-            for name in (list(builds) if turn % 2 == 0 else list(reversed(builds))):
+            for name in in_turn(builds, turn):
                 use(model, builds[name])
                 time.sleep(POOL_SPIN_S)
                 start = time.perf_counter()
@@ -94,10 +107,7 @@ def time_steps(model: LlamaModel, builds: dict[str, kernels.CpuKernels], counts:
                 if turn:  # the first turn warms each build's buffers
                     times[name].append(time.perf_counter() - start)
         use(model, builds["this"])
-        this, that = times["this"], times["other"]
-        ratios = sorted(a / b for a, b in zip(this, that, strict=True))
-        print(f"| {sequences} sequences at context {context} | {min(this) * 1e3:.2f} | {min(that) * 1e3:.2f} | "
-              f"{min(this) / min(that):.3f} | {ratios[len(ratios) // 2]:.3f} |")
+        print(f"| {sequences} sequences at context {context} | {compared(times['this'], times['other'])} |")
 
 
 def main() -> int:
@@ -152,10 +162,8 @@ def main() -> int:
         outputs = {name: {kind: [torch.empty(m, lin.out_features) for lin in lins] for kind, lins in layers.items()}
                    for name in builds}
         for turn in range(args.repeats):
-            for name in (list(builds) if turn % 2 == 0 else list(reversed(builds))):
-                for lins in layers.values():
-                    for lin in lins:
-                        lin.kernels = builds[name]
+            for name in in_turn(builds, turn):
+                use(model, builds[name])
                 time.sleep(POOL_SPIN_S)
                 for kind, lins in layers.items():
                     start = time.perf_counter()
@@ -163,15 +171,12 @@ def main() -> int:
                         product(lin, xs[kind], out)
                     times[name][kind].append(time.perf_counter() - start)
                 times[name]["all"].append(sum(times[name][kind][-1] for kind in KINDS))
-        for lins in layers.values():
-            for lin in lins:
-                lin.kernels = mine
+        use(model, mine)
         for kind in (*KINDS, "all"):
-            this, that = times["this"][kind], times["other"][kind]
-            ratios = sorted(a / b for a, b in zip(this, that, strict=True))
-            difference = "" if kind == "all" else f"{max(float((a - b).abs().max()) for a, b in zip(outputs['this'][kind], outputs['other'][kind], strict=True)):.1e}"
-            print(f"| {m} | {'all four' if kind == 'all' else kind} | {min(this) * 1e3:.2f} | {min(that) * 1e3:.2f} | "
-                  f"{min(this) / min(that):.3f} | {ratios[len(ratios) // 2]:.3f} | {difference} |")
+            pairs = [] if kind == "all" else list(zip(outputs["this"][kind], outputs["other"][kind], strict=True))
+            difference = f"{max(float((a - b).abs().max()) for a, b in pairs):.1e}" if pairs else ""
+            print(f"| {m} | {'all four' if kind == 'all' else kind} | "
+                  f"{compared(times['this'][kind], times['other'][kind])} | {difference} |")
     return 0
 
 
