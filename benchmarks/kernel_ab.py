@@ -47,14 +47,6 @@ KINDS = ("qkv", "o", "gate_up", "down")
 POOL_SPIN_S = 0.003  # an idle pool's workers spin for 2 ms (thread_pool.c): the other build's are asleep first
 
 
-def product(linear: QuantLinear, x: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = linear(x)``, each part of the layer into its own columns, as ``QuantLinear.__call__`` does."""
-    start = 0
-    for part in linear.parts:
-        linear._product(x, part, out[:, start:start + part.n])
-        start += part.n
-
-
 def use(model: LlamaModel, build: kernels.CpuKernels) -> None:
     """Every kernel call of ``model`` through ``build``: its backend's and each quantized layer's."""
     model.backend.kernels = build  # type: ignore[attr-defined]
@@ -168,7 +160,7 @@ def main() -> int:
                 for kind, lins in layers.items():
                     start = time.perf_counter()
                     for lin, out in zip(lins, outputs[name][kind], strict=True):
-                        product(lin, xs[kind], out)
+                        lin(xs[kind], out)
                     times[name][kind].append(time.perf_counter() - start)
                 times[name]["all"].append(sum(times[name][kind][-1] for kind in KINDS))
         use(model, mine)

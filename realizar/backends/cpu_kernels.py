@@ -122,11 +122,13 @@ class QuantLinear:
             return self.kernels.fast_rows(part, ids)
         return self.kernels.quant_rows(part, ids)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.parts) == 1:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x W^T (+ b)``; the products written into ``out`` ``[T, out_features]`` where given (a bias is then
+        added in a new tensor)."""
+        if len(self.parts) == 1 and out is None:
             y = self._product(x, self.parts[0])
         else:
-            y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+            y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32) if out is None else out
             start = 0
             for part in self.parts:
                 self._product(x, part, y[:, start:start + part.n])

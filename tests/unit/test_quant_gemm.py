@@ -323,6 +323,8 @@ def test_a_fast_layer_is_laid_out_from_the_files_blocks(cpu_kernels: kernels.Cpu
     whole = quants.QuantizedTensor.cat(parts)
     assert torch.equal(layer(x), cpu_kernels.quant_gemm_fast(x, fast_packed(cpu_kernels, whole, cpu_kernels.wide_bytes)))
     assert unpacked == [QT.Q4_1]  # the reference's own records above, not the layer's
+    out = torch.empty(3, layer.out_features)
+    assert layer(x, out) is out and torch.equal(out, layer(x))  # the products written where asked, the same floats
     assert set(kernels.FAST_BLOCK_FORMATS) == {q.name for q in quants.INTEGER_UNPACKERS}
     for qtype in quants.INTEGER_UNPACKERS:
         QuantLinear([quantized(qtype, 16, 256)], cpu_kernels, fast=True)
