@@ -727,6 +727,8 @@ struct fjob {
  * 24.96 ms without, 23.15-23.91 with 512 bytes, 25.07-25.55 for the same records in 8-bit bytes).
  * The other kinds stream best without (a Q4_K step took 1.5 ms longer with it). */
 #define SIXES_PREFETCH 512
+/* How far ahead of its records a tile asks for the ones it or the next tile will read (records_ahead). */
+#define STREAM_AHEAD 4096
 #define FAST_NARROW_ROWS 4  /* the switch in run_fast_unit takes 1 .. 4 */
 /* One panel (16 outputs) per tile: one stream of records, which the hardware prefetches best. Two panels at a
  * time (two streams 5.8 KB apart) read 30 layers' Q4_1 gate_up records at one row from memory at
@@ -746,16 +748,39 @@ struct fjob {
 #define FAST_MAX_ROWS 8
 #endif
 
+/* Where the tile of rows m .. m + R - 1 of panel p asks for records ahead of its own, or NULL. A panel's
+ * records are one stream, and the panels follow one another, but the hardware's prefetchers did not keep
+ * ahead of it: one-tile products (up to 8 rows) waited on memory at the start of each block, and in a
+ * panel of several tiles the first did (AVX-512 EPYC, Zen 5: 8-sequence decode steps 7.7-9.3 ms against
+ * 4.5-5.6 with the requests; BENCHMARKS.md). So the tile that reads the panel last asks, block by block,
+ * for the records STREAM_AHEAD bytes on, or, where it follows other tiles of the same panel (it reads
+ * the panel from the cache), for the next panel's. */
+static inline __attribute__((always_inline)) const uint8_t *records_ahead(const struct fjob *j, const uint8_t *base,
+                                                                          int64_t panel_bytes, int64_t m, int R,
+                                                                          int64_t p) {
+    if (m + R < j->M || (p + 1) * NR >= j->N) return NULL;  /* another tile reads this panel after, or none follows */
+    return base + (m > 0 ? panel_bytes : STREAM_AHEAD);
+}
+
+/* Asks for the part of the records at `ahead` that matches block b's part of its own panel (into L2). */
+static inline __attribute__((always_inline)) void ask_ahead(const uint8_t *ahead, int64_t b, int64_t blocks,
+                                                            int64_t panel_bytes) {
+    if (ahead)
+        for (int64_t at = b * panel_bytes / blocks & ~(int64_t)63; at < (b + 1) * panel_bytes / blocks; at += 64)
+            __builtin_prefetch(ahead + at, 0, 2);
+}
+
 static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int TERMS,
                                                             const struct fjob *j, int64_t m, int64_t p,
                                                             int64_t cols) {
     const int64_t K = j->K, blocks = K / QK;
     f32x16 acc[FAST_ROWS];
     for (int r = 0; r < R; r++) acc[r] = (f32x16){0};
-    const uint8_t *const base = j->w + p * fast_panel_bytes(KIND, blocks);
+    const int64_t panel_bytes = fast_panel_bytes(KIND, blocks);
+    const uint8_t *const base = j->w + p * panel_bytes;
+    const uint8_t *const ahead = records_ahead(j, base, panel_bytes, m, R, p);
     for (int64_t b = 0; b < blocks; b++) {
-        /* no software prefetch but for 6-bit integers (SIXES_PREFETCH): the hardware streams these records
-         * better (about 8 % less time at one row) */
+        ask_ahead(ahead, b, blocks, panel_bytes);  /* and 6-bit integers at one row SIXES_PREFETCH ahead */
         f32x16 d0, d1, min;
         fast_scales(KIND, base, b, &d0, &d1, &min);
         const uint8_t *const q = fast_ints_at(KIND, base, b);
@@ -888,12 +913,18 @@ static inline __attribute__((always_inline)) void weights16(const int KIND, cons
 static inline __attribute__((always_inline)) void fast_tile16(const int KIND, const int R, const struct fjob *j,
                                                               int64_t m, int64_t p, int64_t cols) {
     const int64_t K = j->K, blocks = K / QK;
-    const uint8_t *const base = j->w + p * fast_panel_bytes(KIND, blocks);
+    const int64_t panel_bytes = fast_panel_bytes(KIND, blocks);
+    const uint8_t *const base = j->w + p * panel_bytes;
+    const uint8_t *const ahead = records_ahead(j, base, panel_bytes, m, R, p);
     float out[FAST_ROWS][NR];
     for (int h = 0; h < 2; h++) {
         v8 acc[FAST_ROWS];
         for (int r = 0; r < R; r++) acc[r] = (v8){0};
         for (int64_t b = 0; b < blocks; b++) {
+            /* the narrow tiles only: in 8-row tiles, with 16 registers, the requests cost 7 % of the products at 64
+             * rows and gained nothing at 8-16 (AVX2 build on the Zen 5 EPYC); the second half (h = 1) reads the
+             * panel from the cache */
+            if (R < FAST_ROWS && h == 0) ask_ahead(ahead, b, blocks, panel_bytes);
             /* the scales are read after the products: the rows' sums, the weights and the activations
              * fill the 16 registers, and the scales live only for the sums' last step */
             const uint8_t *const q = fast_ints_at(KIND, base, b);
