@@ -725,7 +725,8 @@ struct fjob {
 /* How far ahead a one-row product of 6-bit records asks for them: unpacking them, it keeps fewer
  * reads in flight than the hardware's prefetcher needs (the 1B model's one-sequence step, median of 8:
  * 24.96 ms without, 23.15-23.91 with 512 bytes, 25.07-25.55 for the same records in 8-bit bytes).
- * The other kinds stream best without (a Q4_K step took 1.5 ms longer with it). */
+ * The other kinds streamed best without it (512 bytes ahead: a Q4_K step took 1.5 ms longer, Zen 4 EPYC); every
+ * kind now asks 4 KB ahead (records_ahead). */
 #define SIXES_PREFETCH 512
 /* How far ahead of its records a tile asks for the ones it or the next tile will read (records_ahead). */
 #define STREAM_AHEAD 4096
@@ -751,8 +752,8 @@ struct fjob {
 /* Where the tile of rows m .. m + R - 1 of panel p asks for records ahead of its own, or NULL. A panel's
  * records are one stream, and the panels follow one another, but the hardware's prefetchers did not keep
  * ahead of it: one-tile products (up to 8 rows) waited on memory at the start of each block, and in a
- * panel of several tiles the first did (AVX-512 EPYC, Zen 5: 8-sequence decode steps 7.7-9.3 ms against
- * 4.5-5.6 with the requests; BENCHMARKS.md). So the tile that reads the panel last asks, block by block,
+ * panel of several tiles the first did (Zen 5 EPYC: the demo model's 8-sequence decode steps 7.7-10.3 ms
+ * against 4.5-6.4 with the requests, the 1B Q4_K_M model's 57 against 32; BENCHMARKS.md). So the tile that reads the panel last asks, block by block,
  * for the records STREAM_AHEAD bytes on, or, where it follows other tiles of the same panel (it reads
  * the panel from the cache), for the next panel's. */
 static inline __attribute__((always_inline)) const uint8_t *records_ahead(const struct fjob *j, const uint8_t *base,
