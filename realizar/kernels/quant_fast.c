@@ -753,9 +753,9 @@ struct fjob {
  * records are one stream, and the panels follow one another, but the hardware's prefetchers did not keep
  * ahead of it: one-tile products (up to 8 rows) waited on memory at the start of each block, and in a
  * panel of several tiles the first did (Zen 5 EPYC: the demo model's 8-sequence decode steps 7.7-10.3 ms
- * against 4.5-6.4 with the requests, the 1B Q4_K_M model's 57 against 32; BENCHMARKS.md). So the tile that reads the panel last asks, block by block,
- * for the records STREAM_AHEAD bytes on, or, where it follows other tiles of the same panel (it reads
- * the panel from the cache), for the next panel's. */
+ * against 4.5-6.4 with the requests, the 1B Q4_K_M model's 57 against 32; BENCHMARKS.md). So the tile
+ * that reads the panel last asks, block by block, for the records STREAM_AHEAD bytes on, or, where it
+ * follows other tiles of the same panel (it reads the panel from the cache), for the next panel's. */
 static inline __attribute__((always_inline)) const uint8_t *records_ahead(const struct fjob *j, const uint8_t *base,
                                                                           int64_t panel_bytes, int64_t m, int R,
                                                                           int64_t p) {
@@ -916,16 +916,15 @@ static inline __attribute__((always_inline)) void fast_tile16(const int KIND, co
     const int64_t K = j->K, blocks = K / QK;
     const int64_t panel_bytes = fast_panel_bytes(KIND, blocks);
     const uint8_t *const base = j->w + p * panel_bytes;
-    const uint8_t *const ahead = records_ahead(j, base, panel_bytes, m, R, p);
+    /* the narrow tiles only: in 8-row tiles, with 16 registers, the requests cost 7 % of the products at 64 rows and
+     * gained nothing at 8-16 (AVX2 build on the Zen 5 EPYC) */
+    const uint8_t *const ahead = R < FAST_ROWS ? records_ahead(j, base, panel_bytes, m, R, p) : NULL;
     float out[FAST_ROWS][NR];
     for (int h = 0; h < 2; h++) {
         v8 acc[FAST_ROWS];
         for (int r = 0; r < R; r++) acc[r] = (v8){0};
         for (int64_t b = 0; b < blocks; b++) {
-            /* the narrow tiles only: in 8-row tiles, with 16 registers, the requests cost 7 % of the products at 64
-             * rows and gained nothing at 8-16 (AVX2 build on the Zen 5 EPYC); the second half (h = 1) reads the
-             * panel from the cache */
-            if (R < FAST_ROWS && h == 0) ask_ahead(ahead, b, blocks, panel_bytes);
+            if (h == 0) ask_ahead(ahead, b, blocks, panel_bytes);  /* the second half reads the panel from the cache */
             /* the scales are read after the products: the rows' sums, the weights and the activations
              * fill the 16 registers, and the scales live only for the sums' last step */
             const uint8_t *const q = fast_ints_at(KIND, base, b);
