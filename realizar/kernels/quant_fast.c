@@ -771,6 +771,21 @@ static inline __attribute__((always_inline)) void ask_ahead(const uint8_t *ahead
             __builtin_prefetch(ahead + at, 0, 2);
 }
 
+/* The first `cols` (1 .. 16) lanes of v to y */
+static inline __attribute__((always_inline)) void store_cols(float *y, f32x16 v, int64_t cols) {
+#if defined(__AVX512F__)
+    __m512 u;
+    memcpy(&u, &v, sizeof u);
+    _mm512_mask_storeu_ps(y, (__mmask16)((1u << cols) - 1), u);
+#else
+    if (cols == NR) {
+        memcpy(y, &v, sizeof v);
+    } else {
+        for (int64_t i = 0; i < cols; i++) y[i] = v[i];
+    }
+#endif
+}
+
 static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int TERMS,
                                                             const struct fjob *j, int64_t m, int64_t p,
                                                             int64_t cols) {
@@ -798,19 +813,22 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
             i32x16 lo_a[FAST_ROWS], hi_a[FAST_ROWS], lo_b[FAST_ROWS], hi_b[FAST_ROWS];  /* R <= FAST_NARROW_ROWS */
             for (int r = 0; r < R; r++) lo_a[r] = hi_a[r] = lo_b[r] = hi_b[r] = (i32x16){0};
             const int8_t *const xg = j->xq + x_at(m, b, blocks);
+            /* the sums named, never pointed at: a pointer to one kept all four arrays in memory */
+#define FAST_DOT(S_, X_) \
+    ((KIND & FAST_KIND) == FAST_SIGNED_BYTES ? dot4_signed(S_, w[t], (X_)[t]) : dot4_at(S_, w[t], (X_) + t))
             for (int t = 0; t < 8; t++) {
                 for (int r = 0; r < R; r++) {
                     const int32_t *xa = (const int32_t *)(xg + r * QK), *xb = (const int32_t *)(xg + (XG + r) * QK);
-                    i32x16 *const sa = t < 4 ? &lo_a[r] : &hi_a[r], *const sb = t < 4 ? &lo_b[r] : &hi_b[r];
-                    if ((KIND & FAST_KIND) == FAST_SIGNED_BYTES) {
-                        *sa = dot4_signed(*sa, w[t], xa[t]);
-                        *sb = dot4_signed(*sb, w[t], xb[t]);
+                    if (t < 4) {
+                        lo_a[r] = FAST_DOT(lo_a[r], xa);
+                        lo_b[r] = FAST_DOT(lo_b[r], xb);
                     } else {
-                        *sa = dot4_at(*sa, w[t], xa + t);
-                        *sb = dot4_at(*sb, w[t], xb + t);
+                        hi_a[r] = FAST_DOT(hi_a[r], xa);
+                        hi_b[r] = FAST_DOT(hi_b[r], xb);
                     }
                 }
             }
+#undef FAST_DOT
             /* x = d_x (256 a + b): |sums| < 2^20 per block (32 terms of |u| <= 255 by |a| <= 127),
              * so 256 a + b and c S stay well inside int32 */
             for (int r = 0; r < R; r++) {
@@ -845,14 +863,14 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
                 /* c S is 0 where the format has a min (c = 0), and the min's term 0 where it has none: one
                  * operation less per row and block either way */
                 const f32x16 i = __builtin_convertvector(KIND & FAST_MIN ? sum[r] : sum[r] - cs[at], f32x16);
-                if (KIND & FAST_MIN)
-                    acc[r] += (j->dx[at] * d) * i + min * j->dxs[at];
-                else
-                    acc[r] += (j->dx[at] * d) * i;
+                acc[r] += (j->dx[at] * d) * i;
+                if (KIND & FAST_MIN) acc[r] += min * j->dxs[at];
             }
         }
     }
-    for (int r = 0; r < R; r++) memcpy(j->y + (m + r) * j->ldy + p * NR, &acc[r], (size_t)cols * sizeof(float));
+    /* a store of a fixed size: a memcpy of `cols` floats is a call, which left this loop rolled when GCC decides
+     * what to keep in registers, so acc[] stayed in memory and every block's sums were added to it there */
+    for (int r = 0; r < R; r++) store_cols(j->y + (m + r) * j->ldy + p * NR, acc[r], cols);
 }
 
 #if defined(YMM)
