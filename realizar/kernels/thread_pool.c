@@ -89,7 +89,8 @@ static void wake_all(_Atomic uint32_t *word) {
 static void take_units(uint32_t generation) {
     for (;;) {
         uint64_t claim = atomic_load_explicit(&pool.claim, memory_order_acquire);
-        const int64_t units = atomic_load_explicit(&pool.units, memory_order_relaxed);
+        /* acquire: if this is a later task's, so is the claim word the exchange below compares */
+        const int64_t units = atomic_load_explicit(&pool.units, memory_order_acquire);
         if ((uint32_t)(claim >> 32) != generation || (int64_t)(uint32_t)claim >= units) return;
         /* succeeds only if no unit was taken and no task published since `claim` was read */
         if (!atomic_compare_exchange_weak_explicit(&pool.claim, &claim, claim + 1, memory_order_acq_rel,
@@ -118,9 +119,14 @@ void realizar_parallel(realizar_task task, const void *arg, int64_t units) {
     }
     pthread_mutex_lock(&pool.lock);
     const uint32_t generation = atomic_load(&pool.generation) + 1;
+    /* First no claim can succeed any more: a worker may have read the last task's claim word
+     * just before and read this task's `units` next; its compare-and-swap must then fail,
+     * or it would run a unit of this task that another thread runs too, and count it in
+     * `done`, and this caller would return while a unit of its task still runs. */
+    atomic_store(&pool.claim, (uint64_t)generation << 32 | UINT32_MAX);
     pool.task = task;
     pool.arg = arg;
-    atomic_store_explicit(&pool.units, units, memory_order_relaxed);
+    atomic_store_explicit(&pool.units, units, memory_order_release);
     atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
     atomic_store_explicit(&pool.claim, (uint64_t)generation << 32, memory_order_release);
     atomic_store(&pool.generation, generation);  /* spinning workers see the task */
