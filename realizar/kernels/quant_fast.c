@@ -786,6 +786,22 @@ static inline __attribute__((always_inline)) void store_cols(float *y, f32x16 v,
 #endif
 }
 
+/* store_cols for outputs read again only after the product (a ranked product's coarse pass): where the 16 lanes are
+ * whole and aligned, streamed past the caches, so that the store neither reads the line from memory first nor pushes
+ * out the weights (an LM head's coarse logits are 12.6 MB at 64 rows of the demo model: its decode steps of 64
+ * sequences took 0.9x the time, BENCHMARKS.md). The unit ends with a store fence. */
+static inline __attribute__((always_inline)) void stream_cols(float *y, f32x16 v, int64_t cols) {
+#if defined(__AVX512F__)
+    if (cols == NR && !((uintptr_t)y & 63)) {
+        __m512 u;
+        memcpy(&u, &v, sizeof u);
+        _mm512_stream_ps(y, u);
+        return;
+    }
+#endif
+    store_cols(y, v, cols);
+}
+
 static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int TERMS,
                                                             const struct fjob *j, int64_t m, int64_t p,
                                                             int64_t cols) {
@@ -870,7 +886,10 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
     }
     /* a store of a fixed size: a memcpy of `cols` floats is a call, which left this loop rolled when GCC decides
      * what to keep in registers, so acc[] stayed in memory and every block's sums were added to it there */
-    for (int r = 0; r < R; r++) store_cols(j->y + (m + r) * j->ldy + p * NR, acc[r], cols);
+    for (int r = 0; r < R; r++) {
+        if (TERMS == 1) stream_cols(j->y + (m + r) * j->ldy + p * NR, acc[r], cols);
+        else store_cols(j->y + (m + r) * j->ldy + p * NR, acc[r], cols);
+    }
 }
 
 #if defined(YMM)
@@ -1057,6 +1076,9 @@ static void run_fast_unit(const void *arg, int64_t unit) {
             m += R;
         }
     }
+#if defined(__AVX512F__)
+    if (j->terms == 1) _mm_sfence();  /* stream_cols' stores before the unit counts as done */
+#endif
 }
 
 /* rintf of each lane, for |v| < 2^22: adding and taking away 1.5 * 2^23 leaves the integer part, rounded

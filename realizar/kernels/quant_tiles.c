@@ -523,10 +523,15 @@ static void run_ranking_unit(const void *arg, int64_t unit) {
             for (int64_t b = blocks - RANK_LAG > 0 ? blocks - RANK_LAG : 0; b < blocks; b++) RANK_SCALE(b);
 #undef RANK_PRODUCT
 #undef RANK_SCALE
-            for (int64_t r = 0; r < 16 && 16 * t + r < j->M; r++)
-                _mm512_mask_storeu_ps(j->y + (16 * t + r) * j->ldy + p * NR, cols, acc[r]);
+            /* streamed past the caches where whole and aligned, as quant_fast.c's stream_cols does */
+            for (int64_t r = 0; r < 16 && 16 * t + r < j->M; r++) {
+                float *const out = j->y + (16 * t + r) * j->ldy + p * NR;
+                if (cols == 0xffff && !((uintptr_t)out & 63)) _mm512_stream_ps(out, acc[r]);
+                else _mm512_mask_storeu_ps(out, cols, acc[r]);
+            }
         }
     }
+    _mm_sfence();  /* the streamed outputs before the unit counts as done */
     _tile_release();
 }
 
