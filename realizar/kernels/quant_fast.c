@@ -789,7 +789,7 @@ static inline __attribute__((always_inline)) void store_cols(float *y, f32x16 v,
 /* store_cols for outputs read again only after the product (a ranked product's coarse pass): where the 16 lanes are
  * whole and aligned, streamed past the caches, so that the store neither reads the line from memory first nor pushes
  * out the weights (an LM head's coarse logits are 12.6 MB at 64 rows of the demo model: its decode steps of 64
- * sequences took 0.9x the time, BENCHMARKS.md). The unit ends with a store fence. */
+ * sequences took 0.93x the time on an AMX Xeon, BENCHMARKS.md). The unit ends with a store fence. */
 static inline __attribute__((always_inline)) void stream_cols(float *y, f32x16 v, int64_t cols) {
 #if defined(__AVX512F__)
     if (cols == NR && !((uintptr_t)y & 63)) {
