@@ -56,6 +56,28 @@ static inline f32x16 halves16(const uint8_t *p) {
     return r;
 }
 
+/* The largest lane of v */
+static inline float max_lane(f32x16 v) {
+#if defined(__AVX512F__)
+    __m512 r;
+    memcpy(&r, &v, sizeof r);
+    return _mm512_reduce_max_ps(r);
+#else
+    float m = v[0];
+    for (int k = 1; k < 16; k++) m = v[k] > m ? v[k] : m;
+    return m;
+#endif
+}
+
+/* The largest of a panel's first `cols` outputs (1 .. 16), as a ranked product's last pass ranks panels: a NaN ranks
+ * last in a part of a panel. */
+static inline float panel_largest(f32x16 v, int64_t cols) {
+    if (cols == 16) return max_lane(v);
+    float m = -INFINITY;
+    for (int64_t k = 0; k < cols; k++) m = v[k] > m ? v[k] : m;
+    return m;
+}
+
 /* v, rounded to float32 here: the compiler may not fuse the product that made it with the
  * addition that follows, which would round once where the reference rounds twice. */
 static inline f32x16 rounded(f32x16 v) {
@@ -166,11 +188,11 @@ int realizar_tile_min_rows(int kind);
  * or unsigned less an offset c) with one d per block and no min (Q8_0): whether it takes M rows of kind `kind`
  * (tiles on and lent), and the pass, y ~= 256 d_x a W^T, the same floats as quant_fast.c's a-terms pass. `a`
  * holds x's a terms in row tiles, [ceil(M / 16)][K / 32][16][32] (zeros past M), `dx` the rows' d_x and `cs`
- * c times the block's sum of a alike, [ceil(M / 16)][K / 32][16]. Returns 0, or -1 when a buffer could not be
- * allocated. */
+ * c times the block's sum of a alike, [ceil(M / 16)][K / 32][16]; `panel_max` [M][ceil(N / 16)] gets each row's
+ * panel_largest of each panel. Returns 0, or -1 when a buffer could not be allocated. */
 int realizar_tile_ranks(int kind, int64_t M);
 int realizar_tile_ranking(const int8_t *a, const float *dx, const int32_t *cs, const uint8_t *w, int kind, float *y,
-                          int64_t ldy, int64_t M, int64_t N, int64_t K);
+                          int64_t ldy, int64_t M, int64_t N, int64_t K, float *panel_max);
 /* Each block's integers (its address in the panel's records) and d, for quant_tiles.c (quant_fast.c): kinds
  * without FAST_SUPER. */
 void realizar_fast_block_d(int kind, const uint8_t *panel, int64_t blocks, const uint8_t **ints, float *d);

@@ -714,6 +714,7 @@ struct fjob {
     int64_t M, N, K, ldy;
     int kind, c;
     int terms;                /* 2, or 1 where the 8-row tiles take the a terms alone (ranked products) */
+    float *panel_max;         /* terms = 1: [M, ceil(N / 16)], each row's largest output of each panel */
     int64_t chunk;            /* panels per unit */
 };
 
@@ -887,8 +888,12 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
     /* a store of a fixed size: a memcpy of `cols` floats is a call, which left this loop rolled when GCC decides
      * what to keep in registers, so acc[] stayed in memory and every block's sums were added to it there */
     for (int r = 0; r < R; r++) {
-        if (TERMS == 1) stream_cols(j->y + (m + r) * j->ldy + p * NR, acc[r], cols);
-        else store_cols(j->y + (m + r) * j->ldy + p * NR, acc[r], cols);
+        if (TERMS == 1) {  /* the last pass ranks the panels by these, not by reading the outputs back */
+            stream_cols(j->y + (m + r) * j->ldy + p * NR, acc[r], cols);
+            j->panel_max[(m + r) * ((j->N + NR - 1) / NR) + p] = panel_largest(acc[r], cols);
+        } else {
+            store_cols(j->y + (m + r) * j->ldy + p * NR, acc[r], cols);
+        }
     }
 }
 
@@ -1126,18 +1131,6 @@ static inline f32x16 clamp127(f32x16 v) {
 #endif
 }
 
-/* The largest lane of v */
-static float max_lane(f32x16 v) {
-#if defined(__AVX512F__)
-    __m512 r;
-    memcpy(&r, &v, sizeof r);
-    return _mm512_reduce_max_ps(r);
-#else
-    float m = v[0];
-    for (int k = 1; k < 16; k++) m = v[k] > m ? v[k] : m;
-    return m;
-#endif
-}
 
 #define QUANTIZE_ROWS 8
 
@@ -1326,18 +1319,12 @@ static void run_ranked_row(const void *arg, int64_t row) {
     const struct ranked_job *r = (const struct ranked_job *)arg;
     const struct fjob *const j = r->j;
     const int64_t m = row, panels = (j->N + NR - 1) / NR, full = j->N / NR;
-    const float *y = j->y + m * j->ldy;
+    const float *const largest = j->panel_max + m * panels;
     int64_t best[MOST_RANKED];
     float best_max[MOST_RANKED];
     int64_t kept = 0;
     for (int64_t q = 0; q < panels; q++) {
-        float top;
-        if (q < full) {
-            top = max_lane(floats16(y + q * NR));
-        } else {
-            top = -INFINITY;
-            for (int64_t i = q * NR; i < j->N; i++) top = y[i] > top ? y[i] : top;
-        }
+        const float top = largest[q];
         if (kept == r->top && !(top > best_max[kept - 1])) continue;  /* NaN ranks last */
         int64_t at = kept < r->top ? kept++ : kept - 1;
         for (; at > 0 && top > best_max[at - 1]; at--) {
@@ -1385,9 +1372,10 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
     const int64_t Mg = (M + XG - 1) / XG * XG;  /* rows in whole groups of the layout */
     const int64_t factors = Mg * (K / QK) * 4;  /* bytes of one array of per-block factors */
     const int64_t tile_bytes = tile_ranked ? row_tiles * 16 * (K + 2 * (K / QK) * 4) + 64 : 0;
-    uint8_t *const buffer = thread_scratch(&scratch, &capacity,
-                                           2 * Mg * K + 4 * factors + M * (K / 16) * 4 + 64 + tile_bytes);
+    const int64_t panels = (N + NR - 1) / NR, ahead = 2 * Mg * K + 4 * factors + M * (K / 16) * 4 + 64 + tile_bytes;
+    uint8_t *const buffer = thread_scratch(&scratch, &capacity, ahead + (ranked ? M * panels * 4 + 64 : 0));
     if (!buffer) return -1;
+    float *const panel_max = ranked ? (float *)(void *)(((uintptr_t)(buffer + ahead) + 63) & ~(uintptr_t)63) : NULL;
     float *dx = (float *)buffer;
     int32_t *sx = (int32_t *)(buffer + factors);
     float *dxs = (float *)(buffer + factors + M * (K / 16) * 4);
@@ -1399,10 +1387,11 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
     /* in units of QUANTIZE_ROWS rows, on every thread: one thread alone kept the others waiting for 6 %
      * of a 64-sequence decode step */
     realizar_parallel(run_quantize_unit, &q, (M + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS);
-    const int64_t panels = (N + NR - 1) / NR, threads = realizar_threads(), units_per_thread = 8;
+    const int64_t threads = realizar_threads(), units_per_thread = 8;
     int64_t chunk = (panels + units_per_thread * threads - 1) / (units_per_thread * threads);
     struct fjob j = {.xq = xq, .dx = dx, .sx = sx, .dxs = dxs, .cs = cs, .cs1 = cs1, .w = w, .y = y, .M = M, .N = N,
-                     .K = K, .ldy = ldy, .kind = kind, .c = c, .terms = ranked ? 1 : 2, .chunk = chunk};
+                     .K = K, .ldy = ldy, .kind = kind, .c = c, .terms = ranked ? 1 : 2, .panel_max = panel_max,
+                     .chunk = chunk};
     if (tile_ranked) {
         /* after xq's 2 Mg K bytes and the slack beyond them, on a cache line */
         float *const tile_dx = (float *)(void *)(((uintptr_t)(xq + 2 * Mg * K + 64) + 63) & ~(uintptr_t)63);
@@ -1410,7 +1399,7 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
         const struct tile_rows_job g = {.j = &j, .a = (int8_t *)(void *)(tile_cs + row_tiles * 16 * (K / QK)),
                                         .dx = tile_dx, .cs = tile_cs};
         realizar_parallel(run_tile_rows, &g, row_tiles);
-        if (realizar_tile_ranking(g.a, g.dx, g.cs, w, kind, y, ldy, M, N, K)) return -1;
+        if (realizar_tile_ranking(g.a, g.dx, g.cs, w, kind, y, ldy, M, N, K, panel_max)) return -1;
     } else {
         realizar_parallel(run_fast_unit, &j, (panels + chunk - 1) / chunk);
     }

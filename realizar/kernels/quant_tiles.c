@@ -454,6 +454,7 @@ struct ranking_job {
     const int32_t *cs;
     const uint8_t *w;
     float *y;
+    float *panel_max;  /* [M, panels]: each row's largest output of each panel */
     int64_t M, N, K, ldy, chunk;
     int kind;
 };
@@ -528,6 +529,9 @@ static void run_ranking_unit(const void *arg, int64_t unit) {
                 float *const out = j->y + (16 * t + r) * j->ldy + p * NR;
                 if (cols == 0xffff && !((uintptr_t)out & 63)) _mm512_stream_ps(out, acc[r]);
                 else _mm512_mask_storeu_ps(out, cols, acc[r]);
+                f32x16 v;
+                memcpy(&v, &acc[r], sizeof v);
+                j->panel_max[(16 * t + r) * panels + p] = panel_largest(v, p < full ? NR : j->N - p * NR);
             }
         }
     }
@@ -536,11 +540,12 @@ static void run_ranking_unit(const void *arg, int64_t unit) {
 }
 
 int realizar_tile_ranking(const int8_t *a, const float *dx, const int32_t *cs, const uint8_t *w, int kind, float *y,
-                          int64_t ldy, int64_t M, int64_t N, int64_t K) {
+                          int64_t ldy, int64_t M, int64_t N, int64_t K, float *panel_max) {
     const int64_t panels = (N + NR - 1) / NR, units = 8 * realizar_threads();
     atomic_int failed = 0;
-    const struct ranking_job j = {.failed = &failed, .a = a, .dx = dx, .cs = cs, .w = w, .y = y, .M = M, .N = N, .K = K,
-                                  .ldy = ldy, .chunk = (panels + units - 1) / units, .kind = kind};
+    const struct ranking_job j = {.failed = &failed, .a = a, .dx = dx, .cs = cs, .w = w, .y = y, .panel_max = panel_max,
+                                  .M = M, .N = N, .K = K, .ldy = ldy, .chunk = (panels + units - 1) / units,
+                                  .kind = kind};
     realizar_parallel(run_ranking_unit, &j, (panels + j.chunk - 1) / j.chunk);
     return atomic_load(&failed) ? -1 : 0;
 }
@@ -551,8 +556,8 @@ int realizar_tile_ranks(int kind, int64_t M) {
 }
 
 int realizar_tile_ranking(const int8_t *a, const float *dx, const int32_t *cs, const uint8_t *w, int kind, float *y,
-                          int64_t ldy, int64_t M, int64_t N, int64_t K) {
-    (void)a, (void)dx, (void)cs, (void)w, (void)kind, (void)y, (void)ldy, (void)M, (void)N, (void)K;
+                          int64_t ldy, int64_t M, int64_t N, int64_t K, float *panel_max) {
+    (void)a, (void)dx, (void)cs, (void)w, (void)kind, (void)y, (void)ldy, (void)M, (void)N, (void)K, (void)panel_max;
     return 1;
 }
 #endif
