@@ -72,10 +72,41 @@ static inline float max_lane(f32x16 v) {
 /* The largest of a panel's first `cols` outputs (1 .. 16), as a ranked product's last pass ranks panels: a NaN ranks
  * last in a part of a panel. */
 static inline float panel_largest(f32x16 v, int64_t cols) {
-    if (cols == 16) return max_lane(v);
+    if (cols == NR) return max_lane(v);
     float m = -INFINITY;
     for (int64_t k = 0; k < cols; k++) m = v[k] > m ? v[k] : m;
     return m;
+}
+
+/* The first `cols` (1 .. 16) lanes of v to y */
+static inline __attribute__((always_inline)) void store_cols(float *y, f32x16 v, int64_t cols) {
+#if defined(__AVX512F__)
+    __m512 u;
+    memcpy(&u, &v, sizeof u);
+    _mm512_mask_storeu_ps(y, (__mmask16)((1u << cols) - 1), u);
+#else
+    if (cols == NR) {
+        memcpy(y, &v, sizeof v);
+    } else {
+        for (int64_t i = 0; i < cols; i++) y[i] = v[i];
+    }
+#endif
+}
+
+/* store_cols for outputs read again only after the product (a ranked product's coarse pass, quant_fast.c and quant_tiles.c): where the 16 lanes are
+ * whole and aligned, streamed past the caches, so that the store neither reads the line from memory first nor pushes
+ * out the weights (an LM head's coarse logits are 12.6 MB at 64 rows of the demo model: its decode steps of 64
+ * sequences took 0.93x the time on an AMX Xeon, BENCHMARKS.md). Each unit that streams ends with a store fence. */
+static inline __attribute__((always_inline)) void stream_cols(float *y, f32x16 v, int64_t cols) {
+#if defined(__AVX512F__)
+    if (cols == NR && !((uintptr_t)y & 63)) {
+        __m512 u;
+        memcpy(&u, &v, sizeof u);
+        _mm512_stream_ps(y, u);
+        return;
+    }
+#endif
+    store_cols(y, v, cols);
 }
 
 /* v, rounded to float32 here: the compiler may not fuse the product that made it with the

@@ -772,37 +772,6 @@ static inline __attribute__((always_inline)) void ask_ahead(const uint8_t *ahead
             __builtin_prefetch(ahead + at, 0, 2);
 }
 
-/* The first `cols` (1 .. 16) lanes of v to y */
-static inline __attribute__((always_inline)) void store_cols(float *y, f32x16 v, int64_t cols) {
-#if defined(__AVX512F__)
-    __m512 u;
-    memcpy(&u, &v, sizeof u);
-    _mm512_mask_storeu_ps(y, (__mmask16)((1u << cols) - 1), u);
-#else
-    if (cols == NR) {
-        memcpy(y, &v, sizeof v);
-    } else {
-        for (int64_t i = 0; i < cols; i++) y[i] = v[i];
-    }
-#endif
-}
-
-/* store_cols for outputs read again only after the product (a ranked product's coarse pass): where the 16 lanes are
- * whole and aligned, streamed past the caches, so that the store neither reads the line from memory first nor pushes
- * out the weights (an LM head's coarse logits are 12.6 MB at 64 rows of the demo model: its decode steps of 64
- * sequences took 0.93x the time on an AMX Xeon, BENCHMARKS.md). The unit ends with a store fence. */
-static inline __attribute__((always_inline)) void stream_cols(float *y, f32x16 v, int64_t cols) {
-#if defined(__AVX512F__)
-    if (cols == NR && !((uintptr_t)y & 63)) {
-        __m512 u;
-        memcpy(&u, &v, sizeof u);
-        _mm512_stream_ps(y, u);
-        return;
-    }
-#endif
-    store_cols(y, v, cols);
-}
-
 static inline __attribute__((always_inline)) void fast_tile(const int KIND, const int R, const int TERMS,
                                                             const struct fjob *j, int64_t m, int64_t p,
                                                             int64_t cols) {
@@ -1130,7 +1099,6 @@ static inline f32x16 clamp127(f32x16 v) {
     return (f32x16)(((i32x16)v & above) | ((i32x16)bottom & ~above));
 #endif
 }
-
 
 #define QUANTIZE_ROWS 8
 

@@ -482,7 +482,7 @@ static void run_ranking_unit(const void *arg, int64_t unit) {
         realizar_fast_block_d(j->kind, j->w + p * pbytes, blocks, ints, d);
         for (int64_t b = 0; b < blocks; b++) _mm512_store_ps(d + 16 * b, _mm512_mul_ps(_mm512_load_ps(d + 16 * b),
                                                                                        _mm512_set1_ps(256.0f)));
-        const __mmask16 cols = p < full ? 0xffff : (__mmask16)((1u << (j->N - p * NR)) - 1);
+        const int64_t outputs = p < full ? NR : j->N - p * NR;
         for (int64_t t = 0; t < tiles; t++) {
             const int8_t *const a = j->a + t * blocks * 16 * QK;
             const float *const dx = j->dx + t * blocks * 16;
@@ -524,14 +524,11 @@ static void run_ranking_unit(const void *arg, int64_t unit) {
             for (int64_t b = blocks - RANK_LAG > 0 ? blocks - RANK_LAG : 0; b < blocks; b++) RANK_SCALE(b);
 #undef RANK_PRODUCT
 #undef RANK_SCALE
-            /* streamed past the caches where whole and aligned, as quant_fast.c's stream_cols does */
             for (int64_t r = 0; r < 16 && 16 * t + r < j->M; r++) {
-                float *const out = j->y + (16 * t + r) * j->ldy + p * NR;
-                if (cols == 0xffff && !((uintptr_t)out & 63)) _mm512_stream_ps(out, acc[r]);
-                else _mm512_mask_storeu_ps(out, cols, acc[r]);
                 f32x16 v;
                 memcpy(&v, &acc[r], sizeof v);
-                j->panel_max[(16 * t + r) * panels + p] = panel_largest(v, p < full ? NR : j->N - p * NR);
+                stream_cols(j->y + (16 * t + r) * j->ldy + p * NR, v, outputs);
+                j->panel_max[(16 * t + r) * panels + p] = panel_largest(v, outputs);
             }
         }
     }
