@@ -93,10 +93,10 @@ static inline __attribute__((always_inline)) void store_cols(float *y, f32x16 v,
 #endif
 }
 
-/* store_cols for outputs read again only after the product (a ranked product's coarse pass, quant_fast.c and quant_tiles.c): where the 16 lanes are
- * whole and aligned, streamed past the caches, so that the store neither reads the line from memory first nor pushes
- * out the weights (an LM head's coarse logits are 12.6 MB at 64 rows of the demo model: its decode steps of 64
- * sequences took 0.93x the time on an AMX Xeon, BENCHMARKS.md). Each unit that streams ends with a store fence. */
+/* store_cols for outputs read again only after the product: where the 16 lanes are whole and aligned, streamed past
+ * the caches, so that the store neither reads the line from memory first nor pushes out the weights (an LM head's
+ * coarse logits are 12.6 MB at 64 rows of the demo model: its decode steps of 64 sequences took 0.93x the time on an
+ * AMX Xeon, BENCHMARKS.md). Each unit that streams ends with a store fence. */
 static inline __attribute__((always_inline)) void stream_cols(float *y, f32x16 v, int64_t cols) {
 #if defined(__AVX512F__)
     if (cols == NR && !((uintptr_t)y & 63)) {
@@ -107,6 +107,13 @@ static inline __attribute__((always_inline)) void stream_cols(float *y, f32x16 v
     }
 #endif
     store_cols(y, v, cols);
+}
+
+/* A panel's outputs from a ranked product's coarse pass (quant_fast.c's dot products, quant_tiles.c's int8 tiles):
+ * streamed to y, and their largest kept in *largest, by which the last pass ranks the panels. */
+static inline __attribute__((always_inline)) void put_coarse(float *y, float *largest, f32x16 v, int64_t cols) {
+    stream_cols(y, v, cols);
+    *largest = panel_largest(v, cols);
 }
 
 /* v, rounded to float32 here: the compiler may not fuse the product that made it with the

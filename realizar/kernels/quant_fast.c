@@ -857,9 +857,9 @@ static inline __attribute__((always_inline)) void fast_tile(const int KIND, cons
     /* a store of a fixed size: a memcpy of `cols` floats is a call, which left this loop rolled when GCC decides
      * what to keep in registers, so acc[] stayed in memory and every block's sums were added to it there */
     for (int r = 0; r < R; r++) {
-        if (TERMS == 1) {  /* the last pass ranks the panels by these, not by reading the outputs back */
-            stream_cols(j->y + (m + r) * j->ldy + p * NR, acc[r], cols);
-            j->panel_max[(m + r) * ((j->N + NR - 1) / NR) + p] = panel_largest(acc[r], cols);
+        if (TERMS == 1) {
+            put_coarse(j->y + (m + r) * j->ldy + p * NR, j->panel_max + (m + r) * ((j->N + NR - 1) / NR) + p, acc[r],
+                       cols);
         } else {
             store_cols(j->y + (m + r) * j->ldy + p * NR, acc[r], cols);
         }

@@ -527,8 +527,7 @@ static void run_ranking_unit(const void *arg, int64_t unit) {
             for (int64_t r = 0; r < 16 && 16 * t + r < j->M; r++) {
                 f32x16 v;
                 memcpy(&v, &acc[r], sizeof v);
-                stream_cols(j->y + (16 * t + r) * j->ldy + p * NR, v, outputs);
-                j->panel_max[(16 * t + r) * panels + p] = panel_largest(v, outputs);
+                put_coarse(j->y + (16 * t + r) * j->ldy + p * NR, j->panel_max + (16 * t + r) * panels + p, v, outputs);
             }
         }
     }
