@@ -387,6 +387,30 @@ def test_fast_class_is_the_product_with_int8_activations(cpu_kernels: kernels.Cp
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_fast_rows_do_not_depend_on_the_batch(cpu_kernels: kernels.CpuKernels, qtype: QT) -> None:
+    """The fast class's rows as the exact class's (test_rows_do_not_depend_on_the_batch): a row's product is
+    the same floats alone (a narrow tile), among 8 rows (one 8-row tile) or among 43 (8-row tiles, then narrower
+    ones), on one thread or two, so greedy decoding stays batch-invariant. Ragged N, both byte layouts, without
+    AMX tiles (from ``tile_min_rows`` rows their products are other floats)."""
+    tiles = cpu_kernels.tiles
+    cpu_kernels.set_tiles(False)
+    try:
+        for (n, k), wide in itertools.product(zip((37, 100), widths(qtype)[1:], strict=True),
+                                              byte_layouts(cpu_kernels)):
+            p = fast_packed(cpu_kernels, quantized(qtype, n, k, seed=n + k), wide)
+            x = torch.randn(43, k, generator=torch.Generator().manual_seed(k))
+            alone = torch.cat([cpu_kernels.quant_gemm_fast(x[i:i + 1], p) for i in range(43)])
+            for threads in (1, 2):
+                cpu_kernels.set_threads(threads)
+                in_eights = torch.cat([cpu_kernels.quant_gemm_fast(x[i:i + 8], p) for i in range(0, 43, 8)])
+                assert torch.equal(cpu_kernels.quant_gemm_fast(x, p), alone), (n, k, wide, threads)
+                assert torch.equal(in_eights, alone), (n, k, wide, threads)
+    finally:
+        cpu_kernels.set_threads(2)
+        cpu_kernels.set_tiles(tiles)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_tile_products_are_within_16_bits_of_the_exact_product(amx_tiles: kernels.CpuKernels, qtype: QT) -> None:
     """From ``tile_min_rows(kind)`` rows, the fast class on AMX tiles multiplies x as two bfloat16 terms
     by the weights' integers (Q6_K: by its dequantized weights, as two terms too): within about 2^-16 of
