@@ -391,18 +391,20 @@ def test_fast_rows_do_not_depend_on_the_batch(cpu_kernels: kernels.CpuKernels, q
     """The fast class's rows as the exact class's (test_rows_do_not_depend_on_the_batch): a row's product is
     the same floats alone (a narrow tile), among 8 rows (one 8-row tile) or among 43 (8-row tiles, then narrower
     ones), on one thread or two, so greedy decoding stays batch-invariant. Ragged N, both byte layouts, without
-    AMX tiles (from ``tile_min_rows`` rows their products are other floats)."""
+    AMX tiles (from ``tile_min_rows`` rows their products are other floats), up to ``fast_max_rows`` rows (a build
+    without VNNI or AVX2 multiplies more rows in the exact class)."""
     tiles = cpu_kernels.tiles
     cpu_kernels.set_tiles(False)
     try:
         for (n, k), wide in itertools.product(zip((37, 100), widths(qtype)[1:], strict=True),
                                               byte_layouts(cpu_kernels)):
             p = fast_packed(cpu_kernels, quantized(qtype, n, k, seed=n + k), wide)
-            x = torch.randn(43, k, generator=torch.Generator().manual_seed(k))
-            alone = torch.cat([cpu_kernels.quant_gemm_fast(x[i:i + 1], p) for i in range(43)])
+            rows = min(43, cpu_kernels.fast_max_rows)
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
+            alone = torch.cat([cpu_kernels.quant_gemm_fast(x[i:i + 1], p) for i in range(rows)])
             for threads in (1, 2):
                 cpu_kernels.set_threads(threads)
-                in_eights = torch.cat([cpu_kernels.quant_gemm_fast(x[i:i + 8], p) for i in range(0, 43, 8)])
+                in_eights = torch.cat([cpu_kernels.quant_gemm_fast(x[i:i + 8], p) for i in range(0, rows, 8)])
                 assert torch.equal(cpu_kernels.quant_gemm_fast(x, p), alone), (n, k, wide, threads)
                 assert torch.equal(in_eights, alone), (n, k, wide, threads)
     finally:
