@@ -393,13 +393,12 @@ def test_fast_rows_do_not_depend_on_the_batch(cpu_kernels: kernels.CpuKernels, q
     ones), on one thread or two, so greedy decoding stays batch-invariant. Ragged N, both byte layouts, without
     AMX tiles (from ``tile_min_rows`` rows their products are other floats), up to ``fast_max_rows`` rows (a build
     without VNNI or AVX2 multiplies more rows in the exact class)."""
-    tiles = cpu_kernels.tiles
+    tiles, rows = cpu_kernels.tiles, min(43, cpu_kernels.fast_max_rows)
     cpu_kernels.set_tiles(False)
     try:
         for (n, k), wide in itertools.product(zip((37, 100), widths(qtype)[1:], strict=True),
                                               byte_layouts(cpu_kernels)):
             p = fast_packed(cpu_kernels, quantized(qtype, n, k, seed=n + k), wide)
-            rows = min(43, cpu_kernels.fast_max_rows)
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
             alone = torch.cat([cpu_kernels.quant_gemm_fast(x[i:i + 1], p) for i in range(rows)])
             for threads in (1, 2):
