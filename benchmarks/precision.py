@@ -64,8 +64,8 @@ class RoundedInput:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.rounding(x))
 
-    def ranked(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear.ranked(self.rounding(x))
+    def ranked(self, x: torch.Tensor, argmax: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear.ranked(self.rounding(x), argmax)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.linear, name)

@@ -95,9 +95,11 @@ class LinearLayer(Protocol):
         """Rows ``ids`` of ``W``, ``[len(ids), in]``: the embedding lookup."""
         ...
 
-    def ranked(self, x: torch.Tensor) -> torch.Tensor:
+    def ranked(self, x: torch.Tensor, argmax: torch.Tensor | None = None) -> torch.Tensor:
         """``self(x)`` where only each row's largest outputs need the layer's precision (an LM head's
-        logits): a layer with a cheaper way to compute the others approximately may take it."""
+        logits): a layer with a cheaper way to compute the others approximately may take it. ``argmax``
+        (int64 ``[rows]``, filled with -1 by the caller): a layer that finds a row's argmax over the outputs
+        it returns on the way (the first of several largest, as numpy's) writes it there; -1 stays elsewhere."""
         ...
 
 

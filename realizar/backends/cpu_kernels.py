@@ -60,8 +60,8 @@ class PackedLinear:
         """Rows of ``W`` ``[len(ids), in]``: the embedding lookup when embeddings are tied."""
         return self._packed[ids // kernels.PANEL, :, ids % kernels.PANEL]
 
-    def ranked(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x)  # float32 weights: no cheaper way
+    def ranked(self, x: torch.Tensor, argmax: torch.Tensor | None = None) -> torch.Tensor:
+        return self(x)  # float32 weights: no cheaper way, and no argmax on the way
 
 
 # Logits computed again with both terms per row of a ranked LM head (16 each): the greedy token and
@@ -135,13 +135,14 @@ class QuantLinear:
                 start += part.n
         return y if self.bias is None else y + self.bias
 
-    def ranked(self, x: torch.Tensor) -> torch.Tensor:
+    def ranked(self, x: torch.Tensor, argmax: torch.Tensor | None = None) -> torch.Tensor:
         """``self(x)`` for an LM head: with the fast class, each row's ``RANKED_PANELS`` panels of 16
         logits with the largest values as ``self(x)`` gives them, the others from the activations'
-        coarse int8 term alone (``CpuKernels.quant_gemm_fast_ranked``); the exact class, as ``self(x)``."""
+        coarse int8 term alone (``CpuKernels.quant_gemm_fast_ranked``, which finds the ranked rows'
+        ``argmax`` too); the exact class, as ``self(x)``."""
         part = self.parts[0]
         if len(self.parts) == 1 and self.bias is None and isinstance(part, kernels.FastPacked):
-            return self.kernels.quant_gemm_fast_ranked(x, part, RANKED_PANELS)
+            return self.kernels.quant_gemm_fast_ranked(x, part, RANKED_PANELS, argmax=argmax)
         return self(x)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:

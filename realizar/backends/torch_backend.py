@@ -54,8 +54,8 @@ class TorchLinear:
         assert self.weight is not None
         return F.embedding(ids, self.weight)
 
-    def ranked(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x)  # no cheaper way
+    def ranked(self, x: torch.Tensor, argmax: torch.Tensor | None = None) -> torch.Tensor:
+        return self(x)  # no cheaper way, and no argmax on the way
 
 
 def float_weight(parts: Sequence[torch.Tensor | QuantizedTensor], device: torch.device,

@@ -105,19 +105,24 @@ class ModelRunner:
         # or scores a prompt; the others' approximate below their row's largest (LlamaModel.forward)
         exact = [rows[item.seq.request_id].params.reads_every_logit for item in sampling]
         exact += [True] * len(score_indices)
+        # each row's argmax where the LM head finds it on the way (-1 elsewhere): greedy rows then skip reading
+        # their logits back (sampling.sample)
+        argmax = torch.full((len(exact),), -1, dtype=torch.long)
         logits = self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
             meta, self.cache,
             torch.tensor(logits_indices + score_indices, dtype=torch.long, device=self.device),
             torch.tensor(exact, dtype=torch.bool, device=self.device) if any(exact) else None,
+            argmax,
         )
-        tokens = self._sample(logits[: len(sampling)], [rows[item.seq.request_id] for item in sampling])
+        tokens = self._sample(logits[: len(sampling)], [rows[item.seq.request_id] for item in sampling],
+                              argmax[: len(sampling)])
         return StepResult([(item.seq, token) for item, token in zip(sampling, tokens, strict=True)],
                           self._score(logits[len(sampling):], scoring))
 
     @staticmethod
-    def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
+    def _sample(logits: torch.Tensor, rows: list[SamplingRow], argmax: torch.Tensor) -> list[SampledToken]:
         """Sample one token per row, after masking the logits of constrained rows by their grammars (in place:
         these logits are this step's own). Free rows are untouched, and with no constrained row nothing runs.
         Masking here, before the sampler, keeps every sampling path (greedy, plain, top-k/p) the same for
@@ -126,12 +131,12 @@ class ModelRunner:
         if not rows:
             return []
         if not any(row.matcher is not None for row in rows):
-            return sample(logits, rows, owned=True)
+            return sample(logits, rows, owned=True, found=argmax)
         scored = [i for i, row in enumerate(rows) if row.matcher is not None and row.params.logprobs is not None]
         raw = logits[scored].clone() if scored else None
         with torch.inference_mode():  # the model's logits are inference tensors: written only in this mode
             apply_masks(logits, [row.matcher for row in rows])
-        tokens = sample(logits, rows, owned=True)
+        tokens = sample(logits, rows, owned=True, found=argmax)  # sample takes no found argmax of a masked row
         if raw is not None:
             ids = [tokens[i].token_id for i in scored]
             model_logprobs = logprobs_of(raw, ids, [rows[i].params.logprobs for i in scored])

@@ -356,7 +356,7 @@ class CpuKernels:
         self._quant_rows = bind("realizar_quant_rows", i32, p, i32, p, i64, i64, i64, p)
         self._fast_rows = bind("realizar_fast_rows", i32, p, i32, i32, p, i64, i64, i64, p)
         self._quant_gemm_fast_ranked = bind("realizar_quant_gemm_fast_ranked", i32, p, i64, p, i32, i32, p, i64, i64,
-                                            i64, i64, i64)
+                                            i64, i64, i64, p)
         # the fast class's dot products take unsigned bytes up to 255 (not AVX2's saturating maddubs)
         self._fast_wide_bytes = bind("realizar_fast_wide_bytes", i32)
         self.wide_bytes = bool(self._fast_wide_bytes())
@@ -554,19 +554,24 @@ class CpuKernels:
         return self.quant_gemm_fast_ranked(x, weight, 0, out)
 
     def quant_gemm_fast_ranked(self, x: torch.Tensor, weight: FastPacked, top: int,
-                               out: torch.Tensor | None = None) -> torch.Tensor:
+                               out: torch.Tensor | None = None, argmax: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`quant_gemm_fast` where only each row's largest outputs need its precision (an LM head's
         logits): from 8 rows, every output first from the activations' coarse int8 term alone (half the
         dot products), then the ``top`` panels of 16 outputs (at most 16) with the largest of them again
         with both terms, the floats :meth:`quant_gemm_fast` gives; the rest keep the coarse term's error.
-        ``top`` = 0, fewer rows, a d per 16 terms or a build without 8-row tiles: :meth:`quant_gemm_fast`."""
+        ``top`` = 0, fewer rows, a d per 16 terms or a build without 8-row tiles: :meth:`quant_gemm_fast`.
+        ``argmax`` (int64 ``[M]``): each ranked row's argmax over the returned outputs, numpy's, found from
+        the panels' maxima the ranking keeps; -1 in rows not ranked and rows with a NaN."""
         x = _unit_stride(x)
         m, k = x.shape
         assert k == weight.k, (k, weight.k)
         y = torch.empty(m, weight.n, dtype=torch.float32) if out is None else out
         assert y.stride(-1) == 1 and y.shape[0] == m and y.dtype == torch.float32
+        if argmax is not None:
+            assert argmax.dtype == torch.int64 and argmax.shape == (m,) and argmax.is_contiguous()
         if m and self._quant_gemm_fast_ranked(x.data_ptr(), x.stride(0), weight.records.data_ptr(), weight.kind,
-                                              weight.c, y.data_ptr(), y.stride(0), m, weight.n, k, top) != 0:
+                                              weight.c, y.data_ptr(), y.stride(0), m, weight.n, k, top,
+                                              None if argmax is None else argmax.data_ptr()) != 0:
             raise MemoryError("the quantized matrix product could not allocate its buffers")
         return y
 

@@ -109,11 +109,20 @@ static inline __attribute__((always_inline)) void stream_cols(float *y, f32x16 v
     store_cols(y, v, cols);
 }
 
+/* Whether any of v's first `cols` lanes is a NaN */
+static inline int any_nan(f32x16 v, int64_t cols) {
+    const i32x16 nan = v != v;
+    for (int64_t k = 0; k < cols; k++)
+        if (nan[k]) return 1;
+    return 0;
+}
+
 /* A panel's outputs from a ranked product's coarse pass (quant_fast.c's dot products, quant_tiles.c's int8 tiles):
- * streamed to y, and their largest kept in *largest, by which the last pass ranks the panels. */
+ * streamed to y, and their largest kept in *largest, by which the last pass ranks the panels, and from which it
+ * finds the row's argmax: a NaN where one of them is. */
 static inline __attribute__((always_inline)) void put_coarse(float *y, float *largest, f32x16 v, int64_t cols) {
     stream_cols(y, v, cols);
-    *largest = panel_largest(v, cols);
+    *largest = any_nan(v, cols) ? NAN : panel_largest(v, cols);
 }
 
 /* v, rounded to float32 here: the compiler may not fuse the product that made it with the

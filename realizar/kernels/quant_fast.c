@@ -1277,12 +1277,29 @@ static void run_tile_rows(const void *arg, int64_t t) {
 struct ranked_job {
     const struct fjob *j;  /* the products, with terms = 2 */
     int64_t top;           /* panels per row, at most MOST_RANKED */
+    int64_t *argmax;       /* [M] each ranked row's argmax (ranked_argmax), or NULL: not wanted */
 };
 
 #define MOST_RANKED 16
 
+/* The index of the largest of a row's N outputs y, the first of them where several are (numpy's argmax), from
+ * `largest`, the largest of each panel of 16 outputs as they stand; -1 where one is a NaN. One read of the
+ * panels' maxima and one panel, instead of every output. */
+static int64_t ranked_argmax(const float *y, const float *largest, int64_t N) {
+    const int64_t panels = (N + NR - 1) / NR;
+    int64_t at = 0;
+    for (int64_t q = 0; q < panels; q++) {
+        if (largest[q] != largest[q]) return -1;
+        if (largest[q] > largest[at]) at = q;
+    }
+    for (int64_t k = at * NR; k < N && k < (at + 1) * NR; k++)
+        if (y[k] == largest[at]) return k;
+    return -1;  /* not reached: the panel holds its largest */
+}
+
 /* Row m of a ranked product: the `top` panels with the largest outputs of the row from the a terms
- * alone, multiplied again with both terms. */
+ * alone, multiplied again with both terms; and where asked, the row's argmax, once those panels' largest
+ * are their new outputs'. */
 static void run_ranked_row(const void *arg, int64_t row) {
     const struct ranked_job *r = (const struct ranked_job *)arg;
     const struct fjob *const j = r->j;
@@ -1306,6 +1323,16 @@ static void run_ranked_row(const void *arg, int64_t row) {
         const int64_t p = best[i], cols = p < full ? NR : j->N - p * NR;
         FAST_KINDS(1);
     }
+    if (!r->argmax) return;
+    float *const maxima = j->panel_max + m * panels;  /* `largest`, which the refined panels' maxima replace */
+    const float *const y = j->y + m * j->ldy;
+    for (int64_t i = 0; i < kept; i++) {
+        const int64_t p = best[i], cols = p < full ? NR : j->N - p * NR;
+        f32x16 v = {0};
+        memcpy(&v, y + p * NR, (size_t)cols * 4);
+        maxima[p] = any_nan(v, cols) ? NAN : panel_largest(v, cols);
+    }
+    r->argmax[m] = ranked_argmax(y, maxima, j->N);
 }
 
 /* The fewest rows realizar_quant_gemm_fast_ranked ranks: those of a FAST_ROWS-row tile (0 on AVX2, whose
@@ -1322,7 +1349,9 @@ int realizar_fast_ranked_rows(void) {
  * largest of their row, with `top` = 0 as realizar_quant_gemm_fast itself. See
  * realizar_quant_gemm_fast_ranked. */
 static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
-                         int64_t M, int64_t N, int64_t K, int64_t top) {
+                         int64_t M, int64_t N, int64_t K, int64_t top, int64_t *argmax) {
+    if (argmax)
+        for (int64_t m = 0; m < M; m++) argmax[m] = -1;
     const int64_t fewest = realizar_fast_ranked_rows();
     const int ranked = fewest && top > 0 && !(kind & FAST_TWO_D) && M >= fewest;
     /* the a terms' pass on AMX's int8 tiles, where they take it (quant_tiles.c): the same floats, the demo model's
@@ -1373,7 +1402,7 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
     }
     if (ranked) {
         j.terms = 2;
-        const struct ranked_job r = {.j = &j, .top = top < MOST_RANKED ? top : MOST_RANKED};
+        const struct ranked_job r = {.j = &j, .top = top < MOST_RANKED ? top : MOST_RANKED, .argmax = argmax};
         /* the rows of 8-row tiles: the last M % 8 took both terms throughout (run_fast_unit), unless the tiles
          * took every row */
         realizar_parallel(run_ranked_row, &r, tile_ranked ? M : M - M % FAST_ROWS);
@@ -1392,7 +1421,7 @@ static int fast_products(const float *x, int64_t ldx, const uint8_t *w, int kind
  * exact product or the fast one, and the quality gate measures the fast one on every row. */
 int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y, int64_t ldy,
                              int64_t M, int64_t N, int64_t K) {
-    return fast_products(x, ldx, w, kind, c, y, ldy, M, N, K, 0);
+    return fast_products(x, ldx, w, kind, c, y, ldy, M, N, K, 0, NULL);
 }
 
 /* realizar_quant_gemm_fast for a product whose largest outputs per row are what matters (an LM head's
@@ -1402,8 +1431,11 @@ int realizar_quant_gemm_fast(const float *x, int64_t ldx, const uint8_t *w, int 
  * at most 16 panels) with the largest such outputs of each row again with both terms, the same floats as
  * realizar_quant_gemm_fast gives them. The other outputs of the row keep the a terms' error, about 256
  * times the fast class's. Kinds with a d per 16 terms, builds without 8-row tiles and fewer rows: as
- * realizar_quant_gemm_fast. Returns 0, or -1 when a buffer could not be allocated. */
+ * realizar_quant_gemm_fast. `argmax`, unless NULL: [M], each row's argmax over its outputs as they are returned (the
+ * first of several largest, as numpy's), found from the panels' maxima that ranking keeps in the rows it ranks (a
+ * greedy token without reading 49,152 logits a row back from memory); -1 in the others, and where a NaN is. Returns
+ * 0, or -1 when a buffer could not be allocated. */
 int realizar_quant_gemm_fast_ranked(const float *x, int64_t ldx, const uint8_t *w, int kind, int c, float *y,
-                                    int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t top) {
-    return fast_products(x, ldx, w, kind, c, y, ldy, M, N, K, top);
+                                    int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t top, int64_t *argmax) {
+    return fast_products(x, ldx, w, kind, c, y, ldy, M, N, K, top, argmax);
 }

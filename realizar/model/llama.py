@@ -125,16 +125,17 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache: KVCache, logits_indices: torch.Tensor,
-                exact_logits: torch.Tensor | None = None) -> torch.Tensor:
+                exact_logits: torch.Tensor | None = None, argmax: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [len(logits_indices), V] in float32 for the selected packed tokens. Each row's largest
         logits are the model's own, the others may be approximate (``LinearLayer.ranked``: sampling
         draws from the largest), except in the rows where ``exact_logits`` (bool) is set, whose every
-        logit is (a request's logprobs, a prompt's scores)."""
+        logit is (a request's logprobs, a prompt's scores). ``argmax`` (int64, one per row, filled with
+        -1): where none is exact, the LM head writes each row's argmax that it finds on the way."""
         x = self.embed.rows(input_ids)  # [T, D]
         x = self.backend.run_layers(self, x, positions, meta, cache)  # layers_forward, or a fused form of it
         h = self.backend.rms_norm(x[logits_indices], self.final_norm, self.config.rms_norm_eps)
         if exact_logits is None or not bool(exact_logits.any()):
-            return self.lm_head.ranked(h).float()
+            return self.lm_head.ranked(h, argmax).float()
         if bool(exact_logits.all()):
             return self.lm_head(h).float()
         logits = torch.empty(h.shape[0], self.lm_head.out_features, dtype=torch.float32, device=h.device)

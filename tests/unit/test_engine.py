@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as QT
 
+from realizar import kernels
 from realizar.config import EngineConfig
 from realizar.engine.engine import (
     FATAL_AFTER_CONSECUTIVE_FAILURES,
@@ -236,7 +238,7 @@ def test_a_fault_in_the_sampler_fails_only_its_row(served: EngineModel, monkeypa
 
     real_sample = runner_module.sample
 
-    def sample(logits: torch.Tensor, rows: list[SamplingRow], **options: bool) -> list:  # type: ignore[type-arg]
+    def sample(logits: torch.Tensor, rows: list[SamplingRow], **options: object) -> list:  # type: ignore[type-arg]
         if any(r.params.max_tokens == 7 for r in rows):  # the culprit's marker
             raise IndexError("injected sampler fault")
         return real_sample(logits, rows, **options)
@@ -249,6 +251,43 @@ def test_a_fault_in_the_sampler_fails_only_its_row(served: EngineModel, monkeypa
     events = run(engine)
     assert events["bad"][-1].finish_reason is FinishReason.ERROR and not tokens(events["bad"])
     assert len(tokens(events["ok1"])) == 9 and len(tokens(events["ok2"])) == 9
+
+
+def test_greedy_tokens_are_the_same_where_the_lm_head_finds_the_argmax(cpu_kernels: kernels.CpuKernels, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fast-class model's ranked LM head finds the argmax of each row it ranks (12 greedy rows a step, 8 of them
+    in ranked tiles where the build ranks; 32 panels of logits), and the runner hands it to the sampler: the
+    greedy tokens are those the sampler finds by reading every row's logits."""
+    from realizar.engine import runner as runner_module
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, TinySpec(vocab=8 * VOCAB, context=256), QT.Q8_0)
+    loaded = load_model(path, keep_quantized=True)
+    tokenizer = Tokenizer.from_gguf_metadata({**loaded.metadata, "tokenizer.ggml.merges": []})
+    model = LlamaModel(loaded.config, loaded.tensors, torch.device("cpu"), torch.float32, loaded.quantized, True)
+    fast = EngineModel(model, tokenizer, loaded.config, "tiny-fast", path, "gguf", 0.0)
+    real_sample = runner_module.sample
+    found_rows: list[int] = []
+
+    def handed(logits: torch.Tensor, rows: list[SamplingRow], **options: object) -> list:  # type: ignore[type-arg]
+        found = options["found"]
+        assert isinstance(found, torch.Tensor)
+        found_rows.append(int((found >= 0).sum()))
+        return real_sample(logits, rows, **options)  # type: ignore[arg-type]
+
+    def read(logits: torch.Tensor, rows: list[SamplingRow], **options: object) -> list:  # type: ignore[type-arg]
+        return real_sample(logits, rows, owned=True)
+
+    results = []
+    for sampler in (handed, read):
+        monkeypatch.setattr(runner_module, "sample", sampler)
+        engine = Engine(fast, config())
+        for i in range(12):
+            engine.add(Request(prompt(i), greedy(10), request_id=f"r{i}"))
+        results.append({rid: tokens(ev) for rid, ev in run(engine).items()})
+    assert results[0] == results[1]
+    assert all(len(t) == 10 for t in results[0].values())
+    assert (sum(found_rows) > 0) == bool(cpu_kernels.ranked_rows), found_rows
 
 
 def test_a_failure_of_every_request_is_the_engines(served: EngineModel) -> None:

@@ -99,7 +99,7 @@ def test_rounded_input_rounds_before_the_layer_and_its_ranking(precision: Module
             seen.append(x)
             return x
 
-        def ranked(self, x: torch.Tensor) -> torch.Tensor:
+        def ranked(self, x: torch.Tensor, argmax: torch.Tensor | None = None) -> torch.Tensor:
             seen.append(x)
             return x
 

@@ -513,6 +513,45 @@ def test_ranked_products_keep_the_fast_class_where_a_row_is_largest(cpu_kernels:
                 assert_close_to_max(got[row, outside], coarse[row, outside], rel=1e-4)
 
 
+def ranked_argmax_matches_numpy(kernels_: kernels.CpuKernels, x: torch.Tensor, p: kernels.FastPacked,
+                                top: int) -> torch.Tensor:
+    """``quant_gemm_fast_ranked``'s ``argmax`` against numpy's over the outputs it returned: equal in every row
+    it gives (>= 0), -1 in the others; returns it."""
+    found = torch.full((x.shape[0],), 7, dtype=torch.long)  # overwritten in every row
+    got = kernels_.quant_gemm_fast_ranked(x, p, top, argmax=found)
+    expected = torch.from_numpy(got.numpy().argmax(axis=1))
+    given = found >= 0
+    assert bool((found[~given] == -1).all()), found
+    assert torch.equal(found[given], expected[given]), (found, expected)
+    return found
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+def test_ranked_products_find_each_ranked_rows_argmax(cpu_kernels: kernels.CpuKernels, qtype: QT) -> None:
+    """The ranked products' argmax, found from the panels' maxima: numpy's over the returned outputs in every ranked
+    row (rows in 8-row tiles where the kinds rank, ragged N), the first of equal largest outputs (a row of zeros:
+    every output 0, or every output the min's term), -1 in the rows not ranked and where an output is a NaN."""
+    n, k = 16 * 40 + 5, 256
+    gen = torch.Generator().manual_seed(13)
+    for wide in byte_layouts(cpu_kernels):
+        p = fast_packed(cpu_kernels, quantized(qtype, n, k, seed=4), wide)
+        for m, top in ((1, 4), (13, 4), (64, 3), (64, 0), (24, 16)):
+            x = torch.randn(m, k, generator=gen)
+            x[m // 2] = 0.0  # ties: every output of the row is the same
+            found = ranked_argmax_matches_numpy(cpu_kernels, x, p, top)
+            ranks = (cpu_kernels.ranked_rows and cpu_kernels.ranked_rows <= m <= cpu_kernels.fast_max_rows
+                     and top > 0 and qtype is not QT.Q6_K)
+            tiled = m - m % 8
+            if ranks:
+                assert bool((found[:tiled] >= 0).all()), (m, top, found)
+            else:
+                assert bool((found == -1).all()), (m, top, found)
+            if ranks:
+                x[1, 5] = float("nan")
+                found = ranked_argmax_matches_numpy(cpu_kernels, x, p, top)
+                assert int(found[1]) == -1 and bool((found[2:tiled] >= 0).all()), found
+
+
 def test_ranked_products_on_int8_tiles_rank_with_the_dot_products_floats(amx_tiles: kernels.CpuKernels) -> None:
     """From 16 rows, a Q8_0 LM head's ranked first pass (the coarse term alone) runs on AMX's int8 tiles where the
     build has them: a block's signed bytes are a tile of weights as stored. The coarse outputs are the dot
@@ -533,6 +572,7 @@ def test_ranked_products_on_int8_tiles_rank_with_the_dot_products_floats(amx_til
             tiled = m - m % 8
             assert torch.equal(got[:tiled], dots[:tiled]), (m, top, wide)
             assert torch.equal(got.argmax(1), fast.argmax(1)) and torch.equal(got.max(1).values, fast.max(1).values)
+            assert bool((ranked_argmax_matches_numpy(amx_tiles, x, p, top) >= 0).all()), (m, top, wide)
 
 
 def test_the_path_names_the_ranking_pass_on_int8_tiles_where_the_head_takes_it(amx_tiles: kernels.CpuKernels) -> None:

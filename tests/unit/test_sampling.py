@@ -19,6 +19,19 @@ def test_greedy_takes_argmax() -> None:
     assert [t.token_id for t in sample(logits, [row(temperature=0), row(temperature=0)])] == [1, 0]
 
 
+def test_greedy_rows_take_the_argmax_the_lm_head_found_where_nothing_changed_their_row() -> None:
+    """``found``: the LM head's argmax of each row (-1: not found). A greedy row takes it as it is (here a token
+    that is not the row's largest, to tell the two apart), unless the row bans it, has a logit bias or penalties,
+    or the head found none: then the row's own argmax. Sampling rows draw whatever was found."""
+    logits = torch.tensor([[0.0, 9.0, 1.0, 2.0]] * 5)
+    rows = [row(temperature=0), SamplingRow(SamplingParams(temperature=0), None, (2,)), row(temperature=0),
+            penalized(temperature=0, logit_bias=((0, 1.0),)), row(seed=5, temperature=1.0, top_k=1)]
+    found = torch.tensor([2, 2, -1, 2, 2])
+    out = sample(logits.clone(), rows, found=found)
+    assert [t.token_id for t in out] == [2, 1, 1, 1, 1]
+    assert [t.token_id for t in sample(logits.clone(), rows)] == [1, 1, 1, 1, 1]
+
+
 def test_top_k_one_is_greedy_and_top_p_tiny_keeps_first() -> None:
     logits = torch.randn(4, 50)
     best = logits.argmax(-1).tolist()
