@@ -416,9 +416,11 @@ def test_tile_products_are_within_16_bits_of_the_exact_product(amx_tiles: kernel
     """From ``tile_min_rows(kind)`` rows, the fast class on AMX tiles multiplies x as two bfloat16 terms
     by the weights' integers (Q6_K: by its dequantized weights, as two terms too): within about 2^-16 of
     the product of the dequantized weights, 5 times closer than the integer products' bound; ragged N
-    and M, a zero row, both byte layouts, into columns of a wider output. Fewer rows keep the integer
-    products."""
-    for (n, k), wide in itertools.product(zip((37, 16, 100), widths(qtype), strict=True), byte_layouts(amx_tiles)):
+    and M, a zero row, both byte layouts, into columns of a wider output, K from one block to 72 blocks of 32
+    terms. Fewer rows keep the integer products."""
+    longest = 1280 if gguf.GGML_QUANT_SIZES[qtype][0] == 32 else 2304  # 40 and 72 blocks of 32 terms
+    for (n, k), wide in itertools.product(zip((37, 16, 100, 21), [*widths(qtype), longest], strict=True),
+                                          byte_layouts(amx_tiles)):
         weight = quantized(qtype, n, k, seed=n + k)
         w, p = weight.dequantize().double(), fast_packed(amx_tiles, weight, wide)
         gen = torch.Generator().manual_seed(k)
