@@ -109,12 +109,12 @@ static inline __attribute__((always_inline)) void stream_cols(float *y, f32x16 v
     store_cols(y, v, cols);
 }
 
-/* Whether any of v's first `cols` lanes is a NaN */
-static inline int any_nan(f32x16 v, int64_t cols) {
+/* panel_largest, or a NaN where one of the `cols` outputs is: the maxima a ranked product's argmax is found from */
+static inline float panel_largest_or_nan(f32x16 v, int64_t cols) {
     const i32x16 nan = v != v;
     for (int64_t k = 0; k < cols; k++)
-        if (nan[k]) return 1;
-    return 0;
+        if (nan[k]) return NAN;
+    return panel_largest(v, cols);
 }
 
 /* A panel's outputs from a ranked product's coarse pass (quant_fast.c's dot products, quant_tiles.c's int8 tiles):
@@ -122,7 +122,7 @@ static inline int any_nan(f32x16 v, int64_t cols) {
  * finds the row's argmax: a NaN where one of them is. */
 static inline __attribute__((always_inline)) void put_coarse(float *y, float *largest, f32x16 v, int64_t cols) {
     stream_cols(y, v, cols);
-    *largest = any_nan(v, cols) ? NAN : panel_largest(v, cols);
+    *largest = panel_largest_or_nan(v, cols);
 }
 
 /* v, rounded to float32 here: the compiler may not fuse the product that made it with the

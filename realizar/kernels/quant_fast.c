@@ -1330,7 +1330,7 @@ static void run_ranked_row(const void *arg, int64_t row) {
         const int64_t p = best[i], cols = p < full ? NR : j->N - p * NR;
         f32x16 v = {0};
         memcpy(&v, y + p * NR, (size_t)cols * 4);
-        maxima[p] = any_nan(v, cols) ? NAN : panel_largest(v, cols);
+        maxima[p] = panel_largest_or_nan(v, cols);
     }
     r->argmax[m] = ranked_argmax(y, maxima, j->N);
 }
