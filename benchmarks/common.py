@@ -366,6 +366,17 @@ def _shared_lib(*candidates: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+# where the distributions seen put TCMalloc (Debian/Ubuntu's libtcmalloc-minimal4, then RPM and other layouts)
+TCMALLOC_PLACES = (Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"), Path("/usr/lib64/libtcmalloc_minimal.so.4"),
+                   Path("/usr/lib/libtcmalloc_minimal.so.4"))
+
+
+def tcmalloc() -> Path | None:
+    """TCMalloc's shared library, which vLLM's CPU docs preload, or None where it is not installed
+    (``benchmarks/peers/setup.sh`` asks ``python benchmarks/common.py tcmalloc``)."""
+    return _shared_lib(*TCMALLOC_PLACES)
+
+
 def vllm_config(*, threads: int | None = None, max_num_seqs: int = 64, ctx_per_seq: int = 512,
                 max_model_len: int = 2048, model_dir: Path | None = None, dtype: str | None = None,
                 python: Path | None = None) -> PeerConfig:
@@ -397,8 +408,7 @@ def vllm_config(*, threads: int | None = None, max_num_seqs: int = 64, ctx_per_s
     kv_gib = max(1, min(-(-need // 2**30), int(psutil.virtual_memory().total / 4 / 2**30)))
     env = {"VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
     preload = [p for p in (
-        _shared_lib(Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
-                    Path("/usr/lib64/libtcmalloc_minimal.so.4"), Path("/usr/lib/libtcmalloc_minimal.so.4")),
+        tcmalloc(),
         _shared_lib(python.parent.parent / "lib/libiomp5.so")) if p is not None]
     if preload:
         env["LD_PRELOAD"] = ":".join(str(p) for p in preload)
@@ -770,3 +780,12 @@ def check_lengths(summary: dict[str, Any], output_len: int) -> str:
     if lo == output_len and hi == output_len:
         return ""
     return f"output lengths {lo}..{hi} (wanted {output_len}, counted from {summary['tokens_from']})"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["tcmalloc"]:
+        sys.exit(f"usage: {sys.argv[0]} tcmalloc   (prints TCMalloc's path; exit status 1 where it is not installed)")
+    found = tcmalloc()
+    if found is None:
+        sys.exit(1)
+    print(found)

@@ -156,13 +156,9 @@ step_hf_model() {
     done_step hf-model $((SECONDS - t0)) "exported $HF_DIR ($(du -sh "$HF_DIR" | cut -f1))"
 }
 
-have_tcmalloc() {  # any one of the places common.py looks in (`ls` of all three fails when one is missing)
-    local lib
-    for lib in /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 \
-        /usr/lib/libtcmalloc_minimal.so.4; do
-        [[ -e $lib ]] && return 0
-    done
-    return 1
+have_tcmalloc() {  # where benchmarks/common.py, which preloads it for vLLM, finds it
+    (cd "$REPO_ROOT" && PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" \
+        "$REALIZAR_PYTHON" benchmarks/common.py tcmalloc) >/dev/null 2>&1
 }
 
 tcmalloc_hint() {

@@ -200,3 +200,21 @@ def test_throughput_rounds_report_each_ratio_by_round_and_its_median(common: Mod
         assert medians[0]["levels"][64]["output_tok_s"] == 900.0 and medians[1]["levels"][64]["output_tok_s"] == 975.0
     finally:
         sys.modules.pop("throughput", None)
+
+
+def test_vllm_preloads_tcmalloc_and_intel_openmp_where_found(common: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    monkeypatch.setattr(common, "cpu_info", lambda: common.CpuInfo((0, 1), (0, 1), frozenset({"avx2"})))
+    model = _hf_dir(tmp_path)
+    places = (tmp_path / "a/libtcmalloc_minimal.so.4", tmp_path / "b/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(common, "TCMALLOC_PLACES", places)
+    python = tmp_path / "venv/bin/python"
+    assert common.tcmalloc() is None
+    assert "LD_PRELOAD" not in common.vllm_config(model_dir=model, python=python).env
+    places[1].parent.mkdir()
+    places[1].write_bytes(b"")
+    iomp = tmp_path / "venv/lib/libiomp5.so"
+    iomp.parent.mkdir(parents=True)
+    iomp.write_bytes(b"")
+    assert common.tcmalloc() == places[1]
+    assert common.vllm_config(model_dir=model, python=python).env["LD_PRELOAD"] == f"{places[1]}:{iomp}"
