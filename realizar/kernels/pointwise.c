@@ -61,9 +61,9 @@ struct silu_mul {
 };
 
 /* silu(g) u from exp(-|g|), which never overflows: silu(g) = g / (1 + e) where g >= 0, g e / (1 + e) where not. The
- * reciprocal of 1 + e (in [1, 2]) is the instruction's estimate refined by one Newton step, r (2 - (1 + e) r):
- * within a float's rounding of the quotient (about 2^-22 from AVX-512's 14-bit estimate, 2^-21 from AVX's 12-bit
- * one), where a division took 2-3 times as long as the rest of the loop together (BENCHMARKS.md). */
+ * reciprocal of 1 + e (in [1, 2]) is the instruction's estimate refined by one Newton step, r (2 - (1 + e) r), which
+ * squares the estimate's error (2^-14 on AVX-512, 2^-12 on AVX) to below a float's rounding: within a rounding or
+ * two of a division, in 0.8x the loop's time (BENCHMARKS.md, nineteenth session). */
 #if defined(__AVX512F__)
 typedef float vs __attribute__((vector_size(64)));
 typedef int32_t vis __attribute__((vector_size(64)));
