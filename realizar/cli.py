@@ -38,7 +38,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                    help="sequences in the running batch (default %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                   help="tokens computed per engine step, prefill chunks included (default %(default)s)")
+                   help="tokens computed per engine step, prefill chunks included; beside decodes the prefill chunks take "
+                        "half of it at most (default %(default)s)")
     p.add_argument("--long-prefill-token-threshold", type=int, default=d.long_prefill_token_threshold,
                    help="most tokens of one prompt computed in a step shared with decodes (a prompt whose "
                         "rest fits in twice that goes whole); smaller keeps inter-token latency steady while "

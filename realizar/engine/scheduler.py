@@ -12,9 +12,10 @@ out KV blocks, but never touches a tensor. Each step it
 
 A prompt's chunk may use the whole token budget (``max_num_batched_tokens``) when the step
 carries no decodes. Beside decodes, each prompt's chunk is at most
-``long_prefill_token_threshold`` tokens: a step's time grows with its chunks, and every running
-stream waits for that step. A prompt whose rest fits in twice that goes whole, rather than in a
-last small chunk and one step more. While requests wait, the prompts already being prefilled take at
+``long_prefill_token_threshold`` tokens, and all the prompts' chunks together at most half the
+budget: a step's time grows with its chunks, and every running stream waits for that step. A
+prompt whose rest fits in twice the threshold goes whole, rather than in a last small chunk and
+one step more. While requests wait, the prompts already being prefilled take at
 most half of the budget, and the rest admits waiting requests, so a short request starts while
 a long prompt is still being prefilled, instead of waiting for all of it. Chunks deep into a
 long prompt are shorter, since each of their tokens attends to all the tokens before it
@@ -168,6 +169,8 @@ class Scheduler:
         # _depth_factor), so the decodes' gap stays short. Without decodes a prompt may take the
         # whole budget; but while requests wait, the prompts already prefilling take at most half
         # of what is left, so a short request is never stuck behind a long prompt.
+        if decodes:  # every decode waits for the step's prompt tokens: half the budget at most beside them
+            budget = min(budget, max(1, self.max_num_batched_tokens // 2))
         partial = [s for s in self.running if s.num_uncomputed > 1]
         seats = self.max_num_seqs - len(self.running)
         later = self._later(seats) if not preempted else set()

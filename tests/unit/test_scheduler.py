@@ -142,12 +142,14 @@ def test_random_add_step_abort_leaks_no_blocks(ops: list[tuple[str, int]], num_b
             streaming = {s.request_id for s in sched.running if s.num_uncomputed == 1}
             out = sched.schedule()
             # every running decode is in the step, and beside the decodes of running streams each prompt's
-            # chunk is capped, the last at twice the cap (a one-token prompt's only chunk also runs as a
-            # decode, but no stream waits on it: the other prompts then keep the whole budget)
+            # chunk is capped, the last at twice the cap, and all of them together at half the budget (a
+            # one-token prompt's only chunk also runs as a decode, but no stream waits on it: the other
+            # prompts then keep the whole budget)
             decoding = [s for s in sched.running if s.num_uncomputed == 1]
             assert {i.seq.request_id for i in out.decodes} >= {s.request_id for s in decoding}
             if streaming & {i.seq.request_id for i in out.decodes}:
                 assert all(i.num_tokens <= (2 if i.samples else 1) * threshold for i in out.prefills)
+                assert sum(i.num_tokens for i in out.prefills) <= max(1, budget // 2)
             assert batched_tokens(out) <= budget
             assert not had_work or not out.empty or sched.num_preemptions > preemptions  # no step without progress
             for seq in complete(sched, out):
@@ -204,9 +206,10 @@ def test_a_waiting_request_is_admitted_while_a_long_prompt_prefills() -> None:
     assert long.num_computed + 256 < long.num_prompt_tokens
 
 
-def test_newcomers_start_at_once_beside_decodes_and_a_long_prompt() -> None:
-    """Beside decodes every prompt's chunk is capped, the long prompt keeps moving, and short
-    requests that arrive together all start in the next step."""
+def test_newcomers_start_beside_decodes_and_a_long_prompt_within_half_the_budget() -> None:
+    """Beside decodes every prompt's chunk is capped and all of them together take at most half the
+    budget; the long prompt keeps moving, and short requests that arrive together start in the next
+    step as far as that half goes, the rest in the step after."""
     sched = Scheduler(BlockAllocator(512, 16), max_num_seqs=16, max_num_batched_tokens=512,
                       long_prefill_token_threshold=64)
     stream = make_seq(3, max_tokens=100)
@@ -222,7 +225,13 @@ def test_newcomers_start_at_once_beside_decodes_and_a_long_prompt() -> None:
     assert stream.request_id in {i.seq.request_id for i in out.decodes}
     assert all(i.num_tokens <= 64 for i in out.prefills)
     chunks = {i.seq.request_id: i.num_tokens for i in out.prefills}
-    assert chunks == {long.request_id: 64, **{s.request_id: 40 for s in shorts}}
+    assert sum(chunks.values()) == 256
+    assert chunks == {long.request_id: 64, **{s.request_id: 40 for s in shorts[:4]}, shorts[4].request_id: 32}
+    complete(sched, out)
+    out = sched.schedule()
+    chunks = {i.seq.request_id: i.num_tokens for i in out.prefills}
+    assert chunks[shorts[4].request_id] == 8 and chunks[shorts[5].request_id] == 40
+    assert sum(chunks.values()) <= 256
 
 
 def test_a_long_prompt_chunk_shrinks_to_the_blocks_at_hand_instead_of_preempting() -> None:
@@ -262,8 +271,8 @@ def test_a_prompt_that_fits_in_twice_the_cap_goes_whole_beside_decodes() -> None
     tight.add(stream)
     run_step(tight)
     tight.add(make_seq(30))
-    out = tight.schedule()  # 23 tokens of budget left: not all 30, so the cap's 16
-    assert [i.num_tokens for i in out.prefills] == [16]
+    out = tight.schedule()  # beside a decode, half the budget: 12 tokens, not all 30 nor the cap's 16
+    assert [i.num_tokens for i in out.prefills] == [12]
 
 
 def test_chunks_shrink_with_their_depth_into_a_long_prompt() -> None:
