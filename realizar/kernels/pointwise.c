@@ -68,17 +68,17 @@ struct silu_mul {
 typedef float vs __attribute__((vector_size(64)));
 typedef int32_t vis __attribute__((vector_size(64)));
 #define SILU_LANES 16
-static inline vs reciprocal_estimate(vs x) { return (vs)_mm512_rcp14_ps((__m512)x); }
+static inline vs reciprocal(vs x) { const vs r = (vs)_mm512_rcp14_ps((__m512)x); return r * (2.0f - x * r); }
 #elif defined(__AVX2__)
 typedef v8 vs;
 typedef vi8 vis;
 #define SILU_LANES 8
-static inline vs reciprocal_estimate(vs x) { return (vs)_mm256_rcp_ps((__m256)x); }
+static inline vs reciprocal(vs x) { const vs r = (vs)_mm256_rcp_ps((__m256)x); return r * (2.0f - x * r); }
 #else
 typedef v8 vs;
 typedef vi8 vis;
 #define SILU_LANES 8
-static inline vs reciprocal_estimate(vs x) { return 1.0f / x; }
+static inline vs reciprocal(vs x) { return 1.0f / x; }  /* no estimate to refine: the division */
 #endif
 EXP_NONPOSITIVE(exps_nonpositive, vs, vis)
 
@@ -97,8 +97,7 @@ static void silu_mul_rows(const void *arg, int64_t unit) {
             const vis negative = x < 0.0f;
             const vs e = exps_nonpositive((vs)(((vis)x & negative) | ((vis)-x & ~negative)));  /* of -|x| */
             const vs numerator = (vs)(((vis)(x * e) & negative) | ((vis)x & ~negative));
-            const vs d = 1.0f + e, r = reciprocal_estimate(d);
-            const vs out = numerator * (r * (2.0f - d * r)) * up;
+            const vs out = numerator * reciprocal(1.0f + e) * up;
             memcpy(y + i, &out, sizeof out);
         }
         for (; i < I; i++) {
