@@ -14,6 +14,7 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/kernel_ab.py --other /tmp/base
     .venv/bin/python benchmarks/kernel_ab.py --other /tmp/base --rows 16,64,512 --layers 4 --repeats 40
     .venv/bin/python benchmarks/kernel_ab.py --other /tmp/base --rows "" --steps 1,64 --context 96
+    .venv/bin/python benchmarks/kernel_ab.py --other /tmp/base --rows 64 --layers 0 --head
 
 The weights are the default model's (or ``--model``'s), packed by this checkout, so the other build
 must read the same records: the printed max difference between the two builds' outputs says whether
@@ -102,6 +103,32 @@ def time_steps(model: LlamaModel, builds: dict[str, kernels.CpuKernels], counts:
         print(f"| {sequences} sequences at context {context} | {compared(times['this'], times['other'])} |")
 
 
+def time_head(model: LlamaModel, builds: dict[str, kernels.CpuKernels], counts: list[int], turns: int) -> None:
+    """The LM head's ranked product (``QuantLinear.ranked``) of ``counts`` rows, each build in turn, and whether
+    the two builds' logits and greedy tokens agree."""
+    head = model.lm_head
+    assert isinstance(head, QuantLinear), "a quantized LM head only"
+    print("\n| LM head, rows | this | other | this / other, best | this / other, median of turns | max difference |"
+          " same argmax |\n|---|---|---|---|---|---|---|")
+    for m in counts:
+        x = torch.randn(m, head.in_features)
+        times: dict[str, list[float]] = {name: [] for name in builds}
+        found = {name: torch.empty(m, dtype=torch.int64) for name in builds}
+        logits = {}
+        for turn in range(turns + 1):
+            for name in in_turn(builds, turn):
+                use(model, builds[name])
+                time.sleep(POOL_SPIN_S)
+                start = time.perf_counter()
+                logits[name] = head.ranked(x, found[name])
+                if turn:  # the first turn warms each build's buffers
+                    times[name].append(time.perf_counter() - start)
+        use(model, builds["this"])
+        difference = float((logits["this"] - logits["other"]).abs().max())
+        print(f"| {m} | {compared(times['this'], times['other'])} | {difference:.1e} | "
+              f"{bool(torch.equal(found['this'], found['other']))} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--other", type=Path, required=True, help="another realizar checkout (its realizar/kernels)")
@@ -110,6 +137,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=6, help="the first N layers' products, each with its own weights")
     parser.add_argument("--repeats", type=int, default=20, help="turns of each build")
     parser.add_argument("--tiles", choices=("on", "off"), default="on", help="AMX tiles, where the CPU has them")
+    parser.add_argument("--head", action="store_true",
+                        help="also the LM head's ranked product (what a decode step's logits come from) at each --rows")
     parser.add_argument("--steps", default="", help="also whole decode steps of these many sequences, comma-separated")
     parser.add_argument("--context", type=int, default=96, help="--steps: tokens each sequence attends to")
     args = parser.parse_args()
@@ -139,6 +168,8 @@ def main() -> int:
           f"best of {args.repeats} turns each, in ms")
     if steps:
         time_steps(model, builds, steps, args.context, args.repeats)
+    if args.head:
+        time_head(model, builds, rows, args.repeats)
     if not rows:
         return 0
     print("\n| rows | product | this | other | this / other, best | this / other, median of turns | max difference |"
