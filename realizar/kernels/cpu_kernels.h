@@ -72,6 +72,9 @@ static inline float exp_nonpositive(float x) {
 }
 
 typedef int32_t vi8 __attribute__((vector_size(32)));
+/* 16 floats and 16 ints: one AVX-512 register, two AVX ones (every file's 16-lane loops use these) */
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 /* float16 K/V (--kv-cache-dtype float16): stored as IEEE binary16 (rounded to nearest even, as
  * torch's .half() rounds), read into float32 registers, computed in float32. F16C's

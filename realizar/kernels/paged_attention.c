@@ -123,10 +123,8 @@ static inline __attribute__((always_inline)) void add_value(const int NH, const 
  * tokens spent 9 % of a decode step in attention, most of it waiting on these loads). Every lane
  * computes what group_values computes for its column, in the same order (even and odd t apart), so
  * the results are the same floats. */
-typedef float v16 __attribute__((vector_size(64)));
-
-static inline __attribute__((always_inline)) v16 load16kv(const int H, const void *cache, int64_t at) {
-    v16 r;
+static inline __attribute__((always_inline)) f32x16 load16kv(const int H, const void *cache, int64_t at) {
+    f32x16 r;
     if (H == KV_INT8) {
         const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)cache + at))));
         memcpy(&r, &x, sizeof r);
@@ -140,8 +138,8 @@ static inline __attribute__((always_inline)) v16 load16kv(const int H, const voi
 }
 
 static inline __attribute__((always_inline)) void add_value64(const int NH, const int H, const float *p, int64_t len,
-                                                              int64_t t, const void *vh, int64_t at, v16 acc[][4]) {
-    v16 x[4];
+                                                              int64_t t, const void *vh, int64_t at, f32x16 acc[][4]) {
+    f32x16 x[4];
     for (int u = 0; u < 4; u++) x[u] = load16kv(H, vh, at + 16 * u);
     for (int j = 0; j < NH; j++) {
         const float w = p[j * len + t];
@@ -152,7 +150,7 @@ static inline __attribute__((always_inline)) void add_value64(const int NH, cons
 static inline __attribute__((always_inline)) void group_values64(const int NH, const int H, const float *p,
                                                                  const void *vh, const int64_t *offsets, int64_t len,
                                                                  int64_t hd, int64_t c0, float *y) {
-    v16 even[HEADS_AT_ONCE][4] = {{{0}}}, odd[HEADS_AT_ONCE][4] = {{{0}}};
+    f32x16 even[HEADS_AT_ONCE][4] = {{{0}}}, odd[HEADS_AT_ONCE][4] = {{{0}}};
     int64_t t = 0;
     for (; t + 2 <= len; t += 2) {
         if (t + AHEAD + 2 <= len)
@@ -164,7 +162,7 @@ static inline __attribute__((always_inline)) void group_values64(const int NH, c
     if (t < len) add_value64(NH, H, p, len, t, vh, offsets[t] + c0, even);
     for (int j = 0; j < NH; j++)
         for (int u = 0; u < 4; u++) {
-            const v16 sum = even[j][u] + odd[j][u];
+            const f32x16 sum = even[j][u] + odd[j][u];
             memcpy(y + j * hd + c0 + 16 * u, &sum, sizeof sum);
         }
 }

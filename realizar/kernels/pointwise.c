@@ -65,8 +65,8 @@ struct silu_mul {
  * squares the estimate's error (2^-14 on AVX-512, 2^-12 on AVX) to below a float's rounding: within a rounding or
  * two of a division, in 0.8x the loop's time (BENCHMARKS.md, nineteenth session). */
 #if defined(__AVX512F__)
-typedef float vs __attribute__((vector_size(64)));
-typedef int32_t vis __attribute__((vector_size(64)));
+typedef f32x16 vs;
+typedef i32x16 vis;
 #define SILU_LANES 16
 static inline vs reciprocal(vs x) { const vs r = (vs)_mm512_rcp14_ps((__m512)x); return r * (2.0f - x * r); }
 #elif defined(__AVX2__)

@@ -42,8 +42,8 @@
 /* One lane per row of a tile: 16 with AVX-512 (its 32 registers hold the same sums as 8-lane ones with AVX2's
  * 16), 8 elsewhere (cpu_kernels.h's TILE). */
 #if TILE == 16
-typedef float vr __attribute__((vector_size(64)));
-typedef int32_t vir __attribute__((vector_size(64)));
+typedef f32x16 vr;
+typedef i32x16 vir;
 #else
 typedef v8 vr;
 typedef vi8 vir;

@@ -28,8 +28,6 @@ enum { FAST_NIBBLES, FAST_BYTES, FAST_SIGNED_BYTES, FAST_SIXES, FAST_KIND = 3,  
 
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef float f32x16 __attribute__((vector_size(64)));
 
 static inline u8x16 bytes16(const uint8_t *p) { u8x16 v; memcpy(&v, p, sizeof v); return v; }
 static inline f32x16 floats16(const float *p) { f32x16 v; memcpy(&v, p, sizeof v); return v; }
